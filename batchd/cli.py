@@ -1,0 +1,135 @@
+"""The `batchd` command: run daemons, the demo, and talk to a deployment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from batchd.client.connection import redis_url
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _add_redis(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis", default=None, metavar="URL",
+                        help="Redis URL (redis://, rediss:// for TLS); default $BATCHD_REDIS_URL "
+                             "or redis://127.0.0.1:6379/0")
+    parser.add_argument("--prefix", default="batchd:", help="key prefix shared by all batchd processes")
+
+
+def _add_scheduler_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scheduler")
+    group.add_argument("--max-batch", type=int, default=32, help="most requests in one job (default 32)")
+    group.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="close a batch this long after its first request (default 5)")
+    group.add_argument("--max-queue", type=int, default=100_000,
+                       help="backlog beyond which submits fail with Overloaded (0: unbounded)")
+    group.add_argument("--max-attempts", type=int, default=3,
+                       help="dead-letter a request after this many worker failures")
+
+
+def _add_worker_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("worker")
+    group.add_argument("--engine", choices=("hf", "echo"), default="hf",
+                       help="hf: a real model with continuous batching; echo: no model, echoes prompts")
+    group.add_argument("--model", default=DEFAULT_MODEL,
+                       help="Hugging Face checkpoint folder, .gguf file, or alias smollm2-135m (default)")
+    group.add_argument("--slots", type=int, default=None,
+                       help="concurrent requests in the engine (default: 16 for hf, 1024 for echo)")
+    group.add_argument("--kv-memory", default=None,
+                       help="KV cache budget, e.g. 2GiB or 500MB (default: slots x max context)")
+    group.add_argument("--max-context", type=int, default=None, help="longest prompt + output per slot")
+    group.add_argument("--max-prefill-tokens", type=int, default=2048,
+                       help="prompt tokens prefilled per step, so long prompts never stall decoding")
+    group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    group.add_argument("--token-delay-ms", type=float, default=0.0, help="echo engine: delay per step")
+    group.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="on SIGTERM, finish in-flight requests for this many seconds, then hand back")
+    group.add_argument("--worker-id", default=None, help="stable id (default: host-pid-random)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchd", description="Dynamic-batching LLM inference on a Redis queue broker.")
+    parser.add_argument("--log-level", default=os.environ.get("BATCHD_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("scheduler", help="run a scheduler daemon (any number may run)")
+    _add_redis(p)
+    _add_scheduler_options(p)
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
+
+    p = sub.add_parser("worker", help="run a worker daemon with an engine")
+    _add_redis(p)
+    _add_worker_options(p)
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
+
+    p = sub.add_parser("up", help="scheduler + worker (+ an embedded server unless --redis is given)")
+    _add_redis(p)
+    _add_scheduler_options(p)
+    _add_worker_options(p)
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="scheduler /metrics on this port, worker on the next (0: off)")
+
+    p = sub.add_parser("demo", help="the README demo: a burst of chat prompts from several producer processes")
+    _add_redis(p)
+    p.add_argument("--engine", choices=("hf", "echo"), default="hf")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--producers", type=int, default=4, help="producer processes")
+    p.add_argument("--prompts", type=int, default=12, help="prompts in the burst")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--slots", type=int, default=16)
+
+    p = sub.add_parser("submit", help="send one prompt and print the answer")
+    _add_redis(p)
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="send as a user chat message (chat template)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--timeout", type=float, default=None)
+
+    p = sub.add_parser("status", help="live workers, free slots, queue depth, dead letters")
+    _add_redis(p)
+    p.add_argument("--watch", action="store_true", help="refresh every --interval seconds")
+    p.add_argument("--interval", type=float, default=2.0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("health", help="exit 0 when healthy (for probes)")
+    _add_redis(p)
+    p.add_argument("--worker-id", default=None, help="check this worker's heartbeat")
+    p.add_argument("--require-workers", type=int, default=0, help="fail unless this many workers are live")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "redis", None) is None and args.command not in ("up", "demo"):
+        args.redis = redis_url(None)
+    from batchd import commands
+
+    return getattr(commands, args.command)(args) or 0
+
+
+def install_stop_handlers(stop) -> None:
+    """SIGTERM / SIGINT begin a clean stop; a second one exits at once."""
+    hits = {"n": 0}
+
+    def handler(signum, _frame):
+        hits["n"] += 1
+        if hits["n"] > 1:
+            os._exit(128 + signum)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""What each `batchd` subcommand does (argument parsing lives in cli.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+
+log = logging.getLogger("batchd")
+
+_SIZE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_size(text: str | None) -> int | None:
+    """'2GiB', '500MB', '1e9' -> bytes."""
+    if text is None:
+        return None
+    match = _SIZE.match(str(text))
+    unit = (match.group(2) or "").lower() if match else None
+    if not match or unit not in _UNITS:
+        raise SystemExit(f"cannot read size {text!r}: use e.g. 2GiB, 512MiB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+# -- daemons -------------------------------------------------------------------
+def scheduler(args) -> int:
+    from batchd.cli import install_stop_handlers
+    from batchd.scheduler.daemon import Scheduler, SchedulerConfig
+
+    config = SchedulerConfig(redis_url=args.redis, prefix=args.prefix, max_batch=args.max_batch,
+                             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                             max_attempts=args.max_attempts, metrics_port=args.metrics_port)
+    daemon = Scheduler(config)
+    install_stop_handlers(daemon.stop)
+    daemon.run()
+    return 0
+
+
+def build_engine(args):
+    if args.engine == "echo":
+        from batchd.workers.echo import EchoEngine
+
+        return EchoEngine(slots=args.slots or 1024, token_delay_s=args.token_delay_ms / 1000.0)
+    from batchd.workers.hf import build_engine as build_hf
+
+    return build_hf(args.model, slots=args.slots or 16, max_context=args.max_context,
+                    kv_memory=parse_size(args.kv_memory), max_prefill_tokens=args.max_prefill_tokens,
+                    dtype=args.dtype, device=args.device)
+
+
+def worker(args) -> int:
+    from batchd.cli import install_stop_handlers
+    from batchd.workers.worker import Worker, WorkerConfig
+
+    config = WorkerConfig(redis_url=args.redis, prefix=args.prefix, drain_timeout_s=args.drain_timeout,
+                          max_attempts=getattr(args, "max_attempts", 3), metrics_port=args.metrics_port)
+    if args.worker_id:
+        config.worker_id = args.worker_id
+    engine = build_engine(args)
+    daemon = Worker(config, engine)
+    install_stop_handlers(daemon.stop)
+    daemon.run()
+    return 0
+
+
+class Fleet:
+    """Child processes of `up` and `demo`: one owner that starts and stops them all."""
+
+    def __init__(self):
+        self.server = None
+        self.children: list[subprocess.Popen] = []
+
+    def start_server(self, url: str | None) -> str:
+        if url:
+            return url
+        from batchd.embedded import EmbeddedServer
+
+        self.server = EmbeddedServer(appendonly=True).start()
+        print(f"embedded Redis-compatible server at {self.server.url} ({self.server.binary})", flush=True)
+        return self.server.url
+
+    def spawn(self, *argv: str, quiet: bool = False) -> subprocess.Popen:
+        command = [sys.executable, "-m", "batchd.cli", *argv]
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL if quiet else None,
+                                 stderr=subprocess.DEVNULL if quiet else None)
+        self.children.append(child)
+        return child
+
+    def stop(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.terminate()
+        for child in self.children:
+            try:
+                child.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if self.server is not None:
+            self.server.cleanup()
+
+
+def _daemon_argv(args, url: str) -> tuple[list[str], list[str]]:
+    common = ["--redis", url, "--prefix", args.prefix]
+    sched = ["scheduler", *common, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+             "--max-queue", str(args.max_queue), "--max-attempts", str(args.max_attempts)]
+    work = ["worker", *common, "--engine", args.engine, "--model", args.model,
+            "--max-prefill-tokens", str(args.max_prefill_tokens), "--drain-timeout", str(args.drain_timeout),
+            "--token-delay-ms", str(args.token_delay_ms)]
+    for flag, value in (("--slots", args.slots), ("--kv-memory", args.kv_memory),
+                        ("--max-context", args.max_context), ("--dtype", args.dtype), ("--device", args.device)):
+        if value is not None:
+            work += [flag, str(value)]
+    if args.metrics_port:
+        sched += ["--metrics-port", str(args.metrics_port)]
+        work += ["--metrics-port", str(args.metrics_port + 1)]
+    return sched, work
+
+
+def up(args) -> int:
+    from batchd.cli import install_stop_handlers
+
+    fleet = Fleet()
+    stopping = {"now": False}
+    install_stop_handlers(lambda: stopping.update(now=True))
+    try:
+        url = fleet.start_server(args.redis)
+        sched, work = _daemon_argv(args, url)
+        fleet.spawn(*sched)
+        fleet.spawn(*work)
+        print(f"batchd up: producers connect with Client({url!r}); Ctrl-C stops", flush=True)
+        while not stopping["now"] and all(child.poll() is None for child in fleet.children):
+            time.sleep(0.2)
+    finally:
+        fleet.stop()
+    return 0
+
+
+def demo(args) -> int:
+    from batchd.demo import run_demo
+
+    return run_demo(args, Fleet())
+
+
+# -- talking to a deployment -------------------------------------------------------
+def submit(args) -> int:
+    from batchd import Client
+    from batchd.client import BatchdError
+    from batchd.client._common import Delta, StreamRestarted
+
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, timeout=args.timeout)
+    if args.chat:
+        kwargs["messages"] = [{"role": "user", "content": args.prompt}]
+    else:
+        kwargs["prompt"] = args.prompt
+    with Client(args.redis, prefix=args.prefix) as client:
+        try:
+            if not args.stream:
+                result = client.generate(**kwargs)
+                print(result.text)
+            else:
+                for item in client.stream(**kwargs):
+                    if isinstance(item, Delta):
+                        print(item.text, end="", flush=True)
+                    elif isinstance(item, StreamRestarted):
+                        print(f"\n[worker died; restarting (attempt {item.attempt})]", flush=True)
+                    else:
+                        result = item
+                print()
+        except BatchdError as exc:
+            print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+            return 1
+    print(f"[{result.finish_reason}; {result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} "
+          f"generated tokens; first token {result.timings.first_token_s or 0:.3f}s, "
+          f"total {result.timings.total_s:.3f}s]", file=sys.stderr)
+    return 0
+
+
+def status(args) -> int:
+    from batchd.status import read_status, render
+
+    import redis as redis_lib
+
+    from batchd.client.connection import connect
+    from batchd.client.keys import Keys
+
+    client, keys = connect(args.redis), Keys(args.prefix)
+    previous = None
+    while True:
+        try:
+            snapshot = read_status(client, keys)
+        except redis_lib.ConnectionError as exc:
+            print(f"cannot reach Redis: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(snapshot, indent=2))
+        else:
+            if args.watch:
+                print("\033[2J\033[H", end="")
+            print(render(snapshot, previous, args.interval))
+        if not args.watch:
+            return 0
+        previous = snapshot
+        time.sleep(args.interval)
+
+
+def health(args) -> int:
+    import redis as redis_lib
+
+    from batchd.client.connection import connect
+    from batchd.client.keys import Keys
+    from batchd.status import read_status
+
+    try:
+        client, keys = connect(args.redis), Keys(args.prefix)
+        client.ping()
+        if args.worker_id and not client.exists(keys.heartbeat(args.worker_id)):
+            print(f"unhealthy: worker {args.worker_id} has no live heartbeat")
+            return 1
+        live = len(read_status(client, keys)["workers"])
+        if live < args.require_workers:
+            print(f"unhealthy: {live} live workers, need {args.require_workers}")
+            return 1
+    except redis_lib.RedisError as exc:
+        print(f"unhealthy: Redis: {exc}")
+        return 1
+    print("ok")
+    return 0
+
+

@@ -1,0 +1,96 @@
+"""Prometheus metrics of the scheduler and the worker daemons.
+
+Names follow vLLM's where the meaning is the same, under the `batchd:` prefix,
+so dashboards built for vLLM read naturally. Labels are bounded sets (worker,
+model, finish_reason, error_type, priority); never a request id.
+deploy/grafana and deploy/prometheus refer only to names defined here (tested).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+# LLM latencies span milliseconds (a cached short prompt) to minutes (long
+# generations); buckets follow vLLM's spread.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+               0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0,
+               15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+WORKER = ("worker", "model")
+
+# -- scheduler -------------------------------------------------------------
+requests_waiting = Gauge(
+    "batchd:num_requests_waiting",
+    "Requests submitted and not yet dispatched to a worker (stream backlog plus pending batches).")
+requests_received = Counter(
+    "batchd:requests_received_total", "Requests read from the request stream.", ("priority",))
+jobs_dispatched = Counter(
+    "batchd:jobs_dispatched_total", "Jobs (batches) sent to workers.")
+job_size = Histogram(
+    "batchd:job_size_requests", "Requests per dispatched job.", buckets=SIZE_BUCKETS)
+batch_wait = Histogram(
+    "batchd:scheduler_batch_wait_seconds",
+    "Time from a batch's first request to its dispatch.", buckets=WAIT_BUCKETS)
+requests_rejected = Counter(
+    "batchd:requests_rejected_total",
+    "Requests the scheduler answered with an error before dispatch.", ("error_type",))
+requests_reclaimed = Counter(
+    "batchd:requests_reclaimed_total",
+    "Requests taken back from a dead worker (or scheduler) and dispatched again.")
+dead_letters = Counter(
+    "batchd:dead_letters_total", "Requests moved to the dead-letter stream.", ("error_type",))
+live_workers = Gauge(
+    "batchd:live_workers", "Workers whose heartbeat has not expired.")
+free_slots = Gauge(
+    "batchd:free_slots", "Free slots the live workers advertise, in total.")
+
+# -- worker -----------------------------------------------------------------
+requests_running = Gauge(
+    "batchd:num_requests_running", "Requests holding a slot in the engine.", WORKER)
+requests_waiting_in_engine = Gauge(
+    "batchd:num_requests_waiting_in_engine",
+    "Requests a worker has accepted that wait for a free slot.", WORKER)
+kv_cache_usage = Gauge(
+    "batchd:kv_cache_usage_perc", "Fraction of the KV cache in use (0-1).", WORKER)
+step_batch_size = Histogram(
+    "batchd:step_batch_size", "Live slots per engine step.", WORKER, buckets=SIZE_BUCKETS)
+time_to_first_token = Histogram(
+    "batchd:time_to_first_token_seconds",
+    "From submission to the first token.", WORKER, buckets=TTFT_BUCKETS)
+inter_token_latency = Histogram(
+    "batchd:inter_token_latency_seconds",
+    "Between consecutive tokens of one request.", WORKER, buckets=ITL_BUCKETS)
+e2e_latency = Histogram(
+    "batchd:e2e_request_latency_seconds",
+    "From submission to the final result.", WORKER, buckets=E2E_BUCKETS)
+queue_time = Histogram(
+    "batchd:request_queue_time_seconds",
+    "From submission to taking a slot.", WORKER, buckets=E2E_BUCKETS)
+prompt_tokens = Counter(
+    "batchd:prompt_tokens_total", "Prefilled prompt tokens.", WORKER)
+generation_tokens = Counter(
+    "batchd:generation_tokens_total", "Generated tokens.", WORKER)
+requests_finished = Counter(
+    "batchd:request_success_total",
+    "Requests finished, by finish_reason (stop, length, cancelled, deadline, error).",
+    WORKER + ("finish_reason",))
+request_errors = Counter(
+    "batchd:request_errors_total", "Requests that ended in an error, by type.", WORKER + ("error_type",))
+preemptions = Counter(
+    "batchd:num_preemptions_total", "Requests preempted and re-queued for lack of cache.", WORKER)
+heartbeats = Counter(
+    "batchd:worker_heartbeats_total", "Heartbeats a worker sent.", WORKER)
+results_fenced = Counter(
+    "batchd:results_fenced_total",
+    "Final results refused because another worker attempt owns the request.", WORKER)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    """Serve /metrics on port (0 = do not serve)."""
+    if port:
+        start_http_server(port, addr=addr)

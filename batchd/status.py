@@ -1,0 +1,66 @@
+"""A snapshot of a batchd deployment read from Redis, for `batchd status`."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import redis
+
+from batchd.client.keys import SCHEDULER_GROUP, Keys
+from batchd.client.protocol import decode_heartbeat
+
+
+def read_status(client: redis.Redis, keys: Keys) -> dict:
+    worker_ids = [w.decode() for w in client.zrange(keys.workers, 0, -1)]
+    beats = client.mget([keys.heartbeat(w) for w in worker_ids]) if worker_ids else []
+    workers = []
+    for raw in beats:
+        if raw is None:
+            continue
+        try:
+            workers.append(msgspec.structs.asdict(decode_heartbeat(raw)))
+        except Exception:  # an unreadable heartbeat is shown as absent, not a crash
+            continue
+    pending = 0
+    try:
+        for group in client.xinfo_groups(keys.requests):
+            if group["name"] in (SCHEDULER_GROUP, SCHEDULER_GROUP.encode()):
+                pending = group["pending"]
+    except redis.ResponseError:
+        pass  # no stream yet
+    stats = {k.decode(): int(v) for k, v in client.hgetall(keys.stats).items()}
+    return {
+        "time": time.time(),
+        "queue_depth": client.xlen(keys.requests),
+        "held_by_schedulers": pending,
+        "dead_letters": client.xlen(keys.dead_letters),
+        "workers": workers,
+        "jobs": stats.get("jobs", 0),
+        "requests_dispatched": stats.get("requests_dispatched", 0),
+        "job_sizes": {int(k.split(":", 1)[1]): v for k, v in stats.items() if k.startswith("job_size:")},
+    }
+
+
+def render(snapshot: dict, previous: dict | None = None, interval: float = 0.0) -> str:
+    lines = []
+    workers = snapshot["workers"]
+    total = sum(w["total_slots"] for w in workers)
+    free = sum(w["free_slots"] for w in workers)
+    lines.append(f"queue depth {snapshot['queue_depth']}  (held by schedulers {snapshot['held_by_schedulers']})"
+                 f"   dead letters {snapshot['dead_letters']}")
+    rate = ""
+    if previous is not None:
+        elapsed = max(1e-9, snapshot["time"] - previous["time"])
+        rate = f"   {(snapshot['requests_dispatched'] - previous['requests_dispatched']) / elapsed:.1f} req/s"
+    lines.append(f"jobs {snapshot['jobs']}  requests dispatched {snapshot['requests_dispatched']}{rate}")
+    lines.append(f"live workers {len(workers)}  slots used {total - free}/{total}")
+    if workers:
+        lines.append(f"  {'worker':<32} {'engine':<6} {'model':<24} {'running':>7} {'waiting':>7} "
+                     f"{'free':>5} {'kv':>6}")
+        for w in workers:
+            lines.append(f"  {w['worker_id']:<32} {w['engine']:<6} {w['model'][:24]:<24} {w['running']:>7} "
+                         f"{w['waiting']:>7} {w['free_slots']:>5} {w['kv_cache_usage']:>6.1%}")
+    else:
+        lines.append("  no live workers: requests wait in the queue until one starts")
+    return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""Producer-side API of batchd and the wire contract every side shares.
+
+Imports no torch and nothing of the scheduler or workers.
+"""
+
+from .errors import (
+    BatchdError,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidRequest,
+    NoWorkers,
+    Overloaded,
+    RequestTooLarge,
+    ResultTimeout,
+    UnsupportedVersion,
+    WorkerFailed,
+)
+from .protocol import Result, SamplingParams, Timings, Usage
+
+__all__ = [
+    "AsyncClient", "BatchdError", "Cancelled", "Client", "DeadlineExceeded", "InvalidRequest",
+    "NoWorkers", "Overloaded", "RequestTooLarge", "Result", "ResultTimeout", "SamplingParams",
+    "Timings", "UnsupportedVersion", "Usage", "WorkerFailed",
+]
+
+
+def __getattr__(name):  # the client modules land next; keep import cheap
+    if name == "Client":
+        from .sync import Client
+        return Client
+    if name == "AsyncClient":
+        from .aio import AsyncClient
+        return AsyncClient
+    raise AttributeError(name)

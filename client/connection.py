@@ -1,0 +1,36 @@
+"""How every batchd process finds and describes its Redis server.
+
+The URL comes from the caller, else $BATCHD_REDIS_URL, else the local default;
+`rediss://` gives TLS and `redis://user:password@host` an ACL user. Logs only
+ever show the redacted form.
+"""
+
+from __future__ import annotations
+
+import os
+
+import redis
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_url(url: str | None = None) -> str:
+    return url or os.environ.get("BATCHD_REDIS_URL") or DEFAULT_URL
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, safe to log."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0] if ":" in credentials else ""
+    return f"{scheme}://{user + ':' if user else ''}***@{host}"
+
+
+def connect(url: str | None = None, **options) -> redis.Redis:
+    """A daemon's command connection: bounded timeouts so a dead server is noticed."""
+    options.setdefault("socket_timeout", 10)
+    options.setdefault("socket_connect_timeout", 5)
+    options.setdefault("health_check_interval", 30)
+    return redis.Redis.from_url(redis_url(url), **options)

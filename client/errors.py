@@ -1,0 +1,94 @@
+"""The errors a caller can see, each with a message that says what to do.
+
+The same names travel on the wire (`ErrorInfo.type`), so a worker's error
+becomes the matching exception in the producer.
+"""
+
+from __future__ import annotations
+
+
+class BatchdError(Exception):
+    """Base class of every error batchd raises to a caller."""
+
+    code = "error"
+
+    def __init__(self, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+
+
+class InvalidRequest(BatchdError):
+    """The request is malformed or its parameters are out of range."""
+
+    code = "invalid_request"
+
+
+class RequestTooLarge(InvalidRequest):
+    """Prompt plus max_new_tokens do not fit the model's context or the worker's cache."""
+
+    code = "request_too_large"
+
+
+class UnsupportedVersion(InvalidRequest):
+    """The message uses a protocol version this side does not speak."""
+
+    code = "unsupported_version"
+
+
+class Overloaded(BatchdError):
+    """The request queue is full (max_queue); retry later with backoff."""
+
+    code = "overloaded"
+
+
+class DeadlineExceeded(BatchdError):
+    """The request's deadline passed before it could finish."""
+
+    code = "deadline_exceeded"
+
+
+class Cancelled(BatchdError):
+    """The request was cancelled by its caller."""
+
+    code = "cancelled"
+
+
+class WorkerFailed(BatchdError):
+    """Workers failed on this request too many times; it is in the dead-letter stream."""
+
+    code = "worker_failed"
+
+
+class ResultTimeout(BatchdError):
+    """No final result arrived within the caller's timeout (the request may still run)."""
+
+    code = "result_timeout"
+
+
+class NoWorkers(BatchdError):
+    """No live worker is registered (reported by status; requests wait in the queue)."""
+
+    code = "no_workers"
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        BatchdError,
+        InvalidRequest,
+        RequestTooLarge,
+        UnsupportedVersion,
+        Overloaded,
+        DeadlineExceeded,
+        Cancelled,
+        WorkerFailed,
+        ResultTimeout,
+        NoWorkers,
+    )
+}
+
+
+def error_from_code(code: str, message: str, request_id: str | None = None) -> BatchdError:
+    """Rebuild the exception a remote side reported; unknown codes stay BatchdError."""
+    return _BY_CODE.get(code, BatchdError)(message, request_id)

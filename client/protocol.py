@@ -1,0 +1,256 @@
+"""The wire contract: versioned msgpack messages shared by every batchd process.
+
+Every message is a msgspec Struct encoded as a msgpack map with field names as
+keys, so a producer in any language with a msgpack library can speak it
+(docs/protocol.md). Decoding validates types and ranges in one pass and rejects
+unknown fields: a newer client's parameter must never be silently ignored by an
+older worker. `v` is the major version; a reader refuses any other.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+from .errors import InvalidRequest, UnsupportedVersion
+
+PROTOCOL_VERSION = 1
+
+# Size limits protect every process from a single hostile request. A worker
+# still checks the prompt against its model's context after tokenising.
+MAX_PROMPT_CHARS = 1_000_000
+MAX_PROMPT_TOKENS = 262_144
+MAX_MESSAGES = 1_024
+MAX_NEW_TOKENS = 131_072
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+MAX_ID_CHARS = 128
+
+FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
+FINISH_REASONS: tuple[str, ...] = ("stop", "length", "cancelled", "deadline", "error")
+
+RequestId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9._:\-]+$")]
+TokenId = Annotated[int, Meta(ge=0, lt=2**31)]
+
+
+class SamplingParams(Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+    """How to decode one request. temperature 0 means greedy."""
+
+    max_new_tokens: Annotated[int, Meta(ge=1, le=MAX_NEW_TOKENS)] = 256
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=0)] = 0
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]], Meta(max_length=MAX_STOP_STRINGS)] = []
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=64)] = []
+    ignore_eos: bool = False
+
+
+class ChatMessage(Struct, forbid_unknown_fields=True):
+    role: Annotated[str, Meta(min_length=1, max_length=64)]
+    content: Annotated[str, Meta(max_length=MAX_PROMPT_CHARS)]
+
+
+class Request(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One generation request as a producer submits it.
+
+    Exactly one of prompt, messages (rendered with the model's chat template)
+    or prompt_token_ids is given.
+    """
+
+    v: int
+    id: RequestId
+    prompt: Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = None
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    prompt_token_ids: Annotated[list[TokenId], Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)] | None = None
+    params: SamplingParams = SamplingParams()
+    # Higher runs first; within one priority, producers share fairly.
+    priority: Annotated[int, Meta(ge=-100, le=100)] = 0
+    producer: Annotated[str, Meta(max_length=128)] = ""
+    # Absolute unix time in seconds after which the result is useless.
+    deadline: float | None = None
+    submitted_at: float = 0.0
+    # How many times a worker already took this request and died; set by schedulers.
+    attempt: Annotated[int, Meta(ge=0)] = 0
+
+
+class Job(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A batch a scheduler hands to one worker."""
+
+    v: int
+    job_id: str
+    scheduler: str
+    created_at: float
+    requests: list[Request]
+
+
+class Usage(Struct, omit_defaults=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Timings(Struct, omit_defaults=True):
+    """Seconds measured from submitted_at (the producer's clock)."""
+
+    queued_s: float = 0.0
+    first_token_s: float | None = None
+    total_s: float = 0.0
+
+
+class ErrorInfo(Struct):
+    type: str
+    message: str
+
+
+class Result(Struct, omit_defaults=True):
+    request_id: str
+    finish_reason: FinishReason
+    text: str = ""
+    token_ids: list[int] = []
+    usage: Usage = msgspec.field(default_factory=Usage)
+    timings: Timings = msgspec.field(default_factory=Timings)
+    error: ErrorInfo | None = None
+    worker: str = ""
+    attempt: int = 0
+
+
+class TokenEvent(Struct, tag="token", omit_defaults=True):
+    """New tokens of one request, in order; index is the position of the first."""
+
+    index: int
+    token_ids: list[int]
+    text: str = ""
+
+
+class RestartEvent(Struct, tag="restart", omit_defaults=True):
+    """The worker running this request died; decoding starts over on another."""
+
+    attempt: int
+    reason: str = ""
+
+
+class FinalEvent(Struct, tag="final"):
+    result: Result
+
+
+Event = Union[TokenEvent, RestartEvent, FinalEvent]
+
+
+class Heartbeat(Struct, omit_defaults=True):
+    """What a worker advertises: who it is and how much it can take now."""
+
+    v: int
+    worker_id: str
+    model: str
+    engine: str
+    total_slots: int
+    free_slots: int
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    # Stream id of the last job this worker read: schedulers subtract what
+    # they dispatched after it from free_slots.
+    last_job_read: str = "0-0"
+    lease_ms: int = 5000
+    host: str = ""
+    pid: int = 0
+    started_at: float = 0.0
+    sent_at: float = 0.0
+
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_job_decoder = msgspec.msgpack.Decoder(Job)
+_event_decoder = msgspec.msgpack.Decoder(Event)
+_heartbeat_decoder = msgspec.msgpack.Decoder(Heartbeat)
+
+
+def encode(message: Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def _check_version(v: int, what: str) -> None:
+    if v != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            f"{what} has protocol version {v}; this batchd speaks version {PROTOCOL_VERSION}. "
+            "Upgrade the older side."
+        )
+
+
+def validate_request(request: Request) -> Request:
+    """Checks that types alone cannot express; raises InvalidRequest."""
+    _check_version(request.v, "request")
+    given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(request, name) is not None]
+    if len(given) != 1:
+        raise InvalidRequest(
+            "give exactly one of prompt, messages or prompt_token_ids"
+            + (f" (got {', '.join(given)})" if given else " (got none)"),
+            request.id,
+        )
+    if request.messages is not None:
+        total = sum(len(m.content) for m in request.messages)
+        if total > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"messages hold {total} characters; the limit is {MAX_PROMPT_CHARS}", request.id)
+    return request
+
+
+def decode_request(data: bytes, request_id: str | None = None) -> Request:
+    """Decode and validate a request; every failure is an InvalidRequest."""
+    if len(data) > MAX_REQUEST_BYTES:
+        raise InvalidRequest(f"request is {len(data)} bytes; the limit is {MAX_REQUEST_BYTES}", request_id)
+    try:
+        request = _request_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        version = _peek_version(data)
+        if version is not None and version != PROTOCOL_VERSION:
+            _check_version(version, "request")
+        raise InvalidRequest(f"invalid request: {exc}", request_id) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"request is not valid msgpack: {exc}", request_id) from None
+    if request_id is not None and request.id != request_id:
+        raise InvalidRequest(f"request id {request.id!r} does not match the stream entry's id {request_id!r}", request_id)
+    return validate_request(request)
+
+
+def _peek_version(data: bytes) -> int | None:
+    try:
+        raw = msgspec.msgpack.decode(data)
+    except msgspec.DecodeError:
+        return None
+    version = raw.get("v") if isinstance(raw, dict) else None
+    return version if isinstance(version, int) else None
+
+
+def decode_job(data: bytes) -> Job:
+    job = _job_decoder.decode(data)
+    _check_version(job.v, "job")
+    return job
+
+
+def decode_event(data: bytes) -> Event:
+    return _event_decoder.decode(data)
+
+
+def decode_heartbeat(data: bytes) -> Heartbeat:
+    beat = _heartbeat_decoder.decode(data)
+    _check_version(beat.v, "heartbeat")
+    return beat
+
+
+def error_result(request_id: str, error: Exception, finish_reason: FinishReason = "error",
+                 submitted_at: float = 0.0, worker: str = "") -> Result:
+    """A final result that carries an error instead of text."""
+    code = getattr(error, "code", "error")
+    message = getattr(error, "message", None) or str(error) or type(error).__name__
+    total = time.time() - submitted_at if submitted_at else 0.0
+    return Result(
+        request_id=request_id,
+        finish_reason=finish_reason,
+        error=ErrorInfo(type=code, message=message),
+        timings=Timings(total_s=total),
+        worker=worker,
+    )

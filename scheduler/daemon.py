@@ -1,0 +1,356 @@
+"""The scheduler daemon: reads requests, forms batches, dispatches jobs.
+
+Any number of schedulers run as one consumer group on the request stream.
+A request stays pending in its scheduler's entry list until the job that
+carries it is on a worker's stream; both happen in one MULTI, so a scheduler
+killed at any point loses nothing: its pending entries go idle and another
+scheduler claims them. The scheduler also re-dispatches the jobs of workers
+whose heartbeat expired.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import msgspec
+import redis
+
+from batchd import metrics
+from batchd.client import recovery, scripts
+from batchd.client.connection import connect, redact
+from batchd.client.errors import BatchdError, Cancelled, DeadlineExceeded, InvalidRequest, WorkerFailed
+from batchd.client.keys import SCHEDULER_GROUP, Keys
+from batchd.client.protocol import (
+    PROTOCOL_VERSION,
+    FinalEvent,
+    Job,
+    Request,
+    decode_heartbeat,
+    decode_job,
+    decode_request,
+    encode,
+    error_result,
+)
+
+from .policy import Batcher, BatchPolicy, WorkerCapacity, parse_stream_id, pick_worker
+
+log = logging.getLogger("batchd.scheduler")
+
+
+@dataclass
+class SchedulerConfig:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "batchd:"
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    # Backlog beyond which submits fail with Overloaded (0: unbounded).
+    max_queue: int = 100_000
+    # Requests one scheduler holds undispatched; bounds its memory and lets
+    # priority and fair share look past the head of the stream.
+    read_ahead: int = 4096
+    # A pending request idle this long belongs to a dead scheduler.
+    claim_idle_ms: int = 10_000
+    # A request whose worker died this many times is dead-lettered.
+    max_attempts: int = 3
+    result_ttl_s: int = 3600
+    metrics_port: int = 0
+    scheduler_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+    def describe(self) -> str:
+        shown = {k: v for k, v in asdict(self).items() if k != "redis_url"}
+        return f"redis={redact(self.redis_url)} " + " ".join(f"{k}={v}" for k, v in shown.items())
+
+
+@dataclass
+class _Held:
+    """A request this scheduler read and has not dispatched yet."""
+
+    entry_id: str
+    request: Request
+    data: bytes
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, client: redis.Redis | None = None, clock=time.time):
+        self.config = config
+        self.keys = Keys(config.prefix)
+        self.redis = client or connect(config.redis_url)
+        self.clock = clock
+        self.batcher: Batcher[_Held] = Batcher(BatchPolicy(config.max_batch, config.max_wait_ms))
+        self.workers: dict[str, WorkerCapacity] = {}
+        self._finalize = self.redis.register_script(scripts.FINALIZE)
+        self._stop = threading.Event()
+        self._next_refresh = 0.0
+        self._next_housekeeping = 0.0
+        self.jobs_dispatched = 0
+
+    # -- lifecycle --------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        log.info("scheduler starting: %s", self.config.describe())
+        metrics.serve(self.config.metrics_port)
+        self._setup()
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+                backoff = 0.1
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._try_setup()
+        log.info("scheduler %s stopped; %d requests left pending for other schedulers",
+                 self.config.scheduler_id, len(self.batcher))
+
+    def _setup(self) -> None:
+        try:
+            self.redis.xgroup_create(self.keys.requests, SCHEDULER_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self.redis.hset(self.keys.config, mapping={"max_queue": self.config.max_queue})
+
+    def _try_setup(self) -> None:
+        try:
+            self._setup()
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass
+
+    # -- one iteration -------------------------------------------------------
+    def run_once(self) -> None:
+        now = self.clock()
+        if now >= self._next_refresh:
+            self._refresh_workers()
+            self._next_refresh = now + (0.02 if len(self.batcher) else 0.1)
+        if now >= self._next_housekeeping:
+            self._housekeeping(now)
+            self._next_housekeeping = now + 1.0
+        self._read(self._block_ms(now))
+        self._dispatch_due()
+
+    def _block_ms(self, now: float) -> int | None:
+        """How long XREADGROUP may block: until the next batch or refresh is due."""
+        waits = [self._next_refresh - now, self._next_housekeeping - now]
+        due = self.batcher.seconds_until_due(now)
+        if due is not None and any(w.available() for w in self.workers.values()):
+            waits.append(due)
+        wait_ms = int(max(0.0, min(waits)) * 1000)
+        return wait_ms if wait_ms > 0 else None
+
+    def _read(self, block_ms: int | None) -> None:
+        room = self.config.read_ahead - len(self.batcher)
+        if room <= 0:
+            if block_ms:
+                self._stop.wait(block_ms / 1000)
+            return
+        reply = self.redis.xreadgroup(
+            SCHEDULER_GROUP, self.config.scheduler_id, {self.keys.requests: ">"},
+            count=min(room, 1024), block=block_ms)
+        for _stream, entries in reply or ():
+            self._accept(entries)
+
+    def _accept(self, entries) -> None:
+        now = self.clock()
+        for entry_id, fields in entries:
+            if not fields:  # deleted while pending (claimed late): nothing to do
+                continue
+            held = self._decode_entry(entry_id, fields)
+            if held is None:
+                continue
+            metrics.requests_received.labels(str(held.request.priority)).inc()
+            self.batcher.add(held, now, priority=held.request.priority, producer=held.request.producer)
+
+    def _decode_entry(self, entry_id, fields) -> _Held | None:
+        entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        raw_id = fields.get(b"id")
+        request_id = raw_id.decode("utf-8", "replace") if isinstance(raw_id, bytes) else None
+        data = fields.get(b"data")
+        try:
+            if data is None:
+                raise InvalidRequest("stream entry has no 'data' field (see docs/protocol.md)", request_id)
+            request = decode_request(data, request_id)
+        except InvalidRequest as exc:
+            self._reject(entry_id, request_id, data, exc)
+            return None
+        return _Held(entry_id, request, data)
+
+    # -- dispatch ---------------------------------------------------------
+    def _dispatch_due(self) -> None:
+        while True:
+            now = self.clock()
+            if not self.batcher.is_due(now):
+                return
+            self._drop_expired_and_cancelled(now)
+            worker = pick_worker(self.workers)
+            if worker is None:
+                return
+            opened = self.batcher.opened_at()
+            batch = self.batcher.take(now, worker.available())
+            if not batch:
+                return
+            self._send_job(worker, batch)
+            metrics.batch_wait.observe(max(0.0, now - (opened or now)))
+
+    def _send_job(self, worker: WorkerCapacity, batch: list[_Held]) -> None:
+        job = Job(v=PROTOCOL_VERSION, job_id=uuid.uuid4().hex, scheduler=self.config.scheduler_id,
+                  created_at=self.clock(), requests=[held.request for held in batch])
+        entry_ids = [held.entry_id for held in batch]
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.jobs(worker.worker_id), {"job": encode(job)})
+            for held in batch:
+                pipe.set(self.keys.owner(held.request.id), scripts.owner_token(worker.worker_id, held.request.attempt),
+                         ex=self.config.result_ttl_s)
+            pipe.xack(self.keys.requests, SCHEDULER_GROUP, *entry_ids)
+            pipe.xdel(self.keys.requests, *entry_ids)
+            # Fleet-wide counters for `batchd status` and the demo's summary.
+            pipe.hincrby(self.keys.stats, "jobs", 1)
+            pipe.hincrby(self.keys.stats, "requests_dispatched", len(batch))
+            pipe.hincrby(self.keys.stats, f"job_size:{len(batch)}", 1)
+            job_stream_id = pipe.execute()[0]
+        worker.dispatched(parse_stream_id(job_stream_id), len(batch))
+        self.jobs_dispatched += 1
+        metrics.jobs_dispatched.inc()
+        metrics.job_size.observe(len(batch))
+
+    def _drop_expired_and_cancelled(self, now: float) -> None:
+        expired = self.batcher.remove(lambda held: held.request.deadline is not None and held.request.deadline <= now)
+        for held in expired:
+            self._answer(held, DeadlineExceeded(
+                f"request {held.request.id} expired before a worker could take it; "
+                "raise its timeout or add workers", held.request.id), "deadline")
+        pending = list(self.batcher.items())
+        if not pending:
+            return
+        flags = self.redis.mget([self.keys.cancelled(held.request.id) for held in pending])
+        cancelled = {held.request.id for held, flag in zip(pending, flags) if flag}
+        if cancelled:
+            for held in self.batcher.remove(lambda h: h.request.id in cancelled):
+                self._answer(held, Cancelled(f"request {held.request.id} was cancelled before it started",
+                                             held.request.id), "cancelled")
+
+    def _answer(self, held: _Held, error: BatchdError, finish_reason: str) -> None:
+        """Finish a held request with an error and drop its stream entry."""
+        result = error_result(held.request.id, error, finish_reason, held.request.submitted_at)
+        keys, args = scripts.finalize_keys_args(self.keys, held.request.id, encode(FinalEvent(result)),
+                                                self.config.result_ttl_s)
+        self._finalize(keys=keys, args=args)
+        self._ack(held.entry_id)
+        metrics.requests_rejected.labels(error.code).inc()
+
+    def _reject(self, entry_id: str, request_id: str | None, data: bytes | None, error: InvalidRequest) -> None:
+        """Bad input: tell its caller when the id is readable, and keep it for operators."""
+        log.info("rejected request %s: %s", request_id or f"entry {entry_id}", error.message)
+        with self.redis.pipeline(transaction=False) as pipe:
+            if request_id and _plausible_id(request_id):
+                result = error_result(request_id, error)
+                keys, args = scripts.finalize_keys_args(self.keys, request_id, encode(FinalEvent(result)),
+                                                        self.config.result_ttl_s)
+                self._finalize(keys=keys, args=args, client=pipe)
+            pipe.xadd(self.keys.dead_letters, scripts.dead_letter_fields(request_id, error.code, error.message, data),
+                      maxlen=scripts.DEAD_LETTER_MAXLEN, approximate=True)
+            pipe.hincrby(self.keys.stats, "dead_letters", 1)
+            pipe.xack(self.keys.requests, SCHEDULER_GROUP, entry_id)
+            pipe.xdel(self.keys.requests, entry_id)
+            pipe.execute()
+        metrics.requests_rejected.labels(error.code).inc()
+        metrics.dead_letters.labels(error.code).inc()
+
+    def _ack(self, entry_id: str) -> None:
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.keys.requests, SCHEDULER_GROUP, entry_id)
+            pipe.xdel(self.keys.requests, entry_id)
+            pipe.execute()
+
+    # -- workers --------------------------------------------------------------
+    def _refresh_workers(self) -> None:
+        worker_ids = [w.decode() for w in self.redis.zrange(self.keys.workers, 0, -1)]
+        beats = self.redis.mget([self.keys.heartbeat(w) for w in worker_ids]) if worker_ids else []
+        live: dict[str, WorkerCapacity] = {}
+        for worker_id, raw in zip(worker_ids, beats):
+            if raw is None:
+                continue
+            try:
+                beat = decode_heartbeat(raw)
+            except (msgspec.MsgspecError, BatchdError):
+                log.warning("ignoring unreadable heartbeat of worker %s", worker_id)
+                continue
+            capacity = self.workers.get(worker_id) or WorkerCapacity(worker_id, 0)
+            capacity.refresh(beat.free_slots, parse_stream_id(beat.last_job_read))
+            live[worker_id] = capacity
+        self.workers = live
+        metrics.live_workers.set(len(live))
+        metrics.free_slots.set(sum(w.available() for w in live.values()))
+
+    def _housekeeping(self, now: float) -> None:
+        self._keep_claims()
+        self._claim_abandoned()
+        self._reap_dead_workers()
+        metrics.requests_waiting.set(self.redis.xlen(self.keys.requests))
+
+    def _keep_claims(self) -> None:
+        """Touch the entries this scheduler holds so no other scheduler takes them."""
+        held = [h.entry_id for h in self.batcher.items()]
+        for start in range(0, len(held), 1000):
+            self.redis.xclaim(self.keys.requests, SCHEDULER_GROUP, self.config.scheduler_id, 0,
+                              held[start:start + 1000], justid=True)
+
+    def _claim_abandoned(self) -> None:
+        """Take over requests a dead scheduler read but never dispatched."""
+        room = self.config.read_ahead - len(self.batcher)
+        if room <= 0:
+            return
+        reply = self.redis.xautoclaim(self.keys.requests, SCHEDULER_GROUP, self.config.scheduler_id,
+                                      self.config.claim_idle_ms, "0-0", count=min(room, 1000))
+        entries = reply[1] if reply else []
+        if entries:
+            log.info("claimed %d requests abandoned by another scheduler", len(entries))
+            metrics.requests_reclaimed.inc(len(entries))
+            self._accept(entries)
+
+    def _reap_dead_workers(self) -> None:
+        worker_ids = [w.decode() for w in self.redis.zrange(self.keys.workers, 0, -1)]
+        for worker_id in worker_ids:
+            if worker_id in self.workers or self.redis.exists(self.keys.heartbeat(worker_id)):
+                continue
+            if self.redis.set(self.keys.reaping(worker_id), self.config.scheduler_id, nx=True, ex=60):
+                self.reap_worker(worker_id)
+
+    def reap_worker(self, worker_id: str) -> int:
+        """Re-dispatch every unfinished request of a worker that stopped beating."""
+        stream = self.keys.jobs(worker_id)
+        requeued = 0
+        for entry_id, fields in self.redis.xrange(stream, "-", "+"):
+            try:
+                job = decode_job(fields[b"job"])
+            except (KeyError, msgspec.MsgspecError, BatchdError):
+                log.warning("dropping unreadable job %s of dead worker %s", entry_id, worker_id)
+                continue
+            requeued += self._requeue(job.requests, worker_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(stream)
+            pipe.zrem(self.keys.workers, worker_id)
+            pipe.execute()
+        log.warning("worker %s stopped heartbeating; re-dispatched %d unfinished requests", worker_id, requeued)
+        return requeued
+
+    def _requeue(self, requests: list[Request], worker_id: str) -> int:
+        requeued, dead = recovery.hand_back(
+            self.redis, self.keys, requests, f"worker {worker_id} stopped heartbeating",
+            max_attempts=self.config.max_attempts, result_ttl_s=self.config.result_ttl_s)
+        metrics.requests_reclaimed.inc(requeued)
+        if dead:
+            metrics.dead_letters.labels(WorkerFailed.code).inc(dead)
+        return requeued
+
+
+def _plausible_id(request_id: str) -> bool:
+    return 0 < len(request_id) <= 128 and all(c.isalnum() or c in "._:-" for c in request_id)

@@ -1,0 +1,232 @@
+"""Scheduler and worker driven step by step on fakeredis and on a real redis-server.
+
+The daemons run in this process with a fake clock; each test calls run_once()
+and looks at what landed in Redis, as a producer or operator would.
+"""
+
+from __future__ import annotations
+
+import fakeredis
+import msgpack
+import pytest
+import redis
+
+from batchd.client import scripts
+from batchd.client.keys import Keys
+from batchd.client.protocol import (
+    PROTOCOL_VERSION,
+    FinalEvent,
+    Heartbeat,
+    Request,
+    SamplingParams,
+    decode_event,
+    decode_job,
+    encode,
+)
+from batchd.scheduler.daemon import Scheduler, SchedulerConfig
+from batchd.workers.echo import EchoEngine
+from batchd.workers.worker import Worker, WorkerConfig
+
+KEYS = Keys()
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+def client(request):
+    if request.param == "fakeredis":
+        yield fakeredis.FakeRedis()
+    else:
+        yield request.getfixturevalue("redis_client")
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+def settle(scheduler: Scheduler, clock: FakeClock) -> None:
+    """Read what is queued, then let its batch window pass and dispatch."""
+    scheduler._next_refresh = 0
+    scheduler.run_once()
+    clock.advance(0.011)
+    scheduler._next_refresh = 0
+    scheduler.run_once()
+
+
+def make_scheduler(client, clock, **overrides) -> Scheduler:
+    config = SchedulerConfig(max_batch=4, max_wait_ms=10, claim_idle_ms=60_000, **overrides)
+    scheduler = Scheduler(config, client=client, clock=clock)
+    scheduler._setup()
+    return scheduler
+
+
+def submit(client, clock, request_id: str, **fields) -> None:
+    request = Request(v=PROTOCOL_VERSION, id=request_id, prompt=fields.pop("prompt", f"prompt of {request_id}"),
+                      submitted_at=clock(), **fields)
+    client.xadd(KEYS.requests, {"id": request_id, "data": encode(request)})
+
+
+def advertise(client, worker_id: str, free_slots: int, clock, last_job_read: str = "0-0") -> None:
+    beat = Heartbeat(v=PROTOCOL_VERSION, worker_id=worker_id, model="echo", engine="echo", total_slots=free_slots,
+                     free_slots=free_slots, last_job_read=last_job_read, sent_at=clock())
+    client.set(KEYS.heartbeat(worker_id), encode(beat), px=5000)
+    client.zadd(KEYS.workers, {worker_id: clock()})
+
+
+def final_of(client, request_id: str):
+    raw = client.get(KEYS.result(request_id))
+    assert raw is not None, f"no stored result for {request_id}"
+    event = decode_event(raw)
+    assert isinstance(event, FinalEvent)
+    return event.result
+
+
+def jobs_of(client, worker_id: str):
+    return [decode_job(fields[b"job"]) for _, fields in client.xrange(KEYS.jobs(worker_id))]
+
+
+def test_requests_are_coalesced_into_one_job_for_a_live_worker(client, clock):
+    scheduler = make_scheduler(client, clock)
+    advertise(client, "w1", 8, clock)
+    for i in range(3):
+        submit(client, clock, f"r{i}")
+    scheduler.run_once()
+    assert jobs_of(client, "w1") == []  # batch open, max_wait not reached
+    clock.advance(0.011)
+    scheduler.run_once()
+    jobs = jobs_of(client, "w1")
+    assert [[r.id for r in job.requests] for job in jobs] == [["r0", "r1", "r2"]]
+    assert client.xlen(KEYS.requests) == 0  # dispatched entries leave the backlog
+    assert client.get(KEYS.owner("r1")) == scripts.owner_token("w1", 0).encode()
+
+
+def test_jobs_never_exceed_free_slots_and_wait_without_workers(client, clock):
+    scheduler = make_scheduler(client, clock)
+    for i in range(4):
+        submit(client, clock, f"r{i}")
+    settle(scheduler, clock)
+    assert client.xlen(KEYS.requests) == 4  # nobody to run them: they stay queued
+    advertise(client, "w1", 3, clock)
+    scheduler._next_refresh = 0
+    scheduler.run_once()
+    assert [len(job.requests) for job in jobs_of(client, "w1")] == [3]
+    scheduler.run_once()
+    assert [len(job.requests) for job in jobs_of(client, "w1")] == [3]  # no room for the fourth
+
+
+def test_bad_entries_get_errors_and_dead_letters_while_good_ones_run(client, clock):
+    scheduler = make_scheduler(client, clock)
+    advertise(client, "w1", 8, clock)
+    client.xadd(KEYS.requests, {"id": "bad-msgpack", "data": b"\xc1\xc1"})
+    client.xadd(KEYS.requests, {"id": "bad-version", "data": msgpack.packb({"v": 9, "id": "bad-version", "prompt": "x"})})
+    client.xadd(KEYS.requests, {"id": "bad-type", "data": msgpack.packb({"v": 1, "id": "bad-type", "prompt": 5})})
+    client.xadd(KEYS.requests, {"nothing": "useful"})
+    submit(client, clock, "good")
+    settle(scheduler, clock)
+    assert "msgpack" in final_of(client, "bad-msgpack").error.message
+    assert final_of(client, "bad-version").error.type == "unsupported_version"
+    assert final_of(client, "bad-type").error.type == "invalid_request"
+    dead = client.xrange(KEYS.dead_letters)
+    assert len(dead) == 4
+    assert {fields[b"id"] for _, fields in dead} == {b"bad-msgpack", b"bad-version", b"bad-type", b""}
+    assert [r.id for job in jobs_of(client, "w1") for r in job.requests] == ["good"]
+
+
+def test_expired_and_cancelled_requests_are_answered_without_a_slot(client, clock):
+    scheduler = make_scheduler(client, clock)
+    advertise(client, "w1", 8, clock)
+    submit(client, clock, "late", deadline=clock() + 0.005)
+    submit(client, clock, "cancelled")
+    submit(client, clock, "fine")
+    client.set(KEYS.cancelled("cancelled"), 1)
+    clock.advance(0.02)
+    settle(scheduler, clock)
+    assert final_of(client, "late").error.type == "deadline_exceeded"
+    assert final_of(client, "late").finish_reason == "deadline"
+    assert final_of(client, "cancelled").error.type == "cancelled"
+    assert [r.id for job in jobs_of(client, "w1") for r in job.requests] == ["fine"]
+
+
+def test_a_dead_workers_requests_go_back_then_to_dead_letters(client, clock):
+    scheduler = make_scheduler(client, clock, max_attempts=2)
+    advertise(client, "w1", 8, clock)
+    submit(client, clock, "r0")
+    submit(client, clock, "r1")
+    settle(scheduler, clock)
+    assert len(jobs_of(client, "w1")) == 1
+    # r0 finished before the worker died; r1 did not.
+    client.set(KEYS.result("r0"), encode(FinalEvent(final_result("r0"))))
+    client.delete(KEYS.heartbeat("w1"))
+    assert scheduler.reap_worker("w1") == 1
+    assert client.exists(KEYS.jobs("w1")) == 0
+    entries = client.xrange(KEYS.requests)
+    assert [fields[b"id"] for _, fields in entries] == [b"r1"]
+    # r1 goes to a second worker which dies too: that was its last attempt.
+    advertise(client, "w2", 8, clock)
+    scheduler._next_refresh = 0
+    settle(scheduler, clock)
+    [job] = jobs_of(client, "w2")
+    assert job.requests[0].attempt == 1
+    client.delete(KEYS.heartbeat("w2"))
+    assert scheduler.reap_worker("w2") == 0
+    assert final_of(client, "r1").error.type == "worker_failed"
+    assert [fields[b"id"] for _, fields in client.xrange(KEYS.dead_letters)] == [b"r1"]
+
+
+def final_result(request_id: str):
+    from batchd.client.protocol import Result
+
+    return Result(request_id=request_id, finish_reason="stop", text="done")
+
+
+def run_worker_until_idle(worker: Worker, rounds: int = 200) -> None:
+    for _ in range(rounds):
+        worker.run_once()
+        if not worker.engine.has_work() and not worker.tracked:
+            return
+
+
+def test_worker_streams_tokens_stores_results_and_acks_its_job(client, clock):
+    scheduler = make_scheduler(client, clock)
+    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), client=client, clock=clock)
+    worker._connect()
+    pubsub = client.pubsub()
+    pubsub.subscribe(KEYS.channel("r0"))
+    pubsub.get_message(timeout=1)
+    submit(client, clock, "r0", prompt="héllo", params=SamplingParams(max_new_tokens=3))
+    submit(client, clock, "r1", prompt="ok")
+    settle(scheduler, clock)
+    run_worker_until_idle(worker)
+    r0, r1 = final_of(client, "r0"), final_of(client, "r1")
+    assert (r0.text, r0.finish_reason, r0.usage.completion_tokens) == ("hé", "length", 3)
+    assert (r1.text, r1.finish_reason) == ("ok", "stop")
+    assert client.xlen(KEYS.jobs("w1")) == 0  # acked and deleted only after both results were stored
+    events = []
+    while (message := pubsub.get_message(timeout=0.2)) is not None:
+        events.append(decode_event(message["data"]))
+    tokens = [t for e in events if hasattr(e, "token_ids") for t in e.token_ids]
+    assert tokens == list("hé".encode()) and isinstance(events[-1], FinalEvent)
+
+
+def test_a_fenced_worker_cannot_deliver_a_second_result(client, clock):
+    scheduler = make_scheduler(client, clock)
+    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), client=client, clock=clock)
+    worker._connect()
+    submit(client, clock, "r0", prompt="abc")
+    settle(scheduler, clock)
+    worker.run_once()  # admitted and one token out
+    # Meanwhile the request was re-dispatched to another worker attempt.
+    client.set(KEYS.owner("r0"), scripts.owner_token("w2", 1))
+    run_worker_until_idle(worker)
+    assert client.get(KEYS.result("r0")) is None
+    assert not worker.tracked

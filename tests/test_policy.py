@@ -1,0 +1,105 @@
+"""Batching policy with a fake clock: max batch, max wait, capacity, priority, fairness."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchd.scheduler.policy import Batcher, BatchPolicy, WorkerCapacity, parse_stream_id, pick_worker
+
+
+def batcher(max_batch=4, max_wait_ms=10.0) -> Batcher:
+    return Batcher(BatchPolicy(max_batch=max_batch, max_wait_ms=max_wait_ms))
+
+
+def test_a_batch_closes_when_full_even_before_max_wait():
+    b = batcher(max_batch=3)
+    for i in range(3):
+        b.add(i, now=0.0)
+    assert b.take(now=0.0, free_slots=10) == [0, 1, 2]
+    assert len(b) == 0
+
+
+def test_a_batch_waits_max_wait_from_its_first_arrival_not_the_last():
+    b = batcher(max_batch=10, max_wait_ms=10.0)
+    b.add("a", now=1.000)
+    b.add("b", now=1.008)
+    assert b.take(now=1.009, free_slots=10) == []
+    assert b.seconds_until_due(1.009) == pytest.approx(0.001)
+    assert b.take(now=1.010, free_slots=10) == ["a", "b"]
+
+
+def test_a_batch_is_never_larger_than_the_free_slots():
+    b = batcher(max_batch=8)
+    for i in range(8):
+        b.add(i, now=0.0)
+    assert b.take(now=0.0, free_slots=3) == [0, 1, 2]
+    assert b.take(now=0.0, free_slots=0) == []
+    assert len(b) == 5
+
+
+def test_leftovers_are_due_at_once_because_they_already_waited():
+    b = batcher(max_batch=2, max_wait_ms=10.0)
+    for i in range(3):
+        b.add(i, now=0.0)
+    assert b.take(now=0.0, free_slots=10) == [0, 1]
+    assert b.take(now=0.005, free_slots=10) == []
+    assert b.take(now=0.010, free_slots=10) == [2]
+
+
+def test_higher_priority_goes_first():
+    b = batcher(max_batch=2, max_wait_ms=0)
+    b.add("low", now=0.0, priority=0)
+    b.add("high", now=0.1, priority=5)
+    b.add("mid", now=0.2, priority=1)
+    assert b.take(now=1.0, free_slots=2) == ["high", "mid"]
+    assert b.take(now=1.0, free_slots=2) == ["low"]
+
+
+def test_a_burst_from_one_producer_does_not_starve_another():
+    b = batcher(max_batch=4, max_wait_ms=0)
+    for i in range(1000):
+        b.add(f"burst-{i}", now=0.0, producer="bulk")
+    b.add("interactive", now=0.5, producer="chat")
+    first = b.take(now=1.0, free_slots=4)
+    assert "interactive" in first
+    assert first.count("interactive") == 1 and len(first) == 4
+
+
+def test_remove_takes_out_matching_items_and_keeps_order():
+    b = batcher(max_batch=10, max_wait_ms=0)
+    for i in range(6):
+        b.add(i, now=0.0, producer=f"p{i % 2}")
+    assert sorted(b.remove(lambda item: item % 3 == 0)) == [0, 3]
+    assert len(b) == 4
+    assert sorted(b.take(now=1.0, free_slots=10)) == [1, 2, 4, 5]
+
+
+def test_empty_batcher_has_nothing_due():
+    b = batcher()
+    assert b.seconds_until_due(0.0) is None and b.take(now=99.0, free_slots=99) == []
+
+
+def test_policy_rejects_nonsense():
+    with pytest.raises(ValueError):
+        BatchPolicy(max_batch=0)
+    with pytest.raises(ValueError):
+        BatchPolicy(max_wait_ms=-1)
+
+
+def test_capacity_subtracts_what_the_worker_has_not_seen_yet():
+    worker = WorkerCapacity("w1", free_slots=10)
+    worker.dispatched(parse_stream_id("100-0"), 4)
+    worker.dispatched(parse_stream_id("105-1"), 3)
+    assert worker.available() == 3
+    # The heartbeat says the worker read up to 100-0, and had 8 free after admitting it.
+    worker.refresh(free_slots=8, last_job_read=parse_stream_id("100-0"))
+    assert worker.available() == 5
+    worker.refresh(free_slots=8, last_job_read=parse_stream_id("105-1"))
+    assert worker.available() == 8
+
+
+def test_pick_worker_prefers_the_most_room_and_none_when_full():
+    a, b = WorkerCapacity("a", 2), WorkerCapacity("b", 5)
+    assert pick_worker({"a": a, "b": b}) is b
+    assert pick_worker({"a": WorkerCapacity("a", 0)}) is None
+    assert pick_worker({}) is None
