@@ -29,6 +29,8 @@ def _add_scheduler_options(parser: argparse.ArgumentParser) -> None:
                        help="backlog beyond which submits fail with Overloaded (0: unbounded)")
     group.add_argument("--max-attempts", type=int, default=3,
                        help="dead-letter a request after this many worker failures")
+    group.add_argument("--claim-idle-ms", type=int, default=10_000,
+                       help="take over requests another scheduler held this long without touching (default 10000)")
 
 
 def _add_worker_options(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +52,10 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--drain-timeout", type=float, default=30.0,
                        help="on SIGTERM, finish in-flight requests for this many seconds, then hand back")
     group.add_argument("--worker-id", default=None, help="stable id (default: host-pid-random)")
+    group.add_argument("--lease-ms", type=int, default=5000,
+                       help="a worker silent this long is presumed dead and its requests re-dispatched (default 5000)")
+    group.add_argument("--heartbeat-interval", type=float, default=1.0,
+                       help="seconds between heartbeats; keep well under the lease (default 1.0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="refresh every --interval seconds")
     p.add_argument("--interval", type=float, default=2.0)
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("bench", help="load generator: throughput and latency against a deployment")
+    _add_redis(p)
+    from batchd.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
 
     p = sub.add_parser("health", help="exit 0 when healthy (for probes)")
     _add_redis(p)

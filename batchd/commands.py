@@ -35,7 +35,8 @@ def scheduler(args) -> int:
 
     config = SchedulerConfig(redis_url=args.redis, prefix=args.prefix, max_batch=args.max_batch,
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                             max_attempts=args.max_attempts, metrics_port=args.metrics_port)
+                             max_attempts=args.max_attempts, claim_idle_ms=args.claim_idle_ms,
+                             metrics_port=args.metrics_port)
     daemon = Scheduler(config)
     install_stop_handlers(daemon.stop)
     daemon.run()
@@ -59,7 +60,8 @@ def worker(args) -> int:
     from batchd.workers.worker import Worker, WorkerConfig
 
     config = WorkerConfig(redis_url=args.redis, prefix=args.prefix, drain_timeout_s=args.drain_timeout,
-                          max_attempts=getattr(args, "max_attempts", 3), metrics_port=args.metrics_port)
+                          max_attempts=getattr(args, "max_attempts", 3), metrics_port=args.metrics_port,
+                          lease_ms=args.lease_ms, heartbeat_interval_s=args.heartbeat_interval)
     if args.worker_id:
         config.worker_id = args.worker_id
     engine = build_engine(args)
@@ -108,10 +110,12 @@ class Fleet:
 def _daemon_argv(args, url: str) -> tuple[list[str], list[str]]:
     common = ["--redis", url, "--prefix", args.prefix]
     sched = ["scheduler", *common, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-             "--max-queue", str(args.max_queue), "--max-attempts", str(args.max_attempts)]
+             "--max-queue", str(args.max_queue), "--max-attempts", str(args.max_attempts),
+             "--claim-idle-ms", str(args.claim_idle_ms)]
     work = ["worker", *common, "--engine", args.engine, "--model", args.model,
             "--max-prefill-tokens", str(args.max_prefill_tokens), "--drain-timeout", str(args.drain_timeout),
-            "--token-delay-ms", str(args.token_delay_ms)]
+            "--token-delay-ms", str(args.token_delay_ms), "--lease-ms", str(args.lease_ms),
+            "--heartbeat-interval", str(args.heartbeat_interval)]
     for flag, value in (("--slots", args.slots), ("--kv-memory", args.kv_memory),
                         ("--max-context", args.max_context), ("--dtype", args.dtype), ("--device", args.device)):
         if value is not None:
@@ -233,3 +237,9 @@ def health(args) -> int:
     return 0
 
 
+
+
+def bench(args) -> int:
+    from batchd.bench import run
+
+    return run(args)
