@@ -8,7 +8,15 @@ deploy/grafana and deploy/prometheus refer only to names defined here (tested).
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from batchd.client.errors import _BY_CODE as ERROR_CODES
+from batchd.client.protocol import FINISH_REASONS
+
+# One registry per daemon role, so a worker's /metrics carries no scheduler
+# series (and the reverse) and dashboards need no job filters to stay exact.
+SCHEDULER_REGISTRY = CollectorRegistry()
+WORKER_REGISTRY = CollectorRegistry()
 
 # LLM latencies span milliseconds (a cached short prompt) to minutes (long
 # generations); buckets follow vLLM's spread.
@@ -26,71 +34,87 @@ WORKER = ("worker", "model")
 # -- scheduler -------------------------------------------------------------
 requests_waiting = Gauge(
     "batchd:num_requests_waiting",
-    "Requests submitted and not yet dispatched to a worker (stream backlog plus pending batches).")
+    "Requests submitted and not yet dispatched to a worker (stream backlog plus pending batches).", registry=SCHEDULER_REGISTRY)
 requests_received = Counter(
-    "batchd:requests_received_total", "Requests read from the request stream.", ("priority",))
+    "batchd:requests_received_total", "Requests read from the request stream.", ("priority",), registry=SCHEDULER_REGISTRY)
 jobs_dispatched = Counter(
-    "batchd:jobs_dispatched_total", "Jobs (batches) sent to workers.")
+    "batchd:jobs_dispatched_total", "Jobs (batches) sent to workers.", registry=SCHEDULER_REGISTRY)
 job_size = Histogram(
-    "batchd:job_size_requests", "Requests per dispatched job.", buckets=SIZE_BUCKETS)
+    "batchd:job_size_requests", "Requests per dispatched job.", buckets=SIZE_BUCKETS, registry=SCHEDULER_REGISTRY)
 batch_wait = Histogram(
     "batchd:scheduler_batch_wait_seconds",
-    "Time from a batch's first request to its dispatch.", buckets=WAIT_BUCKETS)
+    "Time from a batch's first request to its dispatch.", buckets=WAIT_BUCKETS, registry=SCHEDULER_REGISTRY)
 requests_rejected = Counter(
     "batchd:requests_rejected_total",
-    "Requests the scheduler answered with an error before dispatch.", ("error_type",))
+    "Requests the scheduler answered with an error before dispatch.", ("error_type",), registry=SCHEDULER_REGISTRY)
 requests_reclaimed = Counter(
     "batchd:requests_reclaimed_total",
-    "Requests taken back from a dead worker (or scheduler) and dispatched again.")
+    "Requests taken back from a dead worker (or scheduler) and dispatched again.", registry=SCHEDULER_REGISTRY)
 dead_letters = Counter(
-    "batchd:dead_letters_total", "Requests moved to the dead-letter stream.", ("error_type",))
+    "batchd:dead_letters_total", "Requests moved to the dead-letter stream.", ("error_type",), registry=SCHEDULER_REGISTRY)
 live_workers = Gauge(
-    "batchd:live_workers", "Workers whose heartbeat has not expired.")
+    "batchd:live_workers", "Workers whose heartbeat has not expired.", registry=SCHEDULER_REGISTRY)
 free_slots = Gauge(
-    "batchd:free_slots", "Free slots the live workers advertise, in total.")
+    "batchd:free_slots", "Free slots the live workers advertise, in total.", registry=SCHEDULER_REGISTRY)
 
 # -- worker -----------------------------------------------------------------
 requests_running = Gauge(
-    "batchd:num_requests_running", "Requests holding a slot in the engine.", WORKER)
+    "batchd:num_requests_running", "Requests holding a slot in the engine.", WORKER, registry=WORKER_REGISTRY)
 requests_waiting_in_engine = Gauge(
     "batchd:num_requests_waiting_in_engine",
-    "Requests a worker has accepted that wait for a free slot.", WORKER)
+    "Requests a worker has accepted that wait for a free slot.", WORKER, registry=WORKER_REGISTRY)
 kv_cache_usage = Gauge(
-    "batchd:kv_cache_usage_perc", "Fraction of the KV cache in use (0-1).", WORKER)
+    "batchd:kv_cache_usage_perc", "Fraction of the KV cache in use (0-1).", WORKER, registry=WORKER_REGISTRY)
 step_batch_size = Histogram(
-    "batchd:step_batch_size", "Live slots per engine step.", WORKER, buckets=SIZE_BUCKETS)
+    "batchd:step_batch_size", "Live slots per engine step.", WORKER, buckets=SIZE_BUCKETS, registry=WORKER_REGISTRY)
 time_to_first_token = Histogram(
     "batchd:time_to_first_token_seconds",
-    "From submission to the first token.", WORKER, buckets=TTFT_BUCKETS)
+    "From submission to the first token.", WORKER, buckets=TTFT_BUCKETS, registry=WORKER_REGISTRY)
 inter_token_latency = Histogram(
     "batchd:inter_token_latency_seconds",
-    "Between consecutive tokens of one request.", WORKER, buckets=ITL_BUCKETS)
+    "Between consecutive tokens of one request.", WORKER, buckets=ITL_BUCKETS, registry=WORKER_REGISTRY)
 e2e_latency = Histogram(
     "batchd:e2e_request_latency_seconds",
-    "From submission to the final result.", WORKER, buckets=E2E_BUCKETS)
+    "From submission to the final result.", WORKER, buckets=E2E_BUCKETS, registry=WORKER_REGISTRY)
 queue_time = Histogram(
     "batchd:request_queue_time_seconds",
-    "From submission to taking a slot.", WORKER, buckets=E2E_BUCKETS)
+    "From submission to taking a slot.", WORKER, buckets=E2E_BUCKETS, registry=WORKER_REGISTRY)
 prompt_tokens = Counter(
-    "batchd:prompt_tokens_total", "Prefilled prompt tokens.", WORKER)
+    "batchd:prompt_tokens_total", "Prefilled prompt tokens.", WORKER, registry=WORKER_REGISTRY)
 generation_tokens = Counter(
-    "batchd:generation_tokens_total", "Generated tokens.", WORKER)
+    "batchd:generation_tokens_total", "Generated tokens.", WORKER, registry=WORKER_REGISTRY)
 requests_finished = Counter(
     "batchd:request_success_total",
     "Requests finished, by finish_reason (stop, length, cancelled, deadline, error).",
-    WORKER + ("finish_reason",))
+    WORKER + ("finish_reason",), registry=WORKER_REGISTRY)
 request_errors = Counter(
-    "batchd:request_errors_total", "Requests that ended in an error, by type.", WORKER + ("error_type",))
+    "batchd:request_errors_total", "Requests that ended in an error, by type.", WORKER + ("error_type",), registry=WORKER_REGISTRY)
 preemptions = Counter(
-    "batchd:num_preemptions_total", "Requests preempted and re-queued for lack of cache.", WORKER)
+    "batchd:num_preemptions_total", "Requests preempted and re-queued for lack of cache.", WORKER, registry=WORKER_REGISTRY)
 heartbeats = Counter(
-    "batchd:worker_heartbeats_total", "Heartbeats a worker sent.", WORKER)
+    "batchd:worker_heartbeats_total", "Heartbeats a worker sent.", WORKER, registry=WORKER_REGISTRY)
 results_fenced = Counter(
     "batchd:results_fenced_total",
-    "Final results refused because another worker attempt owns the request.", WORKER)
+    "Final results refused because another worker attempt owns the request.", WORKER, registry=WORKER_REGISTRY)
 
 
-def serve(port: int, addr: str = "0.0.0.0") -> None:
-    """Serve /metrics on port (0 = do not serve)."""
+def precreate_scheduler_series() -> None:
+    """Zero-valued series for every error code, so increase() sees the first event."""
+    for code in ERROR_CODES:
+        requests_rejected.labels(code)
+        dead_letters.labels(code)
+
+
+def precreate_worker_series(worker: str, model: str) -> None:
+    for reason in FINISH_REASONS:
+        requests_finished.labels(worker, model, reason)
+    for code in ERROR_CODES:
+        request_errors.labels(worker, model, code)
+    preemptions.labels(worker, model)
+    results_fenced.labels(worker, model)
+
+
+def serve(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> None:
+    """Serve one role's /metrics on port (0 = do not serve)."""
     if port:
-        start_http_server(port, addr=addr)
+        start_http_server(port, addr=addr, registry=registry)
