@@ -56,6 +56,8 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                        help="a worker silent this long is presumed dead and its requests re-dispatched (default 5000)")
     group.add_argument("--heartbeat-interval", type=float, default=1.0,
                        help="seconds between heartbeats; keep well under the lease (default 1.0)")
+    group.add_argument("--abandoned-after", type=float, default=10.0,
+                       help="cancel a request nobody has listened to for this many seconds (0: never)")
 
 
 def build_parser() -> argparse.ArgumentParser:

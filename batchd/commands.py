@@ -61,7 +61,8 @@ def worker(args) -> int:
 
     config = WorkerConfig(redis_url=args.redis, prefix=args.prefix, drain_timeout_s=args.drain_timeout,
                           max_attempts=getattr(args, "max_attempts", 3), metrics_port=args.metrics_port,
-                          lease_ms=args.lease_ms, heartbeat_interval_s=args.heartbeat_interval)
+                          lease_ms=args.lease_ms, heartbeat_interval_s=args.heartbeat_interval,
+                          abandoned_after_s=args.abandoned_after)
     if args.worker_id:
         config.worker_id = args.worker_id
     engine = build_engine(args)
@@ -115,7 +116,7 @@ def _daemon_argv(args, url: str) -> tuple[list[str], list[str]]:
     work = ["worker", *common, "--engine", args.engine, "--model", args.model,
             "--max-prefill-tokens", str(args.max_prefill_tokens), "--drain-timeout", str(args.drain_timeout),
             "--token-delay-ms", str(args.token_delay_ms), "--lease-ms", str(args.lease_ms),
-            "--heartbeat-interval", str(args.heartbeat_interval)]
+            "--heartbeat-interval", str(args.heartbeat_interval), "--abandoned-after", str(args.abandoned_after)]
     for flag, value in (("--slots", args.slots), ("--kv-memory", args.kv_memory),
                         ("--max-context", args.max_context), ("--dtype", args.dtype), ("--device", args.device)):
         if value is not None:

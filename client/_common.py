@@ -10,6 +10,7 @@ process still receives the result.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import socket
 import time
@@ -42,6 +43,10 @@ ACCEPTED_TTL_S = 24 * 3600
 # Without any event for this long, a waiting caller reads the stored result,
 # covering publishes lost while the pub/sub connection was down.
 RESULT_POLL_S = 2.0
+# Submits and cancels retry a lost connection this many times with exponential
+# backoff (0.1 s doubling to 2 s, ~10 s in all), enough to ride out a Redis
+# restart. Both are safe to repeat: a submit is idempotent by request id.
+RECONNECT_RETRIES = 8
 # A caller waits this long past a request's deadline for the worker's answer.
 DEADLINE_GRACE_S = 10.0
 
@@ -57,7 +62,11 @@ class Delta:
 
 @dataclass(frozen=True)
 class StreamRestarted:
-    """The worker running the request died; the text starts over."""
+    """The request was re-dispatched and decodes differently this time; the text starts over.
+
+    A re-dispatched request whose output repeats what was already streamed
+    (greedy or seeded decoding) continues seamlessly, without this item.
+    """
 
     attempt: int
     reason: str
@@ -109,6 +118,9 @@ def build_request(
     argument fails here, at the call, with the same message.
     """
     now = time.time()
+    for name, value in (("timeout", timeout), ("deadline", deadline)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)):
+            raise InvalidRequest(f"{name} must be a number of seconds, got {value!r}", request_id)
     if timeout is not None:
         deadline = min(deadline, now + timeout) if deadline is not None else now + timeout
     if isinstance(stop, str):
@@ -130,7 +142,7 @@ def build_request(
             submitted_at=now,
         )
         payload = encode(request)
-    except (TypeError, KeyError, ValueError, msgspec.EncodeError) as exc:
+    except (TypeError, KeyError, ValueError, OverflowError, msgspec.EncodeError) as exc:
         raise InvalidRequest(f"invalid request arguments: {exc}", request_id) from None
     decode_request(payload, request_id)
     return request, payload
@@ -147,11 +159,25 @@ def wait_budget(timeout: float | None, deadline: float | None) -> float | None:
 
 
 class EventParser:
-    """Turns a request's wire events into stream items, final result last."""
+    """Turns a request's wire events into stream items, final result last.
+
+    When a request is re-dispatched after its worker died, the new attempt
+    decodes from the start. While its output repeats what the caller was
+    already shown (greedy or seeded decoding does), it is swallowed and the
+    stream simply continues where it stopped; only if it differs does the
+    caller get StreamRestarted, followed by the new attempt's text from the
+    start.
+    """
 
     def __init__(self, request_id: str):
         self.request_id = request_id
         self.result: Result | None = None
+        self._tokens: list[int] = []  # this attempt's output
+        self._text: list[str] = []
+        self._replaying = False  # after a restart, until the attempt caught up with what was shown
+        self._shown_tokens: list[int] = []
+        self._shown_text = ""
+        self._restart: RestartEvent | None = None
 
     def parse(self, payload: bytes) -> StreamItem | None:
         try:
@@ -159,13 +185,44 @@ class EventParser:
         except msgspec.MsgspecError:
             return None  # a newer worker's event kind: ignore rather than fail the call
         if isinstance(event, TokenEvent):
+            self._tokens.extend(event.token_ids)
+            self._text.append(event.text)
+            if self._replaying:
+                return self._replay()
             return Delta(text=event.text, token_ids=event.token_ids, index=event.index)
         if isinstance(event, RestartEvent):
-            return StreamRestarted(attempt=event.attempt, reason=event.reason)
+            if not self._replaying:
+                self._shown_tokens, self._shown_text = self._tokens, "".join(self._text)
+            self._tokens, self._text = [], []
+            self._replaying = True
+            self._restart = event
+            return None
         if isinstance(event, FinalEvent):
             self.result = event.result
             return event.result
         return None
+
+    def _replay(self) -> StreamItem | None:
+        tokens, text = self._tokens, "".join(self._text)
+        shown_tokens, shown_text = self._shown_tokens, self._shown_text
+        if not (_agree(tokens, shown_tokens) and _agree(text, shown_text)):
+            # The new attempt decodes differently: the caller's text starts over.
+            self._shown_tokens, self._shown_text = [], ""
+            restart = self._restart or RestartEvent(attempt=0)
+            return StreamRestarted(attempt=restart.attempt, reason=restart.reason)
+        index = len(shown_tokens)
+        new_tokens, new_text = tokens[index:], text[len(shown_text):]
+        self._shown_tokens = shown_tokens + new_tokens
+        self._shown_text = shown_text + new_text
+        if len(tokens) == len(self._shown_tokens) and len(text) == len(self._shown_text):
+            self._replaying = False  # caught up: from here on events pass straight through
+        return Delta(text=new_text, token_ids=new_tokens, index=index) if new_tokens or new_text else None
+
+
+def _agree(a, b) -> bool:
+    """One sequence is a prefix of the other."""
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
 
 
 def raise_for_error(result: Result) -> Result:

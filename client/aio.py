@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import AsyncIterator, Sequence
 
 import redis.asyncio as aioredis
@@ -23,6 +24,7 @@ from .protocol import Result
 from . import scripts
 from ._common import (
     ACCEPTED_TTL_S,
+    RECONNECT_RETRIES,
     RESULT_POLL_S,
     EventParser,
     IdMinter,
@@ -44,7 +46,8 @@ class AsyncRequestHandle:
     def __init__(self, client: "AsyncClient", request_id: str, wait_s: float | None):
         self.request_id = request_id
         self._client = client
-        self._events: asyncio.Queue[bytes] = asyncio.Queue()
+        self._events: deque[bytes] = deque()
+        self._waiter: asyncio.Future | None = None
         self._parser = EventParser(request_id)
         self._wait_s = wait_s
 
@@ -59,14 +62,28 @@ class AsyncRequestHandle:
                     yield raise_for_error(item)
                     return
                 yield item
+        except GeneratorExit:
+            if self._parser.result is None:  # the caller stopped reading: free the slot
+                try:
+                    await self._client.cancel(self.request_id)
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    log.warning("could not cancel abandoned request %s: %s", self.request_id, exc)
+            raise
         finally:
             await self._client._forget(self.request_id)
 
     async def result(self) -> Result:
-        async for item in self:
-            if isinstance(item, Result):
-                return item
-        raise AssertionError("stream ended without a result")
+        # A plain loop rather than `async for` over __aiter__: an async generator
+        # left before its end is closed through the event loop, which cost a
+        # thread-safe wake-up and a task per request.
+        try:
+            give_up = time.monotonic() + self._wait_s if self._wait_s is not None else None
+            while True:
+                item = self._parser.parse(await self._next_payload(give_up))
+                if isinstance(item, Result):
+                    return raise_for_error(item)
+        finally:
+            await self._client._forget(self.request_id)
 
     async def cancel(self) -> None:
         await self._client.cancel(self.request_id)
@@ -81,12 +98,32 @@ class AsyncRequestHandle:
                         f"no result for request {self.request_id} in time; it may still run "
                         "(raise timeout, or check that workers are live with `batchd status`)",
                         self.request_id)
+            if self._events:
+                return self._events.popleft()
+            # A bare future and a timer: asyncio.wait_for(queue.get()) would cost
+            # a Task per event, a large share of the client's time at high rates.
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            timer = loop.call_later(wait, _wake, self._waiter)
             try:
-                return await asyncio.wait_for(self._events.get(), wait)
-            except asyncio.TimeoutError:
-                stored = await self._client._stored_result(self.request_id)
-                if stored is not None:
-                    return stored
+                await self._waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if self._events:
+                return self._events.popleft()
+            stored = await self._client._stored_result(self.request_id)
+            if stored is not None:
+                return stored
+
+    def _deliver(self, payload: bytes) -> None:
+        self._events.append(payload)
+        _wake(self._waiter)
+
+
+def _wake(waiter: asyncio.Future | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 class AsyncClient:
@@ -223,10 +260,20 @@ class AsyncClient:
                 future.set_result(int(outcome))
 
     async def _run_submits(self, batch) -> list:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for keys, args, _ in batch:
-                pipe.evalsha(self._submit_sha, len(keys), *keys, *args)
-            return await pipe.execute(raise_on_error=True)
+        """One pipeline of SUBMIT calls; idempotent, so a lost connection is retried with backoff."""
+        delay = 0.1
+        for attempt in range(RECONNECT_RETRIES):
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for keys, args, _ in batch:
+                        pipe.evalsha(self._submit_sha, len(keys), *keys, *args)
+                    return await pipe.execute(raise_on_error=True)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if attempt == RECONNECT_RETRIES - 1:
+                    raise
+                log.warning("Redis unreachable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     # -- events -----------------------------------------------------------
     async def _subscribe(self, channel: str) -> None:
@@ -262,7 +309,7 @@ class AsyncClient:
             return
         handle = self._handles.get(channel[len(self._channel_prefix):])
         if handle is not None:
-            handle._events.put_nowait(message["data"])
+            handle._deliver(message["data"])
 
     async def _stored_result(self, request_id: str) -> bytes | None:
         try:

@@ -209,7 +209,7 @@ def decode_request(data: bytes, request_id: str | None = None) -> Request:
         if version is not None and version != PROTOCOL_VERSION:
             _check_version(version, "request")
         raise InvalidRequest(f"invalid request: {exc}", request_id) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: strings that are not UTF-8
         raise InvalidRequest(f"request is not valid msgpack: {exc}", request_id) from None
     if request_id is not None and request.id != request_id:
         raise InvalidRequest(f"request id {request.id!r} does not match the stream entry's id {request_id!r}", request_id)
@@ -219,7 +219,7 @@ def decode_request(data: bytes, request_id: str | None = None) -> Request:
 def _peek_version(data: bytes) -> int | None:
     try:
         raw = msgspec.msgpack.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, ValueError):
         return None
     version = raw.get("v") if isinstance(raw, dict) else None
     return version if isinstance(version, int) else None

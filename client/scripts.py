@@ -45,18 +45,82 @@ return 0
 # of requests this worker no longer owns.
 # KEYS: owner key of each event, in order
 # ARGV: owner token, then channel and payload for each event
-# Returns the number published.
+# Returns, per event, how many subscribers received it (-1: not published,
+# the lease is gone), so the worker notices a caller that went away.
 PUBLISH_STEP = """
 local token = ARGV[1]
-local sent = 0
+local heard = {}
 for i = 1, #KEYS do
   local owner = redis.call('GET', KEYS[i])
   if owner == token then
-    redis.call('PUBLISH', ARGV[2 * i], ARGV[2 * i + 1])
-    sent = sent + 1
+    heard[i] = redis.call('PUBLISH', ARGV[2 * i], ARGV[2 * i + 1])
+  else
+    heard[i] = -1
   end
 end
-return sent
+return heard
+"""
+
+# Give a request its worker could not finish back to the schedulers, or, on
+# its last attempt, finish it with its error and keep it as a dead letter.
+# Skipped when the request already has a result or its lease names another
+# attempt (a duplicate of a request that already runs elsewhere). A requeued
+# request's lease is set to a marker at once, so the worker that lost it is
+# fenced from that moment, not only once the request is dispatched again.
+# KEYS: result key, owner key, requests stream, dead-letter stream, stats hash
+# ARGV: expected owner token ('' = no check), request id, 'requeue' or 'dead',
+#       request payload, channel, event payload (restart or final event),
+#       ttl seconds, lease marker, error type, error message, dead-letter maxlen
+# Returns 1 requeued, 2 dead-lettered, 0 skipped.
+HAND_BACK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[1] ~= '' then
+  local owner = redis.call('GET', KEYS[2])
+  if owner and owner ~= ARGV[1] then return 0 end
+end
+local ttl = tonumber(ARGV[7])
+if ARGV[3] == 'requeue' then
+  redis.call('SET', KEYS[2], ARGV[8], 'EX', ttl)
+  redis.call('XADD', KEYS[3], '*', 'id', ARGV[2], 'data', ARGV[4])
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
+  return 1
+end
+redis.call('SET', KEYS[1], ARGV[6], 'EX', ttl)
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+redis.call('DEL', KEYS[2])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*',
+           'id', ARGV[2], 'error_type', ARGV[9], 'reason', ARGV[10], 'data', ARGV[4])
+redis.call('HINCRBY', KEYS[5], 'dead_letters', 1)
+return 2
+"""
+
+
+# Hand a batch to a worker unless one of its requests was cancelled meanwhile,
+# in one atomic step: the job lands on the worker's stream, each request gets its
+# lease, and its entry leaves the request stream, all or nothing. Checking the
+# cancel flags here saves the scheduler a round trip per job.
+# KEYS: job stream, request stream, stats hash, owner key of each request, cancel key of each request
+# ARGV: job payload, scheduler group, lease ttl seconds, owner token of each request, entry id of each request
+# Returns {1, job stream id} dispatched, or {0, {positions (1-based) of cancelled requests}}: nothing written.
+DISPATCH = """
+local n = (#KEYS - 3) / 2
+local cancelled = {}
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[3 + n + i]) == 1 then cancelled[#cancelled + 1] = i end
+end
+if #cancelled > 0 then return {0, cancelled} end
+local job_id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
+local entries = {}
+for i = 1, n do
+  redis.call('SET', KEYS[3 + i], ARGV[3 + i], 'EX', tonumber(ARGV[3]))
+  entries[i] = ARGV[3 + n + i]
+end
+redis.call('XACK', KEYS[2], ARGV[2], unpack(entries))
+redis.call('XDEL', KEYS[2], unpack(entries))
+redis.call('HINCRBY', KEYS[3], 'jobs', 1)
+redis.call('HINCRBY', KEYS[3], 'requests_dispatched', n)
+redis.call('HINCRBY', KEYS[3], 'job_size:' .. n, 1)
+return {1, job_id}
 """
 
 
@@ -83,3 +147,8 @@ DEAD_LETTER_MAXLEN = 100_000
 def owner_token(worker_id: str, attempt: int) -> str:
     """The lease value that lets one worker attempt publish for a request."""
     return f"{worker_id}/{attempt}"
+
+
+def requeued_token(attempt: int) -> str:
+    """The lease value of a request waiting to be dispatched again: fences every worker."""
+    return f"queued/{attempt}"

@@ -21,6 +21,7 @@ from .protocol import Result
 from . import scripts
 from ._common import (
     ACCEPTED_TTL_S,
+    RECONNECT_RETRIES,
     RESULT_POLL_S,
     EventParser,
     IdMinter,
@@ -34,6 +35,29 @@ from ._common import (
 )
 
 log = logging.getLogger("batchd.client")
+
+
+def _retrying(command):
+    """Run an idempotent command, riding out a lost connection (a Redis restart).
+
+    Retries live here, not in the connection pool: redis-py's pub/sub
+    deadlocks when a pooled retry reconnects it.
+    """
+    delay = 0.1
+    for attempt in range(RECONNECT_RETRIES):
+        try:
+            return command()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if attempt == RECONNECT_RETRIES - 1:
+                raise
+            log.warning("Redis unreachable (%s); retrying in %.1fs", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+# Queued to every waiting handle after the pub/sub connection came back:
+# events published meanwhile are lost, so read the stored result now.
+_RECHECK: bytes = object()  # type: ignore[assignment]
 
 
 class RequestHandle:
@@ -59,6 +83,10 @@ class RequestHandle:
                     yield raise_for_error(item)
                     return
                 yield item
+        except GeneratorExit:
+            if self._parser.result is None:
+                self._client._abandon(self.request_id)
+            raise
         finally:
             self._client._forget(self.request_id)
 
@@ -83,11 +111,14 @@ class RequestHandle:
                         "(raise timeout, or check that workers are live with `batchd status`)",
                         self.request_id)
             try:
-                return self._events.get(timeout=wait)
+                payload = self._events.get(timeout=wait)
+                if payload is not _RECHECK:
+                    return payload
             except queue.Empty:
-                stored = self._client._stored_result(self.request_id)
-                if stored is not None:
-                    return stored
+                pass
+            stored = self._client._stored_result(self.request_id)
+            if stored is not None:
+                return stored
 
     def _deliver(self, payload: bytes) -> None:
         self._events.put(payload)
@@ -135,15 +166,23 @@ class _Router(threading.Thread):
 
     def run(self) -> None:
         backoff = 0.1
+        lost = False
         while self._running:
             try:
-                self._drain_subscribe_queue()
+                # get_message reconnects a dropped connection; subscribe must only run on a
+                # live one (redis-py's subscribe deadlocks when it has to reconnect).
                 message = self._pubsub.get_message(timeout=0.05)
+                self._drain_subscribe_queue()
                 backoff = 0.1
+                if lost:
+                    lost = False
+                    for handle in list(self._handles.values()):
+                        handle._deliver(_RECHECK)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, backoff)
+                lost = True
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
                 continue
             if message is not None:
                 self._route(message)
@@ -159,7 +198,11 @@ class _Router(threading.Thread):
                 self._pubsub.unsubscribe(channel[1:])
                 continue
             self._confirm[channel] = done
-            self._pubsub.subscribe(channel)
+            try:
+                self._pubsub.subscribe(channel)
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                self._subscribe_queue.put((channel, done))  # again once the connection is back
+                raise
 
     def _route(self, message: dict) -> None:
         kind = message["type"]
@@ -222,9 +265,9 @@ class Client:
         if explicit and not self._ids.owns(request_id):
             self._router.subscribe(self.keys.channel(request_id))
         try:
-            outcome = self._submit(
+            outcome = _retrying(lambda: self._submit(
                 keys=[self.keys.requests, self.keys.accepted(request_id), self.keys.config],
-                args=[request_id, payload, ACCEPTED_TTL_S])
+                args=[request_id, payload, ACCEPTED_TTL_S]))
         except BaseException:
             self._forget(request_id)
             raise
@@ -243,10 +286,13 @@ class Client:
 
     def cancel(self, request_id: str) -> None:
         """Ask batchd to stop a request; its slot is freed within one engine step."""
-        with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.cancelled(request_id), 1, ex=ACCEPTED_TTL_S)
-            pipe.publish(self.keys.cancel_channel, request_id)
-            pipe.execute()
+        def send() -> None:
+            with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(self.keys.cancelled(request_id), 1, ex=ACCEPTED_TTL_S)
+                pipe.publish(self.keys.cancel_channel, request_id)
+                pipe.execute()
+
+        _retrying(send)
 
     def fetch_result(self, request_id: str) -> Result | None:
         """The stored final result of any request id, or None if not finished."""
@@ -274,6 +320,13 @@ class Client:
             return self._redis.get(self.keys.result(request_id))
         except (redis.ConnectionError, redis.TimeoutError):
             return None
+
+    def _abandon(self, request_id: str) -> None:
+        """The caller stopped reading a stream before its end: free the slot for someone else."""
+        try:
+            self.cancel(request_id)
+        except redis.RedisError as exc:
+            log.warning("could not cancel abandoned request %s: %s", request_id, exc)
 
     def _forget(self, request_id: str) -> None:
         self._router.forget(request_id, explicit=not self._ids.owns(request_id))

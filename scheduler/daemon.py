@@ -42,6 +42,14 @@ from .policy import Batcher, BatchPolicy, WorkerCapacity, parse_stream_id, pick_
 
 log = logging.getLogger("batchd.scheduler")
 
+# Redis checks blocked commands' timeouts once per server tick (1000 / hz ms).
+SERVER_TICK_MS = 100
+# While no worker has room, held requests are checked for deadlines and cancels this often.
+SWEEP_INTERVAL_S = 0.1
+
+# Seconds a worker's heartbeat must stay gone before its jobs are reaped.
+REAP_GRACE_S = 0.9
+
 
 @dataclass
 class SchedulerConfig:
@@ -85,9 +93,12 @@ class Scheduler:
         self.batcher: Batcher[_Held] = Batcher(BatchPolicy(config.max_batch, config.max_wait_ms))
         self.workers: dict[str, WorkerCapacity] = {}
         self._finalize = self.redis.register_script(scripts.FINALIZE)
+        self._dispatch = self.redis.register_script(scripts.DISPATCH)
         self._stop = threading.Event()
         self._next_refresh = 0.0
         self._next_housekeeping = 0.0
+        self._next_sweep = 0.0
+        self._missing_since: dict[str, float] = {}
         self.jobs_dispatched = 0
 
     # -- lifecycle --------------------------------------------------------
@@ -96,7 +107,8 @@ class Scheduler:
 
     def run(self) -> None:
         log.info("scheduler starting: %s", self.config.describe())
-        metrics.serve(self.config.metrics_port)
+        metrics.precreate_scheduler_series()
+        metrics.serve(self.config.metrics_port, metrics.SCHEDULER_REGISTRY)
         self._setup()
         backoff = 0.1
         while not self._stop.is_set():
@@ -122,8 +134,22 @@ class Scheduler:
     def _try_setup(self) -> None:
         try:
             self._setup()
+            self._read_own_pending()
         except (redis.ConnectionError, redis.TimeoutError):
             pass
+
+    def _read_own_pending(self) -> None:
+        """Requests delivered to this scheduler whose reply the lost connection swallowed.
+
+        They sit in the group's pending list under our name, where `>` never
+        returns them; without this they would wait claim_idle_ms for XAUTOCLAIM.
+        """
+        held = {h.entry_id for h in self.batcher.items()}
+        reply = self.redis.xreadgroup(SCHEDULER_GROUP, self.config.scheduler_id, {self.keys.requests: "0"},
+                                      count=self.config.read_ahead)
+        for _stream, entries in reply or ():
+            self._accept([(entry_id, fields) for entry_id, fields in entries
+                          if (entry_id.decode() if isinstance(entry_id, bytes) else entry_id) not in held])
 
     # -- one iteration -------------------------------------------------------
     def run_once(self) -> None:
@@ -139,12 +165,15 @@ class Scheduler:
 
     def _block_ms(self, now: float) -> int | None:
         """How long XREADGROUP may block: until the next batch or refresh is due."""
+        wait_ms = int(self._seconds_to_wait(now) * 1000)
+        return wait_ms if wait_ms > 0 else None
+
+    def _seconds_to_wait(self, now: float) -> float:
         waits = [self._next_refresh - now, self._next_housekeeping - now]
         due = self.batcher.seconds_until_due(now)
         if due is not None and any(w.available() for w in self.workers.values()):
             waits.append(due)
-        wait_ms = int(max(0.0, min(waits)) * 1000)
-        return wait_ms if wait_ms > 0 else None
+        return max(0.0, min(waits))
 
     def _read(self, block_ms: int | None) -> None:
         room = self.config.read_ahead - len(self.batcher)
@@ -152,11 +181,19 @@ class Scheduler:
             if block_ms:
                 self._stop.wait(block_ms / 1000)
             return
+        # Redis times out a BLOCK only on its cron tick (every 100 ms at the default hz 10),
+        # so while a batch is open a short BLOCK would stretch max_wait_ms to a tick.
+        # Instead: read without blocking; while requests keep coming, read again at once
+        # (the batch may fill to max_batch early); once a read comes back empty, sleep
+        # out the window in one wait (each wake-up of a busy machine costs latency).
+        poll = len(self.batcher) > 0 and (block_ms is None or block_ms < SERVER_TICK_MS)
         reply = self.redis.xreadgroup(
             SCHEDULER_GROUP, self.config.scheduler_id, {self.keys.requests: ">"},
-            count=min(room, 1024), block=block_ms)
+            count=min(room, 1024), block=None if poll else block_ms)
         for _stream, entries in reply or ():
             self._accept(entries)
+        if poll and not reply:
+            self._stop.wait(self._seconds_to_wait(self.clock()))
 
     def _accept(self, entries) -> None:
         now = self.clock()
@@ -181,6 +218,11 @@ class Scheduler:
         except InvalidRequest as exc:
             self._reject(entry_id, request_id, data, exc)
             return None
+        except Exception as exc:  # a decoder bug must cost this entry, never the scheduler
+            log.exception("could not decode entry %s", entry_id)
+            self._reject(entry_id, request_id, data, InvalidRequest(
+                f"request could not be decoded: {type(exc).__name__}: {exc}", request_id))
+            return None
         return _Held(entry_id, request, data)
 
     # -- dispatch ---------------------------------------------------------
@@ -189,53 +231,89 @@ class Scheduler:
             now = self.clock()
             if not self.batcher.is_due(now):
                 return
-            self._drop_expired_and_cancelled(now)
             worker = pick_worker(self.workers)
             if worker is None:
+                self._sweep_held(now)
                 return
             opened = self.batcher.opened_at()
             batch = self.batcher.take(now, worker.available())
             if not batch:
                 return
-            self._send_job(worker, batch)
+            batch = self._drop_expired(batch, now)
+            while batch:
+                cancelled = self._send_job(worker, batch)
+                if not cancelled:
+                    break
+                for held in cancelled:
+                    self._answer(held, Cancelled(f"request {held.request.id} was cancelled before it started",
+                                                 held.request.id), "cancelled")
+                batch = [held for held in batch if held not in cancelled]
             metrics.batch_wait.observe(max(0.0, now - (opened or now)))
 
-    def _send_job(self, worker: WorkerCapacity, batch: list[_Held]) -> None:
+    def _send_job(self, worker: WorkerCapacity, batch: list[_Held]) -> list[_Held]:
+        """Dispatch the batch in one atomic script (scripts.DISPATCH), which also bumps the
+        fleet-wide counters of `batchd status`. If any request was cancelled meanwhile
+        nothing is sent, and those requests are returned."""
         job = Job(v=PROTOCOL_VERSION, job_id=uuid.uuid4().hex, scheduler=self.config.scheduler_id,
                   created_at=self.clock(), requests=[held.request for held in batch])
-        entry_ids = [held.entry_id for held in batch]
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.jobs(worker.worker_id), {"job": encode(job)})
-            for held in batch:
-                pipe.set(self.keys.owner(held.request.id), scripts.owner_token(worker.worker_id, held.request.attempt),
-                         ex=self.config.result_ttl_s)
-            pipe.xack(self.keys.requests, SCHEDULER_GROUP, *entry_ids)
-            pipe.xdel(self.keys.requests, *entry_ids)
-            # Fleet-wide counters for `batchd status` and the demo's summary.
-            pipe.hincrby(self.keys.stats, "jobs", 1)
-            pipe.hincrby(self.keys.stats, "requests_dispatched", len(batch))
-            pipe.hincrby(self.keys.stats, f"job_size:{len(batch)}", 1)
-            job_stream_id = pipe.execute()[0]
-        worker.dispatched(parse_stream_id(job_stream_id), len(batch))
+        keys = [self.keys.jobs(worker.worker_id), self.keys.requests, self.keys.stats,
+                *[self.keys.owner(held.request.id) for held in batch],
+                *[self.keys.cancelled(held.request.id) for held in batch]]
+        args = [encode(job), SCHEDULER_GROUP, self.config.result_ttl_s,
+                *[scripts.owner_token(worker.worker_id, held.request.attempt) for held in batch],
+                *[held.entry_id for held in batch]]
+        sent, detail = self._dispatch(keys=keys, args=args)
+        if not sent:
+            return [batch[position - 1] for position in detail]
+        worker.dispatched(parse_stream_id(detail), len(batch))
         self.jobs_dispatched += 1
         metrics.jobs_dispatched.inc()
         metrics.job_size.observe(len(batch))
+        return []
 
-    def _drop_expired_and_cancelled(self, now: float) -> None:
-        expired = self.batcher.remove(lambda held: held.request.deadline is not None and held.request.deadline <= now)
-        for held in expired:
-            self._answer(held, DeadlineExceeded(
-                f"request {held.request.id} expired before a worker could take it; "
-                "raise its timeout or add workers", held.request.id), "deadline")
-        pending = list(self.batcher.items())
-        if not pending:
+    def _drop_expired(self, batch: list[_Held], now: float) -> list[_Held]:
+        kept = []
+        for held in batch:
+            if held.request.deadline is not None and held.request.deadline <= now:
+                self._answer(held, DeadlineExceeded(
+                    f"request {held.request.id} expired before a worker could take it; "
+                    "raise its timeout or add workers", held.request.id), "deadline")
+            else:
+                kept.append(held)
+        return kept
+
+    def _sweep_held(self, now: float) -> None:
+        """While no worker has room, still answer held requests that expired or were cancelled."""
+        if now < self._next_sweep:
             return
-        flags = self.redis.mget([self.keys.cancelled(held.request.id) for held in pending])
-        cancelled = {held.request.id for held, flag in zip(pending, flags) if flag}
-        if cancelled:
-            for held in self.batcher.remove(lambda h: h.request.id in cancelled):
-                self._answer(held, Cancelled(f"request {held.request.id} was cancelled before it started",
-                                             held.request.id), "cancelled")
+        self._next_sweep = now + SWEEP_INTERVAL_S
+        held = list(self.batcher.items())
+        if held:
+            doomed = self._answer_doomed(held, now)
+            if doomed:
+                self.batcher.remove(lambda h: h.request.id in doomed)
+
+    def _answer_doomed(self, held: list[_Held], now: float) -> set[str]:
+        """Answer the expired and cancelled requests among `held`; return their ids.
+
+        Used while no worker has room; a dispatch checks only the batch it
+        sends, inside scripts.DISPATCH (checking every held request at every
+        dispatch made the scheduler quadratic in its backlog).
+        """
+        flags = self.redis.mget([self.keys.cancelled(h.request.id) for h in held])
+        doomed = set()
+        for h, flag in zip(held, flags):
+            if h.request.deadline is not None and h.request.deadline <= now:
+                self._answer(h, DeadlineExceeded(
+                    f"request {h.request.id} expired before a worker could take it; "
+                    "raise its timeout or add workers", h.request.id), "deadline")
+            elif flag:
+                self._answer(h, Cancelled(f"request {h.request.id} was cancelled before it started",
+                                          h.request.id), "cancelled")
+            else:
+                continue
+            doomed.add(h.request.id)
+        return doomed
 
     def _answer(self, held: _Held, error: BatchdError, finish_reason: str) -> None:
         """Finish a held request with an error and drop its stream entry."""
@@ -318,11 +396,19 @@ class Scheduler:
 
     def _reap_dead_workers(self) -> None:
         worker_ids = [w.decode() for w in self.redis.zrange(self.keys.workers, 0, -1)]
+        now = time.monotonic()
+        missing = {}
         for worker_id in worker_ids:
             if worker_id in self.workers or self.redis.exists(self.keys.heartbeat(worker_id)):
                 continue
+            # Wait one more housekeeping round: a scheduler whose view is a moment
+            # old may still dispatch to this worker, and reaping deletes its stream.
+            missing[worker_id] = self._missing_since.get(worker_id, now)
+            if now - missing[worker_id] < REAP_GRACE_S:
+                continue
             if self.redis.set(self.keys.reaping(worker_id), self.config.scheduler_id, nx=True, ex=60):
                 self.reap_worker(worker_id)
+        self._missing_since = missing
 
     def reap_worker(self, worker_id: str) -> int:
         """Re-dispatch every unfinished request of a worker that stopped beating."""
@@ -338,6 +424,8 @@ class Scheduler:
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(stream)
             pipe.zrem(self.keys.workers, worker_id)
+            # A worker that wakes, re-registers and dies again can be reaped again at once.
+            pipe.delete(self.keys.reaping(worker_id))
             pipe.execute()
         log.warning("worker %s stopped heartbeating; re-dispatched %d unfinished requests", worker_id, requeued)
         return requeued
@@ -345,7 +433,7 @@ class Scheduler:
     def _requeue(self, requests: list[Request], worker_id: str) -> int:
         requeued, dead = recovery.hand_back(
             self.redis, self.keys, requests, f"worker {worker_id} stopped heartbeating",
-            max_attempts=self.config.max_attempts, result_ttl_s=self.config.result_ttl_s)
+            max_attempts=self.config.max_attempts, result_ttl_s=self.config.result_ttl_s, worker_id=worker_id)
         metrics.requests_reclaimed.inc(requeued)
         if dead:
             metrics.dead_letters.labels(WorkerFailed.code).inc(dead)

@@ -18,16 +18,15 @@ PROMPTS = [
     "Who wrote Romeo and Juliet?", "What is the largest planet?", "Translate 'thank you' into Spanish.",
     "Give me one tip for sleeping better.", "What is the boiling point of water?",
 ]
-MAX_NEW_TOKENS = 12
+MAX_NEW_TOKENS = 10
 
 
-def reference_token_ids(prompts: list[str]) -> dict[str, list[int]]:
+def reference_token_ids(loaded, prompts: list[str]) -> dict[str, list[int]]:
     """Greedy Hugging Face generate, one request at a time, float32 on the CPU."""
     import torch
 
-    from batchd.workers.models import load_model, tokenize
+    from batchd.workers.models import tokenize
 
-    loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
     eos = loaded.tokenizer.eos_token_id
     answers = {}
     for prompt in prompts:
@@ -53,11 +52,11 @@ def test_32_chat_requests_from_4_processes_match_hf_generate(daemons, tmp_path):
     results = run_producers(daemons.url, prompt_sets, tmp_path, chat=True, max_new_tokens=MAX_NEW_TOKENS, timeout=240)
     assert len(results) == 32 and len({r["request_id"] for r in results}) == 32
 
-    expected = reference_token_ids(PROMPTS)
     from batchd.workers.models import load_model
 
-    tokenizer = load_model("smollm2-135m", dtype="float32", device="cpu").tokenizer
-    eos = {tokenizer.eos_token_id}
+    loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
+    expected = reference_token_ids(loaded, PROMPTS)
+    eos = {loaded.tokenizer.eos_token_id}
     for result in results:
         assert strip_eos(result["token_ids"], eos) == strip_eos(expected[result["prompt"]], eos), result["prompt"]
     paris = [r["text"] for r in results if r["prompt"] == PROMPTS[0]]

@@ -47,6 +47,11 @@ from .engine import Engine, EngineRequest, StepOutput
 
 log = logging.getLogger("batchd.worker")
 
+# Redis checks blocked commands' timeouts once per server tick (1000 / hz ms).
+SERVER_TICK_MS = 100
+# How often an idle worker that owes schedulers a heartbeat looks for jobs meanwhile.
+POLL_INTERVAL_MS = 1
+
 SCRIPTS = {"finalize": scripts.FINALIZE, "publish": scripts.PUBLISH_STEP}
 
 
@@ -62,6 +67,19 @@ class WorkerConfig:
     max_attempts: int = 3
     # On SIGTERM, finish in-flight requests for this long, then hand the rest back.
     drain_timeout_s: float = 30.0
+    # A step may take longer than the lease (a long prefill, a loaded CPU): a
+    # side thread keeps the lease alive while the main loop is making progress,
+    # and lets it lapse once the loop has been stuck this long.
+    stall_timeout_s: float = 120.0
+    # Requests a worker accepts beyond its slots, waiting in its own queue: a
+    # slot freed by one step is refilled at the next step from this queue
+    # instead of after a heartbeat -> scheduler -> job round trip. None: half
+    # the slots.
+    prefetch: int | None = None
+    # Cancel a request whose token events nobody has received for this long:
+    # its caller is gone (the protocol requires subscribing before submitting).
+    # Longer than a client's reconnect after a Redis restart; 0 disables.
+    abandoned_after_s: float = 10.0
     metrics_port: int = 0
 
 
@@ -77,6 +95,8 @@ class _Tracked:
     text: list[str] = field(default_factory=list)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    # Since when no subscriber received this request's token events.
+    unheard_since: float | None = None
 
 
 class Worker:
@@ -95,9 +115,14 @@ class Worker:
         self._draining = False
         self._next_heartbeat = 0.0
         self._last_free_slots = -1
+        self._advertised_job_read = "0-0"
         self._pubsub = None
         self._scripts: dict[str, str] = {}
+        # Final results computed while Redis was unreachable; stored first thing once it is back.
+        self._undelivered: list[tuple[_Tracked, Result]] = []
         self.started_at = clock()
+        self._last_progress = time.monotonic()
+        self._lease_done = threading.Event()  # set once drained: the lease may lapse
 
     # -- lifecycle --------------------------------------------------------
     def stop(self) -> None:
@@ -110,8 +135,10 @@ class Worker:
                  "drain_timeout_s=%s metrics_port=%s", cfg.worker_id, self.engine.name, self.engine.model_name,
                  self.engine.total_slots, redact(cfg.redis_url), cfg.lease_ms, cfg.drain_timeout_s,
                  cfg.metrics_port)
-        metrics.serve(cfg.metrics_port)
+        metrics.precreate_worker_series(*self._labels)
+        metrics.serve(cfg.metrics_port, metrics.WORKER_REGISTRY)
         self._connect()
+        threading.Thread(target=self._keep_lease, name="batchd-lease", daemon=True).start()
         backoff = 0.1
         while not self._stop.is_set():
             try:
@@ -135,7 +162,24 @@ class Worker:
             self._pubsub.close()
         self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self._pubsub.subscribe(self.keys.cancel_channel)
+        self._read_pending_jobs()
         self._heartbeat(force=True)
+
+    def _read_pending_jobs(self) -> None:
+        """Jobs Redis delivered to this worker id but that it never finished reading or acking.
+
+        A reply lost to a dropped connection, or a restart under the same
+        --worker-id, leaves them in the group's pending list, where `>` never
+        returns them again.
+        """
+        reply = self.redis.xreadgroup(WORKER_GROUP, self.config.worker_id, {self.stream: "0"}, count=10_000)
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                entry_id = entry_id.decode()
+                if entry_id not in self.jobs_open:
+                    self._admit_job(entry_id, fields)
+                elif not self.jobs_open[entry_id]:
+                    self._ack_jobs([entry_id])  # finished, but the ack was lost
 
     def _reconnect(self) -> None:
         try:
@@ -145,29 +189,57 @@ class Worker:
 
     # -- one iteration -------------------------------------------------------
     def run_once(self) -> None:
+        self._last_progress = time.monotonic()
+        if self._undelivered:
+            finished, self._undelivered = self._undelivered, []
+            self._deliver(finished)
         busy = self.engine.has_work()
         if not self._draining:
-            self._read_jobs(block_ms=None if busy else 50)
+            self._read_jobs(block_ms=None if busy else self._idle_block_ms())
         self._apply_cancels()
         if self.engine.has_work():
             self._step()
         self._heartbeat()
 
+    def _idle_block_ms(self) -> int:
+        """Wait for jobs, but wake in time to advertise slots that just freed up."""
+        if self._beat_is_stale():
+            return max(1, int((self._next_heartbeat - self.config.heartbeat_interval_s + 0.02 - self.clock()) * 1000))
+        return 50
+
+    def _beat_is_stale(self) -> bool:
+        """Schedulers see other free slots, or count jobs this worker already read as still queued."""
+        return self.capacity() != self._last_free_slots or self.last_job_read != self._advertised_job_read
+
     def _read_jobs(self, block_ms: int | None) -> None:
         try:
+            # Redis times out a BLOCK only on its cron tick (100 ms at the default hz 10):
+            # a shorter wait is a poll, so a due heartbeat is not held up by a tick.
+            poll = block_ms is not None and block_ms < SERVER_TICK_MS
             reply = self.redis.xreadgroup(WORKER_GROUP, self.config.worker_id, {self.stream: ">"},
-                                          count=64, block=block_ms)
+                                          count=64, block=None if poll else block_ms)
+            if poll and not reply:
+                self._stop.wait(min(block_ms, POLL_INTERVAL_MS) / 1000)
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             # Our stream was reaped while we were paused: we are a new worker now.
             log.warning("job stream %s was reclaimed (this worker was presumed dead); re-registering",
                         self.stream)
+            self._forget_reclaimed()
             self._connect()
             return
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
                 self._admit_job(entry_id.decode(), fields)
+
+    def _forget_reclaimed(self) -> None:
+        """Drop the requests a scheduler took back: their slots are freed, their output never sent."""
+        for request_id in self.tracked:
+            self.engine.cancel(request_id, "cancelled")
+        self.tracked.clear()
+        self.jobs_open.clear()
+        self._undelivered.clear()
 
     def _admit_job(self, entry_id: str, fields: dict) -> None:
         self.last_job_read = entry_id
@@ -290,6 +362,13 @@ class Worker:
 
     def _publish_step(self, events: list, finished: list) -> None:
         """Token events in one round trip, then the final results."""
+        if events and finished:
+            try:
+                self._publish_step(events, [])
+            except (redis.ConnectionError, redis.TimeoutError):
+                self._undelivered.extend(finished)
+                raise
+            events = []
         if events:
             # One script call per lease token (requests of one attempt share it).
             by_owner: dict[str, list] = {}
@@ -301,9 +380,27 @@ class Worker:
                 for tracked, event in group:
                     args += [self.keys.channel(tracked.request.id), encode(event)]
                 calls.append(("publish", [self.keys.owner(t.request.id) for t, _ in group], args))
-            self._run_scripts(calls)
+            heard = self._run_scripts(calls)
+            self._cancel_abandoned(list(by_owner.values()), heard)
         if finished:
             self._deliver(finished)
+
+    def _cancel_abandoned(self, groups: list[list], heard: list[list[int]]) -> None:
+        """Free the slots of requests whose callers stopped listening long ago."""
+        if not self.config.abandoned_after_s:
+            return
+        now = self.clock()
+        for group, counts in zip(groups, heard):
+            for (tracked, _event), listeners in zip(group, counts):
+                if listeners != 0:
+                    tracked.unheard_since = None
+                elif tracked.unheard_since is None:
+                    tracked.unheard_since = now
+                elif now - tracked.unheard_since >= self.config.abandoned_after_s:
+                    log.info("request %s: nobody has listened for %.0fs; cancelling it",
+                             tracked.request.id, now - tracked.unheard_since)
+                    self.engine.cancel(tracked.request.id, "cancelled")
+                    tracked.unheard_since = now  # once per period, not every step
 
     def _deliver(self, finished: list[tuple[_Tracked, Result]]) -> None:
         """Store and publish final results, then acknowledge the jobs they close."""
@@ -312,13 +409,18 @@ class Worker:
             keys, args = scripts.finalize_keys_args(self.keys, tracked.request.id, encode(FinalEvent(result)),
                                                     self.config.result_ttl_s, tracked.owner)
             calls.append(("finalize", keys, args))
-        outcomes = self._run_scripts(calls)
+        try:
+            outcomes = self._run_scripts(calls)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._undelivered.extend(finished)
+            raise
         closed = []
         for (tracked, result), outcome in zip(finished, outcomes):
             self._count_finish(tracked, result, outcome)
             self.tracked.pop(tracked.request.id, None)
             open_ids = self.jobs_open.get(tracked.job_entry)
-            if open_ids is not None:
+            # A request refused at admission was never open: its job may still be admitting the rest.
+            if open_ids is not None and tracked.request.id in open_ids:
                 open_ids.discard(tracked.request.id)
                 if not open_ids:
                     closed.append(tracked.job_entry)
@@ -376,11 +478,36 @@ class Worker:
             self.jobs_open.pop(entry_id, None)
 
     # -- heartbeat -------------------------------------------------------------
+    def capacity(self) -> int:
+        """Requests this worker can take now: free slots plus room in its prefetch queue."""
+        engine = self.engine
+        prefetch = self.config.prefetch if self.config.prefetch is not None else max(1, engine.total_slots // 2)
+        return max(0, engine.total_slots + prefetch - engine.num_running - engine.num_waiting)
+
+    def _keep_lease(self) -> None:
+        """Extend the heartbeat's expiry during long steps; the main loop owns its content."""
+        key = self.keys.heartbeat(self.config.worker_id)
+        while not self._lease_done.wait(self.config.heartbeat_interval_s):
+            if time.monotonic() - self._last_progress > self.config.stall_timeout_s:
+                log.error("worker loop stuck for over %.0fs; letting the lease lapse so schedulers reclaim "
+                          "its requests", self.config.stall_timeout_s)
+                continue
+            try:
+                self.redis.pexpire(key, self.config.lease_ms)
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass  # the main loop reports and reconnects
+
     def _heartbeat(self, force: bool = False) -> None:
         now = self.clock()
-        free = 0 if self._draining else self.engine.free_slots
-        # Beat at once when slots free up, so schedulers refill them quickly.
-        changed = free > self._last_free_slots and now >= self._next_heartbeat - self.config.heartbeat_interval_s + 0.02
+        free = 0 if self._draining else self.capacity()
+        # Beat as soon as free slots change (at most every 20 ms while busy), so schedulers
+        # refill freed slots at once instead of at the next periodic beat.
+        # A beat also tells schedulers which jobs this worker has read (last_job_read):
+        # until it does, they count those jobs' requests against its free slots.
+        # An idle worker beats at once: otherwise it would wait for jobs in short
+        # polls until the 20 ms are up, which delays the next job at low load.
+        changed = self._beat_is_stale() and (
+            not self.engine.has_work() or now >= self._next_heartbeat - self.config.heartbeat_interval_s + 0.02)
         if not (force or changed or now >= self._next_heartbeat):
             return
         beat = Heartbeat(
@@ -395,6 +522,7 @@ class Worker:
             pipe.zadd(self.keys.workers, {self.config.worker_id: now})
             pipe.execute()
         self._last_free_slots = free
+        self._advertised_job_read = beat.last_job_read
         self._next_heartbeat = now + self.config.heartbeat_interval_s
         metrics.heartbeats.labels(*self._labels).inc()
         metrics.requests_running.labels(*self._labels).set(self.engine.num_running)
@@ -408,9 +536,13 @@ class Worker:
         log.info("worker %s draining: %d requests in flight", self.config.worker_id, len(self.tracked))
         give_up = time.monotonic() + self.config.drain_timeout_s
         try:
+            if self._undelivered:
+                finished, self._undelivered = self._undelivered, []
+                self._deliver(finished)
             self._heartbeat(force=True)  # advertise no free slots
             while self.engine.has_work() and time.monotonic() < give_up:
                 self._apply_cancels()
+                self._last_progress = time.monotonic()
                 self._step()
             self._read_remaining_jobs()
             self._hand_back_all(f"worker {self.config.worker_id} shut down", count_attempt=False)
@@ -421,6 +553,8 @@ class Worker:
                 pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("could not drain cleanly (%s); schedulers will reclaim this worker's jobs", exc)
+        finally:
+            self._lease_done.set()
         log.info("worker %s stopped", self.config.worker_id)
 
     def _read_remaining_jobs(self) -> None:
@@ -435,7 +569,7 @@ class Worker:
                 continue
             recovery.hand_back(self.redis, self.keys, job.requests, "worker shut down before starting it",
                                max_attempts=self.config.max_attempts, result_ttl_s=self.config.result_ttl_s,
-                               count_attempt=False)
+                               count_attempt=False, worker_id=self.config.worker_id)
             self._ack_jobs([entry_id])
 
     def _hand_back_all(self, reason: str, count_attempt: bool) -> None:
@@ -445,6 +579,7 @@ class Worker:
         if self.engine.has_work():
             self.engine.step()  # evicts the cancelled requests; their output is not sent
         recovery.hand_back(self.redis, self.keys, requests, reason, max_attempts=self.config.max_attempts,
-                           result_ttl_s=self.config.result_ttl_s, count_attempt=count_attempt)
+                           result_ttl_s=self.config.result_ttl_s, count_attempt=count_attempt,
+                           worker_id=self.config.worker_id)
         self._ack_jobs(list(self.jobs_open))
         self.tracked.clear()

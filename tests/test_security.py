@@ -1,0 +1,213 @@
+"""The ACL users of docs/security.md and TLS, against a real redis-server.
+
+The ACL rules are read from the docs themselves, so the documented users are
+the tested ones.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from batchd import Client
+from batchd.embedded import EmbeddedServer, free_port
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "security.md"
+PASSWORDS = {"batchd-producer": "producer-password", "batchd-scheduler": "scheduler-password",
+             "batchd-worker-gpu-0": "worker-password", "batchd-operator": "operator-password"}
+
+
+def documented_acl() -> list[str]:
+    block = re.search(r"```acl\n(.*?)```", DOCS.read_text(), re.S)
+    assert block, "docs/security.md has no ```acl block"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+@pytest.fixture
+def acl_server(redis_server):
+    admin = redis.Redis.from_url(redis_server.url)
+    for line in documented_acl():
+        assert admin.execute_command(*line.split()) in (b"OK", "OK", True)
+    admin.execute_command("ACL", "SETUSER", "default", "off")  # nothing runs unauthenticated
+    yield redis_server
+    admin.close()
+
+
+def url_for(server, user: str) -> str:
+    return f"redis://{user}:{PASSWORDS[user]}@127.0.0.1:{server.port}/0"
+
+
+def as_user(server, user: str) -> redis.Redis:
+    return redis.Redis.from_url(url_for(server, user))
+
+
+def refused(client: redis.Redis, *command) -> bool:
+    try:
+        client.execute_command(*command)
+    except redis.exceptions.NoPermissionError:
+        return True
+    except redis.ResponseError as exc:
+        return "NOPERM" in str(exc)
+    return False
+
+
+ADMIN = [("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("SCRIPT", "FLUSH"), ("ACL", "LIST"),
+         ("SHUTDOWN",)]
+
+FORBIDDEN = {
+    "batchd-producer": [
+        ("XREADGROUP", "GROUP", "schedulers", "x", "STREAMS", "batchd:requests", ">"),
+        ("XRANGE", "batchd:jobs:gpu-0", "-", "+"),
+        ("SET", "batchd:result:someone", "forged"),
+        ("GET", "batchd:owner:someone"),
+        ("SET", "batchd:worker:gpu-0", "forged"),
+        ("ZADD", "batchd:workers", "1", "fake"),
+        ("GET", "batchd:cancel:someone"),
+        ("HSET", "batchd:config", "max_queue", "0"),
+        ("XADD", "batchd:dead", "*", "id", "x"),
+    ],
+    "batchd-scheduler": [
+        ("SET", "batchd:worker:gpu-0", "forged"),
+        ("PUBLISH", "batchd:cancels", "someone"),
+        ("GET", "batchd:accepted:someone"),
+    ],
+    "batchd-operator": [
+        ("SET", "batchd:result:someone", "forged"),
+        ("XADD", "batchd:requests", "*", "id", "x"),
+        ("PUBLISH", "batchd:cancels", "someone"),
+        ("DEL", "batchd:workers"),
+    ],
+    "batchd-worker-gpu-0": [
+        ("XADD", "batchd:jobs:gpu-1", "*", "job", "x"),
+        ("SET", "batchd:worker:gpu-1", "forged"),
+        ("HSET", "batchd:config", "max_queue", "0"),
+        ("GET", "batchd:accepted:someone"),
+        ("SET", "batchd:cancel:someone", "1"),
+        ("XREADGROUP", "GROUP", "worker", "gpu-0", "STREAMS", "batchd:jobs:gpu-1", ">"),
+    ],
+}
+
+
+@pytest.mark.parametrize("user", sorted(PASSWORDS))
+def test_each_role_is_refused_what_it_must_not_touch(acl_server, user):
+    client = as_user(acl_server, user)
+    assert client.ping()
+    denied = [command for command in ADMIN + FORBIDDEN[user] if not refused(client, *command)]
+    assert not denied, f"{user} was allowed: {denied}"
+    client.close()
+
+
+def test_unauthenticated_and_wrong_password_are_refused(acl_server):
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=acl_server.port).ping()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(f"redis://batchd-producer:wrong@127.0.0.1:{acl_server.port}/0").ping()
+
+
+def test_the_whole_path_runs_with_the_documented_users(acl_server, daemons):
+    fleet = daemons
+    fleet.url = url_for(acl_server, "batchd-scheduler")
+    try:
+        fleet.scheduler()
+        fleet.url = url_for(acl_server, "batchd-worker-gpu-0")
+        worker = fleet.echo_worker("--worker-id", "gpu-0", "--lease-ms", "1500", "--heartbeat-interval", "0.3",
+                                   "--drain-timeout", "5")
+        fleet.url = url_for(acl_server, "batchd-operator")
+        fleet.wait_for_workers(1)
+        status = subprocess.run([sys.executable, "-m", "batchd.cli", "status", "--json", "--redis", fleet.url],
+                                capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0 and '"worker_id": "gpu-0"' in status.stdout, status.stderr
+        with Client(url_for(acl_server, "batchd-producer")) as client:
+            handles = [client.submit(f"over ACLs {i}", timeout=20) for i in range(10)]
+            assert [h.result().text for h in handles] == [f"over ACLs {i}" for i in range(10)]
+            explicit = client.submit("explicit id", request_id="acl-explicit", timeout=20)
+            assert explicit.result().text == "explicit id"
+            assert client.fetch_result("acl-explicit").text == "explicit id"
+            streamed = client.submit("cancel me " * 50, timeout=20)
+            client.cancel(streamed.request_id)
+        # A graceful worker stop (drain + hand back) works under its ACL too.
+        worker.terminate()
+        assert worker.wait(timeout=20) == 0
+    finally:
+        fleet.stop_all()
+    logs = "\n".join(p.log_path.read_text() for p in fleet.processes)
+    assert "redis://batchd-scheduler:***@" in logs
+    for password in PASSWORDS.values():
+        assert password not in logs, "a password was logged"
+    assert "NOPERM" not in logs, logs
+
+
+# -- TLS ---------------------------------------------------------------------------
+@pytest.fixture
+def tls_server(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(paths["ca"])
+    cert.cert_chain_pems[0].write_to_path(paths["cert"])
+    cert.private_key_pem.write_to_path(paths["key"])
+    port = free_port()
+    server = EmbeddedServer(binary=shutil.which("redis-server"), port=free_port(), extra_args=[
+        "--tls-port", str(port), "--port", "0", "--tls-cert-file", str(paths["cert"]),
+        "--tls-key-file", str(paths["key"]), "--tls-ca-cert-file", str(paths["ca"]),
+        "--tls-auth-clients", "no"])
+    try:
+        _start_tls_only(server, port, paths["ca"])
+    except RuntimeError as exc:
+        pytest.skip(f"this redis-server has no TLS support: {exc}")
+    server.tls_url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={paths['ca']}"
+    server.bare_tls_url = f"rediss://127.0.0.1:{port}/0"
+    yield server
+    server.cleanup()
+
+
+def _start_tls_only(server: EmbeddedServer, tls_port: int, ca: Path) -> None:
+    """EmbeddedServer waits on the plain port; with --port 0 wait on the TLS one instead."""
+    import time
+
+    args = [server.binary, "--bind", "127.0.0.1", "--dir", str(server.data_dir), "--save", "",
+            "--appendonly", "no", *server.extra_args]
+    log = open(server.data_dir / "server.log", "ab")
+    server.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    client = redis.Redis(host="127.0.0.1", port=tls_port, ssl=True, ssl_ca_certs=str(ca), socket_connect_timeout=0.5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError((server.data_dir / "server.log").read_text()[-500:])
+        try:
+            if client.ping():
+                return
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not answer on its TLS port")
+
+
+def test_daemons_and_clients_work_over_tls(tls_server, daemons):
+    fleet = daemons
+    fleet.url = tls_server.tls_url  # not the fixture's plain server
+    try:
+        fleet.scheduler()
+        fleet.echo_worker()
+        fleet.wait_for_workers(1)
+        with Client(tls_server.tls_url) as client:
+            assert client.generate("over TLS", timeout=20).text == "over TLS"
+            handle = client.submit("explicit over TLS", request_id="tls-explicit", timeout=20)
+            assert handle.result().text == "explicit over TLS"
+    finally:
+        fleet.stop_all()
+    # Without the CA the server's certificate is not trusted.
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(tls_server.bare_tls_url, socket_connect_timeout=2).ping()
+    # And plain TCP to the TLS port gets nothing.
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(tls_server.bare_tls_url.replace("rediss://", "redis://"), socket_timeout=2,
+                             socket_connect_timeout=2).ping()
