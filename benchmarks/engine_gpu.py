@@ -1,0 +1,486 @@
+"""BENCHMARKS.md section 1: the anchor workload on one GPU, batchd's engine against its peers.
+
+Qwen3-0.6B shape with random bf16 weights; 256 requests of random prompt token
+ids, prompt and output lengths uniform in [100, 1024] (numpy seed 0), EOS
+ignored, greedy. Measured in one process, one after another:
+
+- the HBM roofline for this exact work at a measured device-to-device copy bandwidth
+- batchd's hf engine (flex attention over live blocks, CUDA graph for decode steps)
+- HF `generate` one request at a time (a subset, capped outputs; an estimate)
+- HF `generate` with static padded batches of 16 (per-step time from one batch; an estimate)
+- transformers' continuous batching, tuned as BENCHMARKS.md says (a subset of requests)
+- TTFT and inter-token latency of the engine at a moderate Poisson arrival rate
+
+Each phase's result is written to the JSON as soon as it exists, so a phase
+that fails or a run cut short still leaves the others.
+
+    python benchmarks/engine_gpu.py --out $OUT/engine_gpu.json
+    python benchmarks/engine_gpu.py --small --device cpu   # a shape check of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from batchd.client.protocol import SamplingParams
+from batchd.workers.engine import EngineRequest
+from batchd.workers.hf import HFEngine
+from batchd.workers.hf.runner import kv_bytes_per_token
+from batchd.workers.models import LoadedModel
+
+log = logging.getLogger("engine_gpu")
+
+
+# -- the workload -------------------------------------------------------------------------
+
+def qwen3_config(small: bool):
+    from transformers import Qwen3Config
+
+    if small:
+        return Qwen3Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           max_position_embeddings=4096, tie_word_embeddings=True)
+    return Qwen3Config(vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=40_960, tie_word_embeddings=True, rope_theta=1_000_000)
+
+
+def workload(count: int, low: int, high: int, vocab: int, seed: int = 0):
+    """[(prompt token ids, output length)]: lengths uniform in [low, high]."""
+    np.random.seed(seed)
+    prompt_lens = np.random.randint(low, high + 1, count)
+    output_lens = np.random.randint(low, high + 1, count)
+    return [(np.random.randint(0, vocab, n).tolist(), int(m)) for n, m in zip(prompt_lens, output_lens)]
+
+
+def build_model(small: bool, device: str):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(qwen3_config(small), dtype=dtype).eval()
+    # No EOS: every request runs to its output length, as the workload says.
+    model.generation_config = GenerationConfig(eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    return model
+
+
+def word_tokenizer(vocab: int):
+    """A tokenizer with one word per id: random ids have no real text, but the engine still
+    detokenizes every token, as it would when serving."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0")
+
+
+# -- roofline -----------------------------------------------------------------------------
+
+def copy_bandwidth(device: str, gib: float = 2.0) -> float:
+    """Bytes per second of a large device-to-device copy (read plus write)."""
+    count = int(gib * 2**30) // 2
+    source = torch.randn(count, device=device, dtype=torch.float32).to(torch.bfloat16)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    times = []
+    for _ in range(10):
+        started = _now(device)
+        target.copy_(source)
+        times.append(_now(device) - started)
+    return 2 * source.numel() * source.element_size() / float(np.median(times))
+
+
+def roofline(requests, model, bandwidth: float) -> dict:
+    """Best possible decode rate: each step reads the weights once plus every live request's KV."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_token = kv_bytes_per_token(model.config, next(model.parameters()).dtype)
+    prompt = np.array([len(p) for p, _ in requests])
+    output = np.array([n for _, n in requests])
+    seconds = 0.0
+    for step in range(output.max()):
+        live = output > step
+        seconds += (weight_bytes + float(((prompt + step) * live).sum()) * per_token) / bandwidth
+    return {"copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "weight_bytes": weight_bytes,
+            "kv_bytes_per_token": per_token, "output_tokens": int(output.sum()),
+            "tok_s": round(output.sum() / seconds, 1)}
+
+
+# -- batchd's engine ------------------------------------------------------------------------
+
+def make_engine(model, slots: int, max_context: int, device: str, max_prefill_tokens: int = 2048,
+                compile_decode: bool = False) -> HFEngine:
+    loaded = LoadedModel(model=model, tokenizer=word_tokenizer(model.config.vocab_size), name="qwen3-0.6b-random")
+    return HFEngine(loaded, slots=slots, max_context=max_context, max_prefill_tokens=max_prefill_tokens,
+                    attention="flex" if device != "cpu" else "sdpa", compile_decode=compile_decode)
+
+
+def run_engine(engine: HFEngine, requests, device: str, label: str) -> dict:
+    for index, (prompt, output) in enumerate(requests):
+        engine.add(EngineRequest(f"{label}{index}", prompt, SamplingParams(max_new_tokens=output, ignore_eos=True)))
+    tokens, steps = 0, 0
+    _sync(device)
+    started = time.perf_counter()
+    while engine.has_work():
+        tokens += sum(len(o.new_token_ids) for o in engine.step())
+        steps += 1
+        if steps % 200 == 0:
+            log.info("  %s: %d steps, %d tokens, %.1fs", label, steps, tokens, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return {"requests": len(requests), "output_tokens": tokens, "seconds": round(seconds, 2),
+            "steps": steps, "tok_s": round(tokens / seconds, 1)}
+
+
+def engine_latency(engine: HFEngine, requests, rate: float, device: str) -> dict:
+    """TTFT and inter-token latency with requests arriving as a Poisson process."""
+    gaps = np.random.default_rng(1).exponential(1 / rate, len(requests))
+    arrivals = np.cumsum(gaps)
+    pending = list(enumerate(requests))
+    first_token, last_token, inter_token = {}, {}, []
+    started = time.perf_counter()
+    while pending or engine.has_work():
+        now = time.perf_counter() - started
+        while pending and arrivals[pending[0][0]] <= now:
+            index, (prompt, output) = pending.pop(0)
+            engine.add(EngineRequest(f"lat{index}", prompt, SamplingParams(max_new_tokens=output, ignore_eos=True)))
+        if not engine.has_work():
+            time.sleep(0.001)
+            continue
+        outputs = engine.step()
+        now = time.perf_counter() - started
+        for out in outputs:
+            index = int(out.request_id[3:])
+            if index not in first_token:
+                first_token[index] = now - arrivals[index]
+            else:
+                inter_token.append(now - last_token[index])
+            last_token[index] = now
+    ttft, itl = np.array(list(first_token.values())), np.array(inter_token)
+    return {"requests": len(requests), "rate_per_s": rate,
+            "ttft_ms_p50": round(float(np.percentile(ttft, 50)) * 1e3, 1),
+            "ttft_ms_p99": round(float(np.percentile(ttft, 99)) * 1e3, 1),
+            "itl_ms_p50": round(float(np.percentile(itl, 50)) * 1e3, 2),
+            "itl_ms_p99": round(float(np.percentile(itl, 99)) * 1e3, 2)}
+
+
+def greedy_agreement(engine: HFEngine, model, requests, tokens: int) -> dict:
+    """How many leading tokens match HF generate; bf16 batch-order rounding may make them drift."""
+    run = {}
+    for index, (prompt, _) in enumerate(requests):
+        engine.add(EngineRequest(f"agree{index}", prompt, SamplingParams(max_new_tokens=tokens, ignore_eos=True)))
+        run[f"agree{index}"] = []
+    while engine.has_work():
+        for out in engine.step():
+            run[out.request_id] += out.new_token_ids
+    matched = []
+    for index, (prompt, _) in enumerate(requests):
+        expected = hf_generate(model, [prompt], tokens)[0]
+        got = run[f"agree{index}"]
+        matched.append(next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), tokens))
+    return {"tokens_each": tokens, "matching_prefix": matched}
+
+
+def exactness_check(device: str, compile_decode: bool, count: int = 10) -> dict:
+    """A tiny float32 Qwen3 through the same engine path (flex, CUDA graph): greedy must equal generate."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    torch.manual_seed(1)
+    with torch.device(device):
+        tiny = AutoModelForCausalLM.from_config(qwen3_config(small=True), dtype=torch.float32).eval()
+    tiny.generation_config = GenerationConfig(eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    engine = make_engine(tiny, slots=4, max_context=256, device=device, compile_decode=compile_decode)
+    requests = workload(count, 5, 60, tiny.config.vocab_size, seed=3)
+    outputs = {f"x{i}": [] for i in range(count)}
+    for index, (prompt, output) in enumerate(requests):
+        engine.add(EngineRequest(f"x{index}", prompt, SamplingParams(max_new_tokens=output, ignore_eos=True)))
+    while engine.has_work():
+        for out in engine.step():
+            outputs[out.request_id] += out.new_token_ids
+    identical = sum(outputs[f"x{i}"] == hf_generate(tiny, [p], n)[0] for i, (p, n) in enumerate(requests))
+    return {"requests": count, "token_identical": identical, "cuda_graph": engine._runner._graph is not None,
+            "attention": engine._runner.attention, "compile_decode": compile_decode}
+
+
+def _python_profile(engine: HFEngine, device: str) -> str:
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    engine.step()
+    _sync(device)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    return text.getvalue()
+
+
+def profile_steps(engine: HFEngine, requests, device: str, out_dir: Path) -> dict:
+    """Where a step's time goes: per-step wall times, and profiler tables for a prefill and a decode step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for index, (prompt, output) in enumerate(requests):
+        engine.add(EngineRequest(f"prof{index}", prompt, SamplingParams(max_new_tokens=output, ignore_eos=True)))
+    step_ms, live = [], []
+    tables = {}
+    for step in range(320):
+        if step in (10, 301):
+            tables[f"python_step{step}"] = _python_profile(engine, device)
+            continue
+        if step in (8, 300):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                engine.step()
+                _sync(device)
+            name = "prefill_step" if step == 8 else "decode_step"
+            tables[name] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+            tables[name + "_cpu"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=20)
+            continue
+        started = _now(device)
+        engine.step()
+        step_ms.append((_now(device) - started) * 1e3)
+        live.append(engine.num_running)
+    for index in range(len(requests)):
+        engine.cancel(f"prof{index}")
+    while engine.has_work():
+        engine.step()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        (out_dir / f"profile_{name}.txt").write_text(table)
+    return {"step_ms_first_80": [round(x, 1) for x in step_ms[:80]],
+            "step_ms_200_to_300": [round(x, 1) for x in step_ms[200:300]], "live": live[::10]}
+
+
+# -- peers -------------------------------------------------------------------------------
+
+def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy generate on a left-padded batch, exactly new_tokens each."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+def hf_sequential(model, requests, cap: int, device: str) -> dict:
+    hf_generate(model, [requests[0][0][:32]], 4)  # warm-up
+    tokens, seconds = 0, 0.0
+    for prompt, output in requests:
+        new = min(output, cap)
+        started = _now(device)
+        hf_generate(model, [prompt], new)
+        seconds += _now(device) - started
+        tokens += new
+    return {"requests": len(requests), "output_tokens_each_capped_at": cap, "output_tokens": tokens,
+            "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 2),
+            "note": "subset with capped outputs; one request at a time does not depend on the others"}
+
+
+def hf_static_batches(model, requests, steps: int, device: str, batch: int = 16) -> dict:
+    """Time one batch of 16 (prefill, then `steps` decode steps) and extrapolate to all batches."""
+    first = [p for p, _ in requests[:batch]]
+    hf_generate(model, first, 2)  # warm-up
+    started = _now(device)
+    hf_generate(model, first, 1)
+    prefill = _now(device) - started
+    started = _now(device)
+    hf_generate(model, first, steps + 1)
+    per_step = (_now(device) - started - prefill) / steps
+    groups = [requests[i:i + batch] for i in range(0, len(requests), batch)]
+    # A static batch runs until its longest output is done; shorter ones wait padded.
+    estimate = sum(prefill + max(n for _, n in g) * per_step for g in groups)
+    tokens = sum(n for _, n in requests)
+    return {"batch": batch, "prefill_s": round(prefill, 3), "decode_step_ms": round(per_step * 1e3, 2),
+            "estimated_seconds": round(estimate, 1), "output_tokens": tokens, "tok_s": round(tokens / estimate, 1),
+            "note": f"estimate: prefill and {steps} decode steps of the first batch, extrapolated to "
+                    f"{len(groups)} batches at each batch's longest output"}
+
+
+def transformers_cb(model, requests, device: str) -> dict:
+    """transformers' continuous batching, tuned per BENCHMARKS.md (paged|sdpa, CUDA graphs)."""
+    from transformers import GenerationConfig
+
+    options = {"num_blocks": 1400, "block_size": 256, "max_batch_tokens": 2048, "max_requests_per_batch": 64,
+               "use_cuda_graph": True, "kv_padding_interval_size": 4096}
+    model.set_attn_implementation("paged|sdpa")
+    generation = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=1024)
+    manager = _cb_manager(model, generation, options)
+    manager.start()
+    try:
+        started = time.perf_counter()
+        ids = [manager.add_request(prompt, max_new_tokens=output) for prompt, output in requests]
+        tokens, done = 0, 0
+        while done < len(ids):
+            result = manager.get_result(timeout=5)
+            if result is not None and result.is_finished():
+                done += 1
+                tokens += len(result.generated_tokens)
+        seconds = time.perf_counter() - started
+    finally:
+        manager.stop(block=True)
+    return {"requests": len(requests), "output_tokens": tokens, "seconds": round(seconds, 2),
+            "tok_s": round(tokens / seconds, 1), "settings": options, "attn_implementation": "paged|sdpa"}
+
+
+def _cb_manager(model, generation, options: dict):
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    except ImportError:  # older transformers read these settings from the GenerationConfig
+        for key, value in options.items():
+            setattr(generation, key, value)
+        return model.init_continuous_batching(generation_config=generation)
+    fields = ContinuousBatchingConfig.__dataclass_fields__
+    config = ContinuousBatchingConfig(**{k: v for k, v in options.items() if k in fields})
+    if "auto_switch_to_flash" in fields:
+        config.auto_switch_to_flash = False  # flash-attn is not installed; stay on paged|sdpa
+    return model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
+
+
+# -- plumbing ----------------------------------------------------------------------------
+
+def _free_engine_memory(device: str) -> None:
+    """The engine's cache is most of the GPU: peers and the next engine need it back."""
+    import gc
+
+    torch._dynamo.reset()  # compiled code guards on the engine and would keep it alive
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        log.info("GPU memory in use after freeing the engine: %.1f GiB", torch.cuda.memory_allocated() / 2**30)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _now(device: str) -> float:
+    _sync(device)
+    return time.perf_counter()
+
+
+class Report:
+    def __init__(self, path: str, meta: dict):
+        self.path = Path(path)
+        self.data = {"benchmark": "engine_gpu", **meta, "phases": {}}
+
+    def phase(self, name: str, work) -> None:
+        log.info("phase %s ...", name)
+        started = time.perf_counter()
+        try:
+            self.data["phases"][name] = work()
+        except Exception as exc:  # noqa: BLE001 - one broken peer must not lose the others' numbers
+            self.data["phases"][name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+        self.data["phases"][name]["wall_s"] = round(time.perf_counter() - started, 1)
+        log.info("phase %s: %s", name, {k: v for k, v in self.data["phases"][name].items() if k != "trace"})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=2) + "\n")
+
+
+def run_engine_phases(report: Report, model, requests, args, device: str, suffix: str, compiled: bool,
+                      wanted: list[str], high: int) -> None:
+    """One engine (plain or with compiled decode layers) through the engine phases, then freed."""
+    started = time.perf_counter()
+    engine = make_engine(model, slots=len(requests), max_context=2 * high, device=device,
+                         max_prefill_tokens=args.max_prefill_tokens, compile_decode=compiled)
+    report.data[f"engine{suffix}_start_s"] = round(time.perf_counter() - started, 1)
+    report.data["max_prefill_tokens"] = args.max_prefill_tokens
+    run_engine(engine, requests[:4], device, "warm")  # first-call setup stays out of the numbers
+    if "profile" in wanted:
+        report.phase("profile" + suffix, lambda: profile_steps(engine, requests, device, Path(args.out).parent))
+    if "engine" in wanted:
+        report.phase("engine" + suffix, lambda: run_engine(engine, requests, device, "anchor"))
+    if "latency" in wanted:
+        report.phase("latency" + suffix, lambda: engine_latency(engine, requests[:args.latency_requests], args.rate, device))
+    if "agreement" in wanted:
+        report.phase("agreement" + suffix, lambda: greedy_agreement(engine, model, requests[:3], 32))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="a tiny model and workload, to check the script")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--seq-requests", type=int, default=3)
+    parser.add_argument("--seq-cap", type=int, default=96)
+    parser.add_argument("--static-steps", type=int, default=48)
+    parser.add_argument("--cb-requests", type=int, default=48)
+    parser.add_argument("--latency-requests", type=int, default=96)
+    parser.add_argument("--rate", type=float, default=8.0)
+    parser.add_argument("--max-prefill-tokens", type=int, default=8192,
+                        help="prompt tokens per step; throughput engines use large budgets (nano-vllm 16384)")
+    parser.add_argument("--phases", default="exactness,exactness_compiled,roofline,engine,latency,engine_compiled,latency_compiled,agreement,hf_sequential,hf_static,transformers_cb")
+    parser.add_argument("--out", default="benchmarks/results/engine_gpu.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    low, high = (10, 40) if args.small else (100, 1024)
+    device = args.device
+    model = build_model(args.small, device)
+    requests = workload(args.requests, low, high, model.config.vocab_size)
+    meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "model": "Qwen3-0.6B shape, random weights" if not args.small else "tiny Qwen3 (script check)",
+            "dtype": str(next(model.parameters()).dtype), "requests": len(requests),
+            "output_tokens": sum(n for _, n in requests), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    report = Report(args.out, meta)
+    phases = args.phases.split(",")
+    if "exactness" in phases:
+        report.phase("exactness", lambda: exactness_check(device, compile_decode=False))
+    if "exactness_compiled" in phases:
+        report.phase("exactness_compiled", lambda: exactness_check(device, compile_decode=True))
+    if "roofline" in phases:
+        report.phase("roofline", lambda: roofline(requests, model, copy_bandwidth(device)))
+    for suffix, compiled in (("", False), ("_compiled", True)):
+        wanted = [p for p in ("engine", "latency", "agreement", "profile") if p + suffix in phases]
+        if wanted:
+            try:
+                run_engine_phases(report, model, requests, args, device, suffix, compiled, wanted, high)
+            except Exception as exc:  # e.g. a compile failure while building the engine
+                log.exception("engine%s could not start", suffix)
+                failure = {"error": f"engine did not start: {type(exc).__name__}: {exc}"}
+                report.phase("engine" + suffix, lambda failure=failure: failure)
+            _free_engine_memory(device)
+    if "hf_sequential" in phases:
+        report.phase("hf_sequential", lambda: hf_sequential(model, requests[:args.seq_requests], args.seq_cap, device))
+    if "hf_static" in phases:
+        report.phase("hf_static", lambda: hf_static_batches(model, requests, args.static_steps, device))
+    if "transformers_cb" in phases:
+        report.phase("transformers_cb", lambda: transformers_cb(model, requests[:args.cb_requests], device))
+    print_table(report.data)
+
+
+def print_table(data: dict) -> None:
+    phases = data["phases"]
+    print(f"\n{data['device']}, {data['model']}, {data['requests']} requests, {data['output_tokens']} output tokens")
+    rows = [("HBM roofline", "roofline"), ("batchd hf engine, decode not compiled", "engine"),
+            ("batchd hf engine, compiled decode", "engine_compiled"), ("HF generate, one at a time", "hf_sequential"),
+            ("HF generate, static batches of 16", "hf_static"), ("transformers CB, tuned", "transformers_cb")]
+    engine = max(phases.get(k, {}).get("tok_s") or 0 for k in ("engine", "engine_compiled")) or None
+    for label, key in rows:
+        value = phases.get(key, {}).get("tok_s")
+        if value is None:
+            print(f"{label:<36} {'-':>10}  {phases.get(key, {}).get('error', 'not run')[:80]}")
+            continue
+        ratio = f"best engine = {engine / value:.2f}x" if engine and not key.startswith("engine") else ""
+        print(f"{label:<36} {value:>10} tok/s  {ratio}")
+    for key in ("latency", "latency_compiled"):
+        lat = phases.get(key, {})
+        if "ttft_ms_p50" not in lat:
+            continue
+        print(f"{key} at {lat['rate_per_s']}/s: TTFT p50 {lat['ttft_ms_p50']} ms p99 {lat['ttft_ms_p99']} ms, "
+              f"ITL p50 {lat['itl_ms_p50']} ms p99 {lat['itl_ms_p99']} ms")
+
+
+if __name__ == "__main__":
+    main()

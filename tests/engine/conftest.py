@@ -1,0 +1,78 @@
+"""Tiny random-weight models with a real byte-level BPE tokenizer, and helpers to drive an engine.
+
+The models are saved as checkpoint folders and loaded through build_engine,
+the same seam a worker uses; nothing here needs a download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from engine_helpers import EOS, VOCAB
+
+TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Continuous batching keeps every slot busy while requests come and go.",
+    "Café, naïve, résumé: accents are two bytes; 日本語 is three; 🙂 is four.",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+]
+
+
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(TEXT * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def _config(kind: str):
+    from transformers import GPT2Config, LlamaConfig, Qwen3Config
+
+    common = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": EOS, "pad_token_id": 0}
+    if kind == "llama":
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, **common)
+    if kind == "qwen3":
+        return Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+                           initializer_range=0.1, tie_word_embeddings=True, **common)
+    if kind == "gpt2":  # not in the Llama family: exercises the generic path
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.1, **common)
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _train_tokenizer()
+    folders = {}
+    for kind in ("llama", "qwen3", "gpt2"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_config(kind))
+        model.generation_config.eos_token_id = EOS
+        model.generation_config.pad_token_id = 0
+        folder = tmp_path_factory.mktemp(kind)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[kind] = folder
+    return folders
+
+
+@pytest.fixture(scope="session")
+def reference_models(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    return {kind: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            for kind, path in tiny_models.items()}
+
+

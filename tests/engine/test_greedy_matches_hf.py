@@ -1,0 +1,65 @@
+"""Greedy output equals Hugging Face generate token for token, whatever the batch mates."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from batchd.workers.hf import build_engine
+from engine_helpers import EOS, drive, hf_greedy, random_prompt, request
+
+
+def _random_workload(seed: int, count: int, max_prompt: int, max_new: int):
+    rng = random.Random(seed)
+    arrivals: dict[int, list] = {}
+    prompts = {}
+    for index in range(count):
+        prompt = random_prompt(rng, rng.randint(1, max_prompt))
+        new_tokens = rng.randint(1, max_new)
+        # Some arrive together at the start, the rest while others are mid-decode.
+        step = 0 if index < count // 3 else rng.randint(1, 40)
+        req = request(f"r{index}", prompt, max_new_tokens=new_tokens)
+        arrivals.setdefault(step, []).append(req)
+        prompts[req.request_id] = (prompt, new_tokens)
+    return arrivals, prompts
+
+
+# Uncompiled flex is the point on the CPU: the same math the GPU compiles.
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("kind,attention,seed", [("llama", "sdpa", 0), ("llama", "sdpa", 1), ("qwen3", "sdpa", 0),
+                                                 ("qwen3", "sdpa", 1), ("llama", "flex", 2), ("qwen3", "flex", 3)])
+def test_random_mix_matches_generate(tiny_models, reference_models, kind, attention, seed):
+    # Few slots and a small prefill budget: slots are reused, prompts are chunked,
+    # and prefill pieces share steps with running decodes. "flex" is the GPU's
+    # decode attention, run here without compilation.
+    engine = build_engine(str(tiny_models[kind]), slots=3, max_context=128, max_prefill_tokens=13,
+                          attention=attention)
+    arrivals, prompts = _random_workload(seed, count=14, max_prompt=60, max_new=24)
+    run = drive(engine, arrivals)
+    assert set(run.finish) == set(prompts)
+    for request_id, (prompt, new_tokens) in prompts.items():
+        expected = hf_greedy(reference_models[kind], prompt, new_tokens)
+        assert run.tokens[request_id] == expected, request_id
+        assert run.finish[request_id] == ("stop" if expected[-1] == EOS else "length")
+
+
+def test_batch_mates_do_not_change_output(tiny_models, reference_models):
+    """The same request alone and among 7 others in 8 slots gives the same tokens."""
+    rng = random.Random(7)
+    probe = random_prompt(rng, 20)
+    alone = drive(build_engine(str(tiny_models["llama"]), slots=8, max_context=128),
+                  {0: [request("probe", probe, max_new_tokens=30)]})
+    crowd = {0: [request(f"m{i}", random_prompt(rng, rng.randint(1, 50)), max_new_tokens=rng.randint(1, 40))
+                 for i in range(7)]}
+    crowd[3] = [request("probe", probe, max_new_tokens=30)]
+    crowded = drive(build_engine(str(tiny_models["llama"]), slots=8, max_context=128), crowd)
+    assert crowded.tokens["probe"] == alone.tokens["probe"] == hf_greedy(reference_models["llama"], probe, 30)
+
+
+def test_generic_path_matches_generate(tiny_models, reference_models):
+    engine = build_engine(str(tiny_models["gpt2"]), slots=2, max_context=128, max_prefill_tokens=8)
+    assert type(engine._runner).__name__ == "GenericRunner"
+    arrivals, prompts = _random_workload(3, count=5, max_prompt=20, max_new=10)
+    run = drive(engine, arrivals)
+    for request_id, (prompt, new_tokens) in prompts.items():
+        assert run.tokens[request_id] == hf_greedy(reference_models["gpt2"], prompt, new_tokens), request_id

