@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -96,14 +95,9 @@ class Fleet:
         return child
 
     def stop(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.terminate()
-        for child in self.children:
-            try:
-                child.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        from batchd.status import stop_processes
+
+        stop_processes(self.children, timeout_s=40)
         if self.server is not None:
             self.server.cleanup()
 

@@ -50,26 +50,10 @@ def _producer(url: str, prompts: list[tuple[int, str]], max_new_tokens: int, cha
     asyncio.run(run())
 
 
-def _wait_for_worker(url: str, fleet, timeout_s: float = 900.0) -> None:
-    from batchd.client.connection import connect
-    from batchd.client.keys import Keys
-    from batchd.status import read_status
-
-    client, keys = connect(url), Keys()
-    started = time.monotonic()
-    while not read_status(client, keys)["workers"]:
-        if any(child.poll() is not None for child in fleet.children):
-            raise SystemExit("a batchd daemon exited during start-up; see its log above")
-        if time.monotonic() - started > timeout_s:
-            raise SystemExit(f"no worker came up within {timeout_s:.0f}s")
-        time.sleep(0.5)
-    print(f"worker ready after {time.monotonic() - started:.1f}s", flush=True)
-
-
 def run_demo(args, fleet) -> int:
     from batchd.client.connection import connect
     from batchd.client.keys import Keys
-    from batchd.status import read_status
+    from batchd.status import read_status, wait_for_workers
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
     try:
@@ -81,7 +65,11 @@ def run_demo(args, fleet) -> int:
         print(f"starting a worker with the {args.engine} engine"
               + (f" and model {args.model} (the first run converts and caches it)" if args.engine == "hf" else ""),
               flush=True)
-        _wait_for_worker(url, fleet)
+        try:
+            waited = wait_for_workers(url, timeout_s=900, processes=fleet.children)
+        except RuntimeError as exc:
+            raise SystemExit(f"{exc}; see the daemon log above") from None
+        print(f"worker ready after {waited:.1f}s", flush=True)
         before = read_status(connect(url), Keys())
 
         ctx = mp.get_context("spawn")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import msgspec
@@ -64,3 +65,37 @@ def render(snapshot: dict, previous: dict | None = None, interval: float = 0.0) 
     else:
         lines.append("  no live workers: requests wait in the queue until one starts")
     return "\n".join(lines)
+
+
+def wait_for_workers(url: str, count: int = 1, timeout_s: float = 60.0, processes=(), prefix: str = "batchd:") -> float:
+    """Block until `count` workers heartbeat; returns the seconds it took.
+
+    Raises RuntimeError at once if one of `processes` (the daemons being
+    waited on) exits, and after timeout_s otherwise.
+    """
+    client, keys = redis.Redis.from_url(url), Keys(prefix)
+    started = time.monotonic()
+    try:
+        while len(read_status(client, keys)["workers"]) < count:
+            for process in processes:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{process.args} exited with {process.returncode} before the workers came up")
+            if time.monotonic() - started > timeout_s:
+                raise RuntimeError(f"{count} worker(s) did not come up within {timeout_s:.0f}s")
+            time.sleep(0.1)
+    finally:
+        client.close()
+    return time.monotonic() - started
+
+
+def stop_processes(processes, timeout_s: float = 30.0) -> None:
+    """SIGTERM every process (workers drain), then kill what is still running after timeout_s."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -318,17 +318,10 @@ class Fleet:
         self._check_alive()
 
     def _wait_for_workers(self, count: int) -> None:
-        import redis
+        from batchd.status import wait_for_workers
 
-        r = redis.Redis.from_url(self.url)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            self._check_alive()
-            if r.zcard("batchd:workers") >= count:
-                time.sleep(0.5)
-                return
-            time.sleep(0.1)
-        raise RuntimeError("batchd workers did not come up")
+        wait_for_workers(self.url, count, timeout_s=30, processes=self.procs)
+        time.sleep(0.5)
 
     def _check_alive(self) -> None:
         for proc in self.procs:
@@ -336,15 +329,9 @@ class Fleet:
                 raise RuntimeError(f"{proc.args} exited early; see {self.log_dir}")
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        from batchd.status import stop_processes
+
+        stop_processes(self.procs, timeout_s=15)
         self.procs = []
 
 

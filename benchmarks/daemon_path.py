@@ -103,7 +103,7 @@ def engine_alone(model_dir: Path, args, dtype: str, prompts, outputs) -> dict:
     engine = build_engine(str(model_dir), slots=args.slots, max_context=args.max_context,
                           max_prefill_tokens=args.max_prefill_tokens, dtype=dtype, device=args.device)
 
-    def run(count: int) -> tuple[int, float]:
+    def run(engine, count: int) -> tuple[int, float]:
         for i, (prompt, n) in enumerate(zip(prompts[:count], outputs[:count])):
             engine.add(EngineRequest(f"r{i}", prompt, SamplingParams(max_new_tokens=n, ignore_eos=True)))
         began, tokens = time.perf_counter(), 0
@@ -111,8 +111,8 @@ def engine_alone(model_dir: Path, args, dtype: str, prompts, outputs) -> dict:
             tokens += sum(len(o.new_token_ids) for o in engine.step())
         return tokens, time.perf_counter() - began
 
-    run(min(4, len(prompts)))  # first-call setup (compilation, graphs) stays out of the figure
-    tokens, wall = run(len(prompts))
+    run(engine, min(4, len(prompts)))  # first-call setup (compilation, graphs) stays out of the figure
+    tokens, wall = run(engine, len(prompts))
     del engine
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -143,6 +143,7 @@ def main() -> None:
     alone = engine_alone(model_dir, args, dtype, prompts, outputs)
 
     from batchd.embedded import EmbeddedServer
+    from batchd.status import stop_processes, wait_for_workers
 
     with EmbeddedServer() as server:
         daemons = [
@@ -155,14 +156,11 @@ def main() -> None:
                               *args.worker_args.split()]),
         ]
         try:
-            _wait_for_worker(server.url, daemons)
+            wait_for_workers(server.url, timeout_s=900, processes=daemons)
             print(f"submitting {args.requests} requests through Redis...", file=sys.stderr, flush=True)
             figures = asyncio.run(submit_all(server.url, prompts, outputs, progress=True))
         finally:
-            for daemon in daemons:
-                daemon.terminate()
-            for daemon in daemons:
-                daemon.wait(timeout=60)
+            stop_processes(daemons, timeout_s=60)
     figures["engine_alone"] = alone
     figures["daemon_vs_engine"] = figures["output_tok_s"] / alone["output_tok_s"]
     figures.update(requests=args.requests, shape=shape, device=args.device, dtype=dtype, slots=args.slots,
@@ -175,21 +173,6 @@ def main() -> None:
           f"{figures['itl_p50_s'] * 1000:.1f} / {figures['itl_p99_s'] * 1000:.1f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2))
-
-
-def _wait_for_worker(url: str, daemons, timeout: float = 900) -> None:
-    import redis
-
-    from batchd.client.keys import Keys
-    from batchd.status import read_status
-
-    client, started = redis.Redis.from_url(url), time.monotonic()
-    while not read_status(client, Keys())["workers"]:
-        if any(d.poll() is not None for d in daemons):
-            raise SystemExit("a daemon exited during start-up")
-        if time.monotonic() - started > timeout:
-            raise SystemExit("the worker did not come up")
-        time.sleep(0.5)
 
 
 def _device_name(device: str) -> str:

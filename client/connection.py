@@ -8,6 +8,8 @@ ever show the redacted form.
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 
 import redis
 
@@ -34,3 +36,8 @@ def connect(url: str | None = None, **options) -> redis.Redis:
     options.setdefault("socket_connect_timeout", 5)
     options.setdefault("health_check_interval", 30)
     return redis.Redis.from_url(redis_url(url), **options)
+
+
+def instance_id() -> str:
+    """A daemon's default id: host, pid and a random suffix, readable in logs and `batchd status`."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

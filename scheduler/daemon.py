@@ -11,8 +11,6 @@ whose heartbeat expired.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 import uuid
@@ -23,7 +21,7 @@ import redis
 
 from batchd import metrics
 from batchd.client import recovery, scripts
-from batchd.client.connection import connect, redact
+from batchd.client.connection import connect, instance_id, redact
 from batchd.client.errors import BatchdError, Cancelled, DeadlineExceeded, InvalidRequest, WorkerFailed
 from batchd.client.keys import SCHEDULER_GROUP, Keys
 from batchd.client.protocol import (
@@ -68,7 +66,7 @@ class SchedulerConfig:
     max_attempts: int = 3
     result_ttl_s: int = 3600
     metrics_port: int = 0
-    scheduler_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    scheduler_id: str = field(default_factory=instance_id)
 
     def describe(self) -> str:
         shown = {k: v for k, v in asdict(self).items() if k != "redis_url"}

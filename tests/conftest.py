@@ -6,13 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import redis
 
 from batchd.embedded import EmbeddedServer
+from batchd.status import stop_processes, wait_for_workers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,33 +65,16 @@ class Daemons:
         return self.start("worker", "--engine", "echo", *extra)
 
     def wait_for_workers(self, count: int = 1, timeout: float = 60.0) -> None:
-        from batchd.client.keys import Keys
-        from batchd.status import read_status
-
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if len(read_status(client, Keys())["workers"]) >= count:
-                return
-            for process in self.processes:
-                if process.poll() is not None:
-                    pytest.fail(f"daemon exited early:\n{process.log_path.read_text()}")
-            time.sleep(0.1)
-        pytest.fail(f"{count} workers did not come up in {timeout}s")
+        try:
+            wait_for_workers(self.url, count, timeout, self.processes)
+        except RuntimeError as exc:
+            pytest.fail(f"{exc}\n{self.logs()}")
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.args}\n{p.log_path.read_text()}" for p in self.processes)
 
     def stop_all(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(self.processes, timeout_s=20)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fakeredis
 import msgpack
 import pytest
-import redis
 
 from batchd.client import scripts
 from batchd.client.keys import Keys

@@ -16,7 +16,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import msgspec
@@ -24,7 +23,7 @@ import redis
 
 from batchd import metrics
 from batchd.client import recovery, scripts
-from batchd.client.connection import connect, redact
+from batchd.client.connection import connect, instance_id, redact
 from batchd.client.errors import BatchdError, Cancelled, DeadlineExceeded
 from batchd.client.keys import WORKER_GROUP, Keys
 from batchd.client.protocol import (
@@ -59,7 +58,7 @@ SCRIPTS = {"finalize": scripts.FINALIZE, "publish": scripts.PUBLISH_STEP}
 class WorkerConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "batchd:"
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    worker_id: str = field(default_factory=instance_id)
     heartbeat_interval_s: float = 1.0
     # A worker silent for this long is declared dead and its requests re-dispatched.
     lease_ms: int = 5000

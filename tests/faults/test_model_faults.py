@@ -12,7 +12,7 @@ import pytest
 
 from batchd import Client
 
-from .conftest import FAST_LEASE, assert_serves_new_requests, kill
+from .conftest import FAST_LEASE, kill
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
