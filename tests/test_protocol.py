@@ -92,3 +92,14 @@ def test_timeout_becomes_an_absolute_deadline():
     request, _ = build_request("t-1", "hi", None, None, timeout=5.0, **common)
     assert request.deadline == pytest.approx(request.submitted_at + 5.0, abs=0.01)
     assert request.params.stop == ["\n"]
+
+
+def test_the_producer_api_imports_no_torch_or_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, batchd; from batchd import Client, AsyncClient; import batchd.client.protocol; "
+            "heavy = [m for m in ('torch', 'transformers', 'batchd.scheduler', 'batchd.workers') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
