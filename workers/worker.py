@@ -360,29 +360,35 @@ class Worker:
             attempt=request.attempt)
 
     def _publish_step(self, events: list, finished: list) -> None:
-        """Token events in one round trip, then the final results."""
-        if events and finished:
-            try:
-                self._publish_step(events, [])
-            except (redis.ConnectionError, redis.TimeoutError):
-                self._undelivered.extend(finished)
-                raise
-            events = []
-        if events:
-            # One script call per lease token (requests of one attempt share it).
-            by_owner: dict[str, list] = {}
-            for tracked, event in events:
-                by_owner.setdefault(tracked.owner, []).append((tracked, event))
-            calls = []
-            for token, group in by_owner.items():
-                args = [token]
-                for tracked, event in group:
-                    args += [self.keys.channel(tracked.request.id), encode(event)]
-                calls.append(("publish", [self.keys.owner(t.request.id) for t, _ in group], args))
-            heard = self._run_scripts(calls)
+        """A step's token events and final results in one round trip, then the job acks.
+
+        The pipeline runs in order, so a request's last tokens reach its
+        channel before its final event.
+        """
+        # One publish call per lease token (requests of one attempt share it).
+        by_owner: dict[str, list] = {}
+        for tracked, event in events:
+            by_owner.setdefault(tracked.owner, []).append((tracked, event))
+        calls = []
+        for token, group in by_owner.items():
+            args = [token]
+            for tracked, event in group:
+                args += [self.keys.channel(tracked.request.id), encode(event)]
+            calls.append(("publish", [self.keys.owner(t.request.id) for t, _ in group], args))
+        for tracked, result in finished:
+            keys, args = scripts.finalize_keys_args(self.keys, tracked.request.id, encode(FinalEvent(result)),
+                                                    self.config.result_ttl_s, tracked.owner)
+            calls.append(("finalize", keys, args))
+        try:
+            outcomes = self._run_scripts(calls)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._undelivered.extend(finished)
+            raise
+        heard, finals = outcomes[:len(by_owner)], outcomes[len(by_owner):]
+        if by_owner:
             self._cancel_abandoned(list(by_owner.values()), heard)
         if finished:
-            self._deliver(finished)
+            self._close_finished(finished, finals)
 
     def _cancel_abandoned(self, groups: list[list], heard: list[list[int]]) -> None:
         """Free the slots of requests whose callers stopped listening long ago."""
@@ -403,16 +409,9 @@ class Worker:
 
     def _deliver(self, finished: list[tuple[_Tracked, Result]]) -> None:
         """Store and publish final results, then acknowledge the jobs they close."""
-        calls = []
-        for tracked, result in finished:
-            keys, args = scripts.finalize_keys_args(self.keys, tracked.request.id, encode(FinalEvent(result)),
-                                                    self.config.result_ttl_s, tracked.owner)
-            calls.append(("finalize", keys, args))
-        try:
-            outcomes = self._run_scripts(calls)
-        except (redis.ConnectionError, redis.TimeoutError):
-            self._undelivered.extend(finished)
-            raise
+        self._publish_step([], finished)
+
+    def _close_finished(self, finished: list[tuple[_Tracked, Result]], outcomes: list) -> None:
         closed = []
         for (tracked, result), outcome in zip(finished, outcomes):
             self._count_finish(tracked, result, outcome)
