@@ -19,8 +19,8 @@ from .protocol import Result, SamplingParams, Timings, Usage
 
 __all__ = [
     "AsyncClient", "BatchdError", "Cancelled", "Client", "DeadlineExceeded", "InvalidRequest",
-    "NoWorkers", "Overloaded", "RequestTooLarge", "Result", "ResultTimeout", "SamplingParams",
-    "Timings", "UnsupportedVersion", "Usage", "WorkerFailed",
+    "NextTokenLogprobs", "NoWorkers", "Overloaded", "RequestTooLarge", "Result", "ResultTimeout", "SamplingParams",
+    "Score", "Timings", "UnsupportedVersion", "Usage", "WorkerFailed",
 ]
 
 
@@ -31,4 +31,7 @@ def __getattr__(name):  # the client modules land next; keep import cheap
     if name == "AsyncClient":
         from .aio import AsyncClient
         return AsyncClient
+    if name in ("NextTokenLogprobs", "Score"):
+        from . import scoring
+        return getattr(scoring, name)
     raise AttributeError(name)

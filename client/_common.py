@@ -111,6 +111,10 @@ def build_request(
     producer: str,
     timeout: float | None,
     deadline: float | None,
+    task: str = "generate",
+    continuation: str | None = None,
+    continuation_token_ids: Sequence[int] | None = None,
+    top_logprobs: int | None = None,
 ) -> tuple[Request, bytes]:
     """Build, encode and validate a request exactly as a scheduler will.
 
@@ -140,6 +144,10 @@ def build_request(
             producer=producer,
             deadline=deadline,
             submitted_at=now,
+            task=task,
+            continuation=continuation,
+            continuation_token_ids=list(continuation_token_ids) if continuation_token_ids is not None else None,
+            top_logprobs=top_logprobs,
         )
         payload = encode(request)
     except (TypeError, KeyError, ValueError, OverflowError, msgspec.EncodeError) as exc:

@@ -20,8 +20,8 @@ from redis.exceptions import NoScriptError, TimeoutError as RedisTimeoutError
 
 from .errors import Overloaded, ResultTimeout
 from .keys import Keys
-from .protocol import Result
-from . import scripts
+from .protocol import Request, Result
+from . import scoring, scripts
 from ._common import (
     ACCEPTED_TTL_S,
     RECONNECT_RETRIES,
@@ -180,6 +180,11 @@ class AsyncClient:
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, priority=priority,
             producer=self.producer, timeout=timeout, deadline=deadline)
+        return await self._send(request, payload, explicit, timeout)
+
+    async def _send(self, request: Request, payload: bytes, explicit: bool,
+                    timeout: float | None) -> AsyncRequestHandle:
+        request_id = request.id
         handle = AsyncRequestHandle(self, request_id, wait_budget(timeout, request.deadline))
         self._handles[request_id] = handle
         try:
@@ -204,6 +209,26 @@ class AsyncClient:
         handle = await self.submit(prompt, **kwargs)
         async for item in handle:
             yield item
+
+    async def next_token_logprobs(self, prompt_token_ids: Sequence[int], top_k: int | None = None,
+                                  timeout: float | None = None) -> scoring.NextTokenLogprobs:
+        """See Client.next_token_logprobs."""
+        await self._start()
+        request, payload = scoring.next_token_request(self._ids.next(), prompt_token_ids, top_k,
+                                                      producer=self.producer, timeout=timeout)
+        handle = await self._send(request, payload, False, timeout)
+        return scoring.next_token_logprobs(await handle.result())
+
+    async def score(self, prompt: str | None = None, continuation: str | None = None, *,
+                    prompt_token_ids: Sequence[int] | None = None,
+                    continuation_token_ids: Sequence[int] | None = None,
+                    timeout: float | None = None) -> scoring.Score:
+        """See Client.score."""
+        await self._start()
+        request, payload = scoring.score_request(self._ids.next(), prompt, continuation, prompt_token_ids,
+                                                 continuation_token_ids, producer=self.producer, timeout=timeout)
+        handle = await self._send(request, payload, False, timeout)
+        return scoring.score(await handle.result())
 
     async def cancel(self, request_id: str) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:

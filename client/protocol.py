@@ -31,6 +31,9 @@ MAX_REQUEST_BYTES = 8 * 1024 * 1024
 MAX_ID_CHARS = 128
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
+# generate decodes new tokens; the other two score tokens the caller gives in one
+# forward pass (prefill only) and finish with "stop" (docs/scoring.md).
+Task = Literal["generate", "next_token_logprobs", "score"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "cancelled", "deadline", "error")
 
 RequestId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9._:\-]+$")]
@@ -76,6 +79,12 @@ class Request(Struct, forbid_unknown_fields=True, omit_defaults=True):
     submitted_at: float = 0.0
     # How many times a worker already took this request and died; set by schedulers.
     attempt: Annotated[int, Meta(ge=0)] = 0
+    task: Task = "generate"
+    # score: the tokens after the prompt whose log-probabilities are wanted (ids or text).
+    continuation_token_ids: Annotated[list[TokenId], Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)] | None = None
+    continuation: Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = None
+    # next_token_logprobs: the k most likely tokens only; None = the full vector.
+    top_logprobs: Annotated[int, Meta(ge=1)] | None = None
 
 
 class Job(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -116,6 +125,13 @@ class Result(Struct, omit_defaults=True):
     error: ErrorInfo | None = None
     worker: str = ""
     attempt: int = 0
+    # Scoring results (docs/scoring.md). The full next-token vector travels as
+    # little-endian float32 bytes: 4 bytes a token instead of msgpack's 9 per float.
+    logprobs: bytes | None = None
+    top_token_ids: list[int] | None = None
+    top_logprobs: list[float] | None = None
+    token_logprobs: list[float] | None = None
+    total_logprob: float | None = None
 
 
 class TokenEvent(Struct, tag="token", omit_defaults=True):
@@ -195,7 +211,24 @@ def validate_request(request: Request) -> Request:
         total = sum(len(m.content) for m in request.messages)
         if total > MAX_PROMPT_CHARS:
             raise InvalidRequest(f"messages hold {total} characters; the limit is {MAX_PROMPT_CHARS}", request.id)
+    _validate_task(request)
     return request
+
+
+def _validate_task(request: Request) -> None:
+    continuations = [n for n in ("continuation", "continuation_token_ids") if getattr(request, n) is not None]
+    if request.task == "score":
+        if len(continuations) != 1:
+            raise InvalidRequest("a score request needs exactly one of continuation or continuation_token_ids",
+                                 request.id)
+    elif continuations:
+        raise InvalidRequest(f"{continuations[0]} is only for task 'score', not {request.task!r}", request.id)
+    if request.top_logprobs is not None and request.task != "next_token_logprobs":
+        raise InvalidRequest(f"top_logprobs is only for task 'next_token_logprobs', not {request.task!r}",
+                             request.id)
+    if request.task != "generate" and request.params != SamplingParams():
+        raise InvalidRequest(f"a {request.task} request decodes nothing: leave the sampling params "
+                             "(max_new_tokens, temperature, ...) at their defaults", request.id)
 
 
 def decode_request(data: bytes, request_id: str | None = None) -> Request:

@@ -17,8 +17,8 @@ import redis
 
 from .errors import Overloaded, ResultTimeout
 from .keys import Keys
-from .protocol import Result
-from . import scripts
+from .protocol import Request, Result
+from . import scoring, scripts
 from ._common import (
     ACCEPTED_TTL_S,
     RECONNECT_RETRIES,
@@ -260,6 +260,10 @@ class Client:
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, priority=priority,
             producer=self.producer, timeout=timeout, deadline=deadline)
+        return self._send(request, payload, explicit, timeout)
+
+    def _send(self, request: Request, payload: bytes, explicit: bool, timeout: float | None) -> RequestHandle:
+        request_id = request.id
         handle = RequestHandle(self, request_id, wait_budget(timeout, request.deadline))
         self._router.register(handle)
         if explicit and not self._ids.owns(request_id):
@@ -283,6 +287,21 @@ class Client:
     def stream(self, prompt: str | None = None, **kwargs) -> Iterator[StreamItem]:
         """Submit and yield Delta items as tokens arrive, then the final Result."""
         return iter(self.submit(prompt, **kwargs))
+
+    def next_token_logprobs(self, prompt_token_ids: Sequence[int], top_k: int | None = None,
+                            timeout: float | None = None) -> scoring.NextTokenLogprobs:
+        """Log-probabilities of the token after the prompt: the full vector, or the top_k most likely."""
+        request, payload = scoring.next_token_request(self._ids.next(), prompt_token_ids, top_k,
+                                                      producer=self.producer, timeout=timeout)
+        return scoring.next_token_logprobs(self._send(request, payload, False, timeout).result())
+
+    def score(self, prompt: str | None = None, continuation: str | None = None, *,
+              prompt_token_ids: Sequence[int] | None = None, continuation_token_ids: Sequence[int] | None = None,
+              timeout: float | None = None) -> scoring.Score:
+        """Log-probability of the continuation after the prompt (text or token ids), token by token."""
+        request, payload = scoring.score_request(self._ids.next(), prompt, continuation, prompt_token_ids,
+                                                 continuation_token_ids, producer=self.producer, timeout=timeout)
+        return scoring.score(self._send(request, payload, False, timeout).result())
 
     def cancel(self, request_id: str) -> None:
         """Ask batchd to stop a request; its slot is freed within one engine step."""

@@ -48,6 +48,10 @@ class EchoEngine:
         text = request.prompt if request.prompt is not None else "\n".join(m.content for m in request.messages)
         return list(text.encode("utf-8"))
 
+    def scorer(self) -> None:
+        """No model, so no log-probabilities: the worker refuses scoring requests."""
+        return None
+
     def add(self, request: EngineRequest) -> None:
         if len(request.prompt_token_ids) > MAX_CONTEXT:
             raise RequestTooLarge(f"prompt has {len(request.prompt_token_ids)} tokens; "

@@ -89,3 +89,7 @@ class Engine(Protocol):
     @property
     def kv_cache_usage(self) -> float:
         """Fraction of the KV cache in use, 0..1."""
+
+    # Optional: `scorer() -> workers.scoring.Scorer | None`, the model that answers
+    # scoring requests (task next_token_logprobs / score) outside the slots. An
+    # engine without it, or returning None, refuses them with InvalidRequest.

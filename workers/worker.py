@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 import redis
@@ -24,7 +25,7 @@ import redis
 from batchd import metrics
 from batchd.client import recovery, scripts
 from batchd.client.connection import connect, instance_id, redact
-from batchd.client.errors import BatchdError, Cancelled, DeadlineExceeded
+from batchd.client.errors import BatchdError, Cancelled, DeadlineExceeded, InvalidRequest
 from batchd.client.keys import WORKER_GROUP, Keys
 from batchd.client.protocol import (
     PROTOCOL_VERSION,
@@ -43,6 +44,9 @@ from batchd.client.protocol import (
 )
 
 from .engine import Engine, EngineRequest, StepOutput
+
+if TYPE_CHECKING:  # scoring imports torch; an echo worker runs without it
+    from .scoring import ScoreItem, ScoreOutput
 
 log = logging.getLogger("batchd.worker")
 
@@ -122,6 +126,8 @@ class Worker:
         self.started_at = clock()
         self._last_progress = time.monotonic()
         self._lease_done = threading.Event()  # set once drained: the lease may lapse
+        # Scoring requests read this iteration: answered together in one forward pass.
+        self._scoring: list[tuple[_Tracked, ScoreItem]] = []
 
     # -- lifecycle --------------------------------------------------------
     def stop(self) -> None:
@@ -196,6 +202,8 @@ class Worker:
         if not self._draining:
             self._read_jobs(block_ms=None if busy else self._idle_block_ms())
         self._apply_cancels()
+        if self._scoring:
+            self._score()
         if self.engine.has_work():
             self._step()
         self._heartbeat()
@@ -204,7 +212,10 @@ class Worker:
         """Wait for jobs, but wake in time to advertise slots that just freed up."""
         if self._beat_is_stale():
             return max(1, int((self._next_heartbeat - self.config.heartbeat_interval_s + 0.02 - self.clock()) * 1000))
-        return 50
+        # Nothing to advertise: block until the next periodic beat. A new job
+        # wakes the read at once, so a long block costs no latency, and a
+        # short one would be a busy poll (see SERVER_TICK_MS).
+        return max(SERVER_TICK_MS, int((self._next_heartbeat - self.clock()) * 1000))
 
     def _beat_is_stale(self) -> bool:
         """Schedulers see other free slots, or count jobs this worker already read as still queued."""
@@ -239,6 +250,7 @@ class Worker:
         self.tracked.clear()
         self.jobs_open.clear()
         self._undelivered.clear()
+        self._scoring.clear()
 
     def _admit_job(self, entry_id: str, fields: dict) -> None:
         self.last_job_read = entry_id
@@ -266,8 +278,11 @@ class Worker:
             if request.deadline is not None and request.deadline <= now:
                 raise DeadlineExceeded(f"request {request.id} expired before a slot was free; "
                                        "raise its timeout or add workers", request.id)
-            prompt = self.engine.tokenize(request)
-            self.engine.add(EngineRequest(request.id, prompt, request.params, request.deadline, now))
+            if request.task == "generate":
+                prompt = self.engine.tokenize(request)
+                self.engine.add(EngineRequest(request.id, prompt, request.params, request.deadline, now))
+            else:
+                self._scoring.append((tracked, self._scorer(request).prepare(request)))
         except BatchdError as exc:
             reason = {"cancelled": "cancelled", "deadline_exceeded": "deadline"}.get(exc.code, "error")
             self._finish_now(tracked, error_result(request.id, exc, reason, request.submitted_at,
@@ -288,6 +303,46 @@ class Worker:
 
     def _finish_now(self, tracked: _Tracked, result: Result) -> None:
         self._deliver([(tracked, result)])
+
+    def _scorer(self, request: Request):
+        scorer = getattr(self.engine, "scorer", lambda: None)()
+        if scorer is None:
+            raise InvalidRequest(f"the {self.engine.name} engine has no model: it cannot answer "
+                                 f"{request.task} requests", request.id)
+        return scorer
+
+    # -- scoring ----------------------------------------------------------------
+    def _score(self) -> None:
+        """All scoring requests read this iteration, as one batched forward pass between engine steps."""
+        batch, self._scoring = self._scoring, []
+        try:
+            outputs = self.engine.scorer().score([item for _tracked, item in batch])
+        except Exception as exc:  # a failed pass (out of memory) costs its requests, not the worker
+            log.exception("scoring %d requests failed", len(batch))
+            error = BatchdError(f"worker could not score the request: {type(exc).__name__}: {exc}")
+            self._deliver([(tracked, error_result(tracked.request.id, error, "error", tracked.request.submitted_at,
+                                                  self.config.worker_id)) for tracked, _item in batch])
+            return
+        now = self.clock()
+        self._deliver([(tracked, self._score_result(tracked, item, output, now))
+                       for (tracked, item), output in zip(batch, outputs)])
+
+    def _score_result(self, tracked: _Tracked, item: ScoreItem, output: ScoreOutput, now: float) -> Result:
+        request = tracked.request
+        submitted = request.submitted_at or tracked.admitted_at
+        vector = output.next_token_logprobs
+        return Result(
+            request_id=request.id,
+            finish_reason="stop",
+            usage=Usage(prompt_tokens=len(item.prompt_token_ids) + len(item.continuation_token_ids or ())),
+            timings=Timings(queued_s=max(0.0, tracked.admitted_at - submitted), total_s=max(0.0, now - submitted)),
+            worker=self.config.worker_id,
+            attempt=request.attempt,
+            logprobs=None if vector is None else vector.numpy().astype("<f4").tobytes(),
+            top_token_ids=output.top_token_ids,
+            top_logprobs=output.top_logprobs,
+            token_logprobs=output.token_logprobs,
+            total_logprob=output.total_logprob)
 
     # -- cancellation -----------------------------------------------------------
     def _apply_cancels(self) -> None:
@@ -537,6 +592,8 @@ class Worker:
             if self._undelivered:
                 finished, self._undelivered = self._undelivered, []
                 self._deliver(finished)
+            if self._scoring:
+                self._score()
             self._heartbeat(force=True)  # advertise no free slots
             while self.engine.has_work() and time.monotonic() < give_up:
                 self._apply_cancels()
@@ -581,3 +638,4 @@ class Worker:
                            worker_id=self.config.worker_id)
         self._ack_jobs(list(self.jobs_open))
         self.tracked.clear()
+        self._scoring.clear()

@@ -29,6 +29,7 @@ from .runner import (
     kv_bytes_per_token,
     supports_fast_path,
 )
+from ..scoring import Scorer
 from .sampler import Sampler
 from .sequence import Sequence, Status
 
@@ -71,6 +72,8 @@ class HFEngine:
         self._by_id: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator | None] = {}
         self._to_cancel: dict[str, FinishReason] = {}
+        pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+        self._scorer = Scorer(loaded.model, loaded.tokenizer, self.max_context, pad_id)
         log.info("hf engine: model=%s path=%s slots=%d max_context=%d kv_cache=%.1f MiB (allocated %.1f MiB) "
                  "device=%s dtype=%s", self.model_name, f"fast/{self._runner.attention}" if fast else "generic",
                  slots, self.max_context, self.kv_cache_bytes / 2**20, self._runner.cache_bytes / 2**20,
@@ -80,6 +83,9 @@ class HFEngine:
 
     def tokenize(self, request: Request) -> list[int]:
         return tokenize(self.tokenizer, request, self.max_context, self._config.vocab_size)
+
+    def scorer(self) -> Scorer:
+        return self._scorer
 
     def add(self, request: EngineRequest) -> None:
         self._check_fits(request)
