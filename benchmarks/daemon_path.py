@@ -52,13 +52,9 @@ def _save_tokenizer(directory: Path, vocab_size: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>").save_pretrained(directory)
 
 
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q / 100 * len(values)))] if values else float("nan")
-
-
 async def submit_all(url: str, prompts, outputs, progress: bool) -> dict:
     from batchd import AsyncClient
+    from batchd.bench import percentiles
     from batchd.client._common import Delta
 
     ttfts, gaps, tokens = [], [], 0
@@ -87,9 +83,9 @@ async def submit_all(url: str, prompts, outputs, progress: bool) -> dict:
         began = time.perf_counter()
         await asyncio.gather(*(one(p, n) for p, n in zip(prompts, outputs)))
         wall = time.perf_counter() - began
+    ttft, itl = percentiles(ttfts), percentiles(gaps)
     return {"wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall,
-            "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
-            "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99)}
+            "ttft_p50_s": ttft["p50"], "ttft_p99_s": ttft["p99"], "itl_p50_s": itl["p50"], "itl_p99_s": itl["p99"]}
 
 
 def engine_alone(model_dir: Path, args, dtype: str, prompts, outputs) -> dict:

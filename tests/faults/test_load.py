@@ -15,6 +15,7 @@ import time
 import pytest
 
 from batchd import Client
+from batchd.bench import percentiles
 
 from .conftest import assert_serves_new_requests
 
@@ -40,11 +41,6 @@ async def main(url, name, count):
 
 asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 """
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
 def test_ten_thousand_requests_from_eight_producers(redis_server, daemons, observer):
@@ -83,12 +79,12 @@ def test_ten_thousand_requests_from_eight_producers(redis_server, daemons, obser
     ids = [f"p{k}-{i}" for k in range(PRODUCERS) for i in range(PER_PRODUCER)]
     observer.wait_for_finals(ids, timeout=30)
     observer.assert_exactly_once(ids + [f"quiet-{n}" for n in range(len(quiet))])
-    burst = [latency for report in reports for latency in report["latencies"]]
+    burst = percentiles([latency for report in reports for latency in report["latencies"]])
     print(f"\n{len(ids)} requests from {PRODUCERS} processes in {elapsed:.1f}s "
-          f"({len(ids) / elapsed:.0f} req/s); burst latency p50 {percentile(burst, 50):.2f}s "
-          f"p99 {percentile(burst, 99):.2f}s; quiet producer ({len(quiet)} requests) "
+          f"({len(ids) / elapsed:.0f} req/s); burst latency p50 {burst['p50']:.2f}s "
+          f"p99 {burst['p99']:.2f}s; quiet producer ({len(quiet)} requests) "
           f"p50 {statistics.median(quiet):.3f}s max {max(quiet):.3f}s")
     assert quiet, "the quiet producer never got an answer during the burst"
     # Fair share: the quiet producer's requests overtake the burst queued before them.
-    assert statistics.median(quiet) < percentile(burst, 50) / 4
+    assert statistics.median(quiet) < burst['p50'] / 4
     assert_serves_new_requests(redis_server.url)
