@@ -7,6 +7,7 @@ and looks at what landed in Redis, as a producer or operator would.
 from __future__ import annotations
 
 import fakeredis
+import redis
 import msgpack
 import pytest
 
@@ -229,3 +230,57 @@ def test_a_fenced_worker_cannot_deliver_a_second_result(client, clock):
     run_worker_until_idle(worker)
     assert client.get(KEYS.result("r0")) is None
     assert not worker.tracked
+
+
+class DropsOnce:
+    """A Redis client whose connection drops at the first call of one command (a Redis restart)."""
+
+    def __init__(self, client, command: str):
+        self._client, self._command, self._dropped = client, command, False
+
+    def __getattr__(self, name):
+        attribute = getattr(self._client, name)
+        if name != self._command or self._dropped:
+            return attribute
+
+        def drop(*args, **kwargs):
+            self._dropped = True
+            raise redis.ConnectionError("connection reset by peer")
+
+        return drop
+
+
+def test_a_connection_lost_while_admitting_a_job_loses_none_of_its_requests(client, clock):
+    # Regression: the job used to be marked open before its cancel flags were read, so after the
+    # reconnect it looked finished and was acked with its requests never run.
+    scheduler = make_scheduler(client, clock)
+    flaky = DropsOnce(client, "mget")
+    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), client=flaky, clock=clock)
+    worker._connect()
+    submit(client, clock, "r0", prompt="abc")
+    submit(client, clock, "r1", prompt="de")
+    settle(scheduler, clock)
+    with pytest.raises(redis.ConnectionError):
+        worker.run_once()  # the job was delivered to the worker, then the connection dropped
+    worker._reconnect()
+    run_worker_until_idle(worker)
+    assert (final_of(client, "r0").text, final_of(client, "r1").text) == ("abc", "de")
+    assert client.xlen(KEYS.jobs("w1")) == 0
+
+
+def test_a_refused_request_keeps_its_job_open_until_its_error_is_stored(client, clock):
+    scheduler = make_scheduler(client, clock)
+    flaky = DropsOnce(client, "pipeline")  # the first pipeline is the refusal's FINALIZE
+    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), client=client, clock=clock)
+    worker._connect()
+    worker.redis = flaky
+    submit(client, clock, "r0", prompt="abc")
+    settle(scheduler, clock)
+    client.set(KEYS.cancelled("r0"), 1)  # cancelled after dispatch, before the worker read the job
+    with pytest.raises(redis.ConnectionError):
+        worker.run_once()
+    worker._reconnect()
+    assert client.xlen(KEYS.jobs("w1")) == 1  # not acked: the refusal is not stored yet
+    run_worker_until_idle(worker)
+    assert final_of(client, "r0").error.type == "cancelled"
+    assert client.xlen(KEYS.jobs("w1")) == 0

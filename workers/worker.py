@@ -260,16 +260,27 @@ class Worker:
             log.error("dropping unreadable job %s: %s", entry_id, exc)
             self._ack_jobs([entry_id])
             return
-        self.jobs_open[entry_id] = set()
-        cancelled = self.redis.mget([self.keys.cancelled(r.id) for r in job.requests]) if job.requests else []
+        # Read the cancel flags before the job is marked open: if Redis drops
+        # here, the entry stays unknown to this worker and is read again from
+        # the group's pending list on reconnect, instead of looking finished.
+        fresh = [r for r in job.requests if r.id not in self.tracked]  # a redelivered request already runs here
+        cancelled = self.redis.mget([self.keys.cancelled(r.id) for r in fresh]) if fresh else []
+        # Every request keeps its job open until its outcome is stored, refused ones included.
+        self.jobs_open[entry_id] = {r.id for r in fresh}
         now = self.clock()
-        for request, cancel_flag in zip(job.requests, cancelled):
-            self._admit(entry_id, request, now, cancelled=cancel_flag is not None)
+        restarts, refused = [], []
+        for request, cancel_flag in zip(fresh, cancelled):
+            tracked, refusal = self._admit(entry_id, request, now, cancelled=cancel_flag is not None)
+            if refusal is not None:
+                refused.append((tracked, refusal))
+            elif request.attempt > 0:
+                restarts.append((tracked, RestartEvent(attempt=request.attempt,
+                                                       reason="resumed on worker " + self.config.worker_id)))
+        self._publish_step(restarts, refused)
         self._close_job_if_done(entry_id)
 
-    def _admit(self, entry_id: str, request: Request, now: float, cancelled: bool) -> None:
-        if request.id in self.tracked:
-            return  # delivered twice (scheduler retry); already running here
+    def _admit(self, entry_id: str, request: Request, now: float, cancelled: bool) -> tuple[_Tracked, Result | None]:
+        """Hand one request to the engine (no I/O); returns its refusal when it cannot run."""
         owner = scripts.owner_token(self.config.worker_id, request.attempt)
         tracked = _Tracked(request, entry_id, owner, now)
         try:
@@ -285,24 +296,15 @@ class Worker:
                 self._scoring.append((tracked, self._scorer(request).prepare(request)))
         except BatchdError as exc:
             reason = {"cancelled": "cancelled", "deadline_exceeded": "deadline"}.get(exc.code, "error")
-            self._finish_now(tracked, error_result(request.id, exc, reason, request.submitted_at,
-                                                   self.config.worker_id))
-            return
+            return tracked, error_result(request.id, exc, reason, request.submitted_at, self.config.worker_id)
         except Exception as exc:  # a bug or a tokenizer crash must cost one request, not the worker
             log.exception("could not admit request %s", request.id)
-            self._finish_now(tracked, error_result(
+            return tracked, error_result(
                 request.id, BatchdError(f"worker could not admit the request: {type(exc).__name__}: {exc}"),
-                "error", request.submitted_at, self.config.worker_id))
-            return
+                "error", request.submitted_at, self.config.worker_id)
         self.tracked[request.id] = tracked
-        self.jobs_open[entry_id].add(request.id)
-        if request.attempt > 0:
-            self._publish_step([(tracked, RestartEvent(attempt=request.attempt,
-                                                        reason="resumed on worker " + self.config.worker_id))], [])
         metrics.queue_time.labels(*self._labels).observe(max(0.0, now - request.submitted_at))
-
-    def _finish_now(self, tracked: _Tracked, result: Result) -> None:
-        self._deliver([(tracked, result)])
+        return tracked, None
 
     def _scorer(self, request: Request):
         scorer = getattr(self.engine, "scorer", lambda: None)()
@@ -472,7 +474,6 @@ class Worker:
             self._count_finish(tracked, result, outcome)
             self.tracked.pop(tracked.request.id, None)
             open_ids = self.jobs_open.get(tracked.job_entry)
-            # A request refused at admission was never open: its job may still be admitting the rest.
             if open_ids is not None and tracked.request.id in open_ids:
                 open_ids.discard(tracked.request.id)
                 if not open_ids:
