@@ -89,3 +89,11 @@ class Keys:
     def stats(self) -> str:
         """Hash of fleet-wide counters (dead letters, reclaimed requests, ...)."""
         return f"{self.prefix}stats"
+
+
+def parse_stream_id(stream_id: str | bytes) -> tuple[int, int]:
+    """A stream entry id ("<ms>-<seq>") as a tuple that orders like the stream."""
+    if isinstance(stream_id, bytes):
+        stream_id = stream_id.decode()
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -24,21 +24,30 @@ return 1
 
 # Store the final event once and publish it once. A worker whose lease was
 # taken over (owner key names another attempt) is refused, so a worker that
-# was paused past its lease never delivers a second result.
-# KEYS: result key, owner key
-# ARGV: channel, final event payload, result ttl seconds, owner token ('' = no lease check)
+# was paused past its lease never delivers a second result. A worker whose job
+# this result completes passes the job too: it is acknowledged in the same
+# step, after the result is stored (a job is acked whatever the outcome: a
+# fenced or duplicate result leaves nothing more to do for it).
+# KEYS: result key, owner key, [job stream]
+# ARGV: channel, final event payload, result ttl seconds, owner token ('' = no lease check),
+#       [worker group, job entry id]
 # Returns 1 delivered, 0 already delivered, -1 fenced.
 FINALIZE = """
+local outcome = 0
 if ARGV[4] ~= '' then
   local owner = redis.call('GET', KEYS[2])
-  if owner and owner ~= ARGV[4] then return -1 end
+  if owner and owner ~= ARGV[4] then outcome = -1 end
 end
-if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', tonumber(ARGV[3])) then
+if outcome == 0 and redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', tonumber(ARGV[3])) then
   redis.call('PUBLISH', ARGV[1], ARGV[2])
   redis.call('DEL', KEYS[2])
-  return 1
+  outcome = 1
 end
-return 0
+if KEYS[3] then
+  redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
+  redis.call('XDEL', KEYS[3], ARGV[6])
+end
+return outcome
 """
 
 # Publish one engine step's token events in one round trip, dropping those
@@ -125,10 +134,16 @@ return {1, job_id}
 
 
 def finalize_keys_args(keys, request_id: str, final_payload: bytes, result_ttl_s: int,
-                       owner_token: str = "") -> tuple[list[str], list]:
-    """KEYS and ARGV of FINALIZE for one request's final event."""
-    return ([keys.result(request_id), keys.owner(request_id)],
-            [keys.channel(request_id), final_payload, result_ttl_s, owner_token])
+                       owner_token: str = "", ack: tuple[str, str, str] | None = None) -> tuple[list[str], list]:
+    """KEYS and ARGV of FINALIZE for one request's final event; ack = (job stream, group, entry id)
+    when this result completes that job."""
+    call_keys = [keys.result(request_id), keys.owner(request_id)]
+    args = [keys.channel(request_id), final_payload, result_ttl_s, owner_token]
+    if ack is not None:
+        stream, group, entry_id = ack
+        call_keys.append(stream)
+        args += [group, entry_id]
+    return call_keys, args
 
 
 def dead_letter_fields(request_id: str | None, error_type: str, message: str, data: bytes | None) -> dict:

@@ -23,7 +23,7 @@ from batchd import metrics
 from batchd.client import recovery, scripts
 from batchd.client.connection import connect, instance_id, redact
 from batchd.client.errors import BatchdError, Cancelled, DeadlineExceeded, InvalidRequest, WorkerFailed
-from batchd.client.keys import SCHEDULER_GROUP, Keys
+from batchd.client.keys import SCHEDULER_GROUP, Keys, parse_stream_id
 from batchd.client.protocol import (
     PROTOCOL_VERSION,
     FinalEvent,
@@ -36,7 +36,7 @@ from batchd.client.protocol import (
     error_result,
 )
 
-from .policy import Batcher, BatchPolicy, WorkerCapacity, parse_stream_id, pick_worker
+from .policy import Batcher, BatchPolicy, WorkerCapacity, pick_worker
 
 log = logging.getLogger("batchd.scheduler")
 
@@ -47,6 +47,15 @@ SWEEP_INTERVAL_S = 0.1
 
 # Seconds a worker's heartbeat must stay gone before its jobs are reaped.
 REAP_GRACE_S = 0.9
+
+# A batch window counts from when the first request reached Redis (its entry id),
+# not from when this scheduler woke up to read it, so the hop is not added to
+# max_wait_ms. The broker's clock is mapped onto ours from TIME; a request is
+# credited at most this much transit, which bounds the effect of a bad clock
+# estimate or of an entry id chosen by a producer.
+MAX_TRANSIT_CREDIT_S = 0.002
+# Clock samples from a round trip slower than this are too loose to keep.
+CLOCK_SAMPLE_MAX_RTT_S = 0.002
 
 
 @dataclass
@@ -97,6 +106,8 @@ class Scheduler:
         self._next_housekeeping = 0.0
         self._next_sweep = 0.0
         self._missing_since: dict[str, float] = {}
+        # Redis's clock minus ours, from TIME; None until a tight sample came back.
+        self._broker_offset_s: float | None = None
         self.jobs_dispatched = 0
 
     # -- lifecycle --------------------------------------------------------
@@ -202,7 +213,15 @@ class Scheduler:
             if held is None:
                 continue
             metrics.requests_received.labels(str(held.request.priority)).inc()
-            self.batcher.add(held, now, priority=held.request.priority, producer=held.request.producer)
+            self.batcher.add(held, self._arrival(held.entry_id, now), priority=held.request.priority,
+                             producer=held.request.producer)
+
+    def _arrival(self, entry_id: str, now: float) -> float:
+        """When the request reached Redis, on this scheduler's clock (see MAX_TRANSIT_CREDIT_S)."""
+        if self._broker_offset_s is None:
+            return now
+        entered = parse_stream_id(entry_id)[0] / 1000.0 - self._broker_offset_s
+        return max(now - MAX_TRANSIT_CREDIT_S, min(now, entered))
 
     def _decode_entry(self, entry_id, fields) -> _Held | None:
         entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -348,7 +367,13 @@ class Scheduler:
 
     # -- workers --------------------------------------------------------------
     def _refresh_workers(self) -> None:
-        worker_ids = [w.decode() for w in self.redis.zrange(self.keys.workers, 0, -1)]
+        sent = self.clock()
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.zrange(self.keys.workers, 0, -1)
+            (broker_s, broker_us), members = pipe.execute()
+        self._note_broker_time(broker_s + broker_us / 1e6, sent, self.clock())
+        worker_ids = [w.decode() for w in members]
         beats = self.redis.mget([self.keys.heartbeat(w) for w in worker_ids]) if worker_ids else []
         live: dict[str, WorkerCapacity] = {}
         for worker_id, raw in zip(worker_ids, beats):
@@ -365,6 +390,10 @@ class Scheduler:
         self.workers = live
         metrics.live_workers.set(len(live))
         metrics.free_slots.set(sum(w.available() for w in live.values()))
+
+    def _note_broker_time(self, broker_now: float, sent: float, received: float) -> None:
+        if received - sent <= CLOCK_SAMPLE_MAX_RTT_S or self._broker_offset_s is None:
+            self._broker_offset_s = broker_now - (sent + received) / 2
 
     def _housekeeping(self, now: float) -> None:
         self._keep_claims()

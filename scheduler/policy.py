@@ -77,11 +77,12 @@ class Batcher(Generic[Item]):
     def __len__(self) -> int:
         return self._count
 
-    def add(self, item: Item, now: float, *, priority: int = 0, producer: str = "") -> None:
+    def add(self, item: Item, arrival: float, *, priority: int = 0, producer: str = "") -> None:
+        """Hold a request that arrived at `arrival` (the caller's clock, like every `now`)."""
         level = self._levels.get(priority)
         if level is None:
             level = self._levels[priority] = _PriorityLevel()
-        level.add(producer, _Pending(item, now))
+        level.add(producer, _Pending(item, arrival))
         self._count += 1
 
     def opened_at(self) -> float | None:
@@ -168,13 +169,6 @@ class WorkerCapacity:
 
     def dispatched(self, job_stream_id: tuple[int, int], requests: int) -> None:
         self.unseen.append((job_stream_id, requests))
-
-
-def parse_stream_id(stream_id: str | bytes) -> tuple[int, int]:
-    if isinstance(stream_id, bytes):
-        stream_id = stream_id.decode()
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def pick_worker(workers: dict[str, WorkerCapacity]) -> WorkerCapacity | None:

@@ -6,6 +6,8 @@ and looks at what landed in Redis, as a producer or operator would.
 
 from __future__ import annotations
 
+import time
+
 import fakeredis
 import redis
 import msgpack
@@ -284,3 +286,79 @@ def test_a_refused_request_keeps_its_job_open_until_its_error_is_stored(client, 
     run_worker_until_idle(worker)
     assert final_of(client, "r0").error.type == "cancelled"
     assert client.xlen(KEYS.jobs("w1")) == 0
+
+
+def confirmed_worker(client, clock, worker_id: str = "w1") -> Worker:
+    """A connected worker whose cancel subscription Redis has confirmed."""
+    worker = Worker(WorkerConfig(worker_id=worker_id), EchoEngine(slots=8, clock=clock), client=client, clock=clock)
+    worker._connect()
+    for _ in range(50):
+        worker._apply_cancels()
+        if not worker._cancels.needs_flags("99999999999999-0"):
+            return worker
+        time.sleep(0.01)
+    raise AssertionError("the cancel subscription was never confirmed")
+
+
+def test_a_cancel_heard_before_its_job_is_read_refuses_the_request(client, clock):
+    scheduler = make_scheduler(client, clock)
+    worker = confirmed_worker(client, clock)
+    submit(client, clock, "r0", prompt="abc")
+    submit(client, clock, "r1", prompt="de")
+    settle(scheduler, clock)
+    # Broadcast only (no flag): the worker can know of this cancel only from its subscription.
+    client.publish(KEYS.cancel_channel, "r0")
+    time.sleep(0.05)
+    worker._apply_cancels()  # heard before the job is read; remembered
+    run_worker_until_idle(worker)
+    assert final_of(client, "r0").error.type == "cancelled"
+    assert final_of(client, "r1").text == "de"
+
+
+def test_jobs_dispatched_before_the_subscription_was_confirmed_read_their_flags(client, clock):
+    scheduler = make_scheduler(client, clock)
+    submit(client, clock, "r0", prompt="abc")
+    settle(scheduler, clock)
+    advertise(client, "w1", 8, clock)
+    settle(scheduler, clock)
+    client.set(KEYS.cancelled("r0"), 1)  # its broadcast went out before this worker subscribed
+    worker = confirmed_worker(client, clock)
+    run_worker_until_idle(worker)
+    assert final_of(client, "r0").error.type == "cancelled"
+
+
+def test_after_a_gap_in_the_cancel_subscription_held_requests_read_their_flags(redis_client, clock):
+    client = redis_client
+    scheduler = make_scheduler(client, clock)
+    worker = confirmed_worker(client, clock)
+    worker.engine.token_delay_s = 0
+    submit(client, clock, "long", prompt="x" * 50)
+    settle(scheduler, clock)
+    worker.run_once()
+    assert "long" in worker.tracked
+    # The subscription drops; a cancel broadcast meanwhile is lost, only its flag remains.
+    client.client_kill_filter(_type="pubsub")
+    client.set(KEYS.cancelled("long"), 1)
+    for _ in range(200):  # as Worker.run does: a lost connection means reconnect and go on
+        try:
+            worker.run_once()
+        except redis.ConnectionError:
+            worker._reconnect()
+        if not worker.tracked:
+            break
+    result = final_of(client, "long")
+    assert result.finish_reason == "cancelled" and len(result.text) < 50
+
+
+def test_a_batch_window_counts_from_when_the_request_reached_redis(client, clock):
+    scheduler = make_scheduler(client, clock)  # max_wait_ms=10
+    # Redis's clock runs 100 s ahead of this scheduler's; TIME tells it so.
+    scheduler._note_broker_time(clock() + 100.0, sent=clock(), received=clock())
+    entered_ms = int((clock() + 100.0 - 0.0015) * 1000)  # 1.5 ms before the read, on Redis's clock
+    client.xadd(KEYS.requests, {"id": "r0", "data": encode(Request(v=PROTOCOL_VERSION, id="r0", prompt="p"))},
+                id=f"{entered_ms}-0")
+    scheduler._read(None)
+    assert scheduler.batcher.opened_at() == pytest.approx(clock() - 0.0015, abs=0.001)
+    # An entry id far in the past (or a skewed clock) earns at most MAX_TRANSIT_CREDIT_S.
+    scheduler._accept([("1000-0", {b"id": b"r1", b"data": encode(Request(v=PROTOCOL_VERSION, id="r1", prompt="p"))})])
+    assert scheduler.batcher.opened_at() == pytest.approx(clock() - 0.002)

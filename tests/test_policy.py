@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from batchd.scheduler.policy import Batcher, BatchPolicy, WorkerCapacity, parse_stream_id, pick_worker
+from batchd.client.keys import parse_stream_id
+from batchd.scheduler.policy import Batcher, BatchPolicy, WorkerCapacity, pick_worker
 
 
 def batcher(max_batch=4, max_wait_ms=10.0) -> Batcher:
@@ -14,15 +15,15 @@ def batcher(max_batch=4, max_wait_ms=10.0) -> Batcher:
 def test_a_batch_closes_when_full_even_before_max_wait():
     b = batcher(max_batch=3)
     for i in range(3):
-        b.add(i, now=0.0)
+        b.add(i, arrival=0.0)
     assert b.take(now=0.0, free_slots=10) == [0, 1, 2]
     assert len(b) == 0
 
 
 def test_a_batch_waits_max_wait_from_its_first_arrival_not_the_last():
     b = batcher(max_batch=10, max_wait_ms=10.0)
-    b.add("a", now=1.000)
-    b.add("b", now=1.008)
+    b.add("a", arrival=1.000)
+    b.add("b", arrival=1.008)
     assert b.take(now=1.009, free_slots=10) == []
     assert b.seconds_until_due(1.009) == pytest.approx(0.001)
     assert b.take(now=1.010, free_slots=10) == ["a", "b"]
@@ -31,7 +32,7 @@ def test_a_batch_waits_max_wait_from_its_first_arrival_not_the_last():
 def test_a_batch_is_never_larger_than_the_free_slots():
     b = batcher(max_batch=8)
     for i in range(8):
-        b.add(i, now=0.0)
+        b.add(i, arrival=0.0)
     assert b.take(now=0.0, free_slots=3) == [0, 1, 2]
     assert b.take(now=0.0, free_slots=0) == []
     assert len(b) == 5
@@ -40,7 +41,7 @@ def test_a_batch_is_never_larger_than_the_free_slots():
 def test_leftovers_are_due_at_once_because_they_already_waited():
     b = batcher(max_batch=2, max_wait_ms=10.0)
     for i in range(3):
-        b.add(i, now=0.0)
+        b.add(i, arrival=0.0)
     assert b.take(now=0.0, free_slots=10) == [0, 1]
     assert b.take(now=0.005, free_slots=10) == []
     assert b.take(now=0.010, free_slots=10) == [2]
@@ -48,9 +49,9 @@ def test_leftovers_are_due_at_once_because_they_already_waited():
 
 def test_higher_priority_goes_first():
     b = batcher(max_batch=2, max_wait_ms=0)
-    b.add("low", now=0.0, priority=0)
-    b.add("high", now=0.1, priority=5)
-    b.add("mid", now=0.2, priority=1)
+    b.add("low", arrival=0.0, priority=0)
+    b.add("high", arrival=0.1, priority=5)
+    b.add("mid", arrival=0.2, priority=1)
     assert b.take(now=1.0, free_slots=2) == ["high", "mid"]
     assert b.take(now=1.0, free_slots=2) == ["low"]
 
@@ -58,8 +59,8 @@ def test_higher_priority_goes_first():
 def test_a_burst_from_one_producer_does_not_starve_another():
     b = batcher(max_batch=4, max_wait_ms=0)
     for i in range(1000):
-        b.add(f"burst-{i}", now=0.0, producer="bulk")
-    b.add("interactive", now=0.5, producer="chat")
+        b.add(f"burst-{i}", arrival=0.0, producer="bulk")
+    b.add("interactive", arrival=0.5, producer="chat")
     first = b.take(now=1.0, free_slots=4)
     assert "interactive" in first
     assert first.count("interactive") == 1 and len(first) == 4
@@ -68,7 +69,7 @@ def test_a_burst_from_one_producer_does_not_starve_another():
 def test_remove_takes_out_matching_items_and_keeps_order():
     b = batcher(max_batch=10, max_wait_ms=0)
     for i in range(6):
-        b.add(i, now=0.0, producer=f"p{i % 2}")
+        b.add(i, arrival=0.0, producer=f"p{i % 2}")
     assert sorted(b.remove(lambda item: item % 3 == 0)) == [0, 3]
     assert len(b) == 4
     assert sorted(b.take(now=1.0, free_slots=10)) == [1, 2, 4, 5]

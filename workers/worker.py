@@ -43,6 +43,7 @@ from batchd.client.protocol import (
     error_result,
 )
 
+from .cancels import CancelFeed
 from .engine import Engine, EngineRequest, StepOutput
 
 if TYPE_CHECKING:  # scoring imports torch; an echo worker runs without it
@@ -119,7 +120,7 @@ class Worker:
         self._next_heartbeat = 0.0
         self._last_free_slots = -1
         self._advertised_job_read = "0-0"
-        self._pubsub = None
+        self._cancels = CancelFeed(self.redis, self.keys.cancel_channel, self.stream)
         self._scripts: dict[str, str] = {}
         # Final results computed while Redis was unreachable; stored first thing once it is back.
         self._undelivered: list[tuple[_Tracked, Result]] = []
@@ -163,10 +164,7 @@ class Worker:
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        if self._pubsub is not None:
-            self._pubsub.close()
-        self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        self._pubsub.subscribe(self.keys.cancel_channel)
+        self._cancels.connect()
         self._read_pending_jobs()
         self._heartbeat(force=True)
 
@@ -264,13 +262,16 @@ class Worker:
         # here, the entry stays unknown to this worker and is read again from
         # the group's pending list on reconnect, instead of looking finished.
         fresh = [r for r in job.requests if r.id not in self.tracked]  # a redelivered request already runs here
-        cancelled = self.redis.mget([self.keys.cancelled(r.id) for r in fresh]) if fresh else []
+        if fresh and self._cancels.needs_flags(entry_id):
+            cancelled = [flag is not None for flag in self.redis.mget([self.keys.cancelled(r.id) for r in fresh])]
+        else:
+            cancelled = [self._cancels.heard(r.id) for r in fresh]
         # Every request keeps its job open until its outcome is stored, refused ones included.
         self.jobs_open[entry_id] = {r.id for r in fresh}
         now = self.clock()
         restarts, refused = [], []
         for request, cancel_flag in zip(fresh, cancelled):
-            tracked, refusal = self._admit(entry_id, request, now, cancelled=cancel_flag is not None)
+            tracked, refusal = self._admit(entry_id, request, now, cancelled=cancel_flag)
             if refusal is not None:
                 refused.append((tracked, refusal))
             elif request.attempt > 0:
@@ -348,13 +349,13 @@ class Worker:
 
     # -- cancellation -----------------------------------------------------------
     def _apply_cancels(self) -> None:
-        while True:
-            message = self._pubsub.get_message(timeout=0)
-            if message is None:
-                return
-            if message["type"] != "message":
-                continue
-            request_id = message["data"].decode("utf-8", "replace")
+        cancelled, resynced = self._cancels.poll()
+        if resynced and self.tracked:
+            # Back after a gap in the subscription: a cancel may have been missed meanwhile.
+            held = list(self.tracked)
+            flags = self.redis.mget([self.keys.cancelled(request_id) for request_id in held])
+            cancelled += [request_id for request_id, flag in zip(held, flags) if flag is not None]
+        for request_id in cancelled:
             if request_id in self.tracked:
                 self.engine.cancel(request_id, "cancelled")
 
@@ -417,10 +418,11 @@ class Worker:
             attempt=request.attempt)
 
     def _publish_step(self, events: list, finished: list) -> None:
-        """A step's token events and final results in one round trip, then the job acks.
+        """A step's token events, final results, job acks and heartbeat in one round trip.
 
         The pipeline runs in order, so a request's last tokens reach its
-        channel before its final event.
+        channel before its final event; a job is acked inside the script that
+        stores its last result.
         """
         # One publish call per lease token (requests of one attempt share it).
         by_owner: dict[str, list] = {}
@@ -432,15 +434,22 @@ class Worker:
             for tracked, event in group:
                 args += [self.keys.channel(tracked.request.id), encode(event)]
             calls.append(("publish", [self.keys.owner(t.request.id) for t, _ in group], args))
+        if not calls and not finished:
+            return
+        closing = self._jobs_closed_by(finished)
         for tracked, result in finished:
+            ack = (self.stream, WORKER_GROUP, tracked.job_entry) if closing.get(tracked.job_entry) is tracked else None
             keys, args = scripts.finalize_keys_args(self.keys, tracked.request.id, encode(FinalEvent(result)),
-                                                    self.config.result_ttl_s, tracked.owner)
+                                                    self.config.result_ttl_s, tracked.owner, ack)
             calls.append(("finalize", keys, args))
+        beat = self._due_beat()
         try:
-            outcomes = self._run_scripts(calls)
+            outcomes = self._run_scripts(calls, beat)
         except (redis.ConnectionError, redis.TimeoutError):
             self._undelivered.extend(finished)
             raise
+        if beat is not None:
+            self._beat_sent(beat)
         heard, finals = outcomes[:len(by_owner)], outcomes[len(by_owner):]
         if by_owner:
             self._cancel_abandoned(list(by_owner.values()), heard)
@@ -468,8 +477,22 @@ class Worker:
         """Store and publish final results, then acknowledge the jobs they close."""
         self._publish_step([], finished)
 
+    def _jobs_closed_by(self, finished: list[tuple[_Tracked, Result]]) -> dict[str, _Tracked]:
+        """The jobs these results complete, each with the request whose result completes it."""
+        left: dict[str, set[str]] = {}
+        closing = {}
+        for tracked, _result in finished:
+            open_ids = self.jobs_open.get(tracked.job_entry)
+            if open_ids is None or tracked.request.id not in open_ids:
+                continue
+            remaining = left.setdefault(tracked.job_entry, set(open_ids))
+            remaining.discard(tracked.request.id)
+            if not remaining:
+                closing[tracked.job_entry] = tracked
+        return closing
+
     def _close_finished(self, finished: list[tuple[_Tracked, Result]], outcomes: list) -> None:
-        closed = []
+        """Book the delivered results; the jobs they completed were acked with them."""
         for (tracked, result), outcome in zip(finished, outcomes):
             self._count_finish(tracked, result, outcome)
             self.tracked.pop(tracked.request.id, None)
@@ -477,18 +500,20 @@ class Worker:
             if open_ids is not None and tracked.request.id in open_ids:
                 open_ids.discard(tracked.request.id)
                 if not open_ids:
-                    closed.append(tracked.job_entry)
-        self._ack_jobs(closed)
+                    del self.jobs_open[tracked.job_entry]
 
     def _load_scripts(self) -> None:
         self._scripts = {name: self.redis.script_load(body) for name, body in SCRIPTS.items()}
 
-    def _run_scripts(self, calls: list[tuple[str, list, list]]) -> list:
-        """Run script calls in one pipeline; reload and rerun any Redis forgot (restart)."""
+    def _run_scripts(self, calls: list[tuple[str, list, list]], beat: Heartbeat | None = None) -> list:
+        """Run script calls (and a heartbeat) in one pipeline; reload and rerun any script
+        Redis forgot (restart). Returns the scripts' outcomes."""
         with self.redis.pipeline(transaction=False) as pipe:
             for name, keys, args in calls:
                 pipe.evalsha(self._scripts[name], len(keys), *keys, *args)
-            outcomes = pipe.execute(raise_on_error=False)
+            if beat is not None:
+                self._queue_beat(pipe, beat)
+            outcomes = pipe.execute(raise_on_error=False)[:len(calls)]
         for outcome in outcomes:
             if isinstance(outcome, (redis.ConnectionError, redis.TimeoutError)):
                 raise outcome
@@ -518,7 +543,8 @@ class Worker:
         metrics.e2e_latency.labels(*labels).observe(result.timings.total_s)
 
     def _close_job_if_done(self, entry_id: str) -> None:
-        if not self.jobs_open.get(entry_id):
+        """Ack a job that holds nothing left to run (every request a duplicate of one running here)."""
+        if entry_id in self.jobs_open and not self.jobs_open[entry_id]:
             self._ack_jobs([entry_id])
 
     def _ack_jobs(self, entry_ids: list[str]) -> None:
@@ -552,8 +578,17 @@ class Worker:
                 pass  # the main loop reports and reconnects
 
     def _heartbeat(self, force: bool = False) -> None:
+        beat = self._due_beat(force)
+        if beat is None:
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            self._queue_beat(pipe, beat)
+            pipe.execute()
+        self._beat_sent(beat)
+
+    def _due_beat(self, force: bool = False) -> Heartbeat | None:
+        """The heartbeat to send now, or None when none is due."""
         now = self.clock()
-        free = 0 if self._draining else self.capacity()
         # Beat as soon as free slots change (at most every 20 ms while busy), so schedulers
         # refill freed slots at once instead of at the next periodic beat.
         # A beat also tells schedulers which jobs this worker has read (last_job_read):
@@ -563,25 +598,28 @@ class Worker:
         changed = self._beat_is_stale() and (
             not self.engine.has_work() or now >= self._next_heartbeat - self.config.heartbeat_interval_s + 0.02)
         if not (force or changed or now >= self._next_heartbeat):
-            return
-        beat = Heartbeat(
+            return None
+        return Heartbeat(
             v=PROTOCOL_VERSION, worker_id=self.config.worker_id, model=self.engine.model_name,
-            engine=self.engine.name, total_slots=self.engine.total_slots, free_slots=free,
+            engine=self.engine.name, total_slots=self.engine.total_slots,
+            free_slots=0 if self._draining else self.capacity(),
             running=self.engine.num_running, waiting=self.engine.num_waiting,
             kv_cache_usage=self.engine.kv_cache_usage, last_job_read=self.last_job_read,
             lease_ms=self.config.lease_ms, host=socket.gethostname(), pid=os.getpid(),
             started_at=self.started_at, sent_at=now)
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.heartbeat(self.config.worker_id), encode(beat), px=self.config.lease_ms)
-            pipe.zadd(self.keys.workers, {self.config.worker_id: now})
-            pipe.execute()
-        self._last_free_slots = free
+
+    def _queue_beat(self, pipe, beat: Heartbeat) -> None:
+        pipe.set(self.keys.heartbeat(self.config.worker_id), encode(beat), px=self.config.lease_ms)
+        pipe.zadd(self.keys.workers, {self.config.worker_id: beat.sent_at})
+
+    def _beat_sent(self, beat: Heartbeat) -> None:
+        self._last_free_slots = beat.free_slots
         self._advertised_job_read = beat.last_job_read
-        self._next_heartbeat = now + self.config.heartbeat_interval_s
+        self._next_heartbeat = beat.sent_at + self.config.heartbeat_interval_s
         metrics.heartbeats.labels(*self._labels).inc()
-        metrics.requests_running.labels(*self._labels).set(self.engine.num_running)
-        metrics.requests_waiting_in_engine.labels(*self._labels).set(self.engine.num_waiting)
-        metrics.kv_cache_usage.labels(*self._labels).set(self.engine.kv_cache_usage)
+        metrics.requests_running.labels(*self._labels).set(beat.running)
+        metrics.requests_waiting_in_engine.labels(*self._labels).set(beat.waiting)
+        metrics.kv_cache_usage.labels(*self._labels).set(beat.kv_cache_usage)
 
     # -- shutdown ---------------------------------------------------------------
     def _drain(self) -> None:
@@ -611,6 +649,7 @@ class Worker:
             log.warning("could not drain cleanly (%s); schedulers will reclaim this worker's jobs", exc)
         finally:
             self._lease_done.set()
+            self._cancels.close()
         log.info("worker %s stopped", self.config.worker_id)
 
     def _read_remaining_jobs(self) -> None:

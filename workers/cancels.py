@@ -1,0 +1,96 @@
+"""The worker's subscription to cancel broadcasts, and what it can vouch for.
+
+A caller cancels by setting the request's cancel flag and broadcasting its id.
+The scheduler's DISPATCH script refuses requests whose flag is already set, so
+a worker only has to hear cancels sent after a job was dispatched, and this
+subscription hears every one of them while it is live. So a job needs no
+round trip to read its flags, except where the subscription may have missed
+something: before it is confirmed after a (re)connect, for jobs dispatched
+before that moment. `needs_flags` tells those apart by job stream id.
+
+Cancels for requests the worker does not hold yet are remembered (the job may
+still be on its way), so one heard a moment before its job is read still
+counts.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import redis
+from redis.client import PubSub
+
+from batchd.client.keys import parse_stream_id
+
+# Cancel ids remembered for requests not (yet) held here; the oldest go first.
+REMEMBERED_CANCELS = 10_000
+
+
+class _Subscription(PubSub):
+    """A PubSub that notes every (re)connect: redis-py resubscribes silently, and
+    broadcasts sent while the connection was down are lost."""
+
+    reconnected = False
+
+    def on_connect(self, connection) -> None:
+        self.reconnected = True
+        super().on_connect(connection)
+
+
+class CancelFeed:
+    def __init__(self, client: redis.Redis, channel: str, job_stream: str):
+        self._client = client
+        self._channel = channel
+        self._job_stream = job_stream
+        self._subscription: _Subscription | None = None
+        # Jobs after this stream id were dispatched while the subscription was live.
+        self._live_after: tuple[int, int] | None = None
+        self._heard: OrderedDict[str, None] = OrderedDict()
+
+    def connect(self) -> None:
+        self.close()
+        self._live_after = None
+        self._subscription = _Subscription(self._client.connection_pool)
+        self._subscription.subscribe(self._channel)
+
+    def close(self) -> None:
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+
+    def poll(self) -> tuple[list[str], bool]:
+        """Cancelled ids heard since the last poll, and whether the subscription just
+        became live again (then cancels of requests already held may have been missed)."""
+        cancelled, resynced = [], False
+        while True:
+            message = self._subscription.get_message(timeout=0)
+            if self._subscription.reconnected:
+                self._subscription.reconnected = False
+                self._live_after = None
+            if message is None:
+                return cancelled, resynced
+            if message["type"] == "subscribe":
+                self._live_after = self._last_dispatched()
+                resynced = True
+            elif message["type"] == "message":
+                request_id = message["data"].decode("utf-8", "replace")
+                cancelled.append(request_id)
+                self._remember(request_id)
+
+    def needs_flags(self, job_entry_id: str) -> bool:
+        """True when this job's requests may have been cancelled unheard: read their flags."""
+        return self._live_after is None or parse_stream_id(job_entry_id) <= self._live_after
+
+    def heard(self, request_id: str) -> bool:
+        return request_id in self._heard
+
+    def _remember(self, request_id: str) -> None:
+        self._heard[request_id] = None
+        while len(self._heard) > REMEMBERED_CANCELS:
+            self._heard.popitem(last=False)
+
+    def _last_dispatched(self) -> tuple[int, int]:
+        # Every job not yet read is still on the stream (the worker deletes only what
+        # it acked), so the newest entry bounds what was dispatched before now.
+        newest = self._client.xrevrange(self._job_stream, count=1)
+        return parse_stream_id(newest[0][0]) if newest else (0, 0)
