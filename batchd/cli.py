@@ -46,7 +46,13 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-context", type=int, default=None, help="longest prompt + output per slot")
     group.add_argument("--max-prefill-tokens", type=int, default=2048,
                        help="prompt tokens prefilled per step, so long prompts never stall decoding")
-    group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    group.add_argument("--contrast-model", default=None, metavar="MODEL",
+                       help="a second model (the same one before fine-tuning) that requests with contrast_alpha "
+                            "decode against: logits + alpha * (logits - logits_of_this_model)")
+    group.add_argument("--dtype", choices=("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), default=None,
+                       help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
+    group.add_argument("--quantize", choices=("none", "int8"), default="none",
+                       help="int8: weight-only int8 linear layers (torchao; pip install 'batchd[int8]')")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     group.add_argument("--token-delay-ms", type=float, default=0.0, help="echo engine: delay per step")
     group.add_argument("--drain-timeout", type=float, default=30.0,

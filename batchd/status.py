@@ -60,7 +60,8 @@ def render(snapshot: dict, previous: dict | None = None, interval: float = 0.0) 
         lines.append(f"  {'worker':<32} {'engine':<6} {'model':<24} {'running':>7} {'waiting':>7} "
                      f"{'free':>5} {'kv':>6}")
         for w in workers:
-            lines.append(f"  {w['worker_id']:<32} {w['engine']:<6} {w['model'][:24]:<24} {w['running']:>7} "
+            model = w["model"] + (f" vs {w['contrast_model']}" if w.get("contrast_model") else "")
+            lines.append(f"  {w['worker_id']:<32} {w['engine']:<6} {model[:24]:<24} {w['running']:>7} "
                          f"{w['waiting']:>7} {w['free_slots']:>5} {w['kv_cache_usage']:>6.1%}")
     else:
         lines.append("  no live workers: requests wait in the queue until one starts")

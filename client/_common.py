@@ -115,6 +115,7 @@ def build_request(
     continuation: str | None = None,
     continuation_token_ids: Sequence[int] | None = None,
     top_logprobs: int | None = None,
+    contrast_alpha: float | None = None,
 ) -> tuple[Request, bytes]:
     """Build, encode and validate a request exactly as a scheduler will.
 
@@ -139,7 +140,8 @@ def build_request(
             params=SamplingParams(
                 max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                 top_k=top_k, seed=seed, stop=list(stop or []), stop_token_ids=list(stop_token_ids or []),
-                ignore_eos=ignore_eos),
+                ignore_eos=ignore_eos,
+                contrast_alpha=None if contrast_alpha is None else float(contrast_alpha)),
             priority=priority,
             producer=producer,
             deadline=deadline,

@@ -169,8 +169,8 @@ class AsyncClient:
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                      seed: int | None = None, stop: Sequence[str] | str | None = None,
                      stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
-                     priority: int = 0, timeout: float | None = None, deadline: float | None = None,
-                     request_id: str | None = None) -> AsyncRequestHandle:
+                     contrast_alpha: float | None = None, priority: int = 0, timeout: float | None = None,
+                     deadline: float | None = None, request_id: str | None = None) -> AsyncRequestHandle:
         """Enqueue one request; see Client.submit."""
         await self._start()
         explicit = request_id is not None
@@ -178,7 +178,8 @@ class AsyncClient:
         request, payload = build_request(
             request_id, prompt, messages, prompt_token_ids, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, priority=priority,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, contrast_alpha=contrast_alpha,
+            priority=priority,
             producer=self.producer, timeout=timeout, deadline=deadline)
         return await self._send(request, payload, explicit, timeout)
 

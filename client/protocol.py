@@ -29,6 +29,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 MAX_ID_CHARS = 128
+MAX_CONTRAST_ALPHA = 100.0
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 # generate decodes new tokens; the other two score tokens the caller gives in one
@@ -51,6 +52,9 @@ class SamplingParams(Struct, forbid_unknown_fields=True, omit_defaults=True, fro
     stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]], Meta(max_length=MAX_STOP_STRINGS)] = []
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=64)] = []
     ignore_eos: bool = False
+    # Contrastive decoding against the worker's --contrast-model ("before"):
+    # logits_after + alpha * (logits_after - logits_before). None: the model alone.
+    contrast_alpha: Annotated[float, Meta(ge=-MAX_CONTRAST_ALPHA, le=MAX_CONTRAST_ALPHA)] | None = None
 
 
 class ChatMessage(Struct, forbid_unknown_fields=True):
@@ -168,6 +172,8 @@ class Heartbeat(Struct, omit_defaults=True):
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
+    # The model contrast_alpha requests decode against; "" when the worker has none.
+    contrast_model: str = ""
     # Stream id of the last job this worker read: schedulers subtract what
     # they dispatched after it from free_slots.
     last_job_read: str = "0-0"

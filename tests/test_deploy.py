@@ -830,7 +830,7 @@ def test_cpu_image_installs_cpu_torch_before_the_worker_extra():
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM \$\{PYTHON_IMAGE\}", text, re.M) and "ARG PYTHON_IMAGE=python:3.11-slim" in text
     assert "ARG TORCH_VERSION=2.13.0" in text and "download.pytorch.org/whl/cpu" in text
-    assert text.index('"torch==${TORCH_VERSION}"') < text.index('".[worker,embedded]"')
+    assert text.index('"torch==${TORCH_VERSION}"') < text.index('".[worker,embedded,int8]"')
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:", (DEPLOY / "Dockerfile.cuda").read_text(), re.M)
 
 

@@ -32,6 +32,7 @@ class LoadedModel:
     model: Any  # a transformers PreTrainedModel, in eval mode
     tokenizer: Any
     name: str
+    weights: str = ""  # how the weights are held: "float32", "bfloat16", "int8 (bfloat16 activations)", ...
 
 
 @dataclass
@@ -78,12 +79,24 @@ def _smollm2_source() -> ModelSource:
     return ModelSource(SMOLLM2_ALIAS, directory, SMOLLM2_FILE)
 
 
-def load_model(spec: str, dtype: str | None = None, device: str | None = None) -> LoadedModel:
-    """Load a model for inference: float32 on CPU, bfloat16 on CUDA unless dtype says otherwise."""
+# --dtype names; the short ones are aliases.
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+# --quantize: weight-only schemes; activations stay in --dtype.
+QUANTIZATIONS = ("none", "int8")
+
+
+def load_model(spec: str, dtype: str | None = None, device: str | None = None,
+               quantize: str | None = None) -> LoadedModel:
+    """Load a model for inference: float32 on CPU, bfloat16 on CUDA unless dtype says otherwise;
+    quantize="int8" then stores the linear layers' weights in int8 (weight-only, torchao)."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _torch_dtype(dtype, device)
+    quantize = quantize or "none"
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZATIONS)}")
     source = resolve(spec)
     if source.gguf_file is not None:
         source = _converted(source)
@@ -91,8 +104,13 @@ def load_model(spec: str, dtype: str | None = None, device: str | None = None) -
     log.info("loading %s from %s (%s, %s)", source.name, source.directory, torch_dtype, device)
     model, tokenizer = _load_checkpoint(source.directory, torch_dtype)
     model.to(device).eval()
-    log.info("loaded %s in %.1fs", source.name, time.monotonic() - started)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=source.name)
+    weights = str(torch_dtype).removeprefix("torch.")
+    if quantize == "int8":
+        quantize_int8_weights(model)
+        weights = f"int8 ({weights} activations)"
+    log.info("loaded %s in %.1fs: %.1f MiB of weights as %s", source.name, time.monotonic() - started,
+             weight_bytes(model) / 2**20, weights)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=source.name, weights=weights)
 
 
 def _torch_dtype(dtype: str | None, device: str):
@@ -101,9 +119,38 @@ def _torch_dtype(dtype: str | None, device: str):
     if dtype is None:
         return torch.float32 if device == "cpu" else torch.bfloat16
     try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        return getattr(torch, DTYPES[dtype])
     except KeyError:
-        raise ValueError(f"dtype {dtype!r} is not one of float32, bfloat16, float16") from None
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}") from None
+
+
+def quantize_int8_weights(model: Any) -> None:
+    """Weight-only int8 (one scale per output channel) for every linear layer but the output head,
+    whose rounding would move every logit (and which tied models share with the embedding)."""
+    try:
+        # torchao logs a warning for each CUDA extension it cannot load; only the CPU kernels matter here.
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise ValueError("--quantize int8 needs torchao: pip install 'batchd[int8]'") from None
+    import torch
+
+    head = model.get_output_embeddings()
+    quantize_(model, Int8WeightOnlyConfig(),
+              filter_fn=lambda module, _name: isinstance(module, torch.nn.Linear) and module is not head)
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes the model's parameters occupy, counting a quantized tensor's int8 data and scales."""
+    seen, total = set(), 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:  # tied weights count once
+            continue
+        seen.add(id(parameter))
+        parts = [getattr(parameter, name) for name in ("qdata", "scale", "zero_point")
+                 if getattr(parameter, name, None) is not None]
+        total += sum(p.numel() * p.element_size() for p in parts) if parts else parameter.numel() * parameter.element_size()
+    return total
 
 
 def _load_checkpoint(directory: Path, torch_dtype, gguf_file: str | None = None):

@@ -605,6 +605,7 @@ class Worker:
             free_slots=0 if self._draining else self.capacity(),
             running=self.engine.num_running, waiting=self.engine.num_waiting,
             kv_cache_usage=self.engine.kv_cache_usage, last_job_read=self.last_job_read,
+            contrast_model=getattr(self.engine, "contrast_model_name", ""),
             lease_ms=self.config.lease_ms, host=socket.gethostname(), pid=os.getpid(),
             started_at=self.started_at, sent_at=now)
 

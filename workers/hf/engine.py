@@ -5,6 +5,11 @@ One step reads top to bottom: finish what was cancelled or ran out of time
 step's chunks (one decode token per running slot, then prompt pieces under the
 prefill budget), run them in one forward pass, sample each row with its own
 request's parameters, and finish what stopped.
+
+With a contrast model (`--contrast-model`, the "before" of a fine-tune), a
+second runner keeps its own cache for the same slots; requests that ask for
+contrast_alpha run their chunks through both models in the same step and are
+sampled from logits_after + alpha * (logits_after - logits_before).
 """
 
 from __future__ import annotations
@@ -45,26 +50,36 @@ class HFEngine:
     def __init__(self, loaded: LoadedModel, *, slots: int = 16, max_context: int | None = None,
                  kv_memory: int | None = None, max_prefill_tokens: int = 2048, clock: Clock = time.time,
                  seed: int | None = None, attention: str | None = None, cuda_graph: bool | None = None,
-                 compile_decode: bool | None = None):
+                 compile_decode: bool | None = None, contrast: LoadedModel | None = None):
         if slots < 1 or max_prefill_tokens < 1:
             raise ValueError("slots and max_prefill_tokens must be at least 1")
+        if contrast is not None:
+            _check_pair(loaded, contrast)
         self.model_name = loaded.name
+        self.contrast_model_name = contrast.name if contrast is not None else ""
         self.total_slots = slots
         self.tokenizer = loaded.tokenizer
         self.model = loaded.model
         self._config = loaded.model.config
         self._clock = clock
         self._max_prefill_tokens = max_prefill_tokens
-        fast = supports_fast_path(loaded.model)
         self._dtype = dtype = next(loaded.model.parameters()).dtype
         device = next(loaded.model.parameters()).device
         attention = attention or ("flex" if device.type == "cuda" else "sdpa")
+        models = [loaded.model] + ([contrast.model] if contrast is not None else [])
+        fast = all(supports_fast_path(model) for model in models)
         length = (lambda context: cache_length(context, attention)) if fast else (lambda context: context)
-        self.max_context = _slot_context(self._config, slots, max_context, kv_memory, dtype, length)
-        if fast:
-            self._runner = LlamaRunner(loaded.model, slots, self.max_context, attention, cuda_graph, compile_decode)
-        else:
-            self._runner = GenericRunner(loaded.model, slots, self.max_context)
+        # Both caches come out of one budget: a contrast request holds a slot in each.
+        self._kv_bytes_per_token = sum(kv_bytes_per_token(model.config, dtype) for model in models)
+        self.max_context = _slot_context(self._config, slots, max_context, kv_memory, self._kv_bytes_per_token,
+                                         length)
+        def runner(model):
+            if fast:
+                return LlamaRunner(model, slots, self.max_context, attention, cuda_graph, compile_decode)
+            return GenericRunner(model, slots, self.max_context)
+
+        self._runner = runner(loaded.model)
+        self._contrast_runner = runner(contrast.model) if contrast is not None else None
         self._sampler = Sampler(self._runner.device, seed)
         self._eos_ids = _eos_ids(loaded.model, loaded.tokenizer)
         self._slots: list[Sequence | None] = [None] * slots
@@ -74,10 +89,12 @@ class HFEngine:
         self._to_cancel: dict[str, FinishReason] = {}
         pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self._scorer = Scorer(loaded.model, loaded.tokenizer, self.max_context, pad_id)
-        log.info("hf engine: model=%s path=%s slots=%d max_context=%d kv_cache=%.1f MiB (allocated %.1f MiB) "
-                 "device=%s dtype=%s", self.model_name, f"fast/{self._runner.attention}" if fast else "generic",
-                 slots, self.max_context, self.kv_cache_bytes / 2**20, self._runner.cache_bytes / 2**20,
-                 self._runner.device, dtype)
+        allocated = sum(r.cache_bytes for r in (self._runner, self._contrast_runner) if r is not None)
+        log.info("hf engine: model=%s contrast_model=%s path=%s slots=%d max_context=%d kv_cache=%.1f MiB "
+                 "(allocated %.1f MiB) device=%s dtype=%s weights=%s", self.model_name,
+                 self.contrast_model_name or "-", f"fast/{self._runner.attention}" if fast else "generic",
+                 slots, self.max_context, self.kv_cache_bytes / 2**20, allocated / 2**20, self._runner.device,
+                 dtype, loaded.weights)
 
     # -- the Engine protocol ------------------------------------------------------
 
@@ -89,6 +106,10 @@ class HFEngine:
 
     def add(self, request: EngineRequest) -> None:
         self._check_fits(request)
+        if request.params.contrast_alpha is not None and self._contrast_runner is None:
+            raise InvalidRequest("contrast_alpha needs a worker that serves a model pair "
+                                 "(batchd worker --model AFTER --contrast-model BEFORE); this one serves "
+                                 f"{self.model_name} alone", request.request_id)
         if request.request_id in self._by_id:
             raise InvalidRequest(f"request {request.request_id!r} is already running on this engine",
                                  request.request_id)
@@ -135,7 +156,7 @@ class HFEngine:
     @property
     def kv_cache_bytes(self) -> int:
         """Bytes the cache can hold: allocated up front on the fast path."""
-        return self.total_slots * self.max_context * kv_bytes_per_token(self._config, self._dtype)
+        return self.total_slots * self.max_context * self._kv_bytes_per_token
 
     # -- one step, in order ----------------------------------------------------------
 
@@ -197,6 +218,8 @@ class HFEngine:
     def _run(self, chunks: list[Chunk]) -> list[StepOutput]:
         try:
             logits, rows = self._runner.forward(chunks)
+            if self._contrast_runner is not None:
+                logits = self._contrast(chunks, rows, logits)
             sequences = [self._slots[c.slot] for c in rows]
             tokens = self._sampler.sample(logits, [s.request.params for s in sequences],
                                           [self._generators[s.request_id] for s in sequences])
@@ -208,6 +231,24 @@ class HFEngine:
         for chunk in chunks:
             self._slots[chunk.slot].num_cached += len(chunk.token_ids)
         return [self._emit(sequence, token) for sequence, token in zip(sequences, tokens)]
+
+    @torch.inference_mode()
+    def _contrast(self, chunks: list[Chunk], rows: list[Chunk], logits: torch.Tensor) -> torch.Tensor:
+        """Run the contrast requests' chunks through the before model too, and mix their logits."""
+        paired = [c for c in chunks if self._slots[c.slot].request.params.contrast_alpha is not None]
+        if not paired:
+            return logits
+        before, before_rows = self._contrast_runner.forward(paired)
+        if not before_rows:  # only prompt pieces that are not the last: their caches filled, nothing to sample
+            return logits
+        row_of = {chunk.slot: row for row, chunk in enumerate(rows)}
+        device = logits.device
+        index = torch.tensor([row_of[c.slot] for c in before_rows], device=device)
+        alpha = torch.tensor([self._slots[c.slot].request.params.contrast_alpha for c in before_rows],
+                             device=device, dtype=logits.dtype)[:, None]
+        after = logits[index]
+        logits[index] = after + alpha * (after - before.to(logits.dtype))
+        return logits
 
     def _emit(self, sequence: Sequence, token: int) -> StepOutput:
         sequence.generated.append(token)
@@ -230,6 +271,8 @@ class HFEngine:
         if sequence.slot >= 0:
             self._slots[sequence.slot] = None
             self._runner.release(sequence.slot)
+            if self._contrast_runner is not None:
+                self._contrast_runner.release(sequence.slot)
         elif sequence in self._waiting:
             self._waiting.remove(sequence)
         del self._by_id[sequence.request_id]
@@ -245,23 +288,38 @@ class HFEngine:
 
 
 def _slot_context(config: Any, slots: int, max_context: int | None, kv_memory: int | None,
-                  dtype: torch.dtype, allocated_length) -> int:
+                  bytes_per_token: int, allocated_length) -> int:
     """Tokens a slot holds; allocated_length(context) is what the runner really allocates
     for it (flex attention rounds up to whole blocks), which must fit kv_memory."""
     model_context = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     context = min(max_context or (model_context if kv_memory else DEFAULT_MAX_CONTEXT), model_context)
     if kv_memory is not None:
-        affordable = kv_memory // (slots * kv_bytes_per_token(config, dtype))
+        affordable = kv_memory // (slots * bytes_per_token)
         low, high = 0, context  # the longest context whose allocation fits, by bisection
         while low < high:
             middle = (low + high + 1) // 2
             low, high = (middle, high) if allocated_length(middle) <= affordable else (low, middle - 1)
         context = low
         if context < 1:
-            per_slot = allocated_length(1) * kv_bytes_per_token(config, dtype)
+            per_slot = allocated_length(1) * bytes_per_token
             raise ValueError(f"kv_memory of {kv_memory} bytes cannot hold a cache for each of {slots} slots "
                              f"(at least {per_slot} bytes each); raise kv_memory or lower slots")
     return context
+
+
+def _check_pair(after: LoadedModel, before: LoadedModel) -> None:
+    """A contrast pair must read and write the same tokens (a model before and after fine-tuning)."""
+    sizes = (after.model.config.vocab_size, before.model.config.vocab_size)
+    if sizes[0] != sizes[1] or len(after.tokenizer) != len(before.tokenizer):
+        raise ValueError(f"--contrast-model {before.name} does not share the tokenizer of --model {after.name} "
+                         f"(vocabulary {sizes[1]} vs {sizes[0]}); a contrast pair is one model before and after "
+                         "fine-tuning")
+    if after.tokenizer.get_vocab() != before.tokenizer.get_vocab():
+        raise ValueError(f"--contrast-model {before.name} maps tokens differently from --model {after.name}; "
+                         "a contrast pair must share one tokenizer")
+    params = [next(m.model.parameters()) for m in (after, before)]
+    if params[0].device != params[1].device or params[0].dtype != params[1].dtype:
+        raise ValueError("both models of a contrast pair must be on one device with one dtype")
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -276,13 +334,17 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 def build_engine(model: str, *, slots: int = 16, max_context: int | None = None, kv_memory: int | None = None,
                  max_prefill_tokens: int = 2048, dtype: str | None = None, device: str | None = None,
                  clock: Clock = time.time, attention: str | None = None, cuda_graph: bool | None = None,
-                 compile_decode: bool | None = None) -> HFEngine:
+                 compile_decode: bool | None = None, contrast_model: str | None = None,
+                 quantize: str | None = None) -> HFEngine:
     """Load `model` (checkpoint folder, .gguf file or alias) and start an engine on it.
 
+    contrast_model: the "before" model that contrast_alpha requests decode against.
+    quantize: "int8" for weight-only int8 linear layers (both models of a pair).
     attention ("sdpa" | "flex"), cuda_graph and compile_decode default to what suits
     the device: sdpa on CPU; flex, a decode CUDA graph and compiled layers on CUDA.
     """
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = load_model(model, dtype=dtype, device=device, quantize=quantize)
+    contrast = load_model(contrast_model, dtype=dtype, device=device, quantize=quantize) if contrast_model else None
     return HFEngine(loaded, slots=slots, max_context=max_context, kv_memory=kv_memory,
                     max_prefill_tokens=max_prefill_tokens, clock=clock, attention=attention, cuda_graph=cuda_graph,
-                    compile_decode=compile_decode)
+                    compile_decode=compile_decode, contrast=contrast)
