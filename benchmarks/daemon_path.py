@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -126,6 +127,9 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192, help="as engine_gpu.py")
     parser.add_argument("--worker-args", default="", help="extra worker flags, space separated")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the engine, alone and in the worker (OMP_NUM_THREADS); on a small "
+                             "CPU-only machine 1 leaves a core to the client and Redis, as a GPU host would")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/daemon_path.json"))
     args = parser.parse_args()
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -135,6 +139,12 @@ def main() -> None:
     requests = workload(args.requests, low, high, qwen3_config(args.small).vocab_size)
     prompts, outputs = [p for p, _ in requests], [n for _, n in requests]
 
+    worker_env = dict(os.environ)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        worker_env["OMP_NUM_THREADS"] = str(args.threads)
     print("engine alone...", file=sys.stderr, flush=True)
     alone = engine_alone(model_dir, args, dtype, prompts, outputs)
 
@@ -149,7 +159,7 @@ def main() -> None:
                               "--model", str(model_dir), "--slots", str(args.slots), "--max-context",
                               str(args.max_context), "--device", args.device, "--dtype", dtype,
                               "--max-prefill-tokens", str(args.max_prefill_tokens),
-                              *args.worker_args.split()]),
+                              *args.worker_args.split()], env=worker_env),
         ]
         try:
             wait_for_workers(server.url, timeout_s=900, processes=daemons)
@@ -160,6 +170,7 @@ def main() -> None:
     figures["engine_alone"] = alone
     figures["daemon_vs_engine"] = figures["output_tok_s"] / alone["output_tok_s"]
     figures.update(requests=args.requests, shape=shape, device=args.device, dtype=dtype, slots=args.slots,
+                   threads=args.threads, load_average=os.getloadavg(),
                    expected_output_tokens=sum(outputs), device_name=_device_name(args.device))
     print(f"\n| path | output tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |\n|---|---|---|---|\n"
           f"| engine alone, in process | {alone['output_tok_s']:,.0f} | | |\n"

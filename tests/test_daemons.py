@@ -362,3 +362,20 @@ def test_a_batch_window_counts_from_when_the_request_reached_redis(client, clock
     # An entry id far in the past (or a skewed clock) earns at most MAX_TRANSIT_CREDIT_S.
     scheduler._accept([("1000-0", {b"id": b"r1", b"data": encode(Request(v=PROTOCOL_VERSION, id="r1", prompt="p"))})])
     assert scheduler.batcher.opened_at() == pytest.approx(clock() - 0.002)
+
+
+def test_a_job_read_twice_is_admitted_once_and_acked_only_when_done(client, clock):
+    # The step pipeline reads the job stream; after a reconnect the pending list is read too,
+    # so one job entry can come back twice. The second must not reset (and ack) the running job.
+    scheduler = make_scheduler(client, clock)
+    worker = confirmed_worker(client, clock)
+    submit(client, clock, "long", prompt="x" * 30)
+    settle(scheduler, clock)
+    worker.run_once()
+    assert "long" in worker.tracked
+    worker._jobs_in_hand = client.xreadgroup("worker", "w1", {KEYS.jobs("w1"): "0"})  # the same entry again
+    worker.run_once()
+    assert client.xlen(KEYS.jobs("w1")) == 1 and "long" in worker.tracked
+    run_worker_until_idle(worker)
+    assert final_of(client, "long").text == "x" * 30
+    assert client.xlen(KEYS.jobs("w1")) == 0

@@ -55,6 +55,8 @@ log = logging.getLogger("batchd.worker")
 SERVER_TICK_MS = 100
 # How often an idle worker that owes schedulers a heartbeat looks for jobs meanwhile.
 POLL_INTERVAL_MS = 1
+# Job stream entries read at once.
+JOBS_PER_READ = 64
 
 SCRIPTS = {"finalize": scripts.FINALIZE, "publish": scripts.PUBLISH_STEP}
 
@@ -114,7 +116,7 @@ class Worker:
         self.tracked: dict[str, _Tracked] = {}
         self.jobs_open: dict[str, set[str]] = {}
         self.last_job_read = "0-0"
-        self._labels = (config.worker_id, engine.model_name)
+        self._series = metrics.WorkerSeries(config.worker_id, engine.model_name)
         self._stop = threading.Event()
         self._draining = False
         self._next_heartbeat = 0.0
@@ -124,6 +126,8 @@ class Worker:
         self._scripts: dict[str, str] = {}
         # Final results computed while Redis was unreachable; stored first thing once it is back.
         self._undelivered: list[tuple[_Tracked, Result]] = []
+        # An XREADGROUP reply (or its error) that came back with the last step's pipeline.
+        self._jobs_in_hand = None
         self.started_at = clock()
         self._last_progress = time.monotonic()
         self._lease_done = threading.Event()  # set once drained: the lease may lapse
@@ -141,7 +145,6 @@ class Worker:
                  "drain_timeout_s=%s metrics_port=%s", cfg.worker_id, self.engine.name, self.engine.model_name,
                  self.engine.total_slots, redact(cfg.redis_url), cfg.lease_ms, cfg.drain_timeout_s,
                  cfg.metrics_port)
-        metrics.precreate_worker_series(*self._labels)
         metrics.serve(cfg.metrics_port, metrics.WORKER_REGISTRY)
         self._connect()
         threading.Thread(target=self._keep_lease, name="batchd-lease", daemon=True).start()
@@ -165,6 +168,7 @@ class Worker:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._cancels.connect()
+        self._jobs_in_hand = None  # whatever it held is on the pending list, read next
         self._read_pending_jobs()
         self._heartbeat(force=True)
 
@@ -198,7 +202,13 @@ class Worker:
             self._deliver(finished)
         busy = self.engine.has_work()
         if not self._draining:
-            self._read_jobs(block_ms=None if busy else self._idle_block_ms())
+            # The last step's pipeline read the job stream too: take what it found,
+            # and wait for more only when there is nothing else to do.
+            in_hand, self._jobs_in_hand = self._jobs_in_hand, None
+            if in_hand is not None:
+                self._take_jobs(in_hand)
+            if in_hand is None or not (in_hand or self.engine.has_work()):
+                self._read_jobs(block_ms=None if busy else self._idle_block_ms())
         self._apply_cancels()
         if self._scoring:
             self._score()
@@ -225,12 +235,18 @@ class Worker:
             # a shorter wait is a poll, so a due heartbeat is not held up by a tick.
             poll = block_ms is not None and block_ms < SERVER_TICK_MS
             reply = self.redis.xreadgroup(WORKER_GROUP, self.config.worker_id, {self.stream: ">"},
-                                          count=64, block=None if poll else block_ms)
+                                          count=JOBS_PER_READ, block=None if poll else block_ms)
             if poll and not reply:
                 self._stop.wait(min(block_ms, POLL_INTERVAL_MS) / 1000)
         except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
+            reply = exc
+        self._take_jobs(reply)
+
+    def _take_jobs(self, reply) -> None:
+        """Admit the jobs of an XREADGROUP reply (or react to its error)."""
+        if isinstance(reply, redis.ResponseError):
+            if "NOGROUP" not in str(reply):
+                raise reply
             # Our stream was reaped while we were paused: we are a new worker now.
             log.warning("job stream %s was reclaimed (this worker was presumed dead); re-registering",
                         self.stream)
@@ -239,7 +255,7 @@ class Worker:
             return
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
-                self._admit_job(entry_id.decode(), fields)
+                self._admit_job(entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields)
 
     def _forget_reclaimed(self) -> None:
         """Drop the requests a scheduler took back: their slots are freed, their output never sent."""
@@ -251,6 +267,8 @@ class Worker:
         self._scoring.clear()
 
     def _admit_job(self, entry_id: str, fields: dict) -> None:
+        if entry_id in self.jobs_open:
+            return  # read twice (a pipelined read and the re-read after a reconnect): it is running
         self.last_job_read = entry_id
         try:
             job = decode_job(fields[b"job"])
@@ -304,7 +322,7 @@ class Worker:
                 request.id, BatchdError(f"worker could not admit the request: {type(exc).__name__}: {exc}"),
                 "error", request.submitted_at, self.config.worker_id)
         self.tracked[request.id] = tracked
-        metrics.queue_time.labels(*self._labels).observe(max(0.0, now - request.submitted_at))
+        self._series.queue_time.observe(max(0.0, now - request.submitted_at))
         return tracked, None
 
     def _scorer(self, request: Request):
@@ -367,7 +385,7 @@ class Worker:
             log.exception("engine step failed; handing its requests back")
             self._hand_back_all("engine failure on worker " + self.config.worker_id, count_attempt=True)
             return
-        metrics.step_batch_size.labels(*self._labels).observe(self.engine.num_running + len(
+        self._series.step_batch_size.observe(self.engine.num_running + len(
             [o for o in outputs if o.finished]))
         now = self.clock()
         events, finished = [], []
@@ -379,19 +397,19 @@ class Worker:
                 events.append((tracked, self._token_event(tracked, output, now)))
             if output.finished:
                 finished.append((tracked, self._result(tracked, output, now)))
-        self._publish_step(events, finished)
+        self._publish_step(events, finished, read_jobs=True)
 
     def _token_event(self, tracked: _Tracked, output: StepOutput, now: float) -> TokenEvent:
         index = len(tracked.token_ids)
         if output.new_token_ids:
             if tracked.first_token_at is None:
                 tracked.first_token_at = now
-                metrics.time_to_first_token.labels(*self._labels).observe(
+                self._series.time_to_first_token.observe(
                     max(0.0, now - tracked.request.submitted_at))
             elif tracked.last_token_at is not None:
                 gap = (now - tracked.last_token_at) / len(output.new_token_ids)
                 for _ in output.new_token_ids:
-                    metrics.inter_token_latency.labels(*self._labels).observe(gap)
+                    self._series.inter_token_latency.observe(gap)
             tracked.last_token_at = now
         tracked.token_ids.extend(output.new_token_ids)
         tracked.text.append(output.text)
@@ -417,8 +435,9 @@ class Worker:
             worker=self.config.worker_id,
             attempt=request.attempt)
 
-    def _publish_step(self, events: list, finished: list) -> None:
-        """A step's token events, final results, job acks and heartbeat in one round trip.
+    def _publish_step(self, events: list, finished: list, read_jobs: bool = False) -> None:
+        """A step's token events, final results, job acks and heartbeat in one round trip,
+        and with read_jobs the next jobs too (taken at the start of the next iteration).
 
         The pipeline runs in order, so a request's last tokens reach its
         channel before its final event; a job is acked inside the script that
@@ -443,11 +462,14 @@ class Worker:
                                                     self.config.result_ttl_s, tracked.owner, ack)
             calls.append(("finalize", keys, args))
         beat = self._due_beat()
+        read_jobs = read_jobs and not self._draining
         try:
-            outcomes = self._run_scripts(calls, beat)
+            outcomes, jobs = self._run_scripts(calls, beat, read_jobs)
         except (redis.ConnectionError, redis.TimeoutError):
             self._undelivered.extend(finished)
             raise
+        if read_jobs:
+            self._jobs_in_hand = jobs
         if beat is not None:
             self._beat_sent(beat)
         heard, finals = outcomes[:len(by_owner)], outcomes[len(by_owner):]
@@ -505,15 +527,22 @@ class Worker:
     def _load_scripts(self) -> None:
         self._scripts = {name: self.redis.script_load(body) for name, body in SCRIPTS.items()}
 
-    def _run_scripts(self, calls: list[tuple[str, list, list]], beat: Heartbeat | None = None) -> list:
-        """Run script calls (and a heartbeat) in one pipeline; reload and rerun any script
-        Redis forgot (restart). Returns the scripts' outcomes."""
+    def _run_scripts(self, calls: list[tuple[str, list, list]], beat: Heartbeat | None = None,
+                     read_jobs: bool = False) -> tuple[list, object]:
+        """Run script calls (and a heartbeat, and a read of the job stream) in one pipeline;
+        reload and rerun any script Redis forgot (restart). Returns the scripts' outcomes
+        and the read's reply (None when not asked)."""
         with self.redis.pipeline(transaction=False) as pipe:
             for name, keys, args in calls:
                 pipe.evalsha(self._scripts[name], len(keys), *keys, *args)
             if beat is not None:
                 self._queue_beat(pipe, beat)
-            outcomes = pipe.execute(raise_on_error=False)[:len(calls)]
+            if read_jobs:
+                pipe.xreadgroup(WORKER_GROUP, self.config.worker_id, {self.stream: ">"}, count=JOBS_PER_READ)
+            replies = pipe.execute(raise_on_error=False)
+        outcomes, jobs = replies[:len(calls)], replies[-1] if read_jobs else None
+        if isinstance(jobs, (redis.ConnectionError, redis.TimeoutError)):
+            raise jobs
         for outcome in outcomes:
             if isinstance(outcome, (redis.ConnectionError, redis.TimeoutError)):
                 raise outcome
@@ -526,21 +555,21 @@ class Worker:
         for outcome in outcomes:
             if isinstance(outcome, Exception):
                 raise outcome
-        return outcomes
+        return outcomes, jobs
 
     def _count_finish(self, tracked: _Tracked, result: Result, outcome) -> None:
-        labels = self._labels
+        series = self._series
         if outcome == -1:
-            metrics.results_fenced.labels(*labels).inc()
+            series.results_fenced.inc()
             log.warning("request %s now belongs to another worker; dropped this worker's result",
                         tracked.request.id)
             return
-        metrics.requests_finished.labels(*labels, result.finish_reason).inc()
+        series.finished(result.finish_reason).inc()
         if result.error is not None:
-            metrics.request_errors.labels(*labels, result.error.type).inc()
-        metrics.prompt_tokens.labels(*labels).inc(result.usage.prompt_tokens)
-        metrics.generation_tokens.labels(*labels).inc(result.usage.completion_tokens)
-        metrics.e2e_latency.labels(*labels).observe(result.timings.total_s)
+            series.error(result.error.type).inc()
+        series.prompt_tokens.inc(result.usage.prompt_tokens)
+        series.generation_tokens.inc(result.usage.completion_tokens)
+        series.e2e_latency.observe(result.timings.total_s)
 
     def _close_job_if_done(self, entry_id: str) -> None:
         """Ack a job that holds nothing left to run (every request a duplicate of one running here)."""
@@ -617,10 +646,10 @@ class Worker:
         self._last_free_slots = beat.free_slots
         self._advertised_job_read = beat.last_job_read
         self._next_heartbeat = beat.sent_at + self.config.heartbeat_interval_s
-        metrics.heartbeats.labels(*self._labels).inc()
-        metrics.requests_running.labels(*self._labels).set(beat.running)
-        metrics.requests_waiting_in_engine.labels(*self._labels).set(beat.waiting)
-        metrics.kv_cache_usage.labels(*self._labels).set(beat.kv_cache_usage)
+        self._series.heartbeats.inc()
+        self._series.requests_running.set(beat.running)
+        self._series.requests_waiting.set(beat.waiting)
+        self._series.kv_cache_usage.set(beat.kv_cache_usage)
 
     # -- shutdown ---------------------------------------------------------------
     def _drain(self) -> None:
