@@ -379,3 +379,24 @@ def test_a_job_read_twice_is_admitted_once_and_acked_only_when_done(client, cloc
     run_worker_until_idle(worker)
     assert final_of(client, "long").text == "x" * 30
     assert client.xlen(KEYS.jobs("w1")) == 0
+
+
+def test_a_result_whose_pipeline_failed_in_flight_is_stored_after_the_reconnect(client, clock):
+    scheduler = make_scheduler(client, clock)
+    worker = confirmed_worker(client, clock)
+    submit(client, clock, "r0", prompt="a")
+    submit(client, clock, "r1", prompt="bcd")
+    settle(scheduler, clock)
+    worker.redis = DropsOnce(client, "pipeline")  # the first step's pipeline, sent from the publisher thread
+    lost = 0
+    for _ in range(100):
+        try:
+            worker.run_once()
+        except redis.ConnectionError:
+            lost += 1
+            worker._reconnect()
+        if not worker.tracked and not worker.engine.has_work():
+            break
+    assert lost == 1
+    assert (final_of(client, "r0").text, final_of(client, "r1").text) == ("a", "bcd")
+    assert client.xlen(KEYS.jobs("w1")) == 0

@@ -11,6 +11,7 @@ cannot deliver a second result.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import socket
@@ -90,6 +91,17 @@ class WorkerConfig:
 
 
 @dataclass
+class _Pipeline:
+    """One round trip of the worker: script calls, and what to book when it returns."""
+
+    calls: list[tuple[str, list, list]]
+    groups: list[list]  # token events per lease token, in call order
+    finished: list  # (tracked, result) of the FINALIZE calls after them
+    beat: Heartbeat | None
+    read_jobs: bool
+
+
+@dataclass
 class _Tracked:
     """A request this worker holds: where it came from and what it produced."""
 
@@ -128,6 +140,9 @@ class Worker:
         self._undelivered: list[tuple[_Tracked, Result]] = []
         # An XREADGROUP reply (or its error) that came back with the last step's pipeline.
         self._jobs_in_hand = None
+        # A step's pipeline goes out on this thread while the engine runs the next step.
+        self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchd-publish")
+        self._in_flight: tuple[_Pipeline, concurrent.futures.Future] | None = None
         self.started_at = clock()
         self._last_progress = time.monotonic()
         self._lease_done = threading.Event()  # set once drained: the lease may lapse
@@ -161,6 +176,10 @@ class Worker:
         self._drain()
 
     def _connect(self) -> None:
+        try:
+            self._finish_publishing()
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass  # its results wait in _undelivered
         self._load_scripts()
         try:
             self.redis.xgroup_create(self.stream, WORKER_GROUP, id="0", mkstream=True)
@@ -197,6 +216,8 @@ class Worker:
     # -- one iteration -------------------------------------------------------
     def run_once(self) -> None:
         self._last_progress = time.monotonic()
+        if not self.engine.has_work():
+            self._finish_publishing()  # before waiting for jobs: book the last step, free its slots
         if self._undelivered:
             finished, self._undelivered = self._undelivered, []
             self._deliver(finished)
@@ -259,6 +280,7 @@ class Worker:
 
     def _forget_reclaimed(self) -> None:
         """Drop the requests a scheduler took back: their slots are freed, their output never sent."""
+        self._finish_publishing()  # its results are fenced now; book them before forgetting
         for request_id in self.tracked:
             self.engine.cancel(request_id, "cancelled")
         self.tracked.clear()
@@ -397,7 +419,7 @@ class Worker:
                 events.append((tracked, self._token_event(tracked, output, now)))
             if output.finished:
                 finished.append((tracked, self._result(tracked, output, now)))
-        self._publish_step(events, finished, read_jobs=True)
+        self._publish_step(events, finished, read_jobs=True, overlap=True)
 
     def _token_event(self, tracked: _Tracked, output: StepOutput, now: float) -> TokenEvent:
         index = len(tracked.token_ids)
@@ -435,14 +457,27 @@ class Worker:
             worker=self.config.worker_id,
             attempt=request.attempt)
 
-    def _publish_step(self, events: list, finished: list, read_jobs: bool = False) -> None:
+    def _publish_step(self, events: list, finished: list, read_jobs: bool = False, overlap: bool = False) -> None:
         """A step's token events, final results, job acks and heartbeat in one round trip,
         and with read_jobs the next jobs too (taken at the start of the next iteration).
 
         The pipeline runs in order, so a request's last tokens reach its
         channel before its final event; a job is acked inside the script that
-        stores its last result.
+        stores its last result. With overlap the pipeline is sent from the
+        publisher thread while the caller goes on to the next engine step, and
+        booked just before the next pipeline is built (at most one in flight,
+        so every pipeline is built from booked state).
         """
+        self._finish_publishing()
+        pipeline = self._build_pipeline(events, finished, read_jobs and not self._draining)
+        if pipeline is None:
+            return
+        if overlap:
+            self._in_flight = (pipeline, self._publisher.submit(self._send_pipeline, pipeline))
+            return
+        self._book(pipeline, self._sent(pipeline, lambda: self._send_pipeline(pipeline)))
+
+    def _build_pipeline(self, events: list, finished: list, read_jobs: bool) -> _Pipeline | None:
         # One publish call per lease token (requests of one attempt share it).
         by_owner: dict[str, list] = {}
         for tracked, event in events:
@@ -454,29 +489,46 @@ class Worker:
                 args += [self.keys.channel(tracked.request.id), encode(event)]
             calls.append(("publish", [self.keys.owner(t.request.id) for t, _ in group], args))
         if not calls and not finished:
-            return
+            return None
         closing = self._jobs_closed_by(finished)
         for tracked, result in finished:
             ack = (self.stream, WORKER_GROUP, tracked.job_entry) if closing.get(tracked.job_entry) is tracked else None
             keys, args = scripts.finalize_keys_args(self.keys, tracked.request.id, encode(FinalEvent(result)),
                                                     self.config.result_ttl_s, tracked.owner, ack)
             calls.append(("finalize", keys, args))
-        beat = self._due_beat()
-        read_jobs = read_jobs and not self._draining
+        return _Pipeline(calls, list(by_owner.values()), finished, self._due_beat(), read_jobs)
+
+    def _send_pipeline(self, pipeline: _Pipeline) -> tuple[list, object]:
+        return self._run_scripts(pipeline.calls, pipeline.beat, pipeline.read_jobs)
+
+    def _sent(self, pipeline: _Pipeline, send) -> tuple[list, object]:
+        """send()'s replies; if the connection dropped, the results wait to be stored after the reconnect."""
         try:
-            outcomes, jobs = self._run_scripts(calls, beat, read_jobs)
+            return send()
         except (redis.ConnectionError, redis.TimeoutError):
-            self._undelivered.extend(finished)
+            self._undelivered.extend(pipeline.finished)
             raise
-        if read_jobs:
+
+    def _finish_publishing(self) -> None:
+        """Wait for the pipeline in flight, if any, and book what it did."""
+        if self._in_flight is None:
+            return
+        pipeline, future = self._in_flight
+        self._in_flight = None
+        self._book(pipeline, self._sent(pipeline, future.result))
+
+    def _book(self, pipeline: _Pipeline, replies: tuple[list, object]) -> None:
+        outcomes, jobs = replies
+        if pipeline.read_jobs:
             self._jobs_in_hand = jobs
-        if beat is not None:
-            self._beat_sent(beat)
-        heard, finals = outcomes[:len(by_owner)], outcomes[len(by_owner):]
-        if by_owner:
-            self._cancel_abandoned(list(by_owner.values()), heard)
-        if finished:
-            self._close_finished(finished, finals)
+        if pipeline.beat is not None:
+            self._beat_sent(pipeline.beat)
+        groups = pipeline.groups
+        heard, finals = outcomes[:len(groups)], outcomes[len(groups):]
+        if groups:
+            self._cancel_abandoned(groups, heard)
+        if pipeline.finished:
+            self._close_finished(pipeline.finished, finals)
 
     def _cancel_abandoned(self, groups: list[list], heard: list[list[int]]) -> None:
         """Free the slots of requests whose callers stopped listening long ago."""
@@ -607,6 +659,8 @@ class Worker:
                 pass  # the main loop reports and reconnects
 
     def _heartbeat(self, force: bool = False) -> None:
+        if self._in_flight is not None and not force:
+            return  # the next step's pipeline carries a due beat; one sent now could land before an older one
         beat = self._due_beat(force)
         if beat is None:
             return
@@ -679,11 +733,13 @@ class Worker:
             log.warning("could not drain cleanly (%s); schedulers will reclaim this worker's jobs", exc)
         finally:
             self._lease_done.set()
+            self._publisher.shutdown(wait=True)
             self._cancels.close()
         log.info("worker %s stopped", self.config.worker_id)
 
     def _read_remaining_jobs(self) -> None:
         """Jobs dispatched to us that we never read go back too."""
+        self._finish_publishing()
         for entry_id, fields in self.redis.xrange(self.stream, "-", "+"):
             entry_id = entry_id.decode()
             if entry_id in self.jobs_open:
@@ -698,6 +754,7 @@ class Worker:
             self._ack_jobs([entry_id])
 
     def _hand_back_all(self, reason: str, count_attempt: bool) -> None:
+        self._finish_publishing()
         requests = [t.request for t in self.tracked.values()]
         for request_id in list(self.tracked):
             self.engine.cancel(request_id, "cancelled")
