@@ -6,6 +6,7 @@ and looks at what landed in Redis, as a producer or operator would.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import fakeredis
@@ -373,7 +374,7 @@ def test_a_job_read_twice_is_admitted_once_and_acked_only_when_done(client, cloc
     settle(scheduler, clock)
     worker.run_once()
     assert "long" in worker.tracked
-    worker._jobs_in_hand = client.xreadgroup("worker", "w1", {KEYS.jobs("w1"): "0"})  # the same entry again
+    worker._jobs_in_hand = [client.xreadgroup("worker", "w1", {KEYS.jobs("w1"): "0"})]  # the same entry again
     worker.run_once()
     assert client.xlen(KEYS.jobs("w1")) == 1 and "long" in worker.tracked
     run_worker_until_idle(worker)
@@ -399,4 +400,46 @@ def test_a_result_whose_pipeline_failed_in_flight_is_stored_after_the_reconnect(
             break
     assert lost == 1
     assert (final_of(client, "r0").text, final_of(client, "r1").text) == ("a", "bcd")
+    assert client.xlen(KEYS.jobs("w1")) == 0
+
+
+class GatedPipelines:
+    """A Redis client whose pipelines wait for the test to open a gate (the publisher thread's sends)."""
+
+    def __init__(self, client):
+        self._client = client
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __getattr__(self, name):
+        attribute = getattr(self._client, name)
+        if name != "pipeline":
+            return attribute
+
+        def gated(*args, **kwargs):
+            assert self.gate.wait(10), "the test never opened the gate"
+            return attribute(*args, **kwargs)
+
+        return gated
+
+
+def test_jobs_read_by_two_pipelines_before_the_next_take_all_run(client, clock):
+    # Regression: a step books one pipeline's job read, then the engine runs dry and the next
+    # iteration books the last pipeline's read too; the first reply was overwritten and its job
+    # sat on the worker's pending list, never run (found by test_load's quiet producer).
+    scheduler = make_scheduler(client, clock)
+    worker = confirmed_worker(client, clock)
+    gated = GatedPipelines(client)
+    worker.redis = gated
+    submit(client, clock, "r0", prompt="ab")
+    settle(scheduler, clock)
+    gated.gate.clear()
+    worker.run_once()  # r0's first token; its pipeline (with a job read) waits at the gate
+    submit(client, clock, "r1", prompt="x")
+    settle(scheduler, clock)  # r1's job is on the stream before that read runs
+    gated.gate.set()
+    worker._in_flight[1].result(timeout=10)  # the read took r1's job
+    worker.run_once()  # r0 finishes; books the first read (r1's job), sends the last pipeline
+    run_worker_until_idle(worker)
+    assert (final_of(client, "r0").text, final_of(client, "r1").text) == ("ab", "x")
     assert client.xlen(KEYS.jobs("w1")) == 0

@@ -138,8 +138,10 @@ class Worker:
         self._scripts: dict[str, str] = {}
         # Final results computed while Redis was unreachable; stored first thing once it is back.
         self._undelivered: list[tuple[_Tracked, Result]] = []
-        # An XREADGROUP reply (or its error) that came back with the last step's pipeline.
-        self._jobs_in_hand = None
+        # XREADGROUP replies (or errors) that came back with step pipelines, not yet taken.
+        # A list: two pipelines can be booked before the next take (one by a step, one
+        # when the engine then runs dry), and a reply dropped is a job never run.
+        self._jobs_in_hand: list = []
         # A step's pipeline goes out on this thread while the engine runs the next step.
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchd-publish")
         self._in_flight: tuple[_Pipeline, concurrent.futures.Future] | None = None
@@ -187,7 +189,7 @@ class Worker:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._cancels.connect()
-        self._jobs_in_hand = None  # whatever it held is on the pending list, read next
+        self._jobs_in_hand = []  # whatever it held is on the pending list, read next
         self._read_pending_jobs()
         self._heartbeat(force=True)
 
@@ -223,12 +225,15 @@ class Worker:
             self._deliver(finished)
         busy = self.engine.has_work()
         if not self._draining:
-            # The last step's pipeline read the job stream too: take what it found,
+            # The step pipelines read the job stream too: take what they found,
             # and wait for more only when there is nothing else to do.
-            in_hand, self._jobs_in_hand = self._jobs_in_hand, None
-            if in_hand is not None:
-                self._take_jobs(in_hand)
-            if in_hand is None or not (in_hand or self.engine.has_work()):
+            in_hand, self._jobs_in_hand = self._jobs_in_hand, []
+            found = False
+            for reply in in_hand:
+                if not self._take_jobs(reply):
+                    break  # re-registered: what the others hold is on the pending list, read already
+                found = found or bool(reply)
+            if not in_hand or not (found or self.engine.has_work()):
                 self._read_jobs(block_ms=None if busy else self._idle_block_ms())
         self._apply_cancels()
         if self._scoring:
@@ -263,8 +268,9 @@ class Worker:
             reply = exc
         self._take_jobs(reply)
 
-    def _take_jobs(self, reply) -> None:
-        """Admit the jobs of an XREADGROUP reply (or react to its error)."""
+    def _take_jobs(self, reply) -> bool:
+        """Admit the jobs of an XREADGROUP reply, or react to its error; False if this
+        worker had to re-register (its stream was reaped)."""
         if isinstance(reply, redis.ResponseError):
             if "NOGROUP" not in str(reply):
                 raise reply
@@ -273,10 +279,11 @@ class Worker:
                         self.stream)
             self._forget_reclaimed()
             self._connect()
-            return
+            return False
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
                 self._admit_job(entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields)
+        return True
 
     def _forget_reclaimed(self) -> None:
         """Drop the requests a scheduler took back: their slots are freed, their output never sent."""
@@ -520,7 +527,7 @@ class Worker:
     def _book(self, pipeline: _Pipeline, replies: tuple[list, object]) -> None:
         outcomes, jobs = replies
         if pipeline.read_jobs:
-            self._jobs_in_hand = jobs
+            self._jobs_in_hand.append(jobs)
         if pipeline.beat is not None:
             self._beat_sent(pipeline.beat)
         groups = pipeline.groups
