@@ -503,7 +503,12 @@ class Worker:
             keys, args = scripts.finalize_keys_args(self.keys, tracked.request.id, encode(FinalEvent(result)),
                                                     self.config.result_ttl_s, tracked.owner, ack)
             calls.append(("finalize", keys, args))
-        return _Pipeline(calls, list(by_owner.values()), finished, self._due_beat(), read_jobs)
+        beat = self._due_beat()
+        if beat is not None:
+            # Counted as sent now, so the next step's pipeline does not carry another before this
+            # one is booked; if the send fails, the reconnect beats anyway.
+            self._beat_sent(beat)
+        return _Pipeline(calls, list(by_owner.values()), finished, beat, read_jobs)
 
     def _send_pipeline(self, pipeline: _Pipeline) -> tuple[list, object]:
         return self._run_scripts(pipeline.calls, pipeline.beat, pipeline.read_jobs)
@@ -528,8 +533,6 @@ class Worker:
         outcomes, jobs = replies
         if pipeline.read_jobs:
             self._jobs_in_hand.append(jobs)
-        if pipeline.beat is not None:
-            self._beat_sent(pipeline.beat)
         groups = pipeline.groups
         heard, finals = outcomes[:len(groups)], outcomes[len(groups):]
         if groups:
