@@ -28,24 +28,9 @@ from batchd.workers.engine import EngineRequest
 from batchd.workers.hf import HFEngine
 from batchd.workers.models import load_model, weight_bytes
 
-PROMPTS = [
-    "Once upon a time, in a village at the edge of a great forest,",
-    "The history of the printing press begins",
-    "Here is a short recipe for tomato soup:",
-    "def quicksort(items):",
-    "The three laws of thermodynamics are",
-    "Dear hiring manager, I am writing to apply for",
-    "In 1969, the first humans landed on the Moon. The mission",
-    "A haiku about autumn leaves:",
-    "The main differences between TCP and UDP are",
-    "Photosynthesis is the process by which plants",
-    "To install Python on Linux, first",
-    "The city of Paris is famous for",
-    "Chapter one. The storm had been building all afternoon, and",
-    "Ten tips for better sleep: 1.",
-    "import numpy as np\n\n# Compute the moving average of a signal",
-    "The most important inventions of the twentieth century include",
-]
+# The prompts of the CPU engine benchmark (benchmarks/ is on sys.path when run as a script).
+from engine_cpu import PROMPTS  # noqa: E402
+
 # format name -> (dtype, quantize)
 FORMATS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "fp16": ("float16", "none"),
            "int8": (None, "int8")}

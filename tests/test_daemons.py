@@ -235,29 +235,41 @@ def test_a_fenced_worker_cannot_deliver_a_second_result(client, clock):
     assert not worker.tracked
 
 
-class DropsOnce:
-    """A Redis client whose connection drops at the first call of one command (a Redis restart)."""
+class Intercepted:
+    """A Redis client that runs hook() before each call of one command, as a fault would strike."""
 
-    def __init__(self, client, command: str):
-        self._client, self._command, self._dropped = client, command, False
+    def __init__(self, client, command: str, hook):
+        self._client, self._command, self._hook = client, command, hook
 
     def __getattr__(self, name):
         attribute = getattr(self._client, name)
-        if name != self._command or self._dropped:
+        if name != self._command:
             return attribute
 
-        def drop(*args, **kwargs):
-            self._dropped = True
+        def intercepted(*args, **kwargs):
+            self._hook()
+            return attribute(*args, **kwargs)
+
+        return intercepted
+
+
+def drops_once(client, command: str) -> Intercepted:
+    """The connection drops at the first call of `command` (a Redis restart)."""
+    dropped = []
+
+    def drop():
+        if not dropped:
+            dropped.append(True)
             raise redis.ConnectionError("connection reset by peer")
 
-        return drop
+    return Intercepted(client, command, drop)
 
 
 def test_a_connection_lost_while_admitting_a_job_loses_none_of_its_requests(client, clock):
     # Regression: the job used to be marked open before its cancel flags were read, so after the
     # reconnect it looked finished and was acked with its requests never run.
     scheduler = make_scheduler(client, clock)
-    flaky = DropsOnce(client, "mget")
+    flaky = drops_once(client, "mget")
     worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), client=flaky, clock=clock)
     worker._connect()
     submit(client, clock, "r0", prompt="abc")
@@ -273,7 +285,7 @@ def test_a_connection_lost_while_admitting_a_job_loses_none_of_its_requests(clie
 
 def test_a_refused_request_keeps_its_job_open_until_its_error_is_stored(client, clock):
     scheduler = make_scheduler(client, clock)
-    flaky = DropsOnce(client, "pipeline")  # the first pipeline is the refusal's FINALIZE
+    flaky = drops_once(client, "pipeline")  # the first pipeline is the refusal's FINALIZE
     worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), client=client, clock=clock)
     worker._connect()
     worker.redis = flaky
@@ -388,7 +400,7 @@ def test_a_result_whose_pipeline_failed_in_flight_is_stored_after_the_reconnect(
     submit(client, clock, "r0", prompt="a")
     submit(client, clock, "r1", prompt="bcd")
     settle(scheduler, clock)
-    worker.redis = DropsOnce(client, "pipeline")  # the first step's pipeline, sent from the publisher thread
+    worker.redis = drops_once(client, "pipeline")  # the first step's pipeline, sent from the publisher thread
     lost = 0
     for _ in range(100):
         try:
@@ -403,41 +415,22 @@ def test_a_result_whose_pipeline_failed_in_flight_is_stored_after_the_reconnect(
     assert client.xlen(KEYS.jobs("w1")) == 0
 
 
-class GatedPipelines:
-    """A Redis client whose pipelines wait for the test to open a gate (the publisher thread's sends)."""
-
-    def __init__(self, client):
-        self._client = client
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def __getattr__(self, name):
-        attribute = getattr(self._client, name)
-        if name != "pipeline":
-            return attribute
-
-        def gated(*args, **kwargs):
-            assert self.gate.wait(10), "the test never opened the gate"
-            return attribute(*args, **kwargs)
-
-        return gated
-
-
 def test_jobs_read_by_two_pipelines_before_the_next_take_all_run(client, clock):
     # Regression: a step books one pipeline's job read, then the engine runs dry and the next
     # iteration books the last pipeline's read too; the first reply was overwritten and its job
     # sat on the worker's pending list, never run (found by test_load's quiet producer).
     scheduler = make_scheduler(client, clock)
     worker = confirmed_worker(client, clock)
-    gated = GatedPipelines(client)
-    worker.redis = gated
+    gate = threading.Event()
+    gate.set()
+    worker.redis = Intercepted(client, "pipeline", lambda: gate.wait(10))  # the publisher thread's sends
     submit(client, clock, "r0", prompt="ab")
     settle(scheduler, clock)
-    gated.gate.clear()
+    gate.clear()
     worker.run_once()  # r0's first token; its pipeline (with a job read) waits at the gate
     submit(client, clock, "r1", prompt="x")
     settle(scheduler, clock)  # r1's job is on the stream before that read runs
-    gated.gate.set()
+    gate.set()
     worker._in_flight[1].result(timeout=10)  # the read took r1's job
     worker.run_once()  # r0 finishes; books the first read (r1's job), sends the last pipeline
     run_worker_until_idle(worker)

@@ -23,6 +23,13 @@ from batchd.client.protocol import MAX_PROMPT_TOKENS, Request
 
 log = logging.getLogger("batchd.models")
 
+# transformers imports torchao whenever it is installed (the int8 extra); torchao then logs a
+# warning for each CUDA kernel library it cannot load here, and torch one for each deprecated
+# registration torchao makes. None of it concerns the kernels batchd uses, and it would fill
+# every worker's log at start.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -128,8 +135,6 @@ def quantize_int8_weights(model: Any) -> None:
     """Weight-only int8 (one scale per output channel) for every linear layer but the output head,
     whose rounding would move every logit (and which tied models share with the embedding)."""
     try:
-        # torchao logs a warning for each CUDA extension it cannot load; only the CPU kernels matter here.
-        logging.getLogger("torchao").setLevel(logging.ERROR)
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError:
         raise ValueError("--quantize int8 needs torchao: pip install 'batchd[int8]'") from None

@@ -13,6 +13,7 @@ transformers loads, one slot at a time with a DynamicCache each.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -321,6 +322,8 @@ class GenericRunner:
         self.device, self.dtype = param.device, param.dtype
         self._caches: list[Any] = [None] * slots
         self.cache_bytes = 0  # grows on demand; bounded by slots x max_context
+        # transformers 5.2x renamed forward's past_key_values to cache (the old name goes in 5.40).
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def release(self, slot: int) -> None:
         self._caches[slot] = None
@@ -335,8 +338,8 @@ class GenericRunner:
                 self._caches[chunk.slot] = DynamicCache(config=self._model.config)
             ids = torch.tensor([chunk.token_ids], device=self.device)
             positions = torch.arange(chunk.start, chunk.start + len(chunk.token_ids), device=self.device)
-            out = self._model(input_ids=ids, past_key_values=self._caches[chunk.slot], use_cache=True,
-                              position_ids=positions[None], cache_position=positions, logits_to_keep=1)
+            out = self._model(input_ids=ids, use_cache=True, position_ids=positions[None], cache_position=positions,
+                              logits_to_keep=1, **{self._cache_arg: self._caches[chunk.slot]})
             if chunk.want_logits:
                 rows.append(out.logits[0, -1].float())
         logits = torch.stack(rows) if rows else torch.empty(0, self._model.config.vocab_size, device=self.device)
