@@ -65,7 +65,11 @@ def worker(args) -> int:
                           abandoned_after_s=args.abandoned_after)
     if args.worker_id:
         config.worker_id = args.worker_id
-    engine = build_engine(args)
+    try:
+        engine = build_engine(args)
+    except (ValueError, FileNotFoundError) as exc:  # a setting the operator has to change, not a crash
+        log.error("worker cannot start: %s", exc)
+        return 2
     daemon = Worker(config, engine)
     install_stop_handlers(daemon.stop)
     daemon.run()

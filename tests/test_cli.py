@@ -90,3 +90,26 @@ def test_kv_memory_sizes_read_as_people_write_them(text, size):
 def test_an_unreadable_size_says_how_to_write_it():
     with pytest.raises(SystemExit, match="2GiB"):
         parse_size("two gigs")
+
+
+def test_a_worker_whose_model_is_missing_exits_with_the_reason():
+    result = batchd("worker", "--redis", "redis://127.0.0.1:1/0", "--model", "/no/such/model")
+    assert result.returncode == 2
+    assert "neither a checkpoint folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_contrast_pair_that_does_not_share_a_tokenizer_is_refused_at_start(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    for name, vocab in (("after", 32), ("before", 48)):
+        config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / name)
+        words = {f"w{i}": i for i in range(vocab)}
+        PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="w0"))).save_pretrained(
+            tmp_path / name)
+    result = batchd("worker", "--redis", "redis://127.0.0.1:1/0", "--model", str(tmp_path / "after"),
+                    "--contrast-model", str(tmp_path / "before"), "--device", "cpu", timeout=120)
+    assert result.returncode == 2
+    assert "does not share the tokenizer" in result.stderr and "Traceback" not in result.stderr
