@@ -73,6 +73,7 @@ class HFEngine:
         self._kv_bytes_per_token = sum(kv_bytes_per_token(model.config, dtype) for model in models)
         self.max_context = _slot_context(self._config, slots, max_context, kv_memory, self._kv_bytes_per_token,
                                          length)
+
         def runner(model):
             if fast:
                 return LlamaRunner(model, slots, self.max_context, attention, cuda_graph, compile_decode)
