@@ -282,7 +282,7 @@ class Worker:
             return False
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
-                self._admit_job(entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields)
+                self._admit_job(entry_id.decode(), fields)
         return True
 
     def _forget_reclaimed(self) -> None:
@@ -310,7 +310,7 @@ class Worker:
         # the group's pending list on reconnect, instead of looking finished.
         fresh = [r for r in job.requests if r.id not in self.tracked]  # a redelivered request already runs here
         if fresh and self._cancels.needs_flags(entry_id):
-            cancelled = [flag is not None for flag in self.redis.mget([self.keys.cancelled(r.id) for r in fresh])]
+            cancelled = self._cancel_flags([r.id for r in fresh])
         else:
             cancelled = [self._cancels.heard(r.id) for r in fresh]
         # Every request keeps its job open until its outcome is stored, refused ones included.
@@ -400,11 +400,14 @@ class Worker:
         if resynced and self.tracked:
             # Back after a gap in the subscription: a cancel may have been missed meanwhile.
             held = list(self.tracked)
-            flags = self.redis.mget([self.keys.cancelled(request_id) for request_id in held])
-            cancelled += [request_id for request_id, flag in zip(held, flags) if flag is not None]
+            cancelled += [request_id for request_id, flag in zip(held, self._cancel_flags(held)) if flag]
         for request_id in cancelled:
             if request_id in self.tracked:
                 self.engine.cancel(request_id, "cancelled")
+
+    def _cancel_flags(self, request_ids: list[str]) -> list[bool]:
+        """Whether each request's cancel flag is set, in one round trip."""
+        return [flag is not None for flag in self.redis.mget([self.keys.cancelled(r) for r in request_ids])]
 
     # -- stepping -------------------------------------------------------------
     def _step(self) -> None:
