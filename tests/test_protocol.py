@@ -45,6 +45,10 @@ def test_a_foreign_msgpack_encoder_is_understood():
     (msgpack.packb(good(id="has space")), "$.id"),
     (msgpack.packb(good(id="")), "$.id"),
     (msgpack.packb({"id": "req-1", "prompt": "x"}), "missing required field `v`"),
+    (msgpack.packb(good(params={"contrast_alpha": float("nan")})), "contrast_alpha"),
+    (msgpack.packb(good(params={"contrast_alpha": float("inf")})), "contrast_alpha"),
+    (msgpack.packb(good(params={"contrast_alpha": 1e3})), "contrast_alpha"),
+    (msgpack.packb(good(params={"contrast_alpha": "strong"})), "contrast_alpha"),
 ])
 def test_bad_payloads_raise_invalid_request_with_a_reason(payload, fragment):
     with pytest.raises(InvalidRequest) as info:
@@ -84,6 +88,10 @@ def test_client_arguments_are_validated_at_the_call():
         build_request("bad-2", "hi", [{"role": "user"}], None, **common)
     with pytest.raises(InvalidRequest, match="exactly one"):
         build_request("bad-3", None, None, None, **common)
+    with pytest.raises(InvalidRequest, match="contrast_alpha"):
+        build_request("bad-4", "hi", None, None, **common, contrast_alpha=float("nan"))
+    with pytest.raises(InvalidRequest):
+        build_request("bad-5", "hi", None, None, **common, contrast_alpha="strong")
 
 
 def test_timeout_becomes_an_absolute_deadline():

@@ -176,3 +176,18 @@ def test_contrast_through_the_daemons(daemons, pairs, pair_models):
     [worker] = read_status(probe, Keys())["workers"]
     probe.close()
     assert worker["contrast_model"] == before_path.name
+
+
+def test_a_contrast_request_to_a_worker_without_a_pair_gets_a_typed_error_and_the_worker_serves_on(daemons, pairs):
+    from batchd import Client
+
+    daemons.scheduler()
+    daemons.start("worker", "--engine", "hf", "--model", str(pairs["llama"][0]), "--device", "cpu",
+                  "--dtype", "float32", "--slots", "2", "--max-context", "64")
+    daemons.wait_for_workers(1)
+    with Client(daemons.url) as client:
+        with pytest.raises(InvalidRequest, match="--contrast-model"):
+            client.generate(prompt_token_ids=[5, 6, 7], max_new_tokens=4, contrast_alpha=1.0, timeout=60)
+        assert len(client.generate(prompt_token_ids=[5, 6, 7], max_new_tokens=4, ignore_eos=True,
+                                   timeout=60).token_ids) == 4
+    assert all(p.poll() is None for p in daemons.processes), daemons.logs()
