@@ -5,7 +5,9 @@ ids, prompt and output lengths uniform in [100, 1024] (numpy seed 0), EOS
 ignored, greedy. Measured in one process, one after another:
 
 - the HBM roofline for this exact work at a measured device-to-device copy bandwidth
-- batchd's hf engine (flex attention over live blocks, CUDA graph for decode steps)
+- batchd's hf engine (flex attention over live blocks, CUDA graph for decode steps),
+  with one step in flight (the default) and in lockstep (each step's tokens read
+  before the next is queued), and how many host syncs a step makes
 - HF `generate` one request at a time (a subset, capped outputs; an estimate)
 - HF `generate` with static padded batches of 16 (per-step time from one batch; an estimate)
 - transformers' continuous batching, tuned as BENCHMARKS.md says (a subset of requests)
@@ -118,10 +120,36 @@ def roofline(requests, model, bandwidth: float) -> dict:
 # -- batchd's engine ------------------------------------------------------------------------
 
 def make_engine(model, slots: int, max_context: int, device: str, max_prefill_tokens: int = 2048,
-                compile_decode: bool = False) -> HFEngine:
+                compile_decode: bool = False, overlap: bool | None = None) -> HFEngine:
     loaded = LoadedModel(model=model, tokenizer=word_tokenizer(model.config.vocab_size), name="qwen3-0.6b-random")
     return HFEngine(loaded, slots=slots, max_context=max_context, max_prefill_tokens=max_prefill_tokens,
-                    attention="flex" if device != "cpu" else "sdpa", compile_decode=compile_decode)
+                    attention="flex" if device != "cpu" else "sdpa", compile_decode=compile_decode, overlap=overlap)
+
+
+class _WaitClock:
+    """Seconds the host spends blocked on the GPU reading tokens back: near the step time
+    when the GPU is the bottleneck, near zero when the host is."""
+
+    def __init__(self):
+        from batchd.workers.hf.engine import _Launched
+
+        self.seconds, self._launched, self._read = 0.0, _Launched, _Launched.read
+
+    def __enter__(self):
+        clock, read = self, self._read
+
+        def timed(launched):
+            started = time.perf_counter()
+            try:
+                return read(launched)
+            finally:
+                clock.seconds += time.perf_counter() - started
+
+        self._launched.read = timed
+        return self
+
+    def __exit__(self, *exc):
+        self._launched.read = self._read
 
 
 def run_engine(engine: HFEngine, requests, device: str, label: str) -> dict:
@@ -130,14 +158,39 @@ def run_engine(engine: HFEngine, requests, device: str, label: str) -> dict:
     tokens, steps = 0, 0
     _sync(device)
     started = time.perf_counter()
-    while engine.has_work():
-        tokens += sum(len(o.new_token_ids) for o in engine.step())
-        steps += 1
-        if steps % 200 == 0:
-            log.info("  %s: %d steps, %d tokens, %.1fs", label, steps, tokens, time.perf_counter() - started)
+    with _WaitClock() as waited:
+        while engine.has_work():
+            tokens += sum(len(o.new_token_ids) for o in engine.step())
+            steps += 1
+            if steps % 200 == 0:
+                log.info("  %s: %d steps, %d tokens, %.1fs", label, steps, tokens, time.perf_counter() - started)
     seconds = time.perf_counter() - started
     return {"requests": len(requests), "output_tokens": tokens, "seconds": round(seconds, 2),
-            "steps": steps, "tok_s": round(tokens / seconds, 1)}
+            "steps": steps, "tok_s": round(tokens / seconds, 1), "overlap": engine.overlap,
+            "host_waiting_on_gpu_s": round(waited.seconds, 2)}
+
+
+def host_syncs(engine: HFEngine, requests, steps: int = 60) -> dict:
+    """Steps under torch's sync debug mode: every call that makes the host wait on the GPU
+    warns. The design allows one per step (reading the sampled tokens back)."""
+    import warnings
+
+    for index, (prompt, output) in enumerate(requests):
+        engine.add(EngineRequest(f"sync{index}", prompt, SamplingParams(max_new_tokens=output, ignore_eos=True)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    messages = sorted({str(w.message).splitlines()[0][:160] for w in caught})
+    for index in range(len(requests)):
+        engine.cancel(f"sync{index}")
+    while engine.has_work():
+        engine.step()
+    return {"steps": steps, "sync_warnings": len(caught), "distinct": messages[:8]}
 
 
 def engine_latency(engine: HFEngine, requests, rate: float, device: str) -> dict:
@@ -389,14 +442,16 @@ class Report:
 
 
 def run_engine_phases(report: Report, model, requests, args, device: str, suffix: str, compiled: bool,
-                      wanted: list[str], high: int) -> None:
+                      overlap: bool | None, wanted: list[str], high: int) -> None:
     """One engine (plain or with compiled decode layers) through the engine phases, then freed."""
     started = time.perf_counter()
     engine = make_engine(model, slots=len(requests), max_context=2 * high, device=device,
-                         max_prefill_tokens=args.max_prefill_tokens, compile_decode=compiled)
+                         max_prefill_tokens=args.max_prefill_tokens, compile_decode=compiled, overlap=overlap)
     report.data[f"engine{suffix}_start_s"] = round(time.perf_counter() - started, 1)
     report.data["max_prefill_tokens"] = args.max_prefill_tokens
     run_engine(engine, requests[:4], device, "warm")  # first-call setup stays out of the numbers
+    if "syncs" in wanted:
+        report.phase("syncs" + suffix, lambda: host_syncs(engine, requests))
     if "profile" in wanted:
         report.phase("profile" + suffix, lambda: profile_steps(engine, requests, device, Path(args.out).parent))
     if "engine" in wanted:
@@ -420,7 +475,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=8.0)
     parser.add_argument("--max-prefill-tokens", type=int, default=8192,
                         help="prompt tokens per step; throughput engines use large budgets (nano-vllm 16384)")
-    parser.add_argument("--phases", default="exactness,exactness_compiled,roofline,engine,latency,engine_compiled,latency_compiled,agreement,hf_sequential,hf_static,transformers_cb")
+    parser.add_argument("--phases", default="exactness,exactness_compiled,roofline,engine,latency,engine_compiled,"
+                        "latency_compiled,syncs_compiled,engine_compiled_lockstep,agreement,hf_sequential,hf_static,"
+                        "transformers_cb")
     parser.add_argument("--out", default="benchmarks/results/engine_gpu.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -441,11 +498,12 @@ def main() -> None:
         report.phase("exactness_compiled", lambda: exactness_check(device, compile_decode=True))
     if "roofline" in phases:
         report.phase("roofline", lambda: roofline(requests, model, copy_bandwidth(device)))
-    for suffix, compiled in (("", False), ("_compiled", True)):
-        wanted = [p for p in ("engine", "latency", "agreement", "profile") if p + suffix in phases]
+    # (suffix, compiled decode layers, overlap); None is the device's default (one step in flight on CUDA)
+    for suffix, compiled, overlap in (("", False, None), ("_compiled", True, None), ("_compiled_lockstep", True, False)):
+        wanted = [p for p in ("engine", "latency", "agreement", "profile", "syncs") if p + suffix in phases]
         if wanted:
             try:
-                run_engine_phases(report, model, requests, args, device, suffix, compiled, wanted, high)
+                run_engine_phases(report, model, requests, args, device, suffix, compiled, overlap, wanted, high)
             except Exception as exc:  # e.g. a compile failure while building the engine
                 log.exception("engine%s could not start", suffix)
                 failure = {"error": f"engine did not start: {type(exc).__name__}: {exc}"}
@@ -464,16 +522,23 @@ def print_table(data: dict) -> None:
     phases = data["phases"]
     print(f"\n{data['device']}, {data['model']}, {data['requests']} requests, {data['output_tokens']} output tokens")
     rows = [("HBM roofline", "roofline"), ("batchd hf engine, decode not compiled", "engine"),
-            ("batchd hf engine, compiled decode", "engine_compiled"), ("HF generate, one at a time", "hf_sequential"),
+            ("batchd hf engine, compiled decode", "engine_compiled"),
+            ("  the same in lockstep (no overlap)", "engine_compiled_lockstep"), ("HF generate, one at a time", "hf_sequential"),
             ("HF generate, static batches of 16", "hf_static"), ("transformers CB, tuned", "transformers_cb")]
     engine = max(phases.get(k, {}).get("tok_s") or 0 for k in ("engine", "engine_compiled")) or None
+    roof = phases.get("roofline", {}).get("tok_s")
     for label, key in rows:
         value = phases.get(key, {}).get("tok_s")
         if value is None:
             print(f"{label:<36} {'-':>10}  {phases.get(key, {}).get('error', 'not run')[:80]}")
             continue
         ratio = f"best engine = {engine / value:.2f}x" if engine and not key.startswith("engine") else ""
+        if roof and key.startswith("engine"):
+            ratio = f"{value / roof:.0%} of the roofline"
         print(f"{label:<36} {value:>10} tok/s  {ratio}")
+    syncs = phases.get("syncs_compiled", {})
+    if "sync_warnings" in syncs:
+        print(f"host syncs over {syncs['steps']} steps: {syncs['sync_warnings']} {syncs['distinct']}")
     for key in ("latency", "latency_compiled"):
         lat = phases.get(key, {})
         if "ttft_ms_p50" not in lat:

@@ -98,7 +98,7 @@ class Detokenizer:
             self.stopped_by = stop
 
     def _release(self, final: bool) -> str:
-        end = len(self._text) if final else len(self._text) - self._held_back()
+        end = len(self._text) if final or not self._stop else len(self._text) - self._held_back()
         if end <= self._emitted:
             return ""
         piece = self._text[self._emitted:end]

@@ -76,3 +76,29 @@ def reference_models(tiny_models):
             for kind, path in tiny_models.items()}
 
 
+
+
+# In-process engine tests run twice: in lockstep (the CPU default: each step's tokens
+# are read before the next is queued) and with one step in flight (the GPU default), so
+# the overlap's bookkeeping (tokens read on the device, dropped speculative rows, slots
+# reused under a step still running) is checked against the same references on the CPU.
+def pytest_generate_tests(metafunc):
+    in_process = {"tiny_models", "pairs"} & set(metafunc.fixturenames) and "daemons" not in metafunc.fixturenames
+    if "engine_overlap" in metafunc.fixturenames and in_process:
+        metafunc.parametrize("engine_overlap", [False, True], ids=["lockstep", "overlap"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def engine_overlap(request, monkeypatch):
+    """The engine's default overlap for this test (None: the device's default)."""
+    overlap = getattr(request, "param", None)
+    if overlap is not None:
+        from batchd.workers.hf.engine import HFEngine
+
+        start, default = HFEngine.__init__, overlap
+
+        def init(self, *args, overlap=None, **options):
+            start(self, *args, overlap=default if overlap is None else overlap, **options)
+
+        monkeypatch.setattr(HFEngine, "__init__", init)
+    return overlap

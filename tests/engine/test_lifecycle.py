@@ -34,12 +34,19 @@ def test_cancel_frees_the_slot_for_a_waiting_request_in_the_same_step(tiny_model
     for _ in range(4):
         run.record(engine.step())
     assert (engine.num_running, engine.num_waiting, engine.free_slots) == (1, 1, 0)
+    # With a step in flight, the tokens read so far trail the steps run by one.
+    lag = int(engine.overlap)
     engine.cancel("long")
     outputs = engine.step()
     run.record(outputs)
     assert run.finish == {"long": "cancelled"}
-    assert len(run.tokens["long"]) == 4
-    # The waiting request took the freed slot and produced its first token in that same step.
+    assert len(run.tokens["long"]) == 4 - lag
+    # The waiting request took the freed slot in that same step, and its first token came
+    # back then too (or at the next step, with one in flight).
+    assert (engine.num_running, engine.num_waiting) == (1, 0)
+    if lag:
+        outputs = engine.step()
+        run.record(outputs)
     assert [o.request_id for o in outputs if o.new_token_ids] == ["next"]
     run.record(engine.step())
     run.record(engine.step())
@@ -70,8 +77,9 @@ def test_deadline_finishes_with_partial_text(tiny_models):
     clock.now += 10
     run.record(engine.step())
     assert run.finish["late"] == "deadline"
-    assert len(run.tokens["late"]) == 3
-    assert run.outputs["late"][-1].completion_tokens == 3
+    read = 3 - int(engine.overlap)  # a token still on its way when the deadline passed is dropped
+    assert len(run.tokens["late"]) == read
+    assert run.outputs["late"][-1].completion_tokens == read
     assert engine.num_running == 1
     while engine.has_work():
         run.record(engine.step())

@@ -6,6 +6,13 @@ step's chunks (one decode token per running slot, then prompt pieces under the
 prefill budget), run them in one forward pass, sample each row with its own
 request's parameters, and finish what stopped.
 
+On a GPU the engine keeps one step in flight: it queues step N+1 (whose decode
+tokens are step N's samples, read on the device) before it reads step N's
+tokens back and does the host's share of N (detokenising, stop checks,
+streaming), so the GPU is not idle while the host works. A request that step N
+stops still had its row in N+1; that token is dropped and its slot is free from
+the step after.
+
 With a contrast model (`--contrast-model`, the "before" of a fine-tune), a
 second runner keeps its own cache for the same slots; requests that ask for
 contrast_alpha run their chunks through both models in the same step and are
@@ -17,6 +24,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +41,7 @@ from .runner import (
     cache_length,
     kv_bytes_per_token,
     supports_fast_path,
+    to_device,
 )
 from ..scoring import Scorer
 from .sampler import Sampler
@@ -50,7 +59,8 @@ class HFEngine:
     def __init__(self, loaded: LoadedModel, *, slots: int = 16, max_context: int | None = None,
                  kv_memory: int | None = None, max_prefill_tokens: int = 2048, clock: Clock = time.time,
                  seed: int | None = None, attention: str | None = None, cuda_graph: bool | None = None,
-                 compile_decode: bool | None = None, contrast: LoadedModel | None = None):
+                 compile_decode: bool | None = None, contrast: LoadedModel | None = None,
+                 overlap: bool | None = None):
         if slots < 1 or max_prefill_tokens < 1:
             raise ValueError("slots and max_prefill_tokens must be at least 1")
         if contrast is not None:
@@ -82,6 +92,12 @@ class HFEngine:
         self._runner = runner(loaded.model)
         self._contrast_runner = runner(contrast.model) if contrast is not None else None
         self._sampler = Sampler(self._runner.device, seed)
+        # Overlap pays where kernels run asynchronously (CUDA); on a CPU each op runs in
+        # the calling thread, so it is off there by default (tests turn it on to check it).
+        if overlap is None:
+            overlap = self._runner.device.type == "cuda"
+        self.overlap = overlap and all(r.supports_overlap for r in (self._runner, self._contrast_runner) if r)
+        self._in_flight: _Launched | None = None
         self._eos_ids = _eos_ids(loaded.model, loaded.tokenizer)
         self._slots: list[Sequence | None] = [None] * slots
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -92,10 +108,10 @@ class HFEngine:
         self._scorer = Scorer(loaded.model, loaded.tokenizer, self.max_context, pad_id)
         allocated = sum(r.cache_bytes for r in (self._runner, self._contrast_runner) if r is not None)
         log.info("hf engine: model=%s contrast_model=%s path=%s slots=%d max_context=%d kv_cache=%.1f MiB "
-                 "(allocated %.1f MiB) device=%s dtype=%s weights=%s", self.model_name,
+                 "(allocated %.1f MiB) device=%s dtype=%s weights=%s overlap=%s", self.model_name,
                  self.contrast_model_name or "-", f"fast/{self._runner.attention}" if fast else "generic",
                  slots, self.max_context, self.kv_cache_bytes / 2**20, allocated / 2**20, self._runner.device,
-                 dtype, loaded.weights)
+                 dtype, loaded.weights, self.overlap)
 
     # -- the Engine protocol ------------------------------------------------------
 
@@ -130,12 +146,20 @@ class HFEngine:
         outputs = self._finish_cancelled_and_expired()
         self._admit()
         chunks = self._schedule()
+        previous, self._in_flight = self._in_flight, None
         if chunks:
-            outputs += self._run(chunks)
+            launched, failed = self._launch(chunks, previous)
+            outputs += failed
+            if launched is not None and self.overlap:
+                self._in_flight = launched  # read back at the next step, after that one is queued
+            elif launched is not None:
+                outputs += self._collect(launched)
+        if previous is not None:
+            outputs += self._collect(previous)
         return outputs
 
     def has_work(self) -> bool:
-        return bool(self._by_id)
+        return bool(self._by_id) or self._in_flight is not None
 
     @property
     def num_running(self) -> int:
@@ -203,8 +227,9 @@ class HFEngine:
         budget = self._max_prefill_tokens
         running = [s for s in self._slots if s is not None]
         for sequence in running:
-            if not sequence.prefilling:
-                chunks.append(Chunk(sequence.slot, sequence.next_chunk(1), sequence.num_cached))
+            if sequence.needs_decode:
+                chunks.append(Chunk(sequence.slot, sequence.next_chunk(1), sequence.num_cached,
+                                    from_previous=sequence.in_flight_row if sequence.in_flight else None))
         # Prompts go in arrival order under the budget,
         # so a long prompt takes several steps and never stalls the decodes for long.
         for sequence in sorted((s for s in running if s.prefilling), key=lambda s: s.request.arrival_time):
@@ -216,37 +241,59 @@ class HFEngine:
             chunks.append(Chunk(sequence.slot, piece, sequence.num_cached, want_logits=last))
         return chunks
 
-    def _run(self, chunks: list[Chunk]) -> list[StepOutput]:
+    def _launch(self, chunks: list[Chunk], previous: _Launched | None) -> tuple[_Launched | None, list[StepOutput]]:
+        """Queue one step (forward pass and sampling) without waiting for it."""
+        earlier = previous.tokens if previous is not None else None
         try:
-            logits, rows = self._runner.forward(chunks)
+            logits, rows = self._runner.forward(chunks, earlier)
             if self._contrast_runner is not None:
-                logits = self._contrast(chunks, rows, logits)
+                logits = self._contrast(chunks, rows, logits, earlier)
             sequences = [self._slots[c.slot] for c in rows]
             tokens = self._sampler.sample(logits, [s.request.params for s in sequences],
                                           [self._generators[s.request_id] for s in sequences])
         except Exception as exc:  # one bad step must not take the worker down
-            log.exception("engine step failed; finishing its %d requests with an error", len(chunks))
-            error = BatchdError(f"engine step failed: {exc}")
-            return [self._finish(self._slots[c.slot], "error", [], error=error)
-                    for c in chunks]
+            return None, self._fail([self._slots[c.slot] for c in chunks], exc)
         for chunk in chunks:
             self._slots[chunk.slot].num_cached += len(chunk.token_ids)
-        return [self._emit(sequence, token) for sequence, token in zip(sequences, tokens)]
+        for row, sequence in enumerate(sequences):
+            sequence.in_flight += 1
+            sequence.in_flight_row = row
+        return _Launched.queue(sequences, tokens), []
+
+    def _collect(self, launched: _Launched) -> list[StepOutput]:
+        """Read a queued step's tokens back (the host's one wait per step) and act on them."""
+        try:
+            tokens = launched.read()
+        except Exception as exc:
+            return self._fail([s for s in launched.sequences if s.status is not Status.FINISHED], exc)
+        outputs = []
+        for sequence, token in zip(launched.sequences, tokens):
+            sequence.in_flight -= 1
+            # Cancelled, expired or stopped while this token was on its way: it is dropped.
+            if sequence.status is not Status.FINISHED:
+                outputs.append(self._emit(sequence, token))
+        return outputs
+
+    def _fail(self, sequences: list[Sequence], exc: Exception) -> list[StepOutput]:
+        log.error("engine step failed; finishing its %d requests with an error", len(sequences), exc_info=exc)
+        error = BatchdError(f"engine step failed: {exc}")
+        return [self._finish(sequence, "error", [], error=error) for sequence in sequences]
 
     @torch.inference_mode()
-    def _contrast(self, chunks: list[Chunk], rows: list[Chunk], logits: torch.Tensor) -> torch.Tensor:
+    def _contrast(self, chunks: list[Chunk], rows: list[Chunk], logits: torch.Tensor,
+                  previous: torch.Tensor | None) -> torch.Tensor:
         """Run the contrast requests' chunks through the before model too, and mix their logits."""
         paired = [c for c in chunks if self._slots[c.slot].request.params.contrast_alpha is not None]
         if not paired:
             return logits
-        before, before_rows = self._contrast_runner.forward(paired)
+        before, before_rows = self._contrast_runner.forward(paired, previous)
         if not before_rows:  # only prompt pieces that are not the last: their caches filled, nothing to sample
             return logits
         row_of = {chunk.slot: row for row, chunk in enumerate(rows)}
         device = logits.device
-        index = torch.tensor([row_of[c.slot] for c in before_rows], device=device)
-        alpha = torch.tensor([self._slots[c.slot].request.params.contrast_alpha for c in before_rows],
-                             device=device, dtype=logits.dtype)[:, None]
+        index = to_device([row_of[c.slot] for c in before_rows], torch.long, device)
+        alpha = to_device([self._slots[c.slot].request.params.contrast_alpha for c in before_rows],
+                          logits.dtype, device)[:, None]
         after = logits[index]
         logits[index] = after + alpha * (after - before.to(logits.dtype))
         return logits
@@ -286,6 +333,31 @@ class HFEngine:
     def _output(sequence: Sequence, new_tokens: list[int], text: str) -> StepOutput:
         return StepOutput(sequence.request_id, new_tokens, text, prompt_tokens=sequence.prompt_len,
                           completion_tokens=len(sequence.generated))
+
+
+@dataclass
+class _Launched:
+    """A queued step: the sequences its rows belong to and their sampled tokens."""
+
+    sequences: list[Sequence]
+    tokens: torch.Tensor  # on the device, for the next step's inputs
+    host: torch.Tensor  # the same tokens, copied to pinned memory as soon as they exist
+    ready: torch.cuda.Event | None
+
+    @classmethod
+    def queue(cls, sequences: list[Sequence], tokens: torch.Tensor) -> _Launched:
+        if tokens.device.type != "cuda":
+            return cls(sequences, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(sequences, tokens, host, ready)
+
+    def read(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
 
 
 def _slot_context(config: Any, slots: int, max_context: int | None, kv_memory: int | None,
@@ -336,16 +408,17 @@ def build_engine(model: str, *, slots: int = 16, max_context: int | None = None,
                  max_prefill_tokens: int = 2048, dtype: str | None = None, device: str | None = None,
                  clock: Clock = time.time, attention: str | None = None, cuda_graph: bool | None = None,
                  compile_decode: bool | None = None, contrast_model: str | None = None,
-                 quantize: str | None = None) -> HFEngine:
+                 quantize: str | None = None, overlap: bool | None = None) -> HFEngine:
     """Load `model` (checkpoint folder, .gguf file or alias) and start an engine on it.
 
     contrast_model: the "before" model that contrast_alpha requests decode against.
     quantize: "int8" for weight-only int8 linear layers (both models of a pair).
-    attention ("sdpa" | "flex"), cuda_graph and compile_decode default to what suits
-    the device: sdpa on CPU; flex, a decode CUDA graph and compiled layers on CUDA.
+    attention ("sdpa" | "flex"), cuda_graph, compile_decode and overlap default to what
+    suits the device: sdpa on CPU; flex, a decode CUDA graph, compiled layers and one
+    step in flight on CUDA.
     """
     loaded = load_model(model, dtype=dtype, device=device, quantize=quantize)
     contrast = load_model(contrast_model, dtype=dtype, device=device, quantize=quantize) if contrast_model else None
     return HFEngine(loaded, slots=slots, max_context=max_context, kv_memory=kv_memory,
                     max_prefill_tokens=max_prefill_tokens, clock=clock, attention=attention, cuda_graph=cuda_graph,
-                    compile_decode=compile_decode, contrast=contrast)
+                    compile_decode=compile_decode, contrast=contrast, overlap=overlap)

@@ -36,6 +36,20 @@ class Chunk:
     token_ids: list[int]
     start: int  # position of token_ids[0] in the sequence
     want_logits: bool = True  # False for a prompt piece that is not the last
+    # The row of the previous step's sampled tokens that is this chunk's one token, when
+    # that step is still running: the token is read on the device, never on the host.
+    from_previous: int | None = None
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the GPU.
+
+    A plain copy from pageable memory synchronises the stream, which would stall the
+    host until the step already running ends; a pinned, non-blocking copy just queues.
+    """
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
@@ -122,13 +136,20 @@ class LlamaRunner:
     def release(self, slot: int) -> None:
         """Nothing to free: a slot's old keys sit past the next owner's length and are masked."""
 
+    # Reads chunks' tokens from the previous step's sampled tokens on the device, so the
+    # engine can queue step N+1 before it has read step N's tokens.
+    supports_overlap = True
+
     @torch.inference_mode()
-    def forward(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[Chunk]]:
-        """Logits [rows, vocab] and the chunk each row belongs to."""
+    def forward(self, chunks: list[Chunk], previous: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Chunk]]:
+        """Logits [rows, vocab] and the chunk each row belongs to.
+
+        previous: the last step's sampled tokens, for chunks with from_previous set.
+        """
         if self._graph is not None and all(len(c.token_ids) == 1 for c in chunks):
             wanted = [c for c in chunks if c.want_logits]
-            return self._replay(chunks, wanted), wanted
-        batch = _StepBatch(chunks, self.slots, self.device)
+            return self._replay(chunks, wanted, previous), wanted
+        batch = _StepBatch(chunks, self.slots, self.device, previous)
         return self._forward_batch(batch).float(), batch.logit_chunks
 
     def _forward_batch(self, batch: _StepBatch) -> torch.Tensor:
@@ -226,7 +247,6 @@ class LlamaRunner:
         self._static = _StepBatch.all_slots(slots, self.device)
         self._static.positions.fill_(self._scratch_position)
         self._decode_attention.lengths.zero_()
-        self._host_inputs = torch.zeros(3, slots, dtype=torch.long).pin_memory()
         with torch.inference_mode():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -238,20 +258,28 @@ class LlamaRunner:
             with torch.cuda.graph(self._graph):
                 self._graph_logits = self._forward_batch(self._static)
 
-    def _replay(self, chunks: list[Chunk], wanted: list[Chunk]) -> torch.Tensor:
+    def _replay(self, chunks: list[Chunk], wanted: list[Chunk], previous: torch.Tensor | None) -> torch.Tensor:
         ids = [0] * self.slots
         positions = [self._scratch_position] * self.slots
         lengths = [0] * self.slots
         for chunk in chunks:
             ids[chunk.slot], positions[chunk.slot], lengths[chunk.slot] = chunk.token_ids[0], chunk.start, chunk.start + 1
-        self._host_inputs.copy_(torch.tensor([ids, positions, lengths]))
-        staged = self._host_inputs.to(self.device, non_blocking=True)
-        self._static.token_ids.copy_(staged[0])
-        self._static.positions.copy_(staged[1])
-        self._decode_attention.lengths.copy_(staged[2])
-        rows = torch.tensor([c.slot for c in wanted], dtype=torch.long).to(self.device)
+        # One copy for everything the graph reads: the inputs, the logit rows, and where
+        # tokens still on the device go.
+        carried = [c for c in chunks if c.from_previous is not None]
+        rows = [c.slot for c in wanted]
+        staged = to_device(ids + positions + lengths + rows + [c.slot for c in carried]
+                           + [c.from_previous for c in carried], torch.long, self.device)
+        slots = self.slots
+        self._static.token_ids.copy_(staged[:slots])
+        self._static.positions.copy_(staged[slots:2 * slots])
+        self._decode_attention.lengths.copy_(staged[2 * slots:3 * slots])
+        rest = staged[3 * slots:]
+        if carried:
+            into, taken = rest[len(rows):len(rows) + len(carried)], rest[len(rows) + len(carried):]
+            self._static.token_ids.index_copy_(0, into, previous.index_select(0, taken))
         self._graph.replay()
-        return self._graph_logits[rows].float()
+        return self._graph_logits[rest[:len(rows)]].float()
 
 
 class _StepBatch:
@@ -259,7 +287,7 @@ class _StepBatch:
 
     decode_all_slots = False
 
-    def __init__(self, chunks: list[Chunk], slots: int, device: torch.device):
+    def __init__(self, chunks: list[Chunk], slots: int, device: torch.device, previous: torch.Tensor | None = None):
         # Decodes first, ordered by slot, so their attention can read one slice of the cache.
         # A one-token prompt piece attends exactly like a decode, so it joins them.
         decodes = sorted((c for c in chunks if len(c.token_ids) == 1), key=lambda c: c.slot)
@@ -276,11 +304,15 @@ class _StepBatch:
             if chunk.want_logits:
                 logit_rows.append(len(token_ids) - 1)
         self.prefill_offsets = offsets[self.num_decodes:]
-        as_long = {"dtype": torch.long, "device": device}
-        self.token_ids = torch.tensor(token_ids, **as_long)
-        self.positions = torch.tensor(positions, **as_long)
-        self.slots = torch.tensor(slot_of, **as_long)
-        self.logit_rows = torch.tensor(logit_rows, **as_long)
+        carried = [(offset, c.from_previous) for offset, c in zip(offsets, self.order) if c.from_previous is not None]
+        tokens = len(token_ids)
+        staged = to_device(token_ids + positions + slot_of + logit_rows + [o for o, _ in carried]
+                           + [r for _, r in carried], torch.long, device)
+        self.token_ids, self.positions, self.slots = staged[:tokens], staged[tokens:2 * tokens], staged[2 * tokens:3 * tokens]
+        self.logit_rows = staged[3 * tokens:3 * tokens + len(logit_rows)]
+        if carried:
+            rest = staged[3 * tokens + len(logit_rows):]
+            self.token_ids.index_copy_(0, rest[:len(carried)], previous.index_select(0, rest[len(carried):]))
         self.logit_chunks = [c for c in self.order if c.want_logits]
         if decodes:
             self._decode_views(decodes, slots, device)
@@ -291,13 +323,14 @@ class _StepBatch:
         slot_ids = [c.slot for c in decodes]
         contiguous = slot_ids == list(range(slot_ids[0], slot_ids[0] + len(slot_ids)))
         self.decode_slot_range = (slot_ids[0], slot_ids[-1] + 1) if contiguous else None
-        self.decode_slots = torch.tensor(slot_ids, dtype=torch.long, device=device)
-        lengths_t = torch.tensor(lengths, device=device)
-        self.decode_mask = (torch.arange(self.decode_max_len, device=device)[None, :] < lengths_t[:, None])[:, None, None, :]
         per_slot = [0] * slots
         for slot, length in zip(slot_ids, lengths):
             per_slot[slot] = length
-        self.slot_lengths = torch.tensor(per_slot, dtype=torch.int32, device=device)
+        staged = to_device(slot_ids + lengths + per_slot, torch.long, device)
+        count = len(slot_ids)
+        self.decode_slots, lengths_t = staged[:count], staged[count:2 * count]
+        self.decode_mask = (torch.arange(self.decode_max_len, device=device)[None, :] < lengths_t[:, None])[:, None, None, :]
+        self.slot_lengths = staged[2 * count:].to(torch.int32)
 
     @classmethod
     def all_slots(cls, slots: int, device: torch.device) -> _StepBatch:
@@ -316,6 +349,8 @@ class _StepBatch:
 class GenericRunner:
     """Any causal LM: one forward per chunk, each slot with its own DynamicCache."""
 
+    supports_overlap = False  # each chunk's tokens go in from the host
+
     def __init__(self, model: Any, slots: int, max_context: int):
         self._model = model
         param = next(model.parameters())
@@ -329,7 +364,7 @@ class GenericRunner:
         self._caches[slot] = None
 
     @torch.inference_mode()
-    def forward(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[Chunk]]:
+    def forward(self, chunks: list[Chunk], previous: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Chunk]]:
         from transformers import DynamicCache
 
         rows = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from batchd.client.protocol import SamplingParams
 
+from .runner import to_device
+
 
 class Sampler:
     def __init__(self, device: torch.device, seed: int | None = None):
@@ -28,22 +30,26 @@ class Sampler:
         return torch.Generator(device=self._device).manual_seed(seed)
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               generators: list[torch.Generator | None]) -> list[int]:
-        """One token per row of logits [rows, vocab], in row order."""
+               generators: list[torch.Generator | None]) -> torch.Tensor:
+        """One token per row of logits [rows, vocab], in row order, left on the device:
+        the engine reads them when it needs them, which may be after the next step is queued."""
         tokens = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if p.temperature > 0]
         if rows:
-            picked = self._sample_rows(logits[rows], [params[i] for i in rows], [generators[i] for i in rows])
-            tokens[rows] = picked
-        # The only host sync of a step: the engine needs the tokens to stop or stream.
-        return tokens.tolist()
+            index = to_device(rows, torch.long, logits.device)
+            picked = self._sample_rows(logits.index_select(0, index), [params[i] for i in rows],
+                                       [generators[i] for i in rows])
+            tokens.index_copy_(0, index, picked)
+        return tokens
 
     def _sample_rows(self, logits: torch.Tensor, params: list[SamplingParams],
                      generators: list[torch.Generator | None]) -> torch.Tensor:
         device = logits.device
-        temperature = torch.tensor([p.temperature for p in params], device=device)
-        top_k = torch.tensor([p.top_k or logits.shape[-1] for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
+        count = len(params)
+        settings = to_device([p.temperature for p in params] + [float(p.top_k or logits.shape[-1]) for p in params]
+                             + [p.top_p for p in params], torch.float32, device)
+        temperature, top_p = settings[:count], settings[2 * count:]
+        top_k = settings[count:2 * count].long()
         values, order = (logits.float() / temperature[:, None]).sort(dim=-1, descending=True)
         probs = values.softmax(dim=-1)
         rank = torch.arange(probs.shape[-1], device=device)

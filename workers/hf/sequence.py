@@ -24,18 +24,24 @@ class Sequence:
     stop_token_ids: frozenset[int]
     status: Status = Status.WAITING
     slot: int = -1
-    # Tokens whose keys and values are in the slot's cache.
+    # Tokens whose keys and values are in the slot's cache (or queued to be, on the GPU).
     num_cached: int = 0
     generated: list[int] = field(default_factory=list)
+    # Tokens sampled on the device but not read yet (0 or 1; 2 for a moment while the
+    # engine queues the next step), and the row of the newest in its step's tokens.
+    in_flight: int = 0
+    in_flight_row: int = -1
+    # Read several times per request per step: kept, not recounted.
+    prompt_len: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.request.prompt_token_ids)
     finish_reason: FinishReason | None = None
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.request.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -45,9 +51,15 @@ class Sequence:
     def prefilling(self) -> bool:
         return self.num_cached < self.prompt_len
 
+    @property
+    def needs_decode(self) -> bool:
+        """Past its prompt, and the last token it may generate is not already on its way."""
+        return not self.prefilling and len(self.generated) + self.in_flight < self.request.params.max_new_tokens
+
     def next_chunk(self, budget: int) -> list[int]:
-        """The tokens to feed next: up to budget prompt tokens, or the last sampled one."""
+        """The tokens to feed next: up to budget prompt tokens, or the last sampled one
+        (a placeholder while that one is still on the device)."""
         if self.prefilling:
             prompt = self.request.prompt_token_ids
             return prompt[self.num_cached:self.num_cached + budget]
-        return self.generated[-1:]
+        return [0] if self.in_flight else self.generated[-1:]
