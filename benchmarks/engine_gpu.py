@@ -170,6 +170,26 @@ def run_engine(engine: HFEngine, requests, device: str, label: str) -> dict:
             "host_waiting_on_gpu_s": round(waited.seconds, 2)}
 
 
+def prefill_paths(engine: HFEngine, requests) -> dict:
+    """The packed-prompt path (one varlen flash call per layer) against one attention call per
+    prompt, on the same step: the logits must agree to bf16 rounding."""
+    from batchd.workers.hf.runner import Chunk
+
+    runner = engine._runner
+    if runner._varlen is None:
+        return {"skipped": "no varlen attention on this device/dtype"}
+    chunks = [Chunk(slot, prompt[:64 + 40 * slot], 0) for slot, (prompt, _) in enumerate(requests[:8])]
+    packed, _ = runner.forward(chunks)
+    varlen, runner._varlen = runner._varlen, None
+    try:
+        one_by_one, _ = runner.forward(chunks)
+    finally:
+        runner._varlen = varlen
+    return {"rows": len(chunks), "max_abs_diff": round(float((packed - one_by_one).abs().max()), 4),
+            "largest_logit": round(float(one_by_one.abs().max()), 2),
+            "same_argmax": int((packed.argmax(-1) == one_by_one.argmax(-1)).sum())}
+
+
 def host_syncs(engine: HFEngine, requests, steps: int = 60) -> dict:
     """Steps under torch's sync debug mode: every call that makes the host wait on the GPU
     warns. The design allows one per step (reading the sampled tokens back)."""
@@ -442,14 +462,18 @@ class Report:
 
 
 def run_engine_phases(report: Report, model, requests, args, device: str, suffix: str, compiled: bool,
-                      overlap: bool | None, wanted: list[str], high: int) -> None:
+                      overlap: bool | None, wanted: list[str], high: int, unfused_prefill: bool = False) -> None:
     """One engine (plain or with compiled decode layers) through the engine phases, then freed."""
     started = time.perf_counter()
     engine = make_engine(model, slots=len(requests), max_context=2 * high, device=device,
                          max_prefill_tokens=args.max_prefill_tokens, compile_decode=compiled, overlap=overlap)
     report.data[f"engine{suffix}_start_s"] = round(time.perf_counter() - started, 1)
     report.data["max_prefill_tokens"] = args.max_prefill_tokens
+    if unfused_prefill:  # the prefill as it was before 2026-12-02: one attention call per prompt, layers uncompiled
+        engine._runner._varlen = engine._runner._compiled_any_shape = None
     run_engine(engine, requests[:4], device, "warm")  # first-call setup stays out of the numbers
+    if "prefill_check" in wanted:
+        report.phase("prefill_check" + suffix, lambda: prefill_paths(engine, requests))
     if "syncs" in wanted:
         report.phase("syncs" + suffix, lambda: host_syncs(engine, requests))
     if "profile" in wanted:
@@ -475,9 +499,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=8.0)
     parser.add_argument("--max-prefill-tokens", type=int, default=8192,
                         help="prompt tokens per step; throughput engines use large budgets (nano-vllm 16384)")
-    parser.add_argument("--phases", default="exactness,exactness_compiled,roofline,engine,latency,engine_compiled,"
-                        "latency_compiled,syncs_compiled,engine_compiled_lockstep,agreement,hf_sequential,hf_static,"
-                        "transformers_cb")
+    parser.add_argument("--phases", default="exactness_compiled,roofline,prefill_check_compiled,engine_compiled,"
+                        "latency_compiled,syncs_compiled,agreement_compiled,engine_compiled_lockstep,"
+                        "engine_compiled_unfused_prefill,hf_sequential,hf_static,transformers_cb")
     parser.add_argument("--out", default="benchmarks/results/engine_gpu.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -498,12 +522,16 @@ def main() -> None:
         report.phase("exactness_compiled", lambda: exactness_check(device, compile_decode=True))
     if "roofline" in phases:
         report.phase("roofline", lambda: roofline(requests, model, copy_bandwidth(device)))
-    # (suffix, compiled decode layers, overlap); None is the device's default (one step in flight on CUDA)
-    for suffix, compiled, overlap in (("", False, None), ("_compiled", True, None), ("_compiled_lockstep", True, False)):
-        wanted = [p for p in ("engine", "latency", "agreement", "profile", "syncs") if p + suffix in phases]
+    # (suffix, compiled layers, overlap, prefill as before packing); None: the device's default
+    variants = (("", False, None, False), ("_compiled", True, None, False), ("_compiled_lockstep", True, False, False),
+                ("_compiled_unfused_prefill", True, None, True))
+    for suffix, compiled, overlap, unfused in variants:
+        wanted = [p for p in ("engine", "latency", "agreement", "profile", "syncs", "prefill_check")
+                  if p + suffix in phases]
         if wanted:
             try:
-                run_engine_phases(report, model, requests, args, device, suffix, compiled, overlap, wanted, high)
+                run_engine_phases(report, model, requests, args, device, suffix, compiled, overlap, wanted, high,
+                                  unfused)
             except Exception as exc:  # e.g. a compile failure while building the engine
                 log.exception("engine%s could not start", suffix)
                 failure = {"error": f"engine did not start: {type(exc).__name__}: {exc}"}
@@ -523,7 +551,9 @@ def print_table(data: dict) -> None:
     print(f"\n{data['device']}, {data['model']}, {data['requests']} requests, {data['output_tokens']} output tokens")
     rows = [("HBM roofline", "roofline"), ("batchd hf engine, decode not compiled", "engine"),
             ("batchd hf engine, compiled decode", "engine_compiled"),
-            ("  the same in lockstep (no overlap)", "engine_compiled_lockstep"), ("HF generate, one at a time", "hf_sequential"),
+            ("  the same in lockstep (no overlap)", "engine_compiled_lockstep"),
+            ("  the same, prompts unpacked and uncompiled", "engine_compiled_unfused_prefill"),
+            ("HF generate, one at a time", "hf_sequential"),
             ("HF generate, static batches of 16", "hf_static"), ("transformers CB, tuned", "transformers_cb")]
     engine = max(phases.get(k, {}).get("tok_s") or 0 for k in ("engine", "engine_compiled")) or None
     roof = phases.get("roofline", {}).get("tok_s")

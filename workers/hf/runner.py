@@ -113,13 +113,19 @@ class LlamaRunner:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self._rotate = apply_rotary_pos_emb
-        self._graph, self._compiled = None, None
+        # Whole prompts of a step go through one variable-length flash attention call per
+        # layer instead of one call each: on a GPU each call costs ~50 us of host time, and a
+        # step with 15 prompts over 28 layers spent most of its time launching them.
+        self._varlen = _varlen_attention(self._kv_heads, self._heads) if on_cuda and self.dtype in (
+            torch.float16, torch.bfloat16) else None
+        self._graph, self._compiled, self._compiled_any_shape = None, None, None
         if cuda_graph is None:
             cuda_graph = on_cuda and self.attention == "flex"
         if cuda_graph:
             if compile_decode is not False:
-                self._compiled = self._compile_dense_parts()
+                self._compiled, self._compiled_any_shape = self._compile_dense_parts()
             self._capture_with_fallback()
+            self._warm_any_shape()
 
     def _make_decode_attention(self, max_context: int, on_cuda: bool) -> int:
         """Set up decode attention; returns the cache length per slot it needs."""
@@ -149,7 +155,7 @@ class LlamaRunner:
         if self._graph is not None and all(len(c.token_ids) == 1 for c in chunks):
             wanted = [c for c in chunks if c.want_logits]
             return self._replay(chunks, wanted, previous), wanted
-        batch = _StepBatch(chunks, self.slots, self.device, previous)
+        batch = _StepBatch(chunks, self.slots, self.device, previous, pack_prompts=self._varlen is not None)
         return self._forward_batch(batch).float(), batch.logit_chunks
 
     def _forward_batch(self, batch: _StepBatch) -> torch.Tensor:
@@ -169,16 +175,20 @@ class LlamaRunner:
         project, finish = self._dense_parts(batch)
         q, k, v = project(layer, hidden, cos, sin)
         keys, values = self.keys[index], self.values[index]
-        keys[batch.slots, :, batch.positions] = k[0].transpose(0, 1)
+        new_keys = k[0].transpose(0, 1)  # [tokens, kv_heads, head_dim], as the cache holds them
+        keys[batch.slots, :, batch.positions] = new_keys
         values[batch.slots, :, batch.positions] = v[0]
-        out = self._attend(q[0].transpose(0, 1), keys, values, batch)
+        out = self._attend(q[0].transpose(0, 1), keys, values, batch, new_keys, v[0])
         return finish(layer, hidden, out)
 
     def _dense_parts(self, batch: _StepBatch):
-        """The layer's work around attention: compiled (fused norms, rotary, SiLU) inside the
-        decode graph, whose shapes never change; plain elsewhere, where every step's shape differs."""
+        """The layer's work around attention, compiled (fused norms, rotary, SiLU): for the
+        decode graph's fixed shapes, and once more for any token count, for steps that carry
+        prompt pieces (unfused, their elementwise kernels took half of such a step's GPU time)."""
         if batch.decode_all_slots and self._compiled is not None:
             return self._compiled
+        if self._compiled_any_shape is not None:
+            return self._compiled_any_shape
         return self._project, self._finish
 
     def _project(self, layer: Any, hidden: torch.Tensor, cos, sin):
@@ -197,11 +207,17 @@ class LlamaRunner:
         hidden = hidden + layer.self_attn.o_proj(attention_out.reshape(1, hidden.shape[1], -1))
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: _StepBatch) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: _StepBatch,
+                new_keys: torch.Tensor, new_values: torch.Tensor) -> torch.Tensor:
         """Attention for every token of the step; q is [tokens, heads, head_dim]."""
         parts = []
         if batch.num_decodes:
             parts.append(self._decode_attention(q[:batch.num_decodes], keys, values, batch))
+        if batch.packed is not None:
+            # A whole prompt attends only to itself, so this step's keys are all it needs.
+            begin, end, bounds, longest = batch.packed
+            parts.append(self._varlen(q[begin:end], new_keys[begin:end], new_values[begin:end], bounds, longest,
+                                      self._scale))
         for chunk, begin in zip(batch.prefills, batch.prefill_offsets):
             end = begin + len(chunk.token_ids)
             parts.append(self._attend_prefill(q[begin:end], keys[chunk.slot], values[chunk.slot], chunk))
@@ -229,7 +245,24 @@ class LlamaRunner:
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4 * len(self._layers)))
-        return (torch.compile(self._project, dynamic=False), torch.compile(self._finish, dynamic=False))
+        fixed = (torch.compile(self._project, dynamic=False), torch.compile(self._finish, dynamic=False))
+        return fixed, (torch.compile(self._project, dynamic=True), torch.compile(self._finish, dynamic=True))
+
+    def _warm_any_shape(self) -> None:
+        """Compile the any-shape layers now, not at the first request's prefill."""
+        if self._compiled_any_shape is None:
+            return
+        try:
+            with torch.inference_mode():
+                # Two lengths, so the compiler sees the token count vary; a throwaway prompt in
+                # slot 0, overwritten by its first owner.
+                for length in sorted({min(17, self._scratch_position), min(40, self._scratch_position)}):
+                    self._forward_batch(_StepBatch([Chunk(0, [0] * length, 0)], self.slots, self.device,
+                                                   pack_prompts=self._varlen is not None))
+            torch.cuda.synchronize(self.device)
+        except Exception:
+            log.exception("compiling the prefill layers failed; steps with prompt pieces run them uncompiled")
+            self._compiled_any_shape = None
 
     def _capture_with_fallback(self) -> None:
         try:
@@ -239,7 +272,7 @@ class LlamaRunner:
                 raise
             # A compiler failure must not stop a worker: the uncompiled graph is correct, only slower.
             log.exception("compiling the decode layers failed; capturing the decode graph without it")
-            self._compiled = None
+            self._compiled = self._compiled_any_shape = None
             self._capture_decode_graph()
 
     def _capture_decode_graph(self) -> None:
@@ -282,18 +315,54 @@ class LlamaRunner:
         return self._graph_logits[rest[:len(rows)]].float()
 
 
+def _varlen_attention(kv_heads: int, heads: int):
+    """torch's variable-length flash attention as causal(q, k, v, bounds, longest, scale),
+    or None where this torch has none. Its keyword arguments changed between releases."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    accepted = inspect.signature(varlen_attn).parameters
+    options = {}
+    if "is_causal" in accepted:
+        options["is_causal"] = True
+    elif "window_size" in accepted:
+        options["window_size"] = (-1, 0)
+    else:
+        return None
+    grouped = "enable_gqa" in accepted
+    if grouped:
+        options["enable_gqa"] = True
+    group = heads // kv_heads
+
+    def causal(q, k, v, bounds, longest: int, scale: float) -> torch.Tensor:
+        if not grouped and group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), bounds, bounds, longest, longest,
+                           scale=scale, **options)
+
+    log.info("prefill: whole prompts share one varlen flash attention call per layer (%s)",
+             ", ".join(f"{k}={v}" for k, v in options.items()))
+    return causal
+
+
 class _StepBatch:
     """One step's chunks flattened into token, position and slot tensors."""
 
     decode_all_slots = False
 
-    def __init__(self, chunks: list[Chunk], slots: int, device: torch.device, previous: torch.Tensor | None = None):
+    def __init__(self, chunks: list[Chunk], slots: int, device: torch.device, previous: torch.Tensor | None = None,
+                 pack_prompts: bool = False):
         # Decodes first, ordered by slot, so their attention can read one slice of the cache.
-        # A one-token prompt piece attends exactly like a decode, so it joins them.
+        # A one-token prompt piece attends exactly like a decode, so it joins them. With
+        # pack_prompts, whole prompts (start 0) come next, for one varlen attention call;
+        # the rest attend one by one.
         decodes = sorted((c for c in chunks if len(c.token_ids) == 1), key=lambda c: c.slot)
         decode_ids = {id(c) for c in decodes}
-        self.prefills = [c for c in chunks if id(c) not in decode_ids]
-        self.order = decodes + self.prefills
+        pieces = [c for c in chunks if id(c) not in decode_ids]
+        whole = [c for c in pieces if c.start == 0] if pack_prompts else []
+        self.prefills = [c for c in pieces if not (pack_prompts and c.start == 0)]
+        self.order = decodes + whole + self.prefills
         self.num_decodes = len(decodes)
         token_ids, positions, slot_of, logit_rows, offsets = [], [], [], [], []
         for chunk in self.order:
@@ -303,7 +372,15 @@ class _StepBatch:
             slot_of += [chunk.slot] * len(chunk.token_ids)
             if chunk.want_logits:
                 logit_rows.append(len(token_ids) - 1)
-        self.prefill_offsets = offsets[self.num_decodes:]
+        self.prefill_offsets = offsets[self.num_decodes + len(whole):]
+        self.packed = None  # (first token, end, cumulative lengths on the device, longest)
+        if whole:
+            lengths = [len(c.token_ids) for c in whole]
+            bounds = [0]
+            for length in lengths:
+                bounds.append(bounds[-1] + length)
+            begin = offsets[self.num_decodes]
+            self.packed = (begin, begin + bounds[-1], to_device(bounds, torch.int32, device), max(lengths))
         carried = [(offset, c.from_previous) for offset, c in zip(offsets, self.order) if c.from_previous is not None]
         tokens = len(token_ids)
         staged = to_device(token_ids + positions + slot_of + logit_rows + [o for o, _ in carried]
@@ -337,7 +414,7 @@ class _StepBatch:
         """Static buffers for a decode step over every slot, for the CUDA graph to read."""
         batch = cls.__new__(cls)
         batch.decode_all_slots = True
-        batch.prefills, batch.prefill_offsets = [], []
+        batch.prefills, batch.prefill_offsets, batch.packed = [], [], None
         batch.num_decodes = slots
         batch.token_ids = torch.zeros(slots, dtype=torch.long, device=device)
         batch.positions = torch.zeros(slots, dtype=torch.long, device=device)
