@@ -98,3 +98,18 @@ def test_whole_prompts_packed_into_one_attention_call_match_generate(tiny_models
     for request_id, (prompt, new_tokens) in prompts.items():
         assert run.tokens[request_id] == hf_greedy(reference_models[kind], prompt, new_tokens), request_id
     assert max(packed_sizes) > 1  # several prompts did share a call
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_fused_projections_share_the_model_weights_memory(tiny_models, kind):
+    """The fast path reads q/k/v and gate/up as one weight each; the model's own modules
+    (scoring, the generic forward) keep views into it, so no weight is held twice."""
+    engine = build_engine(str(tiny_models[kind]), slots=2, max_context=64)
+    runner = engine._runner
+    layers = runner._layers
+    assert len(runner._fused) == len(layers)
+    for layer in layers:
+        fused, attention, mlp = runner._fused[id(layer)], layer.self_attn, layer.mlp
+        assert attention.q_proj.weight.data_ptr() == fused.qkv.data_ptr()
+        assert attention.v_proj.weight.untyped_storage().data_ptr() == fused.qkv.untyped_storage().data_ptr()
+        assert mlp.up_proj.weight.untyped_storage().data_ptr() == fused.gate_up.untyped_storage().data_ptr()
