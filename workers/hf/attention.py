@@ -45,7 +45,7 @@ class SdpaDecode:
 
 class FlexDecode:
     def __init__(self, slots: int, context: int, heads: int, head_dim: int, scale: float,
-                 device: torch.device, dtype: torch.dtype, compile: bool):
+                 device: torch.device, dtype: torch.dtype, compile: bool, kernel_options: dict | None = None):
         from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
         if context % KV_BLOCK:
@@ -71,6 +71,7 @@ class FlexDecode:
                                               seq_lengths=(1, context), **extra)
         self._flex = torch.compile(flex_attention, dynamic=False, fullgraph=True) if compile else flex_attention
         self._query = torch.zeros(slots, heads, 1, head_dim, device=device, dtype=dtype)
+        self._kernel_options = dict(kernel_options) if kernel_options else None
 
     def prepare(self, batch) -> None:
         """Point the block mask at this step's lengths (in place, so a CUDA graph sees it)."""
@@ -87,6 +88,7 @@ class FlexDecode:
         else:
             query = self._query.zero_()
             query[batch.decode_slots] = q[:, :, None]
-        out = self._flex(query, keys, values, block_mask=self._mask, scale=self._scale, enable_gqa=True)
+        extra = {"kernel_options": self._kernel_options} if self._kernel_options else {}
+        out = self._flex(query, keys, values, block_mask=self._mask, scale=self._scale, enable_gqa=True, **extra)
         out = out[:, :, 0]
         return out if batch.decode_all_slots else out[batch.decode_slots]
