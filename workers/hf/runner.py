@@ -29,6 +29,12 @@ log = logging.getLogger("batchd.engine.hf")
 
 FAST_PATH_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 
+# Decode attention kernel settings for Hopper and later, from benchmarks/flex_decode_sweep.py
+# on an H200 (2026-12-02, torch 2.11): torch's default there loads without pipelining
+# (num_stages 1) and read live KV at 3,283 GB/s; three stages read it at 3,909 GB/s,
+# splitting each slot's KV in two as well at 4,003 GB/s (the copy bandwidth is ~4,150).
+FLEX_DECODE_OPTIONS_SM90 = {"num_stages": 3, "SPLIT_KV": 2}
+
 
 @dataclass
 class Chunk:
@@ -136,8 +142,10 @@ class LlamaRunner:
         if self.attention != "flex":
             raise ValueError(f"attention {self.attention!r} is not one of sdpa, flex")
         context = cache_length(max_context, "flex")
+        tuned = on_cuda and torch.cuda.get_device_capability(self.device) >= (9, 0)
         self._decode_attention = FlexDecode(self.slots, context, self._heads, self._head_dim, self._scale,
-                                            self.device, self.dtype, compile=on_cuda)
+                                            self.device, self.dtype, compile=on_cuda,
+                                            kernel_options=FLEX_DECODE_OPTIONS_SM90 if tuned else None)
         return context
 
     def release(self, slot: int) -> None:
