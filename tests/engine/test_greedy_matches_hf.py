@@ -106,10 +106,10 @@ def test_fused_projections_share_the_model_weights_memory(tiny_models, kind):
     (scoring, the generic forward) keep views into it, so no weight is held twice."""
     engine = build_engine(str(tiny_models[kind]), slots=2, max_context=64)
     runner = engine._runner
-    layers = runner._layers
-    assert len(runner._fused) == len(layers)
-    for layer in layers:
-        fused, attention, mlp = runner._fused[id(layer)], layer.self_attn, layer.mlp
-        assert attention.q_proj.weight.data_ptr() == fused.qkv.data_ptr()
-        assert attention.v_proj.weight.untyped_storage().data_ptr() == fused.qkv.untyped_storage().data_ptr()
-        assert mlp.up_proj.weight.untyped_storage().data_ptr() == fused.gate_up.untyped_storage().data_ptr()
+    assert runner._qkv_sizes is not None
+    for layer in runner._layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        assert attention.q_proj.weight.data_ptr() == attention.fused_qkv.data_ptr()
+        assert attention.v_proj.weight.untyped_storage().data_ptr() == attention.fused_qkv.untyped_storage().data_ptr()
+        assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.fused_gate_up.untyped_storage().data_ptr()
+        assert "fused_qkv" not in attention.state_dict()  # checkpoints saved from the model stay as they were

@@ -119,7 +119,7 @@ class LlamaRunner:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self._rotate = apply_rotary_pos_emb
-        self._fused = _fuse_projections(self._layers)
+        self._qkv_sizes = _fuse_projections(self._layers)
         # Whole prompts of a step go through one variable-length flash attention call per
         # layer instead of one call each: on a GPU each call costs ~50 us of host time, and a
         # step with 15 prompts over 28 layers spent most of its time launching them.
@@ -204,9 +204,8 @@ class LlamaRunner:
         attention = layer.self_attn
         x = layer.input_layernorm(hidden)
         tokens = x.shape[1]
-        fused = self._fused.get(id(layer))
-        if fused is not None:
-            q, k, v = F.linear(x, fused.qkv, fused.qkv_bias).split(fused.qkv_sizes, dim=-1)
+        if self._qkv_sizes:
+            q, k, v = F.linear(x, attention.fused_qkv, attention.fused_qkv_bias).split(self._qkv_sizes, dim=-1)
         else:
             q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
         q = q.view(1, tokens, self._heads, self._head_dim)
@@ -220,10 +219,9 @@ class LlamaRunner:
     def _finish(self, layer: Any, hidden: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:
         hidden = hidden + layer.self_attn.o_proj(attention_out.reshape(1, hidden.shape[1], -1))
         x = layer.post_attention_layernorm(hidden)
-        fused = self._fused.get(id(layer))
-        if fused is None:
+        if not self._qkv_sizes:
             return hidden + layer.mlp(x)
-        gate, up = F.linear(x, fused.gate_up).chunk(2, dim=-1)
+        gate, up = F.linear(x, layer.mlp.fused_gate_up).chunk(2, dim=-1)
         return hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: _StepBatch,
@@ -340,48 +338,50 @@ class LlamaRunner:
         return self._graph_logits[rest[:len(rows)]].float()
 
 
-@dataclass
-class _FusedLayer:
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    qkv_sizes: tuple[int, int, int]
-    gate_up: torch.Tensor
-
-
-def _fuse_projections(layers: list[Any]) -> dict[int, _FusedLayer]:
+def _fuse_projections(layers: list[Any]) -> tuple[int, int, int] | None:
     """One weight for q, k and v, and one for gate and up, per layer: 4 matrix products per
     layer instead of 7. At decode batch sizes each product is bound by its launch and the
     weight read, not by arithmetic (~5 us each on an H200, 7 per layer, 28 layers).
 
-    The modules keep their weights as views into the fused ones, so nothing is copied
-    twice and the model's own forward (scoring, references) reads the same numbers.
-    Quantized or otherwise unusual weights are left alone.
+    The fused weights are non-persistent buffers of the attention and MLP modules (fused_qkv,
+    fused_qkv_bias, fused_gate_up), and the projections keep their weights as views into
+    them: nothing is held twice, the model's own forward (scoring, references) reads the
+    same numbers, and the compiler sees each layer's weights the same way, so it compiles
+    one layer and reuses it for the rest. (Kept in a dict outside the modules, with shapes
+    left dynamic, every layer compiled anew: ~5 s each, 3 minutes at start for 28 layers.)
+
+    Returns the (q, k, v) output sizes, or None where the layers are left alone (quantized
+    or otherwise unusual weights, or an MLP of another shape).
     """
-    fused = {}
+    plans = []
     for layer in layers:
         attention, mlp = layer.self_attn, getattr(layer, "mlp", None)
         projections = [attention.q_proj, attention.k_proj, attention.v_proj]
         if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            return {}
+            return None
         linears = projections + [mlp.gate_proj, mlp.up_proj]
         if not all(type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor for m in linears):
-            return {}
+            return None
         biases = [p.bias for p in projections]
         if any(b is not None for b in biases) and not all(b is not None for b in biases):
-            return {}
-        with torch.no_grad():
+            return None
+        plans.append((attention, mlp, projections, biases))
+    sizes = tuple(p.weight.shape[0] for p in plans[0][2]) if plans else None
+    with torch.no_grad():
+        for attention, mlp, projections, biases in plans:
             qkv = torch.cat([p.weight for p in projections])
             bias = torch.cat(biases) if biases[0] is not None else None
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-            sizes = tuple(p.weight.shape[0] for p in projections)
             for module, part in zip(projections, qkv.split(sizes)):
                 module.weight.data = part
             if bias is not None:
                 for module, part in zip(projections, bias.split(sizes)):
                     module.bias.data = part
             mlp.gate_proj.weight.data, mlp.up_proj.weight.data = gate_up.chunk(2)
-        fused[id(layer)] = _FusedLayer(qkv, bias, sizes, gate_up)
-    return fused
+            attention.register_buffer("fused_qkv", qkv, persistent=False)
+            attention.register_buffer("fused_qkv_bias", bias, persistent=False)
+            mlp.register_buffer("fused_gate_up", gate_up, persistent=False)
+    return sizes
 
 
 def _varlen_attention(kv_heads: int, heads: int):
