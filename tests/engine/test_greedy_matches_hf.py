@@ -113,3 +113,20 @@ def test_fused_projections_share_the_model_weights_memory(tiny_models, kind):
         assert attention.v_proj.weight.untyped_storage().data_ptr() == attention.fused_qkv.untyped_storage().data_ptr()
         assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.fused_gate_up.untyped_storage().data_ptr()
         assert "fused_qkv" not in attention.state_dict()  # checkpoints saved from the model stay as they were
+
+
+def test_a_prefill_kernel_that_fails_at_start_is_turned_off_not_fatal(tiny_models, reference_models, caplog):
+    """A torch whose varlen attention rejects the call must leave a worker that serves on the
+    one-call-per-prompt path, not one that fails every prompt."""
+    engine = build_engine(str(tiny_models["llama"]), slots=2, max_context=64)
+    runner = engine._runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("varlen_attn() got an unexpected keyword argument")
+
+    runner._varlen = broken
+    runner._check_prefill()
+    assert runner._varlen is None and "varlen attention failed" in caplog.text
+    prompt = random_prompt(random.Random(9), 12)
+    run = drive(engine, {0: [request("after", prompt, max_new_tokens=6)]})
+    assert run.tokens["after"] == hf_greedy(reference_models["llama"], prompt, 6)

@@ -132,7 +132,7 @@ class LlamaRunner:
             if compile_decode is not False:
                 self._compiled, self._compiled_any_shape = self._compile_dense_parts()
             self._capture_with_fallback()
-            self._warm_any_shape()
+        self._check_prefill()
 
     def _make_decode_attention(self, max_context: int, on_cuda: bool) -> int:
         """Set up decode attention; returns the cache length per slot it needs."""
@@ -271,21 +271,33 @@ class LlamaRunner:
         fixed = (torch.compile(self._project, dynamic=False), torch.compile(self._finish, dynamic=False))
         return fixed, (torch.compile(self._project, dynamic=True), torch.compile(self._finish, dynamic=True))
 
-    def _warm_any_shape(self) -> None:
-        """Compile the any-shape layers now, not at the first request's prefill."""
-        if self._compiled_any_shape is None:
+    def _check_prefill(self) -> None:
+        """Run a throwaway prompt through the prefill path at start: it compiles the any-shape
+        layers now rather than at the first request, and proves this torch's varlen kernel
+        takes the call. What fails is turned off (varlen first, then the compiled layers) and
+        logged, so a worker starts on a slower path rather than failing every prompt."""
+        if self._compiled_any_shape is None and self._varlen is None:
             return
-        try:
-            with torch.inference_mode():
-                # Two lengths, so the compiler sees the token count vary; a throwaway prompt in
-                # slot 0, overwritten by its first owner.
-                for length in sorted({min(17, self._scratch_position), min(40, self._scratch_position)}):
-                    self._forward_batch(_StepBatch([Chunk(0, [0] * length, 0)], self.slots, self.device,
-                                                   pack_prompts=self._varlen is not None))
-            torch.cuda.synchronize(self.device)
-        except Exception:
-            log.exception("compiling the prefill layers failed; steps with prompt pieces run them uncompiled")
-            self._compiled_any_shape = None
+        while True:
+            try:
+                with torch.inference_mode():
+                    # Two lengths, so the compiler sees the token count vary; slot 0's first
+                    # owner overwrites what this writes.
+                    for length in sorted({min(17, self._scratch_position), min(40, self._scratch_position)}):
+                        self._forward_batch(_StepBatch([Chunk(0, [0] * length, 0)], self.slots, self.device,
+                                                       pack_prompts=self._varlen is not None))
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # a kernel's failure shows here
+                return
+            except Exception:
+                if self._varlen is not None:
+                    log.exception("varlen attention failed on this torch; prompts attend one call each")
+                    self._varlen = None
+                elif self._compiled_any_shape is not None:
+                    log.exception("compiling the prefill layers failed; steps with prompt pieces run them uncompiled")
+                    self._compiled_any_shape = None
+                else:
+                    raise
 
     def _capture_with_fallback(self) -> None:
         try:
