@@ -71,10 +71,14 @@ class Engine(Protocol):
         """Finish a waiting or running request at the next step and free its slot."""
 
     def step(self) -> list[StepOutput]:
-        """Admit, run one decode step for every live slot, sample, evict finished."""
+        """Admit, run one decode step for every live slot, sample, evict finished.
+
+        The outputs may be those of the step before: an engine may keep one step in
+        flight and return its tokens at the next call (the hf engine does on CUDA).
+        """
 
     def has_work(self) -> bool:
-        """True while any request is waiting or running."""
+        """True while any request is waiting or running, or a step's outputs are still to come."""
 
     @property
     def num_running(self) -> int: ...
