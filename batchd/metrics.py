@@ -27,6 +27,8 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
 E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0,
                15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+                0.2, 0.5, 1.0, 2.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 WORKER = ("worker", "model")
@@ -67,6 +69,12 @@ kv_cache_usage = Gauge(
     "batchd:kv_cache_usage_perc", "Fraction of the KV cache in use (0-1).", WORKER, registry=WORKER_REGISTRY)
 step_batch_size = Histogram(
     "batchd:step_batch_size", "Live slots per engine step.", WORKER, buckets=SIZE_BUCKETS, registry=WORKER_REGISTRY)
+engine_step_duration = Histogram(
+    "batchd:engine_step_duration_seconds",
+    "Wall time of one engine step as the worker sees it.", WORKER, buckets=STEP_BUCKETS, registry=WORKER_REGISTRY)
+engine_device_wait = Counter(
+    "batchd:engine_device_wait_seconds_total",
+    "Time engine steps spent blocked reading results back from the accelerator.", WORKER, registry=WORKER_REGISTRY)
 time_to_first_token = Histogram(
     "batchd:time_to_first_token_seconds",
     "From submission to the first token.", WORKER, buckets=TTFT_BUCKETS, registry=WORKER_REGISTRY)
@@ -121,6 +129,8 @@ class WorkerSeries:
         self.requests_waiting = requests_waiting_in_engine.labels(*labels)
         self.kv_cache_usage = kv_cache_usage.labels(*labels)
         self.step_batch_size = step_batch_size.labels(*labels)
+        self.step_duration = engine_step_duration.labels(*labels)
+        self.device_wait = engine_device_wait.labels(*labels)
         self.time_to_first_token = time_to_first_token.labels(*labels)
         self.inter_token_latency = inter_token_latency.labels(*labels)
         self.e2e_latency = e2e_latency.labels(*labels)

@@ -54,3 +54,7 @@ def test_scraped_counts_match_the_requests_sent(daemons):
     assert total(work, "batchd:time_to_first_token_seconds_count", **labels) >= 20
     assert total(work, "batchd:e2e_request_latency_seconds_count", **labels) >= 20
     assert total(work, "batchd:worker_heartbeats_total", **labels) >= 1
+    # Every step is timed; the echo engine has no accelerator to wait on.
+    assert total(work, "batchd:engine_step_duration_seconds_count", **labels) >= 8
+    assert ("batchd:engine_device_wait_seconds_total", tuple(sorted(labels.items()))) in work
+    assert total(work, "batchd:engine_device_wait_seconds_total", **labels) == 0

@@ -97,3 +97,5 @@ class Engine(Protocol):
     # Optional: `scorer() -> workers.scoring.Scorer | None`, the model that answers
     # scoring requests (task next_token_logprobs / score) outside the slots. An
     # engine without it, or returning None, refuses them with InvalidRequest.
+    # Optional: `device_wait_s`, the seconds its steps have spent blocked on an
+    # accelerator so far (the worker exports it; absent counts as 0).

@@ -411,12 +411,15 @@ class Worker:
 
     # -- stepping -------------------------------------------------------------
     def _step(self) -> None:
+        started, waited = time.perf_counter(), getattr(self.engine, "device_wait_s", 0.0)
         try:
             outputs = self.engine.step()
         except Exception:
             log.exception("engine step failed; handing its requests back")
             self._hand_back_all("engine failure on worker " + self.config.worker_id, count_attempt=True)
             return
+        self._series.step_duration.observe(time.perf_counter() - started)
+        self._series.device_wait.inc(max(0.0, getattr(self.engine, "device_wait_s", 0.0) - waited))
         self._series.step_batch_size.observe(self.engine.num_running + len(
             [o for o in outputs if o.finished]))
         now = self.clock()

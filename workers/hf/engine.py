@@ -98,6 +98,9 @@ class HFEngine:
             overlap = self._runner.device.type == "cuda"
         self.overlap = overlap and all(r.supports_overlap for r in (self._runner, self._contrast_runner) if r)
         self._in_flight: _Launched | None = None
+        # Seconds spent blocked on the device reading tokens back: near the step time when
+        # the GPU is the bottleneck, near zero when the host is (batchd:engine_device_wait_seconds_total).
+        self.device_wait_s = 0.0
         self._eos_ids = _eos_ids(loaded.model, loaded.tokenizer)
         self._slots: list[Sequence | None] = [None] * slots
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -262,10 +265,13 @@ class HFEngine:
 
     def _collect(self, launched: _Launched) -> list[StepOutput]:
         """Read a queued step's tokens back (the host's one wait per step) and act on them."""
+        started = time.perf_counter()
         try:
             tokens = launched.read()
         except Exception as exc:
             return self._fail([s for s in launched.sequences if s.status is not Status.FINISHED], exc)
+        finally:
+            self.device_wait_s += time.perf_counter() - started
         outputs = []
         for sequence, token in zip(launched.sequences, tokens):
             sequence.in_flight -= 1
