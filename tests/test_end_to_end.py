@@ -72,6 +72,9 @@ def test_bad_input_gets_typed_errors_and_the_daemons_keep_serving(daemons, redis
             client.generate("x" * 2_000_000)
         answer = client.generate("still here", timeout=30)
         assert answer.text == "still here"
+        # A well-formed request this worker cannot serve (no model pair) is refused, typed.
+        with pytest.raises(InvalidRequest, match="model pair"):
+            client.generate("contrast me", contrast_alpha=0.5, timeout=30)
         broken = client.fetch_result("broken-1")
         assert broken is not None and broken.error.type == "invalid_request"
         message = None

@@ -53,6 +53,11 @@ class EchoEngine:
         return None
 
     def add(self, request: EngineRequest) -> None:
+        if request.params.contrast_alpha is not None:
+            # As an hf worker without --contrast-model answers: no model pair here.
+            raise InvalidRequest("contrast_alpha needs a worker that serves a model pair "
+                                 "(batchd worker --model AFTER --contrast-model BEFORE); the echo engine has no model",
+                                 request.request_id)
         if len(request.prompt_token_ids) > MAX_CONTEXT:
             raise RequestTooLarge(f"prompt has {len(request.prompt_token_ids)} tokens; "
                                   f"the echo engine takes at most {MAX_CONTEXT}", request.request_id)
