@@ -35,7 +35,7 @@ def _train_tokenizer():
 
 
 def _config(kind: str):
-    from transformers import GPT2Config, LlamaConfig, Qwen3Config
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
     common = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": EOS, "pad_token_id": 0}
     if kind == "llama":
@@ -45,6 +45,10 @@ def _config(kind: str):
         return Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
                            initializer_range=0.1, tie_word_embeddings=True, **common)
+    if kind == "qwen2":  # biases on q, k and v: the fused projection carries them too
+        return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1,
+                           tie_word_embeddings=False, **common)
     if kind == "gpt2":  # not in the Llama family: exercises the generic path
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.1, **common)
     raise ValueError(kind)
@@ -56,7 +60,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
     tokenizer = _train_tokenizer()
     folders = {}
-    for kind in ("llama", "qwen3", "gpt2"):
+    for kind in ("llama", "qwen3", "qwen2", "gpt2"):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(_config(kind))
         model.generation_config.eos_token_id = EOS

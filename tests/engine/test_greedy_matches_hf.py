@@ -27,7 +27,8 @@ def _random_workload(seed: int, count: int, max_prompt: int, max_new: int):
 # Uncompiled flex is the point on the CPU: the same math the GPU compiles.
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("kind,attention,seed", [("llama", "sdpa", 0), ("llama", "sdpa", 1), ("qwen3", "sdpa", 0),
-                                                 ("qwen3", "sdpa", 1), ("llama", "flex", 2), ("qwen3", "flex", 3)])
+                                                 ("qwen3", "sdpa", 1), ("llama", "flex", 2), ("qwen3", "flex", 3),
+                                                 ("qwen2", "sdpa", 4)])
 def test_random_mix_matches_generate(tiny_models, reference_models, kind, attention, seed):
     # Few slots and a small prefill budget: slots are reused, prompts are chunked,
     # and prefill pieces share steps with running decodes. "flex" is the GPU's
@@ -100,7 +101,7 @@ def test_whole_prompts_packed_into_one_attention_call_match_generate(tiny_models
     assert max(packed_sizes) > 1  # several prompts did share a call
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen2"])
 def test_fused_projections_share_the_model_weights_memory(tiny_models, kind):
     """The fast path reads q/k/v and gate/up as one weight each; the model's own modules
     (scoring, the generic forward) keep views into it, so no weight is held twice."""
@@ -113,6 +114,10 @@ def test_fused_projections_share_the_model_weights_memory(tiny_models, kind):
         assert attention.v_proj.weight.untyped_storage().data_ptr() == attention.fused_qkv.untyped_storage().data_ptr()
         assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.fused_gate_up.untyped_storage().data_ptr()
         assert "fused_qkv" not in attention.state_dict()  # checkpoints saved from the model stay as they were
+        if kind == "qwen2":  # q, k and v biases are fused the same way
+            assert attention.k_proj.bias.untyped_storage().data_ptr() == attention.fused_qkv_bias.untyped_storage().data_ptr()
+        else:
+            assert attention.fused_qkv_bias is None
 
 
 def test_a_prefill_kernel_that_fails_at_start_is_turned_off_not_fatal(tiny_models, reference_models, caplog):
