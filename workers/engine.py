@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from batchd.client.errors import BatchdError
 from batchd.client.protocol import FinishReason, Request, SamplingParams
@@ -42,6 +42,8 @@ class StepOutput:
     error: BatchdError | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # A scoring request's answer (workers.scoring.ScoreOutput), with its finish.
+    score: Any = None
 
     @property
     def finished(self) -> bool:

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import redis
@@ -115,6 +115,8 @@ class _Tracked:
     last_token_at: float | None = None
     # Since when no subscriber received this request's token events.
     unheard_since: float | None = None
+    # A scoring request the engine runs in its steps: what it asked (ScoreItem).
+    score_item: Any = None
 
 
 class Worker:
@@ -341,7 +343,15 @@ class Worker:
                 prompt = self.engine.tokenize(request)
                 self.engine.add(EngineRequest(request.id, prompt, request.params, request.deadline, now))
             else:
-                self._scoring.append((tracked, self._scorer(request).prepare(request)))
+                item = self._scorer(request).prepare(request)
+                if getattr(self.engine, "scores_in_steps", False):
+                    # Prefill-only rows in the engine's own steps, beside generate requests,
+                    # reusing a cached prefix where a slot still holds one.
+                    tracked.score_item = item
+                    self.engine.add_score(EngineRequest(request.id, item.prompt_token_ids, request.params,
+                                                        request.deadline, now), item)
+                else:
+                    self._scoring.append((tracked, item))
         except BatchdError as exc:
             reason = {"cancelled": "cancelled", "deadline_exceeded": "deadline"}.get(exc.code, "error")
             return tracked, error_result(request.id, exc, reason, request.submitted_at, self.config.worker_id)
@@ -431,7 +441,9 @@ class Worker:
             if output.new_token_ids or output.text:
                 events.append((tracked, self._token_event(tracked, output, now)))
             if output.finished:
-                finished.append((tracked, self._result(tracked, output, now)))
+                result = (self._score_result(tracked, tracked.score_item, output.score, now)
+                          if output.score is not None else self._result(tracked, output, now))
+                finished.append((tracked, result))
         self._publish_step(events, finished, read_jobs=True, overlap=True)
 
     def _token_event(self, tracked: _Tracked, output: StepOutput, now: float) -> TokenEvent:

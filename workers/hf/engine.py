@@ -43,7 +43,7 @@ from .runner import (
     supports_fast_path,
     to_device,
 )
-from ..scoring import Scorer
+from ..scoring import Scorer, ScoreItem, ScoreOutput
 from .sampler import Sampler
 from .sequence import Sequence, Status
 
@@ -98,6 +98,15 @@ class HFEngine:
             overlap = self._runner.device.type == "cuda"
         self.overlap = overlap and all(r.supports_overlap for r in (self._runner, self._contrast_runner) if r)
         self._in_flight: _Launched | None = None
+        # The fast path's cache outlives a slot's owner: what each free slot still holds
+        # (its tokens, and whether the contrast model's cache holds them too), so a request
+        # that starts with those tokens takes that slot and skips recomputing them.
+        self._reuse_prefixes = isinstance(self._runner, LlamaRunner)
+        self._cached: list[tuple[list[int], bool] | None] = [None] * slots
+        self.prefix_tokens_reused = 0
+        # Scoring requests join the steps as prefill-only rows where the runner can return
+        # several rows of logits per chunk (the fast path); else they go to the Scorer.
+        self.scores_in_steps = isinstance(self._runner, LlamaRunner)
         # Seconds spent blocked on the device reading tokens back: near the step time when
         # the GPU is the bottleneck, near zero when the host is (batchd:engine_device_wait_seconds_total).
         self.device_wait_s = 0.0
@@ -138,6 +147,24 @@ class HFEngine:
         sequence = Sequence(request, Detokenizer(self.tokenizer, request.prompt_token_ids, params.stop),
                             frozenset(stop_ids))
         self._generators[request.request_id] = self._sampler.generator(params)
+        self._by_id[request.request_id] = sequence
+        self._waiting.append(sequence)
+
+    def add_score(self, request: EngineRequest, item: ScoreItem) -> None:
+        """Queue a scoring request (next_token_logprobs / score, already checked by the
+        Scorer's prepare): it prefills its prompt and continuation in the engine's steps,
+        beside generate requests, reusing a free slot's cached prefix, and finishes with
+        the log-probabilities asked for. Needs scores_in_steps."""
+        if request.request_id in self._by_id:
+            raise InvalidRequest(f"request {request.request_id!r} is already running on this engine",
+                                 request.request_id)
+        tokens = list(item.prompt_token_ids) + list(item.continuation_token_ids or ())
+        if len(tokens) > self.max_context:
+            raise RequestTooLarge(f"prompt and continuation hold {len(tokens)} tokens; this worker's slots hold "
+                                  f"{self.max_context}", request.request_id)
+        request = EngineRequest(request.request_id, tokens, request.params, request.deadline, request.arrival_time)
+        sequence = Sequence(request, Detokenizer(self.tokenizer, [], ()), frozenset(), score=item)
+        self._generators[request.request_id] = None
         self._by_id[request.request_id] = sequence
         self._waiting.append(sequence)
 
@@ -217,13 +244,34 @@ class HFEngine:
         return [self._finish(sequence, reason, []) for sequence, reason in ending]
 
     def _admit(self) -> None:
-        for slot, owner in enumerate(self._slots):
-            if not self._waiting:
-                return
-            if owner is None:
-                sequence = self._waiting.popleft()
-                sequence.status, sequence.slot = Status.RUNNING, slot
-                self._slots[slot] = sequence
+        free = [slot for slot, owner in enumerate(self._slots) if owner is None]
+        while self._waiting and free:
+            sequence = self._waiting.popleft()
+            slot, shared = self._slot_for(sequence, free)
+            free.remove(slot)
+            sequence.status, sequence.slot, sequence.num_cached = Status.RUNNING, slot, shared
+            self.prefix_tokens_reused += shared
+            self._slots[slot] = sequence
+            self._cached[slot] = None  # the new owner writes past `shared`; recorded again when it ends
+
+    def _slot_for(self, sequence: Sequence, free: list[int]) -> tuple[int, int]:
+        """The free slot whose cache holds the longest start of this request's tokens, and how
+        many of them it can skip (never its last prompt token, whose logits it needs); with no
+        match, a slot that holds nothing worth keeping."""
+        if not self._reuse_prefixes:
+            return free[0], 0
+        tokens = sequence.request.prompt_token_ids
+        limit = (len(sequence.score.prompt_token_ids) if sequence.score is not None else sequence.prompt_len) - 1
+        paired = sequence.request.params.contrast_alpha is not None
+        best, shared = next((slot for slot in free if self._cached[slot] is None), free[0]), 0
+        for slot in free:
+            held = self._cached[slot]
+            if held is None or (paired and not held[1]) or not held[0] or held[0][0] != tokens[0]:
+                continue
+            length = _common_prefix(held[0], tokens, limit)
+            if length > shared:
+                best, shared = slot, length
+        return best, shared
 
     def _schedule(self) -> list[Chunk]:
         chunks = []
@@ -240,6 +288,11 @@ class HFEngine:
                 break
             piece = sequence.next_chunk(budget)
             budget -= len(piece)
+            if sequence.score is not None:
+                offsets = sequence.scored_offsets(sequence.num_cached, len(piece))
+                chunks.append(Chunk(sequence.slot, piece, sequence.num_cached, want_logits=bool(offsets),
+                                    logit_offsets=offsets))
+                continue
             last = sequence.num_cached + len(piece) == sequence.prompt_len
             chunks.append(Chunk(sequence.slot, piece, sequence.num_cached, want_logits=last))
         return chunks
@@ -252,16 +305,64 @@ class HFEngine:
             if self._contrast_runner is not None:
                 logits = self._contrast(chunks, rows, logits, earlier)
             sequences = [self._slots[c.slot] for c in rows]
+            if any(s.score is not None for s in sequences):
+                logits, sequences = self._take_scores(logits, rows, sequences)
             tokens = self._sampler.sample(logits, [s.request.params for s in sequences],
                                           [self._generators[s.request_id] for s in sequences])
         except Exception as exc:  # one bad step must not take the worker down
             return None, self._fail([self._slots[c.slot] for c in chunks], exc)
+        scored = []
         for chunk in chunks:
-            self._slots[chunk.slot].num_cached += len(chunk.token_ids)
+            sequence = self._slots[chunk.slot]
+            sequence.num_cached += len(chunk.token_ids)
+            if sequence.score is not None and not sequence.prefilling:
+                scored.append(sequence)  # all its rows are in: it ends when this step is read back
         for row, sequence in enumerate(sequences):
             sequence.in_flight += 1
             sequence.in_flight_row = row
-        return _Launched.queue(sequences, tokens), []
+        return _Launched.queue(sequences, tokens, scored), []
+
+    def _take_scores(self, logits: torch.Tensor, rows: list[Chunk], sequences: list[Sequence]):
+        """Keep the scoring rows' log-probabilities (reduced on the device to what each request
+        asked for) and return the logits and sequences left to sample."""
+        scoring = [i for i, s in enumerate(sequences) if s.score is not None]
+        device = logits.device
+        logprobs = torch.log_softmax(logits.index_select(0, to_device(scoring, torch.long, device)), dim=-1)
+        seen: dict[int, int] = {}  # chunk -> rows of it consumed so far
+        by_sequence: dict[int, tuple[Sequence, list[int], list[int]]] = {}
+        for index, row in enumerate(scoring):
+            chunk, sequence = rows[row], sequences[row]
+            offset = chunk.logit_rows()[seen.get(id(chunk), 0)]
+            seen[id(chunk)] = seen.get(id(chunk), 0) + 1
+            entry = by_sequence.setdefault(id(sequence), (sequence, [], []))
+            entry[1].append(index)
+            entry[2].append(chunk.start + offset)
+        for sequence, indices, positions in by_sequence.values():
+            taken = logprobs.index_select(0, to_device(indices, torch.long, device))
+            item = sequence.score
+            if item.continuation_token_ids:
+                tokens = sequence.request.prompt_token_ids
+                wanted = to_device([tokens[p + 1] for p in positions], torch.long, device)
+                sequence.score_parts.append(taken.gather(1, wanted[:, None])[:, 0])
+            elif item.top_k is not None:
+                sequence.score_parts.append(torch.topk(taken[0], min(item.top_k, taken.shape[-1])))
+            else:
+                sequence.score_parts.append(taken[0])
+        keep = [i for i, s in enumerate(sequences) if s.score is None]
+        if not keep:
+            return logits[:0], []
+        return logits.index_select(0, to_device(keep, torch.long, device)), [sequences[i] for i in keep]
+
+    @staticmethod
+    def _score_output(sequence: Sequence) -> ScoreOutput:
+        item, parts = sequence.score, sequence.score_parts
+        if item.continuation_token_ids:
+            values = torch.cat(parts).cpu()
+            return ScoreOutput(token_logprobs=values.tolist(), total_logprob=float(values.sum()))
+        if item.top_k is not None:
+            top = parts[0]
+            return ScoreOutput(top_token_ids=top.indices.cpu().tolist(), top_logprobs=top.values.cpu().tolist())
+        return ScoreOutput(next_token_logprobs=parts[0].cpu())
 
     def _collect(self, launched: _Launched) -> list[StepOutput]:
         """Read a queued step's tokens back (the host's one wait per step) and act on them."""
@@ -278,6 +379,9 @@ class HFEngine:
             # Cancelled, expired or stopped while this token was on its way: it is dropped.
             if sequence.status is not Status.FINISHED:
                 outputs.append(self._emit(sequence, token))
+        for sequence in launched.scored:
+            if sequence.status is not Status.FINISHED:
+                outputs.append(self._finish(sequence, "stop", [], score=self._score_output(sequence)))
         return outputs
 
     def _fail(self, sequences: list[Sequence], exc: Exception) -> list[StepOutput]:
@@ -318,11 +422,16 @@ class HFEngine:
         return self._finish(sequence, reason, [token], text)
 
     def _finish(self, sequence: Sequence, reason: FinishReason, new_tokens: list[int], text: str = "",
-                error: BatchdError | None = None) -> StepOutput:
+                error: BatchdError | None = None, score: ScoreOutput | None = None) -> StepOutput:
         """End a request now and free its slot for the next one."""
         text += sequence.detokenizer.flush()
         sequence.status, sequence.finish_reason = Status.FINISHED, reason
         if sequence.slot >= 0:
+            if self._reuse_prefixes and error is None:
+                # What the slot's cache now holds (or will, once the steps queued for this
+                # request have run, which come before any step of the next owner).
+                held = (sequence.request.prompt_token_ids + sequence.generated)[:sequence.num_cached]
+                self._cached[sequence.slot] = (held, sequence.request.params.contrast_alpha is not None)
             self._slots[sequence.slot] = None
             self._runner.release(sequence.slot)
             if self._contrast_runner is not None:
@@ -332,7 +441,7 @@ class HFEngine:
         del self._by_id[sequence.request_id]
         del self._generators[sequence.request_id]
         output = self._output(sequence, new_tokens, text)
-        output.finish_reason, output.error = reason, error
+        output.finish_reason, output.error, output.score = reason, error, score
         return output
 
     @staticmethod
@@ -349,21 +458,31 @@ class _Launched:
     tokens: torch.Tensor  # on the device, for the next step's inputs
     host: torch.Tensor  # the same tokens, copied to pinned memory as soon as they exist
     ready: torch.cuda.Event | None
+    scored: list[Sequence]  # scoring requests whose last rows this step computes
 
     @classmethod
-    def queue(cls, sequences: list[Sequence], tokens: torch.Tensor) -> _Launched:
+    def queue(cls, sequences: list[Sequence], tokens: torch.Tensor, scored: list[Sequence]) -> _Launched:
         if tokens.device.type != "cuda":
-            return cls(sequences, tokens, tokens, None)
+            return cls(sequences, tokens, tokens, None, scored)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return cls(sequences, tokens, host, ready)
+        return cls(sequences, tokens, host, ready, scored)
 
     def read(self) -> list[int]:
         if self.ready is not None:
             self.ready.synchronize()
         return self.host.tolist()
+
+
+def _common_prefix(held: list[int], tokens: list[int], limit: int) -> int:
+    """How many leading tokens two lists share, at most limit."""
+    length = min(len(held), len(tokens), limit)
+    for index in range(length):
+        if held[index] != tokens[index]:
+            return index
+    return length
 
 
 def _slot_context(config: Any, slots: int, max_context: int | None, kv_memory: int | None,

@@ -42,9 +42,19 @@ class Chunk:
     token_ids: list[int]
     start: int  # position of token_ids[0] in the sequence
     want_logits: bool = True  # False for a prompt piece that is not the last
+    # Offsets within the chunk whose logits are wanted, where it is not just the last
+    # token: a scoring request asks for every position of its continuation.
+    logit_offsets: tuple[int, ...] | None = None
     # The row of the previous step's sampled tokens that is this chunk's one token, when
     # that step is still running: the token is read on the device, never on the host.
     from_previous: int | None = None
+
+
+    def logit_rows(self) -> tuple[int, ...]:
+        """Offsets within the chunk that get a row of logits."""
+        if self.logit_offsets is not None:
+            return self.logit_offsets
+        return (len(self.token_ids) - 1,) if self.want_logits else ()
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -157,12 +167,13 @@ class LlamaRunner:
 
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk], previous: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Chunk]]:
-        """Logits [rows, vocab] and the chunk each row belongs to.
+        """Logits [rows, vocab] and the chunk each row belongs to (a chunk with several
+        logit offsets has several rows, in offset order).
 
         previous: the last step's sampled tokens, for chunks with from_previous set.
         """
         if self._graph is not None and all(len(c.token_ids) == 1 for c in chunks):
-            wanted = [c for c in chunks if c.want_logits]
+            wanted = [c for c in chunks if c.logit_rows()]
             return self._replay(chunks, wanted, previous), wanted
         batch = _StepBatch(chunks, self.slots, self.device, previous, pack_prompts=self._varlen is not None)
         return self._forward_batch(batch).float(), batch.logit_chunks
@@ -446,13 +457,15 @@ class _StepBatch:
         self.order = decodes + whole + self.prefills
         self.num_decodes = len(decodes)
         token_ids, positions, slot_of, logit_rows, offsets = [], [], [], [], []
+        self.logit_chunks = []
         for chunk in self.order:
             offsets.append(len(token_ids))
+            for row in chunk.logit_rows():
+                logit_rows.append(len(token_ids) + row)
+                self.logit_chunks.append(chunk)
             token_ids += chunk.token_ids
             positions += range(chunk.start, chunk.start + len(chunk.token_ids))
             slot_of += [chunk.slot] * len(chunk.token_ids)
-            if chunk.want_logits:
-                logit_rows.append(len(token_ids) - 1)
         self.prefill_offsets = offsets[self.num_decodes + len(whole):]
         self.packed = None  # (first token, end, cumulative lengths on the device, longest)
         if whole:
@@ -471,7 +484,6 @@ class _StepBatch:
         if carried:
             rest = staged[3 * tokens + len(logit_rows):]
             self.token_ids.index_copy_(0, rest[:len(carried)], previous.index_select(0, rest[len(carried):]))
-        self.logit_chunks = [c for c in self.order if c.want_logits]
         if decodes:
             self._decode_views(decodes, slots, device)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from batchd.client.protocol import FinishReason
 
@@ -31,6 +32,11 @@ class Sequence:
     # engine queues the next step), and the row of the newest in its step's tokens.
     in_flight: int = 0
     in_flight_row: int = -1
+    # A scoring request (next_token_logprobs / score): its ScoreItem. Its tokens are the
+    # prompt and the continuation; it prefills them, never decodes, and finishes with
+    # the log-probabilities gathered from the rows it asked for (`score_parts`).
+    score: Any = None
+    score_parts: list = field(default_factory=list)
     # Read several times per request per step: kept, not recounted.
     prompt_len: int = field(init=False)
 
@@ -54,7 +60,15 @@ class Sequence:
     @property
     def needs_decode(self) -> bool:
         """Past its prompt, and the last token it may generate is not already on its way."""
-        return not self.prefilling and len(self.generated) + self.in_flight < self.request.params.max_new_tokens
+        return (self.score is None and not self.prefilling
+                and len(self.generated) + self.in_flight < self.request.params.max_new_tokens)
+
+    def scored_offsets(self, start: int, length: int) -> tuple[int, ...]:
+        """Offsets of a scoring chunk [start, start + length) whose logits are wanted: the
+        position before each continuation token, or the prompt's last for the next token."""
+        first = len(self.score.prompt_token_ids) - 1
+        last = self.prompt_len - 2 if self.score.continuation_token_ids else first
+        return tuple(p - start for p in range(max(first, start), min(last, start + length - 1) + 1))
 
     def next_chunk(self, budget: int) -> list[int]:
         """The tokens to feed next: up to budget prompt tokens, or the last sampled one

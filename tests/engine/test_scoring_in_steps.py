@@ -1,0 +1,125 @@
+"""Scoring requests inside the engine's steps, and prefixes a free slot still holds.
+
+next_token_logprobs / score requests prefill their tokens as rows of the same
+steps as generate requests (prefill-only: nothing is decoded) and must equal a
+Hugging Face forward pass's log_softmax whatever their batch mates; a request
+whose tokens start with what a free slot's cache holds takes that slot and
+skips those tokens, and its output must not change.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from batchd.client.protocol import SamplingParams
+from batchd.workers.engine import EngineRequest
+from batchd.workers.hf import build_engine
+from batchd.workers.scoring import ScoreItem
+from engine_helpers import drive, hf_greedy, random_prompt, request
+
+TOLERANCE = 1e-4
+
+
+def _reference(model, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([tokens])).logits[0].float(), dim=-1)
+
+
+def _score(engine, request_id: str, prompt: list[int], continuation: list[int] | None = None, top_k=None):
+    engine.add_score(EngineRequest(request_id, prompt, SamplingParams()), ScoreItem(prompt, continuation, top_k))
+
+
+def _scores(outputs) -> dict:
+    return {o.request_id: o.score for o in outputs if o.score is not None}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_scoring_rows_share_steps_with_generate_and_match_a_forward_pass(tiny_models, reference_models, kind):
+    model = reference_models[kind]
+    # A small prefill budget splits long continuations over several steps.
+    engine = build_engine(str(tiny_models[kind]), slots=3, max_context=128, max_prefill_tokens=9)
+    assert engine.scores_in_steps
+    mixed_steps = []
+    take = engine._take_scores
+
+    def watched(logits, rows, sequences):
+        mixed_steps.append(any(s.score is None for s in sequences))
+        return take(logits, rows, sequences)
+
+    engine._take_scores = watched
+    rng = random.Random(2)
+    prompts = [random_prompt(rng, rng.randint(1, 30)) for _ in range(6)]
+    continuation = random_prompt(rng, 17)
+    scores = {}
+    run_tokens = {}
+    for index, prompt in enumerate(prompts):
+        engine.add(request(f"gen{index}", prompt, max_new_tokens=10))
+    _score(engine, "full", prompts[0])
+    _score(engine, "top", prompts[1], top_k=5)
+    _score(engine, "cont", prompts[2], continuation)
+    _score(engine, "short", prompts[3], continuation[:1])
+    while engine.has_work():
+        outputs = engine.step()
+        scores.update(_scores(outputs))
+        for o in outputs:
+            run_tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+    assert any(mixed_steps), "no step carried scoring and generate rows together"
+
+    expected = _reference(model, prompts[0])[-1]
+    assert scores["full"].next_token_logprobs.tolist() == pytest.approx(expected.tolist(), abs=TOLERANCE)
+    top = torch.topk(_reference(model, prompts[1])[-1], 5)
+    assert scores["top"].top_token_ids == top.indices.tolist()
+    assert scores["top"].top_logprobs == pytest.approx(top.values.tolist(), abs=TOLERANCE)
+    for name, prompt, tail in (("cont", prompts[2], continuation), ("short", prompts[3], continuation[:1])):
+        rows = _reference(model, prompt + tail)[len(prompt) - 1:-1]
+        want = rows.gather(1, torch.tensor(tail)[:, None])[:, 0]
+        assert scores[name].token_logprobs == pytest.approx(want.tolist(), abs=TOLERANCE)
+        assert scores[name].total_logprob == pytest.approx(float(want.sum()), abs=TOLERANCE)
+    for index, prompt in enumerate(prompts):
+        assert run_tokens[f"gen{index}"] == hf_greedy(model, prompt, 10)
+    assert not engine.has_work() and engine.kv_cache_usage == 0
+
+
+def test_a_particle_filters_next_prefix_is_not_recomputed(tiny_models, reference_models):
+    """Step t asks for the next token after a prefix; step t+1 after that prefix and one
+    more token: the slot the first left still holds the prefix, so only the new token runs."""
+    model = reference_models["llama"]
+    engine = build_engine(str(tiny_models["llama"]), slots=4, max_context=128)
+    rng = random.Random(3)
+    prefix = random_prompt(rng, 20)
+    for step in range(4):
+        before = engine.prefix_tokens_reused
+        _score(engine, f"s{step}", prefix, top_k=3)
+        scores = {}
+        while engine.has_work():
+            scores.update(_scores(engine.step()))
+        top = torch.topk(_reference(model, prefix)[-1], 3)
+        assert scores[f"s{step}"].top_token_ids == top.indices.tolist()
+        assert scores[f"s{step}"].top_logprobs == pytest.approx(top.values.tolist(), abs=TOLERANCE)
+        if step:
+            assert engine.prefix_tokens_reused - before == len(prefix) - 1  # all but the new token
+        prefix = prefix + [top.indices[0].item()]
+
+
+def test_a_prompt_that_continues_a_finished_conversation_reuses_its_slot_exactly(tiny_models, reference_models):
+    model = reference_models["qwen3"]
+    engine = build_engine(str(tiny_models["qwen3"]), slots=3, max_context=128)
+    rng = random.Random(4)
+    first = random_prompt(rng, 15)
+    answer = drive(engine, {0: [request("turn1", first, max_new_tokens=8, ignore_eos=True)]}).tokens["turn1"]
+    # The next turn: the whole first exchange, then new user tokens.
+    second = first + answer[:7] + random_prompt(rng, 6)
+    before = engine.prefix_tokens_reused
+    others = [request(f"other{i}", random_prompt(rng, 9), max_new_tokens=5) for i in range(2)]
+    run = drive(engine, {0: [request("turn2", second, max_new_tokens=8)] + others})
+    assert engine.prefix_tokens_reused - before == len(first) + 7
+    assert run.tokens["turn2"] == hf_greedy(model, second, 8)
+    for other in others:
+        assert run.tokens[other.request_id] == hf_greedy(model, other.prompt_token_ids, 5)
+
+
+def test_the_generic_path_scores_outside_the_steps(tiny_models):
+    engine = build_engine(str(tiny_models["gpt2"]), slots=2, max_context=64)
+    assert not engine.scores_in_steps and engine.scorer() is not None
