@@ -6,8 +6,10 @@ its prefix. Here 64 particles x 50 steps each ask next_token_logprobs(top_k)
 concurrently through AsyncClient, against `batchd up`-style daemons started as
 real processes (embedded Redis, scheduler, hf worker), and then the same calls
 are made one at a time in process with the Hugging Face model. Both runs
-follow the same seeded random choices; neither caches prefixes, so each call
-is a full forward pass of its prefix in both.
+follow the same seeded random choices. The in-process side runs a forward pass
+of each call's whole prefix; batchd runs the calls as rows of its engine steps
+and skips the part of a prefix that a free slot's cache still holds (a
+particle's previous prefix), as a worker serving such a client would.
 
     python benchmarks/particle_filter.py                          # SmolLM2-135M on the CPU
     python benchmarks/particle_filter.py --steps 10 --model /path/to/checkpoint
