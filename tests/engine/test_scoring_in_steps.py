@@ -123,3 +123,27 @@ def test_a_prompt_that_continues_a_finished_conversation_reuses_its_slot_exactly
 def test_the_generic_path_scores_outside_the_steps(tiny_models):
     engine = build_engine(str(tiny_models["gpt2"]), slots=2, max_context=64)
     assert not engine.scores_in_steps and engine.scorer() is not None
+
+
+def test_a_prefix_a_running_request_holds_is_copied_not_recomputed(tiny_models, reference_models):
+    """Requests that share a long system prompt with one already running copy its cached
+    keys and values into their own slots, and still answer exactly."""
+    model = reference_models["llama"]
+    engine = build_engine(str(tiny_models["llama"]), slots=4, max_context=128)
+    rng = random.Random(6)
+    system = random_prompt(rng, 40)
+    first = system + random_prompt(rng, 5)
+    later = [system + random_prompt(rng, rng.randint(1, 8)) for _ in range(3)]
+    arrivals = {0: [request("first", first, max_new_tokens=12, ignore_eos=True)],
+                3: [request(f"later{i}", prompt, max_new_tokens=6) for i, prompt in enumerate(later[:2])]}
+    # A scoring request joins once the others run: it copies the system prompt too.
+    run = drive(engine, arrivals, on_step=lambda engine, step: step == 4 and _score(engine, "scored", later[2], top_k=4))
+    assert engine.prefix_tokens_copied >= 3 * len(system)
+    assert run.tokens["first"] == hf_greedy(model, first, 12)
+    for i, prompt in enumerate(later[:2]):
+        assert run.tokens[f"later{i}"] == hf_greedy(model, prompt, 6)
+    scored = [o for outputs in run.outputs.values() for o in outputs if o.score is not None]
+    assert len(scored) == 1
+    top = torch.topk(_reference(model, later[2])[-1], 4)
+    assert scored[0].score.top_token_ids == top.indices.tolist()
+    assert scored[0].score.top_logprobs == pytest.approx(top.values.tolist(), abs=TOLERANCE)

@@ -103,7 +103,8 @@ class HFEngine:
         # that starts with those tokens takes that slot and skips recomputing them.
         self._reuse_prefixes = isinstance(self._runner, LlamaRunner)
         self._cached: list[tuple[list[int], bool] | None] = [None] * slots
-        self.prefix_tokens_reused = 0
+        self.prefix_tokens_reused = 0  # prompt tokens not computed again, in place or copied
+        self.prefix_tokens_copied = 0  # of those, copied from another slot's cache
         # Scoring requests join the steps as prefill-only rows where the runner can return
         # several rows of logits per chunk (the fast path); else they go to the Scorer.
         self.scores_in_steps = isinstance(self._runner, LlamaRunner)
@@ -247,19 +248,30 @@ class HFEngine:
         free = [slot for slot, owner in enumerate(self._slots) if owner is None]
         while self._waiting and free:
             sequence = self._waiting.popleft()
-            slot, shared = self._slot_for(sequence, free)
+            slot, shared, source = self._slot_for(sequence, free)
             free.remove(slot)
+            if source is not None:
+                # Queued before any step that reads it, after every step that wrote the source.
+                for runner in (self._runner, self._contrast_runner):
+                    if runner is not None and (runner is self._runner or sequence.request.params.contrast_alpha
+                                               is not None):
+                        runner.copy_prefix(source, slot, shared)
+                self.prefix_tokens_copied += shared
             sequence.status, sequence.slot, sequence.num_cached = Status.RUNNING, slot, shared
             self.prefix_tokens_reused += shared
             self._slots[slot] = sequence
             self._cached[slot] = None  # the new owner writes past `shared`; recorded again when it ends
 
-    def _slot_for(self, sequence: Sequence, free: list[int]) -> tuple[int, int]:
-        """The free slot whose cache holds the longest start of this request's tokens, and how
-        many of them it can skip (never its last prompt token, whose logits it needs); with no
-        match, a slot that holds nothing worth keeping."""
+    def _slot_for(self, sequence: Sequence, free: list[int]) -> tuple[int, int, int | None]:
+        """A free slot for this request, how many of its leading tokens it can skip (never its
+        last prompt token, whose logits it needs), and the slot to copy them from (None: the
+        chosen slot's cache holds them already).
+
+        First choice: the free slot whose cache still holds the longest start of its tokens.
+        A running request's slot holding a longer one is copied from instead (a shared system
+        prompt, particles sharing a prompt). With no match, a slot holding nothing worth keeping."""
         if not self._reuse_prefixes:
-            return free[0], 0
+            return free[0], 0, None
         tokens = sequence.request.prompt_token_ids
         limit = (len(sequence.score.prompt_token_ids) if sequence.score is not None else sequence.prompt_len) - 1
         paired = sequence.request.params.contrast_alpha is not None
@@ -271,7 +283,23 @@ class HFEngine:
             length = _common_prefix(held[0], tokens, limit)
             if length > shared:
                 best, shared = slot, length
-        return best, shared
+        source, copied = None, shared
+        for owner in self._slots:
+            if owner is None or owner.num_cached <= copied or (paired and owner.request.params.contrast_alpha is None):
+                continue
+            held = owner.request.prompt_token_ids
+            if not held or held[0] != tokens[0]:
+                continue
+            # Positions below num_cached hold these tokens, or will once the queued steps run.
+            length = _common_prefix(held + owner.generated if owner.generated else held, tokens,
+                                    min(limit, owner.num_cached))
+            if length > copied:
+                source, copied = owner.slot, length
+        if source is None:
+            return best, shared, None
+        # Copy into a slot that holds nothing worth keeping where there is one.
+        target = next((slot for slot in free if self._cached[slot] is None), best)
+        return target, copied, source
 
     def _schedule(self) -> list[Chunk]:
         chunks = []

@@ -161,6 +161,12 @@ class LlamaRunner:
     def release(self, slot: int) -> None:
         """Nothing to free: a slot's old keys sit past the next owner's length and are masked."""
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` positions of one slot's keys and values into another's,
+        every layer at once (a request that shares a running request's prefix)."""
+        self.keys[:, target, :, :length].copy_(self.keys[:, source, :, :length])
+        self.values[:, target, :, :length].copy_(self.values[:, source, :, :length])
+
     # Reads chunks' tokens from the previous step's sampled tokens on the device, so the
     # engine can queue step N+1 before it has read step N's tokens.
     supports_overlap = True
