@@ -147,3 +147,26 @@ def test_a_prefix_a_running_request_holds_is_copied_not_recomputed(tiny_models, 
     top = torch.topk(_reference(model, later[2])[-1], 4)
     assert scored[0].score.top_token_ids == top.indices.tolist()
     assert scored[0].score.top_logprobs == pytest.approx(top.values.tolist(), abs=TOLERANCE)
+
+
+def test_a_step_that_fails_when_read_back_ends_its_scoring_requests_too(tiny_models, monkeypatch):
+    """A scoring request whose last rows were in a step that fails to read back gets an
+    error, like the generate requests of that step: none is left holding its slot."""
+    from batchd.workers.hf import engine as hf_engine
+
+    engine = build_engine(str(tiny_models["llama"]), slots=2, max_context=64)
+    rng = random.Random(7)
+    engine.add(request("gen", random_prompt(rng, 6), max_new_tokens=4))
+    _score(engine, "scored", random_prompt(rng, 8), top_k=2)
+
+    def broken(launched):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(hf_engine._Launched, "read", broken)
+    outputs = []
+    for _ in range(3):
+        outputs += engine.step()
+    finished = {o.request_id: o for o in outputs if o.finished}
+    assert set(finished) == {"gen", "scored"}
+    assert all(o.finish_reason == "error" and "illegal memory access" in o.error.message for o in finished.values())
+    assert not engine.has_work() and engine.num_running == 0

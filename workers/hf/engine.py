@@ -398,7 +398,7 @@ class HFEngine:
         try:
             tokens = launched.read()
         except Exception as exc:
-            return self._fail([s for s in launched.sequences if s.status is not Status.FINISHED], exc)
+            return self._fail([s for s in launched.sequences + launched.scored if s.status is not Status.FINISHED], exc)
         finally:
             self.device_wait_s += time.perf_counter() - started
         outputs = []
