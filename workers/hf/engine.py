@@ -140,33 +140,29 @@ class HFEngine:
             raise InvalidRequest("contrast_alpha needs a worker that serves a model pair "
                                  "(batchd worker --model AFTER --contrast-model BEFORE); this one serves "
                                  f"{self.model_name} alone", request.request_id)
-        if request.request_id in self._by_id:
-            raise InvalidRequest(f"request {request.request_id!r} is already running on this engine",
-                                 request.request_id)
         params = request.params
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos_ids)
-        sequence = Sequence(request, Detokenizer(self.tokenizer, request.prompt_token_ids, params.stop),
-                            frozenset(stop_ids))
-        self._generators[request.request_id] = self._sampler.generator(params)
-        self._by_id[request.request_id] = sequence
-        self._waiting.append(sequence)
+        self._enqueue(Sequence(request, Detokenizer(self.tokenizer, request.prompt_token_ids, params.stop),
+                               frozenset(stop_ids)), self._sampler.generator(params))
 
     def add_score(self, request: EngineRequest, item: ScoreItem) -> None:
         """Queue a scoring request (next_token_logprobs / score, already checked by the
         Scorer's prepare): it prefills its prompt and continuation in the engine's steps,
         beside generate requests, reusing a free slot's cached prefix, and finishes with
         the log-probabilities asked for. Needs scores_in_steps."""
-        if request.request_id in self._by_id:
-            raise InvalidRequest(f"request {request.request_id!r} is already running on this engine",
-                                 request.request_id)
         tokens = list(item.prompt_token_ids) + list(item.continuation_token_ids or ())
         if len(tokens) > self.max_context:
             raise RequestTooLarge(f"prompt and continuation hold {len(tokens)} tokens; this worker's slots hold "
                                   f"{self.max_context}", request.request_id)
         request = EngineRequest(request.request_id, tokens, request.params, request.deadline, request.arrival_time)
-        sequence = Sequence(request, Detokenizer(self.tokenizer, [], ()), frozenset(), score=item)
-        self._generators[request.request_id] = None
-        self._by_id[request.request_id] = sequence
+        self._enqueue(Sequence(request, Detokenizer(self.tokenizer, [], ()), frozenset(), score=item), None)
+
+    def _enqueue(self, sequence: Sequence, generator: torch.Generator | None) -> None:
+        request_id = sequence.request_id
+        if request_id in self._by_id:
+            raise InvalidRequest(f"request {request_id!r} is already running on this engine", request_id)
+        self._generators[request_id] = generator
+        self._by_id[request_id] = sequence
         self._waiting.append(sequence)
 
     def cancel(self, request_id: str, reason: FinishReason = "cancelled") -> None:
@@ -252,10 +248,9 @@ class HFEngine:
             free.remove(slot)
             if source is not None:
                 # Queued before any step that reads it, after every step that wrote the source.
-                for runner in (self._runner, self._contrast_runner):
-                    if runner is not None and (runner is self._runner or sequence.request.params.contrast_alpha
-                                               is not None):
-                        runner.copy_prefix(source, slot, shared)
+                self._runner.copy_prefix(source, slot, shared)
+                if sequence.request.params.contrast_alpha is not None:  # its source is paired too
+                    self._contrast_runner.copy_prefix(source, slot, shared)
                 self.prefix_tokens_copied += shared
             sequence.status, sequence.slot, sequence.num_cached = Status.RUNNING, slot, shared
             self.prefix_tokens_reused += shared
@@ -275,7 +270,9 @@ class HFEngine:
         tokens = sequence.request.prompt_token_ids
         limit = (len(sequence.score.prompt_token_ids) if sequence.score is not None else sequence.prompt_len) - 1
         paired = sequence.request.params.contrast_alpha is not None
-        best, shared = next((slot for slot in free if self._cached[slot] is None), free[0]), 0
+        # A slot that holds nothing worth keeping, for a request that reuses none in place.
+        spare = next((slot for slot in free if self._cached[slot] is None), free[0])
+        best, shared = spare, 0
         for slot in free:
             held = self._cached[slot]
             if held is None or (paired and not held[1]) or not held[0] or held[0][0] != tokens[0]:
@@ -297,9 +294,7 @@ class HFEngine:
                 source, copied = owner.slot, length
         if source is None:
             return best, shared, None
-        # Copy into a slot that holds nothing worth keeping where there is one.
-        target = next((slot for slot in free if self._cached[slot] is None), best)
-        return target, copied, source
+        return spare, copied, source
 
     def _schedule(self) -> list[Chunk]:
         chunks = []
@@ -356,21 +351,16 @@ class HFEngine:
         scoring = [i for i, s in enumerate(sequences) if s.score is not None]
         device = logits.device
         logprobs = torch.log_softmax(logits.index_select(0, to_device(scoring, torch.long, device)), dim=-1)
-        seen: dict[int, int] = {}  # chunk -> rows of it consumed so far
-        by_sequence: dict[int, tuple[Sequence, list[int], list[int]]] = {}
-        for index, row in enumerate(scoring):
-            chunk, sequence = rows[row], sequences[row]
-            offset = chunk.logit_rows()[seen.get(id(chunk), 0)]
-            seen[id(chunk)] = seen.get(id(chunk), 0) + 1
-            entry = by_sequence.setdefault(id(sequence), (sequence, [], []))
-            entry[1].append(index)
-            entry[2].append(chunk.start + offset)
-        for sequence, indices, positions in by_sequence.values():
-            taken = logprobs.index_select(0, to_device(indices, torch.long, device))
+        # A request has one chunk per step, and that chunk's rows come one after another.
+        at = 0
+        while at < len(scoring):
+            chunk, sequence = rows[scoring[at]], sequences[scoring[at]]
+            offsets = chunk.logit_rows()
+            taken, at = logprobs[at:at + len(offsets)], at + len(offsets)
             item = sequence.score
             if item.continuation_token_ids:
                 tokens = sequence.request.prompt_token_ids
-                wanted = to_device([tokens[p + 1] for p in positions], torch.long, device)
+                wanted = to_device([tokens[chunk.start + o + 1] for o in offsets], torch.long, device)
                 sequence.score_parts.append(taken.gather(1, wanted[:, None])[:, 0])
             elif item.top_k is not None:
                 sequence.score_parts.append(torch.topk(taken[0], min(item.top_k, taken.shape[-1])))

@@ -14,6 +14,7 @@ transformers loads, one slot at a time with a DynamicCache each.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,6 @@ class Chunk:
     # The row of the previous step's sampled tokens that is this chunk's one token, when
     # that step is still running: the token is read on the device, never on the host.
     from_previous: int | None = None
-
 
     def logit_rows(self) -> tuple[int, ...]:
         """Offsets within the chunk that get a row of logits."""
@@ -267,11 +267,10 @@ class LlamaRunner:
             query_pos = torch.arange(chunk.start, end, device=q.device)
             mask = torch.arange(end, device=q.device)[None, :] <= query_pos[:, None]
             grouped = {"enable_gqa": True}
-            if q.is_cuda and self._heads != self._kv_heads:
+            if q.is_cuda:
                 # No GPU kernel takes both a mask and grouped heads: with enable_gqa this fell back
                 # to the math path, ~0.6 ms of host time per layer (measured on an H200).
-                group = self._heads // self._kv_heads
-                k, v, grouped = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), {}
+                (k, v), grouped = _one_kv_head_per_query_head(k, v, self._heads // self._kv_heads), {}
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self._scale, **grouped)
         return out[0].transpose(0, 1)
 
@@ -413,6 +412,13 @@ def _fuse_projections(layers: list[Any]) -> tuple[int, int, int] | None:
     return sizes
 
 
+def _one_kv_head_per_query_head(k: torch.Tensor, v: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values repeated along the head axis (1) for kernels that take no grouped heads."""
+    if group == 1:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
 def _varlen_attention(kv_heads: int, heads: int):
     """torch's variable-length flash attention as causal(q, k, v, bounds, longest, scale),
     or None where this torch has none. Its keyword arguments changed between releases."""
@@ -434,8 +440,8 @@ def _varlen_attention(kv_heads: int, heads: int):
     group = heads // kv_heads
 
     def causal(q, k, v, bounds, longest: int, scale: float) -> torch.Tensor:
-        if not grouped and group > 1:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        if not grouped:
+            k, v = _one_kv_head_per_query_head(k, v, group)
         return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), bounds, bounds, longest, longest,
                            scale=scale, **options)
 
@@ -476,9 +482,7 @@ class _StepBatch:
         self.packed = None  # (first token, end, cumulative lengths on the device, longest)
         if whole:
             lengths = [len(c.token_ids) for c in whole]
-            bounds = [0]
-            for length in lengths:
-                bounds.append(bounds[-1] + length)
+            bounds = [0, *itertools.accumulate(lengths)]
             begin = offsets[self.num_decodes]
             self.packed = (begin, begin + bounds[-1], to_device(bounds, torch.int32, device), max(lengths))
         carried = [(offset, c.from_previous) for offset, c in zip(offsets, self.order) if c.from_previous is not None]

@@ -37,17 +37,16 @@ class Sequence:
     # the log-probabilities gathered from the rows it asked for (`score_parts`).
     score: Any = None
     score_parts: list = field(default_factory=list)
+    finish_reason: FinishReason | None = None
     # Read several times per request per step: kept, not recounted.
     prompt_len: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.request.prompt_token_ids)
-    finish_reason: FinishReason | None = None
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
-
 
     @property
     def num_tokens(self) -> int:
