@@ -219,7 +219,8 @@ def test_errors_are_batchd_errors():
     assert issubclass(InvalidRequest, BatchdError)
 
 
-def test_a_request_refused_at_admission_does_not_close_its_job_early():
+@pytest.mark.parametrize("backend", ["fakeredis", "redis-server"])
+def test_a_request_refused_at_admission_does_not_close_its_job_early(backend, request):
     """Found by the stream fuzzer: a job whose first request the engine refuses and whose
     second it accepts crashed the worker (its job was acknowledged before the second was admitted)."""
     import fakeredis
@@ -228,7 +229,7 @@ def test_a_request_refused_at_admission_does_not_close_its_job_early():
     from batchd.workers.echo import EchoEngine
     from batchd.workers.worker import Worker, WorkerConfig
 
-    client = fakeredis.FakeRedis()
+    client = fakeredis.FakeRedis() if backend == "fakeredis" else request.getfixturevalue("redis_client")
     worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=4), client=client)
     worker._connect()
     refused = Request(v=PROTOCOL_VERSION, id="refused", prompt_token_ids=[300])  # echo's vocabulary is bytes
