@@ -8,7 +8,7 @@ import concurrent.futures
 import pytest
 import torch
 
-from batchd.client import AsyncClient, Client, InvalidRequest
+from batchd.client import AsyncClient, Client, InvalidRequest, RequestTooLarge
 from batchd.client.protocol import PROTOCOL_VERSION, Request, SamplingParams, encode, decode_request
 from batchd.workers.scoring import ScoreItem, score_batch
 
@@ -126,6 +126,10 @@ def test_scoring_through_daemons_matches_hf_and_mixes_with_generate(daemons, che
         assert all(len(g.result().token_ids) == 8 for g in generated)
         with pytest.raises(InvalidRequest, match="outside the model's vocabulary"):
             client.score(prompt_token_ids=[5], continuation_token_ids=[VOCAB + 5], timeout=30)
+        with pytest.raises(RequestTooLarge, match="prompt and continuation hold 300 tokens"):
+            client.score(prompt_token_ids=[5] * 200, continuation_token_ids=[6] * 100, timeout=30)
+        with pytest.raises(InvalidRequest, match="outside"):
+            client.next_token_logprobs([VOCAB + 1], timeout=30)
 
     async def through_async_client():
         async with AsyncClient(daemons.url) as client:
