@@ -376,7 +376,8 @@ def _fuse_projections(layers: list[Any]) -> tuple[int, int, int] | None:
     them: nothing is held twice, the model's own forward (scoring, references) reads the
     same numbers, and the compiler sees each layer's weights the same way, so it compiles
     one layer and reuses it for the rest. (Kept in a dict outside the modules, with shapes
-    left dynamic, every layer compiled anew: ~5 s each, 3 minutes at start for 28 layers.)
+    left dynamic, every layer compiled anew: the 0.6B engine took ~3 minutes to start on an
+    H200; benchmarks/compile_reuse.py shows it on a CPU.)
 
     Returns the (q, k, v) output sizes, or None where the layers are left alone (quantized
     or otherwise unusual weights, or an MLP of another shape).
