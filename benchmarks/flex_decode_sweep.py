@@ -37,7 +37,8 @@ SETTINGS = [
 
 
 class _AllSlots:
-    decode_all_slots = True  # FlexDecode reads its own lengths, as inside the decode graph
+    decode_all_slots = True
+    slot_lengths = None  # FlexDecode reads its own lengths, as inside a decode graph
 
 
 def time_setting(options: dict, lengths: torch.Tensor, slots: int, context: int, repeats: int) -> float:

@@ -6,8 +6,9 @@ Two ways, same result:
   the longest one, padding included.
 - `FlexDecode` runs flex_attention over every slot with a block mask built from
   each slot's own length, so it reads only live 128-token blocks. Its shapes
-  never change (all slots, the whole cache), which lets a CUDA graph capture it;
-  the mask is updated in place from the lengths, inside the graph.
+  never change (all slots, the whole cache), which lets CUDA graphs capture it
+  for any number of decoding rows; the mask is updated in place from the
+  lengths, inside the graph.
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ class FlexDecode:
         self._kernel_options = dict(kernel_options) if kernel_options else None
 
     def prepare(self, batch) -> None:
-        """Point the block mask at this step's lengths (in place, so a CUDA graph sees it)."""
-        if not batch.decode_all_slots:
+        """Point the block mask at this step's lengths (in place, so a CUDA graph sees it).
+        A CUDA graph's batch carries none: its lengths were copied in before the replay."""
+        if batch.slot_lengths is not None:
             self.lengths.copy_(batch.slot_lengths)
         full = self.lengths // KV_BLOCK
         self._full_count.view(-1).copy_(full)
@@ -86,6 +88,7 @@ class FlexDecode:
         if batch.decode_all_slots:
             query = q[:, :, None]
         else:
+            # Rows go to their slots' places: the block mask is laid out by slot.
             query = self._query.zero_()
             query[batch.decode_slots] = q[:, :, None]
         extra = {"kernel_options": self._kernel_options} if self._kernel_options else {}

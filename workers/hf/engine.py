@@ -60,7 +60,7 @@ class HFEngine:
                  kv_memory: int | None = None, max_prefill_tokens: int = 2048, clock: Clock = time.time,
                  seed: int | None = None, attention: str | None = None, cuda_graph: bool | None = None,
                  compile_decode: bool | None = None, contrast: LoadedModel | None = None,
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, cuda_graph_sizes: tuple[int, ...] | None = None):
         if slots < 1 or max_prefill_tokens < 1:
             raise ValueError("slots and max_prefill_tokens must be at least 1")
         if contrast is not None:
@@ -86,7 +86,8 @@ class HFEngine:
 
         def runner(model):
             if fast:
-                return LlamaRunner(model, slots, self.max_context, attention, cuda_graph, compile_decode)
+                return LlamaRunner(model, slots, self.max_context, attention, cuda_graph, compile_decode,
+                                   cuda_graph_sizes)
             return GenericRunner(model, slots, self.max_context)
 
         self._runner = runner(loaded.model)
@@ -551,17 +552,21 @@ def build_engine(model: str, *, slots: int = 16, max_context: int | None = None,
                  max_prefill_tokens: int = 2048, dtype: str | None = None, device: str | None = None,
                  clock: Clock = time.time, attention: str | None = None, cuda_graph: bool | None = None,
                  compile_decode: bool | None = None, contrast_model: str | None = None,
-                 quantize: str | None = None, overlap: bool | None = None) -> HFEngine:
+                 quantize: str | None = None, overlap: bool | None = None,
+                 cuda_graph_sizes: tuple[int, ...] | None = None) -> HFEngine:
     """Load `model` (checkpoint folder, .gguf file or alias) and start an engine on it.
 
     contrast_model: the "before" model that contrast_alpha requests decode against.
     quantize: "int8" for weight-only int8 linear layers (both models of a pair).
     attention ("sdpa" | "flex"), cuda_graph, compile_decode and overlap default to what
-    suits the device: sdpa on CPU; flex, a decode CUDA graph, compiled layers and one
-    step in flight on CUDA.
+    suits the device: sdpa on CPU; flex, decode CUDA graphs, compiled layers and one
+    step in flight on CUDA. cuda_graph_sizes: the decode graphs' numbers of requests
+    (default: powers of two from 8 and all slots, each kept only if it replays faster
+    than the graph over every slot).
     """
     loaded = load_model(model, dtype=dtype, device=device, quantize=quantize)
     contrast = load_model(contrast_model, dtype=dtype, device=device, quantize=quantize) if contrast_model else None
     return HFEngine(loaded, slots=slots, max_context=max_context, kv_memory=kv_memory,
                     max_prefill_tokens=max_prefill_tokens, clock=clock, attention=attention, cuda_graph=cuda_graph,
-                    compile_decode=compile_decode, contrast=contrast, overlap=overlap)
+                    compile_decode=compile_decode, contrast=contrast, overlap=overlap,
+                    cuda_graph_sizes=cuda_graph_sizes)

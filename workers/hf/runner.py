@@ -97,13 +97,17 @@ class LlamaRunner:
     """Llama-family forward pass over a per-slot KV cache allocated once.
 
     attention: "sdpa" or "flex" for decode tokens (flex reads only live blocks;
-    the default on CUDA). cuda_graph: replay pure-decode steps from one CUDA
-    graph over all slots (CUDA with flex only), which removes the per-kernel
-    launch cost that dominates small decode steps.
+    the default on CUDA). cuda_graph: replay pure-decode steps from CUDA graphs
+    (CUDA with flex only), which removes the per-kernel launch cost that
+    dominates small decode steps; one graph per size in cuda_graph_sizes, and a
+    step replays the smallest that holds its decoding requests. By default the
+    sizes are `decode_graph_sizes(slots)`, and those that replay no faster than
+    the graph over every slot are dropped at start.
     """
 
     def __init__(self, model: Any, slots: int, max_context: int, attention: str | None = None,
-                 cuda_graph: bool | None = None, compile_decode: bool | None = None):
+                 cuda_graph: bool | None = None, compile_decode: bool | None = None,
+                 cuda_graph_sizes: tuple[int, ...] | None = None):
         self._model = model
         self._body = model.model
         self._layers = list(self._body.layers)
@@ -135,13 +139,17 @@ class LlamaRunner:
         # step with 15 prompts over 28 layers spent most of its time launching them.
         self._varlen = _varlen_attention(self._kv_heads, self._heads) if on_cuda and self.dtype in (
             torch.float16, torch.bfloat16) else None
-        self._graph, self._compiled, self._compiled_any_shape = None, None, None
+        self._graphs: list[_DecodeGraph] = []  # smallest first
+        self._compiled, self._compiled_any_shape = None, None
         if cuda_graph is None:
             cuda_graph = on_cuda and self.attention == "flex"
         if cuda_graph:
             if compile_decode is not False:
                 self._compiled, self._compiled_any_shape = self._compile_dense_parts()
-            self._capture_with_fallback()
+            sizes = _check_graph_sizes(cuda_graph_sizes or decode_graph_sizes(slots), slots)
+            self._capture_with_fallback(sizes)
+            if cuda_graph_sizes is None:
+                self._keep_graphs_that_pay()
         self._check_prefill()
 
     def _make_decode_attention(self, max_context: int, on_cuda: bool) -> int:
@@ -178,7 +186,7 @@ class LlamaRunner:
 
         previous: the last step's sampled tokens, for chunks with from_previous set.
         """
-        if self._graph is not None and all(len(c.token_ids) == 1 for c in chunks):
+        if self._graphs and all(len(c.token_ids) == 1 for c in chunks):
             wanted = [c for c in chunks if c.logit_rows()]
             return self._replay(chunks, wanted, previous), wanted
         batch = _StepBatch(chunks, self.slots, self.device, previous, pack_prompts=self._varlen is not None)
@@ -209,8 +217,9 @@ class LlamaRunner:
 
     def _dense_parts(self, batch: _StepBatch):
         """The layer's work around attention, compiled (fused norms, rotary, SiLU): for the
-        decode graph's fixed shapes, and once more for any token count, for steps that carry
-        prompt pieces (unfused, their elementwise kernels took half of such a step's GPU time)."""
+        shape of the decode graph over every slot, and once more for any token count, for
+        steps that carry prompt pieces (unfused, their elementwise kernels took half of such a
+        step's GPU time) and for the smaller decode graphs, which so cost no compile of their own."""
         if batch.decode_all_slots and self._compiled is not None:
             return self._compiled
         if self._compiled_any_shape is not None:
@@ -315,55 +324,143 @@ class LlamaRunner:
                 else:
                     raise
 
-    def _capture_with_fallback(self) -> None:
+    def _capture_with_fallback(self, sizes: tuple[int, ...]) -> None:
         try:
-            self._capture_decode_graph()
+            self._capture_decode_graphs(sizes)
         except Exception:
             if self._compiled is None:
                 raise
             # A compiler failure must not stop a worker: the uncompiled graph is correct, only slower.
-            log.exception("compiling the decode layers failed; capturing the decode graph without it")
+            log.exception("compiling the decode layers failed; capturing the decode graphs without it")
             self._compiled = self._compiled_any_shape = None
-            self._capture_decode_graph()
+            self._capture_decode_graphs(sizes)
 
-    def _capture_decode_graph(self) -> None:
-        slots = self.slots
-        self._static = _StepBatch.all_slots(slots, self.device)
-        self._static.positions.fill_(self._scratch_position)
+    def _capture_decode_graphs(self, sizes: tuple[int, ...]) -> None:
+        """One graph per size, largest first, all in one memory pool: only one replays at a
+        time, so their intermediate tensors can share memory."""
         self._decode_attention.lengths.zero_()
+        graphs, pool = [], None
         with torch.inference_mode():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up compiles flex and sets up cuBLAS outside the capture
-                for _ in range(2):
-                    self._forward_batch(self._static)
-            torch.cuda.current_stream().wait_stream(side)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._graph_logits = self._forward_batch(self._static)
+            for rows in sorted(sizes, reverse=True):
+                graph = _DecodeGraph(rows, self.slots, self._scratch_position, self.device)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up compiles flex and sets up cuBLAS outside the capture
+                    for _ in range(2):
+                        self._forward_batch(graph.batch)
+                torch.cuda.current_stream().wait_stream(side)
+                graph.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph.graph, pool=pool):
+                    graph.logits = self._forward_batch(graph.batch)
+                pool = graph.graph.pool()
+                graphs.append(graph)
+        self._graphs = graphs[::-1]
+        log.info("decode CUDA graphs captured for %s decoding requests", ", ".join(str(g.rows) for g in self._graphs))
+
+    def _keep_graphs_that_pay(self) -> None:
+        """Drop the smaller graphs that replay no faster than the graph over every slot.
+
+        Whether rows cost time depends on the model and the GPU: on an H200 a Qwen3-0.6B
+        step costs about the same for 8 rows as for 256 (its ~400 kernels are bound by
+        launch and latency), and a smaller graph's extra work (placing rows in their slots'
+        places) made it slower; a Llama-3-8B step over 8 rows took 19% less time than over
+        256. So each graph is timed here, with no request live (the attention reads
+        nothing; what differs between graphs is the dense work), and kept only if it wins."""
+        replay_ms = {graph.rows: _replay_ms(graph) for graph in self._graphs}
+        kept = set(graphs_worth_keeping(replay_ms, self.slots))
+        self._graphs = [graph for graph in self._graphs if graph.rows in kept]
+        log.info("decode CUDA graphs kept for %s decoding requests (ms per replay with none live: %s)",
+                 ", ".join(str(g.rows) for g in self._graphs),
+                 ", ".join(f"{rows}: {ms:.2f}" for rows, ms in sorted(replay_ms.items())))
 
     def _replay(self, chunks: list[Chunk], wanted: list[Chunk], previous: torch.Tensor | None) -> torch.Tensor:
-        ids = [0] * self.slots
-        positions = [self._scratch_position] * self.slots
+        graph = next(g for g in self._graphs if g.rows >= len(chunks))
+        row_of, slot_of_row = graph.assign(chunks)
+        ids = [0] * graph.rows
+        positions = [self._scratch_position] * graph.rows
         lengths = [0] * self.slots
         for chunk in chunks:
-            ids[chunk.slot], positions[chunk.slot], lengths[chunk.slot] = chunk.token_ids[0], chunk.start, chunk.start + 1
-        # One copy for everything the graph reads: the inputs, the logit rows, and where
-        # tokens still on the device go.
+            row = row_of[chunk.slot]
+            ids[row], positions[row], lengths[chunk.slot] = chunk.token_ids[0], chunk.start, chunk.start + 1
+        # One copy for everything the graph reads: the inputs, each row's slot, the logit
+        # rows, and where tokens still on the device go.
         carried = [c for c in chunks if c.from_previous is not None]
-        rows = [c.slot for c in wanted]
-        staged = to_device(ids + positions + lengths + rows + [c.slot for c in carried]
+        logit_rows = [row_of[c.slot] for c in wanted]
+        staged = to_device(ids + positions + lengths + slot_of_row + logit_rows + [row_of[c.slot] for c in carried]
                            + [c.from_previous for c in carried], torch.long, self.device)
-        slots = self.slots
-        self._static.token_ids.copy_(staged[:slots])
-        self._static.positions.copy_(staged[slots:2 * slots])
-        self._decode_attention.lengths.copy_(staged[2 * slots:3 * slots])
-        rest = staged[3 * slots:]
+        rows, slots = graph.rows, self.slots
+        graph.batch.token_ids.copy_(staged[:rows])
+        graph.batch.positions.copy_(staged[rows:2 * rows])
+        self._decode_attention.lengths.copy_(staged[2 * rows:2 * rows + slots])
+        rest = staged[2 * rows + slots:]
+        if slot_of_row:
+            graph.batch.slots.copy_(rest[:rows])
+            rest = rest[rows:]
         if carried:
-            into, taken = rest[len(rows):len(rows) + len(carried)], rest[len(rows) + len(carried):]
-            self._static.token_ids.index_copy_(0, into, previous.index_select(0, taken))
-        self._graph.replay()
-        return self._graph_logits[rest[:len(rows)]].float()
+            into, taken = rest[len(logit_rows):len(logit_rows) + len(carried)], rest[len(logit_rows) + len(carried):]
+            graph.batch.token_ids.index_copy_(0, into, previous.index_select(0, taken))
+        graph.graph.replay()
+        return graph.logits[rest[:len(logit_rows)]].float()
+
+
+def decode_graph_sizes(slots: int) -> tuple[int, ...]:
+    """Decoding requests per step that get a CUDA graph: powers of two from 8, and all slots.
+
+    A step replays the smallest graph that holds its decoding requests, so a worker with a
+    few live requests does not run the dense products and the LM head for all its slots.
+    Under 8 rows a product costs what 8 cost (it is bound by reading its weights), so
+    smaller graphs would add capture time and memory for nothing.
+    """
+    return (*(2 ** power for power in range(3, slots.bit_length()) if 2 ** power < slots), slots)
+
+
+def graphs_worth_keeping(replay_ms: dict[int, float], slots: int, margin: float = 0.03) -> list[int]:
+    """The graph sizes worth replaying, from each graph's time per replay: the graph over
+    every slot, and each smaller one that is at least `margin` faster than it (closer
+    than that is within the timing's noise, and the smaller graph would be a wash)."""
+    full = replay_ms[slots]
+    return sorted(rows for rows, ms in replay_ms.items() if rows == slots or ms <= full * (1 - margin))
+
+
+def _replay_ms(graph: _DecodeGraph, repeats: int = 20) -> float:
+    graph.graph.replay()  # the first replay after a capture uploads the graph
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def _check_graph_sizes(sizes: tuple[int, ...], slots: int) -> tuple[int, ...]:
+    if any(size < 1 or size > slots for size in sizes):
+        raise ValueError(f"CUDA graph sizes {sizes} must lie between 1 and the {slots} slots")
+    # Every step must find a graph that holds it: the largest always covers every slot.
+    return tuple(sorted(set(sizes) | {slots}))
+
+
+class _DecodeGraph:
+    """A decode step over a fixed number of rows, captured once and replayed.
+
+    The graph over every slot reads row i as slot i. A smaller one reads each row's slot
+    from its batch (`batch.slots`): the decoding requests' slots first, then idle slots, one
+    each, which write a throwaway key at the spare position and attend to nothing."""
+
+    def __init__(self, rows: int, slots: int, scratch_position: int, device: torch.device):
+        self.rows, self._slots = rows, slots
+        self.batch = _StepBatch.static_decode(rows, slots, device)
+        self.batch.positions.fill_(scratch_position)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def assign(self, chunks: list[Chunk]) -> tuple[dict[int, int], list[int]]:
+        """The row of each chunk's slot, and the slot of every row (empty where row i is slot i)."""
+        if self.rows == self._slots:
+            return {c.slot: c.slot for c in chunks}, []
+        busy = {c.slot for c in chunks}
+        idle = [slot for slot in range(self._slots) if slot not in busy][:self.rows - len(chunks)]
+        return {c.slot: row for row, c in enumerate(chunks)}, [c.slot for c in chunks] + idle
 
 
 def _fuse_projections(layers: list[Any]) -> tuple[int, int, int] | None:
@@ -455,6 +552,7 @@ class _StepBatch:
     """One step's chunks flattened into token, position and slot tensors."""
 
     decode_all_slots = False
+    slot_lengths: torch.Tensor | None = None  # each slot's attended length, for decode steps
 
     def __init__(self, chunks: list[Chunk], slots: int, device: torch.device, previous: torch.Tensor | None = None,
                  pack_prompts: bool = False):
@@ -514,16 +612,18 @@ class _StepBatch:
         self.slot_lengths = staged[2 * count:].to(torch.int32)
 
     @classmethod
-    def all_slots(cls, slots: int, device: torch.device) -> _StepBatch:
-        """Static buffers for a decode step over every slot, for the CUDA graph to read."""
+    def static_decode(cls, rows: int, slots: int, device: torch.device) -> _StepBatch:
+        """Static buffers for a decode step of `rows` one-token rows, for a CUDA graph to read.
+        Over every slot, row i is slot i; otherwise `slots` says each row's slot. The decode
+        attention's lengths are set in place before each replay (slot_lengths stays None)."""
         batch = cls.__new__(cls)
-        batch.decode_all_slots = True
+        batch.decode_all_slots = rows == slots
         batch.prefills, batch.prefill_offsets, batch.packed = [], [], None
-        batch.num_decodes = slots
-        batch.token_ids = torch.zeros(slots, dtype=torch.long, device=device)
-        batch.positions = torch.zeros(slots, dtype=torch.long, device=device)
-        batch.slots = torch.arange(slots, device=device)
-        batch.logit_rows = torch.arange(slots, device=device)
+        batch.num_decodes = rows
+        batch.token_ids = torch.zeros(rows, dtype=torch.long, device=device)
+        batch.positions = torch.zeros(rows, dtype=torch.long, device=device)
+        batch.slots = batch.decode_slots = torch.arange(rows, device=device)
+        batch.logit_rows = torch.arange(rows, device=device)
         return batch
 
 

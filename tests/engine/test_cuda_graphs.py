@@ -1,0 +1,124 @@
+"""Decode steps replay CUDA graphs of several sizes: the smallest that holds the step's
+decoding requests. Which rows go to which slots is checked here on the CPU; the graphs
+themselves need a GPU, and the tests that replay them run where one is (the device
+machine: `. benchmarks/gpu_setup.sh; python3 -m pytest tests/engine/test_cuda_graphs.py`).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from batchd.workers.hf import build_engine
+from batchd.workers.hf.runner import Chunk, _check_graph_sizes, _DecodeGraph, decode_graph_sizes, graphs_worth_keeping
+from engine_helpers import EOS, drive, random_prompt, request
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+def test_graph_sizes_are_powers_of_two_from_8_and_all_slots():
+    assert decode_graph_sizes(256) == (8, 16, 32, 64, 128, 256)
+    assert decode_graph_sizes(100) == (8, 16, 32, 64, 100)
+    assert decode_graph_sizes(8) == (8,)
+    assert decode_graph_sizes(3) == (3,)
+
+
+def test_chosen_sizes_always_include_every_slot():
+    assert _check_graph_sizes((16, 4), 32) == (4, 16, 32)
+    with pytest.raises(ValueError, match="between 1 and the 32 slots"):
+        _check_graph_sizes((64,), 32)
+
+
+def test_a_smaller_graph_is_kept_only_where_it_replays_faster():
+    # Llama-3-8B-like: fewer rows, less time. Qwen3-0.6B-like: the same time for any rows,
+    # and the 128-row graph slower than the one over all 256 slots.
+    big = {8: 6.6, 16: 6.8, 32: 7.2, 64: 8.3, 128: 10.0, 256: 14.1}
+    small = {8: 2.70, 16: 2.75, 32: 2.80, 64: 2.82, 128: 2.95, 256: 2.85}
+    assert graphs_worth_keeping(big, 256) == [8, 16, 32, 64, 128, 256]
+    assert graphs_worth_keeping(small, 256) == [8, 16, 256]
+    assert graphs_worth_keeping({4: 1.0}, 4) == [4]
+
+
+def test_small_graph_gives_each_row_its_own_slot():
+    graph = _DecodeGraph(rows=8, slots=32, scratch_position=255, device=torch.device("cpu"))
+    chunks = [Chunk(slot, [5], 10) for slot in (30, 3, 17)]
+    row_of, slot_of_row = graph.assign(chunks)
+    assert row_of == {30: 0, 3: 1, 17: 2}
+    # The rows past the requests take idle slots, each a different one, never a busy one:
+    # two rows on one slot would write its query and key twice.
+    assert slot_of_row[:3] == [30, 3, 17]
+    assert len(slot_of_row) == 8 and len(set(slot_of_row)) == 8
+    assert not {30, 3, 17} & set(slot_of_row[3:])
+
+
+def test_graph_over_every_slot_reads_row_i_as_slot_i():
+    graph = _DecodeGraph(rows=4, slots=4, scratch_position=127, device=torch.device("cpu"))
+    row_of, slot_of_row = graph.assign([Chunk(2, [5], 10), Chunk(0, [6], 3)])
+    assert row_of == {2: 2, 0: 0} and slot_of_row == []
+    assert graph.batch.decode_all_slots
+
+
+def _count_replays(runner) -> dict[int, int]:
+    counts = {graph.rows: 0 for graph in runner._graphs}
+    for graph in runner._graphs:
+        replay = graph.graph.replay
+
+        def counted(rows=graph.rows, replay=replay):
+            counts[rows] += 1
+            replay()
+
+        graph.graph.replay = counted
+    return counts
+
+
+def _greedy_on(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        ids = torch.tensor([prompt], device=model.device)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@needs_cuda
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("kind,compile_decode", [("qwen3", True), ("llama", False)])
+def test_every_graph_size_matches_generate(tiny_models, reference_models, kind, compile_decode):
+    """20 requests through 16 slots, arriving in waves with outputs of 1-40 tokens: decode steps
+    run from 16 requests down to 1, through both graphs (8 and 16 rows), float32, and every
+    request's tokens equal generate's on the same GPU."""
+    engine = build_engine(str(tiny_models[kind]), slots=16, max_context=128, max_prefill_tokens=64,
+                          device="cuda", dtype="float32", compile_decode=compile_decode, cuda_graph_sizes=(8, 16))
+    runner = engine._runner
+    assert [graph.rows for graph in runner._graphs] == [8, 16]
+    replays = _count_replays(runner)
+    rng = random.Random(11)
+    arrivals, expected = {}, {}
+    reference = reference_models[kind].to("cuda")
+    try:
+        for index in range(20):
+            prompt = random_prompt(rng, rng.randint(1, 50))
+            new_tokens = rng.randint(1, 40)
+            step = 0 if index < 12 else rng.randint(1, 60)
+            arrivals.setdefault(step, []).append(request(f"g{index}", prompt, max_new_tokens=new_tokens))
+            expected[f"g{index}"] = _greedy_on(reference, prompt, new_tokens)
+    finally:
+        reference.to("cpu")
+    run = drive(engine, arrivals)
+    assert set(run.finish) == set(expected)
+    for request_id, tokens in expected.items():
+        assert run.tokens[request_id] == tokens, request_id
+        assert run.finish[request_id] == ("stop" if tokens[-1] == EOS else "length")
+    assert replays[8] > 0 and replays[16] > 0, replays
+
+
+@needs_cuda
+def test_default_graphs_always_cover_every_slot(tiny_models):
+    """By default the smaller graphs are timed at start and kept only where they are faster;
+    the graph over every slot always stays, so every decode step has one."""
+    engine = build_engine(str(tiny_models["llama"]), slots=32, max_context=128, device="cuda", dtype="float32",
+                          compile_decode=False)
+    sizes = [graph.rows for graph in engine._runner._graphs]
+    assert sizes[-1] == 32 and set(sizes) <= set(decode_graph_sizes(32))
+    rng = random.Random(5)
+    run = drive(engine, {0: [request(f"d{i}", random_prompt(rng, 10), max_new_tokens=5) for i in range(3)]})
+    assert all(len(tokens) == 5 or tokens[-1] == EOS for tokens in run.tokens.values()) and len(run.finish) == 3
