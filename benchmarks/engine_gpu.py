@@ -62,13 +62,23 @@ def workload(count: int, low: int, high: int, vocab: int, seed: int = 0):
     return [(np.random.randint(0, vocab, n).tolist(), int(m)) for n, m in zip(prompt_lens, output_lens)]
 
 
-def build_model(small: bool, device: str):
+def llama3_8b_config():
+    """Llama-3-8B's shape: where the dense products of 256 rows are no longer free."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128_256, hidden_size=4096, intermediate_size=14_336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500_000, tie_word_embeddings=False)
+
+
+def build_model(small: bool, device: str, shape: str = "qwen3-0.6b"):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     torch.manual_seed(0)
+    config = llama3_8b_config() if shape == "llama3-8b" and not small else qwen3_config(small)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(qwen3_config(small), dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     # No EOS: every request runs to its output length, as the workload says.
     model.generation_config = GenerationConfig(eos_token_id=None, pad_token_id=0, bos_token_id=None)
     return model
@@ -120,10 +130,13 @@ def roofline(requests, model, bandwidth: float) -> dict:
 # -- batchd's engine ------------------------------------------------------------------------
 
 def make_engine(model, slots: int, max_context: int, device: str, max_prefill_tokens: int = 2048,
-                compile_decode: bool = False, overlap: bool | None = None) -> HFEngine:
-    loaded = LoadedModel(model=model, tokenizer=word_tokenizer(model.config.vocab_size), name="qwen3-0.6b-random")
+                compile_decode: bool = False, overlap: bool | None = None,
+                cuda_graph_sizes: tuple[int, ...] | None = None) -> HFEngine:
+    loaded = LoadedModel(model=model, tokenizer=word_tokenizer(model.config.vocab_size),
+                         name=f"{model.config.model_type}-random")
     return HFEngine(loaded, slots=slots, max_context=max_context, max_prefill_tokens=max_prefill_tokens,
-                    attention="flex" if device != "cpu" else "sdpa", compile_decode=compile_decode, overlap=overlap)
+                    attention="flex" if device != "cpu" else "sdpa", compile_decode=compile_decode, overlap=overlap,
+                    cuda_graph_sizes=cuda_graph_sizes)
 
 
 class _WaitClock:
@@ -152,7 +165,15 @@ class _WaitClock:
         self._launched.read = self._read
 
 
+def forget_cached_prompts(engine: HFEngine) -> None:
+    """Free slots keep what their last request cached, and a request whose prompt starts with
+    it skips those tokens (prefix reuse). The phases share one engine and one workload, so
+    each measured phase starts from an engine that holds no earlier phase's prompts."""
+    engine._cached = [None] * engine.total_slots
+
+
 def run_engine(engine: HFEngine, requests, device: str, label: str) -> dict:
+    forget_cached_prompts(engine)
     for index, (prompt, output) in enumerate(requests):
         engine.add(EngineRequest(f"{label}{index}", prompt, SamplingParams(max_new_tokens=output, ignore_eos=True)))
     tokens, steps = 0, 0
@@ -215,6 +236,7 @@ def host_syncs(engine: HFEngine, requests, steps: int = 60) -> dict:
 
 def engine_latency(engine: HFEngine, requests, rate: float, device: str) -> dict:
     """TTFT and inter-token latency with requests arriving as a Poisson process."""
+    forget_cached_prompts(engine)
     gaps = np.random.default_rng(1).exponential(1 / rate, len(requests))
     arrivals = np.cumsum(gaps)
     pending = list(enumerate(requests))
@@ -245,6 +267,66 @@ def engine_latency(engine: HFEngine, requests, rate: float, device: str) -> dict
             "itl_ms_p99": round(float(np.percentile(itl, 99)) * 1e3, 2)}
 
 
+def decode_step_by_live(engine: HFEngine, requests, device: str, live_counts=(1, 4, 8, 16, 32, 64, 128, 256),
+                        steps: int = 40) -> dict:
+    """A pure decode step's time for each number of live requests: replaying the smallest
+    CUDA graph that holds them (the default) against the graph over every slot.
+
+    Requests have the workload's prompts and run long enough that the measured steps are
+    all decode; both ways time the same steps of the same requests."""
+    runner = engine._runner
+    every_size = list(runner._graphs)
+    if not every_size:
+        return {"skipped": "this engine replays no CUDA graphs"}
+    steps = min(steps, (engine.max_context - max(len(p) for p, _ in requests)) // 2 - 8)
+    table = []
+    for live in live_counts:
+        if live > engine.total_slots:
+            continue
+        for index, (prompt, _) in enumerate(requests[:live]):
+            engine.add(EngineRequest(f"live{live}_{index}", prompt,
+                                     SamplingParams(max_new_tokens=2 * steps + 16, ignore_eos=True)))
+        while engine.num_waiting or any(s is not None and s.prefilling for s in engine._slots):
+            engine.step()
+        for _ in range(3):
+            engine.step()
+        # The two ways take turns in short blocks (A B B A ...): requests grow a token each
+        # step, so timing one way's steps all before the other's would favour the first.
+        ways = {"smallest_graph_ms": every_size, "all_slots_graph_ms": every_size[-1:]}
+        seconds = dict.fromkeys(ways, 0.0)
+        for block in range(steps // 5):
+            for name in (list(ways) if block % 2 == 0 else list(ways)[::-1]):
+                runner._graphs = ways[name]
+                _sync(device)
+                started = time.perf_counter()
+                for _ in range(5):
+                    engine.step()
+                _sync(device)
+                seconds[name] += time.perf_counter() - started
+        runner._graphs = every_size
+        row = {"live": live, **{name: round(total / (steps // 5 * 5) * 1e3, 3) for name, total in seconds.items()}}
+        row["graph_rows"] = next(g.rows for g in every_size if g.rows >= live)
+        table.append(row)
+        log.info("  %s", row)
+        for index in range(live):
+            engine.cancel(f"live{live}_{index}")
+        while engine.has_work():
+            engine.step()
+    return {"steps_each": steps, "table": table}
+
+
+def with_one_graph(engine: HFEngine, work):
+    """Run work() replaying only the decode graph over every slot, as the engine did before
+    it had smaller ones: what they change, on the same engine."""
+    runner = engine._runner
+    every_size = list(runner._graphs)
+    runner._graphs = every_size[-1:]
+    try:
+        return {**work(), "cuda_graph_sizes": [graph.rows for graph in runner._graphs]}
+    finally:
+        runner._graphs = every_size
+
+
 def greedy_agreement(engine: HFEngine, model, requests, tokens: int) -> dict:
     """How many leading tokens match HF generate; bf16 batch-order rounding may make them drift."""
     run = {}
@@ -262,7 +344,7 @@ def greedy_agreement(engine: HFEngine, model, requests, tokens: int) -> dict:
     return {"tokens_each": tokens, "matching_prefix": matched}
 
 
-def exactness_check(device: str, compile_decode: bool, count: int = 10) -> dict:
+def exactness_check(device: str, compile_decode: bool, count: int = 24) -> dict:
     """A tiny float32 Qwen3 through the same engine path (flex, CUDA graph): greedy must equal generate."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -270,7 +352,10 @@ def exactness_check(device: str, compile_decode: bool, count: int = 10) -> dict:
     with torch.device(device):
         tiny = AutoModelForCausalLM.from_config(qwen3_config(small=True), dtype=torch.float32).eval()
     tiny.generation_config = GenerationConfig(eos_token_id=None, pad_token_id=0, bos_token_id=None)
-    engine = make_engine(tiny, slots=4, max_context=256, device=device, compile_decode=compile_decode)
+    # 16 slots and 24 requests: decode steps run from 16 requests down to 1, so both
+    # decode graphs (8 and 16 rows) are replayed.
+    engine = make_engine(tiny, slots=16, max_context=256, device=device, compile_decode=compile_decode,
+                         cuda_graph_sizes=(8, 16))
     requests = workload(count, 5, 60, tiny.config.vocab_size, seed=3)
     outputs = {f"x{i}": [] for i in range(count)}
     for index, (prompt, output) in enumerate(requests):
@@ -279,7 +364,8 @@ def exactness_check(device: str, compile_decode: bool, count: int = 10) -> dict:
         for out in engine.step():
             outputs[out.request_id] += out.new_token_ids
     identical = sum(outputs[f"x{i}"] == hf_generate(tiny, [p], n)[0] for i, (p, n) in enumerate(requests))
-    return {"requests": count, "token_identical": identical, "cuda_graph": engine._runner._graph is not None,
+    return {"requests": count, "token_identical": identical,
+            "cuda_graph_sizes": [graph.rows for graph in engine._runner._graphs],
             "attention": engine._runner.attention, "compile_decode": compile_decode}
 
 
@@ -468,27 +554,37 @@ def run_engine_phases(report: Report, model, requests, args, device: str, suffix
     engine = make_engine(model, slots=len(requests), max_context=2 * high, device=device,
                          max_prefill_tokens=args.max_prefill_tokens, compile_decode=compiled, overlap=overlap)
     report.data[f"engine{suffix}_start_s"] = round(time.perf_counter() - started, 1)
+    report.data[f"engine{suffix}_cuda_graph_sizes"] = [graph.rows for graph in engine._runner._graphs]
     report.data["max_prefill_tokens"] = args.max_prefill_tokens
     if unfused_prefill:  # the prefill as it was before 2026-12-02: one attention call per prompt, layers uncompiled
         engine._runner._varlen = engine._runner._compiled_any_shape = None
     run_engine(engine, requests[:4], device, "warm")  # first-call setup stays out of the numbers
-    if "prefill_check" in wanted:
-        report.phase("prefill_check" + suffix, lambda: prefill_paths(engine, requests))
-    if "syncs" in wanted:
-        report.phase("syncs" + suffix, lambda: host_syncs(engine, requests))
-    if "profile" in wanted:
-        report.phase("profile" + suffix, lambda: profile_steps(engine, requests, device, Path(args.out).parent))
-    if "engine" in wanted:
-        report.phase("engine" + suffix, lambda: run_engine(engine, requests, device, "anchor"))
-    if "latency" in wanted:
-        report.phase("latency" + suffix, lambda: engine_latency(engine, requests[:args.latency_requests], args.rate, device))
-    if "agreement" in wanted:
-        report.phase("agreement" + suffix, lambda: greedy_agreement(engine, model, requests[:3], 32))
+    latency_requests = requests[:args.latency_requests]
+    work = {
+        "prefill_check": lambda: prefill_paths(engine, requests),
+        "syncs": lambda: host_syncs(engine, requests),
+        "profile": lambda: profile_steps(engine, requests, device, Path(args.out).parent),
+        "engine": lambda: run_engine(engine, requests, device, "anchor"),
+        "latency": lambda: engine_latency(engine, latency_requests, args.rate, device),
+        "engine_one_graph": lambda: with_one_graph(engine, lambda: run_engine(engine, requests, device, "one_graph")),
+        "latency_one_graph": lambda: with_one_graph(
+            engine, lambda: engine_latency(engine, latency_requests, args.rate, device)),
+        "step_by_live": lambda: decode_step_by_live(engine, requests, device),
+        "agreement": lambda: greedy_agreement(engine, model, requests[:3], 32),
+    }
+    for name in wanted:  # in the order --phases gives
+        report.phase(name + suffix, work[name])
+
+
+ENGINE_PHASES = ("engine", "engine_one_graph", "latency", "latency_one_graph", "step_by_live", "agreement",
+                 "profile", "syncs", "prefill_check")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a tiny model and workload, to check the script")
+    parser.add_argument("--shape", choices=("qwen3-0.6b", "llama3-8b"), default="qwen3-0.6b",
+                        help="the model's shape (random weights); BENCHMARKS.md's anchor is qwen3-0.6b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--seq-requests", type=int, default=3)
@@ -500,18 +596,19 @@ def main() -> None:
     parser.add_argument("--max-prefill-tokens", type=int, default=8192,
                         help="prompt tokens per step; throughput engines use large budgets (nano-vllm 16384)")
     parser.add_argument("--phases", default="exactness_compiled,roofline,prefill_check_compiled,engine_compiled,"
-                        "latency_compiled,syncs_compiled,agreement_compiled,engine_compiled_lockstep,"
-                        "engine_compiled_unfused_prefill,hf_sequential,hf_static,transformers_cb")
+                        "engine_one_graph_compiled,latency_compiled,latency_one_graph_compiled,"
+                        "step_by_live_compiled,syncs_compiled,"
+                        "agreement_compiled,engine_compiled_lockstep,hf_sequential,hf_static,transformers_cb")
     parser.add_argument("--out", default="benchmarks/results/engine_gpu.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     low, high = (10, 40) if args.small else (100, 1024)
     device = args.device
-    model = build_model(args.small, device)
+    model = build_model(args.small, device, args.shape)
     requests = workload(args.requests, low, high, model.config.vocab_size)
     meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "model": "Qwen3-0.6B shape, random weights" if not args.small else "tiny Qwen3 (script check)",
+            "model": "tiny Qwen3 (script check)" if args.small else f"{args.shape} shape, random weights",
             "dtype": str(next(model.parameters()).dtype), "requests": len(requests),
             "output_tokens": sum(n for _, n in requests), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     report = Report(args.out, meta)
@@ -526,8 +623,8 @@ def main() -> None:
     variants = (("", False, None, False), ("_compiled", True, None, False), ("_compiled_lockstep", True, False, False),
                 ("_compiled_unfused_prefill", True, None, True))
     for suffix, compiled, overlap, unfused in variants:
-        wanted = [p for p in ("engine", "latency", "agreement", "profile", "syncs", "prefill_check")
-                  if p + suffix in phases]
+        wanted = [p[:len(p) - len(suffix)] for p in phases
+                  if p.endswith(suffix) and p[:len(p) - len(suffix)] in ENGINE_PHASES]
         if wanted:
             try:
                 run_engine_phases(report, model, requests, args, device, suffix, compiled, overlap, wanted, high,
@@ -551,6 +648,7 @@ def print_table(data: dict) -> None:
     print(f"\n{data['device']}, {data['model']}, {data['requests']} requests, {data['output_tokens']} output tokens")
     rows = [("HBM roofline", "roofline"), ("batchd hf engine, decode not compiled", "engine"),
             ("batchd hf engine, compiled decode", "engine_compiled"),
+            ("  the same, one decode graph (all slots)", "engine_one_graph_compiled"),
             ("  the same in lockstep (no overlap)", "engine_compiled_lockstep"),
             ("  the same, prompts unpacked and uncompiled", "engine_compiled_unfused_prefill"),
             ("HF generate, one at a time", "hf_sequential"),
@@ -569,12 +667,18 @@ def print_table(data: dict) -> None:
     syncs = phases.get("syncs_compiled", {})
     if "sync_warnings" in syncs:
         print(f"host syncs over {syncs['steps']} steps: {syncs['sync_warnings']} {syncs['distinct']}")
-    for key in ("latency", "latency_compiled"):
+    for key in ("latency", "latency_compiled", "latency_one_graph_compiled"):
         lat = phases.get(key, {})
         if "ttft_ms_p50" not in lat:
             continue
         print(f"{key} at {lat['rate_per_s']}/s: TTFT p50 {lat['ttft_ms_p50']} ms p99 {lat['ttft_ms_p99']} ms, "
               f"ITL p50 {lat['itl_ms_p50']} ms p99 {lat['itl_ms_p99']} ms")
+    by_live = phases.get("step_by_live_compiled", {}).get("table")
+    if by_live:
+        print(f"{'live requests':>13} {'graph rows':>10} {'smallest graph ms':>18} {'all-slots graph ms':>19} {'ratio':>6}")
+        for row in by_live:
+            print(f"{row['live']:>13} {row['graph_rows']:>10} {row['smallest_graph_ms']:>18} "
+                  f"{row['all_slots_graph_ms']:>19} {row['all_slots_graph_ms'] / row['smallest_graph_ms']:>5.2f}x")
 
 
 if __name__ == "__main__":
