@@ -363,7 +363,7 @@ class LlamaRunner:
         Whether rows cost time depends on the model and the GPU: on an H200 a Qwen3-0.6B
         step costs about the same for 8 rows as for 256 (its ~400 kernels are bound by
         launch and latency), and a smaller graph's extra work (placing rows in their slots'
-        places) made it slower; a Llama-3-8B step over 8 rows took 19% less time than over
+        places) made it slower; a Llama-3-8B step over 8 rows took 17-18% less time than over
         256. So each graph is timed here, with no request live (the attention reads
         nothing; what differs between graphs is the dense work), and kept only if it wins."""
         replay_ms = {graph.rows: _replay_ms(graph) for graph in self._graphs}
