@@ -141,8 +141,10 @@ def test_a_pair_shares_one_kv_memory_budget(pairs):
     after_path, before_path = pairs["llama"]
     alone = build_engine(str(after_path), slots=4, kv_memory=2**18)
     paired = build_engine(str(after_path), contrast_model=str(before_path), slots=4, kv_memory=2**18)
-    assert paired.max_context == alone.max_context // 2
-    assert paired.kv_cache_bytes <= 2**18
+    # One pool of blocks per model, both out of the budget: half the blocks each (one of
+    # them the scratch block).
+    assert paired._blocks.capacity + 1 == (alone._blocks.capacity + 1) // 2
+    assert paired.kv_cache_bytes <= 2**18 and alone.kv_cache_bytes <= 2**18
 
 
 def test_contrast_through_the_daemons(daemons, pairs, pair_models):

@@ -11,7 +11,8 @@ import random
 import pytest
 import torch
 from batchd.workers.hf import build_engine
-from batchd.workers.hf.runner import Chunk, _check_graph_sizes, _DecodeGraph, decode_graph_sizes, graphs_worth_keeping
+from batchd.workers.hf.graphs import DecodeGraph, check_graph_sizes, decode_graph_sizes, graphs_worth_keeping
+from batchd.workers.hf.scheduler import Chunk
 from engine_helpers import EOS, drive, random_prompt, request
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -25,9 +26,9 @@ def test_graph_sizes_are_powers_of_two_from_8_and_all_slots():
 
 
 def test_chosen_sizes_always_include_every_slot():
-    assert _check_graph_sizes((16, 4), 32) == (4, 16, 32)
+    assert check_graph_sizes((16, 4), 32) == (4, 16, 32)
     with pytest.raises(ValueError, match="between 1 and the 32 slots"):
-        _check_graph_sizes((64,), 32)
+        check_graph_sizes((64,), 32)
 
 
 def test_a_smaller_graph_is_kept_only_where_it_replays_faster():
@@ -41,7 +42,7 @@ def test_a_smaller_graph_is_kept_only_where_it_replays_faster():
 
 
 def test_small_graph_gives_each_row_its_own_slot():
-    graph = _DecodeGraph(rows=8, slots=32, scratch_position=255, device=torch.device("cpu"))
+    graph = DecodeGraph(rows=8, slots=32, device=torch.device("cpu"))
     chunks = [Chunk(slot, [5], 10) for slot in (30, 3, 17)]
     row_of, slot_of_row = graph.assign(chunks)
     assert row_of == {30: 0, 3: 1, 17: 2}
@@ -53,15 +54,15 @@ def test_small_graph_gives_each_row_its_own_slot():
 
 
 def test_graph_over_every_slot_reads_row_i_as_slot_i():
-    graph = _DecodeGraph(rows=4, slots=4, scratch_position=127, device=torch.device("cpu"))
+    graph = DecodeGraph(rows=4, slots=4, device=torch.device("cpu"))
     row_of, slot_of_row = graph.assign([Chunk(2, [5], 10), Chunk(0, [6], 3)])
     assert row_of == {2: 2, 0: 0} and slot_of_row == []
     assert graph.batch.decode_all_slots
 
 
 def _count_replays(runner) -> dict[int, int]:
-    counts = {graph.rows: 0 for graph in runner._graphs}
-    for graph in runner._graphs:
+    counts = {graph.rows: 0 for graph in runner.graphs.graphs}
+    for graph in runner.graphs.graphs:
         replay = graph.graph.replay
 
         def counted(rows=graph.rows, replay=replay):
@@ -89,7 +90,7 @@ def test_every_graph_size_matches_generate(tiny_models, reference_models, kind, 
     engine = build_engine(str(tiny_models[kind]), slots=16, max_context=128, max_prefill_tokens=64,
                           device="cuda", dtype="float32", compile_decode=compile_decode, cuda_graph_sizes=(8, 16))
     runner = engine._runner
-    assert [graph.rows for graph in runner._graphs] == [8, 16]
+    assert runner.graphs.sizes == [8, 16]
     replays = _count_replays(runner)
     rng = random.Random(11)
     arrivals, expected = {}, {}
@@ -117,7 +118,7 @@ def test_default_graphs_always_cover_every_slot(tiny_models):
     the graph over every slot always stays, so every decode step has one."""
     engine = build_engine(str(tiny_models["llama"]), slots=32, max_context=128, device="cuda", dtype="float32",
                           compile_decode=False)
-    sizes = [graph.rows for graph in engine._runner._graphs]
+    sizes = engine._runner.graphs.sizes
     assert sizes[-1] == 32 and set(sizes) <= set(decode_graph_sizes(32))
     rng = random.Random(5)
     run = drive(engine, {0: [request(f"d{i}", random_prompt(rng, 10), max_new_tokens=5) for i in range(3)]})

@@ -66,39 +66,47 @@ def test_generic_path_matches_generate(tiny_models, reference_models):
         assert run.tokens[request_id] == hf_greedy(reference_models["gpt2"], prompt, new_tokens), request_id
 
 
-def _varlen_reference(q, k, v, bounds, longest, scale):
-    """What varlen flash attention computes (it has no CPU kernel): causal attention of each
-    packed prompt over itself alone."""
+def _varlen_reference(q, k, v, cu_queries, cu_keys, longest_query, longest_key, scale):
+    """What varlen flash attention computes (it has no CPU kernel): each piece's queries are
+    the last of its keys and attend causally, aligned to the end."""
     import torch
     import torch.nn.functional as F
 
-    cuts = bounds.tolist()
-    assert max(b - a for a, b in zip(cuts, cuts[1:])) == longest
+    queries, keys = cu_queries.tolist(), cu_keys.tolist()
+    assert max(b - a for a, b in zip(queries, queries[1:])) == longest_query
+    assert max(b - a for a, b in zip(keys, keys[1:])) == longest_key
     out = []
-    for begin, end in zip(cuts, cuts[1:]):
-        qs, ks, vs = (t[begin:end].transpose(0, 1)[None] for t in (q, k, v))
-        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+    for (q0, q1), (k0, k1) in zip(zip(queries, queries[1:]), zip(keys, keys[1:])):
+        qs = q[q0:q1].transpose(0, 1)[None]
+        ks, vs = (t[k0:k1].transpose(0, 1)[None] for t in (k, v))
+        mask = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool).tril(k1 - k0 - (q1 - q0))
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
                                                   enable_gqa=True)[0].transpose(0, 1))
     return torch.cat(out)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_whole_prompts_packed_into_one_attention_call_match_generate(tiny_models, reference_models, kind):
-    """On a GPU a step's whole prompts share one varlen attention call; the packing (token
-    order, offsets, bounds) is checked here with a CPU stand-in for the kernel."""
+def test_prompt_pieces_packed_into_one_attention_call_match_generate(tiny_models, reference_models, kind):
+    """On a GPU a step's prompt pieces, fresh or continuing a cached prefix, share one varlen
+    attention call; the packing (token order, key gathers, bounds) is checked here with a CPU
+    stand-in for the kernel."""
+    from batchd.workers.hf.attention import VarlenPrefill
+
     engine = build_engine(str(tiny_models[kind]), slots=4, max_context=128, max_prefill_tokens=50)
-    packed_sizes = []
+    scale = engine._runner._scale
+    calls = []
 
-    def varlen(q, k, v, bounds, longest, scale):
-        packed_sizes.append(len(bounds) - 1)
-        return _varlen_reference(q, k, v, bounds, longest, scale)
+    def varlen(q, k, v, cu_queries, cu_keys, longest_query, longest_key):
+        calls.append((len(cu_queries) - 1, (cu_keys - cu_queries).tolist()))
+        return _varlen_reference(q, k, v, cu_queries, cu_keys, longest_query, longest_key, scale)
 
-    engine._runner._varlen = varlen
-    arrivals, prompts = _random_workload(4, count=12, max_prompt=30, max_new=12)
+    engine._runner.prefill_attention = VarlenPrefill(varlen)
+    arrivals, prompts = _random_workload(4, count=12, max_prompt=60, max_new=12)
     run = drive(engine, arrivals)
     for request_id, (prompt, new_tokens) in prompts.items():
         assert run.tokens[request_id] == hf_greedy(reference_models[kind], prompt, new_tokens), request_id
-    assert max(packed_sizes) > 1  # several prompts did share a call
+    assert max(pieces for pieces, _ in calls) > 1  # several pieces did share a call
+    assert any(max(prefix) > 0 for _, prefix in calls)  # and some continued a prompt cut by the budget
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen2"])
@@ -122,16 +130,18 @@ def test_fused_projections_share_the_model_weights_memory(tiny_models, kind):
 
 def test_a_prefill_kernel_that_fails_at_start_is_turned_off_not_fatal(tiny_models, reference_models, caplog):
     """A torch whose varlen attention rejects the call must leave a worker that serves on the
-    one-call-per-prompt path, not one that fails every prompt."""
+    one-call-per-piece path, not one that fails every prompt."""
+    from batchd.workers.hf.attention import PagedSdpa, VarlenPrefill
+
     engine = build_engine(str(tiny_models["llama"]), slots=2, max_context=64)
     runner = engine._runner
 
     def broken(*args, **kwargs):
         raise RuntimeError("varlen_attn() got an unexpected keyword argument")
 
-    runner._varlen = broken
+    runner.prefill_attention = VarlenPrefill(broken)
     runner._check_prefill()
-    assert runner._varlen is None and "varlen attention failed" in caplog.text
+    assert isinstance(runner.prefill_attention, PagedSdpa) and "varlen attention failed" in caplog.text
     prompt = random_prompt(random.Random(9), 12)
     run = drive(engine, {0: [request("after", prompt, max_new_tokens=6)]})
     assert run.tokens["after"] == hf_greedy(reference_models["llama"], prompt, 6)

@@ -102,17 +102,32 @@ def test_request_too_large_is_refused_at_add(tiny_models):
     assert engine.num_waiting == 1
 
 
-def test_kv_memory_sets_the_slot_context(tiny_models):
-    # llama tiny: 2 layers x 2 (k, v) x 2 kv heads x 16 dims x 4 bytes = 512 bytes a token.
-    engine = _engine(tiny_models, slots=4, max_context=None, kv_memory=4 * 100 * 512)
-    assert engine.max_context == 100 and engine.kv_cache_bytes == 4 * 100 * 512
-    with pytest.raises(RequestTooLarge):
-        engine.add(request("big", [5] * 90, max_new_tokens=20))
-    with pytest.raises(ValueError):
+def test_kv_memory_sets_the_pool_and_max_context_reserves_nothing(tiny_models):
+    # llama tiny: 2 layers x 2 (k, v) x 2 kv heads x 16 dims x 4 bytes = 512 bytes a token;
+    # a block of 16 tokens is 8 KiB, and one block of the pool is the scratch block.
+    engine = _engine(tiny_models, slots=4, max_context=None, kv_memory=21 * 16 * 512)
+    assert engine.kv_cache_bytes == 21 * 16 * 512 and engine.kv_cache_tokens == 20 * 16
+    assert engine.max_context == 256  # the model's context: a request may be that long
+    # Four requests of 70 tokens run at once in 320 tokens of pool, where slots of 256
+    # tokens each would have needed 1024.
+    rng = random.Random(3)
+    live = []
+    run = drive(engine, {0: [request(f"r{i}", random_prompt(rng, 60), max_new_tokens=10, ignore_eos=True)
+                             for i in range(4)]}, on_step=lambda e, step: live.append(e.num_running))
+    assert max(live) == 4 and set(run.finish.values()) == {"length"}
+    assert engine.stats()["num_preemptions"] == 0
+    with pytest.raises(RequestTooLarge, match="at most 256 tokens per request"):
+        engine.add(request("big", [5] * 250, max_new_tokens=10))
+    with pytest.raises(RequestTooLarge, match="at most 64 tokens per request"):
+        _engine(tiny_models, slots=4, kv_memory=21 * 16 * 512).add(request("long", [5] * 60, max_new_tokens=10))
+    # A request may be no longer than the whole pool holds.
+    small = _engine(tiny_models, slots=4, max_context=None, kv_memory=5 * 16 * 512)
+    assert small.max_context == 64
+    with pytest.raises(ValueError, match="less than one block"):
         _engine(tiny_models, slots=4, max_context=None, kv_memory=100)
-    # flex attention allocates whole 128-token blocks plus a spare position; it must still fit.
+    # flex attention's blocks are 128 tokens (its sparse block); the pool still fits the budget.
     flex = _engine(tiny_models, slots=4, max_context=None, kv_memory=4 * 300 * 512, attention="flex")
-    assert flex.max_context == 255 and flex._runner.cache_bytes <= 4 * 300 * 512
+    assert flex.kv_cache_tokens == 8 * 128 and flex.kv_cache_bytes <= 4 * 300 * 512
 
 
 def test_bad_prompts_are_invalid_requests(tiny_models):
@@ -150,9 +165,10 @@ def test_thousands_of_short_requests_keep_cache_usage_flat(tiny_models):
             request(f"r{index}", random_prompt(rng, rng.randint(1, 6)), max_new_tokens=rng.randint(1, 4),
                     ignore_eos=True))
     usage = []
-    cache = engine._runner.keys.data_ptr()
+    cache = engine._runner.pool.keys.data_ptr()
     run = drive(engine, arrivals, on_step=lambda e, step: usage.append(e.kv_cache_usage))
     assert len(run.finish) == 2000 and set(run.finish.values()) == {"length"}
-    assert max(usage) <= 4 * 9 / (4 * 32)  # never more than four live requests' tokens
+    # Never more than four live requests' blocks (at most 10 tokens each: one block of 16).
+    assert max(usage) * engine.kv_cache_tokens <= 4 * 16
     assert usage[-1] == 0 and not engine.has_work() and engine.free_slots == 4
-    assert engine._runner.keys.data_ptr() == cache  # the cache was allocated once, never grown
+    assert engine._runner.pool.keys.data_ptr() == cache  # the pool was allocated once, never grown

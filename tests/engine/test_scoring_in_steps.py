@@ -84,13 +84,13 @@ def test_scoring_rows_share_steps_with_generate_and_match_a_forward_pass(tiny_mo
 
 def test_a_particle_filters_next_prefix_is_not_recomputed(tiny_models, reference_models):
     """Step t asks for the next token after a prefix; step t+1 after that prefix and one
-    more token: the slot the first left still holds the prefix, so only the new token runs."""
+    more token: the blocks the first left still hold the prefix, so only the new token runs."""
     model = reference_models["llama"]
     engine = build_engine(str(tiny_models["llama"]), slots=4, max_context=128)
     rng = random.Random(3)
     prefix = random_prompt(rng, 20)
     for step in range(4):
-        before = engine.prefix_tokens_reused
+        before = engine.stats()
         _score(engine, f"s{step}", prefix, top_k=3)
         scores = {}
         while engine.has_work():
@@ -98,12 +98,14 @@ def test_a_particle_filters_next_prefix_is_not_recomputed(tiny_models, reference
         top = torch.topk(_reference(model, prefix)[-1], 3)
         assert scores[f"s{step}"].top_token_ids == top.indices.tolist()
         assert scores[f"s{step}"].top_logprobs == pytest.approx(top.values.tolist(), abs=TOLERANCE)
-        if step:
-            assert engine.prefix_tokens_reused - before == len(prefix) - 1  # all but the new token
+        after = engine.stats()
+        if step:  # all but the new token came from the cache
+            assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == len(prefix) - 1
+            assert after["prompt_tokens_computed"] - before["prompt_tokens_computed"] == 1
         prefix = prefix + [top.indices[0].item()]
 
 
-def test_a_prompt_that_continues_a_finished_conversation_reuses_its_slot_exactly(tiny_models, reference_models):
+def test_a_prompt_that_continues_a_finished_conversation_reuses_its_blocks_exactly(tiny_models, reference_models):
     model = reference_models["qwen3"]
     engine = build_engine(str(tiny_models["qwen3"]), slots=3, max_context=128)
     rng = random.Random(4)
@@ -111,10 +113,10 @@ def test_a_prompt_that_continues_a_finished_conversation_reuses_its_slot_exactly
     answer = drive(engine, {0: [request("turn1", first, max_new_tokens=8, ignore_eos=True)]}).tokens["turn1"]
     # The next turn: the whole first exchange, then new user tokens.
     second = first + answer[:7] + random_prompt(rng, 6)
-    before = engine.prefix_tokens_reused
+    before = engine.stats()["prefix_cache_hits"]
     others = [request(f"other{i}", random_prompt(rng, 9), max_new_tokens=5) for i in range(2)]
     run = drive(engine, {0: [request("turn2", second, max_new_tokens=8)] + others})
-    assert engine.prefix_tokens_reused - before == len(first) + 7
+    assert engine.stats()["prefix_cache_hits"] - before == len(first) + 7
     assert run.tokens["turn2"] == hf_greedy(model, second, 8)
     for other in others:
         assert run.tokens[other.request_id] == hf_greedy(model, other.prompt_token_ids, 5)
@@ -125,9 +127,9 @@ def test_the_generic_path_scores_outside_the_steps(tiny_models):
     assert not engine.scores_in_steps and engine.scorer() is not None
 
 
-def test_a_prefix_a_running_request_holds_is_copied_not_recomputed(tiny_models, reference_models):
-    """Requests that share a long system prompt with one already running copy its cached
-    keys and values into their own slots, and still answer exactly."""
+def test_a_prefix_a_running_request_holds_is_shared_not_recomputed(tiny_models, reference_models):
+    """Requests that share a long system prompt with one already running read its blocks
+    (and copy the part of a block it ends in), and still answer exactly."""
     model = reference_models["llama"]
     engine = build_engine(str(tiny_models["llama"]), slots=4, max_context=128)
     rng = random.Random(6)
@@ -138,7 +140,9 @@ def test_a_prefix_a_running_request_holds_is_copied_not_recomputed(tiny_models, 
                 3: [request(f"later{i}", prompt, max_new_tokens=6) for i, prompt in enumerate(later[:2])]}
     # A scoring request joins once the others run: it copies the system prompt too.
     run = drive(engine, arrivals, on_step=lambda engine, step: step == 4 and _score(engine, "scored", later[2], top_k=4))
-    assert engine.prefix_tokens_copied >= 3 * len(system)
+    stats = engine.stats()
+    assert stats["prefix_cache_hits"] >= 3 * len(system)
+    assert stats["prompt_tokens_computed"] == len(first) + sum(len(p) - len(system) for p in later)
     assert run.tokens["first"] == hf_greedy(model, first, 12)
     for i, prompt in enumerate(later[:2]):
         assert run.tokens[f"later{i}"] == hf_greedy(model, prompt, 6)

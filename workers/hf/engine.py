@@ -1,27 +1,26 @@
-"""The hf engine: continuous batching over a fixed slot table with a per-slot KV cache.
+"""The hf engine: continuous batching over a paged KV cache with shared prefix blocks.
 
 One step reads top to bottom: finish what was cancelled or ran out of time
-(freeing slots at once), admit waiting requests into free slots, build the
-step's chunks (one decode token per running slot, then prompt pieces under the
-prefill budget), run them in one forward pass, sample each row with its own
-request's parameters, and finish what stopped.
+(its blocks are free at once), let the scheduler decide the step (decode rows,
+prompt pieces under the budget, admissions by free blocks, preemptions;
+workers/hf/scheduler.py), run its chunks in one forward pass, sample each row
+with its own request's parameters, and finish what stopped.
 
 On a GPU the engine keeps one step in flight: it queues step N+1 (whose decode
 tokens are step N's samples, read on the device) before it reads step N's
 tokens back and does the host's share of N (detokenising, stop checks,
 streaming), so the GPU is not idle while the host works. A request that step N
-stops still had its row in N+1; that token is dropped and its slot is free from
-the step after.
+stops still had its row in N+1; that token is dropped and its blocks are free
+from the step after.
 
 With a contrast model (`--contrast-model`, the "before" of a fine-tune), a
-second runner keeps its own cache for the same slots; requests that ask for
+second runner keeps its own pool with the same blocks; requests that ask for
 contrast_alpha run their chunks through both models in the same step and are
 sampled from logits_after + alpha * (logits_after - logits_before).
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -34,35 +33,37 @@ from batchd.client.protocol import FinishReason, Request
 from ..detokenizer import Detokenizer
 from ..engine import Clock, EngineRequest, StepOutput
 from ..models import LoadedModel, load_model, tokenize
-from .runner import (
-    Chunk,
-    GenericRunner,
-    LlamaRunner,
-    cache_length,
-    kv_bytes_per_token,
-    supports_fast_path,
-    to_device,
-)
 from ..scoring import Scorer, ScoreItem, ScoreOutput
+from .blocks import BlockManager
+from .kv_cache import CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, kv_bytes_per_token, to_device
+from .runner import Chunk, GenericRunner, PagedRunner, supports_fast_path
 from .sampler import Sampler
+from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence, Status
 
 log = logging.getLogger("batchd.engine.hf")
 
-# Without a memory budget a slot holds this many tokens (or the model's context if less).
+# Without a memory budget on a CPU, the pool holds this many tokens per slot (or the model's
+# context if less), and a request at most that many.
 DEFAULT_MAX_CONTEXT = 4096
+# On a GPU with no --kv-memory, the pool takes the device's free memory after the weights
+# less this share of its total: activations, the logits, CUDA graphs and the compiler's
+# workspace live there (vLLM's default leaves the same 10%).
+GPU_HEADROOM = 0.10
+DEFAULT_PREFILL_TOKENS = {"cpu": 2048, "cuda": 512}
 
 
 class HFEngine:
     name = "hf"
 
     def __init__(self, loaded: LoadedModel, *, slots: int = 16, max_context: int | None = None,
-                 kv_memory: int | None = None, max_prefill_tokens: int = 2048, clock: Clock = time.time,
-                 seed: int | None = None, attention: str | None = None, cuda_graph: bool | None = None,
-                 compile_decode: bool | None = None, contrast: LoadedModel | None = None,
-                 overlap: bool | None = None, cuda_graph_sizes: tuple[int, ...] | None = None):
-        if slots < 1 or max_prefill_tokens < 1:
-            raise ValueError("slots and max_prefill_tokens must be at least 1")
+                 kv_memory: int | None = None, max_prefill_tokens: int | None = None, block_size: int | None = None,
+                 clock: Clock = time.time, seed: int | None = None, attention: str | None = None,
+                 cuda_graph: bool | None = None, compile_decode: bool | None = None,
+                 contrast: LoadedModel | None = None, overlap: bool | None = None,
+                 cuda_graph_sizes: tuple[int, ...] | None = None):
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
         if contrast is not None:
             _check_pair(loaded, contrast)
         self.model_name = loaded.name
@@ -72,60 +73,54 @@ class HFEngine:
         self.model = loaded.model
         self._config = loaded.model.config
         self._clock = clock
-        self._max_prefill_tokens = max_prefill_tokens
-        self._dtype = dtype = next(loaded.model.parameters()).dtype
+        dtype = next(loaded.model.parameters()).dtype
         device = next(loaded.model.parameters()).device
         attention = attention or ("flex" if device.type == "cuda" else "sdpa")
         models = [loaded.model] + ([contrast.model] if contrast is not None else [])
         fast = all(supports_fast_path(model) for model in models)
-        length = (lambda context: cache_length(context, attention)) if fast else (lambda context: context)
-        # Both caches come out of one budget: a contrast request holds a slot in each.
-        self._kv_bytes_per_token = sum(kv_bytes_per_token(model.config, dtype) for model in models)
-        self.max_context = _slot_context(self._config, slots, max_context, kv_memory, self._kv_bytes_per_token,
-                                         length)
+        block_size = block_size or (GPU_BLOCK_SIZE if attention == "flex" else CPU_BLOCK_SIZE)
+        # Both pools come out of one budget: a contrast request holds the same blocks in each.
+        bytes_per_token = sum(kv_bytes_per_token(model.config, dtype) for model in models)
+        self.max_context, num_blocks = _size_pool(self._config, slots, max_context, kv_memory, block_size,
+                                                  bytes_per_token, device)
 
         def runner(model):
             if fast:
-                return LlamaRunner(model, slots, self.max_context, attention, cuda_graph, compile_decode,
-                                   cuda_graph_sizes)
+                return PagedRunner(model, slots, num_blocks, block_size, self.max_context, attention, cuda_graph,
+                                   compile_decode, cuda_graph_sizes)
             return GenericRunner(model, slots, self.max_context)
 
         self._runner = runner(loaded.model)
         self._contrast_runner = runner(contrast.model) if contrast is not None else None
+        self.capabilities = self._runner.capabilities
         self._sampler = Sampler(self._runner.device, seed)
         # Overlap pays where kernels run asynchronously (CUDA); on a CPU each op runs in
         # the calling thread, so it is off there by default (tests turn it on to check it).
         if overlap is None:
             overlap = self._runner.device.type == "cuda"
-        self.overlap = overlap and all(r.supports_overlap for r in (self._runner, self._contrast_runner) if r)
+        self.overlap = overlap and self.capabilities.overlap
         self._in_flight: _Launched | None = None
-        # The fast path's cache outlives a slot's owner: what each free slot still holds
-        # (its tokens, and whether the contrast model's cache holds them too), so a request
-        # that starts with those tokens takes that slot and skips recomputing them.
-        self._reuse_prefixes = isinstance(self._runner, LlamaRunner)
-        self._cached: list[tuple[list[int], bool] | None] = [None] * slots
-        self.prefix_tokens_reused = 0  # prompt tokens not computed again, in place or copied
-        self.prefix_tokens_copied = 0  # of those, copied from another slot's cache
         # Scoring requests join the steps as prefill-only rows where the runner can return
-        # several rows of logits per chunk (the fast path); else they go to the Scorer.
-        self.scores_in_steps = isinstance(self._runner, LlamaRunner)
+        # several rows of logits per chunk; else they go to the Scorer.
+        self.scores_in_steps = self.capabilities.multi_row_logits
+        max_prefill_tokens = max_prefill_tokens or DEFAULT_PREFILL_TOKENS.get(device.type, 2048)
+        self._blocks = BlockManager(num_blocks, block_size, prefix_caching=self.capabilities.prefix_caching)
+        self._scheduler = Scheduler(self._blocks, slots, max_prefill_tokens)
         # Seconds spent blocked on the device reading tokens back: near the step time when
         # the GPU is the bottleneck, near zero when the host is (batchd:engine_device_wait_seconds_total).
         self.device_wait_s = 0.0
         self._eos_ids = _eos_ids(loaded.model, loaded.tokenizer)
-        self._slots: list[Sequence | None] = [None] * slots
-        self._waiting: collections.deque[Sequence] = collections.deque()
         self._by_id: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator | None] = {}
         self._to_cancel: dict[str, FinishReason] = {}
         pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self._scorer = Scorer(loaded.model, loaded.tokenizer, self.max_context, pad_id)
-        allocated = sum(r.cache_bytes for r in (self._runner, self._contrast_runner) if r is not None)
         log.info("hf engine: model=%s contrast_model=%s path=%s slots=%d max_context=%d kv_cache=%.1f MiB "
-                 "(allocated %.1f MiB) device=%s dtype=%s weights=%s overlap=%s", self.model_name,
-                 self.contrast_model_name or "-", f"fast/{self._runner.attention}" if fast else "generic",
-                 slots, self.max_context, self.kv_cache_bytes / 2**20, allocated / 2**20, self._runner.device,
-                 dtype, loaded.weights, self.overlap)
+                 "(%d blocks of %d tokens, %d tokens) max_prefill_tokens=%d device=%s dtype=%s weights=%s overlap=%s",
+                 self.model_name, self.contrast_model_name or "-",
+                 f"paged/{self._runner.attention}" if fast else "generic", slots, self.max_context,
+                 self.kv_cache_bytes / 2**20, self._blocks.capacity, block_size, self._blocks.capacity * block_size,
+                 max_prefill_tokens, self._runner.device, dtype, loaded.weights, self.overlap)
 
     # -- the Engine protocol ------------------------------------------------------
 
@@ -149,12 +144,10 @@ class HFEngine:
     def add_score(self, request: EngineRequest, item: ScoreItem) -> None:
         """Queue a scoring request (next_token_logprobs / score, already checked by the
         Scorer's prepare): it prefills its prompt and continuation in the engine's steps,
-        beside generate requests, reusing a free slot's cached prefix, and finishes with
+        beside generate requests, reading any cached prefix in place, and finishes with
         the log-probabilities asked for. Needs scores_in_steps."""
         tokens = list(item.prompt_token_ids) + list(item.continuation_token_ids or ())
-        if len(tokens) > self.max_context:
-            raise RequestTooLarge(f"prompt and continuation hold {len(tokens)} tokens; this worker's slots hold "
-                                  f"{self.max_context}", request.request_id)
+        self._check_room(len(tokens), request.request_id, "prompt and continuation")
         request = EngineRequest(request.request_id, tokens, request.params, request.deadline, request.arrival_time)
         self._enqueue(Sequence(request, Detokenizer(self.tokenizer, [], ()), frozenset(), score=item), None)
 
@@ -164,7 +157,7 @@ class HFEngine:
             raise InvalidRequest(f"request {request_id!r} is already running on this engine", request_id)
         self._generators[request_id] = generator
         self._by_id[request_id] = sequence
-        self._waiting.append(sequence)
+        self._scheduler.add(sequence)
 
     def cancel(self, request_id: str, reason: FinishReason = "cancelled") -> None:
         if request_id in self._by_id:
@@ -172,11 +165,10 @@ class HFEngine:
 
     def step(self) -> list[StepOutput]:
         outputs = self._finish_cancelled_and_expired()
-        self._admit()
-        chunks = self._schedule()
+        plan = self._scheduler.schedule()
         previous, self._in_flight = self._in_flight, None
-        if chunks:
-            launched, failed = self._launch(chunks, previous)
+        if plan.chunks:
+            launched, failed = self._launch(plan, previous)
             outputs += failed
             if launched is not None and self.overlap:
                 self._in_flight = launched  # read back at the next step, after that one is queued
@@ -191,11 +183,11 @@ class HFEngine:
 
     @property
     def num_running(self) -> int:
-        return sum(s is not None for s in self._slots)
+        return len(self._scheduler.running)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._scheduler.waiting)
 
     @property
     def free_slots(self) -> int:
@@ -203,13 +195,28 @@ class HFEngine:
 
     @property
     def kv_cache_usage(self) -> float:
-        used = sum(s.num_cached for s in self._slots if s is not None)
-        return used / (self.total_slots * self.max_context)
+        """Share of the pool's blocks held by requests (cached prefixes nobody holds count as free)."""
+        return self._blocks.num_used / self._blocks.capacity
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Bytes the cache can hold: allocated up front on the fast path."""
-        return self.total_slots * self.max_context * self._kv_bytes_per_token
+        """Bytes of the KV pools, allocated at start."""
+        return sum(r.cache_bytes for r in (self._runner, self._contrast_runner) if r is not None)
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Tokens the pool holds: what all live requests together may hold."""
+        return self._blocks.capacity * self._blocks.block_size
+
+    def stats(self) -> dict[str, int]:
+        """Monotonic counts for the worker's metrics, in vLLM's meanings."""
+        counts = self._scheduler.stats
+        return {"num_preemptions": counts.preemptions, "prefix_cache_queries": counts.prefix_cache_queries,
+                "prefix_cache_hits": counts.prefix_cache_hits, "prompt_tokens_computed": counts.prompt_tokens_computed}
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix that no request holds (vLLM's reset_prefix_cache)."""
+        self._scheduler.reset_prefix_cache()
 
     # -- one step, in order ----------------------------------------------------------
 
@@ -221,12 +228,14 @@ class HFEngine:
         if bad is not None:
             raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary (size {self._config.vocab_size})",
                                  request.request_id)
-        needed = len(prompt) + request.params.max_new_tokens
+        self._check_room(len(prompt) + request.params.max_new_tokens, request.request_id,
+                         f"prompt ({len(prompt)} tokens) plus max_new_tokens ({request.params.max_new_tokens})")
+
+    def _check_room(self, needed: int, request_id: str, what: str) -> None:
+        """Refuse at once what could never run to its end: nothing is ever cut short."""
         if needed > self.max_context:
-            raise RequestTooLarge(
-                f"prompt ({len(prompt)} tokens) plus max_new_tokens ({request.params.max_new_tokens}) is "
-                f"{needed} tokens; this worker's slots hold {self.max_context}. Shorten the prompt or "
-                "lower max_new_tokens", request.request_id)
+            raise RequestTooLarge(f"{what} is {needed} tokens; this worker takes at most {self.max_context} tokens "
+                                  "per request. Shorten the prompt or lower max_new_tokens", request_id)
 
     def _finish_cancelled_and_expired(self) -> list[StepOutput]:
         now = self._clock()
@@ -241,132 +250,69 @@ class HFEngine:
         self._to_cancel.clear()
         return [self._finish(sequence, reason, []) for sequence, reason in ending]
 
-    def _admit(self) -> None:
-        free = [slot for slot, owner in enumerate(self._slots) if owner is None]
-        while self._waiting and free:
-            sequence = self._waiting.popleft()
-            slot, shared, source = self._slot_for(sequence, free)
-            free.remove(slot)
-            if source is not None:
-                # Queued before any step that reads it, after every step that wrote the source.
-                self._runner.copy_prefix(source, slot, shared)
-                if sequence.request.params.contrast_alpha is not None:  # its source is paired too
-                    self._contrast_runner.copy_prefix(source, slot, shared)
-                self.prefix_tokens_copied += shared
-            sequence.status, sequence.slot, sequence.num_cached = Status.RUNNING, slot, shared
-            self.prefix_tokens_reused += shared
-            self._slots[slot] = sequence
-            self._cached[slot] = None  # the new owner writes past `shared`; recorded again when it ends
-
-    def _slot_for(self, sequence: Sequence, free: list[int]) -> tuple[int, int, int | None]:
-        """A free slot for this request, how many of its leading tokens it can skip (never its
-        last prompt token, whose logits it needs), and the slot to copy them from (None: the
-        chosen slot's cache holds them already).
-
-        First choice: the free slot whose cache still holds the longest start of its tokens.
-        A running request's slot holding a longer one is copied from instead (a shared system
-        prompt, particles sharing a prompt). With no match, a slot holding nothing worth keeping."""
-        if not self._reuse_prefixes:
-            return free[0], 0, None
-        tokens = sequence.request.prompt_token_ids
-        limit = (len(sequence.score.prompt_token_ids) if sequence.score is not None else sequence.prompt_len) - 1
-        paired = sequence.request.params.contrast_alpha is not None
-        # A slot that holds nothing worth keeping, for a request that reuses none in place.
-        spare = next((slot for slot in free if self._cached[slot] is None), free[0])
-        best, shared = spare, 0
-        for slot in free:
-            held = self._cached[slot]
-            if held is None or (paired and not held[1]) or not held[0] or held[0][0] != tokens[0]:
-                continue
-            length = _common_prefix(held[0], tokens, limit)
-            if length > shared:
-                best, shared = slot, length
-        source, copied = None, shared
-        for owner in self._slots:
-            if owner is None or owner.num_cached <= copied or (paired and owner.request.params.contrast_alpha is None):
-                continue
-            held = owner.request.prompt_token_ids
-            if not held or held[0] != tokens[0]:
-                continue
-            # Positions below num_cached hold these tokens, or will once the queued steps run.
-            length = _common_prefix(held + owner.generated if owner.generated else held, tokens,
-                                    min(limit, owner.num_cached))
-            if length > copied:
-                source, copied = owner.slot, length
-        if source is None:
-            return best, shared, None
-        return spare, copied, source
-
-    def _schedule(self) -> list[Chunk]:
-        chunks = []
-        budget = self._max_prefill_tokens
-        running = [s for s in self._slots if s is not None]
-        for sequence in running:
-            if sequence.needs_decode:
-                chunks.append(Chunk(sequence.slot, sequence.next_chunk(1), sequence.num_cached,
-                                    from_previous=sequence.in_flight_row if sequence.in_flight else None))
-        # Prompts go in arrival order under the budget,
-        # so a long prompt takes several steps and never stalls the decodes for long.
-        for sequence in sorted((s for s in running if s.prefilling), key=lambda s: s.request.arrival_time):
-            if budget <= 0:
-                break
-            piece = sequence.next_chunk(budget)
-            budget -= len(piece)
-            if sequence.score is not None:
-                offsets = sequence.scored_offsets(sequence.num_cached, len(piece))
-                chunks.append(Chunk(sequence.slot, piece, sequence.num_cached, want_logits=bool(offsets),
-                                    logit_offsets=offsets))
-                continue
-            last = sequence.num_cached + len(piece) == sequence.prompt_len
-            chunks.append(Chunk(sequence.slot, piece, sequence.num_cached, want_logits=last))
-        return chunks
-
-    def _launch(self, chunks: list[Chunk], previous: _Launched | None) -> tuple[_Launched | None, list[StepOutput]]:
-        """Queue one step (forward pass and sampling) without waiting for it."""
+    def _launch(self, plan: StepPlan, previous: _Launched | None) -> tuple[_Launched | None, list[StepOutput]]:
+        """Queue one step (copies, forward pass, sampling) without waiting for it."""
         earlier = previous.tokens if previous is not None else None
+        sequence_of = {id(chunk): sequence for chunk, sequence in zip(plan.chunks, plan.sequences)}
         try:
-            logits, rows = self._runner.forward(chunks, earlier)
+            if plan.copies:
+                copies = [(c.source.id, c.target.id, c.length) for c in plan.copies]
+                for runner in (self._runner, self._contrast_runner):
+                    if runner is not None:
+                        runner.copy_blocks(copies)
+            logits, rows = self._runner.forward(plan.chunks, earlier)
+            sequences = [sequence_of[id(chunk)] for chunk in rows]
             if self._contrast_runner is not None:
-                logits = self._contrast(chunks, rows, logits, earlier)
-            sequences = [self._slots[c.slot] for c in rows]
+                logits = self._contrast(plan, sequence_of, rows, logits, earlier)
             if any(s.score is not None for s in sequences):
                 logits, sequences = self._take_scores(logits, rows, sequences)
             tokens = self._sampler.sample(logits, [s.request.params for s in sequences],
                                           [self._generators[s.request_id] for s in sequences])
         except Exception as exc:  # one bad step must not take the worker down
-            return None, self._fail([self._slots[c.slot] for c in chunks], exc)
-        scored = []
-        for chunk in chunks:
-            sequence = self._slots[chunk.slot]
-            sequence.num_cached += len(chunk.token_ids)
-            if sequence.score is not None and not sequence.prefilling:
-                scored.append(sequence)  # all its rows are in: it ends when this step is read back
+            return None, self._fail(plan.sequences, exc)
+        self._scheduler.launched(plan)
+        # A scoring request whose last rows this step computes ends when it is read back.
+        scored = [s for s in plan.sequences if s.score is not None and not s.prefilling]
         for row, sequence in enumerate(sequences):
             sequence.in_flight += 1
             sequence.in_flight_row = row
         return _Launched.queue(sequences, tokens, scored), []
 
     def _take_scores(self, logits: torch.Tensor, rows: list[Chunk], sequences: list[Sequence]):
-        """Keep the scoring rows' log-probabilities (reduced on the device to what each request
-        asked for) and return the logits and sequences left to sample."""
-        scoring = [i for i, s in enumerate(sequences) if s.score is not None]
+        """Keep the scoring rows' log-probabilities, reduced on the device to what each request
+        asked for, in one tensor per kind of answer, each copied back once; returns the logits
+        and sequences left to sample."""
         device = logits.device
+        scoring = [i for i, s in enumerate(sequences) if s.score is not None]
         logprobs = torch.log_softmax(logits.index_select(0, to_device(scoring, torch.long, device)), dim=-1)
-        # A request has one chunk per step, and that chunk's rows come one after another.
-        at = 0
-        while at < len(scoring):
-            chunk, sequence = rows[scoring[at]], sequences[scoring[at]]
-            offsets = chunk.logit_rows()
-            taken, at = logprobs[at:at + len(offsets)], at + len(offsets)
+        continued, by_k, full = [], {}, []  # (row in logprobs, sequence[, wanted token])
+        seen: dict[int, int] = {}  # a chunk's rows come one after another, in offset order
+        for at, row in enumerate(scoring):
+            chunk, sequence = rows[row], sequences[row]
             item = sequence.score
             if item.continuation_token_ids:
-                tokens = sequence.request.prompt_token_ids
-                wanted = to_device([tokens[chunk.start + o + 1] for o in offsets], torch.long, device)
-                sequence.score_parts.append(taken.gather(1, wanted[:, None])[:, 0])
+                nth = seen[id(chunk)] = seen.get(id(chunk), -1) + 1
+                offset = chunk.logit_rows()[nth]
+                continued.append((at, sequence, sequence.token_ids[chunk.start + offset + 1]))
             elif item.top_k is not None:
-                sequence.score_parts.append(torch.topk(taken[0], min(item.top_k, taken.shape[-1])))
+                by_k.setdefault(min(item.top_k, logprobs.shape[-1]), []).append((at, sequence))
             else:
-                sequence.score_parts.append(taken[0])
+                full.append((at, sequence))
+        if continued:
+            index = to_device([at for at, _, _ in continued] + [t for _, _, t in continued], torch.long, device)
+            values = _to_host(logprobs[index[:len(continued)], index[len(continued):]])
+            for place, (_, sequence, _) in enumerate(continued):
+                sequence.score_parts.append((values, place))
+        for k, group in by_k.items():
+            picked = logprobs.index_select(0, to_device([at for at, _ in group], torch.long, device))
+            top = torch.topk(picked, k)
+            values, indices = _to_host(top.values), _to_host(top.indices)
+            for place, (_, sequence) in enumerate(group):
+                sequence.score_parts.append((values, indices, place))
+        if full:
+            vectors = _to_host(logprobs.index_select(0, to_device([at for at, _ in full], torch.long, device)))
+            for place, (_, sequence) in enumerate(full):
+                sequence.score_parts.append((vectors, place))
         keep = [i for i, s in enumerate(sequences) if s.score is None]
         if not keep:
             return logits[:0], []
@@ -374,14 +320,16 @@ class HFEngine:
 
     @staticmethod
     def _score_output(sequence: Sequence) -> ScoreOutput:
+        """The answer from the host copies of its rows (read after the step's event)."""
         item, parts = sequence.score, sequence.score_parts
         if item.continuation_token_ids:
-            values = torch.cat(parts).cpu()
-            return ScoreOutput(token_logprobs=values.tolist(), total_logprob=float(values.sum()))
+            values = [float(host[place]) for host, place in parts]
+            return ScoreOutput(token_logprobs=values, total_logprob=sum(values))
         if item.top_k is not None:
-            top = parts[0]
-            return ScoreOutput(top_token_ids=top.indices.cpu().tolist(), top_logprobs=top.values.cpu().tolist())
-        return ScoreOutput(next_token_logprobs=parts[0].cpu())
+            values, indices, place = parts[0]
+            return ScoreOutput(top_token_ids=indices[place].tolist(), top_logprobs=values[place].tolist())
+        vectors, place = parts[0]
+        return ScoreOutput(next_token_logprobs=vectors[place])
 
     def _collect(self, launched: _Launched) -> list[StepOutput]:
         """Read a queued step's tokens back (the host's one wait per step) and act on them."""
@@ -406,22 +354,23 @@ class HFEngine:
     def _fail(self, sequences: list[Sequence], exc: Exception) -> list[StepOutput]:
         log.error("engine step failed; finishing its %d requests with an error", len(sequences), exc_info=exc)
         error = BatchdError(f"engine step failed: {exc}")
-        return [self._finish(sequence, "error", [], error=error) for sequence in sequences]
+        return [self._finish(sequence, "error", [], error=error) for sequence in sequences
+                if sequence.status is not Status.FINISHED]
 
     @torch.inference_mode()
-    def _contrast(self, chunks: list[Chunk], rows: list[Chunk], logits: torch.Tensor,
+    def _contrast(self, plan: StepPlan, sequence_of: dict, rows: list[Chunk], logits: torch.Tensor,
                   previous: torch.Tensor | None) -> torch.Tensor:
         """Run the contrast requests' chunks through the before model too, and mix their logits."""
-        paired = [c for c in chunks if self._slots[c.slot].request.params.contrast_alpha is not None]
+        paired = [c for c in plan.chunks if sequence_of[id(c)].request.params.contrast_alpha is not None]
         if not paired:
             return logits
         before, before_rows = self._contrast_runner.forward(paired, previous)
         if not before_rows:  # only prompt pieces that are not the last: their caches filled, nothing to sample
             return logits
-        row_of = {chunk.slot: row for row, chunk in enumerate(rows)}
+        row_of = {id(chunk): row for row, chunk in enumerate(rows)}
         device = logits.device
-        index = to_device([row_of[c.slot] for c in before_rows], torch.long, device)
-        alpha = to_device([self._slots[c.slot].request.params.contrast_alpha for c in before_rows],
+        index = to_device([row_of[id(c)] for c in before_rows], torch.long, device)
+        alpha = to_device([sequence_of[id(c)].request.params.contrast_alpha for c in before_rows],
                           logits.dtype, device)[:, None]
         after = logits[index]
         logits[index] = after + alpha * (after - before.to(logits.dtype))
@@ -429,6 +378,9 @@ class HFEngine:
 
     def _emit(self, sequence: Sequence, token: int) -> StepOutput:
         sequence.generated.append(token)
+        sequence.token_ids.append(token)
+        if sequence.status is Status.RUNNING:
+            self._scheduler.learn(sequence)
         stopped = token in sequence.stop_token_ids
         text = sequence.detokenizer.add(token, visible=not stopped)
         reason: FinishReason | None = None
@@ -442,21 +394,15 @@ class HFEngine:
 
     def _finish(self, sequence: Sequence, reason: FinishReason, new_tokens: list[int], text: str = "",
                 error: BatchdError | None = None, score: ScoreOutput | None = None) -> StepOutput:
-        """End a request now and free its slot for the next one."""
+        """End a request now and free its blocks for the next ones. Positions a step still
+        queued for it writes land in blocks the next owner writes only after that step."""
         text += sequence.detokenizer.flush()
-        sequence.status, sequence.finish_reason = Status.FINISHED, reason
         if sequence.slot >= 0:
-            if self._reuse_prefixes and error is None:
-                # What the slot's cache now holds (or will, once the steps queued for this
-                # request have run, which come before any step of the next owner).
-                held = (sequence.request.prompt_token_ids + sequence.generated)[:sequence.num_cached]
-                self._cached[sequence.slot] = (held, sequence.request.params.contrast_alpha is not None)
-            self._slots[sequence.slot] = None
-            self._runner.release(sequence.slot)
-            if self._contrast_runner is not None:
-                self._contrast_runner.release(sequence.slot)
-        elif sequence in self._waiting:
-            self._waiting.remove(sequence)
+            for runner in (self._runner, self._contrast_runner):
+                if runner is not None:
+                    runner.release(sequence.slot)
+        self._scheduler.finish(sequence, keep=error is None)
+        sequence.finish_reason = reason
         del self._by_id[sequence.request_id]
         del self._generators[sequence.request_id]
         output = self._output(sequence, new_tokens, text)
@@ -467,6 +413,15 @@ class HFEngine:
     def _output(sequence: Sequence, new_tokens: list[int], text: str) -> StepOutput:
         return StepOutput(sequence.request_id, new_tokens, text, prompt_tokens=sequence.prompt_len,
                           completion_tokens=len(sequence.generated))
+
+
+def _to_host(values: torch.Tensor) -> torch.Tensor:
+    """Start copying a result back to pinned host memory; it is read after the step's event."""
+    if values.device.type != "cuda":
+        return values
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    return host
 
 
 @dataclass
@@ -483,8 +438,7 @@ class _Launched:
     def queue(cls, sequences: list[Sequence], tokens: torch.Tensor, scored: list[Sequence]) -> _Launched:
         if tokens.device.type != "cuda":
             return cls(sequences, tokens, tokens, None, scored)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+        host = _to_host(tokens)
         ready = torch.cuda.Event()
         ready.record()
         return cls(sequences, tokens, host, ready, scored)
@@ -495,33 +449,29 @@ class _Launched:
         return self.host.tolist()
 
 
-def _common_prefix(held: list[int], tokens: list[int], limit: int) -> int:
-    """How many leading tokens two lists share, at most limit."""
-    length = min(len(held), len(tokens), limit)
-    for index in range(length):
-        if held[index] != tokens[index]:
-            return index
-    return length
+def _size_pool(config: Any, slots: int, max_context: int | None, kv_memory: int | None, block_size: int,
+               bytes_per_token: int, device: torch.device) -> tuple[int, int]:
+    """The longest request (max_context) and the pool's blocks (one of them the scratch block).
 
-
-def _slot_context(config: Any, slots: int, max_context: int | None, kv_memory: int | None,
-                  bytes_per_token: int, allocated_length) -> int:
-    """Tokens a slot holds; allocated_length(context) is what the runner really allocates
-    for it (flex attention rounds up to whole blocks), which must fit kv_memory."""
+    --kv-memory sizes the pool; with none, a GPU's pool takes what the device has left and a
+    CPU's holds slots x max_context tokens. max_context limits a request and reserves nothing."""
     model_context = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
-    context = min(max_context or (model_context if kv_memory else DEFAULT_MAX_CONTEXT), model_context)
+    per_block = block_size * bytes_per_token
+    if kv_memory is None and device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        kv_memory = int(free - GPU_HEADROOM * total)
+        if kv_memory < 2 * per_block:
+            raise ValueError(f"the GPU has {free / 2**30:.1f} GiB free after the weights, too little for a KV cache "
+                             f"beside {GPU_HEADROOM:.0%} of its memory for activations; set --kv-memory")
     if kv_memory is not None:
-        affordable = kv_memory // (slots * bytes_per_token)
-        low, high = 0, context  # the longest context whose allocation fits, by bisection
-        while low < high:
-            middle = (low + high + 1) // 2
-            low, high = (middle, high) if allocated_length(middle) <= affordable else (low, middle - 1)
-        context = low
-        if context < 1:
-            per_slot = allocated_length(1) * bytes_per_token
-            raise ValueError(f"kv_memory of {kv_memory} bytes cannot hold a cache for each of {slots} slots "
-                             f"(at least {per_slot} bytes each); raise kv_memory or lower slots")
-    return context
+        num_blocks = kv_memory // per_block
+        if num_blocks < 2:
+            raise ValueError(f"kv_memory of {kv_memory} bytes holds less than one block of {block_size} tokens "
+                             f"({per_block} bytes); raise kv_memory")
+        context = min(max_context or model_context, model_context, (num_blocks - 1) * block_size)
+        return context, num_blocks
+    context = min(max_context or DEFAULT_MAX_CONTEXT, model_context)
+    return context, slots * -(-context // block_size) + 1
 
 
 def _check_pair(after: LoadedModel, before: LoadedModel) -> None:
@@ -549,13 +499,18 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 
 
 def build_engine(model: str, *, slots: int = 16, max_context: int | None = None, kv_memory: int | None = None,
-                 max_prefill_tokens: int = 2048, dtype: str | None = None, device: str | None = None,
-                 clock: Clock = time.time, attention: str | None = None, cuda_graph: bool | None = None,
-                 compile_decode: bool | None = None, contrast_model: str | None = None,
-                 quantize: str | None = None, overlap: bool | None = None,
+                 max_prefill_tokens: int | None = None, block_size: int | None = None, dtype: str | None = None,
+                 device: str | None = None, clock: Clock = time.time, attention: str | None = None,
+                 cuda_graph: bool | None = None, compile_decode: bool | None = None,
+                 contrast_model: str | None = None, quantize: str | None = None, overlap: bool | None = None,
                  cuda_graph_sizes: tuple[int, ...] | None = None) -> HFEngine:
     """Load `model` (checkpoint folder, .gguf file or alias) and start an engine on it.
 
+    kv_memory: bytes of the KV pool (default: on a GPU what is left after the weights, less
+    10% of the device; on a CPU slots x max_context tokens). max_context: the longest
+    prompt + output of one request (default: the model's context). block_size: tokens a
+    block holds (128 with flex attention, 16 otherwise). max_prefill_tokens: prompt tokens
+    a step computes (512 on a GPU, 2048 on a CPU).
     contrast_model: the "before" model that contrast_alpha requests decode against.
     quantize: "int8" for weight-only int8 linear layers (both models of a pair).
     attention ("sdpa" | "flex"), cuda_graph, compile_decode and overlap default to what
@@ -567,6 +522,6 @@ def build_engine(model: str, *, slots: int = 16, max_context: int | None = None,
     loaded = load_model(model, dtype=dtype, device=device, quantize=quantize)
     contrast = load_model(contrast_model, dtype=dtype, device=device, quantize=quantize) if contrast_model else None
     return HFEngine(loaded, slots=slots, max_context=max_context, kv_memory=kv_memory,
-                    max_prefill_tokens=max_prefill_tokens, clock=clock, attention=attention, cuda_graph=cuda_graph,
-                    compile_decode=compile_decode, contrast=contrast, overlap=overlap,
+                    max_prefill_tokens=max_prefill_tokens, block_size=block_size, clock=clock, attention=attention,
+                    cuda_graph=cuda_graph, compile_decode=compile_decode, contrast=contrast, overlap=overlap,
                     cuda_graph_sizes=cuda_graph_sizes)

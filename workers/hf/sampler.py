@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from batchd.client.protocol import SamplingParams
 
-from .runner import to_device
+from .kv_cache import to_device
 
 
 class Sampler:

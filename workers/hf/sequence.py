@@ -1,4 +1,4 @@
-"""One request's state inside the hf engine: its tokens, its slot, its text."""
+"""One request's state inside the hf engine: its tokens, its blocks, its text."""
 
 from __future__ import annotations
 
@@ -10,23 +10,36 @@ from batchd.client.protocol import FinishReason
 
 from ..detokenizer import Detokenizer
 from ..engine import EngineRequest
+from .blocks import ROOT, Copy
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"  # queued, no slot yet
-    RUNNING = "running"  # owns a slot: prefilling, then decoding
+    WAITING = "waiting"  # queued, or preempted and queued again: holds no blocks
+    RUNNING = "running"  # holds blocks and a row of the runner's tables: prefilling, then decoding
     FINISHED = "finished"
 
 
-@dataclass
+# A model pair's requests keep their blocks apart: a shared block must hold both models' keys.
+PAIRED_ROOT = ROOT + b"-pair"
+
+
+@dataclass(eq=False)
 class Sequence:
     request: EngineRequest
     detokenizer: Detokenizer
     stop_token_ids: frozenset[int]
     status: Status = Status.WAITING
+    # The row of the runner's block table while running.
     slot: int = -1
-    # Tokens whose keys and values are in the slot's cache (or queued to be, on the GPU).
+    block_table: list[int] = field(default_factory=list)
+    # Positions whose keys and values are written, queued to be, or shared from blocks
+    # that are (or will be: `ready_blocks` counts those checked).
     num_cached: int = 0
+    ready_blocks: int = 0
+    # A shared prefix that ends inside a block: positions to copy into this request's own.
+    pending_copy: Copy | None = None
+    # The prompt, then every generated token: what a preempted request prefills again.
+    token_ids: list[int] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     # Tokens sampled on the device but not read yet (0 or 1; 2 for a moment while the
     # engine queues the next step), and the row of the newest in its step's tokens.
@@ -38,23 +51,44 @@ class Sequence:
     score: Any = None
     score_parts: list = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    # Order of admission: the youngest running request is preempted first.
+    admitted: int = 0
+    num_preemptions: int = 0
+    # Blocks keyed so far (the engine keys each block once its tokens are known).
+    keyed_blocks: int = 0
     # Read several times per request per step: kept, not recounted.
     prompt_len: int = field(init=False)
+    # Tokens a (re)admission prefills: the prompt, or after a preemption everything so far.
+    prefill_len: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.prompt_len = len(self.request.prompt_token_ids)
+        self.token_ids = list(self.request.prompt_token_ids)
+        self.prompt_len = self.prefill_len = len(self.token_ids)
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
 
     @property
-    def num_tokens(self) -> int:
-        return self.prompt_len + len(self.generated)
+    def root(self) -> bytes:
+        return PAIRED_ROOT if self.request.params.contrast_alpha is not None else ROOT
+
+    @property
+    def reuse_limit(self) -> int:
+        """Leading tokens this request may take from the cache: never the last it prefills,
+        whose logits it needs, nor (scoring) any position whose logits it asks for."""
+        if self.score is not None:
+            return len(self.score.prompt_token_ids) - 1
+        return self.prefill_len - 1
+
+    @property
+    def known(self) -> int:
+        """Positions whose keys are written and whose tokens the host has read."""
+        return min(len(self.token_ids), self.num_cached)
 
     @property
     def prefilling(self) -> bool:
-        return self.num_cached < self.prompt_len
+        return self.num_cached < self.prefill_len
 
     @property
     def needs_decode(self) -> bool:
@@ -70,9 +104,8 @@ class Sequence:
         return tuple(p - start for p in range(max(first, start), min(last, start + length - 1) + 1))
 
     def next_chunk(self, budget: int) -> list[int]:
-        """The tokens to feed next: up to budget prompt tokens, or the last sampled one
-        (a placeholder while that one is still on the device)."""
+        """The tokens to feed next: up to budget tokens still to prefill, or the last sampled
+        one (a placeholder while that one is still on the device)."""
         if self.prefilling:
-            prompt = self.request.prompt_token_ids
-            return prompt[self.num_cached:self.num_cached + budget]
+            return self.token_ids[self.num_cached:min(self.prefill_len, self.num_cached + budget)]
         return [0] if self.in_flight else self.generated[-1:]
