@@ -34,7 +34,7 @@ import torch
 from batchd.client.protocol import SamplingParams
 from batchd.workers.engine import EngineRequest
 from batchd.workers.hf import HFEngine
-from batchd.workers.hf.runner import kv_bytes_per_token
+from batchd.workers.hf.kv_cache import kv_bytes_per_token
 from batchd.workers.models import LoadedModel
 
 log = logging.getLogger("engine_gpu")
@@ -165,15 +165,8 @@ class _WaitClock:
         self._launched.read = self._read
 
 
-def forget_cached_prompts(engine: HFEngine) -> None:
-    """Free slots keep what their last request cached, and a request whose prompt starts with
-    it skips those tokens (prefix reuse). The phases share one engine and one workload, so
-    each measured phase starts from an engine that holds no earlier phase's prompts."""
-    engine._cached = [None] * engine.total_slots
-
-
 def run_engine(engine: HFEngine, requests, device: str, label: str) -> dict:
-    forget_cached_prompts(engine)
+    engine.reset_prefix_cache()  # no phase reads the prompts an earlier one left cached
     for index, (prompt, output) in enumerate(requests):
         engine.add(EngineRequest(f"{label}{index}", prompt, SamplingParams(max_new_tokens=output, ignore_eos=True)))
     tokens, steps = 0, 0
@@ -189,26 +182,6 @@ def run_engine(engine: HFEngine, requests, device: str, label: str) -> dict:
     return {"requests": len(requests), "output_tokens": tokens, "seconds": round(seconds, 2),
             "steps": steps, "tok_s": round(tokens / seconds, 1), "overlap": engine.overlap,
             "host_waiting_on_gpu_s": round(waited.seconds, 2)}
-
-
-def prefill_paths(engine: HFEngine, requests) -> dict:
-    """The packed-prompt path (one varlen flash call per layer) against one attention call per
-    prompt, on the same step: the logits must agree to bf16 rounding."""
-    from batchd.workers.hf.runner import Chunk
-
-    runner = engine._runner
-    if runner._varlen is None:
-        return {"skipped": "no varlen attention on this device/dtype"}
-    chunks = [Chunk(slot, prompt[:64 + 40 * slot], 0) for slot, (prompt, _) in enumerate(requests[:8])]
-    packed, _ = runner.forward(chunks)
-    varlen, runner._varlen = runner._varlen, None
-    try:
-        one_by_one, _ = runner.forward(chunks)
-    finally:
-        runner._varlen = varlen
-    return {"rows": len(chunks), "max_abs_diff": round(float((packed - one_by_one).abs().max()), 4),
-            "largest_logit": round(float(one_by_one.abs().max()), 2),
-            "same_argmax": int((packed.argmax(-1) == one_by_one.argmax(-1)).sum())}
 
 
 def host_syncs(engine: HFEngine, requests, steps: int = 60) -> dict:
@@ -236,7 +209,7 @@ def host_syncs(engine: HFEngine, requests, steps: int = 60) -> dict:
 
 def engine_latency(engine: HFEngine, requests, rate: float, device: str) -> dict:
     """TTFT and inter-token latency with requests arriving as a Poisson process."""
-    forget_cached_prompts(engine)
+    engine.reset_prefix_cache()  # no phase reads the prompts an earlier one left cached
     gaps = np.random.default_rng(1).exponential(1 / rate, len(requests))
     arrivals = np.cumsum(gaps)
     pending = list(enumerate(requests))
@@ -274,8 +247,7 @@ def decode_step_by_live(engine: HFEngine, requests, device: str, live_counts=(1,
 
     Requests have the workload's prompts and run long enough that the measured steps are
     all decode; both ways time the same steps of the same requests."""
-    runner = engine._runner
-    every_size = list(runner._graphs)
+    every_size = engine.cuda_graph_sizes
     if not every_size:
         return {"skipped": "this engine replays no CUDA graphs"}
     steps = min(steps, (engine.max_context - max(len(p) for p, _ in requests)) // 2 - 8)
@@ -286,7 +258,7 @@ def decode_step_by_live(engine: HFEngine, requests, device: str, live_counts=(1,
         for index, (prompt, _) in enumerate(requests[:live]):
             engine.add(EngineRequest(f"live{live}_{index}", prompt,
                                      SamplingParams(max_new_tokens=2 * steps + 16, ignore_eos=True)))
-        while engine.num_waiting or any(s is not None and s.prefilling for s in engine._slots):
+        while engine.num_waiting or engine.num_prefilling:
             engine.step()
         for _ in range(3):
             engine.step()
@@ -296,16 +268,16 @@ def decode_step_by_live(engine: HFEngine, requests, device: str, live_counts=(1,
         seconds = dict.fromkeys(ways, 0.0)
         for block in range(steps // 5):
             for name in (list(ways) if block % 2 == 0 else list(ways)[::-1]):
-                runner._graphs = ways[name]
+                engine.use_cuda_graph_sizes(ways[name])
                 _sync(device)
                 started = time.perf_counter()
                 for _ in range(5):
                     engine.step()
                 _sync(device)
                 seconds[name] += time.perf_counter() - started
-        runner._graphs = every_size
+        engine.use_cuda_graph_sizes(every_size)
         row = {"live": live, **{name: round(total / (steps // 5 * 5) * 1e3, 3) for name, total in seconds.items()}}
-        row["graph_rows"] = next(g.rows for g in every_size if g.rows >= live)
+        row["graph_rows"] = next(rows for rows in every_size if rows >= live)
         table.append(row)
         log.info("  %s", row)
         for index in range(live):
@@ -318,13 +290,12 @@ def decode_step_by_live(engine: HFEngine, requests, device: str, live_counts=(1,
 def with_one_graph(engine: HFEngine, work):
     """Run work() replaying only the decode graph over every slot, as the engine did before
     it had smaller ones: what they change, on the same engine."""
-    runner = engine._runner
-    every_size = list(runner._graphs)
-    runner._graphs = every_size[-1:]
+    every_size = engine.cuda_graph_sizes
+    engine.use_cuda_graph_sizes(every_size[-1:])
     try:
-        return {**work(), "cuda_graph_sizes": [graph.rows for graph in runner._graphs]}
+        return {**work(), "cuda_graph_sizes": every_size[-1:]}
     finally:
-        runner._graphs = every_size
+        engine.use_cuda_graph_sizes(every_size)
 
 
 def greedy_agreement(engine: HFEngine, model, requests, tokens: int) -> dict:
@@ -365,8 +336,7 @@ def exactness_check(device: str, compile_decode: bool, count: int = 24) -> dict:
             outputs[out.request_id] += out.new_token_ids
     identical = sum(outputs[f"x{i}"] == hf_generate(tiny, [p], n)[0] for i, (p, n) in enumerate(requests))
     return {"requests": count, "token_identical": identical,
-            "cuda_graph_sizes": [graph.rows for graph in engine._runner._graphs],
-            "attention": engine._runner.attention, "compile_decode": compile_decode}
+            "cuda_graph_sizes": engine.cuda_graph_sizes, "compile_decode": compile_decode}
 
 
 def _python_profile(engine: HFEngine, device: str) -> str:
@@ -548,20 +518,17 @@ class Report:
 
 
 def run_engine_phases(report: Report, model, requests, args, device: str, suffix: str, compiled: bool,
-                      overlap: bool | None, wanted: list[str], high: int, unfused_prefill: bool = False) -> None:
+                      overlap: bool | None, wanted: list[str], high: int) -> None:
     """One engine (plain or with compiled decode layers) through the engine phases, then freed."""
     started = time.perf_counter()
     engine = make_engine(model, slots=len(requests), max_context=2 * high, device=device,
                          max_prefill_tokens=args.max_prefill_tokens, compile_decode=compiled, overlap=overlap)
     report.data[f"engine{suffix}_start_s"] = round(time.perf_counter() - started, 1)
-    report.data[f"engine{suffix}_cuda_graph_sizes"] = [graph.rows for graph in engine._runner._graphs]
+    report.data[f"engine{suffix}_cuda_graph_sizes"] = engine.cuda_graph_sizes
     report.data["max_prefill_tokens"] = args.max_prefill_tokens
-    if unfused_prefill:  # the prefill as it was before 2026-12-02: one attention call per prompt, layers uncompiled
-        engine._runner._varlen = engine._runner._compiled_any_shape = None
     run_engine(engine, requests[:4], device, "warm")  # first-call setup stays out of the numbers
     latency_requests = requests[:args.latency_requests]
     work = {
-        "prefill_check": lambda: prefill_paths(engine, requests),
         "syncs": lambda: host_syncs(engine, requests),
         "profile": lambda: profile_steps(engine, requests, device, Path(args.out).parent),
         "engine": lambda: run_engine(engine, requests, device, "anchor"),
@@ -577,7 +544,7 @@ def run_engine_phases(report: Report, model, requests, args, device: str, suffix
 
 
 ENGINE_PHASES = ("engine", "engine_one_graph", "latency", "latency_one_graph", "step_by_live", "agreement",
-                 "profile", "syncs", "prefill_check")
+                 "profile", "syncs")
 
 
 def main() -> None:
@@ -595,7 +562,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=8.0)
     parser.add_argument("--max-prefill-tokens", type=int, default=8192,
                         help="prompt tokens per step; throughput engines use large budgets (nano-vllm 16384)")
-    parser.add_argument("--phases", default="exactness_compiled,roofline,prefill_check_compiled,engine_compiled,"
+    parser.add_argument("--phases", default="exactness_compiled,roofline,engine_compiled,"
                         "engine_one_graph_compiled,latency_compiled,latency_one_graph_compiled,"
                         "step_by_live_compiled,syncs_compiled,"
                         "agreement_compiled,engine_compiled_lockstep,hf_sequential,hf_static,transformers_cb")
@@ -619,16 +586,14 @@ def main() -> None:
         report.phase("exactness_compiled", lambda: exactness_check(device, compile_decode=True))
     if "roofline" in phases:
         report.phase("roofline", lambda: roofline(requests, model, copy_bandwidth(device)))
-    # (suffix, compiled layers, overlap, prefill as before packing); None: the device's default
-    variants = (("", False, None, False), ("_compiled", True, None, False), ("_compiled_lockstep", True, False, False),
-                ("_compiled_unfused_prefill", True, None, True))
-    for suffix, compiled, overlap, unfused in variants:
+    # (suffix, compiled layers, overlap); None: the device's default
+    variants = (("", False, None), ("_compiled", True, None), ("_compiled_lockstep", True, False))
+    for suffix, compiled, overlap in variants:
         wanted = [p[:len(p) - len(suffix)] for p in phases
                   if p.endswith(suffix) and p[:len(p) - len(suffix)] in ENGINE_PHASES]
         if wanted:
             try:
-                run_engine_phases(report, model, requests, args, device, suffix, compiled, overlap, wanted, high,
-                                  unfused)
+                run_engine_phases(report, model, requests, args, device, suffix, compiled, overlap, wanted, high)
             except Exception as exc:  # e.g. a compile failure while building the engine
                 log.exception("engine%s could not start", suffix)
                 failure = {"error": f"engine did not start: {type(exc).__name__}: {exc}"}
@@ -650,7 +615,6 @@ def print_table(data: dict) -> None:
             ("batchd hf engine, compiled decode", "engine_compiled"),
             ("  the same, one decode graph (all slots)", "engine_one_graph_compiled"),
             ("  the same in lockstep (no overlap)", "engine_compiled_lockstep"),
-            ("  the same, prompts unpacked and uncompiled", "engine_compiled_unfused_prefill"),
             ("HF generate, one at a time", "hf_sequential"),
             ("HF generate, static batches of 16", "hf_static"), ("transformers CB, tuned", "transformers_cb")]
     engine = max(phases.get(k, {}).get("tok_s") or 0 for k in ("engine", "engine_compiled")) or None

@@ -123,3 +123,44 @@ def test_default_graphs_always_cover_every_slot(tiny_models):
     rng = random.Random(5)
     run = drive(engine, {0: [request(f"d{i}", random_prompt(rng, 10), max_new_tokens=5) for i in range(3)]})
     assert all(len(tokens) == 5 or tokens[-1] == EOS for tokens in run.tokens.values()) and len(run.finish) == 3
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_a_prompt_carrying_step_through_the_mixed_graphs_buffers_matches_the_eager_step(tiny_models):
+    """A mixed graph's step (every slot's decode row, prompt pieces packed, the padding as one
+    more piece, keys gathered into fixed buffers) computes what the eager step computes, for
+    fresh prompts and prompts continuing a cached prefix. On the CPU the buffers run uncaptured."""
+    from batchd.workers.hf.graphs import MixedGraph
+
+    engine = build_engine(str(tiny_models["llama"]), slots=4, max_context=128, max_prefill_tokens=24,
+                          attention="flex", block_size=16, overlap=False, device="cpu")
+    runner = engine._runner
+    forward = runner.forward
+    compared = []
+
+    def both(chunks, previous=None):
+        logits, rows = forward(chunks, previous)
+        decodes = [c for c in chunks if len(c.token_ids) == 1]
+        pieces = [c for c in chunks if len(c.token_ids) > 1]
+        graph = MixedGraph(runner.slots, 32, 512, 128, runner.device)
+        if pieces and graph.fits(pieces):
+            with torch.inference_mode():  # as forward runs it
+                graph.fill(runner, decodes, pieces, previous)
+                mixed = graph.run(runner).float()
+            wanted = [c for c in decodes if c.logit_rows()] + [c for c in pieces if c.logit_rows()]
+            mixed = mixed[:len(wanted)]
+            eager = {id(chunk): row for chunk, row in zip(rows, logits)}
+            for chunk, row in zip(wanted, mixed):
+                assert torch.allclose(row, eager[id(chunk)], atol=1e-4), chunk
+            compared.append((len(decodes), [(c.start, len(c.token_ids)) for c in pieces]))
+        return logits, rows
+
+    runner.forward = both
+    rng = random.Random(13)
+    shared = random_prompt(rng, 30)
+    arrivals = {0: [request("a", shared + random_prompt(rng, 5), max_new_tokens=12)],
+                4: [request("b", shared + random_prompt(rng, 9), max_new_tokens=6),
+                    request("c", random_prompt(rng, 40), max_new_tokens=6)]}
+    drive(engine, arrivals)
+    assert any(decodes and pieces for decodes, pieces in compared)  # decode rows beside prompt pieces
+    assert any(start > 0 for _, pieces in compared for start, _ in pieces)  # and a piece continuing a prefix

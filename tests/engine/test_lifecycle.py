@@ -172,3 +172,17 @@ def test_thousands_of_short_requests_keep_cache_usage_flat(tiny_models):
     assert max(usage) * engine.kv_cache_tokens <= 4 * 16
     assert usage[-1] == 0 and not engine.has_work() and engine.free_slots == 4
     assert engine._runner.pool.keys.data_ptr() == cache  # the pool was allocated once, never grown
+
+
+def test_the_pool_never_outgrows_32_bit_kernel_offsets():
+    """One layer's keys are indexed with 32-bit offsets in the attention kernels: a pool sized
+    from memory alone (a tiny model, a large budget) is cut to what they can address."""
+    from types import SimpleNamespace
+
+    import torch
+    from batchd.workers.hf.engine import _size_pool
+
+    config = SimpleNamespace(max_position_embeddings=4096, num_hidden_layers=2)
+    # 64 elements a position: 2**31 / 64 positions at most, in blocks of 128.
+    context, blocks = _size_pool(config, 16, None, 2**40, 128, 512, torch.device("cpu"), 64)
+    assert blocks == (2**31 - 1) // 64 // 128 and context == 4096

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 from array import array
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -35,6 +36,8 @@ from typing import Any, Sequence
 # The first block's "parent": what a model pair's requests hash under differs from a
 # single model's, so a request that needs both caches never shares a block only one holds.
 ROOT = b"batchd-kv"
+# Candidates compared token by token when no block's tokens are all the wanted ones.
+MAX_COMPARED = 8
 
 
 def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
@@ -60,8 +63,9 @@ class Block:
     # registered keeps its key but is not the one `match` finds.
     parent: bytes | None = None
     key: bytes | None = None
-    # Keys of its leading tokens in the partial-match index.
+    # Keys of its leading tokens in the partial-match index, and of all its tokens.
     prefix_keys: list[bytes] = field(default_factory=list)
+    whole_key: bytes | None = None
 
     @property
     def reusable(self) -> int:
@@ -114,6 +118,7 @@ class BlockManager:
         self._cached: collections.OrderedDict[int, Block] = collections.OrderedDict()
         self._by_key: dict[bytes, Block] = {}
         self._by_prefix: dict[bytes, dict[int, Block]] = {}
+        self._by_whole: dict[bytes, dict[int, Block]] = {}  # a partial block by all its tokens
         # Token counts a partial match looks up (powers of two below the block size).
         self._prefix_lengths = [2 ** p for p in range(block_size.bit_length()) if 2 ** p < block_size]
         self.evictions = 0
@@ -157,23 +162,41 @@ class BlockManager:
         return found
 
     def _partial(self, parent: bytes, wanted: Sequence[int]) -> tuple[Block | None, int, bool]:
-        """A block after `parent` whose first tokens are the start of `wanted`: the one sharing
-        the most, preferring one nobody holds whose tokens are all wanted (taken over, no copy)."""
+        """A block after `parent` whose first tokens are the start of `wanted`: preferably one
+        whose tokens are all wanted and that nobody holds (taken over, no copy), else the one
+        sharing the most among a few."""
         candidates: dict[int, Block] = {}
         for length in reversed(self._prefix_lengths):
             if length <= len(wanted):
                 candidates = self._by_prefix.get(block_hash(parent, wanted[:length]), {})
                 if candidates:
                     break
-        best, best_length, best_take = None, 0, False
-        for block in candidates.values():
+        if not candidates:
+            return None, 0, False
+        # Many blocks may share those leading tokens (every particle's last block): look the
+        # wanted tokens up whole (first all of them: a particle's previous call), at each length
+        # a candidate has, before comparing any token by token.
+        for length in self._whole_lengths(parent, wanted, candidates):
+            whole = self._by_whole.get(block_hash(parent, wanted[:length]), {})
+            free = next((b for b in whole.values() if b.ref_count == 0 and b.reusable == length), None)
+            if free is not None:
+                return free, length, True
+            written = next((b for b in whole.values() if b.writer is not None or b.reusable == length), None)
+            if written is not None:
+                return written, length, False
+        best, best_length = None, 0
+        for block in itertools.islice(candidates.values(), MAX_COMPARED):
             # A block still being written offers what it will hold; otherwise what it holds.
             held = block.tokens if block.writer is not None else block.tokens[:block.reusable]
             length = _common_prefix(held, wanted)
-            take = block.ref_count == 0 and length == len(block.tokens) == block.reusable
-            if (length, take) > (best_length, best_take):
-                best, best_length, best_take = block, length, take
-        return best, best_length, best_take
+            if length > best_length:
+                best, best_length = block, length
+        return best, best_length, False
+
+    def _whole_lengths(self, parent: bytes, wanted: Sequence[int], candidates: dict[int, Block]) -> list[int]:
+        if block_hash(parent, wanted) in self._by_whole:
+            return [len(wanted)]
+        return sorted({len(b.tokens) for b in candidates.values() if len(b.tokens) < len(wanted)}, reverse=True)
 
     # -- holding blocks --------------------------------------------------------------
 
@@ -197,7 +220,7 @@ class BlockManager:
         for block in held + ([found.tail] if found.tail is not None else []):
             self._hold(block)
         if found.tail is not None and found.take_over:
-            self._unindex(found.tail)
+            # Its tokens are the start of the new owner's: its keys stay right, and more follow.
             found.tail.writer = writer
             held.append(found.tail)
         while len(held) < self.blocks_for(positions):
@@ -325,7 +348,8 @@ class BlockManager:
         valid = list(held[:block.computed])
         if valid == block.tokens:
             return
-        self._unindex(block)
+        if valid[:len(block.tokens)] != block.tokens:
+            self._unindex(block)  # it holds less than planned: its longer keys would lie
         block.tokens, block.computed = valid, len(valid)
         if self.prefix_caching and valid and block.parent is not None:
             if len(valid) == self.block_size:
@@ -346,6 +370,18 @@ class BlockManager:
             key = block_hash(block.parent, block.tokens[:length])
             self._by_prefix.setdefault(key, {})[block.id] = block
             block.prefix_keys.append(key)
+        self._unindex_whole(block)
+        if block.tokens and len(block.tokens) < self.block_size:  # a full block is found by its key
+            block.whole_key = block_hash(block.parent, block.tokens)
+            self._by_whole.setdefault(block.whole_key, {})[block.id] = block
+
+    def _unindex_whole(self, block: Block) -> None:
+        holders = self._by_whole.get(block.whole_key) if block.whole_key else None
+        if holders is not None:
+            holders.pop(block.id, None)
+            if not holders:
+                del self._by_whole[block.whole_key]
+        block.whole_key = None
 
     def _unindex(self, block: Block) -> None:
         if block.key is not None and self._by_key.get(block.key) is block:
@@ -358,6 +394,7 @@ class BlockManager:
                 if not holders:
                     del self._by_prefix[key]
         block.prefix_keys = []
+        self._unindex_whole(block)
 
     @staticmethod
     def _clear(block: Block) -> None:

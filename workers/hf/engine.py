@@ -35,6 +35,7 @@ from ..engine import Clock, EngineRequest, StepOutput
 from ..models import LoadedModel, load_model, tokenize
 from ..scoring import Scorer, ScoreItem, ScoreOutput
 from .blocks import BlockManager
+from .graphs import mixed_graph_sizes
 from .kv_cache import CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, kv_bytes_per_token, to_device
 from .runner import Chunk, GenericRunner, PagedRunner, supports_fast_path
 from .sampler import Sampler
@@ -61,7 +62,7 @@ class HFEngine:
                  clock: Clock = time.time, seed: int | None = None, attention: str | None = None,
                  cuda_graph: bool | None = None, compile_decode: bool | None = None,
                  contrast: LoadedModel | None = None, overlap: bool | None = None,
-                 cuda_graph_sizes: tuple[int, ...] | None = None):
+                 cuda_graph_sizes: tuple[int, ...] | None = None, kv_layout: str = "head"):
         if slots < 1:
             raise ValueError("slots must be at least 1")
         if contrast is not None:
@@ -81,13 +82,17 @@ class HFEngine:
         block_size = block_size or (GPU_BLOCK_SIZE if attention == "flex" else CPU_BLOCK_SIZE)
         # Both pools come out of one budget: a contrast request holds the same blocks in each.
         bytes_per_token = sum(kv_bytes_per_token(model.config, dtype) for model in models)
+        elements = max(kv_bytes_per_token(m.config, dtype) // (2 * m.config.num_hidden_layers * dtype.itemsize)
+                       for m in models)
         self.max_context, num_blocks = _size_pool(self._config, slots, max_context, kv_memory, block_size,
-                                                  bytes_per_token, device)
+                                                  bytes_per_token, device, elements)
+
+        max_prefill_tokens = max_prefill_tokens or DEFAULT_PREFILL_TOKENS.get(device.type, 2048)
 
         def runner(model):
             if fast:
                 return PagedRunner(model, slots, num_blocks, block_size, self.max_context, attention, cuda_graph,
-                                   compile_decode, cuda_graph_sizes)
+                                   compile_decode, cuda_graph_sizes, kv_layout, mixed_graph_sizes(max_prefill_tokens))
             return GenericRunner(model, slots, self.max_context)
 
         self._runner = runner(loaded.model)
@@ -103,7 +108,6 @@ class HFEngine:
         # Scoring requests join the steps as prefill-only rows where the runner can return
         # several rows of logits per chunk; else they go to the Scorer.
         self.scores_in_steps = self.capabilities.multi_row_logits
-        max_prefill_tokens = max_prefill_tokens or DEFAULT_PREFILL_TOKENS.get(device.type, 2048)
         self._blocks = BlockManager(num_blocks, block_size, prefix_caching=self.capabilities.prefix_caching)
         self._scheduler = Scheduler(self._blocks, slots, max_prefill_tokens)
         # Seconds spent blocked on the device reading tokens back: near the step time when
@@ -207,6 +211,25 @@ class HFEngine:
     def kv_cache_tokens(self) -> int:
         """Tokens the pool holds: what all live requests together may hold."""
         return self._blocks.capacity * self._blocks.block_size
+
+    @property
+    def num_prefilling(self) -> int:
+        """Running requests still computing their prompt."""
+        return sum(s.prefilling for s in self._scheduler.running)
+
+    @property
+    def max_prefill_tokens(self) -> int:
+        return self._scheduler.max_prefill_tokens
+
+    @property
+    def cuda_graph_sizes(self) -> list[int]:
+        """Decode steps' numbers of rows that replay a CUDA graph (empty: none)."""
+        graphs = getattr(self._runner, "graphs", None)
+        return graphs.sizes if graphs is not None else []
+
+    def use_cuda_graph_sizes(self, sizes: list[int]) -> None:
+        """Replay only some of the captured graphs (benchmarks compare sets on one engine)."""
+        self._runner.graphs.use(sizes)
 
     def stats(self) -> dict[str, int]:
         """Monotonic counts for the worker's metrics, in vLLM's meanings."""
@@ -450,28 +473,35 @@ class _Launched:
 
 
 def _size_pool(config: Any, slots: int, max_context: int | None, kv_memory: int | None, block_size: int,
-               bytes_per_token: int, device: torch.device) -> tuple[int, int]:
+               bytes_per_token: int, device: torch.device, elements_per_position: int) -> tuple[int, int]:
     """The longest request (max_context) and the pool's blocks (one of them the scratch block).
 
-    --kv-memory sizes the pool; with none, a GPU's pool takes what the device has left and a
-    CPU's holds slots x max_context tokens. max_context limits a request and reserves nothing."""
+    --kv-memory sizes the pool. With none, a GPU's pool takes what the device has left, but no
+    more than every slot at max_context (more could only keep cached prefixes of requests gone),
+    and a CPU's holds slots x max_context tokens. max_context limits a request and reserves
+    nothing. Either way one layer's keys (elements_per_position = kv_heads x head_dim a
+    position) stay under 2**31 elements: the attention kernels index them with 32-bit offsets
+    (a tiny test model's pool of all free memory went past it)."""
     model_context = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     per_block = block_size * bytes_per_token
+    most_blocks = (2**31 - 1) // elements_per_position // block_size
     if kv_memory is None and device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         kv_memory = int(free - GPU_HEADROOM * total)
         if kv_memory < 2 * per_block:
             raise ValueError(f"the GPU has {free / 2**30:.1f} GiB free after the weights, too little for a KV cache "
                              f"beside {GPU_HEADROOM:.0%} of its memory for activations; set --kv-memory")
+        context = min(max_context or model_context, model_context)
+        kv_memory = min(kv_memory, (slots * -(-context // block_size) + 1) * per_block)
     if kv_memory is not None:
-        num_blocks = kv_memory // per_block
+        num_blocks = min(kv_memory // per_block, most_blocks)
         if num_blocks < 2:
             raise ValueError(f"kv_memory of {kv_memory} bytes holds less than one block of {block_size} tokens "
                              f"({per_block} bytes); raise kv_memory")
         context = min(max_context or model_context, model_context, (num_blocks - 1) * block_size)
         return context, num_blocks
     context = min(max_context or DEFAULT_MAX_CONTEXT, model_context)
-    return context, slots * -(-context // block_size) + 1
+    return context, min(slots * -(-context // block_size) + 1, most_blocks)
 
 
 def _check_pair(after: LoadedModel, before: LoadedModel) -> None:
@@ -503,7 +533,7 @@ def build_engine(model: str, *, slots: int = 16, max_context: int | None = None,
                  device: str | None = None, clock: Clock = time.time, attention: str | None = None,
                  cuda_graph: bool | None = None, compile_decode: bool | None = None,
                  contrast_model: str | None = None, quantize: str | None = None, overlap: bool | None = None,
-                 cuda_graph_sizes: tuple[int, ...] | None = None) -> HFEngine:
+                 cuda_graph_sizes: tuple[int, ...] | None = None, kv_layout: str = "head") -> HFEngine:
     """Load `model` (checkpoint folder, .gguf file or alias) and start an engine on it.
 
     kv_memory: bytes of the KV pool (default: on a GPU what is left after the weights, less
@@ -517,11 +547,12 @@ def build_engine(model: str, *, slots: int = 16, max_context: int | None = None,
     suits the device: sdpa on CPU; flex, decode CUDA graphs, compiled layers and one
     step in flight on CUDA. cuda_graph_sizes: the decode graphs' numbers of requests
     (default: powers of two from 8 and all slots, each kept only if it replays faster
-    than the graph over every slot).
+    than the graph over every slot). kv_layout: the pool's layout, "head" or "token"
+    (workers/hf/kv_cache.py).
     """
     loaded = load_model(model, dtype=dtype, device=device, quantize=quantize)
     contrast = load_model(contrast_model, dtype=dtype, device=device, quantize=quantize) if contrast_model else None
     return HFEngine(loaded, slots=slots, max_context=max_context, kv_memory=kv_memory,
                     max_prefill_tokens=max_prefill_tokens, block_size=block_size, clock=clock, attention=attention,
                     cuda_graph=cuda_graph, compile_decode=compile_decode, contrast=contrast, overlap=overlap,
-                    cuda_graph_sizes=cuda_graph_sizes)
+                    cuda_graph_sizes=cuda_graph_sizes, kv_layout=kv_layout)

@@ -86,10 +86,11 @@ class DecodeGraph:
 class DecodeGraphs:
     """Every decode graph of one runner, smallest first, sharing one memory pool."""
 
-    def __init__(self, runner: PagedRunner, sizes: tuple[int, ...]):
+    def __init__(self, runner: PagedRunner, sizes: tuple[int, ...], mixed_tokens: list[int] | None = None):
         self._runner = runner
         self.graphs: list[DecodeGraph] = []
-        self.capture(sizes)
+        self.mixed: list[MixedGraph] = []  # smallest first
+        self.capture(sizes, mixed_tokens or [])
 
     @property
     def sizes(self) -> list[int]:
@@ -102,15 +103,17 @@ class DecodeGraphs:
             raise ValueError(f"graph sizes {sorted(sizes)} must be among {self.sizes} and include every slot")
         self._active = [graph for graph in self.graphs if graph.rows in sizes]
 
-    def capture(self, sizes: tuple[int, ...]) -> None:
+    def capture(self, sizes: tuple[int, ...], mixed_tokens: list[int]) -> None:
         """One graph per size, largest first, all in one memory pool: only one replays at a
-        time, so their intermediate tensors can share memory."""
+        time, so their intermediate tensors can share memory. Then the mixed graphs."""
         runner = self._runner
         runner.decode_attention.lengths.zero_()
+        context = runner.table.shape[1] * runner.block_size
+        mixed = [MixedGraph(runner.slots, tokens, keys, context, runner.device)
+                 for tokens in sorted(mixed_tokens, reverse=True) for keys in sorted(MIXED_KEYS, reverse=True)]
         graphs, pool = [], None
         with torch.inference_mode():
-            for rows in sorted(sizes, reverse=True):
-                graph = DecodeGraph(rows, runner.slots, runner.device)
+            for graph in mixed + [DecodeGraph(rows, runner.slots, runner.device) for rows in sorted(sizes, reverse=True)]:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # warm-up compiles flex and sets up cuBLAS outside the capture
@@ -122,9 +125,23 @@ class DecodeGraphs:
                     graph.logits = runner.forward_batch(graph.batch)
                 pool = graph.graph.pool()
                 graphs.append(graph)
-        self.graphs = graphs[::-1]
+        self.mixed = [g for g in graphs if isinstance(g, MixedGraph)][::-1]
+        self.graphs = [g for g in graphs if isinstance(g, DecodeGraph)][::-1]
         self._active = list(self.graphs)
-        log.info("decode CUDA graphs captured for %s decoding requests", ", ".join(map(str, self.sizes)))
+        log.info("decode CUDA graphs captured for %s decoding requests; mixed graphs for %s prompt tokens",
+                 ", ".join(map(str, self.sizes)),
+                 ", ".join(f"{g.tokens} ({g.keys} keys)" for g in self.mixed) or "no")
+
+    def replay_mixed(self, chunks: list[Chunk], previous: torch.Tensor | None):
+        """(logits, chunk of each row) from the smallest mixed graph the step fits, or None."""
+        decodes = [c for c in chunks if len(c.token_ids) == 1]
+        pieces = [c for c in chunks if len(c.token_ids) > 1]
+        graph = next((g for g in self.mixed if g.fits(pieces)), None)
+        if graph is None:
+            return None
+        rows = graph.fill(self._runner, decodes, pieces, previous)
+        wanted = [c for c in decodes if c.logit_rows()] + [c for c in pieces if c.logit_rows()]
+        return graph.run(self._runner)[:len(rows)].float(), wanted
 
     def keep_those_that_pay(self) -> None:
         """Drop the smaller graphs that replay no faster than the graph over every slot.
@@ -170,3 +187,102 @@ class DecodeGraphs:
             graph.batch.token_ids.index_copy_(0, into, previous.index_select(0, taken))
         graph.graph.replay()
         return graph.logits[rest[:len(logit_rows)]].float()
+
+
+# Prompt-carrying steps replay graphs too: eager, such a step cost ~50 ms of host time on an
+# H200 (28 layers of compiled-for-any-shape parts, each call its guards and launches) against
+# ~7 ms of GPU work, and stalled every running request for it (docs/performance.md).
+MIXED_PIECES = 16  # prompt pieces a mixed graph takes; a step with more runs eagerly
+MIXED_KEYS = (4096, 16384)  # gathered key positions, all pieces together (their prefixes too)
+
+
+def mixed_graph_sizes(budget: int) -> list[int]:
+    """Prompt tokens per mixed graph: a quarter of the budget and the budget, so a short
+    question does not pay for the budget's worth of padded rows in the dense products."""
+    return sorted({max(16, budget // 4), budget})
+
+
+class MixedGraph:
+    """A step of every slot's decode row (row i is slot i; idle slots at position -1) and up
+    to `tokens` prompt tokens in up to MIXED_PIECES pieces whose keys, their cached prefixes
+    included, fill at most `keys` gathered positions. The padding after the pieces is one
+    more piece of its own, attending to scratch positions, so every row stays finite."""
+
+    def __init__(self, slots: int, tokens: int, keys: int, max_context: int, device: torch.device):
+        from .runner import StepBatch
+
+        self.slots, self.tokens, self.keys = slots, tokens, keys
+        self.batch = StepBatch.static_mixed(slots, tokens, MIXED_PIECES + 1, keys, max_context, device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def fits(self, pieces: list[Chunk]) -> bool:
+        tokens = sum(len(c.token_ids) for c in pieces)
+        return (len(pieces) <= MIXED_PIECES and tokens <= self.tokens
+                and sum(c.start + len(c.token_ids) for c in pieces) + self.tokens - tokens <= self.keys
+                and all(len(c.logit_rows()) <= 1 for c in pieces))
+
+    def fill(self, runner, decodes: list[Chunk], pieces: list[Chunk], previous: torch.Tensor | None) -> list[int]:
+        """Copy one step into the static buffers; returns the logit row of each wanted chunk,
+        decodes first, then pieces, in the order given."""
+        slots, tokens, batch = self.slots, self.tokens, self.batch
+        ids, positions, slot_of = [0] * (slots + tokens), [-1] * (slots + tokens), list(range(slots)) + [0] * tokens
+        lengths = [0] * slots
+        for chunk in decodes:
+            ids[chunk.slot], positions[chunk.slot], lengths[chunk.slot] = chunk.token_ids[0], chunk.start, chunk.start + 1
+        at, queries, keys, rows = slots, [0], [0], []
+        for chunk in pieces:
+            count = len(chunk.token_ids)
+            ids[at:at + count] = chunk.token_ids
+            positions[at:at + count] = range(chunk.start, chunk.start + count)
+            slot_of[at:at + count] = [chunk.slot] * count
+            rows.append(at + chunk.logit_rows()[0] if chunk.logit_rows() else None)
+            at += count
+            queries.append(at - slots)
+            keys.append(keys[-1] + chunk.start + count)
+        padding = slots + tokens - at
+        queries.append(tokens)
+        keys.append(keys[-1] + padding)  # the padding piece: as many scratch keys as queries
+        while len(queries) < MIXED_PIECES + 2:
+            queries.append(tokens)
+            keys.append(keys[-1])
+        wanted = [c.slot for c in decodes if c.logit_rows()] + [r for r in rows if r is not None]
+        logit_rows = wanted + [0] * (slots + MIXED_PIECES - len(wanted))
+        carried = [c for c in decodes if c.from_previous is not None]
+        key_lengths = [c.start + len(c.token_ids) for c in pieces]
+        staged = to_device(ids + positions + slot_of + lengths + queries + keys + logit_rows
+                           + [c.slot for c in carried] + [c.from_previous for c in carried]
+                           + [c.slot for c in pieces] + key_lengths, torch.long, runner.device)
+        width = slots + tokens
+        batch.token_ids.copy_(staged[:width])
+        batch.positions.copy_(staged[width:2 * width])
+        batch.slots.copy_(staged[2 * width:3 * width])
+        rest = staged[3 * width:]
+        runner.decode_attention.lengths.copy_(rest[:slots])
+        rest = rest[slots:]
+        bounds = len(queries)
+        batch.piece_cu_queries.copy_(rest[:bounds])
+        batch.piece_cu_keys.copy_(rest[bounds:2 * bounds])
+        rest = rest[2 * bounds:]
+        batch.logit_rows.copy_(rest[:slots + MIXED_PIECES])
+        rest = rest[slots + MIXED_PIECES:]
+        if carried:
+            into, taken = rest[:len(carried)], rest[len(carried):2 * len(carried)]
+            batch.token_ids.index_copy_(0, into, previous.index_select(0, taken))
+            rest = rest[2 * len(carried):]
+        batch.piece_gather.zero_()  # the padding piece's keys, and what is unused, read the scratch block
+        if pieces:
+            total = keys[len(pieces)]
+            gather = runner.piece_key_positions(rest[:len(pieces)], rest[len(pieces):], total)
+            batch.piece_gather[:total].copy_(gather)
+        # The host's bounds, for the exact (CPU) path only: the GPU reads the tensors above.
+        batch.piece_queries = list(zip(queries, queries[1:]))
+        batch.piece_keys = list(zip(keys, keys[1:]))
+        return list(range(len(wanted)))
+
+    def run(self, runner) -> torch.Tensor:
+        """Replay the captured step; where none is captured (the CPU), run the same batch."""
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        return runner.forward_batch(self.batch)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .attention import FlexPagedDecode, PagedSdpa, varlen_attention
+from .attention import FlexPagedDecode, PagedSdpa, VarlenPrefill, varlen_attention
 from .graphs import DecodeGraphs, check_graph_sizes, decode_graph_sizes
 from .kv_cache import KVPool, to_device
 from .scheduler import Chunk
@@ -81,7 +81,8 @@ class PagedRunner:
 
     def __init__(self, model: Any, slots: int, num_blocks: int, block_size: int, max_context: int,
                  attention: str | None = None, cuda_graph: bool | None = None, compile_decode: bool | None = None,
-                 cuda_graph_sizes: tuple[int, ...] | None = None):
+                 cuda_graph_sizes: tuple[int, ...] | None = None, kv_layout: str = "head",
+                 mixed_graph_tokens: list[int] | None = None):
         self._model = model
         self._body = model.model
         self._layers = list(self._body.layers)
@@ -97,7 +98,7 @@ class PagedRunner:
         on_cuda = self.device.type == "cuda"
         self.attention = attention or ("flex" if on_cuda else "sdpa")
         self.pool = KVPool(len(self._layers), num_blocks, block_size, self._kv_heads, self._head_dim, self.dtype,
-                           self.device)
+                           self.device, kv_layout)
         self.cache_bytes = self.pool.bytes
         # Each slot's block table, and each block's index in the tables that hold it (one
         # index, as a shared block sits at the same place in every request holding it).
@@ -121,14 +122,17 @@ class PagedRunner:
         self._compiled, self._compiled_any_shape = None, None
         if cuda_graph is None:
             cuda_graph = on_cuda and self.attention == "flex"
+        if cuda_graph and compile_decode is not False:
+            self._compiled, self._compiled_any_shape = self._compile_dense_parts()
+        self._check_prefill()  # before any capture: a graph must hold the prompt path that works
         if cuda_graph:
-            if compile_decode is not False:
-                self._compiled, self._compiled_any_shape = self._compile_dense_parts()
             sizes = check_graph_sizes(cuda_graph_sizes or decode_graph_sizes(slots), slots)
-            self._capture_with_fallback(sizes)
+            # The exact prompt path reads its pieces' bounds from host lists, which a captured
+            # graph would keep from the capture: mixed graphs need the varlen path (bf16/fp16).
+            self._capture_with_fallback(sizes, mixed_graph_tokens if isinstance(self.prefill_attention, VarlenPrefill)
+                                        else None)
             if cuda_graph_sizes is None:
                 self.graphs.keep_those_that_pay()
-        self._check_prefill()
 
     def _make_decode_attention(self, on_cuda: bool):
         if self.attention == "sdpa":
@@ -157,9 +161,13 @@ class PagedRunner:
         previous: the last step's sampled tokens, for chunks with from_previous set.
         """
         self._update_tables(chunks)
-        if self.graphs is not None and all(len(c.token_ids) == 1 for c in chunks):
-            wanted = [c for c in chunks if c.logit_rows()]
-            return self.graphs.replay(chunks, wanted, previous), wanted
+        if self.graphs is not None:
+            if all(len(c.token_ids) == 1 for c in chunks):
+                wanted = [c for c in chunks if c.logit_rows()]
+                return self.graphs.replay(chunks, wanted, previous), wanted
+            replayed = self.graphs.replay_mixed(chunks, previous)
+            if replayed is not None:
+                return replayed
         batch = StepBatch(chunks, self, previous)
         return self.forward_batch(batch).float(), batch.logit_chunks
 
@@ -187,6 +195,13 @@ class PagedRunner:
         at = positions.clamp(min=0)
         index = self.table[slots, at // self.block_size].long() * self.block_size + at % self.block_size
         return torch.where(positions >= 0, index, 0)
+
+    def piece_key_positions(self, slots: torch.Tensor, key_lengths: torch.Tensor, total: int) -> torch.Tensor:
+        """Where each piece's keys (positions [0, key length) of its slot) live, piece after piece."""
+        piece_of_key = torch.repeat_interleave(torch.arange(len(slots), device=self.device), key_lengths,
+                                               output_size=total)
+        starts = torch.cumsum(key_lengths, 0) - key_lengths
+        return self.physical(slots[piece_of_key], torch.arange(total, device=self.device) - starts[piece_of_key])
 
     def forward_batch(self, batch: StepBatch) -> torch.Tensor:
         hidden = self._body.embed_tokens(batch.token_ids)[None]
@@ -220,7 +235,7 @@ class PagedRunner:
         shape of the decode graph over every slot, and once more for any token count, for
         steps that carry prompt pieces (unfused, their elementwise kernels took half of such a
         step's GPU time) and for the smaller decode graphs, which so cost no compile of their own."""
-        if batch.decode_all_slots and self._compiled is not None:
+        if batch.decode_all_slots and batch.num_tokens == self.slots and self._compiled is not None:
             return self._compiled
         if self._compiled_any_shape is not None:
             return self._compiled_any_shape
@@ -292,16 +307,21 @@ class PagedRunner:
                 else:
                     raise
 
-    def _capture_with_fallback(self, sizes: tuple[int, ...]) -> None:
-        try:
-            self.graphs = DecodeGraphs(self, sizes)
-        except Exception:
-            if self._compiled is None:
-                raise
-            # A compiler failure must not stop a worker: the uncompiled graph is correct, only slower.
-            log.exception("compiling the decode layers failed; capturing the decode graphs without it")
-            self._compiled = self._compiled_any_shape = None
-            self.graphs = DecodeGraphs(self, sizes)
+    def _capture_with_fallback(self, sizes: tuple[int, ...], mixed_tokens: list[int] | None) -> None:
+        """Capture the graphs; a compiler or kernel that fails must not stop a worker: without
+        the mixed graphs, then without the compiled layers, it is correct, only slower."""
+        attempts = [(mixed_tokens, True), (None, True), (None, False)]
+        for index, (mixed, compiled) in enumerate(attempts):
+            if not compiled:
+                self._compiled = self._compiled_any_shape = None
+            try:
+                self.graphs = DecodeGraphs(self, sizes, mixed)
+                return
+            except Exception:
+                if index == len(attempts) - 1:
+                    raise
+                log.exception("capturing the %s failed; trying without them",
+                              "mixed-step graphs" if mixed else "compiled layers")
 
 
 class StepBatch:
@@ -369,16 +389,32 @@ class StepBatch:
         key_bounds = [0, *itertools.accumulate(key_lengths)]
         self.piece_queries = list(zip(query_bounds, query_bounds[1:]))
         self.piece_keys = list(zip(key_bounds, key_bounds[1:]))
-        total = key_bounds[-1]
         device = runner.device
-        piece_of_key = torch.repeat_interleave(torch.arange(len(pieces), device=device), key_lengths_t,
-                                               output_size=total)
-        starts = torch.cumsum(key_lengths_t, 0) - key_lengths_t
-        self.piece_gather = runner.physical(slots[piece_of_key], torch.arange(total, device=device) - starts[piece_of_key])
+        self.piece_gather = runner.piece_key_positions(slots, key_lengths_t, key_bounds[-1])
         bounds = to_device(query_bounds + key_bounds, torch.int32, device)
         self.piece_cu_queries, self.piece_cu_keys = bounds[:len(query_bounds)], bounds[len(query_bounds):]
         self.piece_longest_query = max(len(c.token_ids) for c in pieces)
         self.piece_longest_key = max(key_lengths)
+
+    @classmethod
+    def static_mixed(cls, slots: int, tokens: int, pieces: int, keys: int, max_context: int,
+                     device: torch.device) -> StepBatch:
+        """Static buffers for a step of every slot's decode row and `tokens` prompt tokens in up
+        to `pieces` pieces (the last: padding) whose keys fill `keys` gathered positions.
+        Until filled, the whole prompt part is one padding piece over scratch keys."""
+        batch = cls.static_decode(slots, slots, device)
+        batch.num_tokens = slots + tokens
+        batch.token_ids = torch.zeros(slots + tokens, dtype=torch.long, device=device)
+        batch.positions = torch.full((slots + tokens,), -1, dtype=torch.long, device=device)
+        batch.slots = torch.cat([torch.arange(slots, device=device), torch.zeros(tokens, dtype=torch.long, device=device)])
+        batch.decode_slots = batch.slots[:slots]
+        batch.logit_rows = torch.zeros(slots + pieces - 1, dtype=torch.long, device=device)
+        bounds = torch.tensor([0] + [tokens] * pieces, dtype=torch.int32, device=device)
+        batch.piece_cu_queries, batch.piece_cu_keys = bounds, bounds.clone()
+        batch.piece_gather = torch.zeros(keys, dtype=torch.long, device=device)
+        batch.piece_longest_query, batch.piece_longest_key = tokens, max(max_context, tokens)
+        batch.piece_queries = batch.piece_keys = [(0, tokens)]
+        return batch
 
     @classmethod
     def static_decode(cls, rows: int, slots: int, device: torch.device) -> StepBatch:
