@@ -323,13 +323,13 @@ class HFEngine:
                 full.append((at, sequence))
         if continued:
             index = to_device([at for at, _, _ in continued] + [t for _, _, t in continued], torch.long, device)
-            values = _to_host(logprobs[index[:len(continued)], index[len(continued):]])
+            values = _HostRows(logprobs[index[:len(continued)], index[len(continued):]])
             for place, (_, sequence, _) in enumerate(continued):
                 sequence.score_parts.append((values, place))
         for k, group in by_k.items():
             picked = logprobs.index_select(0, to_device([at for at, _ in group], torch.long, device))
             top = torch.topk(picked, k)
-            values, indices = _to_host(top.values), _to_host(top.indices)
+            values, indices = _HostRows(top.values), _HostRows(top.indices)
             for place, (_, sequence) in enumerate(group):
                 sequence.score_parts.append((values, indices, place))
         if full:
@@ -346,11 +346,11 @@ class HFEngine:
         """The answer from the host copies of its rows (read after the step's event)."""
         item, parts = sequence.score, sequence.score_parts
         if item.continuation_token_ids:
-            values = [float(host[place]) for host, place in parts]
+            values = [host.rows()[place] for host, place in parts]
             return ScoreOutput(token_logprobs=values, total_logprob=sum(values))
         if item.top_k is not None:
             values, indices, place = parts[0]
-            return ScoreOutput(top_token_ids=indices[place].tolist(), top_logprobs=values[place].tolist())
+            return ScoreOutput(top_token_ids=indices.rows()[place], top_logprobs=values.rows()[place])
         vectors, place = parts[0]
         return ScoreOutput(next_token_logprobs=vectors[place])
 
@@ -445,6 +445,19 @@ def _to_host(values: torch.Tensor) -> torch.Tensor:
     host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
     host.copy_(values, non_blocking=True)
     return host
+
+
+class _HostRows:
+    """A step's results of one kind, copied back once and turned into lists once: a step
+    answers hundreds of scoring calls, and one conversion each cost more than the step."""
+
+    def __init__(self, values: torch.Tensor):
+        self._host, self._rows = _to_host(values), None
+
+    def rows(self) -> list:
+        if self._rows is None:
+            self._rows = self._host.tolist()
+        return self._rows
 
 
 @dataclass
