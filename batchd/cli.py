@@ -42,10 +42,14 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slots", type=int, default=None,
                        help="concurrent requests in the engine (default: 16 for hf, 1024 for echo)")
     group.add_argument("--kv-memory", default=None,
-                       help="KV cache budget, e.g. 2GiB or 500MB (default: slots x max context)")
-    group.add_argument("--max-context", type=int, default=None, help="longest prompt + output per slot")
-    group.add_argument("--max-prefill-tokens", type=int, default=2048,
-                       help="prompt tokens prefilled per step, so long prompts never stall decoding")
+                       help="KV cache pool, e.g. 40GiB or 500MB, shared by all live requests (default: on a GPU "
+                            "what is free after the weights less 10%% of the device, at most slots x max context; "
+                            "on a CPU slots x max context)")
+    group.add_argument("--max-context", type=int, default=None,
+                       help="longest prompt + output of one request; reserves nothing (default: the model's context)")
+    group.add_argument("--max-prefill-tokens", type=int, default=None,
+                       help="prompt tokens a step computes, so long prompts never stall decoding (default: 512 on "
+                            "a GPU, which keeps the inter-token tail low; 2048 on a CPU; 2048 suits batch work)")
     group.add_argument("--contrast-model", default=None, metavar="MODEL",
                        help="a second model (the same one before fine-tuning) that requests with contrast_alpha "
                             "decode against: logits + alpha * (logits - logits_of_this_model)")

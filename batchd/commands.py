@@ -113,10 +113,11 @@ def _daemon_argv(args, url: str) -> tuple[list[str], list[str]]:
              "--max-queue", str(args.max_queue), "--max-attempts", str(args.max_attempts),
              "--claim-idle-ms", str(args.claim_idle_ms)]
     work = ["worker", *common, "--engine", args.engine, "--model", args.model,
-            "--max-prefill-tokens", str(args.max_prefill_tokens), "--drain-timeout", str(args.drain_timeout),
+            "--drain-timeout", str(args.drain_timeout),
             "--token-delay-ms", str(args.token_delay_ms), "--lease-ms", str(args.lease_ms),
             "--heartbeat-interval", str(args.heartbeat_interval), "--abandoned-after", str(args.abandoned_after)]
     for flag, value in (("--slots", args.slots), ("--kv-memory", args.kv_memory),
+                        ("--max-prefill-tokens", args.max_prefill_tokens),
                         ("--max-context", args.max_context), ("--dtype", args.dtype), ("--device", args.device),
                         ("--contrast-model", args.contrast_model), ("--quantize", args.quantize)):
         if value is not None:
