@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from batchd.client.errors import BatchdError, InvalidRequest, RequestTooLarge
+from batchd.client.errors import BatchdError, InvalidRequest
 from batchd.client.protocol import FinishReason, Request
 
-from ..detokenizer import Detokenizer
-from ..engine import Clock, EngineRequest, StepOutput
-from ..models import LoadedModel, load_model, tokenize
+from .detokenizer import Detokenizer
+from ..engine import Clock, EngineBase, EngineRequest, ScoreItem, ScoreOutput, StepOutput
+from ..validation import check_context, check_contrast, check_vocabulary
+from .models import LoadedModel, load_model, tokenize
 from .runner import (
     Chunk,
     GenericRunner,
@@ -43,7 +44,7 @@ from .runner import (
     supports_fast_path,
     to_device,
 )
-from ..scoring import Scorer, ScoreItem, ScoreOutput
+from .scoring import Scorer
 from .sampler import Sampler
 from .sequence import Sequence, Status
 
@@ -53,7 +54,7 @@ log = logging.getLogger("batchd.engine.hf")
 DEFAULT_MAX_CONTEXT = 4096
 
 
-class HFEngine:
+class HFEngine(EngineBase):
     name = "hf"
 
     def __init__(self, loaded: LoadedModel, *, slots: int = 16, max_context: int | None = None,
@@ -137,10 +138,8 @@ class HFEngine:
 
     def add(self, request: EngineRequest) -> None:
         self._check_fits(request)
-        if request.params.contrast_alpha is not None and self._contrast_runner is None:
-            raise InvalidRequest("contrast_alpha needs a worker that serves a model pair "
-                                 "(batchd worker --model AFTER --contrast-model BEFORE); this one serves "
-                                 f"{self.model_name} alone", request.request_id)
+        check_contrast(request.params, request.request_id, self._contrast_runner is not None,
+                       f"this one serves {self.model_name} alone")
         params = request.params
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos_ids)
         self._enqueue(Sequence(request, Detokenizer(self.tokenizer, request.prompt_token_ids, params.stop),
@@ -152,9 +151,8 @@ class HFEngine:
         beside generate requests, reusing a free slot's cached prefix, and finishes with
         the log-probabilities asked for. Needs scores_in_steps."""
         tokens = list(item.prompt_token_ids) + list(item.continuation_token_ids or ())
-        if len(tokens) > self.max_context:
-            raise RequestTooLarge(f"prompt and continuation hold {len(tokens)} tokens; this worker's slots hold "
-                                  f"{self.max_context}", request.request_id)
+        check_context(request.request_id, self.max_context, len(item.prompt_token_ids),
+                      continuation_tokens=len(item.continuation_token_ids or ()))
         request = EngineRequest(request.request_id, tokens, request.params, request.deadline, request.arrival_time)
         self._enqueue(Sequence(request, Detokenizer(self.tokenizer, [], ()), frozenset(), score=item), None)
 
@@ -217,16 +215,8 @@ class HFEngine:
         prompt = request.prompt_token_ids
         if not prompt:
             raise InvalidRequest("the prompt has no tokens", request.request_id)
-        bad = next((t for t in prompt if not 0 <= t < self._config.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary (size {self._config.vocab_size})",
-                                 request.request_id)
-        needed = len(prompt) + request.params.max_new_tokens
-        if needed > self.max_context:
-            raise RequestTooLarge(
-                f"prompt ({len(prompt)} tokens) plus max_new_tokens ({request.params.max_new_tokens}) is "
-                f"{needed} tokens; this worker's slots hold {self.max_context}. Shorten the prompt or "
-                "lower max_new_tokens", request.request_id)
+        check_vocabulary(prompt, self._config.vocab_size, request.request_id)
+        check_context(request.request_id, self.max_context, len(prompt), request.params.max_new_tokens)
 
     def _finish_cancelled_and_expired(self) -> list[StepOutput]:
         now = self._clock()
