@@ -14,7 +14,7 @@ import redis
 import msgpack
 import pytest
 
-from batchd.client import scripts
+from batchd.daemon import scripts
 from batchd.client.keys import Keys
 from batchd.client.protocol import (
     PROTOCOL_VERSION,
@@ -201,7 +201,7 @@ def run_worker_until_idle(worker: Worker, rounds: int = 200) -> None:
 
 def test_worker_streams_tokens_stores_results_and_acks_its_job(client, clock):
     scheduler = make_scheduler(client, clock)
-    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), client=client, clock=clock)
+    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), connect=lambda: client, clock=clock)
     worker._connect()
     pubsub = client.pubsub()
     pubsub.subscribe(KEYS.channel("r0"))
@@ -223,7 +223,7 @@ def test_worker_streams_tokens_stores_results_and_acks_its_job(client, clock):
 
 def test_a_fenced_worker_cannot_deliver_a_second_result(client, clock):
     scheduler = make_scheduler(client, clock)
-    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), client=client, clock=clock)
+    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), connect=lambda: client, clock=clock)
     worker._connect()
     submit(client, clock, "r0", prompt="abc")
     settle(scheduler, clock)
@@ -270,7 +270,7 @@ def test_a_connection_lost_while_admitting_a_job_loses_none_of_its_requests(clie
     # reconnect it looked finished and was acked with its requests never run.
     scheduler = make_scheduler(client, clock)
     flaky = drops_once(client, "mget")
-    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), client=flaky, clock=clock)
+    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), connect=lambda: flaky, clock=clock)
     worker._connect()
     submit(client, clock, "r0", prompt="abc")
     submit(client, clock, "r1", prompt="de")
@@ -286,9 +286,9 @@ def test_a_connection_lost_while_admitting_a_job_loses_none_of_its_requests(clie
 def test_a_refused_request_keeps_its_job_open_until_its_error_is_stored(client, clock):
     scheduler = make_scheduler(client, clock)
     flaky = drops_once(client, "pipeline")  # the first pipeline is the refusal's FINALIZE
-    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), client=client, clock=clock)
+    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), connect=lambda: client, clock=clock)
     worker._connect()
-    worker.redis = flaky
+    worker.outbox.redis = flaky
     submit(client, clock, "r0", prompt="abc")
     settle(scheduler, clock)
     client.set(KEYS.cancelled("r0"), 1)  # cancelled after dispatch, before the worker read the job
@@ -303,7 +303,7 @@ def test_a_refused_request_keeps_its_job_open_until_its_error_is_stored(client, 
 
 def confirmed_worker(client, clock, worker_id: str = "w1") -> Worker:
     """A connected worker whose cancel subscription Redis has confirmed."""
-    worker = Worker(WorkerConfig(worker_id=worker_id), EchoEngine(slots=8, clock=clock), client=client, clock=clock)
+    worker = Worker(WorkerConfig(worker_id=worker_id), EchoEngine(slots=8, clock=clock), connect=lambda: client, clock=clock)
     worker._connect()
     for _ in range(50):
         worker._apply_cancels()
@@ -400,7 +400,7 @@ def test_a_result_whose_pipeline_failed_in_flight_is_stored_after_the_reconnect(
     submit(client, clock, "r0", prompt="a")
     submit(client, clock, "r1", prompt="bcd")
     settle(scheduler, clock)
-    worker.redis = drops_once(client, "pipeline")  # the first step's pipeline, sent from the publisher thread
+    worker.outbox.redis = drops_once(client, "pipeline")  # the first step's pipeline, sent from the publisher thread
     lost = 0
     for _ in range(100):
         try:
@@ -423,7 +423,7 @@ def test_jobs_read_by_two_pipelines_before_the_next_take_all_run(client, clock):
     worker = confirmed_worker(client, clock)
     gate = threading.Event()
     gate.set()
-    worker.redis = Intercepted(client, "pipeline", lambda: gate.wait(10))  # the publisher thread's sends
+    worker.outbox.redis = Intercepted(client, "pipeline", lambda: gate.wait(10))  # the publisher thread's sends
     submit(client, clock, "r0", prompt="ab")
     settle(scheduler, clock)
     gate.clear()
@@ -431,7 +431,7 @@ def test_jobs_read_by_two_pipelines_before_the_next_take_all_run(client, clock):
     submit(client, clock, "r1", prompt="x")
     settle(scheduler, clock)  # r1's job is on the stream before that read runs
     gate.set()
-    worker._in_flight[1].result(timeout=10)  # the read took r1's job
+    worker.outbox._in_flight[1].result(timeout=10)  # the read took r1's job
     worker.run_once()  # r0 finishes; books the first read (r1's job), sends the last pipeline
     run_worker_until_idle(worker)
     assert (final_of(client, "r0").text, final_of(client, "r1").text) == ("ab", "x")
