@@ -31,20 +31,9 @@ from batchd.client.connection import CONNECTION_LOST, redact
 from batchd.client.errors import BatchdError, InvalidRequest
 from batchd.client.keys import WORKER_GROUP, Keys
 from batchd.client.protocol import PROTOCOL_VERSION, Heartbeat, Request, RestartEvent, Result, error_result
-from batchd.daemon import metrics, recovery
+from batchd.daemon import metrics, recovery, toolkit
 from batchd.daemon.scripts import owner_token
-from batchd.daemon.toolkit import (
-    SERVER_TICK_MS,
-    DaemonConfig,
-    cancelled_before_start,
-    ensure_group,
-    expired_before_start,
-    finish_reason_of,
-    instance_id,
-    read_job,
-    read_max_attempts,
-    run_until_stopped,
-)
+from batchd.daemon.toolkit import DaemonConfig
 
 from .cancels import CancelFeed
 from .engine import Engine, EngineRequest, ScoreItem, StepOutput
@@ -64,7 +53,7 @@ WAITING_FOR = "a slot was free"
 
 @dataclass
 class WorkerConfig(DaemonConfig):
-    worker_id: str = field(default_factory=instance_id)
+    worker_id: str = field(default_factory=toolkit.instance_id)
     heartbeat_interval_s: float = 1.0
     # A worker silent for this long is declared dead and its requests re-dispatched.
     lease_ms: int = 5000
@@ -136,7 +125,7 @@ class Worker:
         metrics.serve(cfg.metrics_port, metrics.WORKER_REGISTRY)
         self._connect()
         self._lease.start()
-        run_until_stopped(self._stop, self.run_once, self._reconnect)
+        toolkit.run_until_stopped(self._stop, self.run_once, self._reconnect)
         self._drain()
 
     def _connect(self) -> None:
@@ -144,7 +133,7 @@ class Worker:
             self._book_in_flight()
         except CONNECTION_LOST:
             pass  # its results wait in the outbox
-        ensure_group(self.redis, self.stream, WORKER_GROUP)
+        toolkit.ensure_group(self.redis, self.stream, WORKER_GROUP)
         self._cancels.connect()
         self._jobs_in_hand = []  # whatever it held is on the pending list, read next
         self._read_pending_jobs()
@@ -208,7 +197,7 @@ class Worker:
         try:
             # Redis times out a BLOCK only on its cron tick: a shorter wait is a poll,
             # so a due heartbeat is not held up by a tick.
-            poll = block_ms is not None and block_ms < SERVER_TICK_MS
+            poll = block_ms is not None and block_ms < toolkit.SERVER_TICK_MS
             reply = self.redis.xreadgroup(WORKER_GROUP, self.config.worker_id, {self.stream: ">"},
                                           count=JOBS_PER_READ, block=None if poll else block_ms)
             if poll and not reply:
@@ -247,7 +236,7 @@ class Worker:
         if self.holdings.is_open(entry_id):
             return  # read twice (a pipelined read and the re-read after a reconnect): it is running
         self.holdings.note_read(entry_id)
-        job = read_job(entry_id, fields, f"worker {self.config.worker_id}")
+        job = toolkit.read_job(entry_id, fields, f"worker {self.config.worker_id}")
         if job is None:
             self._ack_jobs([entry_id])
             return
@@ -278,16 +267,16 @@ class Worker:
         held = Held(request, entry_id, owner_token(self.config.worker_id, request.attempt), now)
         try:
             if cancelled:
-                raise cancelled_before_start(request.id)
+                raise toolkit.cancelled_before_start(request.id)
             if request.deadline is not None and request.deadline <= now:
-                raise expired_before_start(request.id, WAITING_FOR)
+                raise toolkit.expired_before_start(request.id, WAITING_FOR)
             if request.task == "generate":
                 prompt = self.engine.tokenize(request)
                 self.engine.add(EngineRequest(request.id, prompt, request.params, request.deadline, now))
             else:
                 self._admit_scoring(held, now)
         except BatchdError as exc:
-            return held, error_result(request.id, exc, finish_reason_of(exc), request.submitted_at,
+            return held, error_result(request.id, exc, toolkit.finish_reason_of(exc), request.submitted_at,
                                       self.config.worker_id)
         except Exception as exc:  # a bug or a tokenizer crash must cost one request, not the worker
             log.exception("could not admit request %s", request.id)
@@ -523,7 +512,7 @@ class Worker:
             entry_id = entry_id.decode()
             if self.holdings.is_open(entry_id):
                 continue
-            job = read_job(entry_id, fields, f"worker {self.config.worker_id}")
+            job = toolkit.read_job(entry_id, fields, f"worker {self.config.worker_id}")
             if job is None:
                 continue
             self._hand_back(job.requests, "worker shut down before starting it", count_attempt=False)
@@ -544,6 +533,6 @@ class Worker:
     def _hand_back(self, requests: list[Request], reason: str, count_attempt: bool) -> None:
         # The schedulers' --max-attempts, so a request dead-letters after as many failures either way.
         recovery.hand_back(self.redis, self.keys, requests, reason,
-                           max_attempts=read_max_attempts(self.redis, self.keys),
+                           max_attempts=toolkit.read_max_attempts(self.redis, self.keys),
                            result_ttl_s=self.config.result_ttl_s, count_attempt=count_attempt,
                            worker_id=self.config.worker_id)
