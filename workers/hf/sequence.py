@@ -49,10 +49,6 @@ class Sequence:
         return self.request.request_id
 
     @property
-    def num_tokens(self) -> int:
-        return self.prompt_len + len(self.generated)
-
-    @property
     def prefilling(self) -> bool:
         return self.num_cached < self.prompt_len
 
