@@ -15,6 +15,7 @@ from collections import deque
 from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
@@ -43,6 +44,16 @@ async def _retrying(command: Callable[[], Awaitable[T]]) -> T:
 # Delivered to every waiting handle after the pub/sub connection came back:
 # events published meanwhile are lost, so read the stored result now.
 _RECHECK: bytes = object()  # type: ignore[assignment]
+
+
+class _Subscription(PubSub):
+    """connection.Subscription for asyncio: notes every (re)connect, which redis-py makes silently."""
+
+    reconnected = False
+
+    async def on_connect(self, connection) -> None:
+        self.reconnected = True
+        await super().on_connect(connection)
 
 
 class AsyncRequestHandle:
@@ -91,33 +102,27 @@ class AsyncRequestHandle:
     async def _next_payload(self) -> bytes:
         while True:
             wait = self._reading.next_wait_s()
-            payload = self._take_event()
-            if payload is not None:
-                return payload
-            # A bare future and a timer: asyncio.wait_for(queue.get()) would cost
-            # a Task per event, a large share of the client's time at high rates.
-            loop = asyncio.get_running_loop()
-            self._waiter = loop.create_future()
-            timer = loop.call_later(wait, _wake, self._waiter)
-            try:
-                await self._waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
-            payload = self._take_event()
-            if payload is not None:
-                return payload
+            if not self._events:
+                await self._event_or_timeout(wait)
+            if self._events:
+                payload = self._events.popleft()
+                if payload is not _RECHECK:
+                    return payload
             stored = await self._client._stored_result(self.request_id)
             if stored is not None:
                 return stored
 
-    def _take_event(self) -> bytes | None:
-        """The next event delivered, if any (a recheck is none: read the stored result)."""
-        while self._events:
-            payload = self._events.popleft()
-            if payload is not _RECHECK:
-                return payload
-        return None
+    async def _event_or_timeout(self, wait: float) -> None:
+        # A bare future and a timer: asyncio.wait_for(queue.get()) would cost
+        # a Task per event, a large share of the client's time at high rates.
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(wait, _wake, self._waiter)
+        try:
+            await self._waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
 
     def _deliver(self, payload: bytes) -> None:
         self._events.append(payload)
@@ -140,17 +145,21 @@ class AsyncClient(ClientCore[Awaitable[AsyncRequestHandle]]):
             socket_connect_timeout=10.0, health_check_interval=30, retry_on_timeout=True)
         self._handles: dict[str, AsyncRequestHandle] = {}
         self._confirm: dict[str, asyncio.Future] = {}
+        # (un)subscriptions for the reader to make, on a live connection only: a SUBSCRIBE sent
+        # while the reader reconnects reads the same socket as the reader.
+        self._subscription_changes: deque[tuple[bool, str]] = deque()
         self._pending_submits: list[tuple[ScriptCall, asyncio.Future]] = []
         self._flush_scheduled = False
         self._pubsub = None
         self._reader: asyncio.Task | None = None
+        self._closing = False
         self._start_lock = asyncio.Lock()
 
     async def _start(self) -> None:
         async with self._start_lock:
             if self._reader is not None:
                 return
-            self._pubsub = self._redis.pubsub()
+            self._pubsub = _Subscription(self._redis.connection_pool)
             pattern = self.keys.channel_pattern(self._ids.client_id + "-")
             await self._pubsub.psubscribe(pattern)
             while True:  # the subscription must be live before the first submit
@@ -159,6 +168,7 @@ class AsyncClient(ClientCore[Awaitable[AsyncRequestHandle]]):
                     raise RedisConnectionError("Redis did not confirm the client's subscription")
                 if message["type"] == "psubscribe":
                     break
+            self._pubsub.reconnected = False
             self._reader = asyncio.create_task(self._read_events(), name="batchd-client-router")
 
     # -- public API (submit: ClientCore) -----------------------------------------
@@ -200,10 +210,12 @@ class AsyncClient(ClientCore[Awaitable[AsyncRequestHandle]]):
 
     async def close(self) -> None:
         if self._reader is not None:
-            self._reader.cancel()
+            # A flag, not Task.cancel(): redis-py's get_message can swallow a cancel that
+            # lands while its own read timeout fires, leaving the reader running.
+            self._closing = True
             try:
                 await self._reader
-            except (asyncio.CancelledError, Exception):
+            except Exception:
                 pass
         if self._pubsub is not None:
             await self._pubsub.aclose()
@@ -277,28 +289,34 @@ class AsyncClient(ClientCore[Awaitable[AsyncRequestHandle]]):
     async def _subscribe(self, channel: str) -> None:
         confirmed = asyncio.get_running_loop().create_future()
         self._confirm[channel] = confirmed
-        await self._pubsub.subscribe(channel)
+        self._subscription_changes.append((True, channel))
         await asyncio.wait_for(confirmed, 10.0)
 
     async def _read_events(self) -> None:
         backoff = reconnect_backoff()
-        lost = False
-        while True:
+        while not self._closing:
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                # A short wait, so a queued subscription goes out soon (as Client's router does).
+                message = await self._pubsub.get_message(timeout=0.05)
+                await self._change_subscriptions()
                 backoff.reset()
             except (*CONNECTION_LOST, OSError) as exc:
                 delay = backoff.next_delay()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
-                lost = True
                 await asyncio.sleep(delay)
                 continue
-            if lost:
-                lost = False
+            if self._pubsub.reconnected:
+                self._pubsub.reconnected = False
                 for handle in list(self._handles.values()):
                     handle._deliver(_RECHECK)
             if message is not None:
                 self._route(message)
+
+    async def _change_subscriptions(self) -> None:
+        while self._subscription_changes:
+            subscribe, channel = self._subscription_changes[0]
+            await (self._pubsub.subscribe(channel) if subscribe else self._pubsub.unsubscribe(channel))
+            self._subscription_changes.popleft()  # only once sent: a lost connection leaves it queued
 
     def _route(self, message: dict) -> None:
         confirmed = self._routes.confirmed(message)
@@ -319,8 +337,5 @@ class AsyncClient(ClientCore[Awaitable[AsyncRequestHandle]]):
 
     async def _forget(self, request_id: str) -> None:
         self._handles.pop(request_id, None)
-        if self._needs_own_subscription(request_id, explicit=True) and self._pubsub is not None:
-            try:
-                await self._pubsub.unsubscribe(self.keys.channel(request_id))
-            except CONNECTION_LOST:
-                pass
+        if self._needs_own_subscription(request_id, explicit=True):
+            self._subscription_changes.append((False, self.keys.channel(request_id)))

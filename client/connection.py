@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import redis
+from redis.client import PubSub
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
@@ -54,3 +55,15 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self.FIRST_S
+
+
+class Subscription(PubSub):
+    """A PubSub that notes every (re)connect. redis-py reconnects and resubscribes silently,
+    and whatever was published while the connection was down is lost: a reader that sees
+    `reconnected` looks up what it may have missed, then clears it."""
+
+    reconnected = False
+
+    def on_connect(self, connection) -> None:
+        self.reconnected = True
+        super().on_connect(connection)

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import redis
 
 from . import scoring
-from .connection import CONNECTION_LOST, redis_url
+from .connection import CONNECTION_LOST, Subscription, redis_url
 from .core import ClientCore, EventParser, Reading, Routes, StreamItem, queue_cancel, reconnect_backoff, retry_delays
 from .protocol import Request, Result
 
@@ -41,7 +41,7 @@ def _retrying(command: Callable[[], T]) -> T:
     return command()
 
 
-# Queued to every waiting handle after the pub/sub connection came back:
+# Queued to every waiting handle after the pub/sub connection came back (core.py's policy):
 # events published meanwhile are lost, so read the stored result now.
 _RECHECK: bytes = object()  # type: ignore[assignment]
 
@@ -101,7 +101,7 @@ class _Router(threading.Thread):
 
     def __init__(self, redis_client: redis.Redis, routes: Routes, pattern: str):
         super().__init__(name="batchd-client-router", daemon=True)
-        self._pubsub = redis_client.pubsub(ignore_subscribe_messages=False)
+        self._pubsub = Subscription(redis_client.connection_pool, ignore_subscribe_messages=False)
         self._routes = routes
         self._handles: dict[str, RequestHandle] = {}
         self._subscribe_queue: queue.SimpleQueue[tuple[str, threading.Event]] = queue.SimpleQueue()
@@ -109,6 +109,7 @@ class _Router(threading.Thread):
         self._running = True
         self._pubsub.psubscribe(pattern)
         self._wait_confirmation()
+        self._pubsub.reconnected = False
 
     def _wait_confirmation(self) -> None:
         deadline = time.monotonic() + 10
@@ -139,7 +140,6 @@ class _Router(threading.Thread):
 
     def run(self) -> None:
         backoff = reconnect_backoff()
-        lost = False
         while self._running:
             try:
                 # get_message reconnects a dropped connection; subscribe must only run on a
@@ -147,16 +147,15 @@ class _Router(threading.Thread):
                 message = self._pubsub.get_message(timeout=0.05)
                 self._drain_subscribe_queue()
                 backoff.reset()
-                if lost:
-                    lost = False
-                    for handle in list(self._handles.values()):
-                        handle._deliver(_RECHECK)
             except (*CONNECTION_LOST, OSError) as exc:
                 delay = backoff.next_delay()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
-                lost = True
                 time.sleep(delay)
                 continue
+            if self._pubsub.reconnected:
+                self._pubsub.reconnected = False
+                for handle in list(self._handles.values()):
+                    handle._deliver(_RECHECK)
             if message is not None:
                 self._route(message)
         self._pubsub.close()
