@@ -436,3 +436,65 @@ def test_jobs_read_by_two_pipelines_before_the_next_take_all_run(client, clock):
     run_worker_until_idle(worker)
     assert (final_of(client, "r0").text, final_of(client, "r1").text) == ("ab", "x")
     assert client.xlen(KEYS.jobs("w1")) == 0
+
+
+class FailingOnceEngine(EchoEngine):
+    """An engine whose first step fails, as a transient device fault would."""
+
+    failed = False
+
+    def step(self):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("device lost")
+        return super().step()
+
+
+@pytest.mark.parametrize("max_attempts, dead_lettered", [(1, True), (3, False)])
+def test_a_worker_hands_back_against_the_schedulers_max_attempts(client, clock, max_attempts, dead_lettered):
+    scheduler = make_scheduler(client, clock, max_attempts=max_attempts)  # published in the config hash
+    worker = Worker(WorkerConfig(worker_id="w1"), FailingOnceEngine(slots=8, clock=clock), connect=lambda: client,
+                    clock=clock)
+    worker._connect()
+    submit(client, clock, "r0", prompt="abc")
+    settle(scheduler, clock)
+    worker.run_once()  # admitted, then the step fails: the worker hands r0 back
+    assert client.exists(KEYS.result("r0")) == dead_lettered
+    assert client.xlen(KEYS.dead_letters) == int(dead_lettered)
+    assert client.xlen(KEYS.requests) == int(not dead_lettered)
+
+
+class CountingEngine(EchoEngine):
+    """An echo engine that keeps prefix-cache totals, as the hf engine will."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+        return super().step()
+
+    def stats(self) -> dict[str, int]:
+        return {"prefix_cache_queries": 10 * self.steps, "prefix_cache_hits": 4 * self.steps}
+
+
+def test_the_engines_running_totals_become_counters(client, clock):
+    from batchd.daemon.metrics import WORKER_REGISTRY
+
+    scheduler = make_scheduler(client, clock)
+    engine = CountingEngine(slots=8, clock=clock)
+    worker = Worker(WorkerConfig(worker_id="counting"), engine, connect=lambda: client, clock=clock)
+    worker._connect()
+    labels = {"worker": "counting", "model": "echo"}
+    before = {name: WORKER_REGISTRY.get_sample_value(name, labels) or 0.0
+              for name in ("batchd:prefix_cache_queries_total", "batchd:prefix_cache_hits_total",
+                           "batchd:num_preemptions_total")}
+    submit(client, clock, "r0", prompt="abcd")
+    settle(scheduler, clock)
+    run_worker_until_idle(worker)
+    grown = {name: WORKER_REGISTRY.get_sample_value(name, labels) - value for name, value in before.items()}
+    assert engine.steps >= 4
+    assert grown == {"batchd:prefix_cache_queries_total": 10 * engine.steps,
+                     "batchd:prefix_cache_hits_total": 4 * engine.steps,
+                     "batchd:num_preemptions_total": 0}
