@@ -19,9 +19,8 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
-from . import scoring
+from . import core, scoring
 from .connection import CONNECTION_LOST, redis_url
-from .core import ClientCore, Reading, StreamItem, queue_cancel, reconnect_backoff, retry_delays
 from .protocol import Request, Result
 from .scripts import ScriptCall
 
@@ -32,18 +31,13 @@ T = TypeVar("T")
 
 async def _retrying(command: Callable[[], Awaitable[T]]) -> T:
     """Run an idempotent command, riding out a lost connection (a Redis restart), as Client does."""
-    for delay in retry_delays():
+    for delay in core.retry_delays():
         try:
             return await command()
         except CONNECTION_LOST as exc:
             log.warning("Redis unreachable (%s); retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)
     return await command()
-
-
-# Delivered to every waiting handle after the pub/sub connection came back:
-# events published meanwhile are lost, so read the stored result now.
-_RECHECK: bytes = object()  # type: ignore[assignment]
 
 
 class _Subscription(PubSub):
@@ -59,14 +53,14 @@ class _Subscription(PubSub):
 class AsyncRequestHandle:
     """A submitted request: await its result, stream it, or cancel it."""
 
-    def __init__(self, client: "AsyncClient", reading: Reading):
+    def __init__(self, client: "AsyncClient", reading: core.Reading):
         self.request_id = reading.request_id
         self._client = client
         self._events: deque[bytes] = deque()
         self._waiter: asyncio.Future | None = None
         self._reading = reading
 
-    async def __aiter__(self) -> AsyncIterator[StreamItem]:
+    async def __aiter__(self) -> AsyncIterator[core.StreamItem]:
         try:
             self._reading.begin()
             while not self._reading.done:
@@ -106,7 +100,7 @@ class AsyncRequestHandle:
                 await self._event_or_timeout(wait)
             if self._events:
                 payload = self._events.popleft()
-                if payload is not _RECHECK:
+                if payload is not core.RECHECK:
                     return payload
             stored = await self._client._stored_result(self.request_id)
             if stored is not None:
@@ -134,7 +128,7 @@ def _wake(waiter: asyncio.Future | None) -> None:
         waiter.set_result(None)
 
 
-class AsyncClient(ClientCore[Awaitable[AsyncRequestHandle]]):
+class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
     """asyncio twin of Client; create it inside the event loop that uses it."""
 
     def __init__(self, url: str | None = None, *, prefix: str = "batchd:", producer: str | None = None,
@@ -171,12 +165,12 @@ class AsyncClient(ClientCore[Awaitable[AsyncRequestHandle]]):
             self._pubsub.reconnected = False
             self._reader = asyncio.create_task(self._read_events(), name="batchd-client-router")
 
-    # -- public API (submit: ClientCore) -----------------------------------------
+    # -- public API (submit: core.ClientCore) -----------------------------------------
     async def generate(self, prompt: str | None = None, **kwargs) -> Result:
         handle = await self.submit(prompt, **kwargs)
         return await handle.result()
 
-    async def stream(self, prompt: str | None = None, **kwargs) -> AsyncIterator[StreamItem]:
+    async def stream(self, prompt: str | None = None, **kwargs) -> AsyncIterator[core.StreamItem]:
         handle = await self.submit(prompt, **kwargs)
         async for item in handle:
             yield item
@@ -203,7 +197,7 @@ class AsyncClient(ClientCore[Awaitable[AsyncRequestHandle]]):
         """See Client.cancel."""
         async def send() -> None:
             async with self._redis.pipeline(transaction=False) as pipe:
-                queue_cancel(pipe, self.keys, request_id)
+                core.queue_cancel(pipe, self.keys, request_id)
                 await pipe.execute()
 
         await _retrying(send)
@@ -293,7 +287,7 @@ class AsyncClient(ClientCore[Awaitable[AsyncRequestHandle]]):
         await asyncio.wait_for(confirmed, 10.0)
 
     async def _read_events(self) -> None:
-        backoff = reconnect_backoff()
+        backoff = core.reconnect_backoff()
         while not self._closing:
             try:
                 # A short wait, so a queued subscription goes out soon (as Client's router does).
@@ -305,10 +299,7 @@ class AsyncClient(ClientCore[Awaitable[AsyncRequestHandle]]):
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            if self._pubsub.reconnected:
-                self._pubsub.reconnected = False
-                for handle in list(self._handles.values()):
-                    handle._deliver(_RECHECK)
+            core.recheck_if_reconnected(self._pubsub, self._handles)
             if message is not None:
                 self._route(message)
 

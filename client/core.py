@@ -293,6 +293,20 @@ def _text(channel: str | bytes) -> str:
     return channel.decode() if isinstance(channel, bytes) else channel
 
 
+# Delivered to every waiting handle after the pub/sub connection came back:
+# events published meanwhile are lost, so the handle reads its stored result now.
+RECHECK: bytes = object()  # type: ignore[assignment]
+
+
+def recheck_if_reconnected(subscription: Any, handles: dict) -> None:
+    """After a reconnect of the subscription (connection.Subscription), every waiting handle
+    reads its stored result at once instead of at its next poll."""
+    if subscription.reconnected:
+        subscription.reconnected = False
+        for handle in list(handles.values()):
+            handle._deliver(RECHECK)
+
+
 class Reading:
     """How a handle reads one request: wire events in, stream items out, the final Result
     last (raising its typed error), and how long to wait for the next event before looking

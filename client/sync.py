@@ -16,9 +16,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import redis
 
-from . import scoring
+from . import core, scoring
 from .connection import CONNECTION_LOST, Subscription, redis_url
-from .core import ClientCore, EventParser, Reading, Routes, StreamItem, queue_cancel, reconnect_backoff, retry_delays
 from .protocol import Request, Result
 
 log = logging.getLogger("batchd.client")
@@ -32,7 +31,7 @@ def _retrying(command: Callable[[], T]) -> T:
     Retries live here, not in the connection pool: redis-py's pub/sub
     deadlocks when a pooled retry reconnects it.
     """
-    for delay in retry_delays():
+    for delay in core.retry_delays():
         try:
             return command()
         except CONNECTION_LOST as exc:
@@ -41,21 +40,16 @@ def _retrying(command: Callable[[], T]) -> T:
     return command()
 
 
-# Queued to every waiting handle after the pub/sub connection came back (core.py's policy):
-# events published meanwhile are lost, so read the stored result now.
-_RECHECK: bytes = object()  # type: ignore[assignment]
-
-
 class RequestHandle:
     """A submitted request: wait for its result, stream it, or cancel it."""
 
-    def __init__(self, client: "Client", reading: Reading):
+    def __init__(self, client: "Client", reading: core.Reading):
         self.request_id = reading.request_id
         self._client = client
         self._events: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._reading = reading
 
-    def __iter__(self) -> Iterator[StreamItem]:
+    def __iter__(self) -> Iterator[core.StreamItem]:
         """Token deltas as they are produced, then the final Result."""
         try:
             self._reading.begin()
@@ -84,7 +78,7 @@ class RequestHandle:
         while True:
             try:
                 payload = self._events.get(timeout=self._reading.next_wait_s())
-                if payload is not _RECHECK:
+                if payload is not core.RECHECK:
                     return payload
             except queue.Empty:
                 pass
@@ -99,7 +93,7 @@ class RequestHandle:
 class _Router(threading.Thread):
     """Owns the pub/sub connection; routes each message to its request."""
 
-    def __init__(self, redis_client: redis.Redis, routes: Routes, pattern: str):
+    def __init__(self, redis_client: redis.Redis, routes: core.Routes, pattern: str):
         super().__init__(name="batchd-client-router", daemon=True)
         self._pubsub = Subscription(redis_client.connection_pool, ignore_subscribe_messages=False)
         self._routes = routes
@@ -139,7 +133,7 @@ class _Router(threading.Thread):
         self._running = False
 
     def run(self) -> None:
-        backoff = reconnect_backoff()
+        backoff = core.reconnect_backoff()
         while self._running:
             try:
                 # get_message reconnects a dropped connection; subscribe must only run on a
@@ -152,10 +146,7 @@ class _Router(threading.Thread):
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
                 time.sleep(delay)
                 continue
-            if self._pubsub.reconnected:
-                self._pubsub.reconnected = False
-                for handle in list(self._handles.values()):
-                    handle._deliver(_RECHECK)
+            core.recheck_if_reconnected(self._pubsub, self._handles)
             if message is not None:
                 self._route(message)
         self._pubsub.close()
@@ -188,7 +179,7 @@ class _Router(threading.Thread):
             handle._deliver(message["data"])
 
 
-class Client(ClientCore[RequestHandle]):
+class Client(core.ClientCore[RequestHandle]):
     """Submit generation requests to batchd and read their results.
 
     `Client(url)` connects to Redis (default `$BATCHD_REDIS_URL`, then
@@ -205,12 +196,12 @@ class Client(ClientCore[RequestHandle]):
         self._router = _Router(self._redis, self._routes, self.keys.channel_pattern(self._ids.client_id + "-"))
         self._router.start()
 
-    # -- public API (submit: ClientCore) -----------------------------------------
+    # -- public API (submit: core.ClientCore) -----------------------------------------
     def generate(self, prompt: str | None = None, **kwargs) -> Result:
         """Submit and wait for the final result (see submit for the arguments)."""
         return self.submit(prompt, **kwargs).result()
 
-    def stream(self, prompt: str | None = None, **kwargs) -> Iterator[StreamItem]:
+    def stream(self, prompt: str | None = None, **kwargs) -> Iterator[core.StreamItem]:
         """Submit and yield Delta items as tokens arrive, then the final Result."""
         return iter(self.submit(prompt, **kwargs))
 
@@ -233,7 +224,7 @@ class Client(ClientCore[RequestHandle]):
         """Ask batchd to stop a request; its slot is freed within one engine step."""
         def send() -> None:
             with self._redis.pipeline(transaction=False) as pipe:
-                queue_cancel(pipe, self.keys, request_id)
+                core.queue_cancel(pipe, self.keys, request_id)
                 pipe.execute()
 
         _retrying(send)
@@ -243,7 +234,7 @@ class Client(ClientCore[RequestHandle]):
         stored = self._stored_result(request_id)
         if stored is None:
             return None
-        parser = EventParser(request_id)
+        parser = core.EventParser(request_id)
         parser.parse(stored)
         return parser.result
 
