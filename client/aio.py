@@ -97,7 +97,16 @@ class AsyncRequestHandle:
         while True:
             wait = self._reading.next_wait_s()
             if not self._events:
-                await self._event_or_timeout(wait)
+                # A bare future and a timer: asyncio.wait_for(queue.get()) would cost
+                # a Task per event, a large share of the client's time at high rates.
+                loop = asyncio.get_running_loop()
+                self._waiter = loop.create_future()
+                timer = loop.call_later(wait, _wake, self._waiter)
+                try:
+                    await self._waiter
+                finally:
+                    timer.cancel()
+                    self._waiter = None
             if self._events:
                 payload = self._events.popleft()
                 if payload is not core.RECHECK:
@@ -105,18 +114,6 @@ class AsyncRequestHandle:
             stored = await self._client._stored_result(self.request_id)
             if stored is not None:
                 return stored
-
-    async def _event_or_timeout(self, wait: float) -> None:
-        # A bare future and a timer: asyncio.wait_for(queue.get()) would cost
-        # a Task per event, a large share of the client's time at high rates.
-        loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
-        timer = loop.call_later(wait, _wake, self._waiter)
-        try:
-            await self._waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
 
     def _deliver(self, payload: bytes) -> None:
         self._events.append(payload)
@@ -292,14 +289,16 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
             try:
                 # A short wait, so a queued subscription goes out soon (as Client's router does).
                 message = await self._pubsub.get_message(timeout=0.05)
-                await self._change_subscriptions()
+                if self._subscription_changes:
+                    await self._change_subscriptions()
                 backoff.reset()
             except (*CONNECTION_LOST, OSError) as exc:
                 delay = backoff.next_delay()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            core.recheck_if_reconnected(self._pubsub, self._handles)
+            if self._pubsub.reconnected:
+                core.recheck_after_reconnect(self._pubsub, self._handles)
             if message is not None:
                 self._route(message)
 
@@ -310,15 +309,15 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
             self._subscription_changes.popleft()  # only once sent: a lost connection leaves it queued
 
     def _route(self, message: dict) -> None:
-        confirmed = self._routes.confirmed(message)
-        if confirmed is not None:
-            future = self._confirm.pop(confirmed, None)
-            if future is not None and not future.done():
-                future.set_result(True)
+        request_id = self._routes.request_of(message)
+        if request_id is not None:
+            handle = self._handles.get(request_id)
+            if handle is not None:
+                handle._deliver(message["data"])
             return
-        handle = self._handles.get(self._routes.request_of(message))
-        if handle is not None:
-            handle._deliver(message["data"])
+        future = self._confirm.pop(self._routes.confirmed(message), None)
+        if future is not None and not future.done():
+            future.set_result(True)
 
     async def _stored_result(self, request_id: str) -> bytes | None:
         try:

@@ -285,7 +285,8 @@ class Routes:
 
     @staticmethod
     def confirmed(message: dict) -> str | None:
-        """The channel a SUBSCRIBE confirmation is for; None for anything else."""
+        """The channel a SUBSCRIBE confirmation is for; None for anything else (ask request_of first:
+        nearly every message is an event)."""
         return _text(message["channel"]) if message["type"] == "subscribe" else None
 
 
@@ -298,13 +299,12 @@ def _text(channel: str | bytes) -> str:
 RECHECK: bytes = object()  # type: ignore[assignment]
 
 
-def recheck_if_reconnected(subscription: Any, handles: dict) -> None:
-    """After a reconnect of the subscription (connection.Subscription), every waiting handle
+def recheck_after_reconnect(subscription: Any, handles: dict) -> None:
+    """After the subscription (connection.Subscription) reconnected, every waiting handle
     reads its stored result at once instead of at its next poll."""
-    if subscription.reconnected:
-        subscription.reconnected = False
-        for handle in list(handles.values()):
-            handle._deliver(RECHECK)
+    subscription.reconnected = False
+    for handle in list(handles.values()):
+        handle._deliver(RECHECK)
 
 
 class Reading:

@@ -146,7 +146,8 @@ class _Router(threading.Thread):
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
                 time.sleep(delay)
                 continue
-            core.recheck_if_reconnected(self._pubsub, self._handles)
+            if self._pubsub.reconnected:
+                core.recheck_after_reconnect(self._pubsub, self._handles)
             if message is not None:
                 self._route(message)
         self._pubsub.close()
@@ -168,15 +169,15 @@ class _Router(threading.Thread):
                 raise
 
     def _route(self, message: dict) -> None:
-        confirmed = self._routes.confirmed(message)
-        if confirmed is not None:
-            done = self._confirm.pop(confirmed, None)
-            if done is not None:
-                done.set()
+        request_id = self._routes.request_of(message)
+        if request_id is not None:
+            handle = self._handles.get(request_id)
+            if handle is not None:
+                handle._deliver(message["data"])
             return
-        handle = self._handles.get(self._routes.request_of(message))
-        if handle is not None:
-            handle._deliver(message["data"])
+        done = self._confirm.pop(self._routes.confirmed(message), None)
+        if done is not None:
+            done.set()
 
 
 class Client(core.ClientCore[RequestHandle]):
