@@ -309,13 +309,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
             self._subscription_changes.popleft()  # only once sent: a lost connection leaves it queued
 
     def _route(self, message: dict) -> None:
-        request_id = self._routes.request_of(message)
-        if request_id is not None:
-            handle = self._handles.get(request_id)
-            if handle is not None:
-                handle._deliver(message["data"])
-            return
-        future = self._confirm.pop(self._routes.confirmed(message), None)
+        future = self._routes.route(message, self._handles, self._confirm)
         if future is not None and not future.done():
             future.set_result(True)
 

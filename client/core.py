@@ -289,6 +289,17 @@ class Routes:
         nearly every message is an event)."""
         return _text(message["channel"]) if message["type"] == "subscribe" else None
 
+    def route(self, message: dict, handles: dict, confirmations: dict) -> Any:
+        """Hand an event to its request's handle; for a SUBSCRIBE confirmation, return (and forget)
+        the waiter registered for its channel, for the transport to wake."""
+        request_id = self.request_of(message)
+        if request_id is not None:
+            handle = handles.get(request_id)
+            if handle is not None:
+                handle._deliver(message["data"])
+            return None
+        return confirmations.pop(self.confirmed(message), None)
+
 
 def _text(channel: str | bytes) -> str:
     return channel.decode() if isinstance(channel, bytes) else channel

@@ -169,13 +169,7 @@ class _Router(threading.Thread):
                 raise
 
     def _route(self, message: dict) -> None:
-        request_id = self._routes.request_of(message)
-        if request_id is not None:
-            handle = self._handles.get(request_id)
-            if handle is not None:
-                handle._deliver(message["data"])
-            return
-        done = self._confirm.pop(self._routes.confirmed(message), None)
+        done = self._routes.route(message, self._handles, self._confirm)
         if done is not None:
             done.set()
 
