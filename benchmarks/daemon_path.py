@@ -56,7 +56,7 @@ def _save_tokenizer(directory: Path, vocab_size: int) -> None:
 async def submit_all(url: str, prompts, outputs, progress: bool) -> dict:
     from batchd import AsyncClient
     from batchd.bench import percentiles
-    from batchd.client._common import Delta
+    from batchd.client import Delta
 
     ttfts, gaps, tokens = [], [], 0
     done = 0

@@ -27,7 +27,7 @@ import torch
 from batchd.client.protocol import SamplingParams
 from batchd.workers.engine import EngineRequest
 from batchd.workers.hf import HFEngine
-from batchd.workers.models import load_model
+from batchd.workers.hf.models import load_model
 
 PROMPTS = [
     "Once upon a time, in a village at the edge of a great forest,",

@@ -35,7 +35,7 @@ from batchd.client.protocol import SamplingParams
 from batchd.workers.engine import EngineRequest
 from batchd.workers.hf import HFEngine
 from batchd.workers.hf.kv_cache import kv_bytes_per_token
-from batchd.workers.models import LoadedModel
+from batchd.workers.hf.models import LoadedModel
 
 log = logging.getLogger("engine_gpu")
 

@@ -3,8 +3,8 @@
 # The GPU machine has torch and transformers but not batchd's own needs, and no
 # network: wheels travel in .whl/ (and .whl8/ for torchao), carried with the tree.
 # batchd itself goes on the path as a package tree of links, the layout pyproject's
-# package-dir gives an install, so no build tools are needed there. Run what imports
-# batchd from outside the checkout (cd /tmp): its batchd/ folder alone is not the package.
+# package-dir gives an install (cli/ is the batchd package, the other folders its
+# subpackages), so no build tools are needed there.
 #
 # Wheels, made here (x86-64, CPython 3.12 there; the device README has the full flags):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -16,8 +16,8 @@
 set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     $(ls .whl8/*.whl 2>/dev/null)
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r batchd /tmp/pkg/
-for part in client scheduler workers; do ln -s "$PWD/$part" "/tmp/pkg/batchd/$part"; done
+rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r cli /tmp/pkg/batchd
+for part in client daemon scheduler workers; do ln -s "$PWD/$part" "/tmp/pkg/batchd/$part"; done
 export PYTHONPATH=/tmp/pkg:/tmp/site:$PWD/benchmarks PYTHONUNBUFFERED=1
 (cd /tmp && python3 -c "import batchd.workers.hf, batchd.embedded; print('batchd importable')")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -135,7 +135,7 @@ def main() -> None:
 
     from batchd.embedded import EmbeddedServer
     from batchd.status import stop_processes, wait_for_workers
-    from batchd.workers.models import load_model
+    from batchd.workers.hf.models import load_model
 
     loaded = load_model(args.model, dtype="float32", device=args.device)
     prompt_ids = loaded.tokenizer(PROMPT)["input_ids"]

@@ -35,8 +35,8 @@ from batchd.client.protocol import SamplingParams
 from batchd.workers.engine import EngineRequest
 from batchd.workers.hf import HFEngine
 from batchd.workers.hf.kv_cache import kv_bytes_per_token
-from batchd.workers.models import LoadedModel
-from batchd.workers.scoring import ScoreItem
+from batchd.workers.hf.models import LoadedModel
+from batchd.workers.engine import ScoreItem
 from engine_gpu import (Report, _free_engine_memory, _now, _sync, build_model, copy_bandwidth, hf_generate,
                         qwen3_config, roofline, word_tokenizer, workload)
 

@@ -26,7 +26,7 @@ import torch
 from batchd.client.protocol import SamplingParams
 from batchd.workers.engine import EngineRequest
 from batchd.workers.hf import HFEngine
-from batchd.workers.models import load_model, weight_bytes
+from batchd.workers.hf.models import load_model, weight_bytes
 
 # The prompts of the CPU engine benchmark (benchmarks/ is on sys.path when run as a script).
 from engine_cpu import PROMPTS  # noqa: E402

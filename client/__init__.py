@@ -1,8 +1,10 @@
 """Producer-side API of batchd and the wire contract every side shares.
 
-Imports no torch and nothing of the scheduler or workers.
+Imports no torch and nothing of the scheduler or workers. Client and
+AsyncClient load on first use, so `import batchd.client.protocol` stays cheap.
 """
 
+from .core import Delta, StreamRestarted
 from .errors import (
     BatchdError,
     Cancelled,
@@ -18,13 +20,13 @@ from .errors import (
 from .protocol import Result, SamplingParams, Timings, Usage
 
 __all__ = [
-    "AsyncClient", "BatchdError", "Cancelled", "Client", "DeadlineExceeded", "InvalidRequest",
+    "AsyncClient", "BatchdError", "Cancelled", "Client", "DeadlineExceeded", "Delta", "InvalidRequest",
     "NextTokenLogprobs", "NoWorkers", "Overloaded", "RequestTooLarge", "Result", "ResultTimeout", "SamplingParams",
-    "Score", "Timings", "UnsupportedVersion", "Usage", "WorkerFailed",
+    "Score", "StreamRestarted", "Timings", "UnsupportedVersion", "Usage", "WorkerFailed",
 ]
 
 
-def __getattr__(name):  # the client modules land next; keep import cheap
+def __getattr__(name):
     if name == "Client":
         from .sync import Client
         return Client

@@ -1,4 +1,4 @@
-"""How every batchd process finds and describes its Redis server.
+"""How every batchd process finds its Redis server, and how it waits when the server is gone.
 
 The URL comes from the caller, else $BATCHD_REDIS_URL, else the local default;
 `rediss://` gives TLS and `redis://user:password@host` an ACL user. Logs only
@@ -8,12 +8,14 @@ ever show the redacted form.
 from __future__ import annotations
 
 import os
-import socket
-import uuid
 
 import redis
+from redis.client import PubSub
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+# What a lost or unreachable server raises, sync and asyncio alike.
+CONNECTION_LOST = (redis.ConnectionError, redis.TimeoutError)
 
 
 def redis_url(url: str | None = None) -> str:
@@ -38,6 +40,30 @@ def connect(url: str | None = None, **options) -> redis.Redis:
     return redis.Redis.from_url(redis_url(url), **options)
 
 
-def instance_id() -> str:
-    """A daemon's default id: host, pid and a random suffix, readable in logs and `batchd status`."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+class Backoff:
+    """Delays between tries at a lost connection: 0.1 s, doubling up to cap_s."""
+
+    FIRST_S = 0.1
+
+    def __init__(self, cap_s: float):
+        self.cap_s = cap_s
+        self._next = self.FIRST_S
+
+    def next_delay(self) -> float:
+        delay, self._next = self._next, min(self._next * 2, self.cap_s)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.FIRST_S
+
+
+class Subscription(PubSub):
+    """A PubSub that notes every (re)connect. redis-py reconnects and resubscribes silently,
+    and whatever was published while the connection was down is lost: a reader that sees
+    `reconnected` looks up what it may have missed, then clears it."""
+
+    reconnected = False
+
+    def on_connect(self, connection) -> None:
+        self.reconnected = True
+        super().on_connect(connection)

@@ -89,6 +89,10 @@ _BY_CODE = {
 }
 
 
+# Every error type a result can carry, as the wire spells it.
+ERROR_CODES: tuple[str, ...] = tuple(_BY_CODE)
+
+
 def error_from_code(code: str, message: str, request_id: str | None = None) -> BatchdError:
     """Rebuild the exception a remote side reported; unknown codes stay BatchdError."""
     return _BY_CODE.get(code, BatchdError)(message, request_id)

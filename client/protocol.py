@@ -38,6 +38,15 @@ Task = Literal["generate", "next_token_logprobs", "score"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "cancelled", "deadline", "error")
 
 RequestId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9._:\-]+$")]
+
+
+def is_request_id(text: str) -> bool:
+    """Whether text is a request id the protocol accepts (the RequestId rule itself)."""
+    try:
+        msgspec.convert(text, RequestId)
+    except msgspec.ValidationError:
+        return False
+    return True
 TokenId = Annotated[int, Meta(ge=0, lt=2**31)]
 
 

@@ -11,7 +11,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Sequence
 
-from ._common import build_request
+from .core import build_request
 from .protocol import Request, Result
 
 

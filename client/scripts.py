@@ -1,169 +1,94 @@
-"""Lua scripts that make batchd's multi-key steps atomic on the Redis server.
+"""The producer's Lua script, and the one way batchd runs any Lua script.
 
-Each one exists because two processes may race on the same request: a client
-retrying a submit, a paused worker waking after its requests were handed to
-another, two schedulers reaping one dead worker. Scripts touch only the keys
-passed in KEYS, so they also run on Redis Cluster once keys share a hash tag.
+A script is called by its SHA1 (EVALSHA), computed here, so no call waits for a
+SCRIPT LOAD first. A server that does not know the script (it restarted, or its
+scripts were flushed) answers NOSCRIPT; the call is then loaded and run again.
+Every script batchd has goes this way: SUBMIT below, the daemons' in
+batchd.daemon.scripts. Scripts touch only the keys passed in KEYS, so they also
+run on Redis Cluster once keys share a hash tag.
 """
 
 from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Sequence
+
+from redis.exceptions import NoScriptError
+
+from .keys import Keys
+
+
+class Script:
+    """A Lua script and its SHA1."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def queue(self, pipe: Any, keys: Sequence, args: Sequence) -> None:
+        """Add one call to a pipeline (run_in_pipeline reruns it if the server answers NOSCRIPT)."""
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+    def run(self, client: Any, keys: Sequence, args: Sequence) -> Any:
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            client.script_load(self.source)
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def run_async(self, client: Any, keys: Sequence, args: Sequence) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+# One script call: the script, its KEYS and its ARGV.
+ScriptCall = tuple[Script, Sequence, Sequence]
+
+
+def run_in_pipeline(client: Any, calls: Sequence[ScriptCall],
+                    then: Callable[[Any], None] | None = None) -> tuple[list, list]:
+    """Script calls, then the commands `then` adds, in one round trip. Returns the
+    scripts' outcomes (each call the server answered NOSCRIPT run again on its own)
+    and the other commands' replies; errors come back as values, for the caller to judge."""
+    with client.pipeline(transaction=False) as pipe:
+        for script, keys, args in calls:
+            script.queue(pipe, keys, args)
+        if then is not None:
+            then(pipe)
+        replies = pipe.execute(raise_on_error=False)
+    outcomes = replies[:len(calls)]
+    for index, (script, keys, args) in enumerate(calls):
+        if isinstance(outcomes[index], NoScriptError):
+            outcomes[index] = script.run(client, keys, args)
+    return outcomes, replies[len(calls):]
+
+
+def raise_any_error(outcomes: Sequence) -> None:
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
+
 
 # Enqueue unless the id was already accepted (idempotent retries) or the
 # backlog is at max_queue (explicit overload instead of silent growth).
 # KEYS: requests stream, accepted marker, config hash
 # ARGV: request id, payload, accepted ttl seconds
 # Returns 1 enqueued, 0 duplicate, -1 overloaded.
-SUBMIT = """
+SUBMIT = Script("""
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local max_queue = tonumber(redis.call('HGET', KEYS[3], 'max_queue') or '0')
 if max_queue and max_queue > 0 and redis.call('XLEN', KEYS[1]) >= max_queue then return -1 end
 redis.call('SET', KEYS[2], '1', 'EX', tonumber(ARGV[3]))
 redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'data', ARGV[2])
 return 1
-"""
+""")
 
-# Store the final event once and publish it once. A worker whose lease was
-# taken over (owner key names another attempt) is refused, so a worker that
-# was paused past its lease never delivers a second result. A worker whose job
-# this result completes passes the job too: it is acknowledged in the same
-# step, after the result is stored (a job is acked whatever the outcome: a
-# fenced or duplicate result leaves nothing more to do for it).
-# KEYS: result key, owner key, [job stream]
-# ARGV: channel, final event payload, result ttl seconds, owner token ('' = no lease check),
-#       [worker group, job entry id]
-# Returns 1 delivered, 0 already delivered, -1 fenced.
-FINALIZE = """
-local outcome = 0
-if ARGV[4] ~= '' then
-  local owner = redis.call('GET', KEYS[2])
-  if owner and owner ~= ARGV[4] then outcome = -1 end
-end
-if outcome == 0 and redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', tonumber(ARGV[3])) then
-  redis.call('PUBLISH', ARGV[1], ARGV[2])
-  redis.call('DEL', KEYS[2])
-  outcome = 1
-end
-if KEYS[3] then
-  redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
-  redis.call('XDEL', KEYS[3], ARGV[6])
-end
-return outcome
-"""
-
-# Publish one engine step's token events in one round trip, dropping those
-# of requests this worker no longer owns.
-# KEYS: owner key of each event, in order
-# ARGV: owner token, then channel and payload for each event
-# Returns, per event, how many subscribers received it (-1: not published,
-# the lease is gone), so the worker notices a caller that went away.
-PUBLISH_STEP = """
-local token = ARGV[1]
-local heard = {}
-for i = 1, #KEYS do
-  local owner = redis.call('GET', KEYS[i])
-  if owner == token then
-    heard[i] = redis.call('PUBLISH', ARGV[2 * i], ARGV[2 * i + 1])
-  else
-    heard[i] = -1
-  end
-end
-return heard
-"""
-
-# Give a request its worker could not finish back to the schedulers, or, on
-# its last attempt, finish it with its error and keep it as a dead letter.
-# Skipped when the request already has a result or its lease names another
-# attempt (a duplicate of a request that already runs elsewhere). A requeued
-# request's lease is set to a marker at once, so the worker that lost it is
-# fenced from that moment, not only once the request is dispatched again.
-# KEYS: result key, owner key, requests stream, dead-letter stream, stats hash
-# ARGV: expected owner token ('' = no check), request id, 'requeue' or 'dead',
-#       request payload, channel, event payload (restart or final event),
-#       ttl seconds, lease marker, error type, error message, dead-letter maxlen
-# Returns 1 requeued, 2 dead-lettered, 0 skipped.
-HAND_BACK = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if ARGV[1] ~= '' then
-  local owner = redis.call('GET', KEYS[2])
-  if owner and owner ~= ARGV[1] then return 0 end
-end
-local ttl = tonumber(ARGV[7])
-if ARGV[3] == 'requeue' then
-  redis.call('SET', KEYS[2], ARGV[8], 'EX', ttl)
-  redis.call('XADD', KEYS[3], '*', 'id', ARGV[2], 'data', ARGV[4])
-  redis.call('PUBLISH', ARGV[5], ARGV[6])
-  return 1
-end
-redis.call('SET', KEYS[1], ARGV[6], 'EX', ttl)
-redis.call('PUBLISH', ARGV[5], ARGV[6])
-redis.call('DEL', KEYS[2])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*',
-           'id', ARGV[2], 'error_type', ARGV[9], 'reason', ARGV[10], 'data', ARGV[4])
-redis.call('HINCRBY', KEYS[5], 'dead_letters', 1)
-return 2
-"""
+# Seconds an id stays "accepted", so a retried submit is recognised as a duplicate.
+ACCEPTED_TTL_S = 24 * 3600
 
 
-# Hand a batch to a worker unless one of its requests was cancelled meanwhile,
-# in one atomic step: the job lands on the worker's stream, each request gets its
-# lease, and its entry leaves the request stream, all or nothing. Checking the
-# cancel flags here saves the scheduler a round trip per job.
-# KEYS: job stream, request stream, stats hash, owner key of each request, cancel key of each request
-# ARGV: job payload, scheduler group, lease ttl seconds, owner token of each request, entry id of each request
-# Returns {1, job stream id} dispatched, or {0, {positions (1-based) of cancelled requests}}: nothing written.
-DISPATCH = """
-local n = (#KEYS - 3) / 2
-local cancelled = {}
-for i = 1, n do
-  if redis.call('EXISTS', KEYS[3 + n + i]) == 1 then cancelled[#cancelled + 1] = i end
-end
-if #cancelled > 0 then return {0, cancelled} end
-local job_id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
-local entries = {}
-for i = 1, n do
-  redis.call('SET', KEYS[3 + i], ARGV[3 + i], 'EX', tonumber(ARGV[3]))
-  entries[i] = ARGV[3 + n + i]
-end
-redis.call('XACK', KEYS[2], ARGV[2], unpack(entries))
-redis.call('XDEL', KEYS[2], unpack(entries))
-redis.call('HINCRBY', KEYS[3], 'jobs', 1)
-redis.call('HINCRBY', KEYS[3], 'requests_dispatched', n)
-redis.call('HINCRBY', KEYS[3], 'job_size:' .. n, 1)
-return {1, job_id}
-"""
-
-
-def finalize_keys_args(keys, request_id: str, final_payload: bytes, result_ttl_s: int,
-                       owner_token: str = "", ack: tuple[str, str, str] | None = None) -> tuple[list[str], list]:
-    """KEYS and ARGV of FINALIZE for one request's final event; ack = (job stream, group, entry id)
-    when this result completes that job."""
-    call_keys = [keys.result(request_id), keys.owner(request_id)]
-    args = [keys.channel(request_id), final_payload, result_ttl_s, owner_token]
-    if ack is not None:
-        stream, group, entry_id = ack
-        call_keys.append(stream)
-        args += [group, entry_id]
-    return call_keys, args
-
-
-def dead_letter_fields(request_id: str | None, error_type: str, message: str, data: bytes | None) -> dict:
-    """Fields of one dead-letter stream entry (docs/protocol.md)."""
-    fields = {"id": request_id or "", "error_type": error_type, "reason": message}
-    if data is not None:
-        fields["data"] = data
-    return fields
-
-
-# Dead letters keep the most recent entries only; operators read them with
-# `batchd status` or XRANGE.
-DEAD_LETTER_MAXLEN = 100_000
-
-
-def owner_token(worker_id: str, attempt: int) -> str:
-    """The lease value that lets one worker attempt publish for a request."""
-    return f"{worker_id}/{attempt}"
-
-
-def requeued_token(attempt: int) -> str:
-    """The lease value of a request waiting to be dispatched again: fences every worker."""
-    return f"queued/{attempt}"
+def submit_call(keys: Keys, request_id: str, payload: bytes) -> ScriptCall:
+    return SUBMIT, [keys.requests, keys.accepted(request_id), keys.config], [request_id, payload, ACCEPTED_TTL_S]

@@ -2,9 +2,9 @@
 
 Any number of schedulers run as one consumer group on the request stream.
 A request stays pending in its scheduler's entry list until the job that
-carries it is on a worker's stream; both happen in one MULTI, so a scheduler
-killed at any point loses nothing: its pending entries go idle and another
-scheduler claims them. The scheduler also re-dispatches the jobs of workers
+carries it is on a worker's stream; both happen in one script (DISPATCH), so a
+scheduler killed at any point loses nothing: its pending entries go idle and
+another scheduler claims them. The scheduler also re-dispatches the jobs of workers
 whose heartbeat expired.
 """
 
@@ -19,10 +19,8 @@ from dataclasses import asdict, dataclass, field
 import msgspec
 import redis
 
-from batchd import metrics
-from batchd.client import recovery, scripts
-from batchd.client.connection import connect, instance_id, redact
-from batchd.client.errors import BatchdError, Cancelled, DeadlineExceeded, InvalidRequest, WorkerFailed
+from batchd.client.connection import CONNECTION_LOST, connect, redact
+from batchd.client.errors import BatchdError, InvalidRequest, WorkerFailed
 from batchd.client.keys import SCHEDULER_GROUP, Keys, parse_stream_id
 from batchd.client.protocol import (
     PROTOCOL_VERSION,
@@ -30,18 +28,31 @@ from batchd.client.protocol import (
     Job,
     Request,
     decode_heartbeat,
-    decode_job,
     decode_request,
     encode,
     error_result,
+    is_request_id,
+)
+from batchd.client.scripts import raise_any_error, run_in_pipeline
+from batchd.daemon import metrics, recovery, scripts
+from batchd.daemon.toolkit import (
+    DEFAULT_MAX_ATTEMPTS,
+    SERVER_TICK_MS,
+    DaemonConfig,
+    cancelled_before_start,
+    ensure_group,
+    expired_before_start,
+    finish_reason_of,
+    instance_id,
+    publish_settings,
+    read_job,
+    run_until_stopped,
 )
 
 from .policy import Batcher, BatchPolicy, WorkerCapacity, pick_worker
 
 log = logging.getLogger("batchd.scheduler")
 
-# Redis checks blocked commands' timeouts once per server tick (1000 / hz ms).
-SERVER_TICK_MS = 100
 # While no worker has room, held requests are checked for deadlines and cancels this often.
 SWEEP_INTERVAL_S = 0.1
 
@@ -58,12 +69,12 @@ MAX_TRANSIT_CREDIT_S = 0.002
 TIMER_SLACK_S = 0.0002
 # Clock samples from a round trip slower than this are too loose to keep.
 CLOCK_SAMPLE_MAX_RTT_S = 0.002
+# What a request expired waiting for, as its caller reads it.
+WAITING_FOR = "a worker could take it"
 
 
 @dataclass
-class SchedulerConfig:
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    prefix: str = "batchd:"
+class SchedulerConfig(DaemonConfig):
     max_batch: int = 32
     max_wait_ms: float = 5.0
     # Backlog beyond which submits fail with Overloaded (0: unbounded).
@@ -73,10 +84,9 @@ class SchedulerConfig:
     read_ahead: int = 4096
     # A pending request idle this long belongs to a dead scheduler.
     claim_idle_ms: int = 10_000
-    # A request whose worker died this many times is dead-lettered.
-    max_attempts: int = 3
-    result_ttl_s: int = 3600
-    metrics_port: int = 0
+    # A request whose worker died this many times is dead-lettered; published in the
+    # config hash, so workers that hand requests back count against the same limit.
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
     scheduler_id: str = field(default_factory=instance_id)
 
     def describe(self) -> str:
@@ -101,8 +111,6 @@ class Scheduler:
         self.clock = clock
         self.batcher: Batcher[_Held] = Batcher(BatchPolicy(config.max_batch, config.max_wait_ms))
         self.workers: dict[str, WorkerCapacity] = {}
-        self._finalize = self.redis.register_script(scripts.FINALIZE)
-        self._dispatch = self.redis.register_script(scripts.DISPATCH)
         self._stop = threading.Event()
         self._next_refresh = 0.0
         self._next_housekeeping = 0.0
@@ -121,33 +129,21 @@ class Scheduler:
         metrics.precreate_scheduler_series()
         metrics.serve(self.config.metrics_port, metrics.SCHEDULER_REGISTRY)
         self._setup()
-        backoff = 0.1
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-                backoff = 0.1
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-                self._try_setup()
+        run_until_stopped(self._stop, self.run_once, self._reconnect)
         log.info("scheduler %s stopped; %d requests left pending for other schedulers",
                  self.config.scheduler_id, len(self.batcher))
 
     def _setup(self) -> None:
-        try:
-            self.redis.xgroup_create(self.keys.requests, SCHEDULER_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self.redis.hset(self.keys.config, mapping={"max_queue": self.config.max_queue})
+        ensure_group(self.redis, self.keys.requests, SCHEDULER_GROUP)
+        publish_settings(self.redis, self.keys, max_queue=self.config.max_queue,
+                         max_attempts=self.config.max_attempts)
 
-    def _try_setup(self) -> None:
+    def _reconnect(self) -> None:
         try:
             self._setup()
             self._read_own_pending()
-        except (redis.ConnectionError, redis.TimeoutError):
-            pass
+        except CONNECTION_LOST:
+            pass  # the run loop backs off and tries again
 
     def _read_own_pending(self) -> None:
         """Requests delivered to this scheduler whose reply the lost connection swallowed.
@@ -275,8 +271,7 @@ class Scheduler:
                 if not cancelled:
                     break
                 for held in cancelled:
-                    self._answer(held, Cancelled(f"request {held.request.id} was cancelled before it started",
-                                                 held.request.id), "cancelled")
+                    self._answer(held, cancelled_before_start(held.request.id))
                 batch = [held for held in batch if held not in cancelled]
             metrics.batch_wait.observe(max(0.0, now - (opened or now)))
 
@@ -286,13 +281,10 @@ class Scheduler:
         nothing is sent, and those requests are returned."""
         job = Job(v=PROTOCOL_VERSION, job_id=uuid.uuid4().hex, scheduler=self.config.scheduler_id,
                   created_at=self.clock(), requests=[held.request for held in batch])
-        keys = [self.keys.jobs(worker.worker_id), self.keys.requests, self.keys.stats,
-                *[self.keys.owner(held.request.id) for held in batch],
-                *[self.keys.cancelled(held.request.id) for held in batch]]
-        args = [encode(job), SCHEDULER_GROUP, self.config.result_ttl_s,
-                *[scripts.owner_token(worker.worker_id, held.request.attempt) for held in batch],
-                *[held.entry_id for held in batch]]
-        sent, detail = self._dispatch(keys=keys, args=args)
+        script, keys, args = scripts.dispatch_call(
+            self.keys, worker.worker_id, encode(job), SCHEDULER_GROUP, self.config.result_ttl_s,
+            [(held.request.id, held.request.attempt, held.entry_id) for held in batch])
+        sent, detail = script.run(self.redis, keys, args)
         if not sent:
             return [batch[position - 1] for position in detail]
         worker.dispatched(parse_stream_id(detail), len(batch))
@@ -305,9 +297,7 @@ class Scheduler:
         kept = []
         for held in batch:
             if held.request.deadline is not None and held.request.deadline <= now:
-                self._answer(held, DeadlineExceeded(
-                    f"request {held.request.id} expired before a worker could take it; "
-                    "raise its timeout or add workers", held.request.id), "deadline")
+                self._answer(held, expired_before_start(held.request.id, WAITING_FOR))
             else:
                 kept.append(held)
         return kept
@@ -334,41 +324,40 @@ class Scheduler:
         doomed = set()
         for h, flag in zip(held, flags):
             if h.request.deadline is not None and h.request.deadline <= now:
-                self._answer(h, DeadlineExceeded(
-                    f"request {h.request.id} expired before a worker could take it; "
-                    "raise its timeout or add workers", h.request.id), "deadline")
+                self._answer(h, expired_before_start(h.request.id, WAITING_FOR))
             elif flag:
-                self._answer(h, Cancelled(f"request {h.request.id} was cancelled before it started",
-                                          h.request.id), "cancelled")
+                self._answer(h, cancelled_before_start(h.request.id))
             else:
                 continue
             doomed.add(h.request.id)
         return doomed
 
-    def _answer(self, held: _Held, error: BatchdError, finish_reason: str) -> None:
+    def _answer(self, held: _Held, error: BatchdError) -> None:
         """Finish a held request with an error and drop its stream entry."""
-        result = error_result(held.request.id, error, finish_reason, held.request.submitted_at)
-        keys, args = scripts.finalize_keys_args(self.keys, held.request.id, encode(FinalEvent(result)),
-                                                self.config.result_ttl_s)
-        self._finalize(keys=keys, args=args)
+        result = error_result(held.request.id, error, finish_reason_of(error), held.request.submitted_at)
+        script, keys, args = scripts.finalize_call(self.keys, held.request.id, encode(FinalEvent(result)),
+                                                   self.config.result_ttl_s)
+        script.run(self.redis, keys, args)
         self._ack(held.entry_id)
         metrics.requests_rejected.labels(error.code).inc()
 
     def _reject(self, entry_id: str, request_id: str | None, data: bytes | None, error: InvalidRequest) -> None:
         """Bad input: tell its caller when the id is readable, and keep it for operators."""
         log.info("rejected request %s: %s", request_id or f"entry {entry_id}", error.message)
-        with self.redis.pipeline(transaction=False) as pipe:
-            if request_id and _plausible_id(request_id):
-                result = error_result(request_id, error)
-                keys, args = scripts.finalize_keys_args(self.keys, request_id, encode(FinalEvent(result)),
-                                                        self.config.result_ttl_s)
-                self._finalize(keys=keys, args=args, client=pipe)
+        calls = []
+        if request_id and is_request_id(request_id):
+            calls.append(scripts.finalize_call(self.keys, request_id, encode(FinalEvent(error_result(request_id, error))),
+                                               self.config.result_ttl_s))
+
+        def keep_for_operators(pipe) -> None:
             pipe.xadd(self.keys.dead_letters, scripts.dead_letter_fields(request_id, error.code, error.message, data),
                       maxlen=scripts.DEAD_LETTER_MAXLEN, approximate=True)
             pipe.hincrby(self.keys.stats, "dead_letters", 1)
             pipe.xack(self.keys.requests, SCHEDULER_GROUP, entry_id)
             pipe.xdel(self.keys.requests, entry_id)
-            pipe.execute()
+
+        outcomes, replies = run_in_pipeline(self.redis, calls, keep_for_operators)
+        raise_any_error(outcomes + replies)
         metrics.requests_rejected.labels(error.code).inc()
         metrics.dead_letters.labels(error.code).inc()
 
@@ -455,12 +444,9 @@ class Scheduler:
         stream = self.keys.jobs(worker_id)
         requeued = 0
         for entry_id, fields in self.redis.xrange(stream, "-", "+"):
-            try:
-                job = decode_job(fields[b"job"])
-            except (KeyError, msgspec.MsgspecError, BatchdError):
-                log.warning("dropping unreadable job %s of dead worker %s", entry_id, worker_id)
-                continue
-            requeued += self._requeue(job.requests, worker_id)
+            job = read_job(entry_id, fields, f"dead worker {worker_id}")
+            if job is not None:
+                requeued += self._requeue(job.requests, worker_id)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(stream)
             pipe.zrem(self.keys.workers, worker_id)
@@ -478,7 +464,3 @@ class Scheduler:
         if dead:
             metrics.dead_letters.labels(WorkerFailed.code).inc(dead)
         return requeued
-
-
-def _plausible_id(request_id: str) -> bool:
-    return 0 < len(request_id) <= 128 and all(c.isalnum() or c in "._:-" for c in request_id)

@@ -14,7 +14,6 @@ import redis
 from batchd.embedded import EmbeddedServer
 from batchd.status import stop_processes, wait_for_workers
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def redis_binary() -> str:
@@ -50,8 +49,10 @@ class Daemons:
     def start(self, *argv: str, log_name: str | None = None) -> subprocess.Popen:
         log_path = self.tmp_path / f"{log_name or argv[0]}-{len(self.processes)}.log"
         log_file = open(log_path, "wb")
+        # Outside the checkout, as an operator runs them: nothing at the repository root
+        # stands in for the installed package (an editable or a plain install).
         process = subprocess.Popen([sys.executable, "-m", "batchd.cli", *argv[:1], "--redis", self.url, *argv[1:]],
-                                   stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
+                                   stdout=log_file, stderr=subprocess.STDOUT, cwd=self.tmp_path,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log_file.close()
         process.log_path = log_path
@@ -82,3 +83,17 @@ def daemons(redis_server, tmp_path):
     fleet = Daemons(redis_server.url, tmp_path)
     yield fleet
     fleet.stop_all()
+
+
+@pytest.fixture(scope="module")
+def echo_fleet(tmp_path_factory):
+    """One redis-server, scheduler and echo worker shared by a module's tests (they must not
+    change the fleet's settings)."""
+    server = EmbeddedServer(binary=redis_binary()).start()
+    fleet = Daemons(server.url, tmp_path_factory.mktemp("echo-fleet"))
+    fleet.scheduler()
+    fleet.echo_worker()
+    fleet.wait_for_workers(1)
+    yield fleet
+    fleet.stop_all()
+    server.cleanup()

@@ -14,7 +14,7 @@ import redis
 import msgpack
 import pytest
 
-from batchd.client import scripts
+from batchd.daemon import scripts
 from batchd.client.keys import Keys
 from batchd.client.protocol import (
     PROTOCOL_VERSION,
@@ -201,7 +201,7 @@ def run_worker_until_idle(worker: Worker, rounds: int = 200) -> None:
 
 def test_worker_streams_tokens_stores_results_and_acks_its_job(client, clock):
     scheduler = make_scheduler(client, clock)
-    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), client=client, clock=clock)
+    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), connect=lambda: client, clock=clock)
     worker._connect()
     pubsub = client.pubsub()
     pubsub.subscribe(KEYS.channel("r0"))
@@ -223,7 +223,7 @@ def test_worker_streams_tokens_stores_results_and_acks_its_job(client, clock):
 
 def test_a_fenced_worker_cannot_deliver_a_second_result(client, clock):
     scheduler = make_scheduler(client, clock)
-    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), client=client, clock=clock)
+    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), connect=lambda: client, clock=clock)
     worker._connect()
     submit(client, clock, "r0", prompt="abc")
     settle(scheduler, clock)
@@ -270,7 +270,7 @@ def test_a_connection_lost_while_admitting_a_job_loses_none_of_its_requests(clie
     # reconnect it looked finished and was acked with its requests never run.
     scheduler = make_scheduler(client, clock)
     flaky = drops_once(client, "mget")
-    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), client=flaky, clock=clock)
+    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), connect=lambda: flaky, clock=clock)
     worker._connect()
     submit(client, clock, "r0", prompt="abc")
     submit(client, clock, "r1", prompt="de")
@@ -286,9 +286,9 @@ def test_a_connection_lost_while_admitting_a_job_loses_none_of_its_requests(clie
 def test_a_refused_request_keeps_its_job_open_until_its_error_is_stored(client, clock):
     scheduler = make_scheduler(client, clock)
     flaky = drops_once(client, "pipeline")  # the first pipeline is the refusal's FINALIZE
-    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), client=client, clock=clock)
+    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=8, clock=clock), connect=lambda: client, clock=clock)
     worker._connect()
-    worker.redis = flaky
+    worker.outbox.redis = flaky
     submit(client, clock, "r0", prompt="abc")
     settle(scheduler, clock)
     client.set(KEYS.cancelled("r0"), 1)  # cancelled after dispatch, before the worker read the job
@@ -303,7 +303,7 @@ def test_a_refused_request_keeps_its_job_open_until_its_error_is_stored(client, 
 
 def confirmed_worker(client, clock, worker_id: str = "w1") -> Worker:
     """A connected worker whose cancel subscription Redis has confirmed."""
-    worker = Worker(WorkerConfig(worker_id=worker_id), EchoEngine(slots=8, clock=clock), client=client, clock=clock)
+    worker = Worker(WorkerConfig(worker_id=worker_id), EchoEngine(slots=8, clock=clock), connect=lambda: client, clock=clock)
     worker._connect()
     for _ in range(50):
         worker._apply_cancels()
@@ -400,7 +400,7 @@ def test_a_result_whose_pipeline_failed_in_flight_is_stored_after_the_reconnect(
     submit(client, clock, "r0", prompt="a")
     submit(client, clock, "r1", prompt="bcd")
     settle(scheduler, clock)
-    worker.redis = drops_once(client, "pipeline")  # the first step's pipeline, sent from the publisher thread
+    worker.outbox.redis = drops_once(client, "pipeline")  # the first step's pipeline, sent from the publisher thread
     lost = 0
     for _ in range(100):
         try:
@@ -423,7 +423,7 @@ def test_jobs_read_by_two_pipelines_before_the_next_take_all_run(client, clock):
     worker = confirmed_worker(client, clock)
     gate = threading.Event()
     gate.set()
-    worker.redis = Intercepted(client, "pipeline", lambda: gate.wait(10))  # the publisher thread's sends
+    worker.outbox.redis = Intercepted(client, "pipeline", lambda: gate.wait(10))  # the publisher thread's sends
     submit(client, clock, "r0", prompt="ab")
     settle(scheduler, clock)
     gate.clear()
@@ -431,8 +431,70 @@ def test_jobs_read_by_two_pipelines_before_the_next_take_all_run(client, clock):
     submit(client, clock, "r1", prompt="x")
     settle(scheduler, clock)  # r1's job is on the stream before that read runs
     gate.set()
-    worker._in_flight[1].result(timeout=10)  # the read took r1's job
+    worker.outbox._in_flight[1].result(timeout=10)  # the read took r1's job
     worker.run_once()  # r0 finishes; books the first read (r1's job), sends the last pipeline
     run_worker_until_idle(worker)
     assert (final_of(client, "r0").text, final_of(client, "r1").text) == ("ab", "x")
     assert client.xlen(KEYS.jobs("w1")) == 0
+
+
+class FailingOnceEngine(EchoEngine):
+    """An engine whose first step fails, as a transient device fault would."""
+
+    failed = False
+
+    def step(self):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("device lost")
+        return super().step()
+
+
+@pytest.mark.parametrize("max_attempts, dead_lettered", [(1, True), (3, False)])
+def test_a_worker_hands_back_against_the_schedulers_max_attempts(client, clock, max_attempts, dead_lettered):
+    scheduler = make_scheduler(client, clock, max_attempts=max_attempts)  # published in the config hash
+    worker = Worker(WorkerConfig(worker_id="w1"), FailingOnceEngine(slots=8, clock=clock), connect=lambda: client,
+                    clock=clock)
+    worker._connect()
+    submit(client, clock, "r0", prompt="abc")
+    settle(scheduler, clock)
+    worker.run_once()  # admitted, then the step fails: the worker hands r0 back
+    assert client.exists(KEYS.result("r0")) == dead_lettered
+    assert client.xlen(KEYS.dead_letters) == int(dead_lettered)
+    assert client.xlen(KEYS.requests) == int(not dead_lettered)
+
+
+class CountingEngine(EchoEngine):
+    """An echo engine that keeps prefix-cache totals, as the hf engine will."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+        return super().step()
+
+    def stats(self) -> dict[str, int]:
+        return {"prefix_cache_queries": 10 * self.steps, "prefix_cache_hits": 4 * self.steps}
+
+
+def test_the_engines_running_totals_become_counters(client, clock):
+    from batchd.daemon.metrics import WORKER_REGISTRY
+
+    scheduler = make_scheduler(client, clock)
+    engine = CountingEngine(slots=8, clock=clock)
+    worker = Worker(WorkerConfig(worker_id="counting"), engine, connect=lambda: client, clock=clock)
+    worker._connect()
+    labels = {"worker": "counting", "model": "echo"}
+    before = {name: WORKER_REGISTRY.get_sample_value(name, labels) or 0.0
+              for name in ("batchd:prefix_cache_queries_total", "batchd:prefix_cache_hits_total",
+                           "batchd:num_preemptions_total")}
+    submit(client, clock, "r0", prompt="abcd")
+    settle(scheduler, clock)
+    run_worker_until_idle(worker)
+    grown = {name: WORKER_REGISTRY.get_sample_value(name, labels) - value for name, value in before.items()}
+    assert engine.steps >= 4
+    assert grown == {"batchd:prefix_cache_queries_total": 10 * engine.steps,
+                     "batchd:prefix_cache_hits_total": 4 * engine.steps,
+                     "batchd:num_preemptions_total": 0}

@@ -3,7 +3,7 @@
 Each file is validated by the tool that owns its format where one can run here (promtool,
 hadolint, the compose-spec schema, docker-compose, Kubernetes' OpenAPI schemas, kustomize)
 and, beyond format, checked against batchd itself: every series a dashboard or an alert
-queries is one batchd/metrics.py defines, with labels it has; every `batchd ...` command
+queries is one daemon/metrics.py defines, with labels it has; every `batchd ...` command
 line parses with the real CLI; the KEDA trigger reads the stream and group client/keys.py
 names. External binaries that may be missing skip with the reason; deploy/ci-tools.sh
 installs them.
@@ -59,7 +59,7 @@ GRAFANA_MACROS = re.compile(r"\$\{?__(rate_interval|interval|range)\}?")
 @cache
 def metric_families() -> dict[str, tuple[str, frozenset[str]]]:
     """Family name (as prometheus_client reports it) -> (type, label names)."""
-    import batchd.metrics as metrics
+    import batchd.daemon.metrics as metrics
     from prometheus_client.metrics import MetricWrapperBase
 
     families = {}
@@ -189,7 +189,7 @@ def query_problems(expr: str) -> list[str]:
     for selector in selectors:
         name = selector.name
         if name not in series:
-            problems.append(f"series {name!r} is not defined in batchd/metrics.py")
+            problems.append(f"series {name!r} is not defined in daemon/metrics.py")
             continue
         labels = series[name] | target_labels()
         known_labels |= labels
@@ -824,6 +824,14 @@ def test_dockerfile_runs_batchd_as_non_root_with_a_healthcheck(name):
     assert users[-1].split(":")[0].isdigit(), "runAsNonRoot can only verify a numeric USER"
     assert ("ENTRYPOINT", '["batchd"]') in final_stage
     assert any(op == "HEALTHCHECK" and "batchd health" in arg for op, arg in final_stage)
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
+def test_image_copies_every_folder_the_package_installs(name):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    folders = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    copied = {arg.split()[0].rstrip("/") for op, arg in dockerfile_instructions(DEPLOY / name) if op == "COPY"}
+    assert {folder.split("/")[0] for folder in folders} <= copied
 
 
 def test_cpu_image_installs_cpu_torch_before_the_worker_extra():

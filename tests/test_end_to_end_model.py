@@ -25,7 +25,7 @@ def reference_token_ids(loaded, prompts: list[str]) -> dict[str, list[int]]:
     """Greedy Hugging Face generate, one request at a time, float32 on the CPU."""
     import torch
 
-    from batchd.workers.models import tokenize
+    from batchd.workers.hf.models import tokenize
 
     eos = loaded.tokenizer.eos_token_id
     answers = {}
@@ -52,7 +52,7 @@ def test_32_chat_requests_from_4_processes_match_hf_generate(daemons, tmp_path):
     results = run_producers(daemons.url, prompt_sets, tmp_path, chat=True, max_new_tokens=MAX_NEW_TOKENS, timeout=240)
     assert len(results) == 32 and len({r["request_id"] for r in results}) == 32
 
-    from batchd.workers.models import load_model
+    from batchd.workers.hf.models import load_model
 
     loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
     expected = reference_token_ids(loaded, PROMPTS)

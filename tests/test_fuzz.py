@@ -230,7 +230,7 @@ def test_a_request_refused_at_admission_does_not_close_its_job_early(backend, re
     from batchd.workers.worker import Worker, WorkerConfig
 
     client = fakeredis.FakeRedis() if backend == "fakeredis" else request.getfixturevalue("redis_client")
-    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=4), client=client)
+    worker = Worker(WorkerConfig(worker_id="w1"), EchoEngine(slots=4), connect=lambda: client)
     worker._connect()
     refused = Request(v=PROTOCOL_VERSION, id="refused", prompt_token_ids=[300])  # echo's vocabulary is bytes
     fine = Request(v=PROTOCOL_VERSION, id="fine", prompt="ok")

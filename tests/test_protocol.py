@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 from batchd.client import protocol as p
-from batchd.client._common import build_request
+from batchd.client.core import build_request
 from batchd.client.errors import InvalidRequest, UnsupportedVersion
 
 

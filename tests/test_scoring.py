@@ -10,7 +10,8 @@ import torch
 
 from batchd.client import AsyncClient, Client, InvalidRequest, RequestTooLarge
 from batchd.client.protocol import PROTOCOL_VERSION, Request, SamplingParams, encode, decode_request
-from batchd.workers.scoring import ScoreItem, score_batch
+from batchd.workers.engine import ScoreItem
+from batchd.workers.hf.scoring import score_batch
 
 VOCAB = 96
 TOLERANCE = 1e-4

@@ -18,23 +18,12 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import redis
-from redis.client import PubSub
 
+from batchd.client.connection import Subscription
 from batchd.client.keys import parse_stream_id
 
 # Cancel ids remembered for requests not (yet) held here; the oldest go first.
 REMEMBERED_CANCELS = 10_000
-
-
-class _Subscription(PubSub):
-    """A PubSub that notes every (re)connect: redis-py resubscribes silently, and
-    broadcasts sent while the connection was down are lost."""
-
-    reconnected = False
-
-    def on_connect(self, connection) -> None:
-        self.reconnected = True
-        super().on_connect(connection)
 
 
 class CancelFeed:
@@ -42,7 +31,7 @@ class CancelFeed:
         self._client = client
         self._channel = channel
         self._job_stream = job_stream
-        self._subscription: _Subscription | None = None
+        self._subscription: Subscription | None = None
         # Jobs after this stream id were dispatched while the subscription was live.
         self._live_after: tuple[int, int] | None = None
         self._heard: OrderedDict[str, None] = OrderedDict()
@@ -50,7 +39,7 @@ class CancelFeed:
     def connect(self) -> None:
         self.close()
         self._live_after = None
-        self._subscription = _Subscription(self._client.connection_pool)
+        self._subscription = Subscription(self._client.connection_pool)
         self._subscription.subscribe(self._channel)
 
     def close(self) -> None:

@@ -12,12 +12,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from batchd.client.errors import InvalidRequest, RequestTooLarge
 from batchd.client.protocol import Request
 
-from .engine import Clock, EngineRequest, StepOutput
+from .engine import Clock, EngineBase, EngineRequest, StepOutput
+from .validation import check_context, check_contrast, check_vocabulary
 
 MAX_CONTEXT = 1 << 20
+# Its tokens are UTF-8 bytes.
+VOCAB_SIZE = 256
 
 
 @dataclass
@@ -27,7 +29,7 @@ class _Slot:
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
 
-class EchoEngine:
+class EchoEngine(EngineBase):
     name = "echo"
     model_name = "echo"
 
@@ -41,26 +43,16 @@ class EchoEngine:
 
     def tokenize(self, request: Request) -> list[int]:
         if request.prompt_token_ids is not None:
-            ids = request.prompt_token_ids
-            if any(t > 255 for t in ids):
-                raise InvalidRequest("the echo engine's vocabulary is bytes: token ids must be 0..255", request.id)
-            return list(ids)
+            check_vocabulary(request.prompt_token_ids, VOCAB_SIZE, request.id,
+                             vocabulary="the echo engine's vocabulary of bytes")
+            return list(request.prompt_token_ids)
         text = request.prompt if request.prompt is not None else "\n".join(m.content for m in request.messages)
         return list(text.encode("utf-8"))
 
-    def scorer(self) -> None:
-        """No model, so no log-probabilities: the worker refuses scoring requests."""
-        return None
-
     def add(self, request: EngineRequest) -> None:
-        if request.params.contrast_alpha is not None:
-            # As an hf worker without --contrast-model answers: no model pair here.
-            raise InvalidRequest("contrast_alpha needs a worker that serves a model pair "
-                                 "(batchd worker --model AFTER --contrast-model BEFORE); the echo engine has no model",
-                                 request.request_id)
-        if len(request.prompt_token_ids) > MAX_CONTEXT:
-            raise RequestTooLarge(f"prompt has {len(request.prompt_token_ids)} tokens; "
-                                  f"the echo engine takes at most {MAX_CONTEXT}", request.request_id)
+        check_contrast(request.params, request.request_id, has_pair=False, serves="the echo engine has no model")
+        # It echoes the prompt back, so the prompt alone is what it holds at its longest.
+        check_context(request.request_id, MAX_CONTEXT, len(request.prompt_token_ids), max_new_tokens=0)
         self._waiting.append(request)
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> None:
@@ -76,10 +68,6 @@ class EchoEngine:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
-
-    @property
-    def free_slots(self) -> int:
-        return max(0, self.total_slots - len(self._running) - len(self._waiting))
 
     @property
     def kv_cache_usage(self) -> float:

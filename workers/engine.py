@@ -2,18 +2,23 @@
 
 An engine owns its slots, its KV cache and its clock; it knows nothing of
 Redis. The worker shell feeds it requests, calls step() in a loop and moves
-the StepOutputs onto the wire. Engines: `echo` (workers/echo.py, no torch) and
-`hf` (workers/hf/, the continuous-batching engine for real models).
+the StepOutputs onto the wire. `Engine` lists every member the shell uses;
+`EngineBase` gives the optional ones their defaults, so an engine states only
+what it does. Engines: `echo` (workers/echo.py, no torch) and `hf` (workers/hf/,
+the continuous-batching engine for real models).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
-from batchd.client.errors import BatchdError
+from batchd.client.errors import BatchdError, InvalidRequest
 from batchd.client.protocol import FinishReason, Request, SamplingParams
+
+if TYPE_CHECKING:  # the tensor type only; this module runs without torch
+    import torch
 
 Clock = Callable[[], float]
 
@@ -31,6 +36,31 @@ class EngineRequest:
 
 
 @dataclass
+class ScoreItem:
+    """One scoring question about the tokens after a prompt (docs/scoring.md).
+
+    With continuation_token_ids: the log-probability of each of them in turn.
+    Without: the distribution of the single next token.
+    """
+
+    prompt_token_ids: list[int]
+    continuation_token_ids: list[int] | None = None
+    # Next-token only: keep the k most likely tokens; None keeps the full vector.
+    top_k: int | None = None
+
+
+@dataclass
+class ScoreOutput:
+    # Next token: the full float32 vector, or None when top_k was asked for.
+    next_token_logprobs: torch.Tensor | None = None
+    top_token_ids: list[int] | None = None
+    top_logprobs: list[float] | None = None
+    # Continuation: one log-probability per token, and their sum.
+    token_logprobs: list[float] | None = None
+    total_logprob: float | None = None
+
+
+@dataclass
 class StepOutput:
     """What one step produced for one request: new tokens and maybe its end."""
 
@@ -42,20 +72,37 @@ class StepOutput:
     error: BatchdError | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    # A scoring request's answer (workers.scoring.ScoreOutput), with its finish.
-    score: Any = None
+    # A scoring request's answer, with its finish.
+    score: ScoreOutput | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
 
+class Scorer(Protocol):
+    """A model that answers scoring requests (next_token_logprobs / score) outside an engine's steps."""
+
+    def prepare(self, request: Request) -> ScoreItem:
+        """The item for a wire request; raises InvalidRequest / RequestTooLarge."""
+
+    def score(self, items: list[ScoreItem]) -> list[ScoreOutput]:
+        """Answer every item, in as few forward passes as fit."""
+
+
 class Engine(Protocol):
-    """What the worker shell needs of an engine."""
+    """Everything the worker shell uses of an engine."""
 
     name: str  # "echo", "hf", ...
     model_name: str
+    # The model contrast_alpha requests decode against; "" when there is none.
+    contrast_model_name: str
     total_slots: int
+    # True: scoring requests go to add_score and finish in step(); False: the worker
+    # answers them between steps with scorer().
+    scores_in_steps: bool
+    # Seconds the steps so far spent blocked on an accelerator (the worker exports it).
+    device_wait_s: float
 
     def tokenize(self, request: Request) -> list[int]:
         """Prompt token ids for a wire request (chat template for messages).
@@ -63,11 +110,17 @@ class Engine(Protocol):
         Raises InvalidRequest / RequestTooLarge with a message a user can act on.
         """
 
+    def scorer(self) -> Scorer | None:
+        """The model that answers scoring requests; None refuses them (no model)."""
+
     def add(self, request: EngineRequest) -> None:
         """Queue a request; it takes a free slot at the next step.
 
         Raises RequestTooLarge at once if it can never fit.
         """
+
+    def add_score(self, request: EngineRequest, item: ScoreItem) -> None:
+        """Queue a scoring request (already checked by scorer().prepare); with scores_in_steps."""
 
     def cancel(self, request_id: str, reason: FinishReason = "cancelled") -> None:
         """Finish a waiting or running request at the next step and free its slot."""
@@ -89,15 +142,29 @@ class Engine(Protocol):
     def num_waiting(self) -> int: ...
 
     @property
-    def free_slots(self) -> int:
-        """Slots not taken by running or waiting requests."""
-
-    @property
     def kv_cache_usage(self) -> float:
         """Fraction of the KV cache in use, 0..1."""
 
-    # Optional: `scorer() -> workers.scoring.Scorer | None`, the model that answers
-    # scoring requests (task next_token_logprobs / score) outside the slots. An
-    # engine without it, or returning None, refuses them with InvalidRequest.
-    # Optional: `device_wait_s`, the seconds its steps have spent blocked on an
-    # accelerator so far (the worker exports it; absent counts as 0).
+    def stats(self) -> dict[str, int]:
+        """Running totals since the engine started (docs/metrics.md): num_preemptions,
+        prefix_cache_queries and prefix_cache_hits (prompt tokens looked up in and found
+        in the prefix cache), prompt_tokens_computed. A key left out is not counted."""
+
+
+class EngineBase:
+    """Defaults of the Engine members an engine may leave out."""
+
+    name: str
+    contrast_model_name = ""
+    scores_in_steps = False
+    device_wait_s = 0.0
+
+    def scorer(self) -> Scorer | None:
+        return None
+
+    def add_score(self, request: EngineRequest, item: ScoreItem) -> None:
+        raise InvalidRequest(f"the {self.name} engine does not score inside its steps", request.request_id)
+
+    def stats(self) -> dict[str, int]:
+        return {}
+

@@ -6,6 +6,7 @@ the same seam a worker uses; nothing here needs a download.
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
@@ -86,10 +87,32 @@ def reference_models(tiny_models):
 # are read before the next is queued) and with one step in flight (the GPU default), so
 # the overlap's bookkeeping (tokens read on the device, dropped speculative rows, slots
 # reused under a step still running) is checked against the same references on the CPU.
+# Only tests that build an engine: a tokenizer or a model loaded alone runs the same either way.
 def pytest_generate_tests(metafunc):
     in_process = {"tiny_models", "pairs"} & set(metafunc.fixturenames) and "daemons" not in metafunc.fixturenames
-    if "engine_overlap" in metafunc.fixturenames and in_process:
+    if "engine_overlap" in metafunc.fixturenames and in_process and builds_engine(metafunc.function):
         metafunc.parametrize("engine_overlap", [False, True], ids=["lockstep", "overlap"], indirect=True)
+
+
+ENGINE_BUILDERS = frozenset({"build_engine", "HFEngine"})
+
+
+def builds_engine(function) -> bool:
+    """Whether a test calls build_engine or HFEngine: itself, in a function nested in it,
+    or through a helper function of its module."""
+    module_globals = function.__globals__
+    todo, seen = [function.__code__], set()
+    while todo:
+        code = todo.pop()
+        if code in seen:
+            continue
+        seen.add(code)
+        if ENGINE_BUILDERS & set(code.co_names):
+            return True
+        todo += [const for const in code.co_consts if isinstance(const, types.CodeType)]
+        todo += [helper.__code__ for helper in map(module_globals.get, code.co_names)
+                 if isinstance(helper, types.FunctionType) and helper.__module__ == function.__module__]
+    return False
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from batchd.workers.detokenizer import Detokenizer
+from batchd.workers.hf.detokenizer import Detokenizer
 
 MULTIBYTE = ["Café, naïve 🙂 and 日本語 side by side.", "🙂🙂🙂 four-byte characters back to back"]
 PLAIN = ["the cat sat on the mat", "  leading spaces and another word  ", "word"]

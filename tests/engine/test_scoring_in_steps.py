@@ -16,7 +16,7 @@ import torch
 from batchd.client.protocol import SamplingParams
 from batchd.workers.engine import EngineRequest
 from batchd.workers.hf import build_engine
-from batchd.workers.scoring import ScoreItem
+from batchd.workers.engine import ScoreItem
 from engine_helpers import drive, hf_greedy, random_prompt, request
 
 TOLERANCE = 1e-4

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 from batchd.workers.hf import build_engine
-from batchd.workers.models import load_model, weight_bytes
+from batchd.workers.hf.models import load_model, weight_bytes
 from engine_helpers import drive, hf_greedy, random_prompt, request
 
 pytest.importorskip("torchao", reason="int8 weights need torchao (the int8 extra)")

@@ -12,7 +12,7 @@ import redis
 
 from batchd import Client
 from batchd.client.errors import DeadlineExceeded, Overloaded, WorkerFailed
-from batchd.client._common import Delta
+from batchd.client import Delta
 from batchd.client.protocol import decode_event
 
 from .conftest import FAST_LEASE, KEYS, assert_serves_new_requests, kill, live_workers, wait_until

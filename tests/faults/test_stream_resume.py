@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from batchd.client._common import Delta, EventParser, StreamRestarted
+from batchd.client import Delta, StreamRestarted
+from batchd.client.core import EventParser
 from batchd.client.protocol import FinalEvent, RestartEvent, Result, TokenEvent, encode
 
 

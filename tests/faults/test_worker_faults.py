@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from batchd import Client
-from batchd.client._common import Delta, StreamRestarted
+from batchd.client import Delta, StreamRestarted
 
 from .conftest import FAST_LEASE, KEYS, assert_serves_new_requests, kill, live_workers, wait_until
 

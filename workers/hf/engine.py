@@ -27,17 +27,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from batchd.client.errors import BatchdError, InvalidRequest, RequestTooLarge
+from batchd.client.errors import BatchdError, InvalidRequest
 from batchd.client.protocol import FinishReason, Request
 
-from ..detokenizer import Detokenizer
-from ..engine import Clock, EngineRequest, StepOutput
-from ..models import LoadedModel, load_model, tokenize
-from ..scoring import Scorer, ScoreItem, ScoreOutput
+from ..engine import Clock, EngineBase, EngineRequest, ScoreItem, ScoreOutput, StepOutput
+from ..validation import check_context, check_contrast, check_vocabulary
 from .blocks import BlockManager
+from .detokenizer import Detokenizer
 from .graphs import mixed_graph_sizes
 from .kv_cache import CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, kv_bytes_per_token, to_device
+from .models import LoadedModel, load_model, tokenize
 from .runner import Chunk, GenericRunner, PagedRunner, supports_fast_path
+from .scoring import Scorer
 from .sampler import Sampler
 from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence, Status
@@ -54,7 +55,7 @@ GPU_HEADROOM = 0.10
 DEFAULT_PREFILL_TOKENS = {"cpu": 2048, "cuda": 512}
 
 
-class HFEngine:
+class HFEngine(EngineBase):
     name = "hf"
 
     def __init__(self, loaded: LoadedModel, *, slots: int = 16, max_context: int | None = None,
@@ -136,10 +137,8 @@ class HFEngine:
 
     def add(self, request: EngineRequest) -> None:
         self._check_fits(request)
-        if request.params.contrast_alpha is not None and self._contrast_runner is None:
-            raise InvalidRequest("contrast_alpha needs a worker that serves a model pair "
-                                 "(batchd worker --model AFTER --contrast-model BEFORE); this one serves "
-                                 f"{self.model_name} alone", request.request_id)
+        check_contrast(request.params, request.request_id, self._contrast_runner is not None,
+                       f"this one serves {self.model_name} alone")
         params = request.params
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos_ids)
         self._enqueue(Sequence(request, Detokenizer(self.tokenizer, request.prompt_token_ids, params.stop),
@@ -151,7 +150,8 @@ class HFEngine:
         beside generate requests, reading any cached prefix in place, and finishes with
         the log-probabilities asked for. Needs scores_in_steps."""
         tokens = list(item.prompt_token_ids) + list(item.continuation_token_ids or ())
-        self._check_room(len(tokens), request.request_id, "prompt and continuation")
+        check_context(request.request_id, self.max_context, len(item.prompt_token_ids),
+                      continuation_tokens=len(item.continuation_token_ids or ()))
         request = EngineRequest(request.request_id, tokens, request.params, request.deadline, request.arrival_time)
         self._enqueue(Sequence(request, Detokenizer(self.tokenizer, [], ()), frozenset(), score=item), None)
 
@@ -247,18 +247,8 @@ class HFEngine:
         prompt = request.prompt_token_ids
         if not prompt:
             raise InvalidRequest("the prompt has no tokens", request.request_id)
-        bad = next((t for t in prompt if not 0 <= t < self._config.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary (size {self._config.vocab_size})",
-                                 request.request_id)
-        self._check_room(len(prompt) + request.params.max_new_tokens, request.request_id,
-                         f"prompt ({len(prompt)} tokens) plus max_new_tokens ({request.params.max_new_tokens})")
-
-    def _check_room(self, needed: int, request_id: str, what: str) -> None:
-        """Refuse at once what could never run to its end: nothing is ever cut short."""
-        if needed > self.max_context:
-            raise RequestTooLarge(f"{what} is {needed} tokens; this worker takes at most {self.max_context} tokens "
-                                  "per request. Shorten the prompt or lower max_new_tokens", request_id)
+        check_vocabulary(prompt, self._config.vocab_size, request.request_id)
+        check_context(request.request_id, self.max_context, len(prompt), request.params.max_new_tokens)
 
     def _finish_cancelled_and_expired(self) -> list[StepOutput]:
         now = self._clock()

@@ -8,7 +8,7 @@ from typing import Any
 
 from batchd.client.protocol import FinishReason
 
-from ..detokenizer import Detokenizer
+from .detokenizer import Detokenizer
 from ..engine import EngineRequest
 from .blocks import ROOT, Copy
 

@@ -13,11 +13,13 @@ from batchd.client import (
     Cancelled,
     Client,
     DeadlineExceeded,
+    Delta,
     InvalidRequest,
     Overloaded,
     RequestTooLarge,
     Result,
     ResultTimeout,
+    StreamRestarted,
     WorkerFailed,
 )
 
@@ -27,11 +29,13 @@ __all__ = [
     "Cancelled",
     "Client",
     "DeadlineExceeded",
+    "Delta",
     "InvalidRequest",
     "Overloaded",
     "RequestTooLarge",
     "Result",
     "ResultTimeout",
+    "StreamRestarted",
     "WorkerFailed",
 ]
 __version__ = "0.1.0"

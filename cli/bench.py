@@ -135,7 +135,7 @@ def request_kwargs(spec: Spec, rng: random.Random, index: int) -> dict:
 # -- one producer process -------------------------------------------------------------------
 async def _one(client, kwargs: dict) -> Sample:
     from batchd.client import BatchdError
-    from batchd.client._common import Delta, StreamRestarted
+    from batchd.client import Delta, StreamRestarted
 
     sent_at = time.time()
     start = time.perf_counter()

@@ -11,42 +11,18 @@ length x vocab floats.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from batchd.client.errors import InvalidRequest, RequestTooLarge
+from batchd.client.errors import InvalidRequest
 from batchd.client.protocol import Request
 
+from ..engine import ScoreItem, ScoreOutput
+from ..validation import check_context, check_vocabulary
 from .models import tokenize
 
 # Tokens of one forward pass (padding included); a larger batch is split.
 MAX_BATCH_TOKENS = 16_384
-
-
-@dataclass
-class ScoreItem:
-    """One scoring question about the tokens after a prompt.
-
-    With continuation_token_ids: the log-probability of each of them in turn.
-    Without: the distribution of the single next token.
-    """
-
-    prompt_token_ids: list[int]
-    continuation_token_ids: list[int] | None = None
-    # Next-token only: keep the k most likely tokens; None keeps the full vector.
-    top_k: int | None = None
-
-
-@dataclass
-class ScoreOutput:
-    # Next token: the full float32 vector, or None when top_k was asked for.
-    next_token_logprobs: torch.Tensor | None = None
-    top_token_ids: list[int] | None = None
-    top_logprobs: list[float] | None = None
-    # Continuation: one log-probability per token, and their sum.
-    token_logprobs: list[float] | None = None
-    total_logprob: float | None = None
 
 
 def score_batch(model: Any, items: list[ScoreItem], pad_token_id: int = 0,
@@ -127,7 +103,8 @@ def _output(item: ScoreItem, logprobs: torch.Tensor) -> ScoreOutput:
 
 
 class Scorer:
-    """A model (and its tokenizer, for text continuations) that answers scoring requests."""
+    """A model (and its tokenizer, for text continuations) that answers scoring requests
+    (the Scorer of batchd.workers.engine)."""
 
     def __init__(self, model: Any, tokenizer: Any, max_context: int, pad_token_id: int = 0):
         self.model = model
@@ -146,14 +123,8 @@ class Scorer:
             continuation = self.tokenizer(request.continuation, add_special_tokens=False)["input_ids"]
             if not continuation:
                 raise InvalidRequest("the continuation has no tokens", request.id)
-        bad = next((t for t in continuation or () if t >= self.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"continuation token id {bad} is outside the model's vocabulary "
-                                 f"(size {self.vocab_size})", request.id)
-        total = len(prompt_token_ids) + len(continuation or ())
-        if total > self.max_context:
-            raise RequestTooLarge(f"prompt and continuation hold {total} tokens; this worker's limit is "
-                                  f"{self.max_context}", request.id)
+        check_vocabulary(continuation or (), self.vocab_size, request.id, what="continuation")
+        check_context(request.id, self.max_context, len(prompt_token_ids), continuation_tokens=len(continuation or ()))
         return ScoreItem(prompt_token_ids, continuation, request.top_logprobs)
 
     def score(self, items: list[ScoreItem]) -> list[ScoreOutput]:

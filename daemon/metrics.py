@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from batchd.client.errors import _BY_CODE as ERROR_CODES
+from batchd.client.errors import ERROR_CODES
 from batchd.client.protocol import FINISH_REASONS
 
 # One registry per daemon role, so a worker's /metrics carries no scheduler
@@ -99,6 +99,14 @@ request_errors = Counter(
     "batchd:request_errors_total", "Requests that ended in an error, by type.", WORKER + ("error_type",), registry=WORKER_REGISTRY)
 preemptions = Counter(
     "batchd:num_preemptions_total", "Requests preempted and re-queued for lack of cache.", WORKER, registry=WORKER_REGISTRY)
+prefix_cache_queries = Counter(
+    "batchd:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.", WORKER, registry=WORKER_REGISTRY)
+prefix_cache_hits = Counter(
+    "batchd:prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not computed again).", WORKER,
+    registry=WORKER_REGISTRY)
+prompt_tokens_computed = Counter(
+    "batchd:prompt_tokens_computed_total", "Prompt tokens the engine computed (prefilled).", WORKER,
+    registry=WORKER_REGISTRY)
 heartbeats = Counter(
     "batchd:worker_heartbeats_total", "Heartbeats a worker sent.", WORKER, registry=WORKER_REGISTRY)
 results_fenced = Counter(
@@ -137,11 +145,27 @@ class WorkerSeries:
         self.queue_time = queue_time.labels(*labels)
         self.prompt_tokens = prompt_tokens.labels(*labels)
         self.generation_tokens = generation_tokens.labels(*labels)
-        self.preemptions = preemptions.labels(*labels)
+        # Engine.stats() keys and the counters they feed; the engine keeps running totals.
+        self._engine_counters = {"num_preemptions": preemptions.labels(*labels),
+                                 "prefix_cache_queries": prefix_cache_queries.labels(*labels),
+                                 "prefix_cache_hits": prefix_cache_hits.labels(*labels),
+                                 "prompt_tokens_computed": prompt_tokens_computed.labels(*labels)}
+        self._engine_totals: dict[str, int] = {}
         self.heartbeats = heartbeats.labels(*labels)
         self.results_fenced = results_fenced.labels(*labels)
         self._finished = {reason: requests_finished.labels(*labels, reason) for reason in FINISH_REASONS}
         self._errors = {code: request_errors.labels(*labels, code) for code in ERROR_CODES}
+
+    def count_engine_stats(self, totals: dict[str, int]) -> None:
+        """Advance the engine's counters by what its running totals grew since the last call."""
+        for key, counter in self._engine_counters.items():
+            total = totals.get(key)
+            if total is None:
+                continue
+            grown = total - self._engine_totals.get(key, 0)
+            if grown > 0:
+                counter.inc(grown)
+            self._engine_totals[key] = total
 
     def finished(self, finish_reason: str):
         return self._finished.get(finish_reason) or requests_finished.labels(*self._labels, finish_reason)

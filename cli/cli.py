@@ -9,6 +9,8 @@ import signal
 import sys
 
 from batchd.client.connection import redis_url
+from batchd.daemon.toolkit import DEFAULT_MAX_ATTEMPTS
+from batchd.workers.hf.models import DTYPES, QUANTIZATIONS
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -27,8 +29,8 @@ def _add_scheduler_options(parser: argparse.ArgumentParser) -> None:
                        help="close a batch this long after its first request (default 5)")
     group.add_argument("--max-queue", type=int, default=100_000,
                        help="backlog beyond which submits fail with Overloaded (0: unbounded)")
-    group.add_argument("--max-attempts", type=int, default=3,
-                       help="dead-letter a request after this many worker failures")
+    group.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
+                       help="dead-letter a request after this many worker failures (workers read it from Redis)")
     group.add_argument("--claim-idle-ms", type=int, default=10_000,
                        help="take over requests another scheduler held this long without touching (default 10000)")
 
@@ -53,9 +55,9 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--contrast-model", default=None, metavar="MODEL",
                        help="a second model (the same one before fine-tuning) that requests with contrast_alpha "
                             "decode against: logits + alpha * (logits - logits_of_this_model)")
-    group.add_argument("--dtype", choices=("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), default=None,
+    group.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                        help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
-    group.add_argument("--quantize", choices=("none", "int8"), default="none",
+    group.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                        help="int8: weight-only int8 linear layers (torchao; pip install 'batchd[int8]')")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     group.add_argument("--token-delay-ms", type=float, default=0.0, help="echo engine: delay per step")

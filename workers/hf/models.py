@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchd.client.errors import InvalidRequest, RequestTooLarge
+from batchd.client.errors import InvalidRequest
 from batchd.client.protocol import MAX_PROMPT_TOKENS, Request
+
+from ..validation import check_context, check_vocabulary
 
 log = logging.getLogger("batchd.models")
 
@@ -209,7 +211,7 @@ def tokenize(tokenizer: Any, request: Request, max_context: int | None = None,
     """Prompt token ids for a wire request; raises InvalidRequest / RequestTooLarge."""
     if request.prompt_token_ids is not None:
         ids = list(request.prompt_token_ids)
-        _check_vocab(ids, vocab_size or len(tokenizer), request.id)
+        check_vocabulary(ids, vocab_size or len(tokenizer), request.id)
     elif request.messages is not None:
         ids = _chat_ids(tokenizer, request)
     elif request.prompt is not None:
@@ -219,12 +221,7 @@ def tokenize(tokenizer: Any, request: Request, max_context: int | None = None,
     if not ids:
         raise InvalidRequest("the prompt tokenises to no tokens", request.id)
     limit = min(max_context or MAX_PROMPT_TOKENS, MAX_PROMPT_TOKENS)
-    if len(ids) + request.params.max_new_tokens > limit:
-        raise RequestTooLarge(
-            f"prompt has {len(ids)} tokens and max_new_tokens is {request.params.max_new_tokens}; "
-            f"together they must fit {limit} tokens. Shorten the prompt or lower max_new_tokens",
-            request.id,
-        )
+    check_context(request.id, limit, len(ids), request.params.max_new_tokens)
     return ids
 
 
@@ -239,8 +236,3 @@ def _chat_ids(tokenizer: Any, request: Request) -> list[int]:
     # The template already holds the BOS token where the model wants one.
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
-
-def _check_vocab(ids: list[int], vocab_size: int, request_id: str) -> None:
-    bad = next((token for token in ids if token >= vocab_size), None)
-    if bad is not None:
-        raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary (size {vocab_size})", request_id)

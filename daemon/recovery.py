@@ -13,10 +13,12 @@ from __future__ import annotations
 import msgspec
 import redis
 
+from batchd.client.errors import WorkerFailed
+from batchd.client.keys import Keys
+from batchd.client.protocol import FinalEvent, Request, RestartEvent, encode, error_result
+from batchd.client.scripts import ScriptCall, raise_any_error, run_in_pipeline
+
 from . import scripts
-from .errors import WorkerFailed
-from .keys import Keys
-from .protocol import FinalEvent, Request, RestartEvent, encode, error_result
 
 
 def hand_back(client: redis.Redis, keys: Keys, requests: list[Request], reason: str, *,
@@ -31,25 +33,28 @@ def hand_back(client: redis.Redis, keys: Keys, requests: list[Request], reason: 
     """
     if not requests:
         return 0, 0
-    script = client.register_script(scripts.HAND_BACK)
-    with client.pipeline(transaction=False) as pipe:
-        for request in requests:
-            expected = scripts.owner_token(worker_id, request.attempt) if worker_id else ""
-            attempt = request.attempt + 1 if count_attempt else request.attempt
-            if attempt >= max_attempts:
-                mode, payload, event, error = _dead_letter(request, reason, max_attempts)
-            else:
-                mode, error = "requeue", None
-                payload = encode(msgspec.structs.replace(request, attempt=attempt))
-                event = encode(RestartEvent(attempt=attempt, reason=reason))
-            script(keys=[keys.result(request.id), keys.owner(request.id), keys.requests, keys.dead_letters,
-                         keys.stats],
-                   args=[expected, request.id, mode, payload, keys.channel(request.id), event, result_ttl_s,
-                         scripts.requeued_token(attempt), error.code if error else "",
-                         error.message if error else "", scripts.DEAD_LETTER_MAXLEN],
-                   client=pipe)
-        outcomes = pipe.execute()
+    calls = [_hand_back_call(keys, request, reason, max_attempts, result_ttl_s, count_attempt, worker_id)
+             for request in requests]
+    outcomes, _ = run_in_pipeline(client, calls)
+    raise_any_error(outcomes)
     return outcomes.count(1), outcomes.count(2)
+
+
+def _hand_back_call(keys: Keys, request: Request, reason: str, max_attempts: int, result_ttl_s: int,
+                    count_attempt: bool, worker_id: str) -> ScriptCall:
+    expected = scripts.owner_token(worker_id, request.attempt) if worker_id else ""
+    attempt = request.attempt + 1 if count_attempt else request.attempt
+    if attempt >= max_attempts:
+        mode, payload, event, error = _dead_letter(request, reason, max_attempts)
+    else:
+        mode, error = "requeue", None
+        payload = encode(msgspec.structs.replace(request, attempt=attempt))
+        event = encode(RestartEvent(attempt=attempt, reason=reason))
+    return (scripts.HAND_BACK,
+            [keys.result(request.id), keys.owner(request.id), keys.requests, keys.dead_letters, keys.stats],
+            [expected, request.id, mode, payload, keys.channel(request.id), event, result_ttl_s,
+             scripts.requeued_token(attempt), error.code if error else "", error.message if error else "",
+             scripts.DEAD_LETTER_MAXLEN])
 
 
 def _dead_letter(request: Request, reason: str, max_attempts: int):

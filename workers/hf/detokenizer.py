@@ -39,11 +39,6 @@ class Detokenizer:
         self._emitted = 0  # characters of _text already handed out
         self.stopped_by: str | None = None
 
-    @property
-    def text(self) -> str:
-        """The final text so far: what was emitted plus what is held back."""
-        return self._text
-
     def add(self, token_id: int, visible: bool = True) -> str:
         """Add one generated token and return the text now safe to emit.
 

@@ -60,8 +60,7 @@ def worker(args) -> int:
     from batchd.workers.worker import Worker, WorkerConfig
 
     config = WorkerConfig(redis_url=args.redis, prefix=args.prefix, drain_timeout_s=args.drain_timeout,
-                          max_attempts=getattr(args, "max_attempts", 3), metrics_port=args.metrics_port,
-                          lease_ms=args.lease_ms, heartbeat_interval_s=args.heartbeat_interval,
+                          metrics_port=args.metrics_port, lease_ms=args.lease_ms, heartbeat_interval_s=args.heartbeat_interval,
                           abandoned_after_s=args.abandoned_after)
     if args.worker_id:
         config.worker_id = args.worker_id
@@ -156,8 +155,7 @@ def demo(args) -> int:
 # -- talking to a deployment -------------------------------------------------------
 def submit(args) -> int:
     from batchd import Client
-    from batchd.client import BatchdError
-    from batchd.client._common import Delta, StreamRestarted
+    from batchd.client import BatchdError, Delta, StreamRestarted
 
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, timeout=args.timeout)
     if args.chat:

@@ -1,4 +1,10 @@
-"""What Client and AsyncClient share: building requests and reading events.
+"""The I/O-free core of Client and AsyncClient.
+
+Both clients are thin transports around it: they own the connections and the
+waiting; this module decides how a request is built, which commands and
+arguments submitting and cancelling send, which request a pub/sub message
+belongs to, how a handle reads its events and how long it waits, and how a lost
+connection is retried. So the two cannot drift apart.
 
 Both clients use one pattern subscription per client object for every request
 id they mint (`<client_id>-<n>`), so a submit costs one round trip and the
@@ -16,12 +22,12 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Any, Generic, Iterator, Sequence, TypeVar, Union
 
 import msgspec
 
-from .errors import BatchdError, InvalidRequest, error_from_code
-from .connection import redis_url
+from .connection import Backoff
+from .errors import InvalidRequest, Overloaded, ResultTimeout, error_from_code
 from .keys import Keys
 from .protocol import (
     PROTOCOL_VERSION,
@@ -36,17 +42,17 @@ from .protocol import (
     decode_request,
     encode,
 )
+from .scripts import ACCEPTED_TTL_S, ScriptCall, submit_call
 
-# How long a finished result stays readable, and how long an id stays
-# "accepted" so that a retried submit is recognised as a duplicate.
-ACCEPTED_TTL_S = 24 * 3600
 # Without any event for this long, a waiting caller reads the stored result,
 # covering publishes lost while the pub/sub connection was down.
 RESULT_POLL_S = 2.0
-# Submits and cancels retry a lost connection this many times with exponential
-# backoff (0.1 s doubling to 2 s, ~10 s in all), enough to ride out a Redis
-# restart. Both are safe to repeat: a submit is idempotent by request id.
+# Submits and cancels retry a lost connection this many times in all, waiting 0.1 s
+# doubling to RECONNECT_BACKOFF_CAP_S in between (~10 s in all), enough to ride out a
+# Redis restart. Both are safe to repeat: a submit is idempotent by request id. The
+# pub/sub readers reconnect with the same backoff.
 RECONNECT_RETRIES = 8
+RECONNECT_BACKOFF_CAP_S = 2.0
 # A caller waits this long past a request's deadline for the worker's answer.
 DEADLINE_GRACE_S = 10.0
 
@@ -247,8 +253,158 @@ def overloaded_message(stream: str) -> str:
             "or add workers")
 
 
-__all__ = [
-    "ACCEPTED_TTL_S", "BatchdError", "Delta", "EventParser", "IdMinter", "Keys", "RESULT_POLL_S",
-    "StreamItem", "StreamRestarted", "build_request", "default_producer", "raise_for_error",
-    "redis_url", "wait_budget",
-]
+def retry_delays() -> Iterator[float]:
+    """The waits between the tries of an idempotent command whose connection was lost."""
+    backoff = reconnect_backoff()
+    for _ in range(RECONNECT_RETRIES - 1):
+        yield backoff.next_delay()
+
+
+def reconnect_backoff() -> Backoff:
+    return Backoff(cap_s=RECONNECT_BACKOFF_CAP_S)
+
+
+def queue_cancel(pipe: Any, keys: Keys, request_id: str) -> None:
+    """Cancel a request: its flag first (a scheduler checks it at dispatch, a worker on a gap in
+    its subscription), then the broadcast that frees a running slot at once."""
+    pipe.set(keys.cancelled(request_id), 1, ex=ACCEPTED_TTL_S)
+    pipe.publish(keys.cancel_channel, request_id)
+
+
+class Routes:
+    """Which request each pub/sub message belongs to."""
+
+    def __init__(self, keys: Keys):
+        self._channel_prefix = keys.channel("")
+
+    def request_of(self, message: dict) -> str | None:
+        """The request id of an event message; None for anything else."""
+        if message["type"] not in ("message", "pmessage"):
+            return None
+        return _text(message["channel"])[len(self._channel_prefix):]
+
+    @staticmethod
+    def confirmed(message: dict) -> str | None:
+        """The channel a SUBSCRIBE confirmation is for; None for anything else (ask request_of first:
+        nearly every message is an event)."""
+        return _text(message["channel"]) if message["type"] == "subscribe" else None
+
+    def route(self, message: dict, handles: dict, confirmations: dict) -> Any:
+        """Hand an event to its request's handle; for a SUBSCRIBE confirmation, return (and forget)
+        the waiter registered for its channel, for the transport to wake."""
+        request_id = self.request_of(message)
+        if request_id is not None:
+            handle = handles.get(request_id)
+            if handle is not None:
+                handle._deliver(message["data"])
+            return None
+        return confirmations.pop(self.confirmed(message), None)
+
+
+def _text(channel: str | bytes) -> str:
+    return channel.decode() if isinstance(channel, bytes) else channel
+
+
+# Delivered to every waiting handle after the pub/sub connection came back:
+# events published meanwhile are lost, so the handle reads its stored result now.
+RECHECK: bytes = object()  # type: ignore[assignment]
+
+
+def recheck_after_reconnect(subscription: Any, handles: dict) -> None:
+    """After the subscription (connection.Subscription) reconnected, every waiting handle
+    reads its stored result at once instead of at its next poll."""
+    subscription.reconnected = False
+    for handle in list(handles.values()):
+        handle._deliver(RECHECK)
+
+
+class Reading:
+    """How a handle reads one request: wire events in, stream items out, the final Result
+    last (raising its typed error), and how long to wait for the next event before looking
+    for a stored result."""
+
+    def __init__(self, request_id: str, wait_s: float | None):
+        self.request_id = request_id
+        self._parser = EventParser(request_id)
+        self._wait_s = wait_s
+        self._give_up: float | None = None
+
+    def begin(self) -> None:
+        """The caller starts waiting: its wait budget counts from now."""
+        self._give_up = time.monotonic() + self._wait_s if self._wait_s is not None else None
+
+    @property
+    def done(self) -> bool:
+        return self._parser.result is not None
+
+    def next_wait_s(self) -> float:
+        """Seconds to wait for the next event before reading the stored result;
+        raises ResultTimeout once the caller's budget is spent."""
+        if self._give_up is None:
+            return RESULT_POLL_S
+        wait = min(RESULT_POLL_S, self._give_up - time.monotonic())
+        if wait <= 0:
+            raise ResultTimeout(f"no result for request {self.request_id} in time; it may still run "
+                                "(raise timeout, or check that workers are live with `batchd status`)",
+                                self.request_id)
+        return wait
+
+    def take(self, payload: bytes) -> StreamItem | None:
+        """The stream item of one event (None: nothing to show); a failed final result raises."""
+        item = self._parser.parse(payload)
+        return raise_for_error(item) if isinstance(item, Result) else item
+
+
+Sent = TypeVar("Sent")
+
+
+class ClientCore(Generic[Sent]):
+    """The producer API both clients offer, built on the transport's _send (the handle for
+    Client, an awaitable of it for AsyncClient)."""
+
+    def __init__(self, prefix: str, producer: str | None):
+        self.keys = Keys(prefix)
+        self.producer = producer or default_producer()
+        self._ids = IdMinter()
+        self._routes = Routes(self.keys)
+
+    def submit(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
+               prompt_token_ids: Sequence[int] | None = None, max_new_tokens: int = 256,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               stop: Sequence[str] | str | None = None, stop_token_ids: Sequence[int] | None = None,
+               ignore_eos: bool = False, contrast_alpha: float | None = None, priority: int = 0,
+               timeout: float | None = None, deadline: float | None = None,
+               request_id: str | None = None) -> Sent:
+        """Enqueue one request and return its handle at once (AsyncClient: await it).
+
+        Raises InvalidRequest for bad arguments (at the call, before anything is sent) and
+        Overloaded when the queue is full. Submitting again with the same request_id never
+        runs it twice.
+        """
+        explicit = request_id is not None
+        request_id = request_id or self._ids.next()
+        request, payload = build_request(
+            request_id, prompt, messages, prompt_token_ids, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, contrast_alpha=contrast_alpha,
+            priority=priority, producer=self.producer, timeout=timeout, deadline=deadline)
+        return self._send(request, payload, explicit, timeout)
+
+    def _send(self, request: Request, payload: bytes, explicit: bool, timeout: float | None) -> Sent:
+        raise NotImplementedError
+
+    def _reading(self, request: Request, timeout: float | None) -> Reading:
+        return Reading(request.id, wait_budget(timeout, request.deadline))
+
+    def _submit_call(self, request: Request, payload: bytes) -> ScriptCall:
+        return submit_call(self.keys, request.id, payload)
+
+    def _needs_own_subscription(self, request_id: str, explicit: bool) -> bool:
+        """A caller-chosen id outside this client's pattern subscription."""
+        return explicit and not self._ids.owns(request_id)
+
+    def _overloaded(self, request_id: str) -> Overloaded:
+        return Overloaded(overloaded_message(self.keys.requests), request_id)
+
+
+__all__ = ["ClientCore", "Delta", "EventParser", "Reading", "Routes", "StreamItem", "StreamRestarted", "build_request"]

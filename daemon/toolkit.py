@@ -1,0 +1,112 @@
+"""What both daemons do the same way, so each rule has one definition.
+
+The run loop with its backoff, creating a consumer group, the settings the
+schedulers publish in Redis for everyone, reading a job stream entry (a bad one
+is dropped, never fatal), and the errors of a request that ended before it
+started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import msgspec
+import redis
+
+from batchd.client.connection import CONNECTION_LOST, Backoff
+from batchd.client.errors import BatchdError, Cancelled, DeadlineExceeded
+from batchd.client.keys import Keys
+from batchd.client.protocol import FinishReason, Job, decode_job
+
+log = logging.getLogger("batchd.daemon")
+
+# Redis checks blocked commands' timeouts once per server tick (1000 / hz ms at the
+# default hz 10): a BLOCK shorter than this waits for the tick anyway.
+SERVER_TICK_MS = 100
+# A request whose worker died this many times is dead-lettered (--max-attempts).
+DEFAULT_MAX_ATTEMPTS = 3
+# A daemon whose Redis is gone retries at 0.1 s, doubling up to this.
+RECONNECT_BACKOFF_CAP_S = 5.0
+
+
+def instance_id() -> str:
+    """A daemon's default id: host, pid and a random suffix, readable in logs and `batchd status`."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class DaemonConfig:
+    """Settings every daemon has."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "batchd:"
+    # How long a final result stays readable at batchd:result:{id}.
+    result_ttl_s: int = 3600
+    metrics_port: int = 0
+
+
+def run_until_stopped(stop: threading.Event, run_once: Callable[[], None], reconnect: Callable[[], None]) -> None:
+    """Call run_once until stop is set; while Redis is unreachable, back off and reconnect."""
+    backoff = Backoff(cap_s=RECONNECT_BACKOFF_CAP_S)
+    while not stop.is_set():
+        try:
+            run_once()
+            backoff.reset()
+        except CONNECTION_LOST as exc:
+            delay = backoff.next_delay()
+            log.warning("Redis unreachable (%s); retrying in %.1fs", exc, delay)
+            stop.wait(delay)
+            reconnect()
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
+    """Create the consumer group (and its stream) unless it exists already."""
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def publish_settings(client: redis.Redis, keys: Keys, *, max_queue: int, max_attempts: int) -> None:
+    """The settings schedulers own and every side reads: SUBMIT bounds the backlog by
+    max_queue, a worker handing a request back dead-letters it after max_attempts."""
+    client.hset(keys.config, mapping={"max_queue": max_queue, "max_attempts": max_attempts})
+
+
+def read_max_attempts(client: redis.Redis, keys: Keys) -> int:
+    """The schedulers' --max-attempts; the default before any scheduler published one."""
+    value = client.hget(keys.config, "max_attempts")
+    try:
+        return int(value) if value is not None else DEFAULT_MAX_ATTEMPTS
+    except ValueError:
+        return DEFAULT_MAX_ATTEMPTS
+
+
+def read_job(entry_id: str, fields: dict, whose: str) -> Job | None:
+    """The job in one job stream entry, or None (logged) when it cannot be read."""
+    try:
+        return decode_job(fields[b"job"])
+    except (KeyError, msgspec.MsgspecError, BatchdError) as exc:
+        log.warning("dropping unreadable job %s of %s: %s", entry_id, whose, exc)
+        return None
+
+
+def cancelled_before_start(request_id: str) -> Cancelled:
+    return Cancelled(f"request {request_id} was cancelled before it started", request_id)
+
+
+def expired_before_start(request_id: str, waiting_for: str) -> DeadlineExceeded:
+    return DeadlineExceeded(f"request {request_id} expired before {waiting_for}; "
+                            "raise its timeout or add workers", request_id)
+
+
+def finish_reason_of(error: BatchdError) -> FinishReason:
+    """The finish_reason of a request that ended with this error before it produced anything."""
+    return {"cancelled": "cancelled", "deadline_exceeded": "deadline"}.get(error.code, "error")

@@ -1,0 +1,152 @@
+"""The worker's outbox: everything it tells Redis, one round trip at a time, and the one
+owner of what was sent but is not booked yet.
+
+A parcel carries one step's token events (one PUBLISH_STEP call per lease
+token), its final results (one FINALIZE each; the one that completes a job
+acknowledges the job in the same call, after the store), a heartbeat when one is
+due, and a read of the next jobs. The round trip runs in order, so a request's
+last tokens reach its channel before its final event.
+
+post() sends a parcel from the publisher thread while the loop runs the next
+engine step (on a GPU the host would otherwise wait on Redis while the device
+idles); collect() waits for it and hands back its receipt, which the loop books
+before it builds the next parcel. So at most one parcel is in flight and each
+is built from booked state. A parcel whose connection dropped leaves its final
+results here until the loop sends them again after the reconnect.
+
+The outbox owns its connection: the publisher thread and the loop use it in
+turn, never at once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import redis
+
+from batchd.client.connection import CONNECTION_LOST
+from batchd.client.keys import WORKER_GROUP, Keys
+from batchd.client.protocol import FinalEvent, Heartbeat, Result, TokenEvent, encode
+from batchd.client.scripts import ScriptCall, raise_any_error, run_in_pipeline
+from batchd.daemon import scripts
+
+from .holdings import Held
+
+
+@dataclass
+class Parcel:
+    """What one round trip carries."""
+
+    events: list[tuple[Held, TokenEvent]] = field(default_factory=list)
+    finished: list[tuple[Held, Result]] = field(default_factory=list)
+    # Job entry -> the request whose result completes it (and acknowledges it).
+    closes: dict[str, Held] = field(default_factory=dict)
+    beat: Heartbeat | None = None
+    # Also read up to this many new jobs (0: none).
+    read_jobs: int = 0
+
+
+@dataclass
+class Receipt:
+    """What a parcel's round trip came back with, for the loop to book."""
+
+    parcel: Parcel
+    # Each token event's request and how many subscribers received it (-1: not published, lease gone).
+    heard: list[tuple[Held, int]]
+    # FINALIZE's outcome for each finished request: 1 delivered, 0 already delivered, -1 fenced.
+    outcomes: list[int]
+    # The job read's reply (a ResponseError such as NOGROUP comes back as the reply), or None.
+    jobs: Any
+
+
+class Outbox:
+    def __init__(self, client: redis.Redis, keys: Keys, worker_id: str, result_ttl_s: int, lease_ms: int):
+        self.redis = client
+        self.keys = keys
+        self.worker_id = worker_id
+        self.stream = keys.jobs(worker_id)
+        self.result_ttl_s = result_ttl_s
+        self.lease_ms = lease_ms
+        self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchd-publish")
+        self._in_flight: tuple[Parcel, concurrent.futures.Future] | None = None
+        # Final results whose round trip failed: stored first thing once Redis is back.
+        self._undelivered: list[tuple[Held, Result]] = []
+
+    @property
+    def in_flight(self) -> bool:
+        return self._in_flight is not None
+
+    def send(self, parcel: Parcel) -> Receipt:
+        """Send a parcel now, from the calling thread; nothing may be in flight."""
+        calls = self._calls(parcel)
+        return self._receipt(parcel, lambda: self._round_trip(parcel, calls))
+
+    def post(self, parcel: Parcel) -> None:
+        """Send a parcel from the publisher thread; collect() returns its receipt."""
+        calls = self._calls(parcel)  # encoded here: the publisher thread only waits on Redis
+        self._in_flight = (parcel, self._publisher.submit(self._round_trip, parcel, calls))
+
+    def collect(self) -> Receipt | None:
+        """Wait for the parcel in flight, if any, and return its receipt."""
+        if self._in_flight is None:
+            return None
+        parcel, future = self._in_flight
+        self._in_flight = None
+        return self._receipt(parcel, future.result)
+
+    def take_undelivered(self) -> list[tuple[Held, Result]]:
+        undelivered, self._undelivered = self._undelivered, []
+        return undelivered
+
+    def forget_undelivered(self) -> None:
+        """Drop the kept results: a scheduler took their requests back, so they are fenced."""
+        self._undelivered = []
+
+    def close(self) -> None:
+        self._publisher.shutdown(wait=True)
+
+    def _receipt(self, parcel: Parcel, wait: Callable[[], Receipt]) -> Receipt:
+        """wait()'s receipt; if the connection dropped, the parcel's results are kept to send again."""
+        try:
+            return wait()
+        except CONNECTION_LOST:
+            self._undelivered.extend(parcel.finished)
+            raise
+
+    def _calls(self, parcel: Parcel) -> list[ScriptCall]:
+        calls = [scripts.publish_step_call(self.keys, owner, [(held.request.id, encode(event)) for held, event in group])
+                 for owner, group in _by_owner(parcel.events).items()]
+        for held, result in parcel.finished:
+            closes = parcel.closes.get(held.job_entry) is held
+            calls.append(scripts.finalize_call(self.keys, held.request.id, encode(FinalEvent(result)), self.result_ttl_s,
+                                               held.owner, (self.stream, WORKER_GROUP, held.job_entry) if closes else None))
+        return calls
+
+    def _round_trip(self, parcel: Parcel, calls: list[ScriptCall]) -> Receipt:
+        def beat_and_read(pipe) -> None:
+            if parcel.beat is not None:
+                pipe.set(self.keys.heartbeat(self.worker_id), encode(parcel.beat), px=self.lease_ms)
+                pipe.zadd(self.keys.workers, {self.worker_id: parcel.beat.sent_at})
+            if parcel.read_jobs:
+                pipe.xreadgroup(WORKER_GROUP, self.worker_id, {self.stream: ">"}, count=parcel.read_jobs)
+
+        outcomes, replies = run_in_pipeline(self.redis, calls, beat_and_read)
+        jobs = replies[-1] if parcel.read_jobs else None
+        for reply in (jobs, *outcomes):
+            if isinstance(reply, CONNECTION_LOST):
+                raise reply
+        raise_any_error(outcomes)
+        groups = list(_by_owner(parcel.events).values())
+        heard = [(held, listeners) for group, counts in zip(groups, outcomes)
+                 for (held, _event), listeners in zip(group, counts)]
+        return Receipt(parcel, heard, outcomes[len(groups):], jobs)
+
+
+def _by_owner(events: list[tuple[Held, TokenEvent]]) -> dict[str, list[tuple[Held, TokenEvent]]]:
+    """Events grouped by lease token, in order: one PUBLISH_STEP call per token (requests of one attempt share it)."""
+    groups: dict[str, list[tuple[Held, TokenEvent]]] = {}
+    for held, event in events:
+        groups.setdefault(held.owner, []).append((held, event))
+    return groups
