@@ -207,37 +207,39 @@ def host_syncs(engine: HFEngine, requests, steps: int = 60) -> dict:
     return {"steps": steps, "sync_warnings": len(caught), "distinct": messages[:8]}
 
 
-def engine_latency(engine: HFEngine, requests, rate: float, device: str) -> dict:
-    """TTFT and inter-token latency with requests arriving as a Poisson process."""
+def engine_latency(engine: HFEngine, requests, rate: float, device: str, seed: int = 1) -> dict:
+    """TTFT (arrival to first token) and ITL (gap between a request's tokens) with requests
+    arriving as a Poisson process, and the output tokens/s delivered."""
     engine.reset_prefix_cache()  # no phase reads the prompts an earlier one left cached
-    gaps = np.random.default_rng(1).exponential(1 / rate, len(requests))
-    arrivals = np.cumsum(gaps)
+    arrivals = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, len(requests)))
     pending = list(enumerate(requests))
-    first_token, last_token, inter_token = {}, {}, []
+    first, last, gaps, tokens = {}, {}, [], 0
     started = time.perf_counter()
     while pending or engine.has_work():
         now = time.perf_counter() - started
         while pending and arrivals[pending[0][0]] <= now:
             index, (prompt, output) = pending.pop(0)
-            engine.add(EngineRequest(f"lat{index}", prompt, SamplingParams(max_new_tokens=output, ignore_eos=True)))
+            engine.add(EngineRequest(f"r{index}", prompt, SamplingParams(max_new_tokens=output, ignore_eos=True)))
         if not engine.has_work():
-            time.sleep(0.001)
+            time.sleep(0.0005)
             continue
         outputs = engine.step()
         now = time.perf_counter() - started
         for out in outputs:
-            index = int(out.request_id[3:])
-            if index not in first_token:
-                first_token[index] = now - arrivals[index]
+            if not out.new_token_ids:  # a finish with no token of its own
+                continue
+            index = int(out.request_id[1:])
+            tokens += len(out.new_token_ids)
+            if index not in first:
+                first[index] = now - arrivals[index]
             else:
-                inter_token.append(now - last_token[index])
-            last_token[index] = now
-    ttft, itl = np.array(list(first_token.values())), np.array(inter_token)
-    return {"requests": len(requests), "rate_per_s": rate,
-            "ttft_ms_p50": round(float(np.percentile(ttft, 50)) * 1e3, 1),
-            "ttft_ms_p99": round(float(np.percentile(ttft, 99)) * 1e3, 1),
-            "itl_ms_p50": round(float(np.percentile(itl, 50)) * 1e3, 2),
-            "itl_ms_p99": round(float(np.percentile(itl, 99)) * 1e3, 2)}
+                gaps.append(now - last[index])
+            last[index] = now
+    seconds = time.perf_counter() - started
+    ttft, itl = np.array(list(first.values())) * 1e3, np.array(gaps) * 1e3
+    return {"rate_per_s": rate, "requests": len(requests), "tok_s": round(tokens / seconds, 1),
+            "ttft_ms_p50": round(float(np.percentile(ttft, 50)), 1), "ttft_ms_p99": round(float(np.percentile(ttft, 99)), 1),
+            "itl_ms_p50": round(float(np.percentile(itl, 50)), 2), "itl_ms_p99": round(float(np.percentile(itl, 99)), 2)}
 
 
 def decode_step_by_live(engine: HFEngine, requests, device: str, live_counts=(1, 4, 8, 16, 32, 64, 128, 256),

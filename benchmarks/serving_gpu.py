@@ -37,7 +37,7 @@ from batchd.workers.hf import HFEngine
 from batchd.workers.hf.kv_cache import kv_bytes_per_token
 from batchd.workers.hf.models import LoadedModel
 from batchd.workers.engine import ScoreItem
-from engine_gpu import (Report, _free_engine_memory, _now, _sync, build_model, copy_bandwidth, hf_generate,
+from engine_gpu import (Report, _free_engine_memory, _sync, build_model, copy_bandwidth, engine_latency, hf_generate,
                         qwen3_config, roofline, word_tokenizer, workload)
 
 log = logging.getLogger("serving_gpu")
@@ -308,37 +308,8 @@ def sustained(engine: HFEngine, requests, device: str, slots: int) -> dict:
 
 
 def poisson(engine: HFEngine, requests, rate: float, device: str) -> dict:
-    """TTFT (arrival to first token) and ITL (gap between a request's tokens) at one rate."""
-    engine.reset_prefix_cache()
-    arrivals = np.cumsum(np.random.default_rng(int(rate)).exponential(1 / rate, len(requests)))
-    pending = list(enumerate(requests))
-    first, last, gaps, tokens = {}, {}, [], 0
-    started = time.perf_counter()
-    while pending or engine.has_work():
-        now = time.perf_counter() - started
-        while pending and arrivals[pending[0][0]] <= now:
-            index, (prompt, output) = pending.pop(0)
-            engine.add(EngineRequest(f"r{index}", prompt, SamplingParams(max_new_tokens=output, ignore_eos=True)))
-        if not engine.has_work():
-            time.sleep(0.0005)
-            continue
-        outputs = engine.step()
-        now = time.perf_counter() - started
-        for out in outputs:
-            if not out.new_token_ids:
-                continue
-            index = int(out.request_id[1:])
-            tokens += len(out.new_token_ids)
-            if index not in first:
-                first[index] = now - arrivals[index]
-            else:
-                gaps.append(now - last[index])
-            last[index] = now
-    seconds = time.perf_counter() - started
-    ttft, itl = np.array(list(first.values())) * 1e3, np.array(gaps) * 1e3
-    return {"rate_per_s": rate, "requests": len(requests), "tok_s": round(tokens / seconds, 1),
-            "ttft_ms_p50": round(float(np.percentile(ttft, 50)), 1), "ttft_ms_p99": round(float(np.percentile(ttft, 99)), 1),
-            "itl_ms_p50": round(float(np.percentile(itl, 50)), 2), "itl_ms_p99": round(float(np.percentile(itl, 99)), 2),
+    """TTFT and ITL at one arrival rate (engine_gpu.py's measurement), and the preemptions."""
+    return {**engine_latency(engine, requests, rate, device, seed=int(rate)),
             "preemptions": engine.stats()["num_preemptions"]}
 
 
