@@ -28,6 +28,7 @@ import argparse
 import logging
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -246,7 +247,7 @@ def micro_decode_attention(engine: HFEngine, requests, device: str, bandwidth: f
             "read_gb_s": round(read / ms / 1e6, 1), "of_copy_bandwidth": round(read / ms / 1e6 / (bandwidth / 1e9), 3)}
 
 
-def mixed_steps(engine: HFEngine, requests, device: str, pieces=(128, 512, 1000)) -> dict:
+def mixed_steps(engine: HFEngine, requests, device: str, pieces=(128, 512, 1000, 2000)) -> dict:
     """With 256 requests decoding, the wall time of a step that also carries a P-token prompt
     piece against a decode-only step, and how much of it the host spends queuing the step."""
     runner = engine._runner
@@ -276,7 +277,8 @@ def mixed_steps(engine: HFEngine, requests, device: str, pieces=(128, 512, 1000)
                 host.clear()
                 started = time.perf_counter()
                 if piece:
-                    engine.add(EngineRequest(f"piece{piece}_{repeat}", requests[repeat][0][:piece],
+                    prompt = (requests[repeat][0] + requests[repeat + 6][0])[:piece]  # a workload prompt is <= 1,024
+                    engine.add(EngineRequest(f"piece{piece}_{repeat}", prompt,
                                              SamplingParams(max_new_tokens=1, ignore_eos=True)))
                 engine.step()
                 _sync(device)
@@ -290,8 +292,9 @@ def mixed_steps(engine: HFEngine, requests, device: str, pieces=(128, 512, 1000)
         engine.cancel(f"mx{index}")
     while engine.has_work():
         engine.step()
-    return {"live": len(requests) - 1, "budget": engine.max_prefill_tokens, "table": table,
-            "note": "the timed step admits a new prompt and carries its first min(P, budget) tokens"}
+    return {"live": len(requests) - 1, "budget": engine.max_prefill_tokens, "burst": engine.burst_prefill_tokens,
+            "table": table, "note": "the timed step admits a new prompt and carries its first min(P, step budget) "
+                                    "tokens (the backlog is that prompt alone: the base budget up to 4x it)"}
 
 
 def anchor(engine: HFEngine, requests, device: str) -> dict:
@@ -345,6 +348,32 @@ def smc_engine(engine: HFEngine, prompt: list[int], particles: int, steps: int, 
     return {"particles": particles, "steps": steps, "top_k": top_k, "calls": particles * steps,
             "seconds_in_calls": round(in_engine, 2), "calls_s": round(particles * steps / in_engine, 1),
             "calls_s_with_caller_sampling": round(particles * steps / seconds, 1), "prompt_tokens_computed": computed}
+
+
+def smc_profile(engine: HFEngine, prompt: list[int], particles: int, steps: int, device: str, out_dir: str) -> dict:
+    """The smc phase's host time by function (cProfile): what each call costs the host while
+    the GPU waits, with and without Python's cyclic garbage collector running."""
+    import cProfile
+    import gc
+    import io
+    import pstats
+
+    results = {}
+    for label in ("gc_on", "gc_off"):
+        if label == "gc_off":
+            gc.disable()
+        profile = cProfile.Profile()
+        profile.enable()
+        run = smc_engine(engine, prompt, particles, steps, 20, device)
+        profile.disable()
+        gc.enable()
+        text = io.StringIO()
+        stats = pstats.Stats(profile, stream=text)
+        stats.sort_stats("tottime").print_stats(45)
+        stats.sort_stats("cumulative").print_stats(45)
+        Path(out_dir, f"smc_profile_{label}.txt").write_text(text.getvalue())
+        results[label] = run
+    return results
 
 
 def smc_hf_lockstep(model, prompt: list[int], particles: int, steps: int, device: str) -> dict:
@@ -458,6 +487,8 @@ def main() -> None:
                                   "roofline": roofline_fifo(more, slots, model, bandwidth)},
             "poisson": lambda: {"rates": [poisson(engine, workload(args.poisson_requests, low, high, vocab, seed=7),
                                                   float(rate), device) for rate in args.rates.split(",")]},
+            "smc_profile": lambda: smc_profile(engine, requests[0][0][:256], 256, args.smc_steps, device,
+                                               str(Path(args.out).parent)),
             "smc": lambda: {"runs": [smc_engine(engine, requests[0][0][:256], int(k), args.smc_steps, top_k, device)
                                      for k in args.particles.split(",") for top_k in (20, None)]},
             "system_prompt": lambda: system_prompt(engine, vocab, device, questions=32 if small else 256),

@@ -51,7 +51,11 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                        help="longest prompt + output of one request; reserves nothing (default: the model's context)")
     group.add_argument("--max-prefill-tokens", type=int, default=None,
                        help="prompt tokens a step computes, so long prompts never stall decoding (default: 512 on "
-                            "a GPU, which keeps the inter-token tail low; 2048 on a CPU; 2048 suits batch work)")
+                            "a GPU, which keeps the inter-token tail low; 2048 on a CPU)")
+    group.add_argument("--burst-prefill-tokens", type=int, default=None,
+                       help="prompt tokens a step may compute while a backlog of prompts waits (a burst, long "
+                            "prompts): the budget grows with the backlog up to this (default: 4x "
+                            "--max-prefill-tokens on a GPU, the same on a CPU)")
     group.add_argument("--contrast-model", default=None, metavar="MODEL",
                        help="a second model (the same one before fine-tuning) that requests with contrast_alpha "
                             "decode against: logits + alpha * (logits - logits_of_this_model)")

@@ -51,8 +51,8 @@ def build_engine(args):
 
     return build_hf(args.model, slots=args.slots or 16, max_context=args.max_context,
                     kv_memory=parse_size(args.kv_memory), max_prefill_tokens=args.max_prefill_tokens,
-                    dtype=args.dtype, device=args.device, contrast_model=args.contrast_model,
-                    quantize=args.quantize)
+                    burst_prefill_tokens=args.burst_prefill_tokens, dtype=args.dtype, device=args.device,
+                    contrast_model=args.contrast_model, quantize=args.quantize)
 
 
 def worker(args) -> int:
@@ -117,6 +117,7 @@ def _daemon_argv(args, url: str) -> tuple[list[str], list[str]]:
             "--heartbeat-interval", str(args.heartbeat_interval), "--abandoned-after", str(args.abandoned_after)]
     for flag, value in (("--slots", args.slots), ("--kv-memory", args.kv_memory),
                         ("--max-prefill-tokens", args.max_prefill_tokens),
+                        ("--burst-prefill-tokens", args.burst_prefill_tokens),
                         ("--max-context", args.max_context), ("--dtype", args.dtype), ("--device", args.device),
                         ("--contrast-model", args.contrast_model), ("--quantize", args.quantize)):
         if value is not None:

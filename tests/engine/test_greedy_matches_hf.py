@@ -26,15 +26,16 @@ def _random_workload(seed: int, count: int, max_prompt: int, max_new: int):
 
 # Uncompiled flex is the point on the CPU: the same math the GPU compiles.
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("kind,attention,seed", [("llama", "sdpa", 0), ("llama", "sdpa", 1), ("qwen3", "sdpa", 0),
-                                                 ("qwen3", "sdpa", 1), ("llama", "flex", 2), ("qwen3", "flex", 3),
-                                                 ("qwen2", "sdpa", 4)])
-def test_random_mix_matches_generate(tiny_models, reference_models, kind, attention, seed):
+@pytest.mark.parametrize("kind,attention,seed,burst", [
+    ("llama", "sdpa", 0, None), ("llama", "sdpa", 1, None), ("qwen3", "sdpa", 0, None), ("qwen3", "sdpa", 1, None),
+    ("llama", "flex", 2, None), ("qwen3", "flex", 3, None), ("qwen2", "sdpa", 4, None), ("llama", "sdpa", 5, 40)])
+def test_random_mix_matches_generate(tiny_models, reference_models, kind, attention, seed, burst):
     # Few slots and a small prefill budget: slots are reused, prompts are chunked,
     # and prefill pieces share steps with running decodes. "flex" is the GPU's
-    # decode attention, run here without compilation.
+    # decode attention, run here without compilation. With a burst budget the pieces'
+    # sizes change from step to step with the backlog.
     engine = build_engine(str(tiny_models[kind]), slots=3, max_context=128, max_prefill_tokens=13,
-                          attention=attention)
+                          burst_prefill_tokens=burst, attention=attention)
     arrivals, prompts = _random_workload(seed, count=14, max_prompt=60, max_new=24)
     run = drive(engine, arrivals)
     assert set(run.finish) == set(prompts)

@@ -22,8 +22,8 @@ def _sequence(request_id: str, prompt: list[int], max_new_tokens: int) -> Sequen
 
 
 class FakeEngine:
-    def __init__(self, num_blocks: int, slots: int = 4, budget: int = 64):
-        self.scheduler = Scheduler(BlockManager(num_blocks, SIZE), slots, budget)
+    def __init__(self, num_blocks: int, slots: int = 4, budget: int = 64, burst: int | None = None):
+        self.scheduler = Scheduler(BlockManager(num_blocks, SIZE), slots, budget, burst_prefill_tokens=burst)
         self.plans = []
 
     def step(self) -> None:
@@ -136,3 +136,53 @@ def test_a_request_resumed_after_preemption_reads_its_own_blocks_back():
     # first): found again, not recomputed.
     assert engine.scheduler.stats.prefix_cache_hits >= 2 * SIZE
     assert young.generated == _expected([2] * 8, 16) and old.generated == _expected([1] * 8, 16)
+
+
+def _prompt_tokens_per_step(engine: FakeEngine) -> list[int]:
+    return [sum(len(c.token_ids) for c in plan.chunks if len(c.token_ids) > 1 or not c.want_logits)
+            for plan in engine.plans]
+
+
+def test_a_stream_of_short_prompts_keeps_the_base_budget():
+    engine = FakeEngine(num_blocks=400, slots=8, budget=16, burst=64)
+    sequences = []
+    for index in range(6):  # one short prompt at a time: the backlog never builds up
+        sequence = _sequence(f"r{index}", [index + 1] * 30, 3)
+        sequences.append(sequence)
+        engine.scheduler.add(sequence)
+        assert engine.scheduler.step_budget() == 16
+        engine.run([sequence], add=False)
+    assert max(_prompt_tokens_per_step(engine)) == 16
+    assert all(s.generated == _expected(s.request.prompt_token_ids, 3) for s in sequences)
+
+
+def test_a_burst_raises_the_budget_up_to_the_burst_budget_and_back():
+    engine = FakeEngine(num_blocks=400, slots=8, budget=16, burst=64)
+    burst = [_sequence(f"b{index}", [index + 1] * 40, 2) for index in range(8)]
+    for sequence in burst:
+        engine.scheduler.add(sequence)
+    # 320 prompt tokens wait: a quarter of them is over the burst budget.
+    assert engine.scheduler.step_budget() == 64
+    engine.run(burst, add=False)
+    carried = _prompt_tokens_per_step(engine)
+    assert carried[0] == 64
+    # As the backlog drains the budget falls back: never under the base while prompts wait.
+    assert all(tokens <= 64 for tokens in carried)
+    assert engine.scheduler.step_budget() == 16
+    # Fewer steps than the base budget would have taken to compute 320 prompt tokens.
+    assert sum(1 for tokens in carried if tokens) < 320 // 16
+    assert all(s.generated == _expected(s.request.prompt_token_ids, 2) for s in burst)
+
+
+def test_only_waiting_requests_with_a_free_row_count_toward_the_backlog():
+    engine = FakeEngine(num_blocks=400, slots=1, budget=16, burst=64)
+    for index in range(20):  # 20 prompts of 40 wait, but one row: only one can start
+        engine.scheduler.add(_sequence(f"w{index}", [index + 1] * 40, 1))
+    assert engine.scheduler.step_budget() == 16  # 40 // 4 = 10: the base
+
+
+def test_the_burst_budget_cannot_be_below_the_base():
+    import pytest
+
+    with pytest.raises(ValueError, match="burst_prefill_tokens"):
+        Scheduler(BlockManager(10, SIZE), 2, 32, burst_prefill_tokens=16)

@@ -21,6 +21,7 @@ sampled from logits_after + alpha * (logits_after - logits_before).
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -53,14 +54,19 @@ DEFAULT_MAX_CONTEXT = 4096
 # workspace live there (vLLM's default leaves the same 10%).
 GPU_HEADROOM = 0.10
 DEFAULT_PREFILL_TOKENS = {"cpu": 2048, "cuda": 512}
+# While a backlog of prompts waits, a step may carry up to this many times the base budget
+# (workers/hf/scheduler.py, step_budget). On an H200 a 0.6B-shape step with 255 requests
+# decoding and 2,048 prompt tokens stays under twice a decode step, and a burst's prompts
+# are admitted in a quarter of the steps (docs/performance.md).
+BURST_FACTOR = {"cpu": 1, "cuda": 4}
 
 
 class HFEngine(EngineBase):
     name = "hf"
 
     def __init__(self, loaded: LoadedModel, *, slots: int = 16, max_context: int | None = None,
-                 kv_memory: int | None = None, max_prefill_tokens: int | None = None, block_size: int | None = None,
-                 clock: Clock = time.time, seed: int | None = None, attention: str | None = None,
+                 kv_memory: int | None = None, max_prefill_tokens: int | None = None,
+                 burst_prefill_tokens: int | None = None, block_size: int | None = None, clock: Clock = time.time, seed: int | None = None, attention: str | None = None,
                  cuda_graph: bool | None = None, compile_decode: bool | None = None,
                  contrast: LoadedModel | None = None, overlap: bool | None = None,
                  cuda_graph_sizes: tuple[int, ...] | None = None, kv_layout: str = "head"):
@@ -89,11 +95,16 @@ class HFEngine(EngineBase):
                                                   bytes_per_token, device, elements)
 
         max_prefill_tokens = max_prefill_tokens or DEFAULT_PREFILL_TOKENS.get(device.type, 2048)
+        burst_prefill_tokens = burst_prefill_tokens or max_prefill_tokens * BURST_FACTOR.get(device.type, 1)
+        if burst_prefill_tokens < max_prefill_tokens:
+            raise ValueError(f"burst_prefill_tokens ({burst_prefill_tokens}) must be at least "
+                             f"max_prefill_tokens ({max_prefill_tokens})")
 
         def runner(model):
             if fast:
                 return PagedRunner(model, slots, num_blocks, block_size, self.max_context, attention, cuda_graph,
-                                   compile_decode, cuda_graph_sizes, kv_layout, mixed_graph_sizes(max_prefill_tokens))
+                                   compile_decode, cuda_graph_sizes, kv_layout,
+                                   mixed_graph_sizes(max_prefill_tokens, burst_prefill_tokens))
             return GenericRunner(model, slots, self.max_context)
 
         self._runner = runner(loaded.model)
@@ -110,7 +121,8 @@ class HFEngine(EngineBase):
         # several rows of logits per chunk; else they go to the Scorer.
         self.scores_in_steps = self.capabilities.multi_row_logits
         self._blocks = BlockManager(num_blocks, block_size, prefix_caching=self.capabilities.prefix_caching)
-        self._scheduler = Scheduler(self._blocks, slots, max_prefill_tokens)
+        self._scheduler = Scheduler(self._blocks, slots, max_prefill_tokens,
+                                    burst_prefill_tokens=burst_prefill_tokens)
         # Seconds spent blocked on the device reading tokens back: near the step time when
         # the GPU is the bottleneck, near zero when the host is (batchd:engine_device_wait_seconds_total).
         self.device_wait_s = 0.0
@@ -120,12 +132,19 @@ class HFEngine(EngineBase):
         self._to_cancel: dict[str, FinishReason] = {}
         pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self._scorer = Scorer(loaded.model, loaded.tokenizer, self.max_context, pad_id)
+        # Everything loaded so far (the model's modules, the tokenizer's tables) lives as long as
+        # the engine: take it out of the cyclic collector's full passes, which otherwise walk it
+        # again and again while the steps allocate requests, lists and tensors (vLLM freezes
+        # its start-up heap the same way). What the steps allocate is still collected.
+        gc.collect()
+        gc.freeze()
         log.info("hf engine: model=%s contrast_model=%s path=%s slots=%d max_context=%d kv_cache=%.1f MiB "
-                 "(%d blocks of %d tokens, %d tokens) max_prefill_tokens=%d device=%s dtype=%s weights=%s overlap=%s",
+                 "(%d blocks of %d tokens, %d tokens) max_prefill_tokens=%d burst_prefill_tokens=%d device=%s dtype=%s "
+                 "weights=%s overlap=%s",
                  self.model_name, self.contrast_model_name or "-",
                  f"paged/{self._runner.attention}" if fast else "generic", slots, self.max_context,
                  self.kv_cache_bytes / 2**20, self._blocks.capacity, block_size, self._blocks.capacity * block_size,
-                 max_prefill_tokens, self._runner.device, dtype, loaded.weights, self.overlap)
+                 max_prefill_tokens, burst_prefill_tokens, self._runner.device, dtype, loaded.weights, self.overlap)
 
     # -- the Engine protocol ------------------------------------------------------
 
@@ -220,6 +239,10 @@ class HFEngine(EngineBase):
     @property
     def max_prefill_tokens(self) -> int:
         return self._scheduler.max_prefill_tokens
+
+    @property
+    def burst_prefill_tokens(self) -> int:
+        return self._scheduler.burst_prefill_tokens
 
     @property
     def cuda_graph_sizes(self) -> list[int]:
@@ -532,7 +555,8 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 
 
 def build_engine(model: str, *, slots: int = 16, max_context: int | None = None, kv_memory: int | None = None,
-                 max_prefill_tokens: int | None = None, block_size: int | None = None, dtype: str | None = None,
+                 max_prefill_tokens: int | None = None, burst_prefill_tokens: int | None = None,
+                 block_size: int | None = None, dtype: str | None = None,
                  device: str | None = None, clock: Clock = time.time, attention: str | None = None,
                  cuda_graph: bool | None = None, compile_decode: bool | None = None,
                  contrast_model: str | None = None, quantize: str | None = None, overlap: bool | None = None,
@@ -543,7 +567,8 @@ def build_engine(model: str, *, slots: int = 16, max_context: int | None = None,
     10% of the device; on a CPU slots x max_context tokens). max_context: the longest
     prompt + output of one request (default: the model's context). block_size: tokens a
     block holds (128 with flex attention, 16 otherwise). max_prefill_tokens: prompt tokens
-    a step computes (512 on a GPU, 2048 on a CPU).
+    a step computes (512 on a GPU, 2048 on a CPU); burst_prefill_tokens: what a step may
+    carry while a backlog of prompts waits (4x that on a GPU; the same on a CPU).
     contrast_model: the "before" model that contrast_alpha requests decode against.
     quantize: "int8" for weight-only int8 linear layers (both models of a pair).
     attention ("sdpa" | "flex"), cuda_graph, compile_decode and overlap default to what
@@ -556,6 +581,7 @@ def build_engine(model: str, *, slots: int = 16, max_context: int | None = None,
     loaded = load_model(model, dtype=dtype, device=device, quantize=quantize)
     contrast = load_model(contrast_model, dtype=dtype, device=device, quantize=quantize) if contrast_model else None
     return HFEngine(loaded, slots=slots, max_context=max_context, kv_memory=kv_memory,
-                    max_prefill_tokens=max_prefill_tokens, block_size=block_size, clock=clock, attention=attention,
+                    max_prefill_tokens=max_prefill_tokens, burst_prefill_tokens=burst_prefill_tokens,
+                    block_size=block_size, clock=clock, attention=attention,
                     cuda_graph=cuda_graph, compile_decode=compile_decode, contrast=contrast, overlap=overlap,
                     cuda_graph_sizes=cuda_graph_sizes, kv_layout=kv_layout)

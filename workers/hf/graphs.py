@@ -196,10 +196,11 @@ MIXED_PIECES = 16  # prompt pieces a mixed graph takes; a step with more runs ea
 MIXED_KEYS = (4096, 16384)  # gathered key positions, all pieces together (their prefixes too)
 
 
-def mixed_graph_sizes(budget: int) -> list[int]:
-    """Prompt tokens per mixed graph: a quarter of the budget and the budget, so a short
-    question does not pay for the budget's worth of padded rows in the dense products."""
-    return sorted({max(16, budget // 4), budget})
+def mixed_graph_sizes(budget: int, burst: int | None = None) -> list[int]:
+    """Prompt tokens per mixed graph: a quarter of the budget, the budget, and the burst
+    budget, so a short question does not pay for the budget's worth of padded rows in the
+    dense products, nor a step of the usual budget for a burst's."""
+    return sorted({max(16, budget // 4), budget, burst or budget})
 
 
 class MixedGraph:

@@ -12,7 +12,9 @@ A step, in order (vLLM's v1 scheduler works the same way):
    again later from its tokens: nothing is lost or repeated;
 2. prompt pieces of running requests still prefilling, oldest first, under the
    step's prompt-token budget, so a long prompt takes several steps and never
-   holds the decoding requests up for long (Sarathi-Serve's stall-free batching);
+   holds the decoding requests up for long (Sarathi-Serve's stall-free batching).
+   The budget follows the backlog (`step_budget`): the base budget while few
+   prompt tokens wait, up to the burst budget while many do;
 3. waiting requests admitted in order while a row, the budget and free blocks
    (beyond a small reserve) allow, each with its first piece.
 A request that relies on a block another request is still writing waits for it,
@@ -22,6 +24,7 @@ so requests admitted together that share a prefix compute it once.
 from __future__ import annotations
 
 import collections
+import itertools
 from dataclasses import dataclass, field
 
 from .blocks import BlockManager, Copy
@@ -76,13 +79,22 @@ class SchedulerStats:
     prompt_tokens_computed: int = 0
 
 
+# The budget aims to clear the prompt backlog in about this many steps.
+BACKLOG_STEPS = 4
+
+
 class Scheduler:
-    def __init__(self, blocks: BlockManager, slots: int, max_prefill_tokens: int, watermark: float = 0.01):
+    def __init__(self, blocks: BlockManager, slots: int, max_prefill_tokens: int, watermark: float = 0.01,
+                 burst_prefill_tokens: int | None = None):
         if slots < 1 or max_prefill_tokens < 1:
             raise ValueError("slots and max_prefill_tokens must be at least 1")
+        if burst_prefill_tokens is not None and burst_prefill_tokens < max_prefill_tokens:
+            raise ValueError(f"burst_prefill_tokens ({burst_prefill_tokens}) must be at least "
+                             f"max_prefill_tokens ({max_prefill_tokens})")
         self.blocks = blocks
         self.slots = slots
         self.max_prefill_tokens = max_prefill_tokens
+        self.burst_prefill_tokens = burst_prefill_tokens or max_prefill_tokens
         # Blocks admission leaves free for the running requests to grow into, so a new
         # request does not cause a preemption the very next step (vLLM's watermark).
         self.reserve = max(1, int(watermark * blocks.capacity))
@@ -106,7 +118,7 @@ class Scheduler:
         for sequence in list(self.running):
             if sequence.status is Status.RUNNING and sequence.needs_decode and self._room_to_decode(sequence, plan):
                 self._plan_decode(sequence, plan)
-        budget = self.max_prefill_tokens
+        budget = self.step_budget()
         for sequence in list(self.running):
             if budget <= 0:
                 break
@@ -119,6 +131,28 @@ class Scheduler:
             self.waiting.popleft()
             budget -= self._plan_prompt_piece(sequence, budget, plan)
         return plan
+
+    def step_budget(self) -> int:
+        """Prompt tokens this step may carry.
+
+        A stream of arrivals keeps the backlog small, and the base budget keeps each step
+        that carries a prompt within about twice a decode step, so running requests never
+        stall (the inter-token tail). A burst (hundreds of prompts at once, long prompts
+        waiting for rows) would take hundreds of such steps to admit, with the batch half
+        empty meanwhile; then the budget grows to a quarter of the backlog, up to the burst
+        budget, so the backlog clears in a few larger steps. The backlog counts what is
+        left of prefilling prompts and the prompts of the waiting requests that have a
+        free row to go to."""
+        base, burst = self.max_prefill_tokens, self.burst_prefill_tokens
+        if burst == base:
+            return base
+        enough = BACKLOG_STEPS * burst
+        backlog = sum(s.prefill_len - s.num_cached for s in self.running if s.prefilling)
+        for sequence in itertools.islice(self.waiting, len(self._free_slots)):
+            if backlog >= enough:
+                break
+            backlog += len(sequence.token_ids)
+        return min(burst, max(base, backlog // BACKLOG_STEPS))
 
     def launched(self, plan: StepPlan) -> None:
         """The step is queued on the device: its positions count as written from now on
