@@ -13,6 +13,10 @@ particle's previous prefix), as a worker serving such a client would.
 
     python benchmarks/particle_filter.py                          # SmolLM2-135M on the CPU
     python benchmarks/particle_filter.py --steps 10 --model /path/to/checkpoint
+    # BENCHMARKS.md section 4 through the daemons on a GPU host: 256 particles share a
+    # 256-token prompt, 30 steps (the in-process side, one call at a time, is skipped)
+    python benchmarks/particle_filter.py --model /tmp/qwen3-0.6b --device cuda --particles 256 --steps 30 \
+        --prompt-tokens 256 --no-in-process
 """
 
 from __future__ import annotations
@@ -130,15 +134,25 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on a CPU, bfloat16 on a GPU")
+    parser.add_argument("--prompt-tokens", type=int, default=0,
+                        help="a shared prompt of this many random token ids instead of the text prompt")
+    parser.add_argument("--no-in-process", action="store_true", help="skip the one-call-at-a-time comparison")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/particle_filter.json"))
     args = parser.parse_args()
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
 
     from batchd.embedded import EmbeddedServer
     from batchd.status import stop_processes, wait_for_workers
     from batchd.workers.hf.models import load_model
 
-    loaded = load_model(args.model, dtype="float32", device=args.device)
-    prompt_ids = loaded.tokenizer(PROMPT)["input_ids"]
+    # Only the tokenizer and vocabulary are needed here when nothing runs in process.
+    loaded = load_model(args.model, dtype=dtype, device="cpu" if args.no_in_process else args.device)
+    if args.prompt_tokens:
+        vocab = random.Random(args.seed)
+        prompt_ids = [vocab.randrange(loaded.model.config.vocab_size) for _ in range(args.prompt_tokens)]
+    else:
+        prompt_ids = loaded.tokenizer(PROMPT)["input_ids"]
 
     with EmbeddedServer() as server:
         # Scoring requests take no engine slot, but schedulers still count them
@@ -148,7 +162,7 @@ def main() -> None:
                               server.url, "--max-batch", str(args.particles), "--max-wait-ms", "5"]),
             subprocess.Popen([sys.executable, "-m", "batchd.cli", "--log-level", "WARNING", "worker", "--redis",
                               server.url, "--engine", "hf", "--model", args.model, "--slots", str(args.particles),
-                              "--device", args.device, "--dtype", "float32"]),
+                              "--device", args.device, "--dtype", dtype]),
         ]
         try:
             wait_for_workers(server.url, timeout_s=600, processes=daemons)
@@ -158,15 +172,24 @@ def main() -> None:
         finally:
             stop_processes(daemons, timeout_s=60)
 
-    print(f"in process: the same {args.particles * args.steps} calls one at a time...", file=sys.stderr, flush=True)
+    calls = args.particles * args.steps
+    batchd_figures = {"wall_s": batchd_wall, "calls_per_s": calls / batchd_wall, "resamples": batchd_filter.resamples}
+    common = {"model": args.model, "device": args.device, "dtype": dtype, "particles": args.particles,
+              "steps": args.steps, "top_k": args.top_k, "calls": calls, "prompt_tokens": len(prompt_ids)}
+    if args.no_in_process:
+        print(f"\nbatchd next_token_logprobs via AsyncClient: {calls / batchd_wall:,.1f} calls/s "
+              f"({calls} calls, {args.particles} particles x {args.steps} steps, top_k {args.top_k}, "
+              f"{batchd_wall:.2f} s)")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**common, "batchd": batchd_figures}, indent=2))
+        return
+    print(f"in process: the same {calls} calls one at a time...", file=sys.stderr, flush=True)
     alone_wall, alone_filter = run_in_process(loaded.model.eval(), prompt_ids, args)
 
-    calls = args.particles * args.steps
     same = sum(a.token_ids == b.token_ids for a, b in zip(batchd_filter.particles, alone_filter.particles))
     figures = {
-        "model": args.model, "device": args.device, "particles": args.particles, "steps": args.steps,
-        "top_k": args.top_k, "calls": calls, "prompt_tokens": len(prompt_ids),
-        "batchd": {"wall_s": batchd_wall, "calls_per_s": calls / batchd_wall, "resamples": batchd_filter.resamples},
+        **common,
+        "batchd": batchd_figures,
         "in_process": {"wall_s": alone_wall, "calls_per_s": calls / alone_wall, "resamples": alone_filter.resamples},
         "speedup": alone_wall / batchd_wall,
         # Same seed and (within float error) the same log-probabilities: the runs should draw the same texts.

@@ -9,6 +9,8 @@ Phases (in --phases order; each writes its result to the JSON as soon as it exis
 - anchor:    256 requests at once (prompt, output U[100, 1024]); HBM roofline
 - sustained: 1,024 such requests through 256 slots; roofline with FIFO admission
 - poisson:   arrivals at --rates requests/s; TTFT and ITL p50/p99 and delivered tok/s per rate
+- smc_gc:    the smc phase (256 particles, top_k=20) with the start-up heap left to the cyclic
+             collector and frozen out of it as a worker does, and a host profile of it
 - smc:       K particles share a 256-token prompt; each step every particle asks
              next_token_logprobs(top_k=20) of its prefix and appends one token; against HF
              in process decoding all particles in lockstep with a DynamicCache
@@ -350,29 +352,31 @@ def smc_engine(engine: HFEngine, prompt: list[int], particles: int, steps: int, 
             "calls_s_with_caller_sampling": round(particles * steps / seconds, 1), "prompt_tokens_computed": computed}
 
 
-def smc_profile(engine: HFEngine, prompt: list[int], particles: int, steps: int, device: str, out_dir: str) -> dict:
-    """The smc phase's host time by function (cProfile): what each call costs the host while
-    the GPU waits, with and without Python's cyclic garbage collector running."""
+def smc_gc(engine: HFEngine, prompt: list[int], particles: int, steps: int, device: str, out_dir: str) -> dict:
+    """The smc phase with the start-up heap left to the cyclic collector and frozen out of it
+    (as a worker does before its loop), then the frozen run's host time by function (cProfile,
+    which slows the calls down: its calls/s are not the engine's)."""
     import cProfile
     import gc
     import io
     import pstats
 
-    results = {}
-    for label in ("gc_on", "gc_off"):
-        if label == "gc_off":
-            gc.disable()
+    results = {"plain": smc_engine(engine, prompt, particles, steps, 20, device)}
+    gc.collect()
+    gc.freeze()
+    try:
+        results["frozen"] = smc_engine(engine, prompt, particles, steps, 20, device)
         profile = cProfile.Profile()
         profile.enable()
-        run = smc_engine(engine, prompt, particles, steps, 20, device)
+        results["frozen_profiled"] = smc_engine(engine, prompt, particles, steps, 20, device)
         profile.disable()
-        gc.enable()
-        text = io.StringIO()
-        stats = pstats.Stats(profile, stream=text)
-        stats.sort_stats("tottime").print_stats(45)
-        stats.sort_stats("cumulative").print_stats(45)
-        Path(out_dir, f"smc_profile_{label}.txt").write_text(text.getvalue())
-        results[label] = run
+    finally:
+        gc.unfreeze()  # the next engine's memory needs this one's cycles collected
+    text = io.StringIO()
+    stats = pstats.Stats(profile, stream=text)
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(45)
+    Path(out_dir, "smc_profile.txt").write_text(text.getvalue())
     return results
 
 
@@ -411,7 +415,7 @@ def long_context(model, device: str, args, small: bool) -> dict:
     results = {"requests": count, "kv_memory_gib": memory / 2**30}
     for label, slots, context in (("paged_32768", count, 32_768), ("per_slot_emulation_45x8192", 45, 8192)):
         engine = make_engine(model, device, slots=min(slots, count), kv_memory=memory, max_context=context,
-                             max_prefill_tokens=args.max_prefill_tokens)
+                             max_prefill_tokens=args.max_prefill_tokens, burst_prefill_tokens=args.burst_prefill_tokens)
         _add(engine, "w", requests[:4])  # warm-up
         _drain(engine, "warm", device)
         engine.reset_prefix_cache()
@@ -446,6 +450,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--slots", type=int, default=256)
     parser.add_argument("--max-prefill-tokens", type=int, default=None, help="the step's prompt budget (default: the engine's)")
+    parser.add_argument("--burst-prefill-tokens", type=int, default=None,
+                        help="the budget while a backlog waits (default: the engine's)")
     parser.add_argument("--rates", default="10,20,30,40")
     parser.add_argument("--poisson-requests", type=int, default=300)
     parser.add_argument("--particles", default="256,64")
@@ -474,9 +480,11 @@ def main() -> None:
     needs_engine = {"anchor", "sustained", "poisson", "smc", "system_prompt", "micro", "mixed"} & set(phases)
     if needs_engine:
         started = time.perf_counter()
-        engine = make_engine(model, device, slots=slots, max_context=4096, max_prefill_tokens=args.max_prefill_tokens)
+        engine = make_engine(model, device, slots=slots, max_context=4096, max_prefill_tokens=args.max_prefill_tokens,
+                             burst_prefill_tokens=args.burst_prefill_tokens)
         report.data["engine_start_s"] = round(time.perf_counter() - started, 1)
         report.data["engine"] = {"pool_tokens": engine.kv_cache_tokens, "max_prefill_tokens": engine.max_prefill_tokens,
+                                 "burst_prefill_tokens": engine.burst_prefill_tokens,
                                  "graphs": engine.cuda_graph_sizes}
         _add(engine, "warm", requests[:4])
         _drain(engine, "warm", device)
@@ -487,7 +495,7 @@ def main() -> None:
                                   "roofline": roofline_fifo(more, slots, model, bandwidth)},
             "poisson": lambda: {"rates": [poisson(engine, workload(args.poisson_requests, low, high, vocab, seed=7),
                                                   float(rate), device) for rate in args.rates.split(",")]},
-            "smc_profile": lambda: smc_profile(engine, requests[0][0][:256], 256, args.smc_steps, device,
+            "smc_gc": lambda: smc_gc(engine, requests[0][0][:256], 256, args.smc_steps, device,
                                                str(Path(args.out).parent)),
             "smc": lambda: {"runs": [smc_engine(engine, requests[0][0][:256], int(k), args.smc_steps, top_k, device)
                                      for k in args.particles.split(",") for top_k in (20, None)]},

@@ -16,6 +16,7 @@ keeper's (lease.py), and the cancel subscription's (cancels.py).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -125,6 +126,12 @@ class Worker:
         metrics.serve(cfg.metrics_port, metrics.WORKER_REGISTRY)
         self._connect()
         self._lease.start()
+        # The engine and its model live as long as the process: take them out of the cyclic
+        # collector's full passes, which otherwise walk them again and again while the loop
+        # allocates requests, events and tensors (vLLM freezes its start-up heap the same way;
+        # benchmarks/serving_gpu.py, phase smc_gc, measures it).
+        gc.collect()
+        gc.freeze()
         toolkit.run_until_stopped(self._stop, self.run_once, self._reconnect)
         self._drain()
 

@@ -21,7 +21,6 @@ sampled from logits_after + alpha * (logits_after - logits_before).
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -132,12 +131,6 @@ class HFEngine(EngineBase):
         self._to_cancel: dict[str, FinishReason] = {}
         pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self._scorer = Scorer(loaded.model, loaded.tokenizer, self.max_context, pad_id)
-        # Everything loaded so far (the model's modules, the tokenizer's tables) lives as long as
-        # the engine: take it out of the cyclic collector's full passes, which otherwise walk it
-        # again and again while the steps allocate requests, lists and tensors (vLLM freezes
-        # its start-up heap the same way). What the steps allocate is still collected.
-        gc.collect()
-        gc.freeze()
         log.info("hf engine: model=%s contrast_model=%s path=%s slots=%d max_context=%d kv_cache=%.1f MiB "
                  "(%d blocks of %d tokens, %d tokens) max_prefill_tokens=%d burst_prefill_tokens=%d device=%s dtype=%s "
                  "weights=%s overlap=%s",
