@@ -126,6 +126,22 @@ def _progress(label: str, step: int, steps: int, began: float) -> None:
               flush=True)
 
 
+def _write_profiles(folder: Path) -> None:
+    """Each process's profile as text, by own time and by cumulative time."""
+    import io
+    import pstats
+
+    for name in ("client", "scheduler", "worker"):
+        path = folder / f"{name}.prof"
+        if not path.exists():
+            continue
+        text = io.StringIO()
+        stats = pstats.Stats(str(path), stream=text)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("cumulative").print_stats(40)
+        (folder / f"{name}_profile.txt").write_text(text.getvalue())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="checkpoint folder or alias (as batchd worker)")
@@ -138,6 +154,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=0,
                         help="a shared prompt of this many random token ids instead of the text prompt")
     parser.add_argument("--no-in-process", action="store_true", help="skip the one-call-at-a-time comparison")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="write each process's host time by function (cProfile) to this folder")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/particle_filter.json"))
     args = parser.parse_args()
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
@@ -154,13 +172,20 @@ def main() -> None:
     else:
         prompt_ids = loaded.tokenizer(PROMPT)["input_ids"]
 
+    def command(name: str) -> list[str]:
+        if args.profile is None:
+            return [sys.executable, "-m", "batchd.cli"]
+        return [sys.executable, "-m", "cProfile", "-o", str(args.profile / f"{name}.prof"), "-m", "batchd.cli"]
+
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     with EmbeddedServer() as server:
         # Scoring requests take no engine slot, but schedulers still count them
         # against a worker's advertised slots: give the worker one per particle.
         daemons = [
-            subprocess.Popen([sys.executable, "-m", "batchd.cli", "--log-level", "WARNING", "scheduler", "--redis",
+            subprocess.Popen([*command("scheduler"), "--log-level", "WARNING", "scheduler", "--redis",
                               server.url, "--max-batch", str(args.particles), "--max-wait-ms", "5"]),
-            subprocess.Popen([sys.executable, "-m", "batchd.cli", "--log-level", "WARNING", "worker", "--redis",
+            subprocess.Popen([*command("worker"), "--log-level", "WARNING", "worker", "--redis",
                               server.url, "--engine", "hf", "--model", args.model, "--slots", str(args.particles),
                               "--device", args.device, "--dtype", dtype]),
         ]
@@ -168,9 +193,20 @@ def main() -> None:
             wait_for_workers(server.url, timeout_s=600, processes=daemons)
             print(f"batchd: {args.particles} particles x {args.steps} steps through Redis...", file=sys.stderr,
                   flush=True)
+            profile = None
+            if args.profile is not None:
+                import cProfile
+
+                profile = cProfile.Profile()
+                profile.enable()
             batchd_wall, batchd_filter = asyncio.run(run_batchd(server.url, prompt_ids, args))
+            if profile is not None:
+                profile.disable()
+                profile.dump_stats(str(args.profile / "client.prof"))
         finally:
             stop_processes(daemons, timeout_s=60)
+    if args.profile is not None:
+        _write_profiles(args.profile)
 
     calls = args.particles * args.steps
     batchd_figures = {"wall_s": batchd_wall, "calls_per_s": calls / batchd_wall, "resamples": batchd_filter.resamples}

@@ -200,7 +200,7 @@ def exactness_fp32(device: str, count: int = 24) -> dict:
             outputs[out.request_id] += out.new_token_ids
     identical = sum(outputs[f"x{i}"] == hf_generate(tiny, [p], n)[0] for i, (p, n) in enumerate(requests))
     return {"requests": count, "token_identical": identical, **engine.stats(),
-            "cuda_graph_sizes": engine._runner.graphs.sizes if engine._runner.graphs else []}
+            "cuda_graph_sizes": engine.cuda_graph_sizes}
 
 
 def micro_decode_attention(engine: HFEngine, requests, device: str, bandwidth: float) -> dict:
@@ -208,10 +208,8 @@ def micro_decode_attention(engine: HFEngine, requests, device: str, bandwidth: f
     the bytes it must read at the copy bandwidth."""
     runner = engine._runner
     _add(engine, "m", [(p, 64) for p, _ in requests])
-    while engine.num_waiting or any(c > 0 for c in [0]):
+    while engine.num_waiting or engine.num_prefilling:
         engine.step()
-        if not engine.num_waiting and all(not s.prefilling for s in engine._scheduler.running):
-            break
     batch = None
     captured = {}
     forward_batch = runner.forward_batch
@@ -264,7 +262,7 @@ def mixed_steps(engine: HFEngine, requests, device: str, pieces=(128, 512, 1000,
             host.append(time.perf_counter() - started)
 
     _add(engine, "mx", [(p[:600], 2000) for p, _ in requests[:-1]])  # a row left for the prompt
-    while engine.num_waiting or any(s.prefilling for s in engine._scheduler.running):
+    while engine.num_waiting or engine.num_prefilling:
         engine.step()
     table = []
     runner.forward = timed
