@@ -1,8 +1,9 @@
 """Plot TTFT and ITL (p50, p99) against the Poisson arrival rate, for docs/performance.md.
 
     .venv/bin/python benchmarks/plot_serving.py \
-        --result "prompt steps in CUDA graphs=benchmarks/results/serving_gpu_h200.json" \
-        --result "prompt steps eager=benchmarks/results/serving_gpu_h200_eager_prompt_steps.json" \
+        --result "budget following the backlog (512, burst 2,048)=benchmarks/results/serving_gpu_h200_burst.json" \
+        --result "fixed budget 512=benchmarks/results/serving_gpu_h200.json" \
+        --result "fixed budget 2,048=benchmarks/results/serving_gpu_h200_budget2048.json" \
         --out docs/serving-poisson.png
 
 Each JSON is serving_gpu.py's, with a poisson phase.
