@@ -148,9 +148,10 @@ class Worker:
 
     def _reconnect(self) -> None:
         try:
+            toolkit.repair_keys(self.redis, {self.stream: "stream"})
             self._connect()
-        except CONNECTION_LOST:
-            pass  # the run loop backs off and tries again
+        except redis.RedisError as exc:
+            log.warning("could not set up again yet (%s); retrying", exc)
 
     def _read_pending_jobs(self) -> None:
         """Jobs Redis delivered to this worker id but that it never finished reading or acking.
