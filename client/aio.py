@@ -146,6 +146,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         # while the reader reconnects reads the same socket as the reader.
         self._subscription_changes: deque[tuple[bool, str]] = deque()
         self._pending_submits: list[tuple[ScriptCall, asyncio.Future]] = []
+        self._pending_reads: list[tuple[str, asyncio.Future]] = []
         self._flush_scheduled = False
         self._pubsub = None
         self._reader: asyncio.Task | None = None
@@ -334,10 +335,25 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
             future.set_result(True)
 
     async def _stored_result(self, request_id: str) -> bytes | None:
+        """The stored result, read with every other handle's of this event-loop iteration in one
+        MGET: each request reads it once (a final event is only a cue to read it), and thousands
+        of concurrent reads would otherwise each take a pooled connection."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending_reads.append((request_id, future))
+        if len(self._pending_reads) == 1:
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush_reads()))
+        return await future
+
+    async def _flush_reads(self) -> None:
+        batch, self._pending_reads = self._pending_reads, []
         try:
-            return await self._redis.get(self.keys.result(request_id))
-        except CONNECTION_LOST:
-            return None
+            values = await self._redis.mget([self.keys.result(request_id) for request_id, _ in batch])
+        except RedisError as exc:
+            log.warning("could not read %d stored results (%s); reading again shortly", len(batch), exc)
+            values = [None] * len(batch)  # read again at the handle's next poll
+        for (_, future), value in zip(batch, values):
+            if not future.done():
+                future.set_result(value)
 
     async def _forget(self, request_id: str) -> None:
         self._handles.pop(request_id, None)
