@@ -82,7 +82,7 @@ def test_the_request_stream_and_config_are_repaired_after_an_error_reply(client,
 def test_consumers_of_dead_schedulers_leave_the_group(redis_client, clock, monkeypatch):
     scheduler = make_scheduler(redis_client, clock)
     for name in ("dead-1", "dead-2"):
-        redis_client.xreadgroup("schedulers", name, {KEYS.requests: ">"}, count=1)
+        redis_client.xgroup_createconsumer(KEYS.requests, "schedulers", name)
     assert len(redis_client.xinfo_consumers(KEYS.requests, "schedulers")) == 2
     monkeypatch.setattr(scheduler_daemon, "DEAD_CONSUMER_IDLE_S", 0)
     scheduler.config.claim_idle_ms = 0
