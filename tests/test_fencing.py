@@ -6,6 +6,7 @@ through real daemons and the documented ACLs."""
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 
@@ -86,6 +87,7 @@ def test_consumers_of_dead_schedulers_leave_the_group(redis_client, clock, monke
     assert len(redis_client.xinfo_consumers(KEYS.requests, "schedulers")) == 2
     monkeypatch.setattr(scheduler_daemon, "DEAD_CONSUMER_IDLE_S", 0)
     scheduler.config.claim_idle_ms = 0
+    time.sleep(0.01)  # idle more than 0 ms
     scheduler._forget_dead_schedulers()
     names = {c["name"] for c in redis_client.xinfo_consumers(KEYS.requests, "schedulers")}
     assert names <= {scheduler.config.scheduler_id.encode(), scheduler.config.scheduler_id}
