@@ -135,8 +135,8 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
     """asyncio twin of Client; create it inside the event loop that uses it."""
 
     def __init__(self, url: str | None = None, *, prefix: str = "batchd:", producer: str | None = None,
-                 max_connections: int = 64, socket_timeout: float = 30.0):
-        super().__init__(prefix, producer)
+                 max_connections: int = 64, socket_timeout: float = 30.0, cancel_key: str | bytes | None = None):
+        super().__init__(prefix, producer, cancel_key)
         self._redis = aioredis.Redis.from_url(
             redis_url(url), max_connections=max_connections, socket_timeout=socket_timeout,
             socket_connect_timeout=10.0, health_check_interval=30, retry_on_timeout=True)
@@ -207,7 +207,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         """See Client.cancel."""
         async def send() -> None:
             async with self._redis.pipeline(transaction=False) as pipe:
-                core.queue_cancel(pipe, self.keys, request_id)
+                core.queue_cancel(pipe, self.keys, request_id, self._cancel_secrets.secret(request_id))
                 await pipe.execute()
 
         await _retrying(send, f"cancel of {request_id}")

@@ -15,8 +15,11 @@ process still receives the result.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 import math
+import secrets
 import os
 import socket
 import time
@@ -128,6 +131,7 @@ def build_request(
     continuation_token_ids: Sequence[int] | None = None,
     top_logprobs: int | None = None,
     contrast_alpha: float | None = None,
+    cancel_hash: str | None = None,
 ) -> tuple[Request, bytes]:
     """Build, encode and validate a request exactly as a scheduler will.
 
@@ -162,6 +166,7 @@ def build_request(
             continuation=continuation,
             continuation_token_ids=list(continuation_token_ids) if continuation_token_ids is not None else None,
             top_logprobs=top_logprobs,
+            cancel_hash=cancel_hash,
         )
         payload = encode(request)
     except (TypeError, KeyError, ValueError, OverflowError, msgspec.EncodeError) as exc:
@@ -297,11 +302,28 @@ def reconnect_backoff() -> Backoff:
     return Backoff(cap_s=RECONNECT_BACKOFF_CAP_S)
 
 
-def queue_cancel(pipe: Any, keys: Keys, request_id: str) -> None:
+class CancelSecrets:
+    """Each request's cancel secret, derived from one per-client key: a request carries the hash
+    (cancel_hash) and only a caller holding the key can cancel it. Clients given the same
+    cancel_key (say, a service's processes) can cancel each other's requests by id."""
+
+    def __init__(self, key: str | bytes | None):
+        key = key if key is not None else secrets.token_hex(16)
+        self._key = key.encode() if isinstance(key, str) else key
+
+    def secret(self, request_id: str) -> str:
+        return hmac.new(self._key, request_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def hash(self, request_id: str) -> str:
+        return hashlib.sha1(self.secret(request_id).encode()).hexdigest()
+
+
+def queue_cancel(pipe: Any, keys: Keys, request_id: str, secret: str) -> None:
     """Cancel a request: its flag first (a scheduler checks it at dispatch, a worker on a gap in
-    its subscription), then the broadcast that frees a running slot at once."""
-    pipe.set(keys.cancelled(request_id), 1, ex=CANCEL_TTL_S)
-    pipe.publish(keys.cancel_channel, request_id)
+    its subscription), then the broadcast that frees a running slot at once. Both carry the
+    request's cancel secret; a request whose cancel_hash it does not match ignores them."""
+    pipe.set(keys.cancelled(request_id), secret, ex=CANCEL_TTL_S)
+    pipe.publish(keys.cancel_channel, f"{request_id} {secret}")
 
 
 class _EventKind(msgspec.Struct):
@@ -412,9 +434,10 @@ class ClientCore(Generic[Sent]):
     """The producer API both clients offer, built on the transport's _send (the handle for
     Client, an awaitable of it for AsyncClient)."""
 
-    def __init__(self, prefix: str, producer: str | None):
+    def __init__(self, prefix: str, producer: str | None, cancel_key: str | bytes | None = None):
         self.keys = Keys(prefix)
         self.producer = producer or default_producer()
+        self._cancel_secrets = CancelSecrets(cancel_key)
         self._ids = IdMinter()
         self._routes = Routes(self.keys)
 
@@ -438,7 +461,8 @@ class ClientCore(Generic[Sent]):
             request_id, prompt, messages, prompt_token_ids, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, contrast_alpha=contrast_alpha,
-            priority=priority, producer=self.producer, timeout=timeout, deadline=deadline)
+            priority=priority, producer=self.producer, timeout=timeout, deadline=deadline,
+            cancel_hash=self._cancel_secrets.hash(request_id))
         return self._send(request, payload, explicit, timeout)
 
     def _send(self, request: Request, payload: bytes, explicit: bool, timeout: float | None) -> Sent:

@@ -101,6 +101,9 @@ class Request(Struct, forbid_unknown_fields=True, omit_defaults=True):
     continuation: Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = None
     # next_token_logprobs: the k most likely tokens only; None = the full vector.
     top_logprobs: Annotated[int, Meta(ge=1)] | None = None
+    # SHA-1 (hex) of the secret a cancel must present (docs/protocol.md): only the submitter
+    # can cancel. None: anyone who knows the id can (producers that predate it).
+    cancel_hash: Annotated[str, Meta(pattern=r"^[0-9a-f]{40}$")] | None = None
 
 
 class Job(Struct, forbid_unknown_fields=True, omit_defaults=True):

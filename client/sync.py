@@ -193,11 +193,13 @@ class Client(core.ClientCore[RequestHandle]):
 
     `Client(url)` connects to Redis (default `$BATCHD_REDIS_URL`, then
     redis://127.0.0.1:6379/0; `rediss://` for TLS, user:password@ for ACL).
+    Only a client holding a request's cancel key can cancel it: each Client draws its own,
+    unless given cancel_key (shared by processes that cancel each other's requests by id).
     """
 
     def __init__(self, url: str | None = None, *, prefix: str = "batchd:", producer: str | None = None,
-                 max_connections: int = 64, socket_timeout: float = 30.0):
-        super().__init__(prefix, producer)
+                 max_connections: int = 64, socket_timeout: float = 30.0, cancel_key: str | bytes | None = None):
+        super().__init__(prefix, producer, cancel_key)
         self._redis = redis.Redis.from_url(
             redis_url(url), max_connections=max_connections, socket_timeout=socket_timeout,
             socket_connect_timeout=10.0, health_check_interval=30,
@@ -233,7 +235,7 @@ class Client(core.ClientCore[RequestHandle]):
         """Ask batchd to stop a request; its slot is freed within one engine step."""
         def send() -> None:
             with self._redis.pipeline(transaction=False) as pipe:
-                core.queue_cancel(pipe, self.keys, request_id)
+                core.queue_cancel(pipe, self.keys, request_id, self._cancel_secrets.secret(request_id))
                 pipe.execute()
 
         _retrying(send, f"cancel of {request_id}")

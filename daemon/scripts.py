@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from batchd.client.keys import Keys
+from batchd.client.protocol import Request
 from batchd.client.scripts import Script, ScriptCall
 
 # Store the final event once and publish it once. A worker whose lease was
@@ -192,21 +193,24 @@ return answered
 # dispatched only from the entry that holds its claim, while it has no result
 # and no worker holds its lease (the fence against a second submission of its
 # id, and against two schedulers holding one entry); any other is stale.
+# A cancel flag counts only if it hashes to the request's cancel hash (or the request has
+# none): another producer's flag for the id is ignored.
 # KEYS: job stream, request stream, stats hash, then per request its owner, cancel, claim and result keys
 # ARGV: job payload, scheduler group, lease ttl seconds, then per request its owner token,
-#       entry id and queued lease token
+#       entry id, queued lease token and cancel hash ('' = none)
 # Returns {1, job stream id} dispatched, or {0, {positions (1-based) of cancelled requests},
 # {positions of stale requests}}: nothing written.
 DISPATCH = Script("""
 local n = (#KEYS - 3) / 4
 local cancelled, stale = {}, {}
 for i = 1, n do
-  local k, a = 4 * i, 3 * i
+  local k, a = 4 * i, 4 * i - 1
   local owner = redis.call('GET', KEYS[k])
+  local flag = redis.call('GET', KEYS[k + 1])
   if redis.call('GET', KEYS[k + 2]) ~= ARGV[a + 2] or redis.call('EXISTS', KEYS[k + 3]) == 1
      or (owner and owner ~= ARGV[a + 3]) then
     stale[#stale + 1] = i
-  elseif redis.call('EXISTS', KEYS[k + 1]) == 1 then
+  elseif flag and (ARGV[a + 4] == '' or redis.sha1hex(flag) == ARGV[a + 4]) then
     cancelled[#cancelled + 1] = i
   end
 end
@@ -214,8 +218,8 @@ if #cancelled > 0 or #stale > 0 then return {0, cancelled, stale} end
 local job_id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
 local entries = {}
 for i = 1, n do
-  redis.call('SET', KEYS[4 * i], ARGV[3 * i + 1], 'EX', tonumber(ARGV[3]))
-  entries[i] = ARGV[3 * i + 2]
+  redis.call('SET', KEYS[4 * i], ARGV[4 * i], 'EX', tonumber(ARGV[3]))
+  entries[i] = ARGV[4 * i + 1]
 end
 redis.call('XACK', KEYS[2], ARGV[2], unpack(entries))
 redis.call('XDEL', KEYS[2], unpack(entries))
@@ -261,14 +265,15 @@ def publish_step_call(keys: Keys, owner_token: str, events: Sequence[tuple[str, 
 
 
 def dispatch_call(keys: Keys, worker_id: str, job_payload: bytes, group: str, lease_ttl_s: int,
-                  requests: Sequence[tuple[str, int, str]]) -> ScriptCall:
-    """DISPATCH of one job to worker_id; requests are its (request id, attempt, request entry id)."""
+                  requests: Sequence[tuple[Request, str]]) -> ScriptCall:
+    """DISPATCH of one job to worker_id; requests are its (request, request entry id) pairs."""
     call_keys = [keys.jobs(worker_id), keys.requests, keys.stats]
     args: list = [job_payload, group, lease_ttl_s]
-    for request_id, attempt, entry_id in requests:
-        call_keys += [keys.owner(request_id), keys.cancelled(request_id), keys.accepted(request_id),
-                      keys.result(request_id)]
-        args += [owner_token(worker_id, attempt), entry_id, requeued_token(attempt)]
+    for request, entry_id in requests:
+        call_keys += [keys.owner(request.id), keys.cancelled(request.id), keys.accepted(request.id),
+                      keys.result(request.id)]
+        args += [owner_token(worker_id, request.attempt), entry_id, requeued_token(request.attempt),
+                 request.cancel_hash or ""]
     return DISPATCH, call_keys, args
 
 

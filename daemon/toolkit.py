@@ -8,6 +8,8 @@ started.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import socket
@@ -22,7 +24,7 @@ import redis
 from batchd.client.connection import CONNECTION_LOST, Backoff
 from batchd.client.errors import BatchdError, Cancelled, DeadlineExceeded
 from batchd.client.keys import Keys
-from batchd.client.protocol import FinishReason, Job, decode_job
+from batchd.client.protocol import FinishReason, Job, Request, decode_job
 
 log = logging.getLogger("batchd.daemon")
 
@@ -156,3 +158,16 @@ def expired_before_start(request_id: str, waiting_for: str) -> DeadlineExceeded:
 def finish_reason_of(error: BatchdError) -> FinishReason:
     """The finish_reason of a request that ended with this error before it produced anything."""
     return {"cancelled": "cancelled", "deadline_exceeded": "deadline"}.get(error.code, "error")
+
+
+def cancel_matches(request: Request, secret: bytes | str | None) -> bool:
+    """Whether a cancel presenting this secret (a cancel flag's value, or the one its broadcast
+    carried) stops the request: it hashes to the request's cancel_hash, or the request has none
+    (a producer that predates it: anyone who knows the id may cancel it)."""
+    if secret is None:
+        return False
+    if request.cancel_hash is None:
+        return True
+    if isinstance(secret, str):
+        secret = secret.encode()
+    return hmac.compare_digest(hashlib.sha1(secret).hexdigest(), request.cancel_hash)

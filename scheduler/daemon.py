@@ -39,6 +39,7 @@ from batchd.daemon.toolkit import (
     DEFAULT_MAX_ATTEMPTS,
     SERVER_TICK_MS,
     DaemonConfig,
+    cancel_matches,
     cancelled_before_start,
     ensure_group,
     expired_before_start,
@@ -326,7 +327,7 @@ class Scheduler:
                   created_at=self.clock(), requests=[held.request for held in batch])
         script, keys, args = scripts.dispatch_call(
             self.keys, worker.worker_id, encode(job), SCHEDULER_GROUP, self.config.result_ttl_s,
-            [(held.request.id, held.request.attempt, held.entry_id) for held in batch])
+            [(held.request, held.entry_id) for held in batch])
         reply = script.run(self.redis, keys, args)
         if not reply[0]:
             cancelled, stale = reply[1], reply[2]
@@ -370,7 +371,7 @@ class Scheduler:
         for h, flag in zip(held, flags):
             if h.request.deadline is not None and h.request.deadline <= now:
                 self._answer(h, expired_before_start(h.request.id, WAITING_FOR))
-            elif flag:
+            elif cancel_matches(h.request, flag):
                 self._answer(h, cancelled_before_start(h.request.id))
             else:
                 continue

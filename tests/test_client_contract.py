@@ -170,7 +170,10 @@ def test_cancel_sets_the_flag_then_broadcasts_the_id(redis_client, redis_server,
     listener.get_message(timeout=1)
     producer(redis_server.url, IDLE.prefix).cancel("to-cancel")
     message = listener.get_message(timeout=5)
-    assert message["data"] == b"to-cancel"
+    # The id and the request's cancel secret, which hashes to the request's cancel_hash.
+    request_id, _, secret = message["data"].decode().partition(" ")
+    assert request_id == "to-cancel" and len(secret) == 32
+    assert redis_client.get(IDLE.cancelled("to-cancel")).decode() == secret
     assert redis_client.ttl(IDLE.cancelled("to-cancel")) > 3600
 
 

@@ -121,3 +121,19 @@ def test_an_empty_request_id_is_refused_not_replaced(redis_server):
         with pytest.raises(InvalidRequest):
             producer.submit("x", request_id="")
     assert not redis.Redis.from_url(redis_server.url).exists("empty-id:requests")
+
+
+def test_a_cancel_flag_stops_a_dispatch_only_with_the_requests_secret(redis_client, clock):
+    """Real redis only: fakeredis's Lua has no redis.sha1hex."""
+    import hashlib
+
+    client = redis_client
+    scheduler = make_scheduler(client, clock)
+    advertise(client, "w1", 8, clock)
+    for request_id in ("forged-flag", "own-flag"):
+        submit(client, clock, request_id, cancel_hash=hashlib.sha1(b"the secret").hexdigest())
+    client.set(KEYS.cancelled("forged-flag"), "a guess")
+    client.set(KEYS.cancelled("own-flag"), "the secret")
+    settle(scheduler, clock)
+    assert [r.id for job in jobs_of(client, "w1") for r in job.requests] == ["forged-flag"]
+    assert final_of(client, "own-flag").error.type == "cancelled"

@@ -10,10 +10,12 @@ administrator (a misconfigured ACL) to show the daemons survive it anyway.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import re
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -26,9 +28,14 @@ from batchd.client.protocol import PROTOCOL_VERSION, FinalEvent, Request, Result
 from batchd.daemon.scripts import DEAD_LETTER_DATA_BYTES
 from batchd.embedded import EmbeddedServer, free_port
 
-from conftest import Daemons, redis_binary
 from faults.conftest import Observer, wait_until
 from test_security import PASSWORDS, documented_acl, refused
+
+# tests/conftest.py by path: the bare name `conftest` may be tests/engine's in a whole-suite run.
+_spec = importlib.util.spec_from_file_location("batchd_tests_conftest", Path(__file__).with_name("conftest.py"))
+_shared = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_shared)
+Daemons, redis_binary = _shared.Daemons, _shared.redis_binary
 
 KEYS = Keys()
 # 72 bytes: the echo engine streams one byte a step, 72 steps of 15 ms (about a second in flight).
@@ -332,3 +339,17 @@ def test_stored_result_is_authoritative_for_fetch(fleet):
     assert core.is_final_event(forged)
     assert not core.is_final_event(b"\xc1")
     assert isinstance(decode_event(forged), FinalEvent)
+
+
+# -- cancel: only the submitter ---------------------------------------------------------------------
+def test_another_producer_cannot_cancel_a_request_its_submitter_can(fleet):
+    with fleet.producer() as client, fleet.producer() as other:
+        victim = in_flight(fleet, client)
+        other.cancel(victim.request_id)  # another client's key: the wrong secret
+        fleet.attacker.set(KEYS.cancelled(victim.request_id), "a guess")
+        fleet.attacker.publish(KEYS.cancel_channel, victim.request_id)
+        fleet.attacker.publish(KEYS.cancel_channel, f"{victim.request_id} a-guess")
+        fleet.assert_victim_served(client, victim)
+        mine = in_flight(fleet, client)
+        client.cancel(mine.request_id)
+        assert mine.result().finish_reason == "cancelled"
