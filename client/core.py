@@ -462,7 +462,7 @@ class ClientCore(Generic[Sent]):
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, contrast_alpha=contrast_alpha,
             priority=priority, producer=self.producer, timeout=timeout, deadline=deadline,
-            cancel_hash=self._cancel_secrets.hash(request_id))
+            cancel_hash=self._cancel_secrets.hash(request_id) if isinstance(request_id, str) else None)
         return self._send(request, payload, explicit, timeout)
 
     def _send(self, request: Request, payload: bytes, explicit: bool, timeout: float | None) -> Sent:

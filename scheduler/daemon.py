@@ -148,10 +148,12 @@ class Scheduler:
 
     def _reconnect(self) -> None:
         """After a lost connection or an error reply: put back what the schedulers own (the
-        request stream and its group, the config hash, the producers' functions), then
-        re-read what this scheduler was delivered."""
+        request stream and its group, the config hash, the producers' functions; a fleet key of
+        the wrong type is deleted first), then re-read what this scheduler was delivered."""
         try:
-            repair_keys(self.redis, {self.keys.requests: "stream", self.keys.config: "hash"})
+            repair_keys(self.redis, {self.keys.requests: "stream", self.keys.config: "hash",
+                                     self.keys.workers: "zset", self.keys.stats: "hash",
+                                     self.keys.dead_letters: "stream"})
             self._setup()
             self._read_own_pending()
         except redis.RedisError as exc:
