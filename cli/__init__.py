@@ -10,6 +10,7 @@ Producer services need only this import; it pulls in no torch:
 from batchd.client import (
     AsyncClient,
     BatchdError,
+    BrokerUnavailable,
     Cancelled,
     Client,
     DeadlineExceeded,
@@ -26,6 +27,7 @@ from batchd.client import (
 __all__ = [
     "AsyncClient",
     "BatchdError",
+    "BrokerUnavailable",
     "Cancelled",
     "Client",
     "DeadlineExceeded",

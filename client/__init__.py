@@ -7,6 +7,7 @@ AsyncClient load on first use, so `import batchd.client.protocol` stays cheap.
 from .core import Delta, StreamRestarted
 from .errors import (
     BatchdError,
+    BrokerUnavailable,
     Cancelled,
     DeadlineExceeded,
     InvalidRequest,
@@ -20,7 +21,7 @@ from .errors import (
 from .protocol import Result, SamplingParams, Timings, Usage
 
 __all__ = [
-    "AsyncClient", "BatchdError", "Cancelled", "Client", "DeadlineExceeded", "Delta", "InvalidRequest",
+    "AsyncClient", "BatchdError", "BrokerUnavailable", "Cancelled", "Client", "DeadlineExceeded", "Delta", "InvalidRequest",
     "NextTokenLogprobs", "NoWorkers", "Overloaded", "RequestTooLarge", "Result", "ResultTimeout", "SamplingParams",
     "Score", "StreamRestarted", "Timings", "UnsupportedVersion", "Usage", "WorkerFailed",
 ]

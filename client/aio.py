@@ -17,27 +17,33 @@ from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import RedisError
 
 from . import core, scoring
 from .connection import CONNECTION_LOST, redis_url
+from .errors import BrokerUnavailable
 from .protocol import Request, Result
-from .scripts import ScriptCall
+from .scripts import ScriptCall, needs_loading
 
 log = logging.getLogger("batchd.client")
 
 T = TypeVar("T")
 
 
-async def _retrying(command: Callable[[], Awaitable[T]]) -> T:
-    """Run an idempotent command, riding out a lost connection (a Redis restart), as Client does."""
+async def _retrying(command: Callable[[], Awaitable[T]], what: str) -> T:
+    """Run an idempotent command within the retry budget, as Client does (sync._retrying)."""
     for delay in core.retry_delays():
         try:
             return await command()
-        except CONNECTION_LOST as exc:
-            log.warning("Redis unreachable (%s); retrying in %.1fs", exc, delay)
+        except RedisError as exc:
+            if not core.is_transient(exc):
+                raise core.unavailable(exc, what) from exc
+            log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
-    return await command()
+    try:
+        return await command()
+    except RedisError as exc:
+        raise core.unavailable(exc, what) from exc
 
 
 class _Subscription(PubSub):
@@ -71,7 +77,7 @@ class AsyncRequestHandle:
             if not self._reading.done:  # the caller stopped reading: free the slot
                 try:
                     await self._client.cancel(self.request_id)
-                except CONNECTION_LOST as exc:
+                except BrokerUnavailable as exc:
                     log.warning("could not cancel abandoned request %s: %s", self.request_id, exc)
             raise
         finally:
@@ -109,7 +115,7 @@ class AsyncRequestHandle:
                     self._waiter = None
             if self._events:
                 payload = self._events.popleft()
-                if payload is not core.RECHECK:
+                if payload is not core.RECHECK and not core.is_final_event(payload):
                     return payload
             stored = await self._client._stored_result(self.request_id)
             if stored is not None:
@@ -129,8 +135,8 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
     """asyncio twin of Client; create it inside the event loop that uses it."""
 
     def __init__(self, url: str | None = None, *, prefix: str = "batchd:", producer: str | None = None,
-                 max_connections: int = 64, socket_timeout: float = 30.0):
-        super().__init__(prefix, producer)
+                 max_connections: int = 64, socket_timeout: float = 30.0, cancel_key: str | bytes | None = None):
+        super().__init__(prefix, producer, cancel_key)
         self._redis = aioredis.Redis.from_url(
             redis_url(url), max_connections=max_connections, socket_timeout=socket_timeout,
             socket_connect_timeout=10.0, health_check_interval=30, retry_on_timeout=True)
@@ -140,6 +146,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         # while the reader reconnects reads the same socket as the reader.
         self._subscription_changes: deque[tuple[bool, str]] = deque()
         self._pending_submits: list[tuple[ScriptCall, asyncio.Future]] = []
+        self._pending_reads: list[tuple[str, asyncio.Future]] = []
         self._flush_scheduled = False
         self._pubsub = None
         self._reader: asyncio.Task | None = None
@@ -147,20 +154,26 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         self._start_lock = asyncio.Lock()
 
     async def _start(self) -> None:
+        """Subscribe to this client's result channels (before its first submit), riding out an
+        outage within the retry budget; a failed start is tried again by the next call."""
         async with self._start_lock:
             if self._reader is not None:
                 return
-            self._pubsub = _Subscription(self._redis.connection_pool)
-            pattern = self.keys.channel_pattern(self._ids.client_id + "-")
-            await self._pubsub.psubscribe(pattern)
-            while True:  # the subscription must be live before the first submit
-                message = await self._pubsub.get_message(timeout=10.0)
-                if message is None:
-                    raise RedisConnectionError("Redis did not confirm the client's subscription")
-                if message["type"] == "psubscribe":
-                    break
-            self._pubsub.reconnected = False
+            await _retrying(self._subscribe_pattern, "subscribing for results")
             self._reader = asyncio.create_task(self._read_events(), name="batchd-client-router")
+
+    async def _subscribe_pattern(self) -> None:
+        if self._pubsub is not None:
+            await self._pubsub.aclose()  # a half-made subscription from a failed try
+        self._pubsub = _Subscription(self._redis.connection_pool)
+        await self._pubsub.psubscribe(self.keys.channel_pattern(self._ids.client_id + "-"))
+        while True:  # the subscription must be live before the first submit
+            message = await self._pubsub.get_message(timeout=10.0)
+            if message is None:
+                raise RedisConnectionError("Redis did not confirm the client's subscription")
+            if message["type"] == "psubscribe":
+                break
+        self._pubsub.reconnected = False
 
     # -- public API (submit: core.ClientCore) -----------------------------------------
     async def generate(self, prompt: str | None = None, **kwargs) -> Result:
@@ -194,10 +207,10 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         """See Client.cancel."""
         async def send() -> None:
             async with self._redis.pipeline(transaction=False) as pipe:
-                core.queue_cancel(pipe, self.keys, request_id)
+                core.queue_cancel(pipe, self.keys, request_id, self._cancel_secrets.secret(request_id))
                 await pipe.execute()
 
-        await _retrying(send)
+        await _retrying(send, f"cancel of {request_id}")
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -213,7 +226,11 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         await self._redis.aclose()
 
     async def __aenter__(self) -> "AsyncClient":
-        await self._start()
+        try:
+            await self._start()
+        except BrokerUnavailable as exc:
+            # Opened during an outage: the first submit subscribes once Redis is back.
+            log.warning("batchd client starts without Redis (%s); submits will retry", exc)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -250,7 +267,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         batch, self._pending_submits = self._pending_submits, []
         self._flush_scheduled = False
         try:
-            outcomes = await _retrying(lambda: self._run_submits([call for call, _ in batch]))
+            outcomes = await _retrying(lambda: self._run_submits([call for call, _ in batch]), "submit")
         except Exception as exc:
             outcomes = [exc] * len(batch)
         for (_, future), outcome in zip(batch, outcomes):
@@ -269,19 +286,23 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
                 script.queue(pipe, keys, args)
             outcomes = await pipe.execute(raise_on_error=False)
         for index, (script, keys, args) in enumerate(calls):
-            if isinstance(outcomes[index], NoScriptError):
+            if needs_loading(outcomes[index]):
                 outcomes[index] = await script.run_async(self._redis, keys, args)
         for outcome in outcomes:
-            if isinstance(outcome, CONNECTION_LOST):
-                raise outcome  # retried: SUBMIT is idempotent
-        return outcomes
+            if isinstance(outcome, RedisError) and core.is_transient(outcome):
+                raise outcome  # retried: a second submission of an id never runs twice
+        return [core.unavailable(outcome, "submit") if isinstance(outcome, RedisError) else outcome
+                for outcome in outcomes]
 
     # -- events -----------------------------------------------------------
     async def _subscribe(self, channel: str) -> None:
         confirmed = asyncio.get_running_loop().create_future()
         self._confirm[channel] = confirmed
         self._subscription_changes.append((True, channel))
-        await asyncio.wait_for(confirmed, 10.0)
+        try:
+            await asyncio.wait_for(confirmed, 10.0)
+        except asyncio.TimeoutError:
+            raise BrokerUnavailable(f"Redis did not confirm the subscription to {channel} within 10 s") from None
 
     async def _read_events(self) -> None:
         backoff = core.reconnect_backoff()
@@ -292,7 +313,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
                 if self._subscription_changes:
                     await self._change_subscriptions()
                 backoff.reset()
-            except (*CONNECTION_LOST, OSError) as exc:
+            except (RedisError, OSError) as exc:
                 delay = backoff.next_delay()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -314,10 +335,25 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
             future.set_result(True)
 
     async def _stored_result(self, request_id: str) -> bytes | None:
+        """The stored result, read with every other handle's of this event-loop iteration in one
+        MGET: each request reads it once (a final event is only a cue to read it), and thousands
+        of concurrent reads would otherwise each take a pooled connection."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending_reads.append((request_id, future))
+        if len(self._pending_reads) == 1:
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush_reads()))
+        return await future
+
+    async def _flush_reads(self) -> None:
+        batch, self._pending_reads = self._pending_reads, []
         try:
-            return await self._redis.get(self.keys.result(request_id))
-        except CONNECTION_LOST:
-            return None
+            values = await self._redis.mget([self.keys.result(request_id) for request_id, _ in batch])
+        except RedisError as exc:
+            log.warning("could not read %d stored results (%s); reading again shortly", len(batch), exc)
+            values = [None] * len(batch)  # read again at the handle's next poll
+        for (_, future), value in zip(batch, values):
+            if not future.done():
+                future.set_result(value)
 
     async def _forget(self, request_id: str) -> None:
         self._handles.pop(request_id, None)

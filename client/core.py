@@ -15,8 +15,11 @@ process still receives the result.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 import math
+import secrets
 import os
 import socket
 import time
@@ -25,9 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Generic, Iterator, Sequence, TypeVar, Union
 
 import msgspec
+import redis
 
-from .connection import Backoff
-from .errors import InvalidRequest, Overloaded, ResultTimeout, error_from_code
+from .connection import CONNECTION_LOST, Backoff
+from .errors import BrokerUnavailable, InvalidRequest, Overloaded, ResultTimeout, error_from_code
 from .keys import Keys
 from .protocol import (
     PROTOCOL_VERSION,
@@ -42,7 +46,7 @@ from .protocol import (
     decode_request,
     encode,
 )
-from .scripts import ACCEPTED_TTL_S, ScriptCall, submit_call
+from .scripts import ScriptCall, is_missing_function, submit_call
 
 # Without any event for this long, a waiting caller reads the stored result,
 # covering publishes lost while the pub/sub connection was down.
@@ -53,6 +57,11 @@ RESULT_POLL_S = 2.0
 # pub/sub readers reconnect with the same backoff.
 RECONNECT_RETRIES = 8
 RECONNECT_BACKOFF_CAP_S = 2.0
+# The waits above add up to this (plus each try's own connect timeout): then a caller gets
+# BrokerUnavailable (docs/reliability.md).
+RETRY_BUDGET_S = 7.1
+# A cancel flag outlives any request it can still stop.
+CANCEL_TTL_S = 24 * 3600
 # A caller waits this long past a request's deadline for the worker's answer.
 DEADLINE_GRACE_S = 10.0
 
@@ -122,6 +131,7 @@ def build_request(
     continuation_token_ids: Sequence[int] | None = None,
     top_logprobs: int | None = None,
     contrast_alpha: float | None = None,
+    cancel_hash: str | None = None,
 ) -> tuple[Request, bytes]:
     """Build, encode and validate a request exactly as a scheduler will.
 
@@ -156,6 +166,7 @@ def build_request(
             continuation=continuation,
             continuation_token_ids=list(continuation_token_ids) if continuation_token_ids is not None else None,
             top_logprobs=top_logprobs,
+            cancel_hash=cancel_hash,
         )
         payload = encode(request)
     except (TypeError, KeyError, ValueError, OverflowError, msgspec.EncodeError) as exc:
@@ -253,6 +264,33 @@ def overloaded_message(stream: str) -> str:
             "or add workers")
 
 
+# Replies that mean "not now" rather than "never": a long script is running (BUSY), a key
+# batchd needs has the wrong type until a scheduler rewrites it (WRONGTYPE), no scheduler
+# has loaded the SUBMIT function yet, a replica or cluster is failing over. Retried like a
+# lost connection.
+TRANSIENT_REPLIES = ("busy", "wrongtype", "function not found", "tryagain", "masterdown", "loading")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed Redis command is worth trying again within the retry budget."""
+    if isinstance(exc, CONNECTION_LOST):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).lower().startswith(TRANSIENT_REPLIES) \
+        or is_missing_function(exc)
+
+
+def unavailable(exc: BaseException, what: str) -> BrokerUnavailable:
+    """The typed error a caller sees once a command failed for good (or for the whole budget)."""
+    hint = ""
+    if is_missing_function(exc):
+        hint = " (no scheduler has loaded batchd's functions into this Redis yet: start a scheduler)"
+    elif isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in str(exc):
+        hint = " (this Redis user lacks a permission docs/security.md grants producers)"
+    elif isinstance(exc, CONNECTION_LOST):
+        hint = f" (tried for about {RETRY_BUDGET_S:.0f} s; check the Redis URL and that Redis is up)"
+    return BrokerUnavailable(f"{what} failed: {type(exc).__name__}: {exc}{hint}")
+
+
 def retry_delays() -> Iterator[float]:
     """The waits between the tries of an idempotent command whose connection was lost."""
     backoff = reconnect_backoff()
@@ -264,11 +302,45 @@ def reconnect_backoff() -> Backoff:
     return Backoff(cap_s=RECONNECT_BACKOFF_CAP_S)
 
 
-def queue_cancel(pipe: Any, keys: Keys, request_id: str) -> None:
+class CancelSecrets:
+    """Each request's cancel secret, derived from one per-client key: a request carries the hash
+    (cancel_hash) and only a caller holding the key can cancel it. Clients given the same
+    cancel_key (say, a service's processes) can cancel each other's requests by id."""
+
+    def __init__(self, key: str | bytes | None):
+        key = key if key is not None else secrets.token_hex(16)
+        self._key = key.encode() if isinstance(key, str) else key
+
+    def secret(self, request_id: str) -> str:
+        return hmac.new(self._key, request_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def hash(self, request_id: str) -> str:
+        return hashlib.sha1(self.secret(request_id).encode()).hexdigest()
+
+
+def queue_cancel(pipe: Any, keys: Keys, request_id: str, secret: str) -> None:
     """Cancel a request: its flag first (a scheduler checks it at dispatch, a worker on a gap in
-    its subscription), then the broadcast that frees a running slot at once."""
-    pipe.set(keys.cancelled(request_id), 1, ex=ACCEPTED_TTL_S)
-    pipe.publish(keys.cancel_channel, request_id)
+    its subscription), then the broadcast that frees a running slot at once. Both carry the
+    request's cancel secret; a request whose cancel_hash it does not match ignores them."""
+    pipe.set(keys.cancelled(request_id), secret, ex=CANCEL_TTL_S)
+    pipe.publish(keys.cancel_channel, f"{request_id} {secret}")
+
+
+class _EventKind(msgspec.Struct):
+    type: str = ""
+
+
+_event_kind = msgspec.msgpack.Decoder(_EventKind)
+
+
+def is_final_event(payload: bytes) -> bool:
+    """Whether a pub/sub payload claims to be a final event. A claim is never taken as the result:
+    anyone allowed to subscribe may publish on a request's channel, so the handle reads the
+    stored result (result:<id>, which producers cannot write) instead."""
+    try:
+        return _event_kind.decode(payload).type == "final"
+    except (msgspec.MsgspecError, ValueError):
+        return False
 
 
 class Routes:
@@ -362,9 +434,10 @@ class ClientCore(Generic[Sent]):
     """The producer API both clients offer, built on the transport's _send (the handle for
     Client, an awaitable of it for AsyncClient)."""
 
-    def __init__(self, prefix: str, producer: str | None):
+    def __init__(self, prefix: str, producer: str | None, cancel_key: str | bytes | None = None):
         self.keys = Keys(prefix)
         self.producer = producer or default_producer()
+        self._cancel_secrets = CancelSecrets(cancel_key)
         self._ids = IdMinter()
         self._routes = Routes(self.keys)
 
@@ -382,12 +455,14 @@ class ClientCore(Generic[Sent]):
         runs it twice.
         """
         explicit = request_id is not None
-        request_id = request_id or self._ids.next()
+        if not explicit:
+            request_id = self._ids.next()
         request, payload = build_request(
             request_id, prompt, messages, prompt_token_ids, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, contrast_alpha=contrast_alpha,
-            priority=priority, producer=self.producer, timeout=timeout, deadline=deadline)
+            priority=priority, producer=self.producer, timeout=timeout, deadline=deadline,
+            cancel_hash=self._cancel_secrets.hash(request_id) if isinstance(request_id, str) else None)
         return self._send(request, payload, explicit, timeout)
 
     def _send(self, request: Request, payload: bytes, explicit: bool, timeout: float | None) -> Sent:

@@ -66,6 +66,14 @@ class ResultTimeout(BatchdError):
     code = "result_timeout"
 
 
+class BrokerUnavailable(BatchdError):
+    """Redis could not be reached, or kept answering an error batchd cannot act on (BUSY,
+    LOADING, a key of the wrong type, a missing function), for the whole retry budget
+    (docs/reliability.md). Safe to retry: a submit is idempotent by request id."""
+
+    code = "broker_unavailable"
+
+
 class NoWorkers(BatchdError):
     """No live worker is registered (reported by status; requests wait in the queue)."""
 
@@ -84,6 +92,7 @@ _BY_CODE = {
         Cancelled,
         WorkerFailed,
         ResultTimeout,
+        BrokerUnavailable,
         NoWorkers,
     )
 }

@@ -50,7 +50,8 @@ class Keys:
         return f"{self.prefix}result:{request_id}"
 
     def accepted(self, request_id: str) -> str:
-        """Marks an id as accepted so a retried submit is not enqueued twice."""
+        """The request's claim: the one stream entry allowed to run it (written by schedulers
+        when they read it, moved by a hand-back), so a second submission never runs."""
         return f"{self.prefix}accepted:{request_id}"
 
     def owner(self, request_id: str) -> str:
@@ -84,6 +85,11 @@ class Keys:
     def config(self) -> str:
         """Hash of settings the schedulers publish for everyone (max_queue, ...)."""
         return f"{self.prefix}config"
+
+    @property
+    def overloaded(self) -> str:
+        """Count of submits refused as Overloaded since a scheduler last took it for Prometheus."""
+        return f"{self.prefix}overloaded"
 
     @property
     def stats(self) -> str:

@@ -30,6 +30,8 @@ MAX_STOP_CHARS = 256
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 MAX_ID_CHARS = 128
 MAX_CONTRAST_ALPHA = 100.0
+# Unix times beyond this (the year 5138) are refused, inf and NaN with them.
+MAX_UNIX_TIME_S = 1e11
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 # generate decodes new tokens; the other two score tokens the caller gives in one
@@ -87,9 +89,10 @@ class Request(Struct, forbid_unknown_fields=True, omit_defaults=True):
     # Higher runs first; within one priority, producers share fairly.
     priority: Annotated[int, Meta(ge=-100, le=100)] = 0
     producer: Annotated[str, Meta(max_length=128)] = ""
-    # Absolute unix time in seconds after which the result is useless.
-    deadline: float | None = None
-    submitted_at: float = 0.0
+    # Absolute unix time in seconds after which the result is useless. Both times are
+    # finite and non-negative (NaN compares false with every clock: it never expires).
+    deadline: Annotated[float, Meta(ge=0.0, le=MAX_UNIX_TIME_S)] | None = None
+    submitted_at: Annotated[float, Meta(ge=0.0, le=MAX_UNIX_TIME_S)] = 0.0
     # How many times a worker already took this request and died; set by schedulers.
     attempt: Annotated[int, Meta(ge=0)] = 0
     task: Task = "generate"
@@ -98,6 +101,9 @@ class Request(Struct, forbid_unknown_fields=True, omit_defaults=True):
     continuation: Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = None
     # next_token_logprobs: the k most likely tokens only; None = the full vector.
     top_logprobs: Annotated[int, Meta(ge=1)] | None = None
+    # SHA-1 (hex) of the secret a cancel must present (docs/protocol.md): only the submitter
+    # can cancel. None: anyone who knows the id can (producers that predate it).
+    cancel_hash: Annotated[str, Meta(pattern=r"^[0-9a-f]{40}$")] | None = None
 
 
 class Job(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -259,6 +265,8 @@ def decode_request(data: bytes, request_id: str | None = None) -> Request:
         raise InvalidRequest(f"invalid request: {exc}", request_id) from None
     except (msgspec.DecodeError, ValueError) as exc:  # ValueError: strings that are not UTF-8
         raise InvalidRequest(f"request is not valid msgpack: {exc}", request_id) from None
+    except RecursionError:
+        raise InvalidRequest("request is nested too deeply to be a request", request_id) from None
     if request_id is not None and request.id != request_id:
         raise InvalidRequest(f"request id {request.id!r} does not match the stream entry's id {request_id!r}", request_id)
     return validate_request(request)
@@ -267,7 +275,7 @@ def decode_request(data: bytes, request_id: str | None = None) -> Request:
 def _peek_version(data: bytes) -> int | None:
     try:
         raw = msgspec.msgpack.decode(data)
-    except (msgspec.DecodeError, ValueError):
+    except (msgspec.DecodeError, ValueError, RecursionError):
         return None
     version = raw.get("v") if isinstance(raw, dict) else None
     return version if isinstance(version, int) else None

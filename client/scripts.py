@@ -1,10 +1,11 @@
-"""The producer's Lua script, and the one way batchd runs any Lua script.
+"""The producer's Redis function, and the one way batchd runs any Lua script.
 
 A script is called by its SHA1 (EVALSHA), computed here, so no call waits for a
 SCRIPT LOAD first. A server that does not know the script (it restarted, or its
 scripts were flushed) answers NOSCRIPT; the call is then loaded and run again.
-Every script batchd has goes this way: SUBMIT below, the daemons' in
-batchd.daemon.scripts. Scripts touch only the keys passed in KEYS, so they also
+The daemons' scripts go this way (batchd.daemon.scripts); the producer's SUBMIT
+is a Redis 7 function instead (Function below), so producers need no right to
+load or run scripts. Scripts touch only the keys passed in KEYS, so they also
 run on Redis Cluster once keys share a hash tag.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable, Sequence
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 
 from .keys import Keys
 
@@ -44,8 +45,8 @@ class Script:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
-# One script call: the script, its KEYS and its ARGV.
-ScriptCall = tuple[Script, Sequence, Sequence]
+# One script call: the script (or function), its KEYS and its ARGV.
+ScriptCall = tuple[Any, Sequence, Sequence]
 
 
 def run_in_pipeline(client: Any, calls: Sequence[ScriptCall],
@@ -61,7 +62,7 @@ def run_in_pipeline(client: Any, calls: Sequence[ScriptCall],
         replies = pipe.execute(raise_on_error=False)
     outcomes = replies[:len(calls)]
     for index, (script, keys, args) in enumerate(calls):
-        if isinstance(outcomes[index], NoScriptError):
+        if needs_loading(outcomes[index]):
             outcomes[index] = script.run(client, keys, args)
     return outcomes, replies[len(calls):]
 
@@ -72,23 +73,93 @@ def raise_any_error(outcomes: Sequence) -> None:
             raise outcome
 
 
-# Enqueue unless the id was already accepted (idempotent retries) or the
-# backlog is at max_queue (explicit overload instead of silent growth).
-# KEYS: requests stream, accepted marker, config hash
-# ARGV: request id, payload, accepted ttl seconds
-# Returns 1 enqueued, 0 duplicate, -1 overloaded.
-SUBMIT = Script("""
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local max_queue = tonumber(redis.call('HGET', KEYS[3], 'max_queue') or '0')
-if max_queue and max_queue > 0 and redis.call('XLEN', KEYS[1]) >= max_queue then return -1 end
-redis.call('SET', KEYS[2], '1', 'EX', tonumber(ARGV[3]))
-redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'data', ARGV[2])
-return 1
-""")
+class Function:
+    """One function of a Redis 7 function library, called with FCALL.
 
-# Seconds an id stays "accepted", so a retried submit is recognised as a duplicate.
-ACCEPTED_TTL_S = 24 * 3600
+    Functions are loaded into the server once (FUNCTION LOAD, by a scheduler at
+    start, or by anyone allowed to) and kept in its RDB/AOF, so a caller needs
+    only FCALL: producers are not allowed to load or run scripts of their own
+    (docs/security.md). A server that lost its functions (a restart without
+    persistence) answers "Function not found"; run() then loads the library if
+    this user may, and calls again.
+    """
+
+    def __init__(self, library: str, name: str):
+        self.library = library
+        self.name = name
+
+    def queue(self, pipe: Any, keys: Sequence, args: Sequence) -> None:
+        pipe.fcall(self.name, len(keys), *keys, *args)
+
+    def run(self, client: Any, keys: Sequence, args: Sequence) -> Any:
+        try:
+            return client.fcall(self.name, len(keys), *keys, *args)
+        except ResponseError as exc:
+            if not is_missing_function(exc):
+                raise
+            try:
+                load_library(client, self.library)
+            except NoPermissionError:
+                raise exc from None  # a producer: wait for a scheduler to load it (retried)
+            return client.fcall(self.name, len(keys), *keys, *args)
+
+    async def run_async(self, client: Any, keys: Sequence, args: Sequence) -> Any:
+        try:
+            return await client.fcall(self.name, len(keys), *keys, *args)
+        except ResponseError as exc:
+            if not is_missing_function(exc):
+                raise
+            try:
+                await client.function_load(self.library, replace=True)
+            except NoPermissionError:
+                raise exc from None
+            return await client.fcall(self.name, len(keys), *keys, *args)
+
+
+def is_missing_function(reply: Any) -> bool:
+    return isinstance(reply, ResponseError) and "function not found" in str(reply).lower()
+
+
+def needs_loading(reply: Any) -> bool:
+    """The server does not know this script or function yet (it restarted, or was flushed)."""
+    return isinstance(reply, NoScriptError) or is_missing_function(reply)
+
+
+def load_library(client: Any, library: str) -> None:
+    """Load (or replace with this version) a function library; needs FUNCTION LOAD permission."""
+    client.function_load(library, replace=True)
+
+
+# The producer's functions. The library's name carries the protocol version, so a
+# newer batchd loads its own beside an older one's instead of replacing it mid-rollout.
+# Enqueue unless the backlog is at max_queue (explicit overload instead of silent
+# growth); a refusal is counted in Redis, where a scheduler takes the count for
+# Prometheus (batchd:requests_overloaded_total). A config key of the wrong type
+# reads as "no max_queue" rather than failing every submit: schedulers rewrite it
+# within a second. Second submissions of an id are enqueued and dropped by the
+# schedulers' CLAIM (daemon/scripts.py), which producers cannot write.
+# KEYS: requests stream, config hash, overload counter
+# ARGV: request id, payload
+# Returns 1 enqueued, -1 overloaded.
+LIBRARY = """#!lua name=batchd_v1
+local function submit(keys, args)
+  local max_queue = 0
+  local setting = redis.pcall('HGET', keys[2], 'max_queue')
+  if type(setting) == 'string' then max_queue = tonumber(setting) or 0 end
+  if max_queue > 0 then
+    local backlog = redis.pcall('XLEN', keys[1])
+    if type(backlog) == 'number' and backlog >= max_queue then
+      redis.call('INCR', keys[3])
+      return -1
+    end
+  end
+  redis.call('XADD', keys[1], '*', 'id', args[1], 'data', args[2])
+  return 1
+end
+redis.register_function('batchd_v1_submit', submit)
+"""
+SUBMIT = Function(LIBRARY, "batchd_v1_submit")
 
 
 def submit_call(keys: Keys, request_id: str, payload: bytes) -> ScriptCall:
-    return SUBMIT, [keys.requests, keys.accepted(request_id), keys.config], [request_id, payload, ACCEPTED_TTL_S]
+    return SUBMIT, [keys.requests, keys.config, keys.overloaded], [request_id, payload]

@@ -18,6 +18,7 @@ import redis
 
 from . import core, scoring
 from .connection import CONNECTION_LOST, Subscription, redis_url
+from .errors import BrokerUnavailable
 from .protocol import Request, Result
 
 log = logging.getLogger("batchd.client")
@@ -25,8 +26,10 @@ log = logging.getLogger("batchd.client")
 T = TypeVar("T")
 
 
-def _retrying(command: Callable[[], T]) -> T:
-    """Run an idempotent command, riding out a lost connection (a Redis restart).
+def _retrying(command: Callable[[], T], what: str) -> T:
+    """Run an idempotent command, riding out a lost connection (a Redis restart) and transient
+    replies (core.is_transient) within the retry budget; every failure a caller sees is a
+    batchd error (core.unavailable).
 
     Retries live here, not in the connection pool: redis-py's pub/sub
     deadlocks when a pooled retry reconnects it.
@@ -34,10 +37,15 @@ def _retrying(command: Callable[[], T]) -> T:
     for delay in core.retry_delays():
         try:
             return command()
-        except CONNECTION_LOST as exc:
-            log.warning("Redis unreachable (%s); retrying in %.1fs", exc, delay)
+        except redis.RedisError as exc:
+            if not core.is_transient(exc):
+                raise core.unavailable(exc, what) from exc
+            log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, exc, delay)
             time.sleep(delay)
-    return command()
+    try:
+        return command()
+    except redis.RedisError as exc:
+        raise core.unavailable(exc, what) from exc
 
 
 class RequestHandle:
@@ -78,7 +86,7 @@ class RequestHandle:
         while True:
             try:
                 payload = self._events.get(timeout=self._reading.next_wait_s())
-                if payload is not core.RECHECK:
+                if payload is not core.RECHECK and not core.is_final_event(payload):
                     return payload
             except queue.Empty:
                 pass
@@ -101,17 +109,21 @@ class _Router(threading.Thread):
         self._subscribe_queue: queue.SimpleQueue[tuple[str, threading.Event]] = queue.SimpleQueue()
         self._confirm: dict[str, threading.Event] = {}
         self._running = True
-        self._pubsub.psubscribe(pattern)
-        self._wait_confirmation()
-        self._pubsub.reconnected = False
+        self._pattern = pattern
+        # Set once the client's pattern subscription is confirmed: no submit goes out before
+        # it. Made by the thread, so a Client created while Redis is down works once it is back.
+        self.ready = threading.Event()
 
-    def _wait_confirmation(self) -> None:
+    def _subscribe_pattern(self) -> None:
+        self._pubsub.psubscribe(self._pattern)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             message = self._pubsub.get_message(timeout=1.0)
             if message and message["type"] in ("psubscribe", "subscribe"):
+                self._pubsub.reconnected = False
+                self.ready.set()
                 return
-        raise ConnectionError("Redis did not confirm the client's subscription")
+        raise redis.ConnectionError("Redis did not confirm the client's subscription")
 
     def register(self, handle: RequestHandle) -> None:
         self._handles[handle.request_id] = handle
@@ -127,7 +139,7 @@ class _Router(threading.Thread):
         done = threading.Event()
         self._subscribe_queue.put((channel, done))
         if not done.wait(timeout):
-            raise ConnectionError(f"Redis did not confirm the subscription to {channel}")
+            raise BrokerUnavailable(f"Redis did not confirm the subscription to {channel} within {timeout:.0f} s")
 
     def stop(self) -> None:
         self._running = False
@@ -136,12 +148,14 @@ class _Router(threading.Thread):
         backoff = core.reconnect_backoff()
         while self._running:
             try:
+                if not self.ready.is_set():
+                    self._subscribe_pattern()
                 # get_message reconnects a dropped connection; subscribe must only run on a
                 # live one (redis-py's subscribe deadlocks when it has to reconnect).
                 message = self._pubsub.get_message(timeout=0.05)
                 self._drain_subscribe_queue()
                 backoff.reset()
-            except (*CONNECTION_LOST, OSError) as exc:
+            except (redis.RedisError, OSError) as exc:
                 delay = backoff.next_delay()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
                 time.sleep(delay)
@@ -179,11 +193,13 @@ class Client(core.ClientCore[RequestHandle]):
 
     `Client(url)` connects to Redis (default `$BATCHD_REDIS_URL`, then
     redis://127.0.0.1:6379/0; `rediss://` for TLS, user:password@ for ACL).
+    Only a client holding a request's cancel key can cancel it: each Client draws its own,
+    unless given cancel_key (shared by processes that cancel each other's requests by id).
     """
 
     def __init__(self, url: str | None = None, *, prefix: str = "batchd:", producer: str | None = None,
-                 max_connections: int = 64, socket_timeout: float = 30.0):
-        super().__init__(prefix, producer)
+                 max_connections: int = 64, socket_timeout: float = 30.0, cancel_key: str | bytes | None = None):
+        super().__init__(prefix, producer, cancel_key)
         self._redis = redis.Redis.from_url(
             redis_url(url), max_connections=max_connections, socket_timeout=socket_timeout,
             socket_connect_timeout=10.0, health_check_interval=30,
@@ -219,10 +235,10 @@ class Client(core.ClientCore[RequestHandle]):
         """Ask batchd to stop a request; its slot is freed within one engine step."""
         def send() -> None:
             with self._redis.pipeline(transaction=False) as pipe:
-                core.queue_cancel(pipe, self.keys, request_id)
+                core.queue_cancel(pipe, self.keys, request_id, self._cancel_secrets.secret(request_id))
                 pipe.execute()
 
-        _retrying(send)
+        _retrying(send, f"cancel of {request_id}")
 
     def fetch_result(self, request_id: str) -> Result | None:
         """The stored final result of any request id, or None if not finished."""
@@ -246,13 +262,16 @@ class Client(core.ClientCore[RequestHandle]):
 
     # -- internals --------------------------------------------------------
     def _send(self, request: Request, payload: bytes, explicit: bool, timeout: float | None) -> RequestHandle:
+        if not self._router.ready.wait(core.RETRY_BUDGET_S):
+            raise BrokerUnavailable(f"could not subscribe for results of {request.id}: Redis unreachable for "
+                                    f"{core.RETRY_BUDGET_S:.0f} s; check the URL and that Redis is up", request.id)
         handle = RequestHandle(self, self._reading(request, timeout))
         self._router.register(handle)
         if self._needs_own_subscription(request.id, explicit):
             self._router.subscribe(self.keys.channel(request.id))
         script, keys, args = self._submit_call(request, payload)
         try:
-            outcome = _retrying(lambda: script.run(self._redis, keys, args))
+            outcome = _retrying(lambda: script.run(self._redis, keys, args), f"submit of {request.id}")
         except BaseException:
             self._forget(request.id)
             raise
@@ -271,7 +290,7 @@ class Client(core.ClientCore[RequestHandle]):
         """The caller stopped reading a stream before its end: free the slot for someone else."""
         try:
             self.cancel(request_id)
-        except redis.RedisError as exc:
+        except BrokerUnavailable as exc:
             log.warning("could not cancel abandoned request %s: %s", request_id, exc)
 
     def _forget(self, request_id: str) -> None:

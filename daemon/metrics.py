@@ -49,6 +49,10 @@ batch_wait = Histogram(
 requests_rejected = Counter(
     "batchd:requests_rejected_total",
     "Requests the scheduler answered with an error before dispatch.", ("error_type",), registry=SCHEDULER_REGISTRY)
+requests_overloaded = Counter(
+    "batchd:requests_overloaded_total",
+    "Submits refused with Overloaded (max_queue reached). Counted in Redis by the producers' SUBMIT "
+    "function; each scheduler exports what it took, so sum over schedulers.", registry=SCHEDULER_REGISTRY)
 requests_reclaimed = Counter(
     "batchd:requests_reclaimed_total",
     "Requests taken back from a dead worker (or scheduler) and dispatched again.", registry=SCHEDULER_REGISTRY)

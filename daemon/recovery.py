@@ -51,10 +51,12 @@ def _hand_back_call(keys: Keys, request: Request, reason: str, max_attempts: int
         payload = encode(msgspec.structs.replace(request, attempt=attempt))
         event = encode(RestartEvent(attempt=attempt, reason=reason))
     return (scripts.HAND_BACK,
-            [keys.result(request.id), keys.owner(request.id), keys.requests, keys.dead_letters, keys.stats],
+            [keys.result(request.id), keys.owner(request.id), keys.requests, keys.dead_letters, keys.stats,
+             keys.accepted(request.id)],
             [expected, request.id, mode, payload, keys.channel(request.id), event, result_ttl_s,
-             scripts.requeued_token(attempt), error.code if error else "", error.message if error else "",
-             scripts.DEAD_LETTER_MAXLEN])
+             scripts.requeued_token(attempt), error.code if error else "",
+             error.message[:scripts.DEAD_LETTER_REASON_CHARS] if error else "", scripts.DEAD_LETTER_MAXLEN,
+             scripts.CLAIM_TTL_S, scripts.DEAD_LETTER_DATA_BYTES])
 
 
 def _dead_letter(request: Request, reason: str, max_attempts: int):

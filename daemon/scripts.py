@@ -2,8 +2,16 @@
 
 Each one exists because two processes may race on the same request: a paused
 worker waking after its requests were handed to another, two schedulers
-reaping one dead worker, a cancel landing during a dispatch. They run the way
-every batchd script does (batchd.client.scripts.Script).
+reaping one dead worker, a cancel landing during a dispatch, a second
+submission of an id already claimed (a retry, or a producer reusing an id it
+saw in flight). They run the way every batchd script does
+(batchd.client.scripts.Script).
+
+One request's state machine lives in two keys (docs/security.md, "Fenced
+delivery"): its claim (`accepted:<id>`, the stream entry allowed to run it) and
+its lease (`owner:<id>`: `queued/<attempt>` while a scheduler holds it,
+`<worker>/<attempt>` while a worker does). Every write of its outcome checks
+both.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from batchd.client.keys import Keys
+from batchd.client.protocol import Request
 from batchd.client.scripts import Script, ScriptCall
 
 # Store the final event once and publish it once. A worker whose lease was
@@ -25,14 +34,17 @@ from batchd.client.scripts import Script, ScriptCall
 # Returns 1 delivered, 0 already delivered, -1 fenced.
 FINALIZE = Script("""
 local outcome = 0
-if ARGV[4] ~= '' then
-  local owner = redis.call('GET', KEYS[2])
-  if owner and owner ~= ARGV[4] then outcome = -1 end
-end
-if outcome == 0 and redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', tonumber(ARGV[3])) then
-  redis.call('PUBLISH', ARGV[1], ARGV[2])
-  redis.call('DEL', KEYS[2])
-  outcome = 1
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[4] ~= '' then
+    local owner = redis.call('GET', KEYS[2])
+    if owner and owner ~= ARGV[4] then outcome = -1 end
+  end
+  if outcome == 0 then
+    redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+    redis.call('PUBLISH', ARGV[1], ARGV[2])
+    redis.call('DEL', KEYS[2])
+    outcome = 1
+  end
 end
 if KEYS[3] then
   redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
@@ -40,6 +52,7 @@ if KEYS[3] then
 end
 return outcome
 """)
+
 
 # Publish one engine step's token events in one round trip, dropping those
 # of requests this worker no longer owns.
@@ -66,11 +79,13 @@ return heard
 # Skipped when the request already has a result or its lease names another
 # attempt (a duplicate of a request that already runs elsewhere). A requeued
 # request's lease is set to a marker at once, so the worker that lost it is
-# fenced from that moment, not only once the request is dispatched again.
-# KEYS: result key, owner key, requests stream, dead-letter stream, stats hash
+# fenced from that moment, not only once the request is dispatched again; its
+# claim moves to the new stream entry, the only one a scheduler will run.
+# KEYS: result key, owner key, requests stream, dead-letter stream, stats hash, claim key
 # ARGV: expected owner token ('' = no check), request id, 'requeue' or 'dead',
 #       request payload, channel, event payload (restart or final event),
-#       ttl seconds, lease marker, error type, error message, dead-letter maxlen
+#       ttl seconds, lease marker, error type, error message, dead-letter maxlen,
+#       claim ttl seconds, dead-letter payload bytes kept
 # Returns 1 requeued, 2 dead-lettered, 0 skipped.
 HAND_BACK = Script("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -81,38 +96,130 @@ end
 local ttl = tonumber(ARGV[7])
 if ARGV[3] == 'requeue' then
   redis.call('SET', KEYS[2], ARGV[8], 'EX', ttl)
-  redis.call('XADD', KEYS[3], '*', 'id', ARGV[2], 'data', ARGV[4])
+  local entry = redis.call('XADD', KEYS[3], '*', 'id', ARGV[2], 'data', ARGV[4])
+  redis.call('SET', KEYS[6], entry, 'EX', tonumber(ARGV[12]))
   redis.call('PUBLISH', ARGV[5], ARGV[6])
   return 1
 end
 redis.call('SET', KEYS[1], ARGV[6], 'EX', ttl)
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 redis.call('DEL', KEYS[2])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*',
-           'id', ARGV[2], 'error_type', ARGV[9], 'reason', ARGV[10], 'data', ARGV[4])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*', 'id', ARGV[2], 'error_type', ARGV[9],
+           'reason', ARGV[10], 'data', string.sub(ARGV[4], 1, tonumber(ARGV[13])), 'data_bytes', #ARGV[4])
 redis.call('HINCRBY', KEYS[5], 'dead_letters', 1)
 return 2
+""")
+
+# Claim each request a scheduler reads, in stream order, before it is batched: a
+# request id runs from one stream entry only. The first entry read for an id
+# claims it (its lease becomes queued/0: a producer cannot choose its attempt);
+# an entry HAND_BACK requeued holds the claim already and keeps its attempt. Any
+# other entry for a claimed or finished id is a second submission (a retry, a
+# raw XADD, a producer reusing an id it saw in flight) and is dropped without
+# touching the request's outcome.
+# KEYS: per entry, its request's claim key, owner key and result key
+# ARGV: claim ttl seconds, lease ttl seconds, then each entry's stream id
+# Returns, per entry, the attempt to run it as, or -1: drop it.
+CLAIM = Script("""
+local claim_ttl, lease_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local attempts = {}
+for i = 1, #ARGV - 2 do
+  local claim, owner, result, entry = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i], ARGV[i + 2]
+  local attempt = -1
+  if redis.call('EXISTS', result) == 0 then
+    local claimed = redis.call('GET', claim)
+    if not claimed then
+      redis.call('SET', claim, entry, 'EX', claim_ttl)
+      redis.call('SET', owner, 'queued/0', 'EX', lease_ttl)
+      attempt = 0
+    elseif claimed == entry then
+      local lease = redis.call('GET', owner)
+      if not lease then attempt = 0
+      else attempt = tonumber(string.match(lease, '^queued/(%d+)$')) or -1 end
+    end
+  end
+  attempts[i] = attempt
+end
+return attempts
+""")
+
+# Finish a request the scheduler still holds (cancelled or expired before it was
+# dispatched), only while the request is still this entry's: the entry holds the
+# claim, no worker holds the lease and there is no result yet.
+# KEYS: result key, owner key, claim key
+# ARGV: channel, final event payload, result ttl seconds, entry id, queued lease token
+# Returns 1 delivered, 0 not this entry's to answer.
+ANSWER = Script("""
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('GET', KEYS[3]) ~= ARGV[4] then return 0 end
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[5] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+redis.call('DEL', KEYS[2])
+return 1
+""")
+
+# Keep an unreadable entry as a dead letter (its payload cut to a bounded
+# prefix), drop it from the request stream, and answer its caller only when the
+# id it names is unclaimed: a malformed entry reusing the id of a request in
+# flight or finished must not fail that request.
+# KEYS: requests stream, dead-letter stream, stats hash, [claim key, result key]
+# ARGV: scheduler group, entry id, dead-letter maxlen, payload bytes kept, request id, error type,
+#       message, payload, [channel, final event payload, result ttl, claim ttl]
+# Returns 1 answered, 0 dead-lettered only.
+REJECT = Script("""
+local answered = 0
+if KEYS[4] and redis.call('EXISTS', KEYS[5]) == 0 then
+  local claimed = redis.call('GET', KEYS[4])
+  if not claimed or claimed == ARGV[2] then
+    redis.call('SET', KEYS[4], ARGV[2], 'EX', tonumber(ARGV[12]))
+    redis.call('SET', KEYS[5], ARGV[10], 'EX', tonumber(ARGV[11]))
+    redis.call('PUBLISH', ARGV[9], ARGV[10])
+    answered = 1
+  end
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'id', ARGV[5], 'error_type', ARGV[6],
+           'reason', ARGV[7], 'data', string.sub(ARGV[8], 1, tonumber(ARGV[4])), 'data_bytes', #ARGV[8])
+redis.call('HINCRBY', KEYS[3], 'dead_letters', 1)
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return answered
 """)
 
 # Hand a batch to a worker unless one of its requests was cancelled meanwhile,
 # in one atomic step: the job lands on the worker's stream, each request gets its
 # lease, and its entry leaves the request stream, all or nothing. Checking the
-# cancel flags here saves the scheduler a round trip per job.
-# KEYS: job stream, request stream, stats hash, owner key of each request, cancel key of each request
-# ARGV: job payload, scheduler group, lease ttl seconds, owner token of each request, entry id of each request
-# Returns {1, job stream id} dispatched, or {0, {positions (1-based) of cancelled requests}}: nothing written.
+# cancel flags here saves the scheduler a round trip per job. A request is
+# dispatched only from the entry that holds its claim, while it has no result
+# and no worker holds its lease (the fence against a second submission of its
+# id, and against two schedulers holding one entry); any other is stale.
+# A cancel flag counts only if it hashes to the request's cancel hash (or the request has
+# none): another producer's flag for the id is ignored.
+# KEYS: job stream, request stream, stats hash, then per request its owner, cancel, claim and result keys
+# ARGV: job payload, scheduler group, lease ttl seconds, then per request its owner token,
+#       entry id, queued lease token and cancel hash ('' = none)
+# Returns {1, job stream id} dispatched, or {0, {positions (1-based) of cancelled requests},
+# {positions of stale requests}}: nothing written.
 DISPATCH = Script("""
-local n = (#KEYS - 3) / 2
-local cancelled = {}
+local n = (#KEYS - 3) / 4
+local cancelled, stale = {}, {}
 for i = 1, n do
-  if redis.call('EXISTS', KEYS[3 + n + i]) == 1 then cancelled[#cancelled + 1] = i end
+  local k, a = 4 * i, 4 * i - 1
+  local owner = redis.call('GET', KEYS[k])
+  local flag = redis.call('GET', KEYS[k + 1])
+  if redis.call('GET', KEYS[k + 2]) ~= ARGV[a + 2] or redis.call('EXISTS', KEYS[k + 3]) == 1
+     or (owner and owner ~= ARGV[a + 3]) then
+    stale[#stale + 1] = i
+  elseif flag and (ARGV[a + 4] == '' or redis.sha1hex(flag) == ARGV[a + 4]) then
+    cancelled[#cancelled + 1] = i
+  end
 end
-if #cancelled > 0 then return {0, cancelled} end
+if #cancelled > 0 or #stale > 0 then return {0, cancelled, stale} end
 local job_id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
 local entries = {}
 for i = 1, n do
-  redis.call('SET', KEYS[3 + i], ARGV[3 + i], 'EX', tonumber(ARGV[3]))
-  entries[i] = ARGV[3 + n + i]
+  redis.call('SET', KEYS[4 * i], ARGV[4 * i], 'EX', tonumber(ARGV[3]))
+  entries[i] = ARGV[4 * i + 1]
 end
 redis.call('XACK', KEYS[2], ARGV[2], unpack(entries))
 redis.call('XDEL', KEYS[2], unpack(entries))
@@ -122,9 +229,18 @@ redis.call('HINCRBY', KEYS[3], 'job_size:' .. n, 1)
 return {1, job_id}
 """)
 
-# Dead letters keep the most recent entries only; operators read them with
-# `batchd status` or XRANGE.
-DEAD_LETTER_MAXLEN = 100_000
+# Dead letters keep the most recent entries only, each with at most the first
+# DEAD_LETTER_DATA_BYTES of its payload (its full size in data_bytes) and a
+# reason of at most DEAD_LETTER_REASON_CHARS, so no input can grow Redis through
+# them: ~10,000 x ~1.6 KiB at most (docs/reliability.md). Operators read them
+# with `batchd status` or XRANGE.
+DEAD_LETTER_MAXLEN = 10_000
+DEAD_LETTER_DATA_BYTES = 1024
+DEAD_LETTER_REASON_CHARS = 512
+
+# How long a request id stays claimed by its stream entry: a second submission of
+# the id within this time never runs (the window SUBMIT's accepted marker had).
+CLAIM_TTL_S = 24 * 3600
 
 
 def finalize_call(keys: Keys, request_id: str, final_payload: bytes, result_ttl_s: int,
@@ -149,23 +265,43 @@ def publish_step_call(keys: Keys, owner_token: str, events: Sequence[tuple[str, 
 
 
 def dispatch_call(keys: Keys, worker_id: str, job_payload: bytes, group: str, lease_ttl_s: int,
-                  requests: Sequence[tuple[str, int, str]]) -> ScriptCall:
-    """DISPATCH of one job to worker_id; requests are its (request id, attempt, request entry id)."""
-    call_keys = [keys.jobs(worker_id), keys.requests, keys.stats,
-                 *[keys.owner(request_id) for request_id, _attempt, _entry in requests],
-                 *[keys.cancelled(request_id) for request_id, _attempt, _entry in requests]]
-    args = [job_payload, group, lease_ttl_s,
-            *[owner_token(worker_id, attempt) for _request_id, attempt, _entry in requests],
-            *[entry_id for _request_id, _attempt, entry_id in requests]]
+                  requests: Sequence[tuple[Request, str]]) -> ScriptCall:
+    """DISPATCH of one job to worker_id; requests are its (request, request entry id) pairs."""
+    call_keys = [keys.jobs(worker_id), keys.requests, keys.stats]
+    args: list = [job_payload, group, lease_ttl_s]
+    for request, entry_id in requests:
+        call_keys += [keys.owner(request.id), keys.cancelled(request.id), keys.accepted(request.id),
+                      keys.result(request.id)]
+        args += [owner_token(worker_id, request.attempt), entry_id, requeued_token(request.attempt),
+                 request.cancel_hash or ""]
     return DISPATCH, call_keys, args
 
 
-def dead_letter_fields(request_id: str | None, error_type: str, message: str, data: bytes | None) -> dict:
-    """Fields of one dead-letter stream entry (docs/protocol.md)."""
-    fields = {"id": request_id or "", "error_type": error_type, "reason": message}
-    if data is not None:
-        fields["data"] = data
-    return fields
+def claim_call(keys: Keys, lease_ttl_s: int, entries: Sequence[tuple[str, str]]) -> ScriptCall:
+    """CLAIM of the (request id, entry id) pairs one read returned, in stream order."""
+    call_keys: list = []
+    for request_id, _entry in entries:
+        call_keys += [keys.accepted(request_id), keys.owner(request_id), keys.result(request_id)]
+    return CLAIM, call_keys, [CLAIM_TTL_S, lease_ttl_s, *[entry for _id, entry in entries]]
+
+
+def answer_call(keys: Keys, request_id: str, entry_id: str, attempt: int, final_payload: bytes,
+                result_ttl_s: int) -> ScriptCall:
+    """ANSWER: a held request's final event, fenced by its claim and lease."""
+    return (ANSWER, [keys.result(request_id), keys.owner(request_id), keys.accepted(request_id)],
+            [keys.channel(request_id), final_payload, result_ttl_s, entry_id, requeued_token(attempt)])
+
+
+def reject_call(keys: Keys, group: str, entry_id: str, request_id: str | None, error_type: str, message: str,
+                data: bytes | None, final_payload: bytes | None, result_ttl_s: int) -> ScriptCall:
+    """REJECT of an unreadable entry; request_id and final_payload only when the entry names a valid id."""
+    call_keys = [keys.requests, keys.dead_letters, keys.stats]
+    args: list = [group, entry_id, DEAD_LETTER_MAXLEN, DEAD_LETTER_DATA_BYTES, request_id or "", error_type,
+                  message[:DEAD_LETTER_REASON_CHARS], data or b""]
+    if request_id and final_payload is not None:
+        call_keys += [keys.accepted(request_id), keys.result(request_id)]
+        args += [keys.channel(request_id), final_payload, result_ttl_s, CLAIM_TTL_S]
+    return REJECT, call_keys, args
 
 
 def owner_token(worker_id: str, attempt: int) -> str:

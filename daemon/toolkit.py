@@ -8,6 +8,8 @@ started.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import socket
@@ -22,7 +24,7 @@ import redis
 from batchd.client.connection import CONNECTION_LOST, Backoff
 from batchd.client.errors import BatchdError, Cancelled, DeadlineExceeded
 from batchd.client.keys import Keys
-from batchd.client.protocol import FinishReason, Job, decode_job
+from batchd.client.protocol import FinishReason, Job, Request, decode_job
 
 log = logging.getLogger("batchd.daemon")
 
@@ -52,23 +54,69 @@ class DaemonConfig:
 
 
 def run_until_stopped(stop: threading.Event, run_once: Callable[[], None], reconnect: Callable[[], None]) -> None:
-    """Call run_once until stop is set; while Redis is unreachable, back off and reconnect."""
+    """Call run_once until stop is set. Nothing stops the loop but stop: while Redis is
+    unreachable or answers errors (BUSY during a long script, WRONGTYPE on a key someone
+    overwrote, a stream deleted under a blocked read), back off and reconnect, which also
+    repairs what the daemon owns; a bug in one iteration is logged with its traceback."""
     backoff = Backoff(cap_s=RECONNECT_BACKOFF_CAP_S)
     while not stop.is_set():
         try:
             run_once()
             backoff.reset()
         except CONNECTION_LOST as exc:
-            delay = backoff.next_delay()
-            log.warning("Redis unreachable (%s); retrying in %.1fs", exc, delay)
-            stop.wait(delay)
+            _back_off(stop, backoff, "Redis unreachable (%s)", exc)
             reconnect()
+        except redis.RedisError as exc:
+            _back_off(stop, backoff, "Redis answered an error (%s)", exc)
+            reconnect()
+        except Exception:
+            log.exception("unexpected error in the daemon loop; carrying on")
+            _back_off(stop, backoff, "after an unexpected error%s", "")
+            reconnect()
+
+
+def _back_off(stop: threading.Event, backoff: Backoff, message: str, detail) -> None:
+    delay = backoff.next_delay()
+    log.warning(message + "; retrying in %.1fs", detail, delay)
+    stop.wait(delay)
+
+
+def supervise(name: str, loop: Callable[[], None], done: threading.Event) -> threading.Thread:
+    """Run loop on a daemon thread until done is set; an exception restarts it after a backoff
+    (logged), so a background thread of a daemon never silently dies."""
+    def run() -> None:
+        backoff = Backoff(cap_s=RECONNECT_BACKOFF_CAP_S)
+        while not done.is_set():
+            try:
+                loop()
+                return
+            except Exception:
+                log.exception("thread %s failed; restarting it", name)
+                done.wait(backoff.next_delay())
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def repair_keys(client: redis.Redis, expected: dict[str, str]) -> None:
+    """Delete each key that holds another type than the one batchd keeps there (a SET on the
+    request stream, say), so the daemon's setup can recreate it; logged as an error, since
+    whatever the key held is lost either way."""
+    for key, kind in expected.items():
+        found = client.type(key)
+        found = found.decode() if isinstance(found, bytes) else found
+        if found not in (kind, "none"):
+            log.error("%s is a %s, not a %s: someone overwrote it; deleting it so it can be recreated",
+                      key, found, kind)
+            client.delete(key)
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
     """Create the consumer group (and its stream) unless it exists already."""
     try:
         client.xgroup_create(stream, group, id="0", mkstream=True)
+        log.info("created consumer group %s on %s", group, stream)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
@@ -82,10 +130,10 @@ def publish_settings(client: redis.Redis, keys: Keys, *, max_queue: int, max_att
 
 def read_max_attempts(client: redis.Redis, keys: Keys) -> int:
     """The schedulers' --max-attempts; the default before any scheduler published one."""
-    value = client.hget(keys.config, "max_attempts")
     try:
-        return int(value) if value is not None else DEFAULT_MAX_ATTEMPTS
-    except ValueError:
+        value = client.hget(keys.config, "max_attempts")
+        return max(1, int(value)) if value is not None else DEFAULT_MAX_ATTEMPTS
+    except (ValueError, redis.ResponseError):  # unreadable or the wrong type: schedulers rewrite it
         return DEFAULT_MAX_ATTEMPTS
 
 
@@ -110,3 +158,16 @@ def expired_before_start(request_id: str, waiting_for: str) -> DeadlineExceeded:
 def finish_reason_of(error: BatchdError) -> FinishReason:
     """The finish_reason of a request that ended with this error before it produced anything."""
     return {"cancelled": "cancelled", "deadline_exceeded": "deadline"}.get(error.code, "error")
+
+
+def cancel_matches(request: Request, secret: bytes | str | None) -> bool:
+    """Whether a cancel presenting this secret (a cancel flag's value, or the one its broadcast
+    carried) stops the request: it hashes to the request's cancel_hash, or the request has none
+    (a producer that predates it: anyone who knows the id may cancel it)."""
+    if secret is None:
+        return False
+    if request.cancel_hash is None:
+        return True
+    if isinstance(secret, str):
+        secret = secret.encode()
+    return hmac.compare_digest(hashlib.sha1(secret).hexdigest(), request.cancel_hash)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import msgspec
 import redis
 
-from batchd.client.connection import CONNECTION_LOST, connect, redact
+from batchd.client.connection import connect, redact
 from batchd.client.errors import BatchdError, InvalidRequest, WorkerFailed
 from batchd.client.keys import SCHEDULER_GROUP, Keys, parse_stream_id
 from batchd.client.protocol import (
@@ -33,12 +33,13 @@ from batchd.client.protocol import (
     error_result,
     is_request_id,
 )
-from batchd.client.scripts import raise_any_error, run_in_pipeline
+from batchd.client.scripts import LIBRARY, load_library
 from batchd.daemon import metrics, recovery, scripts
 from batchd.daemon.toolkit import (
     DEFAULT_MAX_ATTEMPTS,
     SERVER_TICK_MS,
     DaemonConfig,
+    cancel_matches,
     cancelled_before_start,
     ensure_group,
     expired_before_start,
@@ -46,6 +47,7 @@ from batchd.daemon.toolkit import (
     instance_id,
     publish_settings,
     read_job,
+    repair_keys,
     run_until_stopped,
 )
 
@@ -55,6 +57,10 @@ log = logging.getLogger("batchd.scheduler")
 
 # While no worker has room, held requests are checked for deadlines and cancels this often.
 SWEEP_INTERVAL_S = 0.1
+
+# How often group consumers of dead schedulers are looked for, and how long one must be idle.
+CONSUMER_SWEEP_INTERVAL_S = 30.0
+DEAD_CONSUMER_IDLE_S = 300.0
 
 # Seconds a worker's heartbeat must stay gone before its jobs are reaped.
 REAP_GRACE_S = 0.9
@@ -115,6 +121,7 @@ class Scheduler:
         self._next_refresh = 0.0
         self._next_housekeeping = 0.0
         self._next_sweep = 0.0
+        self._next_consumer_sweep = 0.0
         self._missing_since: dict[str, float] = {}
         # Redis's clock minus ours, from TIME; None until a tight sample came back.
         self._broker_offset_s: float | None = None
@@ -137,13 +144,20 @@ class Scheduler:
         ensure_group(self.redis, self.keys.requests, SCHEDULER_GROUP)
         publish_settings(self.redis, self.keys, max_queue=self.config.max_queue,
                          max_attempts=self.config.max_attempts)
+        load_library(self.redis, LIBRARY)  # producers may only FCALL it (docs/security.md)
 
     def _reconnect(self) -> None:
+        """After a lost connection or an error reply: put back what the schedulers own (the
+        request stream and its group, the config hash, the producers' functions; a fleet key of
+        the wrong type is deleted first), then re-read what this scheduler was delivered."""
         try:
+            repair_keys(self.redis, {self.keys.requests: "stream", self.keys.config: "hash",
+                                     self.keys.workers: "zset", self.keys.stats: "hash",
+                                     self.keys.dead_letters: "stream"})
             self._setup()
             self._read_own_pending()
-        except CONNECTION_LOST:
-            pass  # the run loop backs off and tries again
+        except redis.RedisError as exc:
+            log.warning("could not set up again yet (%s); retrying", exc)
 
     def _read_own_pending(self) -> None:
         """Requests delivered to this scheduler whose reply the lost connection swallowed.
@@ -214,16 +228,46 @@ class Scheduler:
             pass
 
     def _accept(self, entries) -> None:
+        """Batch the requests of newly read entries that hold their id's claim; reject the
+        unreadable ones and drop second submissions of an id (scripts.CLAIM)."""
         now = self.clock()
+        readable, unreadable = [], []
         for entry_id, fields in entries:
             if not fields:  # deleted while pending (claimed late): nothing to do
                 continue
-            held = self._decode_entry(entry_id, fields)
-            if held is None:
-                continue
+            decoded = self._decode_entry(entry_id, fields)
+            (readable if isinstance(decoded, _Held) else unreadable).append(decoded)
+        for held in self._claimed(readable):
             metrics.requests_received.labels(str(held.request.priority)).inc()
             self.batcher.add(held, self._arrival(held.entry_id, now), priority=held.request.priority,
                              producer=held.request.producer)
+        # After the claims: an unreadable entry naming the id of a valid one read with it
+        # must not answer that request.
+        for rejection in unreadable:
+            self._reject(*rejection)
+
+    def _claimed(self, readable: list[_Held]) -> list[_Held]:
+        """The entries that hold their request's claim, each with the attempt batchd counted
+        (never the one the entry names); the rest are dropped."""
+        if not readable:
+            return []
+        script, keys, args = scripts.claim_call(self.keys, self.config.result_ttl_s,
+                                                [(h.request.id, h.entry_id) for h in readable])
+        attempts = script.run(self.redis, keys, args)
+        claimed, second = [], []
+        for held, attempt in zip(readable, attempts):
+            if attempt < 0:
+                second.append(held)
+                continue
+            if held.request.attempt != attempt:
+                held.request = msgspec.structs.replace(held.request, attempt=attempt)
+            claimed.append(held)
+        if second:
+            log.info("dropped %d second submissions of ids already claimed or finished (%s)", len(second),
+                     ", ".join(h.request.id for h in second[:5]))
+            metrics.requests_rejected.labels("duplicate").inc(len(second))
+            self._ack(*[h.entry_id for h in second])
+        return claimed
 
     def _arrival(self, entry_id: str, now: float) -> float:
         """When the request reached Redis, on this scheduler's clock (see MAX_TRANSIT_CREDIT_S)."""
@@ -232,7 +276,8 @@ class Scheduler:
         entered = parse_stream_id(entry_id)[0] / 1000.0 - self._broker_offset_s
         return max(now - MAX_TRANSIT_CREDIT_S, min(now, entered))
 
-    def _decode_entry(self, entry_id, fields) -> _Held | None:
+    def _decode_entry(self, entry_id, fields) -> _Held | tuple:
+        """The entry's request, or the arguments of its rejection (_reject)."""
         entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         raw_id = fields.get(b"id")
         request_id = raw_id.decode("utf-8", "replace") if isinstance(raw_id, bytes) else None
@@ -242,13 +287,11 @@ class Scheduler:
                 raise InvalidRequest("stream entry has no 'data' field (see docs/protocol.md)", request_id)
             request = decode_request(data, request_id)
         except InvalidRequest as exc:
-            self._reject(entry_id, request_id, data, exc)
-            return None
+            return entry_id, request_id, data, exc
         except Exception as exc:  # a decoder bug must cost this entry, never the scheduler
             log.exception("could not decode entry %s", entry_id)
-            self._reject(entry_id, request_id, data, InvalidRequest(
-                f"request could not be decoded: {type(exc).__name__}: {exc}", request_id))
-            return None
+            return entry_id, request_id, data, InvalidRequest(
+                f"request could not be decoded: {type(exc).__name__}: {exc}", request_id)
         return _Held(entry_id, request, data)
 
     # -- dispatch ---------------------------------------------------------
@@ -267,31 +310,36 @@ class Scheduler:
                 return
             batch = self._drop_expired(batch, now)
             while batch:
-                cancelled = self._send_job(worker, batch)
-                if not cancelled:
+                cancelled, stale = self._send_job(worker, batch)
+                if not cancelled and not stale:
                     break
                 for held in cancelled:
                     self._answer(held, cancelled_before_start(held.request.id))
-                batch = [held for held in batch if held not in cancelled]
+                if stale:
+                    log.info("dropped %d requests whose id another entry or worker holds now", len(stale))
+                    self._ack(*[held.entry_id for held in stale])
+                batch = [held for held in batch if held not in cancelled and held not in stale]
             metrics.batch_wait.observe(max(0.0, now - (opened or now)))
 
-    def _send_job(self, worker: WorkerCapacity, batch: list[_Held]) -> list[_Held]:
+    def _send_job(self, worker: WorkerCapacity, batch: list[_Held]) -> tuple[list[_Held], list[_Held]]:
         """Dispatch the batch in one atomic script (scripts.DISPATCH), which also bumps the
-        fleet-wide counters of `batchd status`. If any request was cancelled meanwhile
-        nothing is sent, and those requests are returned."""
+        fleet-wide counters of `batchd status`. If any request was cancelled meanwhile, or is
+        no longer this entry's to run, nothing is sent, and those requests are returned."""
         job = Job(v=PROTOCOL_VERSION, job_id=uuid.uuid4().hex, scheduler=self.config.scheduler_id,
                   created_at=self.clock(), requests=[held.request for held in batch])
         script, keys, args = scripts.dispatch_call(
             self.keys, worker.worker_id, encode(job), SCHEDULER_GROUP, self.config.result_ttl_s,
-            [(held.request.id, held.request.attempt, held.entry_id) for held in batch])
-        sent, detail = script.run(self.redis, keys, args)
-        if not sent:
-            return [batch[position - 1] for position in detail]
+            [(held.request, held.entry_id) for held in batch])
+        reply = script.run(self.redis, keys, args)
+        if not reply[0]:
+            cancelled, stale = reply[1], reply[2]
+            return [batch[p - 1] for p in cancelled], [batch[p - 1] for p in stale]
+        detail = reply[1]
         worker.dispatched(parse_stream_id(detail), len(batch))
         self.jobs_dispatched += 1
         metrics.jobs_dispatched.inc()
         metrics.job_size.observe(len(batch))
-        return []
+        return [], []
 
     def _drop_expired(self, batch: list[_Held], now: float) -> list[_Held]:
         kept = []
@@ -325,7 +373,7 @@ class Scheduler:
         for h, flag in zip(held, flags):
             if h.request.deadline is not None and h.request.deadline <= now:
                 self._answer(h, expired_before_start(h.request.id, WAITING_FOR))
-            elif flag:
+            elif cancel_matches(h.request, flag):
                 self._answer(h, cancelled_before_start(h.request.id))
             else:
                 continue
@@ -333,38 +381,31 @@ class Scheduler:
         return doomed
 
     def _answer(self, held: _Held, error: BatchdError) -> None:
-        """Finish a held request with an error and drop its stream entry."""
+        """Finish a held request with an error, if it is still this entry's (scripts.ANSWER),
+        and drop its stream entry."""
         result = error_result(held.request.id, error, finish_reason_of(error), held.request.submitted_at)
-        script, keys, args = scripts.finalize_call(self.keys, held.request.id, encode(FinalEvent(result)),
-                                                   self.config.result_ttl_s)
+        script, keys, args = scripts.answer_call(self.keys, held.request.id, held.entry_id, held.request.attempt,
+                                                 encode(FinalEvent(result)), self.config.result_ttl_s)
         script.run(self.redis, keys, args)
         self._ack(held.entry_id)
         metrics.requests_rejected.labels(error.code).inc()
 
     def _reject(self, entry_id: str, request_id: str | None, data: bytes | None, error: InvalidRequest) -> None:
-        """Bad input: tell its caller when the id is readable, and keep it for operators."""
-        log.info("rejected request %s: %s", request_id or f"entry {entry_id}", error.message)
-        calls = []
-        if request_id and is_request_id(request_id):
-            calls.append(scripts.finalize_call(self.keys, request_id, encode(FinalEvent(error_result(request_id, error))),
-                                               self.config.result_ttl_s))
-
-        def keep_for_operators(pipe) -> None:
-            pipe.xadd(self.keys.dead_letters, scripts.dead_letter_fields(request_id, error.code, error.message, data),
-                      maxlen=scripts.DEAD_LETTER_MAXLEN, approximate=True)
-            pipe.hincrby(self.keys.stats, "dead_letters", 1)
-            pipe.xack(self.keys.requests, SCHEDULER_GROUP, entry_id)
-            pipe.xdel(self.keys.requests, entry_id)
-
-        outcomes, replies = run_in_pipeline(self.redis, calls, keep_for_operators)
-        raise_any_error(outcomes + replies)
+        """Bad input: keep it (bounded) for operators, and tell its caller when the id it names
+        is readable and not another request's (scripts.REJECT)."""
+        log.info("rejected request %s: %s", request_id or f"entry {entry_id}", error.message[:200])
+        valid_id = request_id if request_id and is_request_id(request_id) else None
+        final = encode(FinalEvent(error_result(valid_id, error))) if valid_id else None
+        script, keys, args = scripts.reject_call(self.keys, SCHEDULER_GROUP, entry_id, valid_id, error.code,
+                                                 error.message, data, final, self.config.result_ttl_s)
+        script.run(self.redis, keys, args)
         metrics.requests_rejected.labels(error.code).inc()
         metrics.dead_letters.labels(error.code).inc()
 
-    def _ack(self, entry_id: str) -> None:
+    def _ack(self, *entry_ids: str) -> None:
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.keys.requests, SCHEDULER_GROUP, entry_id)
-            pipe.xdel(self.keys.requests, entry_id)
+            pipe.xack(self.keys.requests, SCHEDULER_GROUP, *entry_ids)
+            pipe.xdel(self.keys.requests, *entry_ids)
             pipe.execute()
 
     # -- workers --------------------------------------------------------------
@@ -402,6 +443,38 @@ class Scheduler:
         self._claim_abandoned()
         self._reap_dead_workers()
         metrics.requests_waiting.set(self.redis.xlen(self.keys.requests))
+        # Again every second: a config hash someone deleted is back at once, so max_queue holds.
+        publish_settings(self.redis, self.keys, max_queue=self.config.max_queue,
+                         max_attempts=self.config.max_attempts)
+        self._take_overload_count()
+        if now >= self._next_consumer_sweep:
+            self._next_consumer_sweep = now + CONSUMER_SWEEP_INTERVAL_S
+            self._forget_dead_schedulers()
+
+    def _take_overload_count(self) -> None:
+        """Submits refused as Overloaded happen in the producers' SUBMIT function, which counts
+        them in Redis; each scheduler takes (GETDEL) what accumulated into its own counter, so
+        the fleet's sum counts each refusal once."""
+        taken = self.redis.getdel(self.keys.overloaded)
+        try:
+            count = int(taken or 0)
+        except ValueError:
+            count = 0
+        if count > 0:
+            metrics.requests_overloaded.inc(count)
+
+    def _forget_dead_schedulers(self) -> None:
+        """Remove group consumers that hold nothing and have not read for a long time: schedulers
+        that died or restarted under a new id (a live one reads every few hundred ms and would
+        simply be recreated by its next read)."""
+        idle_ms = max(DEAD_CONSUMER_IDLE_S * 1000, 6 * self.config.claim_idle_ms)
+        for consumer in self.redis.xinfo_consumers(self.keys.requests, SCHEDULER_GROUP):
+            name = consumer["name"]
+            name = name.decode() if isinstance(name, bytes) else name
+            if name != self.config.scheduler_id and consumer["pending"] == 0 and consumer["idle"] > idle_ms:
+                self.redis.xgroup_delconsumer(self.keys.requests, SCHEDULER_GROUP, name)
+                log.info("removed consumer %s from the scheduler group: idle %.0fs with nothing pending",
+                         name, consumer["idle"] / 1000)
 
     def _keep_claims(self) -> None:
         """Touch the entries this scheduler holds so no other scheduler takes them."""

@@ -153,7 +153,8 @@ def test_submit_sends_the_request_a_producer_in_any_language_would(redis_client,
     assert fields[b"id"] == b"wire-1" and handle.request_id == "wire-1"
     assert (request["id"], request["prompt"], request["params"]["max_new_tokens"], request["priority"]) == (
         "wire-1", "on the wire", 7, 3)
-    assert redis_client.exists(IDLE.accepted("wire-1"))
+    # The id's claim is the schedulers' to write (daemon/scripts.py CLAIM), never a producer's.
+    assert not redis_client.exists(IDLE.accepted("wire-1"))
 
 
 def test_a_full_queue_is_overloaded(redis_client, redis_server, producer):
@@ -169,7 +170,10 @@ def test_cancel_sets_the_flag_then_broadcasts_the_id(redis_client, redis_server,
     listener.get_message(timeout=1)
     producer(redis_server.url, IDLE.prefix).cancel("to-cancel")
     message = listener.get_message(timeout=5)
-    assert message["data"] == b"to-cancel"
+    # The id and the request's cancel secret, which hashes to the request's cancel_hash.
+    request_id, _, secret = message["data"].decode().partition(" ")
+    assert request_id == "to-cancel" and len(secret) == 32
+    assert redis_client.get(IDLE.cancelled("to-cancel")).decode() == secret
     assert redis_client.ttl(IDLE.cancelled("to-cancel")) > 3600
 
 
@@ -202,5 +206,8 @@ def test_submit_and_cancel_ride_out_a_redis_restart(redis_server, producer, comm
     finally:
         restart.join()
     after = redis.Redis.from_url(redis_server.url)
-    key = IDLE.accepted("restarted") if command == "submit" else IDLE.cancelled("restarted")
-    assert after.exists(key)
+    if command == "submit":
+        [(_stream, entries)] = after.xread({IDLE.requests: "0"})
+        assert {fields[b"id"] for _entry, fields in entries} == {b"restarted"}
+    else:
+        assert after.exists(IDLE.cancelled("restarted"))

@@ -72,11 +72,25 @@ FORBIDDEN = {
         ("GET", "batchd:cancel:someone"),
         ("HSET", "batchd:config", "max_queue", "0"),
         ("XADD", "batchd:dead", "*", "id", "x"),
+        # Attacks 4, 5, 6 and 7 of issue 16: no SET on the stream or the config, no scripts
+        # of its own, no claim of an id.
+        ("SET", "batchd:requests", "x"),
+        ("SET", "batchd:config", "x"),
+        ("DEL", "batchd:requests"),
+        ("XTRIM", "batchd:requests", "MAXLEN", "0"),
+        ("XADD", "batchd:config", "*", "id", "x"),
+        ("SCRIPT", "LOAD", "return 1"),
+        ("EVAL", "return 1", "0"),
+        ("EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "0"),
+        ("FUNCTION", "LOAD", "#!lua name=x\nredis.register_function('x', function() return 1 end)"),
+        ("FUNCTION", "DELETE", "batchd_v1"),
+        ("SET", "batchd:accepted:someone", "1"),
+        ("SET", "batchd:overloaded", "-1000"),
+        ("INCRBY", "batchd:overloaded", "1000"),
     ],
     "batchd-scheduler": [
         ("SET", "batchd:worker:gpu-0", "forged"),
         ("PUBLISH", "batchd:cancels", "someone"),
-        ("GET", "batchd:accepted:someone"),
     ],
     "batchd-operator": [
         ("SET", "batchd:result:someone", "forged"),
@@ -88,8 +102,8 @@ FORBIDDEN = {
         ("XADD", "batchd:jobs:gpu-1", "*", "job", "x"),
         ("SET", "batchd:worker:gpu-1", "forged"),
         ("HSET", "batchd:config", "max_queue", "0"),
-        ("GET", "batchd:accepted:someone"),
         ("SET", "batchd:cancel:someone", "1"),
+        ("FUNCTION", "LOAD", "#!lua name=x\nredis.register_function('x', function() return 1 end)"),
         ("XREADGROUP", "GROUP", "worker", "gpu-0", "STREAMS", "batchd:jobs:gpu-1", ">"),
     ],
 }

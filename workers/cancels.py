@@ -21,6 +21,8 @@ import redis
 
 from batchd.client.connection import Subscription
 from batchd.client.keys import parse_stream_id
+from batchd.client.protocol import Request
+from batchd.daemon.toolkit import cancel_matches
 
 # Cancel ids remembered for requests not (yet) held here; the oldest go first.
 REMEMBERED_CANCELS = 10_000
@@ -34,7 +36,7 @@ class CancelFeed:
         self._subscription: Subscription | None = None
         # Jobs after this stream id were dispatched while the subscription was live.
         self._live_after: tuple[int, int] | None = None
-        self._heard: OrderedDict[str, None] = OrderedDict()
+        self._heard: OrderedDict[str, list[str]] = OrderedDict()
 
     def connect(self) -> None:
         self.close()
@@ -47,9 +49,11 @@ class CancelFeed:
             self._subscription.close()
             self._subscription = None
 
-    def poll(self) -> tuple[list[str], bool]:
-        """Cancelled ids heard since the last poll, and whether the subscription just
-        became live again (then cancels of requests already held may have been missed)."""
+    def poll(self) -> tuple[list[tuple[str, str]], bool]:
+        """Cancels heard since the last poll, as (request id, the secret the broadcast carried:
+        '' for none), and whether the subscription just became live again (then cancels of
+        requests already held may have been missed). The worker checks each secret against the
+        request (toolkit.cancel_matches): anyone may broadcast."""
         cancelled, resynced = [], False
         while True:
             message = self._subscription.get_message(timeout=0)
@@ -62,19 +66,23 @@ class CancelFeed:
                 self._live_after = self._last_dispatched()
                 resynced = True
             elif message["type"] == "message":
-                request_id = message["data"].decode("utf-8", "replace")
-                cancelled.append(request_id)
-                self._remember(request_id)
+                request_id, _, secret = message["data"].decode("utf-8", "replace").partition(" ")
+                cancelled.append((request_id, secret))
+                self._remember(request_id, secret)
 
     def needs_flags(self, job_entry_id: str) -> bool:
         """True when this job's requests may have been cancelled unheard: read their flags."""
         return self._live_after is None or parse_stream_id(job_entry_id) <= self._live_after
 
-    def heard(self, request_id: str) -> bool:
-        return request_id in self._heard
+    def heard(self, request: Request) -> bool:
+        """A cancel for this request, with its secret, was heard before the request arrived."""
+        return any(cancel_matches(request, secret) for secret in self._heard.get(request.id, ()))
 
-    def _remember(self, request_id: str) -> None:
-        self._heard[request_id] = None
+    def _remember(self, request_id: str, secret: str) -> None:
+        # Every secret heard for the id: a forged cancel must not hide the real one.
+        self._heard.setdefault(request_id, []).append(secret)
+        self._heard.move_to_end(request_id)
+        del self._heard[request_id][:-8]
         while len(self._heard) > REMEMBERED_CANCELS:
             self._heard.popitem(last=False)
 

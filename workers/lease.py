@@ -14,7 +14,7 @@ import time
 
 import redis
 
-from batchd.client.connection import CONNECTION_LOST
+from batchd.daemon import toolkit
 
 log = logging.getLogger("batchd.worker")
 
@@ -31,7 +31,7 @@ class LeaseKeeper:
         self._done = threading.Event()
 
     def start(self) -> None:
-        threading.Thread(target=self._keep, name="batchd-lease", daemon=True).start()
+        toolkit.supervise("batchd-lease", self._keep, self._done)
 
     def progress(self) -> None:
         """The loop is alive: it just began an iteration or a step."""
@@ -49,5 +49,7 @@ class LeaseKeeper:
                 continue
             try:
                 self.redis.pexpire(self._key, self._lease_ms)
-            except CONNECTION_LOST:
-                pass  # the loop reports and reconnects
+            except redis.RedisError as exc:
+                # Lost connection, or BUSY while someone's script runs: the loop reports and
+                # reconnects; this thread tries again at the next interval.
+                log.debug("could not extend the lease: %s", exc)

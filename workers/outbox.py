@@ -111,7 +111,7 @@ class Outbox:
         """wait()'s receipt; if the connection dropped, the parcel's results are kept to send again."""
         try:
             return wait()
-        except CONNECTION_LOST:
+        except redis.RedisError:  # a lost connection, or BUSY: nothing of the parcel is booked
             self._undelivered.extend(parcel.finished)
             raise
 

@@ -148,9 +148,10 @@ class Worker:
 
     def _reconnect(self) -> None:
         try:
+            toolkit.repair_keys(self.redis, {self.stream: "stream"})
             self._connect()
-        except CONNECTION_LOST:
-            pass  # the run loop backs off and tries again
+        except redis.RedisError as exc:
+            log.warning("could not set up again yet (%s); retrying", exc)
 
     def _read_pending_jobs(self) -> None:
         """Jobs Redis delivered to this worker id but that it never finished reading or acking.
@@ -252,9 +253,9 @@ class Worker:
         # the group's pending list on reconnect, instead of looking finished.
         fresh = [r for r in job.requests if r.id not in self.holdings.requests]  # a redelivered one runs here
         if fresh and self._cancels.needs_flags(entry_id):
-            cancelled = self._cancel_flags([r.id for r in fresh])
+            cancelled = self._cancel_flags(fresh)
         else:
-            cancelled = [self._cancels.heard(r.id) for r in fresh]
+            cancelled = [self._cancels.heard(r) for r in fresh]
         self.holdings.open_job(entry_id, [r.id for r in fresh])
         now = self.clock()
         restarts, refused = [], []
@@ -329,18 +330,21 @@ class Worker:
 
     # -- cancellation -----------------------------------------------------------
     def _apply_cancels(self) -> None:
-        cancelled, resynced = self._cancels.poll()
-        if resynced and self.holdings.requests:
+        heard, resynced = self._cancels.poll()
+        held = self.holdings.requests
+        cancelled = [request_id for request_id, secret in heard
+                     if request_id in held and toolkit.cancel_matches(held[request_id].request, secret)]
+        if resynced and held:
             # Back after a gap in the subscription: a cancel may have been missed meanwhile.
-            held = list(self.holdings.requests)
-            cancelled += [request_id for request_id, flag in zip(held, self._cancel_flags(held)) if flag]
+            requests = [h.request for h in held.values()]
+            cancelled += [r.id for r, flag in zip(requests, self._cancel_flags(requests)) if flag]
         for request_id in cancelled:
-            if request_id in self.holdings.requests:
-                self.engine.cancel(request_id, "cancelled")
+            self.engine.cancel(request_id, "cancelled")
 
-    def _cancel_flags(self, request_ids: list[str]) -> list[bool]:
-        """Whether each request's cancel flag is set, in one round trip."""
-        return [flag is not None for flag in self.redis.mget([self.keys.cancelled(r) for r in request_ids])]
+    def _cancel_flags(self, requests: list[Request]) -> list[bool]:
+        """Whether each request has a cancel flag that may stop it, in one round trip."""
+        flags = self.redis.mget([self.keys.cancelled(r.id) for r in requests])
+        return [toolkit.cancel_matches(r, flag) for r, flag in zip(requests, flags)]
 
     # -- stepping -------------------------------------------------------------
     def _step(self) -> None:
