@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import queue
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,15 +31,17 @@ PROGRESS_INTERVAL_S = 0.25
 
 
 def add_arguments(parser) -> None:
+    from batchd.cli import ABOVE_ZERO, COUNT, NON_NEGATIVE, ZERO_OR_MORE
+
     load = parser.add_argument_group("load")
-    load.add_argument("--requests", type=int, default=1000, help="requests in all (default 1000)")
+    load.add_argument("--requests", type=COUNT, default=1000, help="requests in all (default 1000)")
     mode = load.add_mutually_exclusive_group()
-    mode.add_argument("--concurrency", type=int, default=None,
+    mode.add_argument("--concurrency", type=COUNT, default=None,
                       help="closed loop: keep this many requests outstanding (default 64)")
-    mode.add_argument("--rate", type=float, default=None,
+    mode.add_argument("--rate", type=ABOVE_ZERO, default=None,
                       help="open loop: Poisson arrivals at this many requests/s in all")
-    load.add_argument("--producers", type=int, default=1, help="producer processes (default 1)")
-    load.add_argument("--warmup", type=int, default=0,
+    load.add_argument("--producers", type=COUNT, default=1, help="producer processes (default 1)")
+    load.add_argument("--warmup", type=NON_NEGATIVE, default=0,
                       help="requests per producer sent and discarded before measuring")
     shape = parser.add_argument_group("requests")
     shape.add_argument("--prompt-len", default="32", metavar="N|LO:HI",
@@ -49,8 +52,8 @@ def add_arguments(parser) -> None:
     shape.add_argument("--prompts-file", default=None, metavar="JSONL",
                        help='text prompts, one JSON per line: a string or {"prompt": ..., "max_new_tokens": ...} '
                             'or {"messages": [...]} (overrides --prompt-len)')
-    shape.add_argument("--temperature", type=float, default=0.0)
-    shape.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
+    shape.add_argument("--temperature", type=ZERO_OR_MORE, default=0.0)
+    shape.add_argument("--timeout", type=ABOVE_ZERO, default=300.0, help="per-request timeout in seconds")
     shape.add_argument("--seed", type=int, default=0)
     out = parser.add_argument_group("output")
     out.add_argument("--json", default=None, metavar="PATH", help="write the summary and settings as JSON ('-': stdout)")
@@ -164,7 +167,9 @@ async def _one(client, kwargs: dict) -> Sample:
     raise AssertionError("stream ended without a result")
 
 
-async def _produce(spec: Spec, ready, go, progress) -> list[Sample]:
+async def _produce(spec: Spec, ready, go, stop, progress) -> list[Sample]:
+    """Send this producer's requests; when `stop` is set (the user pressed Ctrl-C), drop
+    what is in flight and return the samples finished so far."""
     from batchd import AsyncClient
 
     rng = random.Random(spec.seed)
@@ -177,9 +182,16 @@ async def _produce(spec: Spec, ready, go, progress) -> list[Sample]:
         reporter = asyncio.create_task(_report(samples, progress))
         kwargs = [request_kwargs(spec, rng, i) for i in range(spec.count)]
         if spec.rate:
-            await _open_loop(client, kwargs, spec.rate, rng, samples)
+            load = asyncio.ensure_future(_open_loop(client, kwargs, spec.rate, rng, samples))
         else:
-            await _closed_loop(client, kwargs, spec.concurrency or 1, samples)
+            load = asyncio.ensure_future(_closed_loop(client, kwargs, spec.concurrency or 1, samples))
+        while not load.done():
+            await asyncio.wait([load], timeout=PROGRESS_INTERVAL_S)
+            if stop.is_set():
+                load.cancel()
+                await asyncio.gather(load, return_exceptions=True)
+        if not load.cancelled():
+            load.result()
         reporter.cancel()
     progress.put(("done", os.getpid(), len(samples)))
     return samples
@@ -201,13 +213,17 @@ async def _open_loop(client, kwargs: list[dict], rate: float, rng: random.Random
 
     tasks = []
     due = time.perf_counter()
-    for item in kwargs:
-        due += rng.expovariate(rate)
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(fire(item)))
-    await asyncio.gather(*tasks)
+    try:
+        for item in kwargs:
+            due += rng.expovariate(rate)
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(fire(item)))
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:  # stopped: requests fired and unfinished are dropped
+            task.cancel()
 
 
 async def _report(samples: list[Sample], progress) -> None:
@@ -216,9 +232,12 @@ async def _report(samples: list[Sample], progress) -> None:
         progress.put(("count", os.getpid(), len(samples)))
 
 
-def _producer_main(spec: Spec, ready, go, progress, results) -> None:
+def _producer_main(spec: Spec, ready, go, stop, progress, results) -> None:
+    # Ctrl-C reaches every process of the terminal's group; the parent alone decides
+    # (through `stop`) so that the samples finished so far come back to it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        samples = asyncio.run(_produce(spec, ready, go, progress))
+        samples = asyncio.run(_produce(spec, ready, go, stop, progress))
         results.put(("ok", [asdict(s) for s in samples]))
     except BaseException as exc:  # the parent must hear about it instead of waiting forever
         ready.set()
@@ -290,6 +309,8 @@ def render(summary: dict) -> str:
         return "-" if value is None else f"{value * 1000:,.2f}"
 
     lines = [
+        *(["stopped by the user: the figures cover the requests finished by then"]
+          if summary.get("interrupted") else []),
         f"requests     {summary['completed']:,} completed of {summary['requests']:,}"
         + (f"  errors: {summary['errors']}" if summary["errors"] else ""),
         f"duration     {summary['duration_s']:.2f} s",
@@ -329,55 +350,80 @@ class Progress:
         sys.stderr.flush()
 
 
-def run_producers(specs: list[Spec], show_progress: bool = True) -> tuple[list[Sample], float]:
-    """Start every producer, fire them together, and collect their samples."""
+def run_producers(specs: list[Spec], show_progress: bool = True) -> tuple[list[Sample], float, bool]:
+    """Start every producer, fire them together, and collect their samples.
+
+    Returns the samples, the seconds they span, and whether the user stopped the run
+    (Ctrl-C): then the samples are those finished by then, and a second Ctrl-C gives up.
+    """
     ctx = mp.get_context("spawn")
-    progress, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    progress, results, go, stop = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
     readies = [ctx.Event() for _ in specs]
-    processes = [ctx.Process(target=_producer_main, args=(spec, ready, go, progress, results), daemon=True)
+    processes = [ctx.Process(target=_producer_main, args=(spec, ready, go, stop, progress, results), daemon=True)
                  for spec, ready in zip(specs, readies)]
     for process in processes:
         process.start()
+    stopped_at: list[float] = []
+
+    def interrupt(_signum, _frame):
+        if stopped_at:
+            raise KeyboardInterrupt
+        stopped_at.append(time.time())
+        stop.set()
+        sys.stderr.write("\nstopping: finishing the summary with the requests done so far (Ctrl-C again to quit)\n")
+
+    previous = signal.signal(signal.SIGINT, interrupt)
     try:
         for ready, process in zip(readies, processes):
             while not ready.wait(0.5):
                 if not process.is_alive():
                     raise SystemExit("a producer process exited before it was ready")
+                if stopped_at:
+                    raise SystemExit("stopped before the producers were ready: nothing measured")
         bar = Progress(sum(s.count for s in specs), show_progress)
         started = time.time()
         go.set()
-        counts: dict[int, int] = {}
-        samples: list[Sample] = []
-        pending = len(processes)
-        while pending:
-            try:
-                kind, payload = results.get(timeout=PROGRESS_INTERVAL_S)
-            except queue.Empty:
-                kind = None
-            else:
-                pending -= 1
-                if kind == "error":
-                    raise SystemExit(f"a producer failed: {payload}")
-                samples.extend(Sample(**s) for s in payload)
-            while True:
-                try:
-                    _, pid, done = progress.get_nowait()
-                except queue.Empty:
-                    break
-                counts[pid] = done
-            if not pending:
-                break
-            if not any(p.is_alive() for p in processes) and results.empty():
-                raise SystemExit("producer processes exited without reporting")
-            bar.draw(max(sum(counts.values()), len(samples)))
-        bar.draw(len(samples), final=True)
+        samples = _collect(processes, results, progress, bar)
     finally:
+        signal.signal(signal.SIGINT, previous)
         for process in processes:
             process.join(timeout=5)
             if process.is_alive():
                 process.terminate()
     end = max((s.sent_at + s.e2e_s for s in samples), default=started)
-    return samples, max(1e-9, end - started)
+    if stopped_at:
+        end = max(end, stopped_at[0])
+    return samples, max(1e-9, end - started), bool(stopped_at)
+
+
+def _collect(processes, results, progress, bar: Progress) -> list[Sample]:
+    """Every producer's samples, drawing the progress bar until the last one reports."""
+    counts: dict[int, int] = {}
+    samples: list[Sample] = []
+    pending = len(processes)
+    while pending:
+        try:
+            kind, payload = results.get(timeout=PROGRESS_INTERVAL_S)
+        except queue.Empty:
+            kind = None
+        else:
+            pending -= 1
+            if kind == "error":
+                raise SystemExit(f"a producer failed: {payload}")
+            samples.extend(Sample(**s) for s in payload)
+        while True:
+            try:
+                _, pid, done = progress.get_nowait()
+            except queue.Empty:
+                break
+            counts[pid] = done
+        if not pending:
+            break
+        if not any(p.is_alive() for p in processes) and results.empty():
+            raise SystemExit("producer processes exited without reporting")
+        bar.draw(max(sum(counts.values()), len(samples)))
+    bar.draw(len(samples), final=True)
+    return samples
 
 
 def plot(samples: list[Sample], path: str, title: str) -> None:
@@ -431,8 +477,9 @@ def run(args) -> int:
         except ImportError:
             raise SystemExit("--plot needs matplotlib: pip install 'batchd[bench]'") from None
     specs = build_specs(args)
-    samples, elapsed = run_producers(specs, show_progress=not args.no_progress)
+    samples, elapsed, interrupted = run_producers(specs, show_progress=not args.no_progress)
     summary = summarise(samples, elapsed)
+    summary["interrupted"] = interrupted
     report = {"settings": settings(args), **summary}
     if args.json == "-":
         print(json.dumps(report, indent=2))
@@ -445,4 +492,6 @@ def run(args) -> int:
         mode = f"rate {args.rate}/s" if args.rate else f"concurrency {args.concurrency or 64}"
         plot(samples, args.plot, f"batchd bench: {summary['completed']} requests, {mode}, "
                                  f"{args.producers} producer(s)")
+    if interrupted:
+        return 130  # the shell's code for a run stopped by SIGINT
     return 0 if summary["completed"] == summary["requests"] else 1

@@ -8,11 +8,34 @@ import os
 import signal
 import sys
 
-from batchd.client.connection import redis_url
+from batchd.client.connection import redact, redis_url
 from batchd.daemon.toolkit import DEFAULT_MAX_ATTEMPTS
 from batchd.workers.hf.models import DTYPES, QUANTIZATIONS
 
 DEFAULT_MODEL = "smollm2-135m"
+# Commands that talk to an existing Redis and are checked against it before they start.
+NEEDS_REDIS = ("scheduler", "worker", "submit", "status", "bench")
+
+
+def _number(kind, low, what: str, inclusive: bool = True):
+    """An argparse type: a number of `kind` at least (or above) `low`; anything else is refused
+    with one line, never silently replaced by a default."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value != value or value in (float("inf"), float("-inf")) or (value < low if inclusive else value <= low):
+            raise argparse.ArgumentTypeError(f"{text!r}: {what}")
+        return value
+    return parse
+
+
+COUNT = _number(int, 1, "must be at least 1")
+NON_NEGATIVE = _number(int, 0, "must be 0 or more")
+PORT = _number(int, 0, "must be a port number, 0 to 65535 (0: off)")
+ZERO_OR_MORE = _number(float, 0, "must be 0 or more")
+ABOVE_ZERO = _number(float, 0, "must be more than 0", inclusive=False)
 
 
 def _add_redis(parser: argparse.ArgumentParser) -> None:
@@ -24,14 +47,14 @@ def _add_redis(parser: argparse.ArgumentParser) -> None:
 
 def _add_scheduler_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scheduler")
-    group.add_argument("--max-batch", type=int, default=32, help="most requests in one job (default 32)")
-    group.add_argument("--max-wait-ms", type=float, default=5.0,
+    group.add_argument("--max-batch", type=COUNT, default=32, help="most requests in one job (default 32)")
+    group.add_argument("--max-wait-ms", type=ZERO_OR_MORE, default=5.0,
                        help="close a batch this long after its first request (default 5)")
-    group.add_argument("--max-queue", type=int, default=100_000,
+    group.add_argument("--max-queue", type=NON_NEGATIVE, default=100_000,
                        help="backlog beyond which submits fail with Overloaded (0: unbounded)")
-    group.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
+    group.add_argument("--max-attempts", type=COUNT, default=DEFAULT_MAX_ATTEMPTS,
                        help="dead-letter a request after this many worker failures (workers read it from Redis)")
-    group.add_argument("--claim-idle-ms", type=int, default=10_000,
+    group.add_argument("--claim-idle-ms", type=COUNT, default=10_000,
                        help="take over requests another scheduler held this long without touching (default 10000)")
 
 
@@ -41,15 +64,15 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                        help="hf: a real model with continuous batching; echo: no model, echoes prompts")
     group.add_argument("--model", default=DEFAULT_MODEL,
                        help="Hugging Face checkpoint folder, .gguf file, or alias smollm2-135m (default)")
-    group.add_argument("--slots", type=int, default=None,
+    group.add_argument("--slots", type=COUNT, default=None,
                        help="concurrent requests in the engine (default: 16 for hf, 1024 for echo)")
     group.add_argument("--kv-memory", default=None,
                        help="KV cache pool, e.g. 40GiB or 500MB, shared by all live requests (default: on a GPU "
                             "what is free after the weights less 10%% of the device, at most slots x max context; "
                             "on a CPU slots x max context)")
-    group.add_argument("--max-context", type=int, default=None,
+    group.add_argument("--max-context", type=COUNT, default=None,
                        help="longest prompt + output of one request; reserves nothing (default: the model's context)")
-    group.add_argument("--max-prefill-tokens", type=int, default=None,
+    group.add_argument("--max-prefill-tokens", type=COUNT, default=None,
                        help="prompt tokens a step computes, so long prompts never stall decoding (default: 512 on "
                             "a GPU, which keeps the inter-token tail low; 2048 on a CPU)")
     group.add_argument("--burst-prefill-tokens", type=int, default=None,
@@ -64,16 +87,23 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                        help="int8: weight-only int8 linear layers (torchao; pip install 'batchd[int8]')")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    group.add_argument("--token-delay-ms", type=float, default=0.0, help="echo engine: delay per step")
-    group.add_argument("--drain-timeout", type=float, default=30.0,
+    group.add_argument("--token-delay-ms", type=ZERO_OR_MORE, default=0.0, help="echo engine: delay per step")
+    group.add_argument("--drain-timeout", type=ZERO_OR_MORE, default=30.0,
                        help="on SIGTERM, finish in-flight requests for this many seconds, then hand back")
     group.add_argument("--worker-id", default=None, help="stable id (default: host-pid-random)")
-    group.add_argument("--lease-ms", type=int, default=5000,
+    group.add_argument("--lease-ms", type=COUNT, default=5000,
                        help="a worker silent this long is presumed dead and its requests re-dispatched (default 5000)")
-    group.add_argument("--heartbeat-interval", type=float, default=1.0,
+    group.add_argument("--heartbeat-interval", type=ABOVE_ZERO, default=1.0,
                        help="seconds between heartbeats; keep well under the lease (default 1.0)")
-    group.add_argument("--abandoned-after", type=float, default=10.0,
+    group.add_argument("--abandoned-after", type=ZERO_OR_MORE, default=10.0,
                        help="cancel a request nobody has listened to for this many seconds (0: never)")
+
+
+def _add_metrics(parser: argparse.ArgumentParser, port_help: str) -> None:
+    parser.add_argument("--metrics-port", type=PORT, default=0, help=port_help)
+    parser.add_argument("--metrics-host", default="0.0.0.0", metavar="ADDRESS",
+                        help="address /metrics listens on (default 0.0.0.0, every interface; "
+                             "127.0.0.1 keeps it on this host)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,42 +115,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scheduler", help="run a scheduler daemon (any number may run)")
     _add_redis(p)
     _add_scheduler_options(p)
-    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
+    _add_metrics(p, "serve Prometheus /metrics and /health here (0: off)")
 
     p = sub.add_parser("worker", help="run a worker daemon with an engine")
     _add_redis(p)
     _add_worker_options(p)
-    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
+    _add_metrics(p, "serve Prometheus /metrics and /health here from process start, while the model "
+                    "loads too (0: off)")
 
     p = sub.add_parser("up", help="scheduler + worker (+ an embedded server unless --redis is given)")
     _add_redis(p)
     _add_scheduler_options(p)
     _add_worker_options(p)
-    p.add_argument("--metrics-port", type=int, default=0,
-                   help="scheduler /metrics on this port, worker on the next (0: off)")
+    _add_metrics(p, "scheduler /metrics on this port, worker on the next (0: off)")
 
     p = sub.add_parser("demo", help="the README demo: a burst of chat prompts from several producer processes")
     _add_redis(p)
     p.add_argument("--engine", choices=("hf", "echo"), default="hf")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--producers", type=int, default=4, help="producer processes")
-    p.add_argument("--prompts", type=int, default=12, help="prompts in the burst")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--slots", type=int, default=16)
+    p.add_argument("--producers", type=COUNT, default=4, help="producer processes")
+    p.add_argument("--prompts", type=COUNT, default=12, help="prompts in the burst")
+    p.add_argument("--max-new-tokens", type=COUNT, default=48)
+    p.add_argument("--slots", type=COUNT, default=16)
 
     p = sub.add_parser("submit", help="send one prompt and print the answer")
     _add_redis(p)
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="send as a user chat message (chat template)")
     p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--timeout", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=COUNT, default=256)
+    p.add_argument("--temperature", type=ZERO_OR_MORE, default=0.0)
+    p.add_argument("--timeout", type=ABOVE_ZERO, default=None)
 
     p = sub.add_parser("status", help="live workers, free slots, queue depth, dead letters")
     _add_redis(p)
     p.add_argument("--watch", action="store_true", help="refresh every --interval seconds")
-    p.add_argument("--interval", type=float, default=2.0)
+    p.add_argument("--interval", type=ABOVE_ZERO, default=2.0)
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("bench", help="load generator: throughput and latency against a deployment")
@@ -132,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("health", help="exit 0 when healthy (for probes)")
     _add_redis(p)
     p.add_argument("--worker-id", default=None, help="check this worker's heartbeat")
-    p.add_argument("--require-workers", type=int, default=0, help="fail unless this many workers are live")
+    p.add_argument("--require-workers", type=NON_NEGATIVE, default=0, help="fail unless this many workers are live")
     return parser
 
 
@@ -142,9 +172,42 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "redis", None) is None and args.command not in ("up", "demo"):
         args.redis = redis_url(None)
+    checked = args.command in NEEDS_REDIS or (args.command in ("up", "demo") and args.redis)
+    problem = check_redis(args.redis) if checked else None
+    if problem:
+        print(f"batchd {args.command}: {problem}", file=sys.stderr)
+        return 2
     from batchd import commands
 
     return getattr(commands, args.command)(args) or 0
+
+
+def check_redis(url: str) -> str | None:
+    """One line saying why Redis at url cannot be used, or None when it answers.
+
+    Every command asks before it starts, so a wrong URL, password or TLS setting
+    is one clear line instead of a traceback, and a worker learns it before it
+    spends a minute loading its model.
+    """
+    import redis
+
+    where = redact(url)
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    except ValueError as exc:
+        return f"{where!r} is not a Redis URL ({exc}); use redis://HOST:PORT/DB or rediss:// for TLS"
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        return f"Redis at {where} refused the credentials ({exc}); check the user and password in the URL"
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        return (f"cannot reach Redis at {where} ({str(exc).rstrip('.')}); check --redis or $BATCHD_REDIS_URL "
+                "(rediss:// for TLS)")
+    except redis.RedisError as exc:
+        return f"Redis at {where} answered PING with an error: {exc}"
+    finally:
+        client.close()
+    return None
 
 
 def install_stop_handlers(stop) -> None:

@@ -35,7 +35,7 @@ def scheduler(args) -> int:
     config = SchedulerConfig(redis_url=args.redis, prefix=args.prefix, max_batch=args.max_batch,
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_attempts=args.max_attempts, claim_idle_ms=args.claim_idle_ms,
-                             metrics_port=args.metrics_port)
+                             metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     daemon = Scheduler(config)
     install_stop_handlers(daemon.stop)
     daemon.run()
@@ -46,10 +46,10 @@ def build_engine(args):
     if args.engine == "echo":
         from batchd.workers.echo import EchoEngine
 
-        return EchoEngine(slots=args.slots or 1024, token_delay_s=args.token_delay_ms / 1000.0)
+        return EchoEngine(slots=1024 if args.slots is None else args.slots, token_delay_s=args.token_delay_ms / 1000.0)
     from batchd.workers.hf import build_engine as build_hf
 
-    return build_hf(args.model, slots=args.slots or 16, max_context=args.max_context,
+    return build_hf(args.model, slots=16 if args.slots is None else args.slots, max_context=args.max_context,
                     kv_memory=parse_size(args.kv_memory), max_prefill_tokens=args.max_prefill_tokens,
                     burst_prefill_tokens=args.burst_prefill_tokens, dtype=args.dtype, device=args.device,
                     contrast_model=args.contrast_model, quantize=args.quantize)
@@ -57,19 +57,27 @@ def build_engine(args):
 
 def worker(args) -> int:
     from batchd.cli import install_stop_handlers
+    from batchd.daemon import metrics
     from batchd.workers.worker import Worker, WorkerConfig
 
     config = WorkerConfig(redis_url=args.redis, prefix=args.prefix, drain_timeout_s=args.drain_timeout,
-                          metrics_port=args.metrics_port, lease_ms=args.lease_ms, heartbeat_interval_s=args.heartbeat_interval,
-                          abandoned_after_s=args.abandoned_after)
+                          metrics_port=args.metrics_port, metrics_host=args.metrics_host, lease_ms=args.lease_ms,
+                          heartbeat_interval_s=args.heartbeat_interval, abandoned_after_s=args.abandoned_after)
     if args.worker_id:
         config.worker_id = args.worker_id
+    # /metrics and /health answer while the model loads (a minute or more on a GPU),
+    # so a loading worker reads as loading, not as down.
+    state = metrics.WorkerState(config.worker_id)
+    metrics.serve(config.metrics_port, metrics.WORKER_REGISTRY, config.metrics_host, state.current)
+    if config.metrics_port:
+        log.info("worker %s loading its model; /metrics and /health on %s:%d", config.worker_id,
+                 config.metrics_host, config.metrics_port)
     try:
         engine = build_engine(args)
     except (ValueError, FileNotFoundError) as exc:  # a setting the operator has to change, not a crash
         log.error("worker cannot start: %s", exc)
         return 2
-    daemon = Worker(config, engine)
+    daemon = Worker(config, engine, state=state)
     install_stop_handlers(daemon.stop)
     daemon.run()
     return 0
@@ -123,8 +131,8 @@ def _daemon_argv(args, url: str) -> tuple[list[str], list[str]]:
         if value is not None:
             work += [flag, str(value)]
     if args.metrics_port:
-        sched += ["--metrics-port", str(args.metrics_port)]
-        work += ["--metrics-port", str(args.metrics_port + 1)]
+        sched += ["--metrics-port", str(args.metrics_port), "--metrics-host", args.metrics_host]
+        work += ["--metrics-port", str(args.metrics_port + 1), "--metrics-host", args.metrics_host]
     return sched, work
 
 
@@ -143,8 +151,14 @@ def up(args) -> int:
         while not stopping["now"] and all(child.poll() is None for child in fleet.children):
             time.sleep(0.2)
     finally:
+        dead = [child for child in fleet.children if child.poll() is not None]
         fleet.stop()
-    return 0
+    if stopping["now"]:
+        return 0
+    for child in dead:  # a daemon died on its own: the whole `up` failed
+        print(f"batchd up: `batchd {child.args[3]}` exited with code {child.returncode}; stopped the rest",
+              file=sys.stderr)
+    return 1 if dead else 0
 
 
 def demo(args) -> int:

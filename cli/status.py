@@ -31,8 +31,13 @@ def read_status(client: redis.Redis, keys: Keys) -> dict:
     except redis.ResponseError:
         pass  # no stream yet
     stats = {k.decode(): int(v) for k, v in client.hgetall(keys.stats).items()}
+    for beat in workers:
+        # A worker older than the can_take field counts its prefetch queue as free slots.
+        beat["free_slots"] = min(beat["free_slots"], beat["total_slots"])
     return {
         "time": time.time(),
+        "total_slots": sum(w["total_slots"] for w in workers),
+        "free_slots": sum(w["free_slots"] for w in workers),
         "queue_depth": client.xlen(keys.requests),
         "held_by_schedulers": pending,
         "dead_letters": client.xlen(keys.dead_letters),
@@ -46,8 +51,7 @@ def read_status(client: redis.Redis, keys: Keys) -> dict:
 def render(snapshot: dict, previous: dict | None = None, interval: float = 0.0) -> str:
     lines = []
     workers = snapshot["workers"]
-    total = sum(w["total_slots"] for w in workers)
-    free = sum(w["free_slots"] for w in workers)
+    total, free = snapshot["total_slots"], snapshot["free_slots"]
     lines.append(f"queue depth {snapshot['queue_depth']}  (held by schedulers {snapshot['held_by_schedulers']})"
                  f"   dead letters {snapshot['dead_letters']}")
     rate = ""

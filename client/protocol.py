@@ -183,6 +183,8 @@ class Heartbeat(Struct, omit_defaults=True):
     model: str
     engine: str
     total_slots: int
+    # Engine slots no request holds or waits for: never above total_slots. What
+    # operators see as free (`batchd status`, batchd:free_slots).
     free_slots: int
     running: int = 0
     waiting: int = 0
@@ -190,13 +192,20 @@ class Heartbeat(Struct, omit_defaults=True):
     # The model contrast_alpha requests decode against; "" when the worker has none.
     contrast_model: str = ""
     # Stream id of the last job this worker read: schedulers subtract what
-    # they dispatched after it from free_slots.
+    # they dispatched after it from can_take.
     last_job_read: str = "0-0"
     lease_ms: int = 5000
     host: str = ""
     pid: int = 0
     started_at: float = 0.0
     sent_at: float = 0.0
+    # Requests the worker accepts now: free slots plus room in its own prefetch
+    # queue, so schedulers may send more than free_slots. None from a worker
+    # older than this field, whose free_slots carried this number.
+    can_take: int | None = None
+
+    def requests_it_can_take(self) -> int:
+        return self.free_slots if self.can_take is None else self.can_take
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -1,14 +1,23 @@
 """Prometheus metrics of the scheduler and the worker daemons.
 
-Names follow vLLM's where the meaning is the same, under the `batchd:` prefix,
-so dashboards built for vLLM read naturally. Labels are bounded sets (worker,
-model, finish_reason, error_type, priority); never a request id.
-deploy/grafana and deploy/prometheus refer only to names defined here (tested).
+Where batchd uses a vLLM name it keeps vLLM's meaning and labels (`model_name`,
+`finished_reason`), under the `batchd:` prefix, so a vLLM dashboard or alert
+matches once its prefix is changed; what vLLM has no name for gets its own
+(the fleet backlog is `batchd:num_requests_queued`, not vLLM's engine queue).
+Labels are bounded sets (worker, model_name, finished_reason, error_type,
+priority); never a request id. deploy/grafana and deploy/prometheus refer only
+to names defined here (tested).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from batchd.client.errors import ERROR_CODES
 from batchd.client.protocol import FINISH_REASONS
@@ -31,11 +40,11 @@ STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.
                 0.2, 0.5, 1.0, 2.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
-WORKER = ("worker", "model")
+WORKER = ("worker", "model_name")
 
 # -- scheduler -------------------------------------------------------------
-requests_waiting = Gauge(
-    "batchd:num_requests_waiting",
+requests_queued = Gauge(
+    "batchd:num_requests_queued",
     "Requests submitted and not yet dispatched to a worker (stream backlog plus pending batches).", registry=SCHEDULER_REGISTRY)
 requests_received = Counter(
     "batchd:requests_received_total", "Requests read from the request stream.", ("priority",), registry=SCHEDULER_REGISTRY)
@@ -61,14 +70,17 @@ dead_letters = Counter(
 live_workers = Gauge(
     "batchd:live_workers", "Workers whose heartbeat has not expired.", registry=SCHEDULER_REGISTRY)
 free_slots = Gauge(
-    "batchd:free_slots", "Free slots the live workers advertise, in total.", registry=SCHEDULER_REGISTRY)
+    "batchd:free_slots", "Engine slots of the live workers that no request holds or waits for.",
+    registry=SCHEDULER_REGISTRY)
+total_slots = Gauge(
+    "batchd:total_slots", "Engine slots of the live workers, in total.", registry=SCHEDULER_REGISTRY)
 
 # -- worker -----------------------------------------------------------------
 requests_running = Gauge(
     "batchd:num_requests_running", "Requests holding a slot in the engine.", WORKER, registry=WORKER_REGISTRY)
-requests_waiting_in_engine = Gauge(
-    "batchd:num_requests_waiting_in_engine",
-    "Requests a worker has accepted that wait for a free slot.", WORKER, registry=WORKER_REGISTRY)
+requests_waiting = Gauge(
+    "batchd:num_requests_waiting",
+    "Requests in the engine's own queue, waiting for a slot (vLLM's meaning).", WORKER, registry=WORKER_REGISTRY)
 kv_cache_usage = Gauge(
     "batchd:kv_cache_usage_perc", "Fraction of the KV cache in use (0-1).", WORKER, registry=WORKER_REGISTRY)
 step_batch_size = Histogram(
@@ -90,15 +102,22 @@ e2e_latency = Histogram(
     "From submission to the final result.", WORKER, buckets=E2E_BUCKETS, registry=WORKER_REGISTRY)
 queue_time = Histogram(
     "batchd:request_queue_time_seconds",
-    "From submission to taking a slot.", WORKER, buckets=E2E_BUCKETS, registry=WORKER_REGISTRY)
+    "From submission to admission into a worker's engine.", WORKER, buckets=E2E_BUCKETS, registry=WORKER_REGISTRY)
+prefill_time = Histogram(
+    "batchd:request_prefill_time_seconds",
+    "From admission into the engine to the request's first token.", WORKER, buckets=E2E_BUCKETS,
+    registry=WORKER_REGISTRY)
+decode_time = Histogram(
+    "batchd:request_decode_time_seconds",
+    "From a request's first token to its last.", WORKER, buckets=E2E_BUCKETS, registry=WORKER_REGISTRY)
 prompt_tokens = Counter(
     "batchd:prompt_tokens_total", "Prefilled prompt tokens.", WORKER, registry=WORKER_REGISTRY)
 generation_tokens = Counter(
     "batchd:generation_tokens_total", "Generated tokens.", WORKER, registry=WORKER_REGISTRY)
 requests_finished = Counter(
     "batchd:request_success_total",
-    "Requests finished, by finish_reason (stop, length, cancelled, deadline, error).",
-    WORKER + ("finish_reason",), registry=WORKER_REGISTRY)
+    "Requests finished, by finished_reason (stop, length, cancelled, deadline, error).",
+    WORKER + ("finished_reason",), registry=WORKER_REGISTRY)
 request_errors = Counter(
     "batchd:request_errors_total", "Requests that ended in an error, by type.", WORKER + ("error_type",), registry=WORKER_REGISTRY)
 preemptions = Counter(
@@ -116,6 +135,32 @@ heartbeats = Counter(
 results_fenced = Counter(
     "batchd:results_fenced_total",
     "Final results refused because another worker attempt owns the request.", WORKER, registry=WORKER_REGISTRY)
+
+
+# What a worker is doing, from the moment its process starts: loading a model can take
+# a minute, and a worker that answers scrapes meanwhile is loading, not down.
+WORKER_STATES = ("loading", "serving", "draining")
+# A gauge per state, 1 for the current one: prometheus_client's Enum would name its
+# label after the metric, and a label name may not hold the `:` of batchd's names.
+worker_state = Gauge(
+    "batchd:worker_state", "What the worker process is doing: 1 for its current state.", ("worker", "state"),
+    registry=WORKER_REGISTRY)
+
+
+class WorkerState:
+    """What one worker process is doing (loading, serving, draining), for /metrics and /health."""
+
+    def __init__(self, worker: str):
+        self._gauges = {state: worker_state.labels(worker, state) for state in WORKER_STATES}
+        self.set("loading")
+
+    def set(self, state: str) -> None:
+        self._now = state
+        for name, gauge in self._gauges.items():
+            gauge.set(1 if name == state else 0)
+
+    def current(self) -> str:
+        return self._now
 
 
 def precreate_scheduler_series() -> None:
@@ -138,7 +183,7 @@ class WorkerSeries:
         labels = (worker, model)
         self._labels = labels
         self.requests_running = requests_running.labels(*labels)
-        self.requests_waiting = requests_waiting_in_engine.labels(*labels)
+        self.requests_waiting = requests_waiting.labels(*labels)
         self.kv_cache_usage = kv_cache_usage.labels(*labels)
         self.step_batch_size = step_batch_size.labels(*labels)
         self.step_duration = engine_step_duration.labels(*labels)
@@ -147,6 +192,8 @@ class WorkerSeries:
         self.inter_token_latency = inter_token_latency.labels(*labels)
         self.e2e_latency = e2e_latency.labels(*labels)
         self.queue_time = queue_time.labels(*labels)
+        self.prefill_time = prefill_time.labels(*labels)
+        self.decode_time = decode_time.labels(*labels)
         self.prompt_tokens = prompt_tokens.labels(*labels)
         self.generation_tokens = generation_tokens.labels(*labels)
         # Engine.stats() keys and the counters they feed; the engine keeps running totals.
@@ -178,7 +225,44 @@ class WorkerSeries:
         return self._errors.get(error_type) or request_errors.labels(*self._labels, error_type)
 
 
-def serve(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> None:
-    """Serve one role's /metrics on port (0 = do not serve)."""
-    if port:
-        start_http_server(port, addr=addr, registry=registry)
+def serve(port: int, registry: CollectorRegistry, host: str = "0.0.0.0",
+          state: Callable[[], str] = lambda: "serving") -> None:
+    """Serve one role's /metrics, and /health, on host:port (port 0 = do not serve).
+
+    /health answers 200 with "serving", else 503 with the state ("loading" while a
+    worker loads its model, "draining" while it stops). Serving the same registry
+    again is a no-op: a worker starts serving before it loads its model.
+    """
+    if not port or registry in _serving:
+        return
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO", "").rstrip("/") != "/health":
+            return metrics_app(environ, start_response)
+        now = state()
+        start_response("200 OK" if now == "serving" else "503 Service Unavailable",
+                       [("Content-Type", "text/plain; charset=utf-8")])
+        return [now.encode() + b"\n"]
+
+    server_class = _HTTPServer6 if ":" in host else _HTTPServer
+    server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name=f"metrics:{port}", daemon=True).start()
+    _serving.add(registry)
+
+
+_serving: set[CollectorRegistry] = set()
+
+
+class _HTTPServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # one line per scrape would flood the daemon's log
+        pass

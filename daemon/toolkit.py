@@ -51,6 +51,8 @@ class DaemonConfig:
     # How long a final result stays readable at batchd:result:{id}.
     result_ttl_s: int = 3600
     metrics_port: int = 0
+    # Where /metrics listens: all interfaces by default, 127.0.0.1 to keep it on the host.
+    metrics_host: str = "0.0.0.0"
 
 
 def run_until_stopped(stop: threading.Event, run_once: Callable[[], None], reconnect: Callable[[], None]) -> None:

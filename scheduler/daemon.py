@@ -134,7 +134,7 @@ class Scheduler:
     def run(self) -> None:
         log.info("scheduler starting: %s", self.config.describe())
         metrics.precreate_scheduler_series()
-        metrics.serve(self.config.metrics_port, metrics.SCHEDULER_REGISTRY)
+        metrics.serve(self.config.metrics_port, metrics.SCHEDULER_REGISTRY, self.config.metrics_host)
         self._setup()
         run_until_stopped(self._stop, self.run_once, self._reconnect)
         log.info("scheduler %s stopped; %d requests left pending for other schedulers",
@@ -419,6 +419,7 @@ class Scheduler:
         worker_ids = [w.decode() for w in members]
         beats = self.redis.mget([self.keys.heartbeat(w) for w in worker_ids]) if worker_ids else []
         live: dict[str, WorkerCapacity] = {}
+        slots = free = 0
         for worker_id, raw in zip(worker_ids, beats):
             if raw is None:
                 continue
@@ -428,11 +429,15 @@ class Scheduler:
                 log.warning("ignoring unreadable heartbeat of worker %s", worker_id)
                 continue
             capacity = self.workers.get(worker_id) or WorkerCapacity(worker_id, 0)
-            capacity.refresh(beat.free_slots, parse_stream_id(beat.last_job_read))
+            capacity.refresh(beat.requests_it_can_take(), parse_stream_id(beat.last_job_read))
             live[worker_id] = capacity
+            slots += beat.total_slots
+            # A heartbeat of an older worker counts its prefetch queue in free_slots.
+            free += min(beat.free_slots, beat.total_slots)
         self.workers = live
         metrics.live_workers.set(len(live))
-        metrics.free_slots.set(sum(w.available() for w in live.values()))
+        metrics.total_slots.set(slots)
+        metrics.free_slots.set(free)
 
     def _note_broker_time(self, broker_now: float, sent: float, received: float) -> None:
         if received - sent <= CLOCK_SAMPLE_MAX_RTT_S or self._broker_offset_s is None:
@@ -442,7 +447,7 @@ class Scheduler:
         self._keep_claims()
         self._claim_abandoned()
         self._reap_dead_workers()
-        metrics.requests_waiting.set(self.redis.xlen(self.keys.requests))
+        metrics.requests_queued.set(self.redis.xlen(self.keys.requests))
         # Again every second: a config hash someone deleted is back at once, so max_queue holds.
         publish_settings(self.redis, self.keys, max_queue=self.config.max_queue,
                          max_attempts=self.config.max_attempts)

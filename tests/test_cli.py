@@ -68,7 +68,7 @@ def test_submit_reports_a_typed_error_instead_of_a_traceback(daemons):
     daemons.scheduler()
     daemons.echo_worker()
     daemons.wait_for_workers(1)
-    bad = batchd("submit", "--redis", daemons.url, "x", "--max-new-tokens", "0")
+    bad = batchd("submit", "--redis", daemons.url, "x", "--max-new-tokens", str(10**9))
     assert bad.returncode == 1
     assert "error (invalid_request)" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -92,13 +92,13 @@ def test_an_unreadable_size_says_how_to_write_it():
         parse_size("two gigs")
 
 
-def test_a_worker_whose_model_is_missing_exits_with_the_reason():
-    result = batchd("worker", "--redis", "redis://127.0.0.1:1/0", "--model", "/no/such/model")
+def test_a_worker_whose_model_is_missing_exits_with_the_reason(redis_server):
+    result = batchd("worker", "--redis", redis_server.url, "--model", "/no/such/model")
     assert result.returncode == 2
     assert "neither a checkpoint folder" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_contrast_pair_that_does_not_share_a_tokenizer_is_refused_at_start(tmp_path):
+def test_a_contrast_pair_that_does_not_share_a_tokenizer_is_refused_at_start(tmp_path, redis_server):
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
 
@@ -109,7 +109,7 @@ def test_a_contrast_pair_that_does_not_share_a_tokenizer_is_refused_at_start(tmp
         words = {f"w{i}": i for i in range(vocab)}
         PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="w0"))).save_pretrained(
             tmp_path / name)
-    result = batchd("worker", "--redis", "redis://127.0.0.1:1/0", "--model", str(tmp_path / "after"),
+    result = batchd("worker", "--redis", redis_server.url, "--model", str(tmp_path / "after"),
                     "--contrast-model", str(tmp_path / "before"), "--device", "cpu", timeout=120)
     assert result.returncode == 2
     assert "does not share the tokenizer" in result.stderr and "Traceback" not in result.stderr

@@ -486,7 +486,7 @@ def test_the_engines_running_totals_become_counters(client, clock):
     engine = CountingEngine(slots=8, clock=clock)
     worker = Worker(WorkerConfig(worker_id="counting"), engine, connect=lambda: client, clock=clock)
     worker._connect()
-    labels = {"worker": "counting", "model": "echo"}
+    labels = {"worker": "counting", "model_name": "echo"}
     before = {name: WORKER_REGISTRY.get_sample_value(name, labels) or 0.0
               for name in ("batchd:prefix_cache_queries_total", "batchd:prefix_cache_hits_total",
                            "batchd:num_preemptions_total")}

@@ -93,7 +93,7 @@ def label_values() -> dict[str, frozenset[str]]:
             yield from codes(sub)
 
     return {
-        "finish_reason": frozenset(typing.get_args(FinishReason)),
+        "finished_reason": frozenset(typing.get_args(FinishReason)),
         "error_type": frozenset(codes(errors.BatchdError)),
         "job": frozenset(prometheus_jobs()),
     }
@@ -232,13 +232,15 @@ def test_query_checker_rejects_what_batchd_does_not_export():
     assert query_problems('batchd:kv_cache_usage_perc{gpu="0"}')
     assert query_problems("sum by (gpu) (batchd:kv_cache_usage_perc)")
     assert query_problems('batchd:request_errors_total{error_type="oom"}')
-    assert query_problems('batchd:request_success_total{finish_reason="done"}')
+    assert query_problems('batchd:request_success_total{finished_reason="done"}')
+    assert query_problems('batchd:request_success_total{finish_reason="stop"}')  # batchd's old label, not vLLM's
+    assert query_problems('batchd:num_requests_waiting{model="m"}')
     assert query_problems('up{job="batchd"}')
     assert query_problems("rate(batchd:generation_tokens_total[$window])")
     assert query_problems('{__name__=~"batchd:.*"}')
     assert query_problems("max(batchd:live_workers)")  # the workers' constant 0 included
     assert not query_problems('max(batchd:live_workers{job="batchd-scheduler"})')
-    assert not query_problems('sum by (le) (rate(batchd:time_to_first_token_seconds_bucket{model=~"$model"}[$__rate_interval]))')
+    assert not query_problems('sum by (le) (rate(batchd:time_to_first_token_seconds_bucket{model_name=~"$model"}[$__rate_interval]))')
 
 
 def test_dashboard_variables_query_defined_labels():
@@ -849,3 +851,39 @@ def test_hadolint():
     result = subprocess.run([hadolint, "--no-color", "Dockerfile", "Dockerfile.cuda"], cwd=DEPLOY,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- vLLM's names keep vLLM's meaning and labels ---------------------------------------------
+# The vLLM (v1) families batchd exports under its own prefix: name -> (type, vLLM's labels
+# apart from `engine`). A vLLM dashboard queries these labels; another label name, or the name
+# on another role's metric (the fleet backlog as num_requests_waiting), would match nothing or
+# mean something else.
+VLLM_FAMILIES = {
+    "num_requests_running": ("gauge", {"model_name"}),
+    "num_requests_waiting": ("gauge", {"model_name"}),
+    "kv_cache_usage_perc": ("gauge", {"model_name"}),
+    "num_preemptions": ("counter", {"model_name"}),
+    "prompt_tokens": ("counter", {"model_name"}),
+    "generation_tokens": ("counter", {"model_name"}),
+    "request_success": ("counter", {"model_name", "finished_reason"}),
+    "prefix_cache_queries": ("counter", {"model_name"}),
+    "prefix_cache_hits": ("counter", {"model_name"}),
+    "time_to_first_token_seconds": ("histogram", {"model_name"}),
+    "inter_token_latency_seconds": ("histogram", {"model_name"}),
+    "e2e_request_latency_seconds": ("histogram", {"model_name"}),
+    "request_queue_time_seconds": ("histogram", {"model_name"}),
+    "request_prefill_time_seconds": ("histogram", {"model_name"}),
+    "request_decode_time_seconds": ("histogram", {"model_name"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VLLM_FAMILIES))
+def test_vllm_names_keep_vllms_labels_and_role(name):
+    from batchd.daemon.metrics import WORKER_REGISTRY
+
+    kind, labels = VLLM_FAMILIES[name]
+    family = metric_families().get(f"batchd:{name}")
+    assert family is not None, f"batchd:{name} is missing"
+    assert family[0] == kind and labels <= family[1], (family, labels)
+    # vLLM reports these per engine: in batchd that is the worker, never the scheduler.
+    assert any(m.name == f"batchd:{name}" for m in WORKER_REGISTRY.collect())

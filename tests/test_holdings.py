@@ -7,7 +7,7 @@ import pytest
 from batchd.client.protocol import PROTOCOL_VERSION, Heartbeat, Request, Result
 from batchd.daemon.toolkit import SERVER_TICK_MS
 from batchd.workers.engine import StepOutput
-from batchd.workers.holdings import CHANGED_BEAT_GAP_S, Advertisement, Held, Holdings, capacity
+from batchd.workers.holdings import CHANGED_BEAT_GAP_S, Advertisement, Held, Holdings, can_take, free_slots
 
 
 def held(request_id: str, job: str = "1-0", submitted_at: float = 100.0, admitted_at: float = 101.0) -> Held:
@@ -75,38 +75,52 @@ def test_a_request_nobody_hears_is_abandoned_once_per_period():
     assert h.unheard_for(0, now=31.0, abandoned_after_s=10) is None
 
 
-def test_capacity_is_free_slots_plus_the_prefetch_queue():
-    assert capacity(total_slots=8, prefetch=None, running=0, waiting=0) == 12  # prefetch: half the slots
-    assert capacity(total_slots=8, prefetch=2, running=8, waiting=1) == 1
-    assert capacity(total_slots=1, prefetch=None, running=1, waiting=5) == 0
-    assert capacity(total_slots=1, prefetch=None, running=0, waiting=0) == 2  # at least one queued
+def test_can_take_is_free_slots_plus_the_prefetch_queue():
+    assert can_take(total_slots=8, prefetch=None, running=0, waiting=0) == 12  # prefetch: half the slots
+    assert can_take(total_slots=8, prefetch=2, running=8, waiting=1) == 1
+    assert can_take(total_slots=1, prefetch=None, running=1, waiting=5) == 0
+    assert can_take(total_slots=1, prefetch=None, running=0, waiting=0) == 2  # at least one queued
 
 
-def beat(free_slots: int, last_job_read: str, sent_at: float) -> Heartbeat:
+def test_free_slots_never_count_the_prefetch_queue():
+    # What operators read as free: an idle worker has all its slots free, never more.
+    assert free_slots(total_slots=8, running=0, waiting=0) == 8
+    assert free_slots(total_slots=8, running=5, waiting=0) == 3
+    assert free_slots(total_slots=8, running=8, waiting=3) == 0  # requests wait for slots: none free
+    assert free_slots(total_slots=8, running=6, waiting=1) == 1
+
+
+def beat(can_take: int, last_job_read: str, sent_at: float) -> Heartbeat:
     return Heartbeat(v=PROTOCOL_VERSION, worker_id="w1", model="m", engine="echo", total_slots=8,
-                     free_slots=free_slots, last_job_read=last_job_read, sent_at=sent_at)
+                     free_slots=min(8, can_take), can_take=can_take, last_job_read=last_job_read, sent_at=sent_at)
+
+
+def test_a_heartbeat_of_an_older_worker_counts_free_slots_as_what_it_can_take():
+    older = Heartbeat(v=PROTOCOL_VERSION, worker_id="w1", model="m", engine="echo", total_slots=8, free_slots=12)
+    assert older.can_take is None and older.requests_it_can_take() == 12
+    assert beat(12, "0-0", 0.0).requests_it_can_take() == 12
 
 
 def test_a_heartbeat_is_due_periodically_and_when_it_would_say_something_new():
     advertised = Advertisement(interval_s=1.0)
-    assert advertised.is_due(now=0.0, free_slots=8, last_job_read="0-0", busy=False)  # never beat yet
+    assert advertised.is_due(now=0.0, can_take=8, last_job_read="0-0", busy=False)  # never beat yet
     advertised.sent(beat(8, "0-0", sent_at=0.0))
-    assert not advertised.is_due(now=0.5, free_slots=8, last_job_read="0-0", busy=True)
-    assert advertised.is_due(now=1.0, free_slots=8, last_job_read="0-0", busy=True)
+    assert not advertised.is_due(now=0.5, can_take=8, last_job_read="0-0", busy=True)
+    assert advertised.is_due(now=1.0, can_take=8, last_job_read="0-0", busy=True)
     # Other free slots, or a job read the schedulers still count as queued: at once when idle...
-    assert advertised.is_due(now=0.001, free_slots=7, last_job_read="0-0", busy=False)
-    assert advertised.is_due(now=0.001, free_slots=8, last_job_read="5-0", busy=False)
+    assert advertised.is_due(now=0.001, can_take=7, last_job_read="0-0", busy=False)
+    assert advertised.is_due(now=0.001, can_take=8, last_job_read="5-0", busy=False)
     # ...and no sooner than CHANGED_BEAT_GAP_S after the last beat while busy.
-    assert not advertised.is_due(now=CHANGED_BEAT_GAP_S / 2, free_slots=7, last_job_read="0-0", busy=True)
-    assert advertised.is_due(now=CHANGED_BEAT_GAP_S, free_slots=7, last_job_read="0-0", busy=True)
+    assert not advertised.is_due(now=CHANGED_BEAT_GAP_S / 2, can_take=7, last_job_read="0-0", busy=True)
+    assert advertised.is_due(now=CHANGED_BEAT_GAP_S, can_take=7, last_job_read="0-0", busy=True)
 
 
 def test_an_idle_worker_waits_for_jobs_until_its_next_beat_is_due():
     advertised = Advertisement(interval_s=1.0)
     advertised.sent(beat(8, "0-0", sent_at=10.0))
-    assert advertised.idle_wait_ms(now=10.2, free_slots=8, last_job_read="0-0") == 800
+    assert advertised.idle_wait_ms(now=10.2, can_take=8, last_job_read="0-0") == 800
     # Never a wait shorter than a server tick when nothing is owed: that would be a busy poll.
-    assert advertised.idle_wait_ms(now=10.95, free_slots=8, last_job_read="0-0") == SERVER_TICK_MS
+    assert advertised.idle_wait_ms(now=10.95, can_take=8, last_job_read="0-0") == SERVER_TICK_MS
     # Something new to say: wake in time for the changed-slots beat.
-    assert 14 <= advertised.idle_wait_ms(now=10.005, free_slots=6, last_job_read="0-0") <= 15
-    assert advertised.idle_wait_ms(now=10.5, free_slots=6, last_job_read="0-0") == 1
+    assert 14 <= advertised.idle_wait_ms(now=10.005, can_take=6, last_job_read="0-0") <= 15
+    assert advertised.idle_wait_ms(now=10.5, can_take=6, last_job_read="0-0") == 1

@@ -48,8 +48,8 @@ def test_scraped_counts_match_the_requests_sent(daemons):
     assert total(sched, "batchd:jobs_dispatched_total") == total(sched, "batchd:job_size_requests_count")
     assert total(sched, "batchd:live_workers") == 1
 
-    labels = {"worker": "metrics-w1", "model": "echo"}
-    assert total(work, "batchd:request_success_total", finish_reason="length", **labels) == 20
+    labels = {"worker": "metrics-w1", "model_name": "echo"}
+    assert total(work, "batchd:request_success_total", finished_reason="length", **labels) == 20
     assert total(work, "batchd:generation_tokens_total", **labels) >= generated
     assert total(work, "batchd:time_to_first_token_seconds_count", **labels) >= 20
     assert total(work, "batchd:e2e_request_latency_seconds_count", **labels) >= 20

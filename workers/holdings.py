@@ -164,7 +164,12 @@ class Holdings:
         self.jobs_open.clear()
 
 
-def capacity(total_slots: int, prefetch: int | None, running: int, waiting: int) -> int:
+def free_slots(total_slots: int, running: int, waiting: int) -> int:
+    """Engine slots no request holds or waits for: what an operator reads as free."""
+    return max(0, total_slots - running - waiting)
+
+
+def can_take(total_slots: int, prefetch: int | None, running: int, waiting: int) -> int:
     """Requests a worker can take now: free slots plus room in its prefetch queue (None: half the slots)."""
     room = prefetch if prefetch is not None else max(1, total_slots // 2)
     return max(0, total_slots + room - running - waiting)
@@ -175,33 +180,33 @@ class Advertisement:
     """What the schedulers were last told in a heartbeat, and when they must hear again.
 
     A beat goes out every interval_s, and as soon as it would say something new:
-    other free slots, or jobs read that schedulers still count as queued
+    another number of requests it can take, or jobs read that schedulers still count as queued
     (last_job_read). While the engine is busy such a beat waits CHANGED_BEAT_GAP_S
     after the last; an idle worker beats at once, or the next job would wait for it.
     """
 
     interval_s: float
-    free_slots: int = -1
+    can_take: int = -1
     last_job_read: str = "0-0"
     next_beat_at: float = 0.0
 
-    def is_stale(self, free_slots: int, last_job_read: str) -> bool:
-        return free_slots != self.free_slots or last_job_read != self.last_job_read
+    def is_stale(self, can_take: int, last_job_read: str) -> bool:
+        return can_take != self.can_take or last_job_read != self.last_job_read
 
-    def is_due(self, now: float, free_slots: int, last_job_read: str, busy: bool) -> bool:
-        changed = self.is_stale(free_slots, last_job_read) and (not busy or now >= self._changed_beat_at())
+    def is_due(self, now: float, can_take: int, last_job_read: str, busy: bool) -> bool:
+        changed = self.is_stale(can_take, last_job_read) and (not busy or now >= self._changed_beat_at())
         return changed or now >= self.next_beat_at
 
-    def idle_wait_ms(self, now: float, free_slots: int, last_job_read: str) -> int:
+    def idle_wait_ms(self, now: float, can_take: int, last_job_read: str) -> int:
         """How long an idle worker may wait for jobs before a beat is due."""
-        if self.is_stale(free_slots, last_job_read):
+        if self.is_stale(can_take, last_job_read):
             return max(1, int((self._changed_beat_at() - now) * 1000))
         # Nothing to advertise: wait until the periodic beat. A new job wakes the read at
         # once, so a long wait costs no latency, and a short one would be a busy poll.
         return max(SERVER_TICK_MS, int((self.next_beat_at - now) * 1000))
 
     def sent(self, beat: Heartbeat) -> None:
-        self.free_slots = beat.free_slots
+        self.can_take = beat.requests_it_can_take()
         self.last_job_read = beat.last_job_read
         self.next_beat_at = beat.sent_at + self.interval_s
 

@@ -38,7 +38,7 @@ from batchd.daemon.toolkit import DaemonConfig
 
 from .cancels import CancelFeed
 from .engine import Engine, EngineRequest, ScoreItem, StepOutput
-from .holdings import Advertisement, Held, Holdings, capacity
+from .holdings import Advertisement, Held, Holdings, can_take, free_slots
 from .lease import LeaseKeeper
 from .outbox import Outbox, Parcel, Receipt
 
@@ -75,9 +75,10 @@ class WorkerConfig(DaemonConfig):
 
 class Worker:
     def __init__(self, config: WorkerConfig, engine: Engine, connect: Callable[[], redis.Redis] | None = None,
-                 clock=time.time):
+                 clock=time.time, state: metrics.WorkerState | None = None):
         """connect() opens a connection to Redis (default: to config.redis_url); each thread of
-        the worker calls it once for its own."""
+        the worker calls it once for its own. state: what /metrics and /health report,
+        created before the engine loaded its model when the process serves them from its start."""
         self.config = config
         self.engine = engine
         self.keys = Keys(config.prefix)
@@ -92,6 +93,7 @@ class Worker:
                                   config.heartbeat_interval_s, config.stall_timeout_s)
         self._cancels = CancelFeed(self.redis, self.keys.cancel_channel, self.stream)
         self._series = metrics.WorkerSeries(config.worker_id, engine.model_name)
+        self.state = state or metrics.WorkerState(config.worker_id)
         self._stop = threading.Event()
         self._draining = False
         # XREADGROUP replies (or errors) that came back with step parcels, not yet taken.
@@ -108,9 +110,10 @@ class Worker:
         """The requests this worker holds, by id."""
         return self.holdings.requests
 
-    def capacity(self) -> int:
+    def can_take(self) -> int:
+        """Requests this worker accepts now, its prefetch queue included."""
         engine = self.engine
-        return capacity(engine.total_slots, self.config.prefetch, engine.num_running, engine.num_waiting)
+        return can_take(engine.total_slots, self.config.prefetch, engine.num_running, engine.num_waiting)
 
     # -- lifecycle --------------------------------------------------------
     def stop(self) -> None:
@@ -123,7 +126,7 @@ class Worker:
                  "drain_timeout_s=%s metrics_port=%s", cfg.worker_id, self.engine.name, self.engine.model_name,
                  self.engine.total_slots, redact(cfg.redis_url), cfg.lease_ms, cfg.drain_timeout_s,
                  cfg.metrics_port)
-        metrics.serve(cfg.metrics_port, metrics.WORKER_REGISTRY)
+        metrics.serve(cfg.metrics_port, metrics.WORKER_REGISTRY, cfg.metrics_host, self.state.current)
         self._connect()
         self._lease.start()
         # The engine and its model live as long as the process: take them out of the cyclic
@@ -132,6 +135,7 @@ class Worker:
         # benchmarks/serving_gpu.py, phase smc_gc, measures it).
         gc.collect()
         gc.freeze()
+        self.state.set("serving")
         toolkit.run_until_stopped(self._stop, self.run_once, self._reconnect)
         self._drain()
 
@@ -199,7 +203,7 @@ class Worker:
 
     def _idle_wait_ms(self) -> int:
         """Wait for jobs, but wake in time to advertise slots that just freed up."""
-        return self.advertised.idle_wait_ms(self.clock(), self.capacity(), self.holdings.last_job_read)
+        return self.advertised.idle_wait_ms(self.clock(), self.can_take(), self.holdings.last_job_read)
 
     def _read_jobs(self, block_ms: int | None) -> None:
         try:
@@ -443,6 +447,11 @@ class Worker:
         series.prompt_tokens.inc(result.usage.prompt_tokens)
         series.generation_tokens.inc(result.usage.completion_tokens)
         series.e2e_latency.observe(result.timings.total_s)
+        if held.first_token_at is not None:
+            # vLLM's prefill and decode times. A request that waited in this engine's own
+            # queue (the prefetch) counts that wait as prefill: queue time ends at admission.
+            series.prefill_time.observe(max(0.0, held.first_token_at - held.admitted_at))
+            series.decode_time.observe(max(0.0, held.last_token_at - held.first_token_at))
 
     def _ack_jobs(self, entry_ids: list[str]) -> None:
         if not entry_ids:
@@ -466,13 +475,15 @@ class Worker:
         """The heartbeat due now, counted as sent (None when none is due): the next parcel
         must not carry another before this one is booked; if its send fails, the reconnect
         beats anyway."""
-        now, free = self.clock(), self.capacity()
-        if not (force or self.advertised.is_due(now, free, self.holdings.last_job_read, self.engine.has_work())):
+        now, room = self.clock(), self.can_take()
+        if not (force or self.advertised.is_due(now, room, self.holdings.last_job_read, self.engine.has_work())):
             return None
         engine = self.engine
+        free = free_slots(engine.total_slots, engine.num_running, engine.num_waiting)
         beat = Heartbeat(
             v=PROTOCOL_VERSION, worker_id=self.config.worker_id, model=engine.model_name,
             engine=engine.name, total_slots=engine.total_slots, free_slots=0 if self._draining else free,
+            can_take=0 if self._draining else room,
             running=engine.num_running, waiting=engine.num_waiting, kv_cache_usage=engine.kv_cache_usage,
             last_job_read=self.holdings.last_job_read, contrast_model=engine.contrast_model_name,
             lease_ms=self.config.lease_ms, host=socket.gethostname(), pid=os.getpid(),
@@ -488,6 +499,7 @@ class Worker:
     def _drain(self) -> None:
         """Finish what is running for drain_timeout_s, then hand the rest back."""
         self._draining = True
+        self.state.set("draining")
         log.info("worker %s draining: %d requests in flight", self.config.worker_id, len(self.holdings.requests))
         give_up = time.monotonic() + self.config.drain_timeout_s
         try:
