@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -17,15 +18,16 @@ DEFAULT_MODEL = "smollm2-135m"
 NEEDS_REDIS = ("scheduler", "worker", "submit", "status", "bench")
 
 
-def _number(kind, low, what: str, inclusive: bool = True):
-    """An argparse type: a number of `kind` at least (or above) `low`; anything else is refused
-    with one line, never silently replaced by a default."""
+def _number(kind, low, what: str, inclusive: bool = True, high=None):
+    """An argparse type: a finite number of `kind` at least (or above) `low`, at most `high`;
+    anything else is refused with one line, never silently replaced by a default."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value != value or value in (float("inf"), float("-inf")) or (value < low if inclusive else value <= low):
+        too_low = value < low if inclusive else value <= low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"{text!r}: {what}")
         return value
     return parse
@@ -33,7 +35,7 @@ def _number(kind, low, what: str, inclusive: bool = True):
 
 COUNT = _number(int, 1, "must be at least 1")
 NON_NEGATIVE = _number(int, 0, "must be 0 or more")
-PORT = _number(int, 0, "must be a port number, 0 to 65535 (0: off)")
+PORT = _number(int, 0, "must be a port number, 0 to 65535 (0: off)", high=65535)
 ZERO_OR_MORE = _number(float, 0, "must be 0 or more")
 ABOVE_ZERO = _number(float, 0, "must be more than 0", inclusive=False)
 
