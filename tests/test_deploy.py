@@ -887,3 +887,107 @@ def test_vllm_names_keep_vllms_labels_and_role(name):
     assert family[0] == kind and labels <= family[1], (family, labels)
     # vLLM reports these per engine: in batchd that is the worker, never the scheduler.
     assert any(m.name == f"batchd:{name}" for m in WORKER_REGISTRY.collect())
+
+
+# -- the images' cache is where the code looks -------------------------------------------------
+def dockerfile_env(path: Path) -> dict[str, str]:
+    """ENV of the image's final stage, as the running container sees it."""
+    instructions = dockerfile_instructions(path)
+    final_stage = instructions[max(i for i, (op, _) in enumerate(instructions) if op == "FROM"):]
+    env = {}
+    for op, arg in final_stage:
+        if op == "ENV":
+            env |= dict(item.split("=", 1) for item in shlex.split(arg))
+    return env
+
+
+def converted_models_folder(image_env: dict[str, str], monkeypatch) -> Path:
+    """Where workers/hf/models.py keeps converted models inside a container of that image."""
+    from batchd.workers.hf.models import cache_root
+
+    for name in ("BATCHD_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", "/home/batchd")  # the image's user; read-only on Kubernetes
+    for name, value in image_env.items():
+        if name in ("BATCHD_CACHE_DIR", "XDG_CACHE_HOME"):
+            monkeypatch.setenv(name, value)
+    return cache_root()
+
+
+def under(path: Path, folder: str) -> bool:
+    return path == Path(folder) or Path(folder) in path.parents
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
+def test_the_image_converts_models_into_its_cache_volume(name, monkeypatch):
+    folder = converted_models_folder(dockerfile_env(DEPLOY / name), monkeypatch)
+    volumes = [json.loads(arg)[0] for op, arg in dockerfile_instructions(DEPLOY / name) if op == "VOLUME"]
+    assert any(under(folder, volume) for volume in volumes), (folder, volumes)
+
+
+def test_compose_and_k8s_workers_mount_the_folder_models_are_converted_into(monkeypatch):
+    images = {"batchd:cpu": "Dockerfile", "batchd:cuda": "Dockerfile.cuda", "batchd-cuda": "Dockerfile.cuda"}
+    for name, service in compose()["services"].items():
+        if service.get("command", [None])[0] != "worker":
+            continue
+        folder = converted_models_folder(dockerfile_env(DEPLOY / images[service["image"]]), monkeypatch)
+        mounts = [volume.split(":")[1] for volume in service.get("volumes", [])]
+        assert any(under(folder, mount) for mount in mounts), (name, folder, mounts)
+    (container,) = pod_specs()["batchd-worker"]["spec"]["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"]  # only mounts are writable
+    folder = converted_models_folder(dockerfile_env(DEPLOY / images[container["image"].split(":")[0]]), monkeypatch)
+    mounts = [mount["mountPath"] for mount in container["volumeMounts"] if not mount.get("readOnly")]
+    assert any(under(folder, mount) for mount in mounts), (folder, mounts)
+
+
+def test_the_cache_rule_is_one_rule(monkeypatch, tmp_path):
+    from batchd.workers.hf.models import cache_root
+
+    monkeypatch.delenv("BATCHD_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_root() == tmp_path / "home" / ".cache" / "batchd" / "models"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "batchd" / "models"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # invalid under the XDG spec: ignored
+    assert cache_root() == tmp_path / "home" / ".cache" / "batchd" / "models"
+    monkeypatch.setenv("BATCHD_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"
+
+
+# -- one Secret per role ---------------------------------------------------------------------------
+def test_each_role_connects_with_its_own_secret_over_tls():
+    from urllib.parse import parse_qs, urlsplit
+
+    secrets = {}
+    for name, template in pod_specs().items():
+        (container,) = template["spec"]["containers"]
+        component = template["metadata"]["labels"]["app.kubernetes.io/component"]
+        (url_ref,) = [v["valueFrom"]["secretKeyRef"] for v in container["env"] if v["name"] == "BATCHD_REDIS_URL"]
+        secrets[component] = url_ref["name"]
+        url = urlsplit(k8s_object("Secret", url_ref["name"])["stringData"][url_ref["key"]])
+        # The role's own ACL user, over TLS, with a CA file the pod mounts.
+        assert url.scheme == "rediss" and url.username == f"batchd-{component}", name
+        (ca_file,) = parse_qs(url.query)["ssl_ca_certs"]
+        (mount,) = [m for m in container["volumeMounts"] if under(Path(ca_file), m["mountPath"])]
+        (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
+        assert Path(ca_file).name in k8s_object("Secret", volume["secret"]["secretName"])["stringData"]
+    assert len(set(secrets.values())) == len(secrets) == 2, secrets
+
+
+def test_keda_authenticates_as_its_own_user_over_tls():
+    scaled = k8s_object("ScaledObject", "batchd-worker")
+    pod_secrets = {v["valueFrom"]["secretKeyRef"]["name"] for template in pod_specs().values()
+                   for c in template["spec"]["containers"] for v in c["env"] if "valueFrom" in v
+                   and "secretKeyRef" in v["valueFrom"]}
+    for trigger in scaled["spec"]["triggers"]:
+        assert "enableTLS" not in trigger["metadata"]  # KEDA refuses TLS set in both places
+        auth = k8s_object("TriggerAuthentication", trigger["authenticationRef"]["name"])
+        refs = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
+        assert set(refs) == {"username", "password", "tls", "ca"}
+        value = {p: k8s_object("Secret", r["name"])["stringData"][r["key"]] for p, r in refs.items()}
+        assert value["tls"] == "enable" and value["username"] == "batchd-keda"
+        assert "BEGIN CERTIFICATE" in value["ca"]
+        assert not {refs[p]["name"] for p in ("username", "password")} & pod_secrets
+    # docs/security.md gives that user's ACL (tests/test_operator.py runs it on a real server).
+    assert "ACL SETUSER batchd-keda " in (REPO / "docs" / "security.md").read_text()

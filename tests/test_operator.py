@@ -199,3 +199,38 @@ def test_bench_writes_its_summary_json_and_plot_when_stopped(daemons, tmp_path):
     assert summary["interrupted"] is True
     assert 0 < summary["completed"] < 5000 and summary["latency_s"]["e2e"]["p50"] > 0
     assert picture.stat().st_size > 0 if plot else not picture.exists()
+
+
+# -- KEDA's own ACL user ---------------------------------------------------------------------------
+def acl_line(user: str) -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    (line,) = [line for line in text.splitlines() if line.startswith(f"ACL SETUSER {user} ")]
+    return line
+
+
+def test_kedas_user_reads_the_queue_and_nothing_else(redis_server, redis_client):
+    import redis
+
+    from batchd.client.keys import SCHEDULER_GROUP, Keys
+
+    keys = Keys()
+    redis_client.xgroup_create(keys.requests, SCHEDULER_GROUP, id="0", mkstream=True)
+    redis_client.xadd(keys.requests, {"id": "r1", "data": b"x"})
+    redis_client.execute_command(*acl_line("batchd-keda").split())
+    keda = redis.Redis.from_url(redis_server.url.replace("redis://", "redis://batchd-keda:keda-password@"))
+    try:
+        # What the redis-streams scaler asks: lagCount, pendingEntriesCount, streamLength.
+        (group,) = keda.xinfo_groups(keys.requests)
+        assert group["lag"] == 1
+        assert keda.xpending(keys.requests, SCHEDULER_GROUP)["pending"] == 0
+        assert keda.xlen(keys.requests) == 1
+        for refused in (lambda: keda.xadd(keys.requests, {"id": "forged"}),
+                        lambda: keda.xreadgroup(SCHEDULER_GROUP, "keda", {keys.requests: ">"}),
+                        lambda: keda.get(keys.result("r1")),
+                        lambda: keda.xlen(keys.jobs("w1"))):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                refused()
+    finally:
+        keda.close()

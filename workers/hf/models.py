@@ -54,10 +54,16 @@ class ModelSource:
 
 
 def cache_root() -> Path:
+    """Where converted models are kept: $BATCHD_CACHE_DIR if set, else
+    $XDG_CACHE_HOME/batchd/models (the XDG rule, which the images follow: they set
+    XDG_CACHE_HOME to their cache volume), else ~/.cache/batchd/models."""
     configured = os.environ.get("BATCHD_CACHE_DIR")
     if configured:
         return Path(configured).expanduser()
-    return Path.home() / ".cache" / "batchd" / "models"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # The XDG spec: a relative path is invalid and is ignored.
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "batchd" / "models"
 
 
 def resolve(spec: str) -> ModelSource:
