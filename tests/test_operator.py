@@ -234,3 +234,23 @@ def test_kedas_user_reads_the_queue_and_nothing_else(redis_server, redis_client)
                 refused()
     finally:
         keda.close()
+
+
+# -- conversion progress ------------------------------------------------------------------------------
+def test_a_long_step_reports_while_it_runs(caplog):
+    # The conversion took 94 s under a "~20 s" line and a 2 s progress bar: each
+    # step now says when it starts and ends, and how long it has run while it runs.
+    from batchd.workers.hf.models import Steps
+
+    steps = Steps("converting tiny", 2, every_s=0.05)
+    with caplog.at_level("INFO", logger="batchd.models"):
+        with steps.step("rebuilding the tokenizer"):
+            time.sleep(0.3)
+        with steps.step("writing the checkpoint"):
+            pass
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "converting tiny: step 1/2, rebuilding the tokenizer..."
+    reminders = [line for line in lines if line.startswith("converting tiny: step 1/2") and "so far" in line]
+    assert len(reminders) >= 3
+    assert lines.index(reminders[-1]) < lines.index(next(l for l in lines if "step 1/2" in l and "done in" in l))
+    assert lines[-1].startswith("converting tiny: step 2/2, writing the checkpoint: done in")

