@@ -77,7 +77,7 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-prefill-tokens", type=COUNT, default=None,
                        help="prompt tokens a step computes, so long prompts never stall decoding (default: 512 on "
                             "a GPU, which keeps the inter-token tail low; 2048 on a CPU)")
-    group.add_argument("--burst-prefill-tokens", type=int, default=None,
+    group.add_argument("--burst-prefill-tokens", type=COUNT, default=None,
                        help="prompt tokens a step may compute while a backlog of prompts waits (a burst, long "
                             "prompts): the budget grows with the backlog up to this (default: 4x "
                             "--max-prefill-tokens on a GPU, the same on a CPU)")

@@ -150,7 +150,7 @@ def test_a_worker_checks_redis_before_loading_its_model():
     ["worker", "--slots", "0"], ["up", "--slots", "-4"], ["demo", "--slots", "0"],
     ["scheduler", "--max-batch", "0"], ["scheduler", "--max-attempts", "0"], ["scheduler", "--max-queue", "-1"],
     ["scheduler", "--max-wait-ms", "nan"], ["worker", "--lease-ms", "0"], ["worker", "--heartbeat-interval", "0"],
-    ["worker", "--max-context", "0"], ["worker", "--max-prefill-tokens", "0"], ["worker", "--metrics-port", "70000"],
+    ["worker", "--max-context", "0"], ["worker", "--max-prefill-tokens", "0"], ["worker", "--burst-prefill-tokens", "0"], ["worker", "--metrics-port", "70000"],
     ["bench", "--concurrency", "0"], ["bench", "--requests", "0"], ["bench", "--rate", "0"],
     ["bench", "--producers", "0"], ["submit", "x", "--max-new-tokens", "0"], ["status", "--interval", "0"],
 ], ids=" ".join)
