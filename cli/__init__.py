@@ -21,6 +21,7 @@ from batchd.client import (
     Result,
     ResultTimeout,
     StreamRestarted,
+    UnknownModel,
     WorkerFailed,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "Result",
     "ResultTimeout",
     "StreamRestarted",
+    "UnknownModel",
     "WorkerFailed",
 ]
 __version__ = "0.1.0"

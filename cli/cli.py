@@ -81,6 +81,9 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                        help="prompt tokens a step may compute while a backlog of prompts waits (a burst, long "
                             "prompts): the budget grows with the backlog up to this (default: 4x "
                             "--max-prefill-tokens on a GPU, the same on a CPU)")
+    group.add_argument("--served-model-name", action="append", default=None, metavar="NAME", dest="served_model_names",
+                       help="a name requests give as model= to reach this worker (repeatable; default: the model's "
+                            "own name, 'echo' for the echo engine)")
     group.add_argument("--contrast-model", default=None, metavar="MODEL",
                        help="a second model (the same one before fine-tuning) that requests with contrast_alpha "
                             "decode against: logits + alpha * (logits - logits_of_this_model)")
@@ -160,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     from batchd.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(p)
+
+    p = sub.add_parser("gateway", help="an OpenAI-compatible HTTP server in front of the queue (pip install 'batchd[gateway]')")
+    _add_redis(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs API keys)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="a key callers send as 'Authorization: Bearer KEY' (repeatable; producer identity "
+                        "key-<first 8 hex of its sha256>)")
+    p.add_argument("--api-keys-file", default=None, metavar="PATH",
+                   help="lines of 'KEY PRODUCER [REDIS_URL]': each key's producer identity (and Redis user)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="deadline of a call that gives none, in seconds; past it the caller gets 504 (default 600)")
 
     p = sub.add_parser("health", help="exit 0 when healthy (for probes)")
     _add_redis(p)

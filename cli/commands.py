@@ -62,7 +62,8 @@ def worker(args) -> int:
 
     config = WorkerConfig(redis_url=args.redis, prefix=args.prefix, drain_timeout_s=args.drain_timeout,
                           metrics_port=args.metrics_port, metrics_host=args.metrics_host, lease_ms=args.lease_ms,
-                          heartbeat_interval_s=args.heartbeat_interval, abandoned_after_s=args.abandoned_after)
+                          heartbeat_interval_s=args.heartbeat_interval, abandoned_after_s=args.abandoned_after,
+                          served_models=args.served_model_names or [])
     if args.worker_id:
         config.worker_id = args.worker_id
     # /metrics and /health answer while the model loads (a minute or more on a GPU),
@@ -123,6 +124,8 @@ def _daemon_argv(args, url: str) -> tuple[list[str], list[str]]:
             "--drain-timeout", str(args.drain_timeout),
             "--token-delay-ms", str(args.token_delay_ms), "--lease-ms", str(args.lease_ms),
             "--heartbeat-interval", str(args.heartbeat_interval), "--abandoned-after", str(args.abandoned_after)]
+    for name in args.served_model_names or ():
+        work += ["--served-model-name", name]
     for flag, value in (("--slots", args.slots), ("--kv-memory", args.kv_memory),
                         ("--max-prefill-tokens", args.max_prefill_tokens),
                         ("--burst-prefill-tokens", args.burst_prefill_tokens),
@@ -252,6 +255,31 @@ def health(args) -> int:
     return 0
 
 
+
+
+def gateway(args) -> int:
+    try:
+        from batchd.gateway import GatewayConfig, is_loopback, key_digest, read_keys_file, serve
+    except ImportError as exc:
+        log.error("the gateway needs its extra: pip install 'batchd[gateway]' (%s)", exc)
+        return 2
+    try:
+        keys = read_keys_file(args.api_keys_file) if args.api_keys_file else {}
+    except (OSError, ValueError) as exc:
+        log.error("cannot read --api-keys-file: %s", exc)
+        return 2
+    for key in args.api_key:
+        digest = key_digest(key)
+        keys[digest] = (f"key-{digest[:8]}", None)
+    if not keys and not is_loopback(args.host):
+        log.error("refusing to serve %s without API keys: give --api-key or --api-keys-file, or listen on "
+                  "127.0.0.1", args.host)
+        return 2
+    config = GatewayConfig(redis_url=args.redis, prefix=args.prefix, api_keys=keys,
+                           request_timeout_s=args.request_timeout)
+    log.info("gateway listening on http://%s:%d", args.host, args.port)
+    serve(config, args.host, args.port)
+    return 0
 
 
 def bench(args) -> int:

@@ -15,6 +15,7 @@ from .errors import (
     Overloaded,
     RequestTooLarge,
     ResultTimeout,
+    UnknownModel,
     UnsupportedVersion,
     WorkerFailed,
 )
@@ -23,7 +24,7 @@ from .protocol import Result, SamplingParams, Timings, Usage
 __all__ = [
     "AsyncClient", "BatchdError", "BrokerUnavailable", "Cancelled", "Client", "DeadlineExceeded", "Delta", "InvalidRequest",
     "NextTokenLogprobs", "NoWorkers", "Overloaded", "RequestTooLarge", "Result", "ResultTimeout", "SamplingParams",
-    "Score", "StreamRestarted", "Timings", "UnsupportedVersion", "Usage", "WorkerFailed",
+    "Score", "StreamRestarted", "Timings", "UnknownModel", "UnsupportedVersion", "Usage", "WorkerFailed",
 ]
 
 

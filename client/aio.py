@@ -186,22 +186,33 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
             yield item
 
     async def next_token_logprobs(self, prompt_token_ids: Sequence[int], top_k: int | None = None,
-                                  timeout: float | None = None) -> scoring.NextTokenLogprobs:
+                                  timeout: float | None = None, model: str | None = None) -> scoring.NextTokenLogprobs:
         """See Client.next_token_logprobs."""
         request, payload = scoring.next_token_request(self._ids.next(), prompt_token_ids, top_k,
-                                                      producer=self.producer, timeout=timeout)
+                                                      producer=self.producer, timeout=timeout, model=model)
         handle = await self._send(request, payload, False, timeout)
         return scoring.next_token_logprobs(await handle.result())
 
     async def score(self, prompt: str | None = None, continuation: str | None = None, *,
                     prompt_token_ids: Sequence[int] | None = None,
                     continuation_token_ids: Sequence[int] | None = None,
-                    timeout: float | None = None) -> scoring.Score:
+                    timeout: float | None = None, model: str | None = None,
+                    messages: Sequence[dict] | None = None) -> scoring.Score:
         """See Client.score."""
         request, payload = scoring.score_request(self._ids.next(), prompt, continuation, prompt_token_ids,
-                                                 continuation_token_ids, producer=self.producer, timeout=timeout)
+                                                 continuation_token_ids, producer=self.producer, timeout=timeout,
+                                                 model=model, messages=messages)
         handle = await self._send(request, payload, False, timeout)
         return scoring.score(await handle.result())
+
+    async def models(self) -> list[str]:
+        """See Client.models."""
+        async def read() -> list[str]:
+            worker_ids = await self._redis.zrange(self.keys.workers, 0, -1)
+            beats = await self._redis.mget([self.keys.heartbeat(w.decode()) for w in worker_ids]) if worker_ids else []
+            return core.served_models(beats)
+
+        return await _retrying(read)
 
     async def cancel(self, request_id: str) -> None:
         """See Client.cancel."""

@@ -31,7 +31,7 @@ import msgspec
 import redis
 
 from .connection import CONNECTION_LOST, Backoff
-from .errors import BrokerUnavailable, InvalidRequest, Overloaded, ResultTimeout, error_from_code
+from .errors import BatchdError, BrokerUnavailable, InvalidRequest, Overloaded, ResultTimeout, error_from_code
 from .keys import Keys
 from .protocol import (
     PROTOCOL_VERSION,
@@ -43,8 +43,10 @@ from .protocol import (
     SamplingParams,
     TokenEvent,
     decode_event,
+    decode_heartbeat,
     decode_request,
     encode,
+    models_served,
 )
 from .scripts import ScriptCall, is_missing_function, submit_call
 
@@ -132,6 +134,7 @@ def build_request(
     top_logprobs: int | None = None,
     contrast_alpha: float | None = None,
     cancel_hash: str | None = None,
+    model: str | None = None,
 ) -> tuple[Request, bytes]:
     """Build, encode and validate a request exactly as a scheduler will.
 
@@ -167,6 +170,7 @@ def build_request(
             continuation_token_ids=list(continuation_token_ids) if continuation_token_ids is not None else None,
             top_logprobs=top_logprobs,
             cancel_hash=cancel_hash,
+            model=model or "",
         )
         payload = encode(request)
     except (TypeError, KeyError, ValueError, OverflowError, msgspec.EncodeError) as exc:
@@ -244,6 +248,19 @@ class EventParser:
         if len(tokens) == len(self._shown_tokens) and len(text) == len(self._shown_text):
             self._replaying = False  # caught up: from here on events pass straight through
         return Delta(text=new_text, token_ids=new_tokens, index=index) if new_tokens or new_text else None
+
+
+def served_models(heartbeats: Sequence[bytes | None]) -> list[str]:
+    """The model names the live workers' heartbeats advertise, sorted; unreadable ones are skipped."""
+    names: set[str] = set()
+    for raw in heartbeats:
+        if raw is None:
+            continue
+        try:
+            names.update(models_served(decode_heartbeat(raw)))
+        except (msgspec.MsgspecError, BatchdError):
+            continue  # a newer or broken worker's beat: it serves nothing this client can name
+    return sorted(names)
 
 
 def _agree(a, b) -> bool:
@@ -447,11 +464,13 @@ class ClientCore(Generic[Sent]):
                stop: Sequence[str] | str | None = None, stop_token_ids: Sequence[int] | None = None,
                ignore_eos: bool = False, contrast_alpha: float | None = None, priority: int = 0,
                timeout: float | None = None, deadline: float | None = None,
-               request_id: str | None = None) -> Sent:
+               request_id: str | None = None, model: str | None = None) -> Sent:
         """Enqueue one request and return its handle at once (AsyncClient: await it).
 
-        Raises InvalidRequest for bad arguments (at the call, before anything is sent) and
-        Overloaded when the queue is full. Submitting again with the same request_id never
+        model names the model to answer with, as workers advertise it (`models()`); None:
+        the fleet's only model. Raises InvalidRequest for bad arguments (at the call, before
+        anything is sent) and Overloaded when the queue is full; a model no live worker
+        serves comes back as UnknownModel. Submitting again with the same request_id never
         runs it twice.
         """
         explicit = request_id is not None
@@ -461,7 +480,7 @@ class ClientCore(Generic[Sent]):
             request_id, prompt, messages, prompt_token_ids, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, contrast_alpha=contrast_alpha,
-            priority=priority, producer=self.producer, timeout=timeout, deadline=deadline,
+            priority=priority, producer=self.producer, timeout=timeout, deadline=deadline, model=model,
             cancel_hash=self._cancel_secrets.hash(request_id) if isinstance(request_id, str) else None)
         return self._send(request, payload, explicit, timeout)
 

@@ -36,6 +36,12 @@ class UnsupportedVersion(InvalidRequest):
     code = "unsupported_version"
 
 
+class UnknownModel(InvalidRequest):
+    """The request names a model no live worker serves (the message lists those served)."""
+
+    code = "unknown_model"
+
+
 class Overloaded(BatchdError):
     """The request queue is full (max_queue); retry later with backoff."""
 
@@ -87,6 +93,7 @@ _BY_CODE = {
         InvalidRequest,
         RequestTooLarge,
         UnsupportedVersion,
+        UnknownModel,
         Overloaded,
         DeadlineExceeded,
         Cancelled,

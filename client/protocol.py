@@ -32,6 +32,8 @@ MAX_ID_CHARS = 128
 MAX_CONTRAST_ALPHA = 100.0
 # Unix times beyond this (the year 5138) are refused, inf and NaN with them.
 MAX_UNIX_TIME_S = 1e11
+MAX_MODEL_CHARS = 256
+MAX_SERVED_MODELS = 64
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 # generate decodes new tokens; the other two score tokens the caller gives in one
@@ -50,6 +52,7 @@ def is_request_id(text: str) -> bool:
         return False
     return True
 TokenId = Annotated[int, Meta(ge=0, lt=2**31)]
+ModelName = Annotated[str, Meta(max_length=MAX_MODEL_CHARS)]
 
 
 class SamplingParams(Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
@@ -104,6 +107,9 @@ class Request(Struct, forbid_unknown_fields=True, omit_defaults=True):
     # SHA-1 (hex) of the secret a cancel must present (docs/protocol.md): only the submitter
     # can cancel. None: anyone who knows the id can (producers that predate it).
     cancel_hash: Annotated[str, Meta(pattern=r"^[0-9a-f]{40}$")] | None = None
+    # The model to answer with, as workers advertise it (Heartbeat.models). "" (and a
+    # producer older than routing by model, which never sends it): the fleet's only model.
+    model: ModelName = ""
 
 
 class Job(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -191,6 +197,9 @@ class Heartbeat(Struct, omit_defaults=True):
     kv_cache_usage: float = 0.0
     # The model contrast_alpha requests decode against; "" when the worker has none.
     contrast_model: str = ""
+    # The names requests may give as `model` to be sent here (--served-model-name; default
+    # the model's own name). Empty from a worker older than routing by model: [model].
+    models: list[str] = []
     # Stream id of the last job this worker read: schedulers subtract what
     # they dispatched after it from can_take.
     last_job_read: str = "0-0"
@@ -304,6 +313,11 @@ def decode_heartbeat(data: bytes) -> Heartbeat:
     beat = _heartbeat_decoder.decode(data)
     _check_version(beat.v, "heartbeat")
     return beat
+
+
+def models_served(beat: Heartbeat) -> list[str]:
+    """The model names a worker answers to (a worker older than routing by model: its model)."""
+    return list(beat.models) or [beat.model]
 
 
 def error_result(request_id: str, error: Exception, finish_reason: FinishReason = "error",

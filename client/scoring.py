@@ -40,17 +40,18 @@ class Score:
 
 
 def next_token_request(request_id: str, prompt_token_ids: Sequence[int], top_k: int | None, *, producer: str,
-                       timeout: float | None) -> tuple[Request, bytes]:
+                       timeout: float | None, model: str | None = None) -> tuple[Request, bytes]:
     return build_request(request_id, None, None, prompt_token_ids, producer=producer, timeout=timeout,
-                         task="next_token_logprobs", top_logprobs=top_k, **_NO_DECODING)
+                         task="next_token_logprobs", top_logprobs=top_k, model=model, **_NO_DECODING)
 
 
 def score_request(request_id: str, prompt: str | None, continuation: str | None,
                   prompt_token_ids: Sequence[int] | None, continuation_token_ids: Sequence[int] | None, *,
-                  producer: str, timeout: float | None) -> tuple[Request, bytes]:
-    return build_request(request_id, prompt, None, prompt_token_ids, producer=producer, timeout=timeout,
+                  producer: str, timeout: float | None, model: str | None = None,
+                  messages: Sequence[dict] | None = None) -> tuple[Request, bytes]:
+    return build_request(request_id, prompt, messages, prompt_token_ids, producer=producer, timeout=timeout,
                          task="score", continuation=continuation, continuation_token_ids=continuation_token_ids,
-                         **_NO_DECODING)
+                         model=model, **_NO_DECODING)
 
 
 # A scoring request's sampling params stay at their defaults (the protocol checks it).

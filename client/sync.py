@@ -217,19 +217,31 @@ class Client(core.ClientCore[RequestHandle]):
         return iter(self.submit(prompt, **kwargs))
 
     def next_token_logprobs(self, prompt_token_ids: Sequence[int], top_k: int | None = None,
-                            timeout: float | None = None) -> scoring.NextTokenLogprobs:
+                            timeout: float | None = None, model: str | None = None) -> scoring.NextTokenLogprobs:
         """Log-probabilities of the token after the prompt: the full vector, or the top_k most likely."""
         request, payload = scoring.next_token_request(self._ids.next(), prompt_token_ids, top_k,
-                                                      producer=self.producer, timeout=timeout)
+                                                      producer=self.producer, timeout=timeout, model=model)
         return scoring.next_token_logprobs(self._send(request, payload, False, timeout).result())
 
     def score(self, prompt: str | None = None, continuation: str | None = None, *,
               prompt_token_ids: Sequence[int] | None = None, continuation_token_ids: Sequence[int] | None = None,
-              timeout: float | None = None) -> scoring.Score:
-        """Log-probability of the continuation after the prompt (text or token ids), token by token."""
+              timeout: float | None = None, model: str | None = None,
+              messages: Sequence[dict] | None = None) -> scoring.Score:
+        """Log-probability of the continuation after the prompt (text, chat messages or token ids),
+        token by token."""
         request, payload = scoring.score_request(self._ids.next(), prompt, continuation, prompt_token_ids,
-                                                 continuation_token_ids, producer=self.producer, timeout=timeout)
+                                                 continuation_token_ids, producer=self.producer, timeout=timeout,
+                                                 model=model, messages=messages)
         return scoring.score(self._send(request, payload, False, timeout).result())
+
+    def models(self) -> list[str]:
+        """The model names live workers serve, sorted: what `model=` may name."""
+        def read() -> list[str]:
+            worker_ids = self._redis.zrange(self.keys.workers, 0, -1)
+            beats = self._redis.mget([self.keys.heartbeat(w.decode()) for w in worker_ids]) if worker_ids else []
+            return core.served_models(beats)
+
+        return _retrying(read)
 
     def cancel(self, request_id: str) -> None:
         """Ask batchd to stop a request; its slot is freed within one engine step."""

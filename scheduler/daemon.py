@@ -20,7 +20,7 @@ import msgspec
 import redis
 
 from batchd.client.connection import connect, redact
-from batchd.client.errors import BatchdError, InvalidRequest, WorkerFailed
+from batchd.client.errors import BatchdError, InvalidRequest, UnknownModel, WorkerFailed
 from batchd.client.keys import SCHEDULER_GROUP, Keys, parse_stream_id
 from batchd.client.protocol import (
     PROTOCOL_VERSION,
@@ -32,6 +32,7 @@ from batchd.client.protocol import (
     encode,
     error_result,
     is_request_id,
+    models_served,
 )
 from batchd.client.scripts import LIBRARY, load_library
 from batchd.daemon import metrics, recovery, scripts
@@ -51,7 +52,8 @@ from batchd.daemon.toolkit import (
     run_until_stopped,
 )
 
-from .policy import Batcher, BatchPolicy, WorkerCapacity, pick_worker
+from . import policy
+from .policy import BatchPolicy, ModelBatchers, WorkerCapacity, pick_worker
 
 log = logging.getLogger("batchd.scheduler")
 
@@ -115,7 +117,8 @@ class Scheduler:
         self.keys = Keys(config.prefix)
         self.redis = client or connect(config.redis_url)
         self.clock = clock
-        self.batcher: Batcher[_Held] = Batcher(BatchPolicy(config.max_batch, config.max_wait_ms))
+        # One batcher per model a request names: a job carries one model's requests.
+        self.batcher: ModelBatchers[_Held] = ModelBatchers(BatchPolicy(config.max_batch, config.max_wait_ms))
         self.workers: dict[str, WorkerCapacity] = {}
         self._stop = threading.Event()
         self._next_refresh = 0.0
@@ -191,10 +194,19 @@ class Scheduler:
 
     def _seconds_to_wait(self, now: float) -> float:
         waits = [self._next_refresh - now, self._next_housekeeping - now]
-        due = self.batcher.seconds_until_due(now)
-        if due is not None and any(w.available() for w in self.workers.values()):
+        due = self.batcher.seconds_until_due(now, [m for m in self.batcher.models() if self._can_act(m)])
+        if due is not None:
             waits.append(due)
         return max(0.0, min(waits))
+
+    def _can_act(self, requested: str) -> bool:
+        """Whether a due batch for this model could go now: a worker serving it has room, or
+        it must be refused (live workers serve other models only)."""
+        try:
+            model = policy.route(requested, policy.models_served(self.workers))
+        except UnknownModel:
+            return True
+        return model is not None and pick_worker(self.workers, model) is not None
 
     def _read(self, block_ms: int | None) -> None:
         room = self.config.read_ahead - len(self.batcher)
@@ -238,9 +250,9 @@ class Scheduler:
             decoded = self._decode_entry(entry_id, fields)
             (readable if isinstance(decoded, _Held) else unreadable).append(decoded)
         for held in self._claimed(readable):
-            metrics.requests_received.labels(str(held.request.priority)).inc()
-            self.batcher.add(held, self._arrival(held.entry_id, now), priority=held.request.priority,
-                             producer=held.request.producer)
+            metrics.requests_received.labels(str(held.request.priority), held.request.model).inc()
+            self.batcher.add(held, self._arrival(held.entry_id, now), model=held.request.model,
+                             priority=held.request.priority, producer=held.request.producer)
         # After the claims: an unreadable entry naming the id of a valid one read with it
         # must not answer that request.
         for rejection in unreadable:
@@ -296,16 +308,26 @@ class Scheduler:
 
     # -- dispatch ---------------------------------------------------------
     def _dispatch_due(self) -> None:
+        for requested in self.batcher.due(self.clock()):
+            self._dispatch_model(requested)
+
+    def _dispatch_model(self, requested: str) -> None:
+        """Dispatch the due batches of the requests naming one model ("": none) to workers serving it."""
         while True:
             now = self.clock()
-            if not self.batcher.is_due(now):
+            if not self.batcher.is_due(requested, now):
                 return
-            worker = pick_worker(self.workers)
+            try:
+                model = policy.route(requested, policy.models_served(self.workers))
+            except UnknownModel as exc:
+                self._refuse_model(requested, exc)
+                return
+            worker = pick_worker(self.workers, model) if model is not None else None
             if worker is None:
                 self._sweep_held(now)
                 return
-            opened = self.batcher.opened_at()
-            batch = self.batcher.take(now, worker.available())
+            opened = self.batcher.opened_at(requested)
+            batch = self.batcher.take(requested, now, worker.available())
             if not batch:
                 return
             batch = self._drop_expired(batch, now)
@@ -340,6 +362,13 @@ class Scheduler:
         metrics.jobs_dispatched.inc()
         metrics.job_size.observe(len(batch))
         return [], []
+
+    def _refuse_model(self, requested: str, error: UnknownModel) -> None:
+        """Answer every held request naming a model no live worker serves."""
+        refused = self.batcher.remove(lambda held: held.request.model == requested)
+        log.info("refused %d requests for model %r: %s", len(refused), requested, error.message)
+        for held in refused:
+            self._answer(held, error)
 
     def _drop_expired(self, batch: list[_Held], now: float) -> list[_Held]:
         kept = []
@@ -430,6 +459,7 @@ class Scheduler:
                 continue
             capacity = self.workers.get(worker_id) or WorkerCapacity(worker_id, 0)
             capacity.refresh(beat.requests_it_can_take(), parse_stream_id(beat.last_job_read))
+            capacity.models = frozenset(models_served(beat))
             live[worker_id] = capacity
             slots += beat.total_slots
             # A heartbeat of an older worker counts its prefetch queue in free_slots.

@@ -8,13 +8,18 @@ comes first, and never larger than the free slots the caller reports.
 Within a batch, higher priority goes first; within one priority, producers
 take turns (one request each, round robin), so one producer's burst cannot
 starve another producer's occasional request.
+
+A batch holds requests for one model only and goes only to a worker that
+serves that model (ModelBatchers, route, pick_worker).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Collection, Generic, Iterable, Iterator, TypeVar
+
+from batchd.client.errors import UnknownModel
 
 Item = TypeVar("Item")
 
@@ -150,6 +155,85 @@ class Batcher(Generic[Item]):
                 yield pending.item
 
 
+class ModelBatchers(Generic[Item]):
+    """One Batcher per model a request names ("" for requests that name none), so a batch
+    never mixes models; each closes by the same policy."""
+
+    def __init__(self, policy: BatchPolicy):
+        self.policy = policy
+        self._by_model: dict[str, Batcher[Item]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._by_model.values())
+
+    def models(self) -> list[str]:
+        """The models with requests held."""
+        return list(self._by_model)
+
+    def add(self, item: Item, arrival: float, *, model: str, priority: int = 0, producer: str = "") -> None:
+        batcher = self._by_model.get(model)
+        if batcher is None:
+            batcher = self._by_model[model] = Batcher(self.policy)
+        batcher.add(item, arrival, priority=priority, producer=producer)
+
+    def due(self, now: float) -> list[str]:
+        """Models whose batch is due, the longest open first."""
+        due = [m for m, b in self._by_model.items() if b.is_due(now)]
+        return sorted(due, key=lambda m: self._by_model[m].opened_at() or now)
+
+    def is_due(self, model: str, now: float) -> bool:
+        batcher = self._by_model.get(model)
+        return batcher is not None and batcher.is_due(now)
+
+    def opened_at(self, model: str) -> float | None:
+        batcher = self._by_model.get(model)
+        return batcher.opened_at() if batcher is not None else None
+
+    def seconds_until_due(self, now: float, models: Iterable[str]) -> float | None:
+        """How long until the first batch of the given models closes; None when none is held."""
+        waits = [self._by_model[m].seconds_until_due(now) for m in models if m in self._by_model]
+        waits = [w for w in waits if w is not None]
+        return min(waits) if waits else None
+
+    def take(self, model: str, now: float, free_slots: int) -> list[Item]:
+        batcher = self._by_model.get(model)
+        if batcher is None:
+            return []
+        batch = batcher.take(now, free_slots)
+        if not len(batcher):
+            del self._by_model[model]
+        return batch
+
+    def remove(self, should_remove: Callable[[Item], bool]) -> list[Item]:
+        removed: list[Item] = []
+        for model in list(self._by_model):
+            removed += self._by_model[model].remove(should_remove)
+            if not len(self._by_model[model]):
+                del self._by_model[model]
+        return removed
+
+    def items(self) -> Iterator[Item]:
+        for batcher in self._by_model.values():
+            yield from batcher.items()
+
+
+def route(requested: str, served: Collection[str]) -> str | None:
+    """The model that answers a request: the one it names, or the fleet's only model when it
+    names none. None while no worker is live (the request waits, as it always has); raises
+    UnknownModel when live workers serve other models only, naming those they serve."""
+    if not served:
+        return None
+    if not requested:
+        if len(served) == 1:
+            return next(iter(served))
+        raise UnknownModel(f"this fleet serves {len(served)} models ({', '.join(sorted(served))}): "
+                           "name one with model=")
+    if requested in served:
+        return requested
+    raise UnknownModel(f"no live worker serves model {requested!r}; the models served are: "
+                       f"{', '.join(sorted(served))}")
+
+
 @dataclass
 class WorkerCapacity:
     """A scheduler's view of one worker: advertised slots minus what it sent since."""
@@ -159,6 +243,8 @@ class WorkerCapacity:
     # (job stream id, requests) this scheduler dispatched that the worker's
     # heartbeat had not yet counted.
     unseen: list[tuple[tuple[int, int], int]] = field(default_factory=list)
+    # The model names it answers to (Heartbeat.models).
+    models: frozenset[str] = frozenset()
 
     def available(self) -> int:
         return max(0, self.free_slots - sum(n for _, n in self.unseen))
@@ -171,7 +257,12 @@ class WorkerCapacity:
         self.unseen.append((job_stream_id, requests))
 
 
-def pick_worker(workers: dict[str, WorkerCapacity]) -> WorkerCapacity | None:
-    """The live worker with the most room, or None when every worker is full."""
-    best = max(workers.values(), key=lambda w: w.available(), default=None)
+def pick_worker(workers: dict[str, WorkerCapacity], model: str | None = None) -> WorkerCapacity | None:
+    """The live worker serving model (None: any) with the most room, or None when each is full."""
+    candidates = (w for w in workers.values() if model is None or model in w.models)
+    best = max(candidates, key=lambda w: w.available(), default=None)
     return best if best is not None and best.available() > 0 else None
+
+
+def models_served(workers: dict[str, WorkerCapacity]) -> set[str]:
+    return {model for worker in workers.values() for model in worker.models}

@@ -29,7 +29,7 @@ import redis
 
 from batchd.client import connection
 from batchd.client.connection import CONNECTION_LOST, redact
-from batchd.client.errors import BatchdError, InvalidRequest
+from batchd.client.errors import BatchdError, InvalidRequest, UnknownModel
 from batchd.client.keys import WORKER_GROUP, Keys
 from batchd.client.protocol import PROTOCOL_VERSION, Heartbeat, Request, RestartEvent, Result, error_result
 from batchd.daemon import metrics, recovery, toolkit
@@ -71,6 +71,9 @@ class WorkerConfig(DaemonConfig):
     # its caller is gone (the protocol requires subscribing before submitting).
     # Longer than a client's reconnect after a Redis restart; 0 disables.
     abandoned_after_s: float = 10.0
+    # The names requests may give as `model` to reach this worker (--served-model-name);
+    # empty: the engine's model name.
+    served_models: list[str] = field(default_factory=list)
 
 
 class Worker:
@@ -92,7 +95,8 @@ class Worker:
         self._lease = LeaseKeeper(connect(), self.keys.heartbeat(config.worker_id), config.lease_ms,
                                   config.heartbeat_interval_s, config.stall_timeout_s)
         self._cancels = CancelFeed(self.redis, self.keys.cancel_channel, self.stream)
-        self._series = metrics.WorkerSeries(config.worker_id, engine.model_name)
+        self.served_models = list(config.served_models) or [engine.model_name]
+        self._series = metrics.WorkerSeries(config.worker_id, self.served_models[0])
         self.state = state or metrics.WorkerState(config.worker_id)
         self._stop = threading.Event()
         self._draining = False
@@ -122,8 +126,9 @@ class Worker:
 
     def run(self) -> None:
         cfg = self.config
-        log.info("worker starting: id=%s engine=%s model=%s slots=%d redis=%s lease_ms=%d "
+        log.info("worker starting: id=%s engine=%s model=%s serves=%s slots=%d redis=%s lease_ms=%d "
                  "drain_timeout_s=%s metrics_port=%s", cfg.worker_id, self.engine.name, self.engine.model_name,
+                 ",".join(self.served_models),
                  self.engine.total_slots, redact(cfg.redis_url), cfg.lease_ms, cfg.drain_timeout_s,
                  cfg.metrics_port)
         metrics.serve(cfg.metrics_port, metrics.WORKER_REGISTRY, cfg.metrics_host, self.state.current)
@@ -282,6 +287,10 @@ class Worker:
                 raise toolkit.cancelled_before_start(request.id)
             if request.deadline is not None and request.deadline <= now:
                 raise toolkit.expired_before_start(request.id, WAITING_FOR)
+            if request.model and request.model not in self.served_models:
+                # A scheduler routed by an old view of this worker (it restarted serving another).
+                raise UnknownModel(f"worker {self.config.worker_id} serves {', '.join(self.served_models)}, "
+                                   f"not {request.model!r}", request.id)
             if request.task == "generate":
                 prompt = self.engine.tokenize(request)
                 self.engine.add(EngineRequest(request.id, prompt, request.params, request.deadline, now))
@@ -486,7 +495,7 @@ class Worker:
             can_take=0 if self._draining else room,
             running=engine.num_running, waiting=engine.num_waiting, kv_cache_usage=engine.kv_cache_usage,
             last_job_read=self.holdings.last_job_read, contrast_model=engine.contrast_model_name,
-            lease_ms=self.config.lease_ms, host=socket.gethostname(), pid=os.getpid(),
+            models=self.served_models, lease_ms=self.config.lease_ms, host=socket.gethostname(), pid=os.getpid(),
             started_at=self.started_at, sent_at=now)
         self.advertised.sent(beat)
         self._series.heartbeats.inc()
