@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from batchd.client.keys import parse_stream_id
-from batchd.scheduler.policy import Batcher, BatchPolicy, WorkerCapacity, pick_worker
+from batchd.client.errors import UnknownModel
+from batchd.scheduler.policy import Batcher, BatchPolicy, ModelBatchers, WorkerCapacity, models_served, pick_worker, route
 
 
 def batcher(max_batch=4, max_wait_ms=10.0) -> Batcher:
@@ -104,3 +105,42 @@ def test_pick_worker_prefers_the_most_room_and_none_when_full():
     assert pick_worker({"a": a, "b": b}) is b
     assert pick_worker({"a": WorkerCapacity("a", 0)}) is None
     assert pick_worker({}) is None
+
+
+# -- routing by model -------------------------------------------------------------------
+def test_a_batch_holds_one_model_and_each_closes_on_its_own_clock():
+    batchers = ModelBatchers(BatchPolicy(max_batch=3, max_wait_ms=10))
+    batchers.add("a1", 0.000, model="a")
+    batchers.add("b1", 0.005, model="b")
+    batchers.add("a2", 0.006, model="a")
+    assert batchers.due(0.009) == []
+    assert batchers.due(0.011) == ["a"]  # b opened 5 ms later
+    assert batchers.take("a", 0.011, free_slots=10) == ["a1", "a2"]
+    assert batchers.models() == ["b"] and len(batchers) == 1
+    assert batchers.seconds_until_due(0.011, ["b"]) == pytest.approx(0.004)
+    assert batchers.seconds_until_due(0.011, ["a"]) is None
+    assert batchers.take("b", 0.016, free_slots=10) == ["b1"]
+    assert len(batchers) == 0 and batchers.models() == []
+
+
+def test_route_names_the_fleets_only_model_and_refuses_what_nobody_serves():
+    assert route("", {"m"}) == "m"
+    assert route("m", {"m", "n"}) == "m"
+    assert route("", set()) is None and route("m", set()) is None  # no live worker yet: wait
+    with pytest.raises(UnknownModel, match="name one") as none_named:
+        route("", {"m", "n"})
+    assert "m, n" in none_named.value.message
+    with pytest.raises(UnknownModel, match="'x'.*m, n"):
+        route("x", {"n", "m"})
+
+
+def test_pick_worker_takes_only_workers_serving_the_model():
+    a = WorkerCapacity("a", free_slots=10, models=frozenset({"m"}))
+    b = WorkerCapacity("b", free_slots=2, models=frozenset({"n", "m"}))
+    workers = {"a": a, "b": b}
+    assert pick_worker(workers, "m") is a
+    assert pick_worker(workers, "n") is b
+    assert pick_worker(workers, "x") is None
+    b.free_slots = 0
+    assert pick_worker(workers, "n") is None
+    assert models_served(workers) == {"m", "n"}
