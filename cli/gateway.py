@@ -187,10 +187,13 @@ class Call:
     client: AsyncClient
     submits: list[dict]
     include_usage: bool = False
+    logprobs: bool = False
+    timeout: float | None = None
     handles: list = field(default_factory=list)
     results: list[Result | None] = field(default_factory=list)
 
     async def submit_all(self, timeout: float) -> None:
+        self.timeout = timeout
         for kwargs in self.submits:
             self.handles.append(await self.client.submit(timeout=timeout, model=self.model or None, **kwargs))
         self.results = [None] * len(self.handles)
@@ -269,7 +272,8 @@ async def _complete(gateway: Gateway, request: Request, endpoint: api.Endpoint) 
         submits = [{**prompt, "seed": api.choice_seed(prompt["seed"], i)}
                    for prompt in prompts for i in range(parsed.n)]
         call = Call(endpoint, model, client, submits,
-                    include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage))
+                    include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage),
+                    logprobs=api.wants_logprobs(parsed))
         prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
         await call.submit_all(gateway.config.request_timeout_s)
         response_id = prefix + call.handles[0].request_id
@@ -290,7 +294,10 @@ async def _complete(gateway: Gateway, request: Request, endpoint: api.Endpoint) 
 
 async def _whole(gateway: Gateway, call: Call, request: Request, response_id: str) -> Response:
     """Wait for every choice's result, or for the caller to go away (then cancel them)."""
-    results = asyncio.ensure_future(asyncio.gather(*(h.result() for h in call.handles)))
+    if call.logprobs:
+        results = asyncio.ensure_future(asyncio.gather(*(_with_logprobs(call, i) for i in range(len(call.handles)))))
+    else:
+        results = asyncio.ensure_future(asyncio.gather(*(h.result() for h in call.handles)))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait((results, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -303,9 +310,40 @@ async def _whole(gateway: Gateway, call: Call, request: Request, response_id: st
         results.cancel()
         call.cancel_unfinished(gateway)
         return Response(status_code=499)
-    call.results = [api.check_finished(r) for r in results.result()]
+    answers = results.result()
+    logprobs = None
+    if call.logprobs:
+        answers, logprobs = [a for a, _ in answers], [lp for _, lp in answers]
+    call.results = [api.check_finished(r) for r in answers]
     build = api.chat_completion if call.endpoint == "chat" else api.text_completion
-    return _json_response(build(response_id, call.model, call.results))
+    return _json_response(build(response_id, call.model, call.results, logprobs))
+
+
+async def _with_logprobs(call: Call, index: int) -> tuple[Result, dict]:
+    """A choice's result and its tokens' logprobs: the answer is read token by token (for each
+    token's text), then scored in one forward pass of the same model."""
+    tokens: list[str] = []
+    result = None
+    async for item in call.handles[index]:
+        if isinstance(item, Delta):
+            # One token per delta as a rule; text held back for an unfinished character
+            # comes with the next token's delta.
+            tokens += [item.text] + [""] * (len(item.token_ids) - 1)
+        elif isinstance(item, StreamRestarted):
+            tokens = []
+        elif isinstance(item, Result):
+            result = item
+    api.check_finished(result)
+    submit = call.submits[index]
+    prompt = {name: submit[name] for name in ("prompt", "messages", "prompt_token_ids") if name in submit}
+    logprobs: list[float] = []
+    if result.token_ids:
+        scored = await call.client.score(**prompt, continuation_token_ids=result.token_ids, model=call.model or None,
+                                         timeout=call.timeout)
+        logprobs = scored.token_logprobs
+    tokens = (tokens + [""] * len(logprobs))[:len(logprobs)]
+    build = api.chat_logprobs if call.endpoint == "chat" else api.completion_logprobs
+    return result, build(tokens, logprobs)
 
 
 async def _disconnected(request: Request) -> None:

@@ -111,9 +111,10 @@ def parse_chat(body: bytes) -> ChatCompletionRequest:
         raise BadBody("tools are not supported by batchd's gateway", param="tools")
     if request.response_format and request.response_format.get("type", "text") != "text":
         raise BadBody("response_format: only {'type': 'text'} is supported")
-    if request.logprobs or request.top_logprobs:
-        raise BadBody("logprobs are not supported by batchd's gateway yet (batchd's own clients have "
-                             "score and next_token_logprobs)", param="logprobs")
+    if request.top_logprobs:
+        raise BadBody("top_logprobs > 0 is not supported yet: logprobs=true gives each token's own logprob",
+                      param="top_logprobs")
+    _check_logprobs(request, bool(request.logprobs))
     return request
 
 
@@ -126,10 +127,23 @@ def parse_completion(body: bytes) -> CompletionRequest:
         raise BadBody("suffix is not supported by batchd's gateway")
     if request.best_of not in (None, 1, request.n):
         raise BadBody("best_of other than n is not supported")
-    if request.logprobs is not None:
-        raise BadBody("logprobs are not supported by batchd's gateway yet (batchd's own clients have "
-                             "score and next_token_logprobs)", param="logprobs")
+    if request.logprobs:
+        raise BadBody("logprobs > 0 (the most likely alternatives) is not supported yet: logprobs=0 gives each "
+                      "token's own logprob", param="logprobs")
+    _check_logprobs(request, request.logprobs is not None)
     return request
+
+
+def _check_logprobs(request: _Common, wanted: bool) -> None:
+    # A token's logprob comes from scoring the finished answer in one forward pass (a score
+    # request: the model's own distribution, before temperature or top_p), so a stream,
+    # which shows tokens before the answer is finished, cannot carry them.
+    if wanted and request.stream:
+        raise BadBody("logprobs are not available on a stream yet; ask without stream", param="logprobs")
+
+
+def wants_logprobs(request: _Common) -> bool:
+    return bool(request.logprobs) if isinstance(request, ChatCompletionRequest) else request.logprobs is not None
 
 
 def _decode(decoder: msgspec.json.Decoder, body: bytes) -> Any:
@@ -218,21 +232,36 @@ def usage(results: list[Result]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_completion(response_id: str, model: str, results: list[Result]) -> dict:
+def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
+    return {"content": [{"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
+                        for token, logprob in zip(tokens, logprobs)]}
+
+
+def completion_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+
+
+def chat_completion(response_id: str, model: str, results: list[Result],
+                    logprobs: list[dict] | None = None) -> dict:
     return {
         "id": response_id, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                     "logprobs": None, "finish_reason": finish_reason(r)}
+                     "logprobs": logprobs[i] if logprobs else None, "finish_reason": finish_reason(r)}
                     for i, r in enumerate(results)],
         "usage": usage(results), "system_fingerprint": None,
     }
 
 
-def text_completion(response_id: str, model: str, results: list[Result]) -> dict:
+def text_completion(response_id: str, model: str, results: list[Result],
+                    logprobs: list[dict] | None = None) -> dict:
     return {
         "id": response_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": r.text, "logprobs": None, "finish_reason": finish_reason(r)}
-                    for i, r in enumerate(results)],
+        "choices": [{"index": i, "text": r.text, "logprobs": logprobs[i] if logprobs else None,
+                     "finish_reason": finish_reason(r)} for i, r in enumerate(results)],
         "usage": usage(results), "system_fingerprint": None,
     }
 

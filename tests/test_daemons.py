@@ -371,10 +371,10 @@ def test_a_batch_window_counts_from_when_the_request_reached_redis(client, clock
     client.xadd(KEYS.requests, {"id": "r0", "data": encode(Request(v=PROTOCOL_VERSION, id="r0", prompt="p"))},
                 id=f"{entered_ms}-0")
     scheduler._read(None)
-    assert scheduler.batcher.opened_at() == pytest.approx(clock() - 0.0015, abs=0.001)
+    assert scheduler.batcher.opened_at("") == pytest.approx(clock() - 0.0015, abs=0.001)
     # An entry id far in the past (or a skewed clock) earns at most MAX_TRANSIT_CREDIT_S.
     scheduler._accept([("1000-0", {b"id": b"r1", b"data": encode(Request(v=PROTOCOL_VERSION, id="r1", prompt="p"))})])
-    assert scheduler.batcher.opened_at() == pytest.approx(clock() - 0.002)
+    assert scheduler.batcher.opened_at("") == pytest.approx(clock() - 0.002)
 
 
 def test_a_job_read_twice_is_admitted_once_and_acked_only_when_done(client, clock):

@@ -122,6 +122,11 @@ def test_errors_have_openai_shapes_and_status_codes(fleet):
         openai_client.chat.completions.create(model="echo", messages=MESSAGES, tools=[
             {"type": "function", "function": {"name": "f", "parameters": {}}}])
     assert tools.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as streamed_logprobs:
+        openai_client.chat.completions.create(model="echo", messages=MESSAGES, logprobs=True, stream=True)
+    assert streamed_logprobs.value.body["param"] == "logprobs"
+    with pytest.raises(openai.BadRequestError, match="cannot answer score"):  # the echo engine has no model
+        openai_client.chat.completions.create(model="echo", messages=MESSAGES, logprobs=True)
     reply = httpx.post(fleet.base + "/v1/completions", content=b"{not json", timeout=10)
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_request"
     # A prompt the worker refuses (outside the echo engine's vocabulary) is a 400 too.

@@ -141,6 +141,13 @@ def test_the_gateway_routes_by_model_and_matches_client_generate(three_models, t
                 model="tiny", prompt=prompt, max_tokens=MAX_NEW_TOKENS, temperature=0, stream=True) if c.choices)
             assert whole.choices[0].text == expected.text == streamed
             assert whole.usage.completion_tokens == expected.usage.completion_tokens
+            # logprobs=0: each token's own logprob, as the model scores the answer.
+            scored = openai_client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_NEW_TOKENS,
+                                                      temperature=0, logprobs=0)
+            reference = client.score(prompt, continuation_token_ids=expected.token_ids, model="tiny", timeout=30)
+            assert scored.choices[0].text == expected.text
+            assert scored.choices[0].logprobs.token_logprobs == pytest.approx(reference.token_logprobs, abs=1e-4)
+            assert "".join(scored.choices[0].logprobs.tokens) == expected.text
     with pytest.raises(openai.NotFoundError) as missing:
         openai_client.completions.create(prompt="hi", model="nope")
     assert "echo-a, echo-b, echo-b-latest, tiny" in missing.value.message
