@@ -296,6 +296,8 @@ async def _whole(gateway: Gateway, call: Call, request: Request, response_id: st
     """Wait for every choice's result, or for the caller to go away (then cancel them)."""
     if call.logprobs:
         results = asyncio.ensure_future(asyncio.gather(*(_with_logprobs(call, i) for i in range(len(call.handles)))))
+    elif len(call.handles) == 1:  # the common case, without gather's extra future
+        results = asyncio.ensure_future(_one_result(call.handles[0]))
     else:
         results = asyncio.ensure_future(asyncio.gather(*(h.result() for h in call.handles)))
     gone = asyncio.ensure_future(_disconnected(request))
@@ -344,6 +346,10 @@ async def _with_logprobs(call: Call, index: int) -> tuple[Result, dict]:
     tokens = (tokens + [""] * len(logprobs))[:len(logprobs)]
     build = api.chat_logprobs if call.endpoint == "chat" else api.completion_logprobs
     return result, build(tokens, logprobs)
+
+
+async def _one_result(handle) -> list[Result]:
+    return [await handle.result()]
 
 
 async def _disconnected(request: Request) -> None:
