@@ -24,9 +24,9 @@ async def main(url: str, spec: dict) -> None:
         async def one(prompt: str) -> dict:
             kwargs = {"messages": [{"role": "user", "content": prompt}]} if spec.get("chat") else {"prompt": prompt}
             result = await client.generate(max_new_tokens=spec.get("max_new_tokens", 64), timeout=spec.get("timeout", 120),
-                                           **kwargs)
+                                           model=spec.get("model"), **kwargs)
             return {"prompt": prompt, "request_id": result.request_id, "text": result.text,
-                    "token_ids": result.token_ids, "finish_reason": result.finish_reason}
+                    "token_ids": result.token_ids, "finish_reason": result.finish_reason, "worker": result.worker}
 
         results = await asyncio.gather(*(one(p) for p in spec["prompts"]))
     print(json.dumps({"pid": os.getpid(), "finished_at": time.time(), "results": results}))

@@ -24,6 +24,8 @@ from test_scoring import _byte_tokenizer, _tiny_llama
 TINY_PROMPTS = ["Paris is the", "One, two,", "abc", "Hello there, general"]
 MAX_NEW_TOKENS = 8
 EOS = 2
+# The byte tokenizer knows printable ASCII only: a chat template without newlines.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}assistant:"
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,9 @@ def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     model.generation_config.eos_token_id = EOS
     model.save_pretrained(folder)
-    _byte_tokenizer().save_pretrained(folder)
+    tokenizer = _byte_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
     return model, folder
 
 
@@ -148,6 +152,20 @@ def test_the_gateway_routes_by_model_and_matches_client_generate(three_models, t
             assert scored.choices[0].text == expected.text
             assert scored.choices[0].logprobs.token_logprobs == pytest.approx(reference.token_logprobs, abs=1e-4)
             assert "".join(scored.choices[0].logprobs.tokens) == expected.text
+        # Chat through the model's chat template: streamed and not, the tokens of Client.generate.
+        for question in ("What is 2+2?", "Say hi"):
+            messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}]
+            expected = client.generate(messages=messages, model="tiny", max_new_tokens=MAX_NEW_TOKENS, timeout=60)
+            whole = openai_client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_NEW_TOKENS,
+                                                          temperature=0, logprobs=True)
+            streamed = "".join(c.choices[0].delta.content or "" for c in openai_client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=MAX_NEW_TOKENS, temperature=0, stream=True) if c.choices)
+            assert whole.choices[0].message.content == expected.text == streamed
+            reference = client.score(messages=messages, continuation_token_ids=expected.token_ids, model="tiny",
+                                     timeout=30)
+            assert [e.logprob for e in whole.choices[0].logprobs.content] == pytest.approx(
+                reference.token_logprobs, abs=1e-4)
+            assert "".join(e.token for e in whole.choices[0].logprobs.content) == expected.text
     with pytest.raises(openai.NotFoundError) as missing:
         openai_client.completions.create(prompt="hi", model="nope")
     assert "echo-a, echo-b, echo-b-latest, tiny" in missing.value.message
@@ -161,3 +179,4 @@ def test_metrics_are_labelled_by_model(three_models):
         client.generate("counted", model="echo-b", timeout=30)
     text = httpx.get(f"http://127.0.0.1:{three_models.metrics_port}/metrics").text
     assert 'batchd:requests_received_total{model="echo-b",priority="0"}' in text
+
