@@ -166,6 +166,15 @@ def grafana_to_promql(expr: str) -> str:
     return expr
 
 
+def gateway_series() -> set[str]:
+    """Every series name the gateway's registry exposes (its families have no children until
+    a call, so their names come from the families and their kinds' suffixes)."""
+    import batchd.daemon.metrics as metrics
+
+    return {family.name + suffix for family in metrics.GATEWAY_REGISTRY.collect()
+            for suffix in SERIES_SUFFIXES[family.type]}
+
+
 def query_problems(expr: str) -> list[str]:
     """Why this PromQL does not fit batchd's metrics (empty when it does)."""
     try:
@@ -197,7 +206,9 @@ def query_problems(expr: str) -> list[str]:
         # scheduler metrics as constant zeros; only the schedulers' copies mean anything.
         scheduler_job = any(m.name == "job" and m.op == promql_parser.MatchOp.Equal and m.value == "batchd-scheduler"
                             for m in selector.matchers.matchers)
-        if "worker" not in series[name] and name not in PROMETHEUS_SERIES and not scheduler_job:
+        # The gateway serves its own registry alone (no daemon exports its families, nor it theirs).
+        if ("worker" not in series[name] and name not in PROMETHEUS_SERIES and not scheduler_job
+                and name not in gateway_series()):
             problems.append(f'{name} is a scheduler metric: select it with {{job="batchd-scheduler"}}')
         for matcher in selector.matchers.matchers:
             if matcher.name not in labels:
