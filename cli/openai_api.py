@@ -131,6 +131,7 @@ def parse_completion(body: bytes) -> CompletionRequest:
         raise BadBody("logprobs > 0 (the most likely alternatives) is not supported yet: logprobs=0 gives each "
                       "token's own logprob", param="logprobs")
     _check_logprobs(request, request.logprobs is not None)
+    completion_prompts(request)  # a mixed prompt list is refused here, with the body's other faults
     return request
 
 
