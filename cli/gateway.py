@@ -155,6 +155,10 @@ class Gateway:
             self._models_read_at = now
         return self._models
 
+    def served_now(self) -> list[str]:
+        """The models served at the last read (no I/O)."""
+        return self._models
+
     async def resolve_model(self, requested: str) -> str:
         """The model a call is answered by, as it will be named in the response. A model no live
         worker serves is refused here without a round trip through a scheduler; the scheduler
@@ -192,10 +196,18 @@ class Call:
     handles: list = field(default_factory=list)
     results: list[Result | None] = field(default_factory=list)
 
-    async def submit_all(self, timeout: float) -> None:
+    async def submit_all(self, gateway: "Gateway", timeout: float) -> None:
+        """Submit every choice's request at once (one pipeline); if any is refused, none runs."""
         self.timeout = timeout
-        for kwargs in self.submits:
-            self.handles.append(await self.client.submit(timeout=timeout, model=self.model or None, **kwargs))
+        outcomes = await asyncio.gather(*(self.client.submit(timeout=timeout, model=self.model or None, **kwargs)
+                                          for kwargs in self.submits), return_exceptions=True)
+        refused = [o for o in outcomes if isinstance(o, BaseException)]
+        if refused:
+            for handle in outcomes:
+                if not isinstance(handle, BaseException):
+                    gateway.cancel_later(self.client, handle.request_id)
+            raise refused[0]
+        self.handles = list(outcomes)
         self.results = [None] * len(self.handles)
 
     def cancel_unfinished(self, gateway: Gateway) -> None:
@@ -203,7 +215,8 @@ class Call:
         for request_id in unfinished:
             gateway.cancel_later(self.client, request_id)
         if unfinished:
-            metrics.gateway_disconnects.labels(self.endpoint, self.model).inc()
+            label = self.model if self.model in gateway.served_now() else "-"
+            metrics.gateway_disconnects.labels(self.endpoint, label).inc()
 
 
 def build_app(config: GatewayConfig) -> Starlette:
@@ -239,6 +252,7 @@ def build_app(config: GatewayConfig) -> Starlette:
               Route("/v1/models", list_models, methods=["GET"]),
               Route("/health", health, methods=["GET"]),
               Route("/metrics", prometheus, methods=["GET"])]
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         await gateway.start()
@@ -275,7 +289,7 @@ async def _complete(gateway: Gateway, request: Request, endpoint: api.Endpoint) 
                     include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage),
                     logprobs=api.wants_logprobs(parsed))
         prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
-        await call.submit_all(gateway.config.request_timeout_s)
+        await call.submit_all(gateway, gateway.config.request_timeout_s)
         response_id = prefix + call.handles[0].request_id
         if parsed.stream:
             response = await _stream(gateway, call, api.Chunks(response_id, model, endpoint == "chat"))
@@ -287,8 +301,10 @@ async def _complete(gateway: Gateway, request: Request, endpoint: api.Endpoint) 
         response = _error_response(exc)
     finally:
         metrics.gateway_in_flight.dec()
-    metrics.gateway_requests.labels(endpoint, model, str(response.status_code)).inc()
-    metrics.gateway_duration.labels(endpoint, model).observe(time.perf_counter() - started)
+    # A label only for models served: a caller's made-up names must not grow the series.
+    label = model if model in gateway.served_now() else "-"
+    metrics.gateway_requests.labels(endpoint, label, str(response.status_code)).inc()
+    metrics.gateway_duration.labels(endpoint, label).observe(time.perf_counter() - started)
     return response
 
 

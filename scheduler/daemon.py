@@ -250,7 +250,7 @@ class Scheduler:
             decoded = self._decode_entry(entry_id, fields)
             (readable if isinstance(decoded, _Held) else unreadable).append(decoded)
         for held in self._claimed(readable):
-            metrics.requests_received.labels(str(held.request.priority), held.request.model).inc()
+            metrics.requests_received.labels(str(held.request.priority), self._model_label(held.request.model)).inc()
             self.batcher.add(held, self._arrival(held.entry_id, now), model=held.request.model,
                              priority=held.request.priority, producer=held.request.producer)
         # After the claims: an unreadable entry naming the id of a valid one read with it
@@ -280,6 +280,13 @@ class Scheduler:
             metrics.requests_rejected.labels("duplicate").inc(len(second))
             self._ack(*[h.entry_id for h in second])
         return claimed
+
+    def _model_label(self, model: str) -> str:
+        """A request's model as a metric label: a producer's name for a model nobody serves
+        becomes "(unknown)", so made-up names cannot grow the series without bound."""
+        if not model or any(model in worker.models for worker in self.workers.values()):
+            return model
+        return "(unknown)"
 
     def _arrival(self, entry_id: str, now: float) -> float:
         """When the request reached Redis, on this scheduler's clock (see MAX_TRANSIT_CREDIT_S)."""

@@ -97,3 +97,14 @@ def echo_fleet(tmp_path_factory):
     yield fleet
     fleet.stop_all()
     server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def module_daemons(tmp_path_factory):
+    """A private redis-server and a Daemons on it shared by a module's tests, which start the
+    daemons they need once."""
+    server = EmbeddedServer(binary=redis_binary()).start()
+    fleet = Daemons(server.url, tmp_path_factory.mktemp("module-fleet"))
+    yield fleet
+    fleet.stop_all()
+    server.cleanup()

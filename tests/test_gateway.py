@@ -17,8 +17,6 @@ from batchd.client.keys import Keys
 from batchd.client.protocol import FinalEvent, decode_event
 from batchd.status import read_status
 
-from conftest import Daemons, redis_binary
-from batchd.embedded import EmbeddedServer
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 2?"}]
 
@@ -29,7 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gateway(fleet: Daemons, *extra: str) -> str:
+def start_gateway(fleet, *extra: str) -> str:
     port = free_port()
     process = fleet.start("gateway", "--port", str(port), *extra)
     base = f"http://127.0.0.1:{port}"
@@ -47,17 +45,13 @@ def start_gateway(fleet: Daemons, *extra: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    """One redis-server, scheduler, echo worker (a slow one too, for disconnects) and gateway."""
-    server = EmbeddedServer(binary=redis_binary()).start()
-    daemons = Daemons(server.url, tmp_path_factory.mktemp("gateway-fleet"))
-    daemons.scheduler()
-    daemons.echo_worker("--worker-id", "echo-1")
-    daemons.wait_for_workers(1)
-    daemons.base = start_gateway(daemons)
-    yield daemons
-    daemons.stop_all()
-    server.cleanup()
+def fleet(module_daemons):
+    """One redis-server, scheduler, echo worker and gateway for the module."""
+    module_daemons.scheduler()
+    module_daemons.echo_worker("--worker-id", "echo-1")
+    module_daemons.wait_for_workers(1)
+    module_daemons.base = start_gateway(module_daemons)
+    return module_daemons
 
 
 def sdk(base: str, key: str = "none") -> openai.OpenAI:
@@ -156,93 +150,84 @@ def _wait_for(predicate, timeout: float = 10.0):
     return predicate()
 
 
-def test_a_caller_that_disconnects_cancels_its_request_on_the_worker(redis_server, tmp_path):
-    fleet = Daemons(redis_server.url, tmp_path)
-    try:
-        fleet.scheduler()
-        # 20 ms a token: the 2,000-character answer would take 40 s.
-        fleet.echo_worker("--token-delay-ms", "20", "--slots", "8", "--worker-id", "slow")
-        fleet.wait_for_workers(1)
-        base = start_gateway(fleet)
-        long_prompt = "x" * 2000
-        with httpx.Client(timeout=30) as http:
-            with http.stream("POST", base + "/v1/chat/completions", json={
-                    "model": "echo", "messages": [{"role": "user", "content": long_prompt}], "max_tokens": 2000,
-                    "stream": True}) as response:
-                lines = response.iter_lines()
-                first = next(line for line in lines if line.startswith("data: "))
-                next(line for line in lines if line.startswith("data: "))  # a token: it runs on the worker
-        request_id = first.split('"id":"chatcmpl-', 1)[1].split('"', 1)[0]
-        started = time.monotonic()
-        cancelled = _wait_for(lambda: [r for r in _cancelled_results(fleet.url) if r.request_id == request_id])
-        assert cancelled and cancelled[0].worker == "slow", fleet.logs()  # the worker itself ended it
-        assert cancelled[0].usage.completion_tokens < 500
-        assert time.monotonic() - started < 5
-        # Its slot is free again: the worker advertises all 8.
-        assert _wait_for(lambda: read_status(redis.Redis.from_url(fleet.url), Keys())["workers"][0]["free_slots"]
-                         >= 8)
+def test_a_caller_that_disconnects_cancels_its_request_on_the_worker(daemons):
+    fleet = daemons
+    fleet.scheduler()
+    # 20 ms a token: the 2,000-character answer would take 40 s.
+    fleet.echo_worker("--token-delay-ms", "20", "--slots", "8", "--worker-id", "slow")
+    fleet.wait_for_workers(1)
+    base = start_gateway(fleet)
+    long_prompt = "x" * 2000
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", base + "/v1/chat/completions", json={
+                "model": "echo", "messages": [{"role": "user", "content": long_prompt}], "max_tokens": 2000,
+                "stream": True}) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            next(line for line in lines if line.startswith("data: "))  # a token: it runs on the worker
+    request_id = first.split('"id":"chatcmpl-', 1)[1].split('"', 1)[0]
+    started = time.monotonic()
+    cancelled = _wait_for(lambda: [r for r in _cancelled_results(fleet.url) if r.request_id == request_id])
+    assert cancelled and cancelled[0].worker == "slow", fleet.logs()  # the worker itself ended it
+    assert cancelled[0].usage.completion_tokens < 500
+    assert time.monotonic() - started < 5
+    # Its slot is free again: the worker advertises all 8.
+    assert _wait_for(lambda: read_status(redis.Redis.from_url(fleet.url), Keys())["workers"][0]["free_slots"]
+                     >= 8)
 
-        # The same for a call that waits for the whole answer.
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(base + "/v1/completions", json={"model": "echo", "prompt": long_prompt, "max_tokens": 2000},
-                       timeout=1.0)
-        assert _wait_for(lambda: len(_cancelled_results(fleet.url)) == 2), fleet.logs()
-        text = httpx.get(base + "/metrics").text
-        assert 'batchd:gateway_disconnects_total{endpoint="completions",model="echo"} 1.0' in text
-    finally:
-        fleet.stop_all()
+    # The same for a call that waits for the whole answer.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/completions", json={"model": "echo", "prompt": long_prompt, "max_tokens": 2000},
+                   timeout=1.0)
+    assert _wait_for(lambda: len(_cancelled_results(fleet.url)) == 2), fleet.logs()
+    text = httpx.get(base + "/metrics").text
+    assert 'batchd:gateway_disconnects_total{endpoint="completions",model="echo"} 1.0' in text
 
 
-def test_overload_is_429_with_retry_after_and_deadline_is_504(redis_server, tmp_path):
-    fleet = Daemons(redis_server.url, tmp_path)
-    try:
-        fleet.scheduler("--max-queue", "2")
-        fleet.start("worker", "--engine", "echo", "--token-delay-ms", "50", "--slots", "1")
-        fleet.wait_for_workers(1)
-        base = start_gateway(fleet, "--request-timeout", "1")
-        with pytest.raises(openai.APIStatusError) as late:  # 60 tokens at 50 ms: past the 1 s deadline
-            sdk(base).completions.create(model="echo", prompt="y" * 60, max_tokens=60)
-        assert late.value.status_code == 504 and late.value.body["type"] == "timeout"
+def test_overload_is_429_with_retry_after_and_deadline_is_504(daemons):
+    fleet = daemons
+    fleet.scheduler("--max-queue", "2")
+    fleet.start("worker", "--engine", "echo", "--token-delay-ms", "50", "--slots", "1")
+    fleet.wait_for_workers(1)
+    base = start_gateway(fleet, "--request-timeout", "1")
+    with pytest.raises(openai.APIStatusError) as late:  # 60 tokens at 50 ms: past the 1 s deadline
+        sdk(base).completions.create(model="echo", prompt="y" * 60, max_tokens=60)
+    assert late.value.status_code == 504 and late.value.body["type"] == "timeout"
 
-        with Client(fleet.url) as client:
-            # Requests take the only slot, then wait in the queue until it is full.
-            held = []
-            with pytest.raises(Overloaded):
-                for _ in range(10):
-                    held.append(client.submit("z" * 400, max_new_tokens=400))
-                    time.sleep(0.05)
-            with pytest.raises(openai.RateLimitError) as limited:
-                sdk(base).chat.completions.create(model="echo", messages=MESSAGES)
-            for handle in held:
-                handle.cancel()
-        assert limited.value.response.headers["retry-after"] == "1"
-        assert limited.value.status_code == 429 and "max_queue" in limited.value.message
-    finally:
-        fleet.stop_all()
+    with Client(fleet.url) as client:
+        # Requests take the only slot, then wait in the queue until it is full.
+        held = []
+        with pytest.raises(Overloaded):
+            for _ in range(10):
+                held.append(client.submit("z" * 400, max_new_tokens=400))
+                time.sleep(0.05)
+        with pytest.raises(openai.RateLimitError) as limited:
+            sdk(base).chat.completions.create(model="echo", messages=MESSAGES)
+        for handle in held:
+            handle.cancel()
+    assert limited.value.response.headers["retry-after"] == "1"
+    assert limited.value.status_code == 429 and "max_queue" in limited.value.message
 
 
-def test_api_keys_map_callers_to_producers_and_no_key_means_loopback_only(redis_server, tmp_path):
-    fleet = Daemons(redis_server.url, tmp_path)
-    try:
-        fleet.scheduler()
-        fleet.echo_worker()
-        fleet.wait_for_workers(1)
-        keys_file = tmp_path / "keys"
-        keys_file.write_text("# key producer\nteam-a-secret team-a\n")
-        base = start_gateway(fleet, "--api-key", "k1", "--api-keys-file", str(keys_file))
-        with pytest.raises(openai.AuthenticationError):
-            sdk(base, "wrong").completions.create(model="echo", prompt="hi", max_tokens=2)
-        assert httpx.get(base + "/v1/models").status_code == 401
-        assert sdk(base, "k1").completions.create(model="echo", prompt="hi", max_tokens=2).choices[0].text == "hi"
-        # The request carried the key's producer identity (the scheduler's fair share and tenancy see it).
-        monitor = redis.Redis.from_url(fleet.url)
-        with monitor.monitor() as watch:
-            sdk(base, "team-a-secret").completions.create(model="echo", prompt="from a", max_tokens=6)
-            commands = [next(watch.listen())["command"] for _ in range(40)]
-        assert any("team-a" in c and "evalsha" in c.lower() for c in commands), commands
+def test_api_keys_map_callers_to_producers_and_no_key_means_loopback_only(daemons, tmp_path):
+    fleet = daemons
+    fleet.scheduler()
+    fleet.echo_worker()
+    fleet.wait_for_workers(1)
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# key producer\nteam-a-secret team-a\n")
+    base = start_gateway(fleet, "--api-key", "k1", "--api-keys-file", str(keys_file))
+    with pytest.raises(openai.AuthenticationError):
+        sdk(base, "wrong").completions.create(model="echo", prompt="hi", max_tokens=2)
+    assert httpx.get(base + "/v1/models").status_code == 401
+    assert sdk(base, "k1").completions.create(model="echo", prompt="hi", max_tokens=2).choices[0].text == "hi"
+    # The request carried the key's producer identity (the scheduler's fair share and tenancy see it).
+    monitor = redis.Redis.from_url(fleet.url)
+    with monitor.monitor() as watch:
+        sdk(base, "team-a-secret").completions.create(model="echo", prompt="from a", max_tokens=6)
+        commands = [next(watch.listen())["command"] for _ in range(40)]
+    assert any("team-a" in c and "evalsha" in c.lower() for c in commands), commands
 
-        refused = fleet.start("gateway", "--host", "0.0.0.0", "--port", str(free_port()))
-        assert refused.wait(timeout=30) == 2
-        assert "without API keys" in refused.log_path.read_text()
-    finally:
-        fleet.stop_all()
+    refused = fleet.start("gateway", "--host", "0.0.0.0", "--port", str(free_port()))
+    assert refused.wait(timeout=30) == 2
+    assert "without API keys" in refused.log_path.read_text()

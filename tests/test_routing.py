@@ -41,13 +41,8 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def three_models(tiny, tmp_path_factory):
-    from batchd.embedded import EmbeddedServer
-
-    from conftest import Daemons, redis_binary
-
-    server = EmbeddedServer(binary=redis_binary()).start()
-    fleet = Daemons(server.url, tmp_path_factory.mktemp("three-models"))
+def three_models(tiny, module_daemons):
+    fleet = module_daemons
     fleet.metrics_port = free_port()
     fleet.scheduler("--metrics-port", str(fleet.metrics_port))
     fleet.echo_worker("--served-model-name", "echo-a", "--worker-id", "worker-a")
@@ -57,9 +52,7 @@ def three_models(tiny, tmp_path_factory):
     fleet.start("worker", "--engine", "hf", "--model", str(tiny[1]), "--device", "cpu", "--dtype", "float32",
                 "--slots", "4", "--served-model-name", "tiny", "--worker-id", "worker-tiny")
     fleet.wait_for_workers(3, timeout=120)
-    yield fleet
-    fleet.stop_all()
-    server.cleanup()
+    return fleet
 
 
 def hf_answer(model, prompt: str) -> list[int]:
