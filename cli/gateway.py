@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from batchd.client import AsyncClient, BatchdError
 from batchd.client.core import Delta, StreamRestarted, default_producer
-from batchd.client.errors import UnknownModel
+from batchd.client.errors import BrokerUnavailable, UnknownModel
 from batchd.client.protocol import Result
 from batchd.daemon import metrics
 
@@ -240,7 +240,7 @@ def build_app(config: GatewayConfig) -> Starlette:
     async def health(request: Request) -> Response:
         try:
             served = await gateway.models(fresh=True)
-        except RedisError as exc:
+        except (RedisError, BrokerUnavailable) as exc:
             return _json_response({"status": "unhealthy", "error": f"Redis: {exc}"}, 503)
         return _json_response({"status": "ok", "models": served})
 

@@ -18,6 +18,7 @@ from msgspec import Meta, Struct
 
 from batchd.client.errors import (
     BatchdError,
+    BrokerUnavailable,
     Cancelled,
     DeadlineExceeded,
     InvalidRequest,
@@ -309,6 +310,8 @@ def error_status(error: BaseException) -> int:
         return 504
     if isinstance(error, WorkerFailed):
         return 502
+    if isinstance(error, BrokerUnavailable):
+        return 503
     if isinstance(error, Cancelled):
         return 499  # the caller (or someone with its id) cancelled it
     return 500

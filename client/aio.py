@@ -212,7 +212,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
             beats = await self._redis.mget([self.keys.heartbeat(w.decode()) for w in worker_ids]) if worker_ids else []
             return core.served_models(beats)
 
-        return await _retrying(read)
+        return await _retrying(read, "listing the models served")
 
     async def cancel(self, request_id: str) -> None:
         """See Client.cancel."""

@@ -241,7 +241,7 @@ class Client(core.ClientCore[RequestHandle]):
             beats = self._redis.mget([self.keys.heartbeat(w.decode()) for w in worker_ids]) if worker_ids else []
             return core.served_models(beats)
 
-        return _retrying(read)
+        return _retrying(read, "listing the models served")
 
     def cancel(self, request_id: str) -> None:
         """Ask batchd to stop a request; its slot is freed within one engine step."""

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from batchd.client.errors import (
+    BrokerUnavailable,
     Cancelled,
     DeadlineExceeded,
     InvalidRequest,
@@ -78,6 +79,7 @@ def test_bad_json_is_a_400():
 @pytest.mark.parametrize("error, status", [
     (InvalidRequest("x"), 400), (RequestTooLarge("x"), 400), (UnknownModel("x"), 404), (Overloaded("x"), 429),
     (DeadlineExceeded("x"), 504), (ResultTimeout("x"), 504), (WorkerFailed("x"), 502), (Cancelled("x"), 499),
+    (BrokerUnavailable("x"), 503),
     (RuntimeError("bug"), 500),
 ])
 def test_errors_map_to_openais_status_codes(error, status):
