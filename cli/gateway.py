@@ -23,7 +23,7 @@ from typing import AsyncIterator
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -116,6 +116,9 @@ class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
         self._clients: dict[str, AsyncClient] = {}
+        # Reads the fleet's heartbeats through --redis, whose user may read more than a key's
+        # producer user (docs/security.md's producer role cannot); never submits, so never subscribes.
+        self._fleet: AsyncClient | None = None
         self._models: list[str] = []
         self._models_read_at = 0.0
         # Cancels sent for callers that went away: run on their own, as the caller's task is cancelled.
@@ -129,11 +132,13 @@ class Gateway:
                                  producer=producer or f"gateway:{default_producer()}")
             await client.__aenter__()
             self._clients[producer or ""] = client
+        self._fleet = AsyncClient(self.config.redis_url, prefix=self.config.prefix, max_connections=4)
         log.info("gateway ready: %s", self.config.describe())
 
     async def stop(self) -> None:
-        for client in self._clients.values():
-            await client.close()
+        for client in [*self._clients.values(), self._fleet]:
+            if client is not None:
+                await client.close()
 
     def client_for(self, request: Request) -> AsyncClient:
         """The caller's producer identity from its API key; without configured keys, loopback callers only."""
@@ -151,7 +156,15 @@ class Gateway:
     async def models(self, fresh: bool = False) -> list[str]:
         now = time.monotonic()
         if fresh or now - self._models_read_at > MODELS_TTL_S:
-            self._models = await next(iter(self._clients.values())).models()
+            try:
+                self._models = await self._fleet.models()
+            except BrokerUnavailable as exc:
+                if not isinstance(exc.__cause__, NoPermissionError):
+                    raise
+                # A Redis user without read access to the heartbeats: the gateway cannot list
+                # models nor refuse unknown ones early; the schedulers still refuse them.
+                log.warning("cannot read the workers' heartbeats (%s); /v1/models will be empty", exc.message)
+                self._models = []
             self._models_read_at = now
         return self._models
 

@@ -235,7 +235,9 @@ class Client(core.ClientCore[RequestHandle]):
         return scoring.score(self._send(request, payload, False, timeout).result())
 
     def models(self) -> list[str]:
-        """The model names live workers serve, sorted: what `model=` may name."""
+        """The model names live workers serve, sorted: what `model=` may name. Reads the workers'
+        heartbeats (`batchd:workers`, `batchd:worker:*`), which docs/security.md's producer
+        role does not grant: such a user gets BrokerUnavailable."""
         def read() -> list[str]:
             worker_ids = self._redis.zrange(self.keys.workers, 0, -1)
             beats = self._redis.mget([self.keys.heartbeat(w.decode()) for w in worker_ids]) if worker_ids else []

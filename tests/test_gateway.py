@@ -16,6 +16,7 @@ from batchd import Client, Overloaded
 from batchd.client.keys import Keys
 from batchd.client.protocol import FinalEvent, decode_event
 from batchd.status import read_status
+from test_security import acl_server, url_for  # noqa: F401 (fixture)
 
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 2?"}]
@@ -231,3 +232,31 @@ def test_api_keys_map_callers_to_producers_and_no_key_means_loopback_only(daemon
     refused = fleet.start("gateway", "--host", "0.0.0.0", "--port", str(free_port()))
     assert refused.wait(timeout=30) == 2
     assert "without API keys" in refused.log_path.read_text()
+
+
+def test_the_gateway_runs_with_the_documented_acl_users(acl_server, daemons, tmp_path):
+    """Each key's requests go through the producer ACL user of docs/security.md; the gateway reads
+    the fleet through --redis (the operator here). A gateway whose --redis is a producer user
+    cannot list models but still serves (the schedulers judge the model)."""
+    daemons.url = url_for(acl_server, "batchd-scheduler")
+    daemons.scheduler()
+    daemons.url = url_for(acl_server, "batchd-worker-gpu-0")
+    daemons.echo_worker("--worker-id", "gpu-0")
+    daemons.url = url_for(acl_server, "batchd-operator")
+    daemons.wait_for_workers(1)
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"team-key team-a {url_for(acl_server, 'batchd-producer')}\n")
+    base = start_gateway(daemons, "--api-keys-file", str(keys_file))
+    client = sdk(base, "team-key")
+    assert [m.id for m in client.models.list()] == ["echo"]
+    assert client.chat.completions.create(model="echo", messages=MESSAGES, max_tokens=5).choices[0].message.content \
+        == "Answe"
+    assert "".join(c.choices[0].text for c in client.completions.create(
+        model="echo", prompt="streamed", max_tokens=20, stream=True) if c.choices) == "streamed"
+
+    daemons.url = url_for(acl_server, "batchd-producer")
+    narrow = sdk(start_gateway(daemons, "--api-key", "k"), "k")
+    assert narrow.models.list().data == []
+    assert narrow.completions.create(model="echo", prompt="still served", max_tokens=20).choices[0].text == "still served"
+    with pytest.raises(openai.NotFoundError, match="echo"):  # refused by the scheduler, listing what is served
+        narrow.completions.create(model="nope", prompt="x", max_tokens=2)
