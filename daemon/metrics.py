@@ -49,7 +49,7 @@ requests_queued = Gauge(
     "Requests submitted and not yet dispatched to a worker (stream backlog plus pending batches).", registry=SCHEDULER_REGISTRY)
 requests_received = Counter(
     "batchd:requests_received_total", "Requests read from the request stream, by the model they name "
-    "(\"\": the fleet's only model).", ("priority", "model"), registry=SCHEDULER_REGISTRY)
+    "(\"\": the fleet's only model).", ("priority", "model_name"), registry=SCHEDULER_REGISTRY)
 jobs_dispatched = Counter(
     "batchd:jobs_dispatched_total", "Jobs (batches) sent to workers.", registry=SCHEDULER_REGISTRY)
 job_size = Histogram(
@@ -168,15 +168,15 @@ class WorkerState:
 # -- the OpenAI-compatible gateway (`batchd gateway`, served on its own /metrics) ----------
 gateway_requests = Counter(
     "batchd:gateway_requests_total", "HTTP calls the gateway answered, by endpoint, model and status code.",
-    ("endpoint", "model", "status"), registry=GATEWAY_REGISTRY)
+    ("endpoint", "model_name", "status"), registry=GATEWAY_REGISTRY)
 gateway_duration = Histogram(
     "batchd:gateway_request_duration_seconds", "From receiving a call to its response (streams: to its start).",
-    ("endpoint", "model"), buckets=E2E_BUCKETS, registry=GATEWAY_REGISTRY)
+    ("endpoint", "model_name"), buckets=E2E_BUCKETS, registry=GATEWAY_REGISTRY)
 gateway_in_flight = Gauge(
     "batchd:gateway_requests_in_flight", "Calls the gateway is answering now.", registry=GATEWAY_REGISTRY)
 gateway_disconnects = Counter(
     "batchd:gateway_disconnects_total", "Calls whose caller went away before the end; their requests were cancelled.",
-    ("endpoint", "model"), registry=GATEWAY_REGISTRY)
+    ("endpoint", "model_name"), registry=GATEWAY_REGISTRY)
 
 
 def precreate_scheduler_series() -> None:

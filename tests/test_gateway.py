@@ -102,7 +102,7 @@ def test_models_health_and_metrics(fleet):
     assert health == {"status": "ok", "models": ["echo"]}
     sdk(fleet.base).completions.create(model="echo", prompt="counted", max_tokens=5)
     text = httpx.get(fleet.base + "/metrics").text
-    assert 'batchd:gateway_requests_total{endpoint="completions",model="echo",status="200"}' in text
+    assert 'batchd:gateway_requests_total{endpoint="completions",model_name="echo",status="200"}' in text
 
 
 def test_errors_have_openai_shapes_and_status_codes(fleet):
@@ -182,7 +182,7 @@ def test_a_caller_that_disconnects_cancels_its_request_on_the_worker(daemons):
                    timeout=1.0)
     assert _wait_for(lambda: len(_cancelled_results(fleet.url)) == 2), fleet.logs()
     text = httpx.get(base + "/metrics").text
-    assert 'batchd:gateway_disconnects_total{endpoint="completions",model="echo"} 1.0' in text
+    assert 'batchd:gateway_disconnects_total{endpoint="completions",model_name="echo"} 1.0' in text
 
 
 def test_overload_is_429_with_retry_after_and_deadline_is_504(daemons):

@@ -171,5 +171,5 @@ def test_metrics_are_labelled_by_model(three_models):
     with Client(three_models.url) as client:
         client.generate("counted", model="echo-b", timeout=30)
     text = httpx.get(f"http://127.0.0.1:{three_models.metrics_port}/metrics").text
-    assert 'batchd:requests_received_total{model="echo-b",priority="0"}' in text
+    assert 'batchd:requests_received_total{model_name="echo-b",priority="0"}' in text
 
