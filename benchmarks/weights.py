@@ -1,10 +1,12 @@
-"""Weights in less memory: what --dtype and --quantize int8 cost and save, through the hf engine.
+"""Weights in less memory: what --dtype and --quantize int8 / fp8 cost and save, through the hf engine.
 
 For each weight format, the same greedy workload runs through the engine (all
 requests at once); the table gives the weights' memory, output tokens/s, and
 how closely the greedy tokens agree with the reference format (float32 on the
 CPU, bfloat16 on CUDA): the share of requests whose whole output is identical,
-and the mean share of each output that matches before the first difference.
+and the mean share of each output that matches before the first difference;
+and, on a fixed text read by the model (teacher-forced), the mean absolute
+difference of each token's log-probability from the reference format's.
 
     .venv/bin/python benchmarks/weights.py                          # SmolLM2 on this CPU
     python benchmarks/weights.py --device cuda --model /models/Qwen3-0.6B --formats bf16,fp16,int8
@@ -33,7 +35,16 @@ from engine_cpu import PROMPTS  # noqa: E402
 
 # format name -> (dtype, quantize)
 FORMATS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "fp16": ("float16", "none"),
-           "int8": (None, "int8")}
+           "int8": (None, "int8"), "fp8": (None, "fp8")}
+
+# The fixed text for log-probabilities: plain English prose, ~200 tokens.
+TEXT = ("The river had been rising for three days when the ferryman finally tied his boat to the old oak "
+        "and walked up the hill to the village. Nobody there remembered a flood like it. The bakery had "
+        "moved its ovens to the upper floor, the school had closed, and the children spent the mornings "
+        "watching the brown water carry fences, barrels and once a whole henhouse past the church. In the "
+        "evenings the grown-ups gathered in the hall and argued about whether to build a wall or to move "
+        "the houses, and every evening the argument ended where it had begun. On the fourth day the rain "
+        "stopped, the sun came out over the hills, and the river, as if embarrassed, began to fall.")
 
 
 def run_engine(engine: HFEngine, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], float]:
@@ -60,6 +71,14 @@ def agreement(outputs: list[list[int]], reference: list[list[int]]) -> tuple[flo
     return identical / len(reference), prefix / len(reference)
 
 
+@torch.inference_mode()
+def text_logprobs(loaded) -> torch.Tensor:
+    """Each token's log-probability given the ones before it, the fixed text read whole."""
+    ids = torch.tensor([loaded.tokenizer(TEXT)["input_ids"]], device=next(loaded.model.parameters()).device)
+    logits = loaded.model(input_ids=ids).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0].cpu()
+
+
 def measure(args, name: str, reference: list[list[int]] | None):
     dtype, quantize = FORMATS[name]
     if dtype is None:
@@ -76,6 +95,12 @@ def measure(args, name: str, reference: list[list[int]] | None):
            "tokens_per_s": sum(map(len, outputs)) / best, "seconds": best}
     if reference is not None:
         row["identical"], row["matching_prefix"] = agreement(outputs, reference)
+    logprobs = text_logprobs(loaded)
+    row["text_mean_logprob"] = logprobs.mean().item()
+    if args.reference_logprobs is not None:
+        row["text_logprob_mean_abs_diff"] = (logprobs - args.reference_logprobs).abs().mean().item()
+    else:
+        args.reference_logprobs = logprobs
     del engine, loaded
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -87,7 +112,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--formats", default=None, help="comma-separated, reference first "
-                        "(default: fp32,bf16,int8 on CPU; bf16,fp16,int8 on CUDA)")
+                        "(default: fp32,bf16,int8,fp8 on CPU; bf16,fp16,int8,fp8 on CUDA)")
     parser.add_argument("--activations", default=None, help="dtype beside int8 weights (default: the reference's)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-context", type=int, default=512)
@@ -96,9 +121,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(os.cpu_count() or 1)
-    formats = (args.formats or ("fp32,bf16,int8" if args.device == "cpu" else "bf16,fp16,int8")).split(",")
+    formats = (args.formats or ("fp32,bf16,int8,fp8" if args.device == "cpu" else "bf16,fp16,int8,fp8")).split(",")
     args.activations = args.activations or FORMATS[formats[0]][0]
-    rows, reference = [], None
+    rows, reference, args.reference_logprobs = [], None, None
     for name in formats:
         print(f"{name}: loading and running {len(PROMPTS)} requests x {args.max_new_tokens} tokens...", flush=True)
         row, outputs = measure(args, name, reference)
@@ -107,12 +132,15 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"\n{args.model} on {device}, {len(PROMPTS)} concurrent requests, {args.max_new_tokens} greedy tokens each; "
           f"agreement with {formats[0]}")
-    print("| format | weights | weight MiB | output tok/s | outputs identical | matching prefix |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| format | weights | weight MiB | output tok/s | outputs identical | matching prefix "
+          "| text log-prob/token | mean abs diff |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         agree = (f"{row['identical']:.0%} | {row['matching_prefix']:.0%}" if "identical" in row
                  else "(reference) | (reference)")
-        print(f"| {row['format']} | {row['weights']} | {row['weight_mib']:.0f} | {row['tokens_per_s']:.1f} | {agree} |")
+        diff = f"{row['text_logprob_mean_abs_diff']:.4f}" if "text_logprob_mean_abs_diff" in row else "(reference)"
+        print(f"| {row['format']} | {row['weights']} | {row['weight_mib']:.0f} | {row['tokens_per_s']:.1f} | {agree} "
+              f"| {row['text_mean_logprob']:.3f} | {diff} |")
     result = {"model": args.model, "device": device, "torch": torch.__version__, "time": time.time(),
               "load_average": os.getloadavg(), "max_new_tokens": args.max_new_tokens, "requests": len(PROMPTS),
               "rows": rows}

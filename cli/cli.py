@@ -90,7 +90,9 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                        help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
     group.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
-                       help="int8: weight-only int8 linear layers (torchao; pip install 'batchd[int8]')")
+                       help="fp8: float8 weights read by float8 products (GPUs of compute capability 8.9+: "
+                            "Ada, Hopper; faster decoding); int8: weight-only int8 linear layers, a memory saver "
+                            "(torchao; pip install 'batchd[int8]'; slower than bf16 on a GPU, docs/contrast-and-weights.md)")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     group.add_argument("--token-delay-ms", type=ZERO_OR_MORE, default=0.0, help="echo engine: delay per step")
     group.add_argument("--drain-timeout", type=ZERO_OR_MORE, default=30.0,

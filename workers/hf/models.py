@@ -100,14 +100,16 @@ def _smollm2_source() -> ModelSource:
 # --dtype names; the short ones are aliases.
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
-# --quantize: weight-only schemes; activations stay in --dtype.
-QUANTIZATIONS = ("none", "int8")
+# --quantize: int8 is weight-only (activations stay in --dtype); fp8 quantizes each
+# product's activations too, so the product reads float8 (workers/hf/quant.py).
+QUANTIZATIONS = ("none", "int8", "fp8")
 
 
 def load_model(spec: str, dtype: str | None = None, device: str | None = None,
                quantize: str | None = None) -> LoadedModel:
     """Load a model for inference: float32 on CPU, bfloat16 on CUDA unless dtype says otherwise;
-    quantize="int8" then stores the linear layers' weights in int8 (weight-only, torchao)."""
+    quantize="int8" then stores the linear layers' weights in int8 (weight-only, torchao);
+    "fp8" in float8 with products that read float8 (workers/hf/quant.py)."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,6 +128,13 @@ def load_model(spec: str, dtype: str | None = None, device: str | None = None,
     if quantize == "int8":
         quantize_int8_weights(model)
         weights = f"int8 ({weights} activations)"
+    elif quantize == "fp8":
+        from .quant import fp8_supported, quantize_fp8_weights
+
+        if (refused := fp8_supported(torch.device(device))) is not None:
+            raise ValueError(refused)
+        layers = quantize_fp8_weights(model)
+        weights = f"float8 e4m3 in {layers} linear layers, per-channel scales ({weights} activations and head)"
     log.info("loaded %s in %.1fs: %.1f MiB of weights as %s", source.name, time.monotonic() - started,
              weight_bytes(model) / 2**20, weights)
     return LoadedModel(model=model, tokenizer=tokenizer, name=source.name, weights=weights)
@@ -166,6 +175,8 @@ def weight_bytes(model: Any) -> int:
         parts = [getattr(parameter, name) for name in ("qdata", "scale", "zero_point")
                  if getattr(parameter, name, None) is not None]
         total += sum(p.numel() * p.element_size() for p in parts) if parts else parameter.numel() * parameter.element_size()
+    # float8 layers keep their scales as buffers
+    total += sum(b.numel() * b.element_size() for name, b in model.named_buffers() if name.endswith("weight_scale"))
     return total
 
 

@@ -30,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .attention import FlexPagedDecode, PagedSdpa, VarlenPrefill, varlen_attention
 from .graphs import DecodeGraphs, check_graph_sizes, decode_graph_sizes
 from .kv_cache import KVPool, to_device
+from .quant import Fp8Linear, linear
 from .scheduler import Chunk
 
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -125,6 +126,13 @@ class PagedRunner:
         if cuda_graph and compile_decode is not False:
             self._compiled, self._compiled_any_shape = self._compile_dense_parts()
         self._check_prefill()  # before any capture: a graph must hold the prompt path that works
+        if cuda_graph and mixed_graph_tokens and isinstance(self._layers[0].mlp.down_proj, Fp8Linear):
+            # Measured on an H200 (torch 2.11): capturing a step of decode rows and prompt
+            # pieces with float8 products made the varlen attention fault (an illegal memory
+            # access, compiled or not; decode-only graphs and uncaptured mixed steps are fine).
+            # Until that is understood, such steps run outside graphs with float8 weights.
+            log.info("float8 weights: steps with prompt pieces run outside CUDA graphs")
+            mixed_graph_tokens = None
         if cuda_graph:
             sizes = check_graph_sizes(cuda_graph_sizes or decode_graph_sizes(slots), slots)
             # The exact prompt path reads its pieces' bounds from host lists, which a captured
@@ -246,7 +254,8 @@ class PagedRunner:
         x = layer.input_layernorm(hidden)
         tokens = x.shape[1]
         if self._qkv_sizes:
-            q, k, v = F.linear(x, attention.fused_qkv, attention.fused_qkv_bias).split(self._qkv_sizes, dim=-1)
+            q, k, v = linear(x, attention.fused_qkv, attention.fused_qkv_bias,
+                             attention.fused_qkv_scale).split(self._qkv_sizes, dim=-1)
         else:
             q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
         q = q.view(1, tokens, self._heads, self._head_dim)
@@ -262,7 +271,7 @@ class PagedRunner:
         x = layer.post_attention_layernorm(hidden)
         if not self._qkv_sizes:
             return hidden + layer.mlp(x)
-        gate, up = F.linear(x, layer.mlp.fused_gate_up).chunk(2, dim=-1)
+        gate, up = linear(x, layer.mlp.fused_gate_up, None, layer.mlp.fused_gate_up_scale).chunk(2, dim=-1)
         return hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
     # -- start-up: compiling, checking the prompt path, capturing graphs ---------------
@@ -455,7 +464,9 @@ def _fuse_projections(layers: list[Any]) -> tuple[int, int, int] | None:
         if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             return None
         linears = projections + [mlp.gate_proj, mlp.up_proj]
-        if not all(type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor for m in linears):
+        kinds = {type(m) for m in linears}
+        if len(kinds) != 1 or not kinds <= {torch.nn.Linear, Fp8Linear} \
+                or not all(type(m.weight.data) is torch.Tensor for m in linears):
             return None
         biases = [p.bias for p in projections]
         if any(b is not None for b in biases) and not all(b is not None for b in biases):
@@ -473,9 +484,20 @@ def _fuse_projections(layers: list[Any]) -> tuple[int, int, int] | None:
                 for module, part in zip(projections, bias.split(sizes)):
                     module.bias.data = part
             mlp.gate_proj.weight.data, mlp.up_proj.weight.data = gate_up.chunk(2)
+            # Float8 weights have one scale per output channel: fusing them concatenates
+            # the scales the same way (None for weights in the model's dtype).
+            qkv_scale = gate_up_scale = None
+            if isinstance(mlp.gate_proj, Fp8Linear):
+                qkv_scale = torch.cat([p.weight_scale for p in projections])
+                gate_up_scale = torch.cat([mlp.gate_proj.weight_scale, mlp.up_proj.weight_scale])
+                for module, part in zip(projections, qkv_scale.split(sizes)):
+                    module.weight_scale = part
+                mlp.gate_proj.weight_scale, mlp.up_proj.weight_scale = gate_up_scale.chunk(2)
             attention.register_buffer("fused_qkv", qkv, persistent=False)
             attention.register_buffer("fused_qkv_bias", bias, persistent=False)
+            attention.register_buffer("fused_qkv_scale", qkv_scale, persistent=False)
             mlp.register_buffer("fused_gate_up", gate_up, persistent=False)
+            mlp.register_buffer("fused_gate_up_scale", gate_up_scale, persistent=False)
     return sizes
 
 

@@ -1,0 +1,75 @@
+"""--quantize fp8: float8 weights with per-channel scales, products that read float8.
+
+torch's scaled product runs on the CPU too, so the numbers here are the ones a GPU
+computes up to summation order; speed is benchmarks/quantized_gpu.py's on an H200."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from batchd.workers.hf import build_engine
+from batchd.workers.hf.models import load_model, weight_bytes
+from batchd.workers.hf.quant import FP8, Fp8Linear, fp8_supported, quantize_rows
+from engine_helpers import drive, hf_greedy, random_prompt, request
+
+
+def test_fp8_linear_is_the_product_of_its_quantized_operands():
+    torch.manual_seed(0)
+    full = torch.nn.Linear(64, 48, bias=True)
+    x = torch.randn(2, 5, 64)
+    layer = Fp8Linear.from_linear(full)
+    assert layer.weight.dtype == FP8 and layer.weight_scale.shape == (48,)
+    q, scale = quantize_rows(x.reshape(-1, 64))
+    expected = (q.float() * scale) @ layer.dequantized().t() + full.bias
+    out = layer(x)
+    assert out.shape == (2, 5, 48)
+    torch.testing.assert_close(out.reshape(-1, 48), expected, rtol=1e-5, atol=1e-5)
+    # e4m3 keeps 3 mantissa bits: each operand within ~6%, the product well inside 10%.
+    relative = (out - full(x)).norm() / full(x).norm()
+    assert 0 < relative < 0.1
+
+
+def test_a_row_of_zeros_quantizes_to_zeros():
+    q, scale = quantize_rows(torch.zeros(2, 32))
+    assert torch.isfinite(scale).all() and (q.float() == 0).all()
+
+
+def test_fp8_weights_take_a_quarter_of_float32(tiny_models):
+    full = load_model(str(tiny_models["llama"]), dtype="fp32", device="cpu")
+    quantized = load_model(str(tiny_models["llama"]), dtype="fp32", device="cpu", quantize="fp8")
+    assert quantized.weights.startswith("float8 e4m3")
+    assert isinstance(quantized.model.model.layers[0].mlp.down_proj, Fp8Linear)
+    # The output head stays in the model's dtype: its rounding would move every logit.
+    assert type(quantized.model.lm_head) is torch.nn.Linear and quantized.model.lm_head.weight.dtype == torch.float32
+    linear = sum(m.weight.numel() for name, m in full.model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    saved = weight_bytes(full.model) - weight_bytes(quantized.model)
+    assert 0.7 * linear * 3 < saved <= linear * 3
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_fp8_engine_matches_generate_of_the_same_fp8_model(tiny_models, kind):
+    """The engine fuses q/k/v and gate/up into one float8 product each (weights and scales
+    concatenated); transformers' forward runs them one by one: the tokens must agree."""
+    reference = load_model(str(tiny_models[kind]), dtype="float32", device="cpu", quantize="fp8").model
+    engine = build_engine(str(tiny_models[kind]), slots=3, max_context=128, max_prefill_tokens=16,
+                          quantize="fp8", dtype="float32", device="cpu")
+    attention = engine._runner._layers[0].self_attn
+    assert attention.fused_qkv.dtype == FP8 and attention.fused_qkv_scale.shape == attention.fused_qkv.shape[:1]
+    rng = random.Random(5)
+    prompts = {f"r{i}": random_prompt(rng, rng.randint(1, 40)) for i in range(7)}
+    run = drive(engine, {0: [request(rid, p, max_new_tokens=12) for rid, p in prompts.items()]})
+    for request_id, prompt in prompts.items():
+        assert run.tokens[request_id] == hf_greedy(reference, prompt, 12), request_id
+
+
+def test_fp8_is_refused_on_a_gpu_without_float8_products(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    reason = fp8_supported(torch.device("cuda", 0))
+    assert "compute capability 8.9" in reason and "A100" in reason and "8.0" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8_supported(torch.device("cuda", 0)) is None
+    assert fp8_supported(torch.device("cpu")) is None

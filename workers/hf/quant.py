@@ -1,0 +1,118 @@
+"""Float8 weights that make decoding faster: `--quantize fp8`.
+
+Decoding at low concurrency reads every weight once per step, so a step is bound by
+those bytes: an 8B model's 16 GB of bf16 take ~3.8 ms at an H200's copy bandwidth,
+whatever the batch. Weights in float8 (e4m3) halve the bytes, but only if the product
+reads them as float8. torch's scaled matrix product (`torch._scaled_mm`, cuBLASLt's
+fp8 kernels on compute capability 8.9 and newer; also implemented on CPU) does that
+when both operands are float8, so each product quantizes its activations too: one
+scale per row (token), computed from the row's largest magnitude. Under the compiled
+decode step inductor fuses that quantization into the kernel that produces the
+activations (the norm or the SiLU product before it); a probe on one Llama-3-8B layer
+with separate quantizing kernels took 0.187 ms against bf16's 0.120 ms, so this path is
+worth offering only where the layers are compiled.
+
+Measured on an H200 (benchmarks/quantized_gpu.py, docs/contrast-and-weights.md): the
+row-wise fp8 kernel is itself slower than bf16's at a handful of rows, so fp8 gains
+nothing at 1-8 live requests and 1.2x at 256. The issue's 1.3x at low concurrency is
+not met.
+
+Weights get one scale per output channel, so fusing q/k/v or gate/up (runner.py) is a
+plain concatenation of weights and scales. The output head stays in the model's dtype:
+its rounding would move every logit, and tied models share it with the embedding.
+
+This is written over torch's own kernel rather than through torchao's float8
+configurations because torchao's quantized tensors are opaque to the runner's
+projection fusion (7 products per layer instead of 4); benchmarks/quantized_gpu.py can
+run both (`fp8_torchao`), but that comparison has not been run on a GPU yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+# A row of zeros (padding) must not divide by zero; any positive floor will do, as its
+# quantized values are all zero.
+_MIN_SCALE = 1e-12
+
+
+def fp8_supported(device: torch.device) -> str | None:
+    """None where `--quantize fp8` runs, else why not, in words a user can act on."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            return (f"--quantize fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                    f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --quantize none or int8")
+    return None
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, features] as float8 with one float32 scale per row: x ~= q * scale."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_MIN_SCALE) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight * weight_scale[:, None], bias) with float8 weight [out, in], its
+    per-output-channel scale [out], and x quantized per row on the way in."""
+    rows = x.reshape(-1, x.shape[-1])
+    q, scale = quantize_rows(rows)
+    # weight.t() of a row-major [out, in] is the column-major operand the kernel wants.
+    out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale[None], bias=bias,
+                           out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Fp8Linear(torch.nn.Module):
+    """A Linear layer whose weight is held in float8 with one scale per output channel."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale", weight_scale)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> "Fp8Linear":
+        weight, scale = quantize_rows(linear.weight.data)  # a weight's rows are its output channels
+        bias = None if linear.bias is None else linear.bias.data
+        return cls(weight, scale.squeeze(1).contiguous(), bias)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=float8_e4m3fn"
+
+
+def quantize_fp8_weights(model: Any) -> int:
+    """Replace every Linear layer but the output head with an Fp8Linear; returns how many.
+    The kernel needs both sizes of each product to be multiples of 16 (true of every
+    model batchd serves); a layer that is not stays in the model's dtype."""
+    head = model.get_output_embeddings()
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and child is not head \
+                    and child.in_features % 16 == 0 and child.out_features % 16 == 0:
+                setattr(parent, name, Fp8Linear.from_linear(child))
+                replaced += 1
+    return replaced
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The runner's fused products: float8 weights carry a scale, others are plain."""
+    if weight_scale is None:
+        return F.linear(x, weight, bias)
+    return fp8_linear(x, weight, weight_scale, bias)
