@@ -16,14 +16,19 @@ import time
 
 import torch
 
-CASES = ["eager", "compiled_fixed", "compiled_dynamic", "graph_fixed", "graph_dynamic",
-         "bf16_graph_fixed", "tensorwise_graph_fixed"]
-ROWS = (8, 2304)
+# graph_*: the product as --quantize fp8 runs it (quant.ACTIVATION_SCALES's default);
+# rowwise_*: one activation scale per row; scalar_*: one scale for the weight too.
+CASES = ["eager", "compiled_dynamic", "graph_fixed", "graph_dynamic", "rowwise_graph_fixed",
+         "bf16_graph_fixed", "scalar_graph_fixed"]
+ROWS = (8, 64, 256, 2304)
 
 
 @torch.inference_mode()
 def case(name: str, rows: int) -> dict:
+    from batchd.workers.hf import quant
     from batchd.workers.hf.quant import Fp8Linear
+
+    quant.ACTIVATION_SCALES = "row" if name.startswith("rowwise") else "tensor"
 
     torch.manual_seed(0)
     norm = torch.nn.RMSNorm(4096, eps=1e-5, device="cuda", dtype=torch.bfloat16)
@@ -35,7 +40,7 @@ def case(name: str, rows: int) -> dict:
     def f(x):
         if name.startswith("bf16"):
             return full(norm(x))
-        if name.startswith("tensorwise"):  # one scale for the weight, one for the activations
+        if name.startswith("scalar"):  # one scale for the weight, one for the activations
             h = norm(x).reshape(-1, 4096)
             scale = h.abs().amax().float().clamp(min=1e-12) / 448
             q = (h.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)

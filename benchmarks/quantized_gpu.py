@@ -7,8 +7,11 @@ prompts are admitted, their prompts computed, and a run of pure decode steps tim
 Formats (the first is the reference the ratios divide by):
 
     bf16         the model's own dtype
-    fp8          --quantize fp8: float8 weights, per-token float8 activations, one
-                 scaled product per fused projection (workers/hf/quant.py)
+    fp8          --quantize fp8: float8 weights with per-channel scales, activations
+                 scaled per step (one scale), one product per fused projection
+                 (workers/hf/quant.py)
+    fp8_row      the same with one activation scale per row (batch-invariant; the
+                 row-wise kernel)
     fp8_torchao  the same scheme through torchao's Float8DynamicActivationFloat8WeightConfig
                  (per-row), whose tensors the runner cannot fuse: the alternative
                  quant.py was chosen over
@@ -35,15 +38,17 @@ import torch
 from batchd.client.protocol import SamplingParams
 from batchd.workers.engine import EngineRequest
 from batchd.workers.hf.models import quantize_int8_weights, weight_bytes
+from batchd.workers.hf import quant
 from batchd.workers.hf.quant import quantize_fp8_weights
 from engine_gpu import build_model, make_engine, workload  # benchmarks/ is on sys.path as a script
 
 log = logging.getLogger("quantized_gpu")
-FORMATS = ("bf16", "fp8", "int8", "fp8_torchao")
+FORMATS = ("bf16", "fp8", "fp8_row", "int8", "fp8_torchao")
 
 
 def quantize(model, name: str) -> None:
-    if name == "fp8":
+    quant.ACTIVATION_SCALES = "row" if name == "fp8_row" else "tensor"
+    if name in ("fp8", "fp8_row"):
         quantize_fp8_weights(model)
     elif name == "int8":
         quantize_int8_weights(model)

@@ -28,6 +28,7 @@ import torch
 from batchd.client.protocol import SamplingParams
 from batchd.workers.engine import EngineRequest
 from batchd.workers.hf import HFEngine
+from batchd.workers.hf import quant
 from batchd.workers.hf.models import load_model, weight_bytes
 
 # The prompts of the CPU engine benchmark (benchmarks/ is on sys.path when run as a script).
@@ -35,7 +36,7 @@ from engine_cpu import PROMPTS  # noqa: E402
 
 # format name -> (dtype, quantize)
 FORMATS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "fp16": ("float16", "none"),
-           "int8": (None, "int8"), "fp8": (None, "fp8")}
+           "int8": (None, "int8"), "fp8": (None, "fp8"), "fp8_row": (None, "fp8")}
 
 # The fixed text for log-probabilities: plain English prose, ~200 tokens.
 TEXT = ("The river had been rising for three days when the ferryman finally tied his boat to the old oak "
@@ -81,6 +82,8 @@ def text_logprobs(loaded) -> torch.Tensor:
 
 def measure(args, name: str, reference: list[list[int]] | None):
     dtype, quantize = FORMATS[name]
+    # fp8_row: activations scaled per row (batch-invariant) instead of per step
+    quant.ACTIVATION_SCALES = "row" if name == "fp8_row" else "tensor"
     if dtype is None:
         dtype = args.activations
     loaded = load_model(args.model, dtype=dtype, device=args.device, quantize=quantize)
@@ -112,7 +115,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--formats", default=None, help="comma-separated, reference first "
-                        "(default: fp32,bf16,int8,fp8 on CPU; bf16,fp16,int8,fp8 on CUDA)")
+                        "(default: fp32,bf16,int8,fp8 on CPU; bf16,fp16,int8,fp8,fp8_row on CUDA)")
     parser.add_argument("--activations", default=None, help="dtype beside int8 weights (default: the reference's)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-context", type=int, default=512)
@@ -121,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(os.cpu_count() or 1)
-    formats = (args.formats or ("fp32,bf16,int8,fp8" if args.device == "cpu" else "bf16,fp16,int8,fp8")).split(",")
+    formats = (args.formats or ("fp32,bf16,int8,fp8" if args.device == "cpu" else "bf16,fp16,int8,fp8,fp8_row")).split(",")
     args.activations = args.activations or FORMATS[formats[0]][0]
     rows, reference, args.reference_logprobs = [], None, None
     for name in formats:

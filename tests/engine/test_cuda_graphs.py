@@ -164,3 +164,14 @@ def test_a_prompt_carrying_step_through_the_mixed_graphs_buffers_matches_the_eag
     drive(engine, arrivals)
     assert any(decodes and pieces for decodes, pieces in compared)  # decode rows beside prompt pieces
     assert any(start > 0 for _, pieces in compared for start, _ in pieces)  # and a piece continuing a prefix
+
+
+def test_no_mixed_graph_has_more_prompt_tokens_than_keys():
+    """Such a graph could never be used, and capturing one (8,192 tokens over 4,096 keys,
+    the burst of --max-prefill-tokens 2048) faulted on an H200 and killed the worker."""
+    from batchd.workers.hf.graphs import MIXED_KEYS, mixed_graph_shapes, mixed_graph_sizes
+
+    shapes = mixed_graph_shapes(mixed_graph_sizes(2048, 8192))
+    assert (8192, max(MIXED_KEYS)) in shapes and (2048, min(MIXED_KEYS)) in shapes
+    assert all(keys >= tokens for tokens, keys in shapes)
+    assert shapes == sorted(shapes, reverse=True)

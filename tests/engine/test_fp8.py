@@ -11,17 +11,24 @@ import pytest
 import torch
 from batchd.workers.hf import build_engine
 from batchd.workers.hf.models import load_model, weight_bytes
+from batchd.workers.hf import quant
 from batchd.workers.hf.quant import FP8, Fp8Linear, fp8_supported, quantize_rows
 from engine_helpers import drive, hf_greedy, random_prompt, request
 
 
-def test_fp8_linear_is_the_product_of_its_quantized_operands():
+@pytest.mark.parametrize("activation_scales", ["tensor", "row"])
+def test_fp8_linear_is_the_product_of_its_quantized_operands(monkeypatch, activation_scales):
+    monkeypatch.setattr(quant, "ACTIVATION_SCALES", activation_scales)
     torch.manual_seed(0)
     full = torch.nn.Linear(64, 48, bias=True)
     x = torch.randn(2, 5, 64)
     layer = Fp8Linear.from_linear(full)
     assert layer.weight.dtype == FP8 and layer.weight_scale.shape == (48,)
-    q, scale = quantize_rows(x.reshape(-1, 64))
+    if activation_scales == "row":
+        q, scale = quantize_rows(x.reshape(-1, 64))
+    else:  # one scale for every row
+        scale = x.abs().max() / quant.FP8_MAX
+        q = (x.reshape(-1, 64) / scale).to(FP8)
     expected = (q.float() * scale) @ layer.dequantized().t() + full.bias
     out = layer(x)
     assert out.shape == (2, 5, 48)
@@ -50,9 +57,11 @@ def test_fp8_weights_take_a_quarter_of_float32(tiny_models):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_fp8_engine_matches_generate_of_the_same_fp8_model(tiny_models, kind):
+def test_fp8_engine_matches_generate_of_the_same_fp8_model(tiny_models, kind, monkeypatch):
     """The engine fuses q/k/v and gate/up into one float8 product each (weights and scales
-    concatenated); transformers' forward runs them one by one: the tokens must agree."""
+    concatenated); transformers' forward runs them one by one: the tokens must agree.
+    Row-scaled activations are batch-invariant, so requests share steps here."""
+    monkeypatch.setattr(quant, "ACTIVATION_SCALES", "row")
     reference = load_model(str(tiny_models[kind]), dtype="float32", device="cpu", quantize="fp8").model
     engine = build_engine(str(tiny_models[kind]), slots=3, max_context=128, max_prefill_tokens=16,
                           quantize="fp8", dtype="float32", device="cpu")
@@ -65,6 +74,20 @@ def test_fp8_engine_matches_generate_of_the_same_fp8_model(tiny_models, kind):
         assert run.tokens[request_id] == hf_greedy(reference, prompt, 12), request_id
 
 
+def test_tensor_scaled_fp8_matches_generate_one_request_at_a_time(tiny_models):
+    """The default scales a step's activations as one tensor, so a request's tokens depend
+    on what shares its steps; alone, with its prompt in one piece, it is generate's."""
+    assert quant.ACTIVATION_SCALES == "tensor"
+    reference = load_model(str(tiny_models["llama"]), dtype="float32", device="cpu", quantize="fp8").model
+    engine = build_engine(str(tiny_models["llama"]), slots=3, max_context=128, max_prefill_tokens=64,
+                          quantize="fp8", dtype="float32", device="cpu")
+    rng = random.Random(6)
+    for i in range(4):
+        prompt = random_prompt(rng, rng.randint(1, 40))
+        run = drive(engine, {0: [request(f"r{i}", prompt, max_new_tokens=12)]})
+        assert run.tokens[f"r{i}"] == hf_greedy(reference, prompt, 12), i
+
+
 def test_fp8_is_refused_on_a_gpu_without_float8_products(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
@@ -73,3 +96,4 @@ def test_fp8_is_refused_on_a_gpu_without_float8_products(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert fp8_supported(torch.device("cuda", 0)) is None
     assert fp8_supported(torch.device("cpu")) is None
+

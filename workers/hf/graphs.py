@@ -110,7 +110,7 @@ class DecodeGraphs:
         runner.decode_attention.lengths.zero_()
         context = runner.table.shape[1] * runner.block_size
         mixed = [MixedGraph(runner.slots, tokens, keys, context, runner.device)
-                 for tokens in sorted(mixed_tokens, reverse=True) for keys in sorted(MIXED_KEYS, reverse=True)]
+                 for tokens, keys in mixed_graph_shapes(mixed_tokens)]
         graphs, pool = [], None
         with torch.inference_mode():
             for graph in mixed + [DecodeGraph(rows, runner.slots, runner.device) for rows in sorted(sizes, reverse=True)]:
@@ -201,6 +201,17 @@ def mixed_graph_sizes(budget: int, burst: int | None = None) -> list[int]:
     budget, so a short question does not pay for the budget's worth of padded rows in the
     dense products, nor a step of the usual budget for a burst's."""
     return sorted({max(16, budget // 4), budget, burst or budget})
+
+
+def mixed_graph_shapes(mixed_tokens: list[int]) -> list[tuple[int, int]]:
+    """(prompt tokens, gathered keys) of each mixed graph to capture, largest first.
+
+    Keys hold every prompt token (the padding piece's too), so a graph of more tokens than
+    keys could never be used; capturing one (8,192 tokens over 4,096 keys) wrote past its
+    gathered keys and faulted on an H200: an illegal memory access that poisons the
+    process, so a worker with --max-prefill-tokens 2048 (burst 8,192) could not start."""
+    return [(tokens, keys) for tokens in sorted(mixed_tokens, reverse=True)
+            for keys in sorted(MIXED_KEYS, reverse=True) if keys >= tokens]
 
 
 class MixedGraph:

@@ -12,10 +12,9 @@ activations (the norm or the SiLU product before it); a probe on one Llama-3-8B 
 with separate quantizing kernels took 0.187 ms against bf16's 0.120 ms, so this path is
 worth offering only where the layers are compiled.
 
-Measured on an H200 (benchmarks/quantized_gpu.py, docs/contrast-and-weights.md): the
-row-wise fp8 kernel is itself slower than bf16's at a handful of rows, so fp8 gains
-nothing at 1-8 live requests and 1.2x at 256. The issue's 1.3x at low concurrency is
-not met.
+Measured on an H200 (benchmarks/quantized_gpu.py, docs/contrast-and-weights.md),
+Llama-3-8B shape: 1.16-1.18x bf16's decode tok/s at 1-8 live requests, 1.14x at 256;
+the issue's 1.3x at low concurrency is not met (the step's non-weight work stays).
 
 Weights get one scale per output channel, so fusing q/k/v or gate/up (runner.py) is a
 plain concatenation of weights and scales. The output head stays in the model's dtype:
@@ -57,15 +56,37 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+# How activations are scaled on their way into the float8 product.
+#   "tensor": one scale for the whole step's activations (vLLM's default for dynamic fp8).
+#     cuBLASLt's tensor-wise kernel reads it; the weights' per-channel scales are applied
+#     to the product's output, a pointwise multiply inductor fuses into what follows. At
+#     decode sizes this kernel is the fast one (H200 probe: 8 rows of a 4096x6144 product
+#     12.5 us against 23.1 us row-wise and 18.8 us bf16). A row's rounding then depends
+#     on the largest activation in the step, so output is not batch-invariant.
+#   "row": one scale per row (token): batch-invariant, but the row-wise kernel is slower
+#     than bf16's at a handful of rows.
+ACTIVATION_SCALES = "tensor"
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight * weight_scale[:, None], bias) with float8 weight [out, in], its
-    per-output-channel scale [out], and x quantized per row on the way in."""
+    """F.linear(x, weight * weight_scale[:, None], bias) with float8 weight [out, in] and
+    its per-output-channel scale [out]; x is quantized on the way in (ACTIVATION_SCALES)."""
     rows = x.reshape(-1, x.shape[-1])
-    q, scale = quantize_rows(rows)
     # weight.t() of a row-major [out, in] is the column-major operand the kernel wants.
-    out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale[None], bias=bias,
-                           out_dtype=x.dtype)
+    if ACTIVATION_SCALES == "row":
+        q, scale = quantize_rows(rows)
+        out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale[None], bias=bias,
+                               out_dtype=x.dtype)
+    else:
+        if rows.shape[0] == 0:  # amax of nothing is an error, and there is nothing to scale
+            return x.new_zeros(*x.shape[:-1], weight.shape[0])
+        scale = rows.abs().amax().float().clamp(min=_MIN_SCALE) / FP8_MAX
+        q = (rows.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=torch.ones((), dtype=torch.float32, device=x.device),
+                               out_dtype=torch.float32)
+        out = out * weight_scale
+        if bias is not None:
+            out = out + bias
+        out = out.to(x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -126,13 +126,6 @@ class PagedRunner:
         if cuda_graph and compile_decode is not False:
             self._compiled, self._compiled_any_shape = self._compile_dense_parts()
         self._check_prefill()  # before any capture: a graph must hold the prompt path that works
-        if cuda_graph and mixed_graph_tokens and isinstance(self._layers[0].mlp.down_proj, Fp8Linear):
-            # Measured on an H200 (torch 2.11): capturing a step of decode rows and prompt
-            # pieces with float8 products made the varlen attention fault (an illegal memory
-            # access, compiled or not; decode-only graphs and uncaptured mixed steps are fine).
-            # Until that is understood, such steps run outside graphs with float8 weights.
-            log.info("float8 weights: steps with prompt pieces run outside CUDA graphs")
-            mixed_graph_tokens = None
         if cuda_graph:
             sizes = check_graph_sizes(cuda_graph_sizes or decode_graph_sizes(slots), slots)
             # The exact prompt path reads its pieces' bounds from host lists, which a captured
