@@ -21,6 +21,7 @@ from batchd.client import (
     Result,
     ResultTimeout,
     StreamRestarted,
+    TokenizerMismatch,
     UnknownModel,
     WorkerFailed,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "Result",
     "ResultTimeout",
     "StreamRestarted",
+    "TokenizerMismatch",
     "UnknownModel",
     "WorkerFailed",
 ]

@@ -20,7 +20,10 @@ def read_status(client: redis.Redis, keys: Keys) -> dict:
         if raw is None:
             continue
         try:
-            workers.append(msgspec.structs.asdict(decode_heartbeat(raw)))
+            beat = msgspec.structs.asdict(decode_heartbeat(raw))
+            if beat["tokenizer"] is not None:  # nested: a dict too, for --json
+                beat["tokenizer"] = msgspec.structs.asdict(beat["tokenizer"])
+            workers.append(beat)
         except Exception:  # an unreadable heartbeat is shown as absent, not a crash
             continue
     pending = 0
@@ -62,11 +65,13 @@ def render(snapshot: dict, previous: dict | None = None, interval: float = 0.0) 
     lines.append(f"live workers {len(workers)}  slots used {total - free}/{total}")
     if workers:
         lines.append(f"  {'worker':<32} {'engine':<6} {'model':<24} {'running':>7} {'waiting':>7} "
-                     f"{'free':>5} {'kv':>6}")
+                     f"{'free':>5} {'kv':>6} {'vocab':>7} {'tokenizer':<12}")
         for w in workers:
             model = w["model"] + (f" vs {w['contrast_model']}" if w.get("contrast_model") else "")
+            tokenizer = w.get("tokenizer") or {"vocab_size": "-", "hash": "-"}
             lines.append(f"  {w['worker_id']:<32} {w['engine']:<6} {model[:24]:<24} {w['running']:>7} "
-                         f"{w['waiting']:>7} {w['free_slots']:>5} {w['kv_cache_usage']:>6.1%}")
+                         f"{w['waiting']:>7} {w['free_slots']:>5} {w['kv_cache_usage']:>6.1%} "
+                         f"{tokenizer['vocab_size']:>7} {tokenizer['hash'][:12]:<12}")
     else:
         lines.append("  no live workers: requests wait in the queue until one starts")
     return "\n".join(lines)

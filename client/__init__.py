@@ -15,6 +15,7 @@ from .errors import (
     Overloaded,
     RequestTooLarge,
     ResultTimeout,
+    TokenizerMismatch,
     UnknownModel,
     UnsupportedVersion,
     WorkerFailed,
@@ -24,7 +25,7 @@ from .protocol import Result, SamplingParams, Timings, Usage
 __all__ = [
     "AsyncClient", "BatchdError", "BrokerUnavailable", "Cancelled", "Client", "DeadlineExceeded", "Delta", "InvalidRequest",
     "NextTokenLogprobs", "NoWorkers", "Overloaded", "RequestTooLarge", "Result", "ResultTimeout", "SamplingParams",
-    "Score", "StreamRestarted", "Timings", "UnknownModel", "UnsupportedVersion", "Usage", "WorkerFailed",
+    "Score", "StreamRestarted", "Timings", "TokenizerMismatch", "UnknownModel", "UnsupportedVersion", "Usage", "WorkerFailed",
 ]
 
 

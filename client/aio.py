@@ -12,17 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from . import core, scoring
+from . import core, scoring, tokenizers
 from .connection import CONNECTION_LOST, redis_url
 from .errors import BrokerUnavailable
-from .protocol import Request, Result
+from .protocol import Request, Result, TokenizerInfo
 from .scripts import ScriptCall, needs_loading
 
 log = logging.getLogger("batchd.client")
@@ -213,6 +213,25 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
             return core.served_models(beats)
 
         return await _retrying(read, "listing the models served")
+
+    async def served_tokenizer(self, model: str | None = None) -> Any:
+        """See Client.served_tokenizer."""
+        name = model or tokenizers.the_only_model(await self.models())
+        info, files = await _retrying(lambda: self._redis.hmget(self.keys.tokenizer(name), ["info", "files"]),
+                                      f"reading the tokenizer of {name}")
+        return tokenizers.load(files, tokenizers.stored_info(info, name))
+
+    async def tokenizer_info(self, model: str | None = None) -> TokenizerInfo:
+        """See Client.tokenizer_info."""
+        name = model or tokenizers.the_only_model(await self.models())
+        info = await _retrying(lambda: self._redis.hget(self.keys.tokenizer(name), "info"),
+                               f"reading the tokenizer of {name}")
+        return tokenizers.stored_info(info, name)
+
+    async def check_tokenizer(self, tokenizer: Any, model: str | None = None) -> None:
+        """See Client.check_tokenizer."""
+        name = model or tokenizers.the_only_model(await self.models())
+        tokenizers.check(tokenizer, await self.tokenizer_info(name), name)
 
     async def cancel(self, request_id: str) -> None:
         """See Client.cancel."""

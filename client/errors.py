@@ -42,6 +42,14 @@ class UnknownModel(InvalidRequest):
     code = "unknown_model"
 
 
+class TokenizerMismatch(BatchdError):
+    """The caller's tokenizer is not the one the workers serve for its model: token ids would
+    mean other tokens. Raised by the client, before anything is sent (the message says how
+    they differ; client.served_tokenizer(model) gives the right one)."""
+
+    code = "tokenizer_mismatch"
+
+
 class Overloaded(BatchdError):
     """The request queue is full (max_queue); retry later with backoff."""
 
@@ -94,6 +102,7 @@ _BY_CODE = {
         RequestTooLarge,
         UnsupportedVersion,
         UnknownModel,
+        TokenizerMismatch,
         Overloaded,
         DeadlineExceeded,
         Cancelled,

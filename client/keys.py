@@ -81,6 +81,12 @@ class Keys:
         """Short lock so only one scheduler re-dispatches a dead worker's jobs."""
         return f"{self.prefix}reaping:{worker_id}"
 
+    def tokenizer(self, model: str) -> str:
+        """Hash of a served model's tokenizer: `info` (TokenizerInfo) and `files` (a msgpack map
+        of the files save_pretrained writes, by name). Written by the workers serving the model
+        when they connect, kept alive by their heartbeats (client/tokenizers.py)."""
+        return f"{self.prefix}tokenizer:{model}"
+
     @property
     def config(self) -> str:
         """Hash of settings the schedulers publish for everyone (max_queue, ...)."""

@@ -181,6 +181,18 @@ class FinalEvent(Struct, tag="final"):
 Event = Union[TokenEvent, RestartEvent, FinalEvent]
 
 
+class TokenizerInfo(Struct, omit_defaults=True, frozen=True):
+    """What a worker advertises of its tokenizer, for callers that tokenise themselves
+    (docs/integrations.md). hash: SHA-256 (hex) of the vocabulary (every token and its id,
+    added tokens included) and the special token ids (client/tokenizers.py)."""
+
+    hash: str
+    vocab_size: int
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+
 class Heartbeat(Struct, omit_defaults=True):
     """What a worker advertises: who it is and how much it can take now."""
 
@@ -212,6 +224,9 @@ class Heartbeat(Struct, omit_defaults=True):
     # queue, so schedulers may send more than free_slots. None from a worker
     # older than this field, whose free_slots carried this number.
     can_take: int | None = None
+    # The tokenizer of the served model; None from an engine without one (echo) or a
+    # worker older than this field.
+    tokenizer: TokenizerInfo | None = None
 
     def requests_it_can_take(self) -> int:
         return self.free_slots if self.can_take is None else self.can_take
@@ -222,6 +237,7 @@ _request_decoder = msgspec.msgpack.Decoder(Request)
 _job_decoder = msgspec.msgpack.Decoder(Job)
 _event_decoder = msgspec.msgpack.Decoder(Event)
 _heartbeat_decoder = msgspec.msgpack.Decoder(Heartbeat)
+_tokenizer_info_decoder = msgspec.msgpack.Decoder(TokenizerInfo)
 
 
 def encode(message: Struct) -> bytes:
@@ -313,6 +329,10 @@ def decode_heartbeat(data: bytes) -> Heartbeat:
     beat = _heartbeat_decoder.decode(data)
     _check_version(beat.v, "heartbeat")
     return beat
+
+
+def decode_tokenizer_info(data: bytes) -> TokenizerInfo:
+    return _tokenizer_info_decoder.decode(data)
 
 
 def models_served(beat: Heartbeat) -> list[str]:

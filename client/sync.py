@@ -12,14 +12,14 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import redis
 
-from . import core, scoring
+from . import core, scoring, tokenizers
 from .connection import CONNECTION_LOST, Subscription, redis_url
 from .errors import BrokerUnavailable
-from .protocol import Request, Result
+from .protocol import Request, Result, TokenizerInfo
 
 log = logging.getLogger("batchd.client")
 
@@ -244,6 +244,27 @@ class Client(core.ClientCore[RequestHandle]):
             return core.served_models(beats)
 
         return _retrying(read, "listing the models served")
+
+    def served_tokenizer(self, model: str | None = None) -> Any:
+        """The Hugging Face tokenizer the workers serving model use (None: the fleet's only
+        model), loaded from the files they store in Redis; needs transformers."""
+        name = model or tokenizers.the_only_model(self.models())
+        info, files = _retrying(lambda: self._redis.hmget(self.keys.tokenizer(name), ["info", "files"]),
+                                f"reading the tokenizer of {name}")
+        return tokenizers.load(files, tokenizers.stored_info(info, name))
+
+    def tokenizer_info(self, model: str | None = None) -> TokenizerInfo:
+        """Hash, vocabulary size and special ids of the tokenizer served for model."""
+        name = model or tokenizers.the_only_model(self.models())
+        info = _retrying(lambda: self._redis.hget(self.keys.tokenizer(name), "info"),
+                         f"reading the tokenizer of {name}")
+        return tokenizers.stored_info(info, name)
+
+    def check_tokenizer(self, tokenizer: Any, model: str | None = None) -> None:
+        """Raise TokenizerMismatch unless tokenizer is the one served for model: token ids a
+        caller computes with it mean the tokens it thinks they do."""
+        name = model or tokenizers.the_only_model(self.models())
+        tokenizers.check(tokenizer, self.tokenizer_info(name), name)
 
     def cancel(self, request_id: str) -> None:
         """Ask batchd to stop a request; its slot is freed within one engine step."""

@@ -32,16 +32,26 @@ class BatchdLM(AsyncLM):
     """An AsyncLM whose log-probabilities come from batchd workers.
 
     url: the fleet's Redis (None: $BATCHD_REDIS_URL or localhost); model: the served
-    model to ask (None: the fleet's only one); tokenizer: a Hugging Face tokenizer
-    of that model; timeout: seconds a call may wait. Other keyword arguments go to
-    AsyncClient (prefix, producer, ...).
+    model to ask (None: the fleet's only one); tokenizer: a Hugging Face tokenizer,
+    which must be the one the workers serve (else TokenizerMismatch); None: the
+    workers' own, read from Redis. timeout: seconds a call may wait. Other keyword
+    arguments go to AsyncClient (prefix, producer, ...).
     """
 
-    def __init__(self, url: str | None = None, *, tokenizer: Any, model: str | None = None,
+    def __init__(self, url: str | None = None, *, tokenizer: Any = None, model: str | None = None,
                  timeout: float | None = None, **client_options: Any):
         self._bridge = ClientThread(url, **client_options)
         self.model_name = model
         self.timeout = timeout
+        client = self._bridge.client
+        try:
+            if tokenizer is None:
+                tokenizer = self._bridge.call(lambda: client.served_tokenizer(model))
+            else:
+                self._bridge.call(lambda: client.check_tokenizer(tokenizer, model))
+        except BaseException:
+            self._bridge.close()
+            raise
         super().__init__(tokenizer)
 
     async def next_token_logprobs(self, token_ids: Sequence[int], lora_name: str | None = None) -> torch.Tensor:

@@ -9,11 +9,14 @@ collecting this module costs nothing.
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 import string
 
 import numpy
 import pytest
+
+from batchd.client.keys import Keys
 
 pytestmark = pytest.mark.model
 
@@ -24,19 +27,25 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def fleet(module_daemons):
+def starting_fleet(module_daemons):
+    """The daemons, started: the worker loads its model while the test process loads its own."""
     module_daemons.scheduler()
     module_daemons.start("worker", "--engine", "hf", "--model", "smollm2-135m", "--slots", "16", "--device", "cpu",
                          "--dtype", "float32")
-    module_daemons.wait_for_workers(1, timeout=300)
     return module_daemons
 
 
 @pytest.fixture(scope="module")
-def loaded():
+def loaded(starting_fleet):
     from batchd.workers.hf.models import load_model
 
     return load_model("smollm2-135m", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fleet(starting_fleet, loaded):
+    starting_fleet.wait_for_workers(1, timeout=300)
+    return starting_fleet
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +178,47 @@ def test_llamppl_hard_constraints_example_equals_in_process(fleet, batchd_lm, in
     assert [w for _, w in ours] == pytest.approx([w for _, w in theirs], abs=1e-3)
     for text, _weight in ours:
         assert all(len(word) <= 5 for word in text[len(prompt):].split() if word.isalpha()), text
+
+
+def test_the_worker_advertises_and_serves_its_tokenizer(fleet, loaded):
+    from batchd import Client
+    from batchd.client.tokenizers import describe
+    import redis
+
+    from batchd.status import read_status, render
+
+    expected = describe(loaded.tokenizer)
+    assert expected.vocab_size == 49152 and (expected.bos_token_id, expected.eos_token_id) == (1, 2)
+    with Client(fleet.url) as client:
+        assert client.tokenizer_info() == expected
+        served = client.served_tokenizer()
+        client.check_tokenizer(loaded.tokenizer, "smollm2-135m")
+    assert describe(served) == expected
+    assert served.encode(PROMPT) == loaded.tokenizer.encode(PROMPT)
+    assert served.chat_template == loaded.tokenizer.chat_template
+    server = redis.Redis.from_url(fleet.url)
+    try:
+        assert 0 < server.pttl("batchd:tokenizer:smollm2-135m") <= 3600 * 1000
+        snapshot = read_status(server, Keys())
+    finally:
+        server.close()
+    assert snapshot["workers"][0]["tokenizer"]["hash"] == expected.hash
+    assert f"49152 {expected.hash[:12]}" in render(snapshot)
+
+
+def test_a_tokenizer_other_than_the_served_one_is_refused(fleet, loaded):
+    from batchd import Client, TokenizerMismatch
+    from batchd.integrations.genlm import BatchdLM
+
+    other = copy.deepcopy(loaded.tokenizer)
+    other.add_tokens(["<batchd-extra>"])
+    with Client(fleet.url) as client:
+        with pytest.raises(TokenizerMismatch, match="vocab_size 49153 vs 49152"):
+            client.check_tokenizer(other)
+    with pytest.raises(TokenizerMismatch, match="served_tokenizer"):
+        BatchdLM(fleet.url, tokenizer=other)
+    lm = BatchdLM(fleet.url)  # no tokenizer: the served one
+    try:
+        assert lm.tokenizer.get_vocab() == loaded.tokenizer.get_vocab()
+    finally:
+        lm.close()

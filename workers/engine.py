@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from batchd.client.errors import BatchdError, InvalidRequest
 from batchd.client.protocol import FinishReason, Request, SamplingParams
@@ -113,6 +113,10 @@ class Engine(Protocol):
     def scorer(self) -> Scorer | None:
         """The model that answers scoring requests; None refuses them (no model)."""
 
+    def served_tokenizer(self) -> Any | None:
+        """The Hugging Face tokenizer callers must use for token ids, which the worker advertises
+        and stores in Redis (client/tokenizers.py); None: the engine has none."""
+
     def add(self, request: EngineRequest) -> None:
         """Queue a request; it takes a free slot at the next step.
 
@@ -160,6 +164,9 @@ class EngineBase:
     device_wait_s = 0.0
 
     def scorer(self) -> Scorer | None:
+        return None
+
+    def served_tokenizer(self) -> Any | None:
         return None
 
     def add_score(self, request: EngineRequest, item: ScoreItem) -> None:

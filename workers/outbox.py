@@ -28,6 +28,7 @@ import redis
 
 from batchd.client.connection import CONNECTION_LOST
 from batchd.client.keys import WORKER_GROUP, Keys
+from batchd.client.tokenizers import TOKENIZER_TTL_MS
 from batchd.client.protocol import FinalEvent, Heartbeat, Result, TokenEvent, encode
 from batchd.client.scripts import ScriptCall, raise_any_error, run_in_pipeline
 from batchd.daemon import scripts
@@ -62,13 +63,16 @@ class Receipt:
 
 
 class Outbox:
-    def __init__(self, client: redis.Redis, keys: Keys, worker_id: str, result_ttl_s: int, lease_ms: int):
+    def __init__(self, client: redis.Redis, keys: Keys, worker_id: str, result_ttl_s: int, lease_ms: int,
+                 kept_alive: list[str] = ()):
+        """kept_alive: keys whose expiry each heartbeat pushes back (the served tokenizer's)."""
         self.redis = client
         self.keys = keys
         self.worker_id = worker_id
         self.stream = keys.jobs(worker_id)
         self.result_ttl_s = result_ttl_s
         self.lease_ms = lease_ms
+        self.kept_alive = list(kept_alive)
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchd-publish")
         self._in_flight: tuple[Parcel, concurrent.futures.Future] | None = None
         # Final results whose round trip failed: stored first thing once Redis is back.
@@ -129,6 +133,8 @@ class Outbox:
             if parcel.beat is not None:
                 pipe.set(self.keys.heartbeat(self.worker_id), encode(parcel.beat), px=self.lease_ms)
                 pipe.zadd(self.keys.workers, {self.worker_id: parcel.beat.sent_at})
+                for key in self.kept_alive:
+                    pipe.pexpire(key, TOKENIZER_TTL_MS)
             if parcel.read_jobs:
                 pipe.xreadgroup(WORKER_GROUP, self.worker_id, {self.stream: ">"}, count=parcel.read_jobs)
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 import redis
 
-from batchd.client import connection
+from batchd.client import connection, tokenizers
 from batchd.client.connection import CONNECTION_LOST, redact
 from batchd.client.errors import BatchdError, InvalidRequest, UnknownModel
 from batchd.client.keys import WORKER_GROUP, Keys
@@ -91,11 +91,13 @@ class Worker:
         self.stream = self.keys.jobs(config.worker_id)
         self.holdings = Holdings()
         self.advertised = Advertisement(config.heartbeat_interval_s)
-        self.outbox = Outbox(connect(), self.keys, config.worker_id, config.result_ttl_s, config.lease_ms)
+        self.served_models = list(config.served_models) or [engine.model_name]
+        self.tokenizer = _ServedTokenizer(engine.served_tokenizer(), [self.keys.tokenizer(m) for m in self.served_models])
+        self.outbox = Outbox(connect(), self.keys, config.worker_id, config.result_ttl_s, config.lease_ms,
+                             kept_alive=self.tokenizer.keys)
         self._lease = LeaseKeeper(connect(), self.keys.heartbeat(config.worker_id), config.lease_ms,
                                   config.heartbeat_interval_s, config.stall_timeout_s)
         self._cancels = CancelFeed(self.redis, self.keys.cancel_channel, self.stream)
-        self.served_models = list(config.served_models) or [engine.model_name]
         self._series = metrics.WorkerSeries(config.worker_id, self.served_models[0])
         self.state = state or metrics.WorkerState(config.worker_id)
         self._stop = threading.Event()
@@ -150,6 +152,7 @@ class Worker:
         except CONNECTION_LOST:
             pass  # its results wait in the outbox
         toolkit.ensure_group(self.redis, self.stream, WORKER_GROUP)
+        self.tokenizer.store(self.redis)
         self._cancels.connect()
         self._jobs_in_hand = []  # whatever it held is on the pending list, read next
         self._read_pending_jobs()
@@ -495,7 +498,7 @@ class Worker:
             can_take=0 if self._draining else room,
             running=engine.num_running, waiting=engine.num_waiting, kv_cache_usage=engine.kv_cache_usage,
             last_job_read=self.holdings.last_job_read, contrast_model=engine.contrast_model_name,
-            models=self.served_models, lease_ms=self.config.lease_ms, host=socket.gethostname(), pid=os.getpid(),
+            models=self.served_models, tokenizer=self.tokenizer.info, lease_ms=self.config.lease_ms, host=socket.gethostname(), pid=os.getpid(),
             started_at=self.started_at, sent_at=now)
         self.advertised.sent(beat)
         self._series.heartbeats.inc()
@@ -568,3 +571,24 @@ class Worker:
                            max_attempts=toolkit.read_max_attempts(self.redis, self.keys),
                            result_ttl_s=self.config.result_ttl_s, count_attempt=count_attempt,
                            worker_id=self.config.worker_id)
+
+
+class _ServedTokenizer:
+    """The engine's tokenizer as callers get it: its fingerprint for the heartbeat and its files
+    at Keys.tokenizer(model) for each served name, which every heartbeat keeps alive (the outbox
+    refreshes their expiry)."""
+
+    def __init__(self, tokenizer, keys: list[str]):
+        self.info = tokenizers.describe(tokenizer) if tokenizer is not None else None
+        self._fields = tokenizers.stored_fields(tokenizer, self.info) if tokenizer is not None else {}
+        self.keys = keys if tokenizer is not None else []
+
+    def store(self, client: redis.Redis) -> None:
+        """Write the files (at start and after a reconnect: Redis may have restarted empty)."""
+        if not self.keys:
+            return
+        with client.pipeline(transaction=False) as pipe:
+            for key in self.keys:
+                pipe.hset(key, mapping=self._fields)
+                pipe.pexpire(key, tokenizers.TOKENIZER_TTL_MS)
+            pipe.execute()

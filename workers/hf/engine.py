@@ -141,6 +141,9 @@ class HFEngine(EngineBase):
 
     # -- the Engine protocol ------------------------------------------------------
 
+    def served_tokenizer(self) -> Any:
+        return self.tokenizer
+
     def tokenize(self, request: Request) -> list[int]:
         return tokenize(self.tokenizer, request, self.max_context, self._config.vocab_size)
 
