@@ -47,6 +47,11 @@ def _add_redis(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", default="batchd:", help="key prefix shared by all batchd processes")
 
 
+def _add_result_ttl(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--result-ttl", type=COUNT, default=3600, metavar="SECONDS",
+                        help="how long a generate request's final result stays readable in Redis (default 3600)")
+
+
 def _add_scheduler_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scheduler")
     group.add_argument("--max-batch", type=COUNT, default=32, help="most requests in one job (default 32)")
@@ -104,6 +109,9 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                        help="seconds between heartbeats; keep well under the lease (default 1.0)")
     group.add_argument("--abandoned-after", type=ZERO_OR_MORE, default=10.0,
                        help="cancel a request nobody has listened to for this many seconds (0: never)")
+    group.add_argument("--scoring-result-ttl", type=COUNT, default=30, metavar="SECONDS",
+                       help="how long a scoring request's result (a full next-token vector: 4 bytes a "
+                            "vocabulary entry) stays readable in Redis (default 30)")
 
 
 def _add_metrics(parser: argparse.ArgumentParser, port_help: str) -> None:
@@ -121,17 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scheduler", help="run a scheduler daemon (any number may run)")
     _add_redis(p)
+    _add_result_ttl(p)
     _add_scheduler_options(p)
     _add_metrics(p, "serve Prometheus /metrics and /health here (0: off)")
 
     p = sub.add_parser("worker", help="run a worker daemon with an engine")
     _add_redis(p)
+    _add_result_ttl(p)
     _add_worker_options(p)
     _add_metrics(p, "serve Prometheus /metrics and /health here from process start, while the model "
                     "loads too (0: off)")
 
     p = sub.add_parser("up", help="scheduler + worker (+ an embedded server unless --redis is given)")
     _add_redis(p)
+    _add_result_ttl(p)
     _add_scheduler_options(p)
     _add_worker_options(p)
     _add_metrics(p, "scheduler /metrics on this port, worker on the next (0: off)")

@@ -35,7 +35,8 @@ def scheduler(args) -> int:
     config = SchedulerConfig(redis_url=args.redis, prefix=args.prefix, max_batch=args.max_batch,
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_attempts=args.max_attempts, claim_idle_ms=args.claim_idle_ms,
-                             metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+                             metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                             result_ttl_s=args.result_ttl)
     daemon = Scheduler(config)
     install_stop_handlers(daemon.stop)
     daemon.run()
@@ -63,7 +64,8 @@ def worker(args) -> int:
     config = WorkerConfig(redis_url=args.redis, prefix=args.prefix, drain_timeout_s=args.drain_timeout,
                           metrics_port=args.metrics_port, metrics_host=args.metrics_host, lease_ms=args.lease_ms,
                           heartbeat_interval_s=args.heartbeat_interval, abandoned_after_s=args.abandoned_after,
-                          served_models=args.served_model_names or [])
+                          served_models=args.served_model_names or [], result_ttl_s=args.result_ttl,
+                          scoring_result_ttl_s=args.scoring_result_ttl)
     if args.worker_id:
         config.worker_id = args.worker_id
     # /metrics and /health answer while the model loads (a minute or more on a GPU),
@@ -116,14 +118,15 @@ class Fleet:
 
 
 def _daemon_argv(args, url: str) -> tuple[list[str], list[str]]:
-    common = ["--redis", url, "--prefix", args.prefix]
+    common = ["--redis", url, "--prefix", args.prefix, "--result-ttl", str(args.result_ttl)]
     sched = ["scheduler", *common, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
              "--max-queue", str(args.max_queue), "--max-attempts", str(args.max_attempts),
              "--claim-idle-ms", str(args.claim_idle_ms)]
     work = ["worker", *common, "--engine", args.engine, "--model", args.model,
             "--drain-timeout", str(args.drain_timeout),
             "--token-delay-ms", str(args.token_delay_ms), "--lease-ms", str(args.lease_ms),
-            "--heartbeat-interval", str(args.heartbeat_interval), "--abandoned-after", str(args.abandoned_after)]
+            "--heartbeat-interval", str(args.heartbeat_interval), "--abandoned-after", str(args.abandoned_after),
+            "--scoring-result-ttl", str(args.scoring_result_ttl)]
     for name in args.served_model_names or ():
         work += ["--served-model-name", name]
     for flag, value in (("--slots", args.slots), ("--kv-memory", args.kv_memory),

@@ -186,10 +186,12 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
             yield item
 
     async def next_token_logprobs(self, prompt_token_ids: Sequence[int], top_k: int | None = None,
-                                  timeout: float | None = None, model: str | None = None) -> scoring.NextTokenLogprobs:
+                                  timeout: float | None = None, model: str | None = None,
+                                  logprobs_dtype: str = "float32") -> scoring.NextTokenLogprobs:
         """See Client.next_token_logprobs."""
         request, payload = scoring.next_token_request(self._ids.next(), prompt_token_ids, top_k,
-                                                      producer=self.producer, timeout=timeout, model=model)
+                                                      producer=self.producer, timeout=timeout, model=model,
+                                                      logprobs_dtype=logprobs_dtype)
         handle = await self._send(request, payload, False, timeout)
         return scoring.next_token_logprobs(await handle.result())
 
@@ -214,12 +216,12 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
 
         return await _retrying(read, "listing the models served")
 
-    async def served_tokenizer(self, model: str | None = None) -> Any:
+    async def served_tokenizer(self, model: str | None = None) -> tokenizers.ServedTokenizer:
         """See Client.served_tokenizer."""
         name = model or tokenizers.the_only_model(await self.models())
         info, files = await _retrying(lambda: self._redis.hmget(self.keys.tokenizer(name), ["info", "files"]),
                                       f"reading the tokenizer of {name}")
-        return tokenizers.load(files, tokenizers.stored_info(info, name))
+        return tokenizers.stored_tokenizer(info, files, name)
 
     async def tokenizer_info(self, model: str | None = None) -> TokenizerInfo:
         """See Client.tokenizer_info."""

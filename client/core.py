@@ -135,6 +135,7 @@ def build_request(
     contrast_alpha: float | None = None,
     cancel_hash: str | None = None,
     model: str | None = None,
+    logprobs_dtype: str = "float32",
 ) -> tuple[Request, bytes]:
     """Build, encode and validate a request exactly as a scheduler will.
 
@@ -169,6 +170,7 @@ def build_request(
             continuation=continuation,
             continuation_token_ids=list(continuation_token_ids) if continuation_token_ids is not None else None,
             top_logprobs=top_logprobs,
+            logprobs_dtype=logprobs_dtype,
             cancel_hash=cancel_hash,
             model=model or "",
         )

@@ -39,6 +39,9 @@ FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 # generate decodes new tokens; the other two score tokens the caller gives in one
 # forward pass (prefill only) and finish with "stop" (docs/scoring.md).
 Task = Literal["generate", "next_token_logprobs", "score"]
+# How a full next-token vector travels: little-endian float32 (4 bytes a token), or float16
+# on request (2 bytes; log-probabilities above about -65,504 keep 3 significant digits).
+LogprobsDtype = Literal["float32", "float16"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "cancelled", "deadline", "error")
 
 RequestId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9._:\-]+$")]
@@ -104,6 +107,8 @@ class Request(Struct, forbid_unknown_fields=True, omit_defaults=True):
     continuation: Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = None
     # next_token_logprobs: the k most likely tokens only; None = the full vector.
     top_logprobs: Annotated[int, Meta(ge=1)] | None = None
+    # next_token_logprobs, full vector: its encoding on the wire (docs/integrations.md).
+    logprobs_dtype: LogprobsDtype = "float32"
     # SHA-1 (hex) of the secret a cancel must present (docs/protocol.md): only the submitter
     # can cancel. None: anyone who knows the id can (producers that predate it).
     cancel_hash: Annotated[str, Meta(pattern=r"^[0-9a-f]{40}$")] | None = None
@@ -151,8 +156,10 @@ class Result(Struct, omit_defaults=True):
     worker: str = ""
     attempt: int = 0
     # Scoring results (docs/scoring.md). The full next-token vector travels as
-    # little-endian float32 bytes: 4 bytes a token instead of msgpack's 9 per float.
+    # little-endian float32 bytes: 4 bytes a token instead of msgpack's 9 per float
+    # (float16, 2 bytes, when the request asked for it: logprobs_dtype says which).
     logprobs: bytes | None = None
+    logprobs_dtype: LogprobsDtype = "float32"
     top_token_ids: list[int] | None = None
     top_logprobs: list[float] | None = None
     token_logprobs: list[float] | None = None
@@ -281,6 +288,10 @@ def _validate_task(request: Request) -> None:
     if request.top_logprobs is not None and request.task != "next_token_logprobs":
         raise InvalidRequest(f"top_logprobs is only for task 'next_token_logprobs', not {request.task!r}",
                              request.id)
+    if request.logprobs_dtype != "float32" and (request.task != "next_token_logprobs"
+                                                or request.top_logprobs is not None):
+        raise InvalidRequest("logprobs_dtype is only for the full vector of a next_token_logprobs request "
+                             "(no top_logprobs)", request.id)
     if request.task != "generate" and request.params != SamplingParams():
         raise InvalidRequest(f"a {request.task} request decodes nothing: leave the sampling params "
                              "(max_new_tokens, temperature, ...) at their defaults", request.id)

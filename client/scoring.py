@@ -6,6 +6,7 @@ through its model once and returns log-probabilities (docs/scoring.md).
 
 from __future__ import annotations
 
+import struct
 import sys
 from array import array
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ class NextTokenLogprobs:
         raw = self.result.logprobs
         if raw is None:
             return None
+        if self.result.logprobs_dtype == "float16":  # array has no half floats; struct does
+            return list(struct.unpack(f"<{len(raw) // 2}e", raw))
         floats = array("f")
         floats.frombytes(raw)
         if sys.byteorder != "little":  # the wire is little-endian float32
@@ -60,9 +63,11 @@ class Score:
 
 
 def next_token_request(request_id: str, prompt_token_ids: Sequence[int], top_k: int | None, *, producer: str,
-                       timeout: float | None, model: str | None = None) -> tuple[Request, bytes]:
+                       timeout: float | None, model: str | None = None,
+                       logprobs_dtype: str = "float32") -> tuple[Request, bytes]:
     return build_request(request_id, None, None, prompt_token_ids, producer=producer, timeout=timeout,
-                         task="next_token_logprobs", top_logprobs=top_k, model=model, **_NO_DECODING)
+                         task="next_token_logprobs", top_logprobs=top_k, model=model,
+                         logprobs_dtype=logprobs_dtype, **_NO_DECODING)
 
 
 def score_request(request_id: str, prompt: str | None, continuation: str | None,
@@ -83,12 +88,16 @@ def next_token_logprobs(result: Result) -> NextTokenLogprobs:
     return NextTokenLogprobs(result.top_token_ids, result.top_logprobs, result)
 
 
+# numpy's names of the wire encodings of a full vector (little-endian).
+_NUMPY_DTYPES = {"float32": "<f4", "float16": "<f2"}
+
+
 def logprobs_array(result: Result, out: numpy.ndarray | None = None) -> numpy.ndarray:
     """A result's full vector read straight from its bytes into a float32 array: into out (a row
     of a caller's batch, one copy) or a new writable array (one copy too)."""
     import numpy
 
-    wire = numpy.frombuffer(result.logprobs, dtype="<f4")  # read-only view of the bytes
+    wire = numpy.frombuffer(result.logprobs, dtype=_NUMPY_DTYPES[result.logprobs_dtype])  # a read-only view
     if out is None:
         return wire.astype(numpy.float32)  # astype copies: the array is writable
     out[...] = wire

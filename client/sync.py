@@ -217,10 +217,13 @@ class Client(core.ClientCore[RequestHandle]):
         return iter(self.submit(prompt, **kwargs))
 
     def next_token_logprobs(self, prompt_token_ids: Sequence[int], top_k: int | None = None,
-                            timeout: float | None = None, model: str | None = None) -> scoring.NextTokenLogprobs:
-        """Log-probabilities of the token after the prompt: the full vector, or the top_k most likely."""
+                            timeout: float | None = None, model: str | None = None,
+                            logprobs_dtype: str = "float32") -> scoring.NextTokenLogprobs:
+        """Log-probabilities of the token after the prompt: the full vector, or the top_k most likely.
+        logprobs_dtype "float16" halves the full vector on the wire and in Redis (docs/integrations.md)."""
         request, payload = scoring.next_token_request(self._ids.next(), prompt_token_ids, top_k,
-                                                      producer=self.producer, timeout=timeout, model=model)
+                                                      producer=self.producer, timeout=timeout, model=model,
+                                                      logprobs_dtype=logprobs_dtype)
         return scoring.next_token_logprobs(self._send(request, payload, False, timeout).result())
 
     def score(self, prompt: str | None = None, continuation: str | None = None, *,
@@ -245,13 +248,14 @@ class Client(core.ClientCore[RequestHandle]):
 
         return _retrying(read, "listing the models served")
 
-    def served_tokenizer(self, model: str | None = None) -> Any:
-        """The Hugging Face tokenizer the workers serving model use (None: the fleet's only
-        model), loaded from the files they store in Redis; needs transformers."""
+    def served_tokenizer(self, model: str | None = None) -> tokenizers.ServedTokenizer:
+        """The tokenizer the workers serving model use (None: the fleet's only model), as they
+        store it in Redis: its TokenizerInfo and its files, which Hugging Face's AutoTokenizer
+        loads (ServedTokenizer.save; batchd.integrations.hf_tokenizer does it)."""
         name = model or tokenizers.the_only_model(self.models())
         info, files = _retrying(lambda: self._redis.hmget(self.keys.tokenizer(name), ["info", "files"]),
                                 f"reading the tokenizer of {name}")
-        return tokenizers.load(files, tokenizers.stored_info(info, name))
+        return tokenizers.stored_tokenizer(info, files, name)
 
     def tokenizer_info(self, model: str | None = None) -> TokenizerInfo:
         """Hash, vocabulary size and special ids of the tokenizer served for model."""

@@ -8,7 +8,7 @@ with what Hugging Face's save_pretrained writes. A client reads `info` to check
 a caller's tokenizer and `files` to give the caller the worker's own.
 
 Tokenizers are taken by duck typing (get_vocab, save_pretrained, the *_token_id
-attributes); transformers is imported only to load a served one.
+attributes): the client imports no transformers.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -49,20 +50,31 @@ def stored_fields(tokenizer: Any, info: TokenizerInfo) -> dict[str, bytes]:
     return {"info": msgspec.msgpack.encode(info), "files": msgspec.msgpack.encode(files)}
 
 
-def load(files_field: bytes, info: TokenizerInfo) -> Any:
-    """The Hugging Face tokenizer in a stored `files` field, checked against its advertised info."""
-    from transformers import AutoTokenizer
+@dataclass(frozen=True)
+class ServedTokenizer:
+    """A served model's tokenizer as stored in Redis: its fingerprint and its files, by name.
+    Hugging Face's AutoTokenizer.from_pretrained(served.save(folder)) loads it (the client
+    imports no transformers; batchd.integrations.hf_tokenizer does both steps)."""
 
-    files = msgspec.msgpack.decode(files_field, type=dict[str, bytes])
-    with tempfile.TemporaryDirectory(prefix="batchd-tokenizer-") as folder:
-        for name, content in files.items():
+    info: TokenizerInfo
+    files: dict[str, bytes]
+
+    def save(self, folder: str) -> str:
+        """Write the files into folder (which exists) and return it."""
+        for name, content in self.files.items():
             if os.path.basename(name) != name or name.startswith("."):
-                raise TokenizerMismatch(f"the stored tokenizer holds a file named {name!r}; refusing to load it")
+                raise TokenizerMismatch(f"the stored tokenizer holds a file named {name!r}; refusing to write it")
             with open(os.path.join(folder, name), "wb") as file:
                 file.write(content)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    check(tokenizer, info, "the served model", what="the tokenizer transformers loaded from the stored files")
-    return tokenizer
+        return folder
+
+
+def stored_tokenizer(info_field: bytes | None, files_field: bytes | None, model: str) -> ServedTokenizer:
+    """The fields read from Keys.tokenizer(model)."""
+    info = stored_info(info_field, model)
+    if files_field is None:
+        raise UnknownModel(f"the tokenizer of model {model!r} expired while being read; try again")
+    return ServedTokenizer(info, msgspec.msgpack.decode(files_field, type=dict[str, bytes]))
 
 
 def check(tokenizer: Any, served: TokenizerInfo, model: str, what: str = "your tokenizer") -> None:

@@ -28,9 +28,12 @@ from batchd.client.scripts import Script, ScriptCall
 # this result completes passes the job too: it is acknowledged in the same
 # step, after the result is stored (a job is acked whatever the outcome: a
 # fenced or duplicate result leaves nothing more to do for it).
+# The event published may be a smaller cue than the one stored: callers read the stored
+# result whatever the event says (docs/protocol.md), so a full next-token vector need not
+# travel by pub/sub as well (docs/integrations.md measures it).
 # KEYS: result key, owner key, [job stream]
 # ARGV: channel, final event payload, result ttl seconds, owner token ('' = no lease check),
-#       [worker group, job entry id]
+#       event to publish ('' = the stored payload), [worker group, job entry id]
 # Returns 1 delivered, 0 already delivered, -1 fenced.
 FINALIZE = Script("""
 local outcome = 0
@@ -41,14 +44,14 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   end
   if outcome == 0 then
     redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
-    redis.call('PUBLISH', ARGV[1], ARGV[2])
+    if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[5]) else redis.call('PUBLISH', ARGV[1], ARGV[2]) end
     redis.call('DEL', KEYS[2])
     outcome = 1
   end
 end
 if KEYS[3] then
-  redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
-  redis.call('XDEL', KEYS[3], ARGV[6])
+  redis.call('XACK', KEYS[3], ARGV[6], ARGV[7])
+  redis.call('XDEL', KEYS[3], ARGV[7])
 end
 return outcome
 """)
@@ -244,11 +247,12 @@ CLAIM_TTL_S = 24 * 3600
 
 
 def finalize_call(keys: Keys, request_id: str, final_payload: bytes, result_ttl_s: int,
-                  owner_token: str = "", ack: tuple[str, str, str] | None = None) -> ScriptCall:
+                  owner_token: str = "", ack: tuple[str, str, str] | None = None,
+                  cue: bytes = b"") -> ScriptCall:
     """FINALIZE for one request's final event; ack = (job stream, group, entry id) when this
-    result completes that job."""
+    result completes that job; cue: a smaller final event to publish instead (b"": the same)."""
     call_keys = [keys.result(request_id), keys.owner(request_id)]
-    args = [keys.channel(request_id), final_payload, result_ttl_s, owner_token]
+    args = [keys.channel(request_id), final_payload, result_ttl_s, owner_token, cue]
     if ack is not None:
         stream, group, entry_id = ack
         call_keys.append(stream)

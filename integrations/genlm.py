@@ -26,6 +26,7 @@ from batchd.client import scoring
 from batchd.client.aio import AsyncClient
 
 from .bridge import ClientThread
+from .hf_tokenizer import hf_tokenizer
 
 
 class BatchdLM(AsyncLM):
@@ -34,19 +35,22 @@ class BatchdLM(AsyncLM):
     url: the fleet's Redis (None: $BATCHD_REDIS_URL or localhost); model: the served
     model to ask (None: the fleet's only one); tokenizer: a Hugging Face tokenizer,
     which must be the one the workers serve (else TokenizerMismatch); None: the
-    workers' own, read from Redis. timeout: seconds a call may wait. Other keyword
-    arguments go to AsyncClient (prefix, producer, ...).
+    workers' own, read from Redis. timeout: seconds a call may wait. logprobs_dtype
+    "float16" halves each vector on the wire and in Redis, at float16 precision (it can
+    change which token a sampler draws: docs/integrations.md). Other keyword arguments
+    go to AsyncClient (prefix, producer, ...).
     """
 
     def __init__(self, url: str | None = None, *, tokenizer: Any = None, model: str | None = None,
-                 timeout: float | None = None, **client_options: Any):
+                 timeout: float | None = None, logprobs_dtype: str = "float32", **client_options: Any):
         self._bridge = ClientThread(url, **client_options)
         self.model_name = model
         self.timeout = timeout
+        self.logprobs_dtype = logprobs_dtype
         client = self._bridge.client
         try:
             if tokenizer is None:
-                tokenizer = self._bridge.call(lambda: client.served_tokenizer(model))
+                tokenizer = hf_tokenizer(self._bridge.call(lambda: client.served_tokenizer(model)))
             else:
                 self._bridge.call(lambda: client.check_tokenizer(tokenizer, model))
         except BaseException:
@@ -96,7 +100,8 @@ class BatchdLM(AsyncLM):
         return await self._bridge.run(ask)
 
     async def _ask(self, client: AsyncClient, token_ids: Sequence[int]) -> scoring.NextTokenLogprobs:
-        return await client.next_token_logprobs(list(token_ids), timeout=self.timeout, model=self.model_name)
+        return await client.next_token_logprobs(list(token_ids), timeout=self.timeout, model=self.model_name,
+                                                logprobs_dtype=self.logprobs_dtype)
 
     def clear_cache(self) -> None:
         """Nothing to clear here: the worker's paged KV cache keeps or evicts prefixes on its own."""

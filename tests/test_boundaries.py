@@ -19,12 +19,15 @@ FORBIDDEN = {
     "scheduler": (*HEAVY, "batchd.workers"),
     "workers": ("batchd.scheduler",),
     "workers/hf": ("batchd.scheduler", "redis"),  # no Redis below the worker shell
+    # Backends for other libraries: producers, like any caller of the client.
+    "integrations": ("batchd.daemon", "batchd.scheduler", "batchd.workers"),
 }
 # The worker shell's top level is torch-free by layout: everything that needs torch is under hf/.
 TORCH_FREE_TOP_LEVEL = "workers"
 
 PACKAGE_OF = {"client": "batchd.client", "daemon": "batchd.daemon", "scheduler": "batchd.scheduler",
-              "workers": "batchd.workers", "workers/hf": "batchd.workers.hf"}
+              "workers": "batchd.workers", "workers/hf": "batchd.workers.hf",
+              "integrations": "batchd.integrations"}
 
 
 def imports_of(path: Path, package: str) -> set[str]:

@@ -31,7 +31,7 @@ def starting_fleet(module_daemons):
     """The daemons, started: the worker loads its model while the test process loads its own."""
     module_daemons.scheduler()
     module_daemons.start("worker", "--engine", "hf", "--model", "smollm2-135m", "--slots", "16", "--device", "cpu",
-                         "--dtype", "float32")
+                         "--dtype", "float32", "--result-ttl", "600", "--scoring-result-ttl", "20")
     return module_daemons
 
 
@@ -183,6 +183,7 @@ def test_llamppl_hard_constraints_example_equals_in_process(fleet, batchd_lm, in
 def test_the_worker_advertises_and_serves_its_tokenizer(fleet, loaded):
     from batchd import Client
     from batchd.client.tokenizers import describe
+    from batchd.integrations.hf_tokenizer import hf_tokenizer
     import redis
 
     from batchd.status import read_status, render
@@ -191,7 +192,7 @@ def test_the_worker_advertises_and_serves_its_tokenizer(fleet, loaded):
     assert expected.vocab_size == 49152 and (expected.bos_token_id, expected.eos_token_id) == (1, 2)
     with Client(fleet.url) as client:
         assert client.tokenizer_info() == expected
-        served = client.served_tokenizer()
+        served = hf_tokenizer(client.served_tokenizer())
         client.check_tokenizer(loaded.tokenizer, "smollm2-135m")
     assert describe(served) == expected
     assert served.encode(PROMPT) == loaded.tokenizer.encode(PROMPT)
@@ -222,3 +223,41 @@ def test_a_tokenizer_other_than_the_served_one_is_refused(fleet, loaded):
         assert lm.tokenizer.get_vocab() == loaded.tokenizer.get_vocab()
     finally:
         lm.close()
+
+
+def test_scoring_results_have_their_own_short_ttl_and_publish_no_vector(fleet, loaded):
+    import msgspec
+    import redis
+
+    from batchd import Client
+    from batchd.client.protocol import FinalEvent, decode_event
+
+    server = redis.Redis.from_url(fleet.url)
+    listener = server.pubsub()
+    listener.psubscribe("batchd:res:*")
+    prompt = loaded.tokenizer.encode(PROMPT)
+    try:
+        with Client(fleet.url) as client:
+            vector = client.next_token_logprobs(prompt, timeout=60).result
+            half = client.next_token_logprobs(prompt, timeout=60, logprobs_dtype="float16")
+            generated = client.generate(PROMPT, max_new_tokens=1, timeout=60)
+        assert 0 < server.pttl(f"batchd:result:{vector.request_id}") <= 20_000
+        assert 590_000 < server.pttl(f"batchd:result:{generated.request_id}") <= 600_000
+        stored = decode_event(server.get(f"batchd:result:{vector.request_id}"))
+        assert len(stored.result.logprobs) == 4 * 49152
+        finals = {}
+        for message in iter(lambda: listener.get_message(timeout=0.5), None):
+            if message["type"] != "pmessage":
+                continue
+            event = msgspec.msgpack.decode(message["data"])
+            if event.get("type") == "final":
+                finals[event["result"]["request_id"]] = (len(message["data"]), decode_event(message["data"]))
+    finally:
+        listener.close()
+        server.close()
+    size, published = finals[vector.request_id]
+    assert isinstance(published, FinalEvent) and published.result.logprobs is None and size < 1024
+    # float16 on request: half the bytes, float16's precision (3 significant digits).
+    assert len(half.result.logprobs) == 2 * 49152 and half.result.logprobs_dtype == "float16"
+    exact = numpy.frombuffer(vector.logprobs, dtype="<f4")
+    assert numpy.allclose(half.array(), exact, rtol=1e-3, atol=1e-3)

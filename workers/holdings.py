@@ -21,6 +21,10 @@ from .engine import ScoreItem, ScoreOutput, StepOutput
 CHANGED_BEAT_GAP_S = 0.02
 
 
+# numpy's names of the wire encodings of a full vector (little-endian).
+_WIRE_DTYPES = {"float32": "<f4", "float16": "<f2"}
+
+
 @dataclass
 class Held:
     """A request this worker holds: where it came from and what it produced so far."""
@@ -84,6 +88,7 @@ class Held:
         """The final Result of a scoring request."""
         submitted = self._submitted_at()
         vector = output.next_token_logprobs
+        dtype = self.request.logprobs_dtype
         return Result(
             request_id=self.request.id,
             finish_reason="stop",
@@ -91,7 +96,8 @@ class Held:
             timings=Timings(queued_s=max(0.0, self.admitted_at - submitted), total_s=max(0.0, now - submitted)),
             worker=worker_id,
             attempt=self.request.attempt,
-            logprobs=None if vector is None else vector.numpy().astype("<f4").tobytes(),
+            logprobs=None if vector is None else vector.numpy().astype(_WIRE_DTYPES[dtype]).tobytes(),
+            logprobs_dtype=dtype,
             top_token_ids=output.top_token_ids,
             top_logprobs=output.top_logprobs,
             token_logprobs=output.token_logprobs,

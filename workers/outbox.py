@@ -24,6 +24,7 @@ import concurrent.futures
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import msgspec
 import redis
 
 from batchd.client.connection import CONNECTION_LOST
@@ -64,13 +65,15 @@ class Receipt:
 
 class Outbox:
     def __init__(self, client: redis.Redis, keys: Keys, worker_id: str, result_ttl_s: int, lease_ms: int,
-                 kept_alive: list[str] = ()):
-        """kept_alive: keys whose expiry each heartbeat pushes back (the served tokenizer's)."""
+                 kept_alive: list[str] = (), scoring_result_ttl_s: int | None = None):
+        """kept_alive: keys whose expiry each heartbeat pushes back (the served tokenizer's);
+        scoring_result_ttl_s: how long scoring results stay stored (None: result_ttl_s)."""
         self.redis = client
         self.keys = keys
         self.worker_id = worker_id
         self.stream = keys.jobs(worker_id)
         self.result_ttl_s = result_ttl_s
+        self.scoring_result_ttl_s = result_ttl_s if scoring_result_ttl_s is None else scoring_result_ttl_s
         self.lease_ms = lease_ms
         self.kept_alive = list(kept_alive)
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchd-publish")
@@ -124,8 +127,11 @@ class Outbox:
                  for owner, group in _by_owner(parcel.events).items()]
         for held, result in parcel.finished:
             closes = parcel.closes.get(held.job_entry) is held
-            calls.append(scripts.finalize_call(self.keys, held.request.id, encode(FinalEvent(result)), self.result_ttl_s,
-                                               held.owner, (self.stream, WORKER_GROUP, held.job_entry) if closes else None))
+            scoring = held.request.task != "generate"
+            calls.append(scripts.finalize_call(self.keys, held.request.id, encode(FinalEvent(result)),
+                                               self.scoring_result_ttl_s if scoring else self.result_ttl_s, held.owner,
+                                               (self.stream, WORKER_GROUP, held.job_entry) if closes else None,
+                                               cue=_cue(result)))
         return calls
 
     def _round_trip(self, parcel: Parcel, calls: list[ScriptCall]) -> Receipt:
@@ -156,3 +162,12 @@ def _by_owner(events: list[tuple[Held, TokenEvent]]) -> dict[str, list[tuple[Hel
     for held, event in events:
         groups.setdefault(held.owner, []).append((held, event))
     return groups
+
+
+def _cue(result: Result) -> bytes:
+    """The final event to publish for a result whose stored copy holds a full next-token vector:
+    the same without the vector (b"": publish the stored event). Callers read the stored
+    result either way, so the vector crosses the network twice instead of three times."""
+    if result.logprobs is None:
+        return b""
+    return encode(FinalEvent(msgspec.structs.replace(result, logprobs=None)))

@@ -74,6 +74,10 @@ class WorkerConfig(DaemonConfig):
     # The names requests may give as `model` to reach this worker (--served-model-name);
     # empty: the engine's model name.
     served_models: list[str] = field(default_factory=list)
+    # How long scoring results stay stored (result_ttl_s is generate results'): their caller
+    # reads them within milliseconds of the final event, and a full next-token vector is
+    # 196 KiB for SmolLM2 (docs/integrations.md measures Redis memory with each).
+    scoring_result_ttl_s: int = 30
 
 
 class Worker:
@@ -94,7 +98,7 @@ class Worker:
         self.served_models = list(config.served_models) or [engine.model_name]
         self.tokenizer = _ServedTokenizer(engine.served_tokenizer(), [self.keys.tokenizer(m) for m in self.served_models])
         self.outbox = Outbox(connect(), self.keys, config.worker_id, config.result_ttl_s, config.lease_ms,
-                             kept_alive=self.tokenizer.keys)
+                             kept_alive=self.tokenizer.keys, scoring_result_ttl_s=config.scoring_result_ttl_s)
         self._lease = LeaseKeeper(connect(), self.keys.heartbeat(config.worker_id), config.lease_ms,
                                   config.heartbeat_interval_s, config.stall_timeout_s)
         self._cancels = CancelFeed(self.redis, self.keys.cancel_channel, self.stream)
@@ -129,10 +133,11 @@ class Worker:
     def run(self) -> None:
         cfg = self.config
         log.info("worker starting: id=%s engine=%s model=%s serves=%s slots=%d redis=%s lease_ms=%d "
-                 "drain_timeout_s=%s metrics_port=%s", cfg.worker_id, self.engine.name, self.engine.model_name,
-                 ",".join(self.served_models),
+                 "drain_timeout_s=%s result_ttl_s=%d scoring_result_ttl_s=%d tokenizer=%s metrics_port=%s",
+                 cfg.worker_id, self.engine.name, self.engine.model_name, ",".join(self.served_models),
                  self.engine.total_slots, redact(cfg.redis_url), cfg.lease_ms, cfg.drain_timeout_s,
-                 cfg.metrics_port)
+                 cfg.result_ttl_s, cfg.scoring_result_ttl_s,
+                 self.tokenizer.info.hash[:12] if self.tokenizer.info else "-", cfg.metrics_port)
         metrics.serve(cfg.metrics_port, metrics.WORKER_REGISTRY, cfg.metrics_host, self.state.current)
         self._connect()
         self._lease.start()
