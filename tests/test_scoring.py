@@ -163,6 +163,9 @@ def test_bad_scoring_input_is_invalid_request(daemons, redis_server):
     ({"task": "score", "continuation": "x", "top_logprobs": 3}, "only for task 'next_token_logprobs'"),
     ({"task": "next_token_logprobs", "params": SamplingParams(max_new_tokens=5)}, "decodes nothing"),
     ({"task": "translate"}, "task"),
+    ({"logprobs_dtype": "float16"}, "only for the full vector"),
+    ({"task": "next_token_logprobs", "top_logprobs": 5, "logprobs_dtype": "float16"}, "only for the full vector"),
+    ({"task": "next_token_logprobs", "logprobs_dtype": "bfloat16"}, "logprobs_dtype"),
 ])
 def test_malformed_scoring_request_is_refused_on_decode(fields, message):
     payload = encode(Request(v=PROTOCOL_VERSION, id="r1", prompt_token_ids=[1, 2], **fields))
