@@ -109,9 +109,9 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                        help="seconds between heartbeats; keep well under the lease (default 1.0)")
     group.add_argument("--abandoned-after", type=ZERO_OR_MORE, default=10.0,
                        help="cancel a request nobody has listened to for this many seconds (0: never)")
-    group.add_argument("--scoring-result-ttl", type=COUNT, default=30, metavar="SECONDS",
+    group.add_argument("--scoring-result-ttl", type=COUNT, default=5, metavar="SECONDS",
                        help="how long a scoring request's result (a full next-token vector: 4 bytes a "
-                            "vocabulary entry) stays readable in Redis (default 30)")
+                            "vocabulary entry) stays readable in Redis (default 5)")
 
 
 def _add_metrics(parser: argparse.ArgumentParser, port_help: str) -> None:

@@ -75,9 +75,10 @@ class WorkerConfig(DaemonConfig):
     # empty: the engine's model name.
     served_models: list[str] = field(default_factory=list)
     # How long scoring results stay stored (result_ttl_s is generate results'): their caller
-    # reads them within milliseconds of the final event, and a full next-token vector is
-    # 196 KiB for SmolLM2 (docs/integrations.md measures Redis memory with each).
-    scoring_result_ttl_s: int = 30
+    # reads them within milliseconds of the final event (or at its next 2 s poll if its
+    # subscription dropped), and a full next-token vector is 192 KiB for SmolLM2: Redis holds
+    # calls/s x this x that (docs/integrations.md: 30 s held 148 MiB in LLaMPPL's example).
+    scoring_result_ttl_s: int = 5
 
 
 class Worker:

@@ -1,0 +1,260 @@
+"""LLaMPPL's and genlm-control's own SMC examples, in process and through batchd, with Redis's memory.
+
+Runs each library's example (LLaMPPL's hard-constraints model, genlm-control's
+README regular-expression example) with the library's own in-process Hugging
+Face backend, then through batchd (`batchd.integrations`: an embedded Redis, a
+scheduler and an hf worker as real processes) twice: with scoring results kept
+as long as generate results (`--scoring-result-ttl 3600`, what every result got
+before the flag) and with the default 5 s, where it also runs them with float16
+vectors (`logprobs_dtype="float16"`). A thread samples Redis's
+`used_memory` every 20 ms; the table gives each run's peak. Same seeds for
+every run, so the texts can be compared too.
+
+    python benchmarks/integrations_smc.py       # SmolLM2-135M, float32, CPU; writes benchmarks/results/integrations_smc.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import random
+import string
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy
+import redis
+import torch
+
+# A prompt of about the length of the one in LLaMPPL's example (written for this benchmark).
+LLAMPPL_PROMPT = """Three things to know this morning.
+
+1. The city council meets tonight to vote on the new transit budget, which adds two bus lines and \
+extends the evening service of the harbour ferry. Supporters say the plan finally connects the \
+eastern neighbourhoods to the centre; critics argue the fare increase that pays for it falls on \
+the riders who can least afford it, and several council members have asked for a delay.
+
+2. The weather service expects the first frost of the season over the weekend. Farmers in the \
+valley have started bringing in the last of the apple harvest early, and the public gardens will \
+close their greenhouses to visitors until further notice.
+
+3."""
+GENLM_PROMPT = "Here is my honest opinion:"
+GENLM_REGEX = r" SMC is (🔥🔥|😍😍|🤌🤌) with LMs"
+
+
+def make_masks(LLM) -> dict[int, set[int]]:
+    """LLaMPPL's examples/hard_constraints.py: tokens that keep every word at most five letters."""
+    return {
+        i: set(
+            j for (j, v) in enumerate(LLM.str_vocab)
+            if j != LLM.tokenizer.eos_token_id and "\n" not in v
+            and any(c.isalpha() or c in string.punctuation for c in v)
+            and len(v.strip()) <= 5 and (not v[0].isalpha() or i + len(v) <= 5)
+        )
+        for i in range(6)
+    }
+
+
+async def llamppl_example(LLM, max_tokens: int, n_particles: int) -> list[str]:
+    """LLaMPPL's hard-constraints example: its ConstraintModel under smc_standard."""
+    from llamppl import LMContext, Model, smc_standard
+
+    class ConstraintModel(Model):
+        def __init__(self):
+            super().__init__()
+            self.context = LMContext(LLM, LLAMPPL_PROMPT)
+            self.max_tokens = max_tokens
+            self.masks = make_masks(LLM)
+            self.eos_token_id = LLM.tokenizer.eos_token_id
+
+        async def start(self):
+            await self.observe(self.context.mask_dist(self.active_constraint_mask()), True)
+
+        async def step(self):
+            token = await self.sample(self.context.next_token())
+            self.max_tokens -= 1
+            if token == self.eos_token_id or self.max_tokens == 0:
+                self.finish()
+                return
+            await self.observe(self.context.mask_dist(self.active_constraint_mask()), True)
+
+        def active_constraint_mask(self):
+            words = str(self.context).split()
+            return self.masks[min(5, len(words[-1]) if words else 0)]
+
+        def immutable_properties(self):
+            return ["masks"]
+
+    LLM.cache_kv(LLM.tokenizer.encode(LLAMPPL_PROMPT))
+    particles = await smc_standard(ConstraintModel(), n_particles, 0.5)
+    return [str(p.context)[len(LLAMPPL_PROMPT):] for p in particles]
+
+
+async def genlm_example(async_lm, n_particles: int, max_tokens: int) -> dict[str, float]:
+    """genlm-control's README example: an LLM constrained by a regular expression, AWRS and SMC."""
+    from genlm.control import AWRS, BoolFSA, PromptedLLM
+
+    llm = PromptedLLM(async_lm)
+    llm.set_prompt_from_str(GENLM_PROMPT)
+    fsa = BoolFSA.from_regex(GENLM_REGEX)
+    sequences = await AWRS(llm, fsa.coerce(llm, f=b"".join)).smc(n_particles=n_particles, ess_threshold=0.5,
+                                                                  max_tokens=max_tokens)
+    return {text: float(p) for text, p in sequences.decoded_posterior.items()}
+
+
+def seeded(seed: int) -> None:
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class MemoryPeak:
+    """Redis's used_memory, sampled every 20 ms by a thread while the block runs."""
+
+    def __init__(self, url: str):
+        self._redis = redis.Redis.from_url(url)
+        self._stop = threading.Event()
+        self.peak = 0
+
+    def __enter__(self) -> "MemoryPeak":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._redis.close()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._redis.info("memory")["used_memory"])
+            self._stop.wait(0.02)
+
+
+def timed(label: str, run) -> tuple[float, object]:
+    print(f"  {label}...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    outcome = run()
+    return time.perf_counter() - started, outcome
+
+
+def in_process(loaded, args) -> dict:
+    from genlm.backend.llm import AsyncTransformer
+    from llamppl import CachedCausalLM
+
+    print("in process (the libraries' own Hugging Face backend):", file=sys.stderr, flush=True)
+    figures = {}
+    lm = AsyncTransformer(loaded.model, loaded.tokenizer)
+    seeded(args.seed)
+    wall, texts = timed("LLaMPPL hard constraints",
+                        lambda: asyncio.run(llamppl_example(CachedCausalLM(lm), args.max_tokens, args.particles)))
+    figures["llamppl"] = {"wall_s": wall, "texts": texts}
+    lm = AsyncTransformer(loaded.model, loaded.tokenizer)  # a fresh cache, as a separate program would have
+    seeded(args.seed)
+    wall, posterior = timed("genlm-control regex",
+                            lambda: asyncio.run(genlm_example(lm, args.genlm_particles, args.genlm_max_tokens)))
+    figures["genlm"] = {"wall_s": wall, "posterior": posterior}
+    return figures
+
+
+def through_batchd(scoring_result_ttl: int | None, args, dtypes: tuple[str, ...] = ("float32",)) -> dict:
+    from batchd.embedded import EmbeddedServer
+    from batchd.integrations.genlm import BatchdLM
+    from batchd.status import stop_processes, wait_for_workers
+
+    ttl = [] if scoring_result_ttl is None else ["--scoring-result-ttl", str(scoring_result_ttl)]
+    print(f"through batchd, {' '.join(ttl) or 'default scoring result TTL'}:", file=sys.stderr, flush=True)
+    cli = [sys.executable, "-m", "batchd.cli", "--log-level", "WARNING"]
+    with EmbeddedServer() as server:
+        daemons = [
+            subprocess.Popen([*cli, "scheduler", "--redis", server.url, "--max-batch", "64", "--max-wait-ms", "2"]),
+            subprocess.Popen([*cli, "worker", "--redis", server.url, "--engine", "hf", "--model", args.model,
+                              "--slots", "32", "--device", "cpu", "--dtype", "float32", *ttl]),
+        ]
+        try:
+            wait_for_workers(server.url, timeout_s=600, processes=daemons)
+            stats = redis.Redis.from_url(server.url)
+            before = stats.info("memory")["used_memory"]
+            figures = {"used_memory_idle_bytes": before}
+            for dtype in dtypes:
+                lm = BatchdLM(server.url, timeout=300, logprobs_dtype=dtype)  # the served tokenizer, from Redis
+                figures[dtype] = run_examples(lm, server.url, args)
+                lm.close()
+            figures["requests"] = int(stats.hget("batchd:stats", "requests_dispatched") or 0)
+            stats.close()
+        finally:
+            stop_processes(daemons, timeout_s=60)
+    return figures
+
+
+def run_examples(lm, url: str, args) -> dict:
+    from batchd.integrations.llamppl import BatchdCausalLM
+
+    figures = {}
+    stats = redis.Redis.from_url(url)
+    seeded(args.seed)
+    sent = stats.info("stats")["total_net_output_bytes"]
+    with MemoryPeak(url) as memory:
+        wall, texts = timed(f"LLaMPPL hard constraints ({lm.logprobs_dtype})", lambda: asyncio.run(
+            llamppl_example(BatchdCausalLM(lm=lm), args.max_tokens, args.particles)))
+    figures["llamppl"] = {"wall_s": wall, "texts": texts, "redis_peak_bytes": memory.peak,
+                          "redis_sent_bytes": stats.info("stats")["total_net_output_bytes"] - sent}
+    seeded(args.seed)
+    sent = stats.info("stats")["total_net_output_bytes"]
+    with MemoryPeak(url) as memory:
+        wall, posterior = timed(f"genlm-control regex ({lm.logprobs_dtype})", lambda: asyncio.run(
+            genlm_example(lm, args.genlm_particles, args.genlm_max_tokens)))
+    figures["genlm"] = {"wall_s": wall, "posterior": posterior, "redis_peak_bytes": memory.peak,
+                        "redis_sent_bytes": stats.info("stats")["total_net_output_bytes"] - sent}
+    stats.close()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--particles", type=int, default=20, help="LLaMPPL example's n_particles (its default)")
+    parser.add_argument("--max-tokens", type=int, default=50, help="LLaMPPL example's max_tokens (its default)")
+    parser.add_argument("--genlm-particles", type=int, default=10, help="genlm README's n_particles")
+    parser.add_argument("--genlm-max-tokens", type=int, default=30, help="genlm README's max_tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/integrations_smc.json"))
+    args = parser.parse_args()
+
+    from batchd.workers.hf.models import load_model
+
+    loaded = load_model(args.model, dtype="float32", device="cpu")
+    figures = {"model": args.model, "machine": f"{platform.node()} ({torch.get_num_threads()} torch threads)",
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args) | {"out": str(args.out)},
+               "in_process": in_process(loaded, args),
+               "batchd_scoring_ttl_3600": through_batchd(3600, args),
+               "batchd_default_ttl": through_batchd(None, args, ("float32", "float16"))}
+    runs = [("batchd, scoring TTL 3600 s", figures["batchd_scoring_ttl_3600"]["float32"]),
+            ("batchd, default TTL", figures["batchd_default_ttl"]["float32"]),
+            ("batchd, default TTL, float16", figures["batchd_default_ttl"]["float16"])]
+    print("\n| example | run | wall (s) | Redis peak (MiB) | Redis sent (MiB) | output as in process |\n"
+          "|---|---|---:|---:|---:|---|")
+    for label, key in (("LLaMPPL hard constraints", "llamppl"), ("genlm-control README regex", "genlm")):
+        alone = figures["in_process"][key]
+        print(f"| {label} | in process | {alone['wall_s']:.2f} | | | |")
+        for name, run in runs:
+            output = "texts" if key == "llamppl" else "posterior"
+            same = run[key][output] == alone[output]
+            run[key]["same_output_as_in_process"] = same
+            print(f"| {label} | {name} | {run[key]['wall_s']:.2f} | {run[key]['redis_peak_bytes'] / 2**20:.1f} "
+                  f"| {run[key]['redis_sent_bytes'] / 2**20:.1f} | {same} |")
+    idle = figures["batchd_default_ttl"]["used_memory_idle_bytes"]
+    print(f"\nRedis idle, the tokenizer stored: {idle / 2**20:.1f} MiB")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
