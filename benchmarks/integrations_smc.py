@@ -10,7 +10,7 @@ vectors (`logprobs_dtype="float16"`). A thread samples Redis's
 `used_memory` every 20 ms; the table gives each run's peak. Same seeds for
 every run, so the texts can be compared too.
 
-    python benchmarks/integrations_smc.py       # SmolLM2-135M, float32, CPU; writes benchmarks/results/integrations_smc.json
+    python benchmarks/integrations_smc.py   # SmolLM2-135M, float32, CPU -> benchmarks/results/integrations_smc.json
 """
 
 from __future__ import annotations
@@ -115,12 +115,19 @@ def seeded(seed: int) -> None:
 
 
 class MemoryPeak:
-    """Redis's used_memory, sampled every 20 ms by a thread while the block runs."""
+    """Redis's used_memory, sampled every 20 ms by a thread while the block runs: its peak, and
+    how far that is above the start (what the block added: results of an earlier block may
+    still be stored)."""
 
     def __init__(self, url: str):
         self._redis = redis.Redis.from_url(url)
         self._stop = threading.Event()
-        self.peak = 0
+        self.start = self._redis.info("memory")["used_memory"]
+        self.peak = self.start
+
+    @property
+    def added(self) -> int:
+        return self.peak - self.start
 
     def __enter__(self) -> "MemoryPeak":
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -194,25 +201,29 @@ def through_batchd(scoring_result_ttl: int | None, args, dtypes: tuple[str, ...]
     return figures
 
 
+def sent_bytes(stats: redis.Redis) -> int:
+    return stats.info("stats")["total_net_output_bytes"]
+
+
 def run_examples(lm, url: str, args) -> dict:
     from batchd.integrations.llamppl import BatchdCausalLM
 
     figures = {}
     stats = redis.Redis.from_url(url)
     seeded(args.seed)
-    sent = stats.info("stats")["total_net_output_bytes"]
+    sent = sent_bytes(stats)
     with MemoryPeak(url) as memory:
         wall, texts = timed(f"LLaMPPL hard constraints ({lm.logprobs_dtype})", lambda: asyncio.run(
             llamppl_example(BatchdCausalLM(lm=lm), args.max_tokens, args.particles)))
     figures["llamppl"] = {"wall_s": wall, "texts": texts, "redis_peak_bytes": memory.peak,
-                          "redis_sent_bytes": stats.info("stats")["total_net_output_bytes"] - sent}
+                          "redis_added_bytes": memory.added, "redis_sent_bytes": sent_bytes(stats) - sent}
     seeded(args.seed)
-    sent = stats.info("stats")["total_net_output_bytes"]
+    sent = sent_bytes(stats)
     with MemoryPeak(url) as memory:
         wall, posterior = timed(f"genlm-control regex ({lm.logprobs_dtype})", lambda: asyncio.run(
             genlm_example(lm, args.genlm_particles, args.genlm_max_tokens)))
     figures["genlm"] = {"wall_s": wall, "posterior": posterior, "redis_peak_bytes": memory.peak,
-                        "redis_sent_bytes": stats.info("stats")["total_net_output_bytes"] - sent}
+                        "redis_added_bytes": memory.added, "redis_sent_bytes": sent_bytes(stats) - sent}
     stats.close()
     return figures
 
@@ -239,17 +250,17 @@ def main() -> None:
     runs = [("batchd, scoring TTL 3600 s", figures["batchd_scoring_ttl_3600"]["float32"]),
             ("batchd, default TTL", figures["batchd_default_ttl"]["float32"]),
             ("batchd, default TTL, float16", figures["batchd_default_ttl"]["float16"])]
-    print("\n| example | run | wall (s) | Redis peak (MiB) | Redis sent (MiB) | output as in process |\n"
-          "|---|---|---:|---:|---:|---|")
+    print("\n| example | run | wall (s) | Redis peak (MiB) | added by the run (MiB) | Redis sent (MiB) "
+          "| output as in process |\n|---|---|---:|---:|---:|---:|---|")
     for label, key in (("LLaMPPL hard constraints", "llamppl"), ("genlm-control README regex", "genlm")):
         alone = figures["in_process"][key]
-        print(f"| {label} | in process | {alone['wall_s']:.2f} | | | |")
+        print(f"| {label} | in process | {alone['wall_s']:.2f} | | | | |")
         for name, run in runs:
             output = "texts" if key == "llamppl" else "posterior"
             same = run[key][output] == alone[output]
             run[key]["same_output_as_in_process"] = same
             print(f"| {label} | {name} | {run[key]['wall_s']:.2f} | {run[key]['redis_peak_bytes'] / 2**20:.1f} "
-                  f"| {run[key]['redis_sent_bytes'] / 2**20:.1f} | {same} |")
+                  f"| {run[key]['redis_added_bytes'] / 2**20:.1f} | {run[key]['redis_sent_bytes'] / 2**20:.1f} | {same} |")
     idle = figures["batchd_default_ttl"]["used_memory_idle_bytes"]
     print(f"\nRedis idle, the tokenizer stored: {idle / 2**20:.1f} MiB")
     args.out.parent.mkdir(parents=True, exist_ok=True)

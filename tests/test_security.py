@@ -225,3 +225,20 @@ def test_daemons_and_clients_work_over_tls(tls_server, daemons):
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(tls_server.bare_tls_url.replace("rediss://", "redis://"), socket_timeout=2,
                              socket_connect_timeout=2).ping()
+
+
+def test_workers_store_the_served_tokenizer_and_producers_only_read_it(acl_server):
+    """The fields and expiry a worker writes (workers/worker.py _ServedTokenizer, the outbox's
+    heartbeat) and the reads a producer's served_tokenizer makes, each as its documented user."""
+    worker, producer = as_user(acl_server, "batchd-worker-gpu-0"), as_user(acl_server, "batchd-producer")
+    try:
+        key = "batchd:tokenizer:some-model"
+        worker.hset(key, mapping={"info": b"i", "files": b"f"})
+        assert worker.pexpire(key, 3_600_000)
+        assert producer.hmget(key, ["info", "files"]) == [b"i", b"f"]
+        assert producer.hget(key, "info") == b"i"
+        assert refused(producer, "HSET", key, "info", "forged")
+        assert refused(producer, "DEL", key)
+    finally:
+        worker.close()
+        producer.close()

@@ -97,7 +97,8 @@ class Worker:
         self.holdings = Holdings()
         self.advertised = Advertisement(config.heartbeat_interval_s)
         self.served_models = list(config.served_models) or [engine.model_name]
-        self.tokenizer = _ServedTokenizer(engine.served_tokenizer(), [self.keys.tokenizer(m) for m in self.served_models])
+        self.tokenizer = _ServedTokenizer(engine.served_tokenizer(),
+                                          [self.keys.tokenizer(model) for model in self.served_models])
         self.outbox = Outbox(connect(), self.keys, config.worker_id, config.result_ttl_s, config.lease_ms,
                              kept_alive=self.tokenizer.keys, scoring_result_ttl_s=config.scoring_result_ttl_s)
         self._lease = LeaseKeeper(connect(), self.keys.heartbeat(config.worker_id), config.lease_ms,
