@@ -28,7 +28,7 @@ from typing import Callable
 import redis
 
 from batchd.client import connection
-from batchd.client.connection import CONNECTION_LOST, redact
+from batchd.client.connection import CONNECTION_LOST, describe
 from batchd.client.errors import BatchdError, InvalidRequest, UnknownModel
 from batchd.client.keys import WORKER_GROUP, Keys
 from batchd.client.protocol import PROTOCOL_VERSION, Heartbeat, Request, RestartEvent, Result, error_result
@@ -74,6 +74,9 @@ class WorkerConfig(DaemonConfig):
     # The names requests may give as `model` to reach this worker (--served-model-name);
     # empty: the engine's model name.
     served_models: list[str] = field(default_factory=list)
+    # Book stored results (and so acknowledge their jobs as done) only once this many
+    # replicas hold them (WAIT); 0: as soon as the master does (docs/reliability.md).
+    durable_replicas: int = 0
 
 
 class Worker:
@@ -91,7 +94,8 @@ class Worker:
         self.stream = self.keys.jobs(config.worker_id)
         self.holdings = Holdings()
         self.advertised = Advertisement(config.heartbeat_interval_s)
-        self.outbox = Outbox(connect(), self.keys, config.worker_id, config.result_ttl_s, config.lease_ms)
+        self.outbox = Outbox(connect(), self.keys, config.worker_id, config.result_ttl_s, config.lease_ms,
+                             config.durable_replicas)
         self._lease = LeaseKeeper(connect(), self.keys.heartbeat(config.worker_id), config.lease_ms,
                                   config.heartbeat_interval_s, config.stall_timeout_s)
         self._cancels = CancelFeed(self.redis, self.keys.cancel_channel, self.stream)
@@ -127,10 +131,10 @@ class Worker:
     def run(self) -> None:
         cfg = self.config
         log.info("worker starting: id=%s engine=%s model=%s serves=%s slots=%d redis=%s lease_ms=%d "
-                 "drain_timeout_s=%s metrics_port=%s", cfg.worker_id, self.engine.name, self.engine.model_name,
+                 "drain_timeout_s=%s durable_replicas=%d metrics_port=%s", cfg.worker_id, self.engine.name, self.engine.model_name,
                  ",".join(self.served_models),
-                 self.engine.total_slots, redact(cfg.redis_url), cfg.lease_ms, cfg.drain_timeout_s,
-                 cfg.metrics_port)
+                 self.engine.total_slots, describe(cfg.redis_url), cfg.lease_ms, cfg.drain_timeout_s,
+                 cfg.durable_replicas, cfg.metrics_port)
         metrics.serve(cfg.metrics_port, metrics.WORKER_REGISTRY, cfg.metrics_host, self.state.current)
         self._connect()
         self._lease.start()
