@@ -1,0 +1,191 @@
+"""kill -9 of a Sentinel-managed master under load: what accepted requests a failover loses.
+
+For each setting, a fresh SentinelSet (1 master, 2 replicas, 3 sentinels; cli/embedded.py),
+one scheduler and one echo worker (`batchd` processes on the redis+sentinel:// URL), and
+--producers producer processes submitting --requests requests in all through AsyncClient.
+Once a third of them were accepted, the master is killed (SIGKILL). Every producer then
+waits for every request it saw accepted.
+
+  durable: appendonly yes + appendfsync always on every server, producers with
+           durable_replicas=1, the worker with --durable-replicas 1;
+  default: Redis's defaults (no AOF, asynchronous replication), no WAIT.
+
+Per setting: accepted (the submit returned), refused (the submit raised, a typed error the
+caller saw: not accepted), lost (accepted, then no result: ResultTimeout), answered more
+than once (a handle cannot return twice; this counts ids whose stored result a second
+worker run replaced, which FINALIZE's SET NX forbids, so it is checked as "stored result
+differs from the answer"), wrong (text not the echoed prompt), and failover time (kill to a
+majority of sentinels naming a new master that answers ROLE master).
+
+  python benchmarks/failover_load.py --requests 10000 --producers 8
+Prints a table and writes benchmarks/results/failover_load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SETTINGS = {
+    "durable": {"server_args": ["--appendfsync", "always"], "appendonly": True, "replicas_acked": 1},
+    "default": {"server_args": [], "appendonly": False, "replicas_acked": 0},
+}
+# Seconds a producer waits for an accepted request's result before counting it lost.
+RESULT_TIMEOUT_S = 20.0
+# Requests a producer keeps in flight.
+WINDOW = 100
+
+
+def produce(url: str, index: int, count: int, durable_replicas: int, accepted_counter, go, out_path: str) -> None:
+    """One producer process: submit `count` requests, WINDOW at a time, and record each outcome."""
+    asyncio.run(_produce(url, index, count, durable_replicas, accepted_counter, go, out_path))
+
+
+async def _produce(url, index, count, durable_replicas, accepted_counter, go, out_path) -> None:
+    from batchd.client import AsyncClient, BatchdError
+
+    records: list[dict] = []
+    async with AsyncClient(url, durable_replicas=durable_replicas) as client:
+        go.wait()
+
+        async def one(n: int) -> None:
+            prompt = f"p{index}-{n}"
+            record = {"prompt": prompt}
+            records.append(record)
+            try:
+                handle = await client.submit(prompt, max_new_tokens=len(prompt), timeout=RESULT_TIMEOUT_S)
+            except BatchdError as exc:
+                record["refused"] = exc.code
+                return
+            record["id"] = handle.request_id
+            with accepted_counter.get_lock():
+                accepted_counter.value += 1
+            try:
+                result = await handle.result()
+                record["text"] = result.text
+            except BatchdError as exc:
+                record["error"] = exc.code
+
+        pending: set[asyncio.Task] = set()
+        for n in range(count):
+            if len(pending) >= WINDOW:
+                _done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            pending.add(asyncio.create_task(one(n)))
+        await asyncio.gather(*pending)
+    Path(out_path).write_text(json.dumps(records))
+
+
+def run_setting(name: str, requests: int, producers: int, binary: str, logs: Path) -> dict:
+    from batchd.client.connection import connect
+    from batchd.client.keys import Keys
+    from batchd.embedded import SentinelSet
+    from batchd.status import stop_processes, wait_for_workers
+
+    setting = SETTINGS[name]
+    replicas_acked = setting["replicas_acked"]
+    with SentinelSet(binary, appendonly=setting["appendonly"], server_args=setting["server_args"]) as sentinels:
+        url = sentinels.url
+        daemons = []
+        for argv in (["scheduler", "--max-wait-ms", "5"],
+                     ["worker", "--engine", "echo", "--durable-replicas", str(replicas_acked)]):
+            log_file = open(logs / f"{name}-{argv[0]}.log", "wb")
+            daemons.append(subprocess.Popen([sys.executable, "-m", "batchd.cli", argv[0], "--redis", url, *argv[1:]],
+                                            stdout=log_file, stderr=subprocess.STDOUT))
+            log_file.close()
+        try:
+            wait_for_workers(url, 1, 120, daemons)
+            context = multiprocessing.get_context("spawn")
+            accepted, go = context.Value("i", 0), context.Event()
+            outs = [logs / f"{name}-producer-{i}.json" for i in range(producers)]
+            shares = [requests // producers + (i < requests % producers) for i in range(producers)]
+            procs = [context.Process(target=produce, args=(url, i, shares[i], replicas_acked, accepted, go, str(outs[i])))
+                     for i in range(producers)]
+            for proc in procs:
+                proc.start()
+            time.sleep(3)  # the producers import batchd and subscribe
+            started = time.monotonic()
+            go.set()
+            while accepted.value < requests // 3:
+                time.sleep(0.005)
+            old_port = sentinels.master_port()
+            killed_at = time.monotonic()
+            sentinels.kill_master()
+            failover_s = sentinels.wait_for_failover(old_port)
+            for proc in procs:
+                proc.join()
+            elapsed = time.monotonic() - started
+            records = [r for out in outs for r in json.loads(out.read_text())]
+            stored = _stored_texts(connect(url), Keys(), [r["id"] for r in records if "id" in r])
+        finally:
+            stop_processes(daemons, timeout_s=20)
+    answered = [r for r in records if "text" in r]
+    return {
+        "setting": name, "requests": requests, "producers": producers,
+        "accepted": sum("id" in r for r in records),
+        "refused": sum("refused" in r for r in records),
+        "lost": sum(r.get("error") == "result_timeout" for r in records),
+        "errors": sum("error" in r and r["error"] != "result_timeout" for r in records),
+        "answered": len(answered),
+        "wrong": sum(r["text"] != r["prompt"] for r in answered),
+        "answer_differs_from_stored": sum(stored.get(r["id"]) not in (None, r["text"]) for r in answered),
+        "failover_s": round(failover_s, 2),
+        "kill_after_s": round(killed_at - started, 2),
+        "elapsed_s": round(elapsed, 1),
+    }
+
+
+def _stored_texts(client, keys, request_ids: list[str]) -> dict[str, str]:
+    """Each request's stored result text on the new master."""
+    from batchd.client.protocol import FinalEvent, decode_event
+
+    texts = {}
+    for start in range(0, len(request_ids), 500):
+        chunk = request_ids[start:start + 500]
+        for request_id, raw in zip(chunk, client.mget([keys.result(i) for i in chunk])):
+            if raw is not None:
+                event = decode_event(raw)
+                if isinstance(event, FinalEvent):
+                    texts[request_id] = event.result.text
+    return texts
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--producers", type=int, default=8)
+    parser.add_argument("--settings", default="durable,default", help="comma-separated: durable, default")
+    parser.add_argument("--redis-server", default=shutil.which("redis-server"))
+    parser.add_argument("--logs", default=None, help="folder for daemon logs and producer records")
+    parser.add_argument("--json", default=str(RESULTS / "failover_load.json"), help="'' to skip")
+    args = parser.parse_args(argv)
+    logs = Path(args.logs or tempfile.mkdtemp(prefix="batchd-failover-"))
+    logs.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for name in args.settings.split(","):
+        print(f"{name}: {args.requests} requests from {args.producers} producers; kill -9 of the master "
+              f"once a third are accepted...", flush=True)
+        reports.append(run_setting(name, args.requests, args.producers, args.redis_server, logs))
+    columns = ["setting", "accepted", "refused", "lost", "errors", "wrong", "answer_differs_from_stored",
+               "failover_s", "kill_after_s", "elapsed_s"]
+    print(" | ".join(columns))
+    for report in reports:
+        print(" | ".join(str(report[c]) for c in columns))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": f"{os.cpu_count()} cores, {os.uname().nodename}",
+                                               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                               "reports": reports}, indent=2) + "\n")
+    return reports
+
+
+if __name__ == "__main__":
+    main()
