@@ -10,12 +10,12 @@ waits for every request it saw accepted.
            durable_replicas=1, the worker with --durable-replicas 1;
   default: Redis's defaults (no AOF, asynchronous replication), no WAIT.
 
-Per setting: accepted (the submit returned), refused (the submit raised, a typed error the
-caller saw: not accepted), lost (accepted, then no result: ResultTimeout), answered more
-than once (a handle cannot return twice; this counts ids whose stored result a second
-worker run replaced, which FINALIZE's SET NX forbids, so it is checked as "stored result
-differs from the answer"), wrong (text not the echoed prompt), and failover time (kill to a
-majority of sentinels naming a new master that answers ROLE master).
+Per setting: accepted (the submit returned), refused (the submit raised a typed error: the
+caller knows it was not accepted), lost (accepted, then no result: ResultTimeout), wrong
+(text not the echoed prompt), answer_differs_from_stored (the caller's answer is not the
+result stored on the new master: a second run replaced it), final_events_seen_twice (ids
+whose final event an observer saw twice on the wire; a handle returns the first), and
+failover_s (kill to a majority of sentinels naming a new master that answers ROLE master).
 
   python benchmarks/failover_load.py --requests 10000 --producers 8
 Prints a table and writes benchmarks/results/failover_load.json.
@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,19 +46,24 @@ RESULT_TIMEOUT_S = 20.0
 WINDOW = 100
 
 
-def produce(url: str, index: int, count: int, durable_replicas: int, accepted_counter, go, out_path: str) -> None:
-    """One producer process: submit `count` requests, WINDOW at a time, and record each outcome."""
-    asyncio.run(_produce(url, index, count, durable_replicas, accepted_counter, go, out_path))
+def produce(url: str, index: int, count: int, durable_replicas: int, go_file: str, out_path: str) -> None:
+    """One producer process: submit `count` requests, WINDOW at a time, record each outcome, and
+    print a line per 50 accepted (the parent kills the master on that count)."""
+    asyncio.run(_produce(url, index, count, durable_replicas, go_file, out_path))
 
 
-async def _produce(url, index, count, durable_replicas, accepted_counter, go, out_path) -> None:
+async def _produce(url, index, count, durable_replicas, go_file, out_path) -> None:
     from batchd.client import AsyncClient, BatchdError
 
     records: list[dict] = []
+    accepted = 0
     async with AsyncClient(url, durable_replicas=durable_replicas) as client:
-        go.wait()
+        print("ready", flush=True)
+        while not os.path.exists(go_file):
+            await asyncio.sleep(0.005)
 
         async def one(n: int) -> None:
+            nonlocal accepted
             prompt = f"p{index}-{n}"
             record = {"prompt": prompt}
             records.append(record)
@@ -68,8 +73,9 @@ async def _produce(url, index, count, durable_replicas, accepted_counter, go, ou
                 record["refused"] = exc.code
                 return
             record["id"] = handle.request_id
-            with accepted_counter.get_lock():
-                accepted_counter.value += 1
+            accepted += 1
+            if accepted % 50 == 0:
+                print("accepted 50", flush=True)
             try:
                 result = await handle.result()
                 record["text"] = result.text
@@ -83,6 +89,77 @@ async def _produce(url, index, count, durable_replicas, accepted_counter, go, ou
             pending.add(asyncio.create_task(one(n)))
         await asyncio.gather(*pending)
     Path(out_path).write_text(json.dumps(records))
+
+
+class Producers:
+    """The producer processes of one run, and the count of submits they saw accepted."""
+
+    def __init__(self, url: str, requests: int, producers: int, durable_replicas: int, logs: Path, name: str):
+        self.go_file = logs / f"{name}-go"
+        self.outs = [logs / f"{name}-producer-{i}.json" for i in range(producers)]
+        shares = [requests // producers + (i < requests % producers) for i in range(producers)]
+        self.processes = [subprocess.Popen([sys.executable, __file__, "--produce", url, str(i), str(shares[i]),
+                                            str(durable_replicas), str(self.go_file), str(self.outs[i])],
+                                           stdout=subprocess.PIPE, text=True) for i in range(producers)]
+        self.accepted = 0
+        self._ready = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        for process in self.processes:
+            threading.Thread(target=self._count, args=(process,), daemon=True).start()
+
+    def _count(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            if line.startswith("ready"):
+                self._ready.release()
+            elif line.startswith("accepted"):
+                with self._lock:
+                    self.accepted += int(line.split()[1])
+
+    def go(self, timeout: float = 120.0) -> None:
+        for _ in self.processes:
+            if not self._ready.acquire(timeout=timeout):
+                raise RuntimeError("a producer did not start")
+        self.go_file.touch()
+
+    def records(self) -> list[dict]:
+        for process in self.processes:
+            if process.wait() != 0:
+                raise RuntimeError(f"producer {process.args} exited with {process.returncode}")
+        return [r for out in self.outs for r in json.loads(out.read_text())]
+
+
+class FinalEvents(threading.Thread):
+    """Counts final events per request on the wire (a pattern subscription to every result
+    channel, following the failover like any batchd client). Pub/sub is at-most-once, so
+    events published while it reconnects are missed: this bounds duplicates, not losses."""
+
+    def __init__(self, url: str):
+        super().__init__(name="final-events", daemon=True)
+        from batchd.client.connection import connect
+
+        self.client = connect(url)
+        self.counts: dict[str, int] = {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        from batchd.client.core import is_final_event
+        from batchd.client.keys import Keys
+
+        channel_prefix = Keys().channel("")
+        pubsub = None
+        while not self.stopped.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                    pubsub.psubscribe(channel_prefix + "*")
+                message = pubsub.get_message(timeout=0.1)
+            except Exception:  # the master is gone: subscribe again on the next one
+                pubsub = None
+                time.sleep(0.05)
+                continue
+            if message and message["type"] == "pmessage" and is_final_event(message["data"]):
+                request_id = message["channel"].decode()[len(channel_prefix):]
+                self.counts[request_id] = self.counts.get(request_id, 0) + 1
 
 
 def run_setting(name: str, requests: int, producers: int, binary: str, logs: Path) -> dict:
@@ -104,28 +181,23 @@ def run_setting(name: str, requests: int, producers: int, binary: str, logs: Pat
             log_file.close()
         try:
             wait_for_workers(url, 1, 120, daemons)
-            context = multiprocessing.get_context("spawn")
-            accepted, go = context.Value("i", 0), context.Event()
-            outs = [logs / f"{name}-producer-{i}.json" for i in range(producers)]
-            shares = [requests // producers + (i < requests % producers) for i in range(producers)]
-            procs = [context.Process(target=produce, args=(url, i, shares[i], replicas_acked, accepted, go, str(outs[i])))
-                     for i in range(producers)]
-            for proc in procs:
-                proc.start()
-            time.sleep(3)  # the producers import batchd and subscribe
+            wire = FinalEvents(url)
+            wire.start()
+            load = Producers(url, requests, producers, replicas_acked, logs, name)
+            load.go()
             started = time.monotonic()
-            go.set()
-            while accepted.value < requests // 3:
+            while load.accepted < requests // 3:
                 time.sleep(0.005)
             old_port = sentinels.master_port()
             killed_at = time.monotonic()
             sentinels.kill_master()
             failover_s = sentinels.wait_for_failover(old_port)
-            for proc in procs:
-                proc.join()
+            records = load.records()
             elapsed = time.monotonic() - started
-            records = [r for out in outs for r in json.loads(out.read_text())]
+            time.sleep(0.5)  # the last final events reach the observer
+            wire.stopped.set()
             stored = _stored_texts(connect(url), Keys(), [r["id"] for r in records if "id" in r])
+            traces = _traces(connect(url), Keys(), [r["id"] for r in records if r.get("error") == "result_timeout"])
         finally:
             stop_processes(daemons, timeout_s=20)
     answered = [r for r in records if "text" in r]
@@ -138,10 +210,29 @@ def run_setting(name: str, requests: int, producers: int, binary: str, logs: Pat
         "answered": len(answered),
         "wrong": sum(r["text"] != r["prompt"] for r in answered),
         "answer_differs_from_stored": sum(stored.get(r["id"]) not in (None, r["text"]) for r in answered),
+        "final_events_seen_twice": sum(n > 1 for n in wire.counts.values()),
+        "final_events_seen_once": sum(n == 1 for n in wire.counts.values()),
+        "lost_traces": traces,
         "failover_s": round(failover_s, 2),
         "kill_after_s": round(killed_at - started, 2),
         "elapsed_s": round(elapsed, 1),
     }
+
+
+def _traces(client, keys, request_ids: list[str]) -> dict[str, dict]:
+    """What the new master holds of each lost request: where it was dropped."""
+    entries = client.xrange(keys.requests)
+    traces = {}
+    for request_id in request_ids[:20]:
+        traces[request_id] = {
+            "claim": _text(client.get(keys.accepted(request_id))), "lease": _text(client.get(keys.owner(request_id))),
+            "result": client.exists(keys.result(request_id)) == 1,
+            "stream_entries": [_text(e) for e, f in entries if f.get(b"id") == request_id.encode()]}
+    return traces
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _stored_texts(client, keys, request_ids: list[str]) -> dict[str, str]:
@@ -176,7 +267,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"once a third are accepted...", flush=True)
         reports.append(run_setting(name, args.requests, args.producers, args.redis_server, logs))
     columns = ["setting", "accepted", "refused", "lost", "errors", "wrong", "answer_differs_from_stored",
-               "failover_s", "kill_after_s", "elapsed_s"]
+               "final_events_seen_twice", "failover_s", "kill_after_s", "elapsed_s"]
     print(" | ".join(columns))
     for report in reports:
         print(" | ".join(str(report[c]) for c in columns))
@@ -188,4 +279,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--produce"]:
+        url, index, count, durable, go_file, out = sys.argv[2:8]
+        produce(url, int(index), int(count), int(durable), go_file, out)
+    else:
+        main()

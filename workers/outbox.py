@@ -104,6 +104,10 @@ class Outbox:
         self._in_flight = None
         return self._receipt(parcel, future.result)
 
+    def keep(self, finished: list[tuple[Held, Result]]) -> None:
+        """Final results that could not be sent now: stored first thing once Redis is back."""
+        self._undelivered.extend(finished)
+
     def take_undelivered(self) -> list[tuple[Held, Result]]:
         undelivered, self._undelivered = self._undelivered, []
         return undelivered
@@ -120,7 +124,7 @@ class Outbox:
         try:
             return wait()
         except redis.RedisError:  # a lost connection, or BUSY: nothing of the parcel is booked
-            self._undelivered.extend(parcel.finished)
+            self.keep(parcel.finished)
             raise
 
     def _calls(self, parcel: Parcel) -> list[ScriptCall]:

@@ -411,7 +411,14 @@ class Worker:
         heartbeat) in one round trip; with read_jobs the next jobs too, taken at the next
         iteration. With overlap the outbox sends it while the caller goes on to the next
         engine step; it is booked before the next one is built."""
-        self._book_in_flight()
+        try:
+            self._book_in_flight()
+        except redis.RedisError:
+            # The parcel in flight failed (Redis restarted, a failover): these final results
+            # exist nowhere else, as the engine has let their requests go; keep them with the
+            # failed parcel's, to be stored after the reconnect.
+            self.outbox.keep(finished)
+            raise
         if not events and not finished:
             return
         parcel = Parcel(events, finished, self.holdings.jobs_closed_by(finished), self._beat_to_send(),
