@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
 from redis.client import PubSub
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
@@ -172,10 +173,10 @@ def close_redis(client: redis.Redis) -> None:
 
 
 async def close_async_redis(client: aioredis.Redis) -> None:
+    """close_redis for asyncio."""
     await client.aclose()
-    manager = getattr(client.connection_pool, "sentinel_manager", None)  # an asyncio SentinelConnectionPool
-    if manager is not None:
-        await manager.aclose()
+    if isinstance(client.connection_pool, AsyncSentinelConnectionPool):
+        await client.connection_pool.sentinel_manager.aclose()
 
 
 def connect(url: str | None = None, **options) -> redis.Redis:
