@@ -169,8 +169,12 @@ def test_a_durable_worker_keeps_its_results_until_a_replica_holds_them(redis_ser
     client.close()
 
 
-def test_sentinel_with_passwords_for_the_master_and_the_sentinels():
+def test_sentinel_with_passwords_for_the_master_and_the_sentinels(tmp_path):
     with SentinelSet(REDIS_SERVER, replicas=1, password="master-pw", sentinel_password="sentinel-pw") as sentinels:
+        log_path = tmp_path / "scheduler.log"
+        with open(log_path, "wb") as log_file:
+            scheduler = subprocess.Popen([sys.executable, "-m", "batchd.cli", "scheduler", "--redis", sentinels.url],
+                                         stdout=log_file, stderr=subprocess.STDOUT)
         client = open_redis(sentinels.url, socket_timeout=5)
         try:
             client.set("k", "v")
@@ -183,6 +187,15 @@ def test_sentinel_with_passwords_for_the_master_and_the_sentinels():
         assert "No master found" in check_redis(wrong_sentinel)
         assert "refused the credentials" in check_redis(wrong_master)
         assert "pw" not in check_redis(wrong_master).replace("sentinel_password=***", "")
+        started = time.monotonic()
+        while "created consumer group" not in log_path.read_text() and time.monotonic() - started < 60:
+            assert scheduler.poll() is None, log_path.read_text()
+            time.sleep(0.05)
+        scheduler.terminate()
+        scheduler.wait(timeout=20)
+    log = log_path.read_text()
+    assert "sentinel service=batchd" in log and "sentinel_auth=yes" in log, log
+    assert "master-pw" not in log and "sentinel-pw" not in log, log
 
 
 # -- kill -9 of the master under load -----------------------------------------------------
