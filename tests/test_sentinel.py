@@ -8,12 +8,14 @@ import asyncio
 import importlib.util
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -97,6 +99,27 @@ def test_clients_daemons_and_cli_work_through_sentinel(sentinel_fleet):
         assert done.returncode == 0 and expected in done.stdout, done.stderr
     logs = sentinel_fleet.logs()
     assert logs.count(f"sentinel service=batchd sentinels=127.0.0.1:{sentinel_fleet.sentinels.sentinels[0].port}") == 2
+
+
+def test_the_gateway_submits_durably_through_sentinel(sentinel_fleet):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    gateway = sentinel_fleet.start("gateway", "--port", str(port), "--durable-replicas", "2")
+    body = {"model": "echo", "messages": [{"role": "user", "content": "via the gateway"}], "max_tokens": 8}
+    started = time.monotonic()
+    while True:
+        assert gateway.poll() is None and time.monotonic() - started < 60, sentinel_fleet.logs()
+        try:
+            reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)  # not listening yet
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"]
+    gateway.terminate()
+    gateway.wait(timeout=20)
+    assert "durable_replicas=2" in gateway.log_path.read_text()
 
 
 def test_the_documented_producer_user_submits_durably_through_sentinel(sentinel_fleet):
