@@ -121,6 +121,14 @@ class Producers:
                 raise RuntimeError("a producer did not start")
         self.go_file.touch()
 
+    def wait_for_accepted(self, count: int, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.accepted < count:
+            exited = [p.args for p in self.processes if p.poll() not in (None, 0)]
+            if exited or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.accepted} of {count} submits accepted; producers exited: {exited}")
+            time.sleep(0.005)
+
     def records(self) -> list[dict]:
         for process in self.processes:
             if process.wait() != 0:
@@ -172,7 +180,7 @@ def run_setting(name: str, requests: int, producers: int, binary: str, logs: Pat
     replicas_acked = setting["replicas_acked"]
     with SentinelSet(binary, appendonly=setting["appendonly"], server_args=setting["server_args"]) as sentinels:
         url = sentinels.url
-        daemons = []
+        daemons, load = [], None
         for argv in (["scheduler", "--max-wait-ms", "5"],
                      ["worker", "--engine", "echo", "--durable-replicas", str(replicas_acked)]):
             log_file = open(logs / f"{name}-{argv[0]}.log", "wb")
@@ -186,8 +194,7 @@ def run_setting(name: str, requests: int, producers: int, binary: str, logs: Pat
             load = Producers(url, requests, producers, replicas_acked, logs, name)
             load.go()
             started = time.monotonic()
-            while load.accepted < requests // 3:
-                time.sleep(0.005)
+            load.wait_for_accepted(requests // 3)
             old_port = sentinels.master_port()
             killed_at = time.monotonic()
             sentinels.kill_master()
@@ -199,6 +206,8 @@ def run_setting(name: str, requests: int, producers: int, binary: str, logs: Pat
             stored = _stored_texts(connect(url), Keys(), [r["id"] for r in records if "id" in r])
             traces = _traces(connect(url), Keys(), [r["id"] for r in records if r.get("error") == "result_timeout"])
         finally:
+            if load is not None:
+                stop_processes(load.processes, timeout_s=5)  # after a failure: no producer outlives its run
             stop_processes(daemons, timeout_s=20)
     answered = [r for r in records if "text" in r]
     return {
