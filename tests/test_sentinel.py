@@ -28,6 +28,7 @@ from batchd.client.protocol import PROTOCOL_VERSION, Request, encode
 from batchd.client.scripts import LIBRARY, load_library
 from batchd.embedded import EmbeddedServer, SentinelSet
 from batchd.scheduler.daemon import Scheduler, SchedulerConfig
+from batchd.status import wait_for_workers
 from batchd.workers import outbox
 from batchd.workers.echo import EchoEngine
 from batchd.workers.worker import Worker, WorkerConfig
@@ -122,16 +123,28 @@ def test_the_gateway_submits_durably_through_sentinel(sentinel_fleet):
     assert "durable_replicas=2" in gateway.log_path.read_text()
 
 
-def test_the_documented_producer_user_submits_durably_through_sentinel(sentinel_fleet):
+def test_the_documented_producer_and_worker_users_write_durably_through_sentinel(sentinel_fleet):
     # ACLs are per server and not replicated: every server that may become master gets them.
-    line = next(l for l in DOCUMENTED_ACL.splitlines() if "batchd-producer" in l)
+    users = [l for l in DOCUMENTED_ACL.splitlines() if "batchd-producer" in l or "batchd-worker-gpu-0" in l]
+    assert len(users) == 2
     for server in sentinel_fleet.sentinels.servers:
         admin = redis.Redis(port=server.port)
-        admin.execute_command(*line.split())
+        for line in users:
+            admin.execute_command(*line.split())
         admin.close()
-    url = sentinel_fleet.url.replace("redis+sentinel://", "redis+sentinel://batchd-producer:producer-password@")
-    with Client(url, durable_replicas=2) as client:
-        assert client.generate("as the producer user", timeout=20).text == "as the producer user"
+    as_user = lambda user, password: sentinel_fleet.url.replace("redis+sentinel://", f"redis+sentinel://{user}:{password}@")
+    fleet_url = sentinel_fleet.url
+    sentinel_fleet.url = as_user("batchd-worker-gpu-0", "worker-password")
+    try:
+        worker = sentinel_fleet.echo_worker("--worker-id", "gpu-0", "--durable-replicas", "2",
+                                            "--served-model-name", "acl-model")
+    finally:
+        sentinel_fleet.url = fleet_url
+    wait_for_workers(fleet_url, 2, 60, [worker])  # this module's other tests stop their own processes
+    with Client(as_user("batchd-producer", "producer-password"), durable_replicas=2) as client:
+        result = client.generate("as the ACL users", model="acl-model", timeout=20)
+    assert (result.text, result.worker) == ("as the ACL users", "gpu-0")
+    assert "NOPERM" not in sentinel_fleet.logs()
 
 
 def test_a_submit_short_of_its_durable_replicas_is_broker_unavailable(redis_server, monkeypatch):
