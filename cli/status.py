@@ -8,6 +8,7 @@ import time
 import msgspec
 import redis
 
+from batchd.client.connection import connect
 from batchd.client.keys import SCHEDULER_GROUP, Keys
 from batchd.client.protocol import decode_heartbeat
 
@@ -83,7 +84,7 @@ def wait_for_workers(url: str, count: int = 1, timeout_s: float = 60.0, processe
     Raises RuntimeError at once if one of `processes` (the daemons being
     waited on) exits, and after timeout_s otherwise.
     """
-    client, keys = redis.Redis.from_url(url), Keys(prefix)
+    client, keys = connect(url), Keys(prefix)
     started = time.monotonic()
     try:
         while len(read_status(client, keys)["workers"]) < count:

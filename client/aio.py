@@ -14,13 +14,12 @@ import logging
 from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from . import core, scoring, tokenizers
-from .connection import CONNECTION_LOST, redis_url
+from .connection import CONNECTION_LOST, close_async_redis, open_async_redis
 from .errors import BrokerUnavailable
 from .protocol import Request, Result, TokenizerInfo
 from .scripts import ScriptCall, needs_loading
@@ -135,10 +134,11 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
     """asyncio twin of Client; create it inside the event loop that uses it."""
 
     def __init__(self, url: str | None = None, *, prefix: str = "batchd:", producer: str | None = None,
-                 max_connections: int = 64, socket_timeout: float = 30.0, cancel_key: str | bytes | None = None):
-        super().__init__(prefix, producer, cancel_key)
-        self._redis = aioredis.Redis.from_url(
-            redis_url(url), max_connections=max_connections, socket_timeout=socket_timeout,
+                 max_connections: int = 64, socket_timeout: float = 30.0, cancel_key: str | bytes | None = None,
+                 durable_replicas: int = 0):
+        super().__init__(prefix, producer, cancel_key, durable_replicas)
+        self._redis = open_async_redis(
+            url, max_connections=max_connections, socket_timeout=socket_timeout,
             socket_connect_timeout=10.0, health_check_interval=30, retry_on_timeout=True)
         self._handles: dict[str, AsyncRequestHandle] = {}
         self._confirm: dict[str, asyncio.Future] = {}
@@ -255,7 +255,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
                 pass
         if self._pubsub is not None:
             await self._pubsub.aclose()
-        await self._redis.aclose()
+        await close_async_redis(self._redis)
 
     async def __aenter__(self) -> "AsyncClient":
         try:
@@ -316,7 +316,13 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         async with self._redis.pipeline(transaction=False) as pipe:
             for script, keys, args in calls:
                 script.queue(pipe, keys, args)
-            outcomes = await pipe.execute(raise_on_error=False)
+            if self.durable_replicas:  # in the same pipeline: WAIT covers this connection's writes
+                pipe.wait(self.durable_replicas, core.DURABLE_WAIT_MS)
+            replies = await pipe.execute(raise_on_error=False)
+        outcomes = replies[:len(calls)]
+        if self.durable_replicas:
+            outcomes = core.durable_outcomes(outcomes, replies[-1], self.durable_replicas,
+                                             f"submit of {len(calls)} requests")
         for index, (script, keys, args) in enumerate(calls):
             if needs_loading(outcomes[index]):
                 outcomes[index] = await script.run_async(self._redis, keys, args)

@@ -1,20 +1,44 @@
 """How every batchd process finds its Redis server, and how it waits when the server is gone.
 
 The URL comes from the caller, else $BATCHD_REDIS_URL, else the local default;
-`rediss://` gives TLS and `redis://user:password@host` an ACL user. Logs only
-ever show the redacted form.
+`rediss://` gives TLS and `redis://user:password@host` an ACL user. A master that
+Redis Sentinel manages is named by its sentinels and service name:
+
+    redis+sentinel://[user:password@]host:port[,host:port...]/service_name[?db=N]
+
+(`rediss+sentinel://` for TLS to the sentinels and the master). The user and password
+are the master's (its ACL user); sentinels that require a password of their own get
+`sentinel_username=` / `sentinel_password=` query parameters. Every connection of a
+Sentinel client asks the sentinels for the current master when it (re)connects, so a
+process follows a failover without a restart (docs/deploy.md). Logs only ever show
+the redacted form.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
 from redis.client import PubSub
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+DEFAULT_SENTINEL_PORT = 26379
+# Asking a sentinel for the master must not wait out a daemon's 5-10 s timeouts: a
+# sentinel that does not answer within this is skipped for the next one.
+SENTINEL_TIMEOUT_S = 1.0
+# TLS settings a sentinel URL may carry, as for rediss:// (docs/security.md).
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 
-# What a lost or unreachable server raises, sync and asyncio alike.
+# What a lost or unreachable server raises, sync and asyncio alike (redis-py's sentinel
+# errors, MasterNotFoundError included, are ConnectionErrors).
 CONNECTION_LOST = (redis.ConnectionError, redis.TimeoutError)
 
 
@@ -23,7 +47,8 @@ def redis_url(url: str | None = None) -> str:
 
 
 def redact(url: str) -> str:
-    """The URL with its password replaced, safe to log."""
+    """The URL with its passwords replaced (the master's and the sentinels'), safe to log."""
+    url = re.sub(r"([?&][a-z_]*password=)[^&]*", r"\1***", url)
     if "@" not in url:
         return url
     scheme, _, rest = url.partition("://")
@@ -32,12 +57,134 @@ def redact(url: str) -> str:
     return f"{scheme}://{user + ':' if user else ''}***@{host}"
 
 
+def is_sentinel_url(url: str) -> bool:
+    return url.partition("://")[0].lower() in SENTINEL_SCHEMES
+
+
+@dataclass(frozen=True)
+class SentinelAddress:
+    """A Sentinel-managed master, as a redis+sentinel:// URL names it."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service_name: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+    tls: bool = False
+    tls_options: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """For a daemon's start line: no passwords."""
+        hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+        auth = " sentinel_auth=yes" if self.sentinel_password else ""
+        return f"sentinel service={self.service_name} sentinels={hosts} db={self.db} tls={self.tls}{auth}"
+
+    def master_options(self) -> dict:
+        options = {"db": self.db, "username": self.username, "password": self.password}
+        if self.tls:
+            options.update(ssl=True, **self.tls_options)
+        return options
+
+    def sentinel_options(self) -> dict:
+        options = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+                   "username": self.sentinel_username, "password": self.sentinel_password}
+        if self.tls:
+            options.update(ssl=True, **self.tls_options)
+        return options
+
+
+def parse_sentinel_url(url: str) -> SentinelAddress:
+    """Read a redis+sentinel:// URL; ValueError says what is wrong with it."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in SENTINEL_SCHEMES:
+        raise ValueError(f"not a Sentinel URL (want {' or '.join(s + '://' for s in SENTINEL_SCHEMES)})")
+    parts = urlsplit("//" + rest)
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = credentials.partition(":") if credentials else ("", "", "")
+    sentinels = tuple(_host_port(host) for host in hosts.split(",") if host)
+    if not sentinels:
+        raise ValueError("name at least one sentinel: redis+sentinel://host:port[,host:port...]/service_name")
+    service_name = unquote(parts.path.strip("/"))
+    if not service_name or "/" in service_name:
+        raise ValueError("the path must be the master's service name, as in sentinel.conf "
+                         "(`sentinel monitor NAME ...`): redis+sentinel://host:port/NAME")
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    unknown = set(query) - {"db", "sentinel_username", "sentinel_password", *_TLS_OPTIONS}
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; a Sentinel URL takes db, "
+                         f"sentinel_username, sentinel_password and {', '.join(_TLS_OPTIONS)}")
+    try:
+        db = int(query.pop("db", "0"))
+    except ValueError:
+        raise ValueError("db must be a number") from None
+    return SentinelAddress(
+        sentinels=sentinels, service_name=service_name, db=db,
+        username=unquote(username) or None, password=unquote(password) or None,
+        sentinel_username=query.pop("sentinel_username", None) or None,
+        sentinel_password=query.pop("sentinel_password", None) or None,
+        tls=scheme.lower().startswith("rediss"), tls_options=query)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":") if not text.endswith("]") else (text, "", "")
+    if not colon:
+        host, port = text, str(DEFAULT_SENTINEL_PORT)
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise ValueError(f"sentinel address {text!r} is not host:port") from None
+
+
+def describe(url: str) -> str:
+    """Where a URL points, safe to log: the redacted URL, and for Sentinel its service and sentinels."""
+    if is_sentinel_url(url):
+        return f"{redact(url)} ({parse_sentinel_url(url).describe()})"
+    return redact(url)
+
+
+def open_redis(url: str | None = None, **options) -> redis.Redis:
+    """A client for the URL's server (for Sentinel, whichever server is master now); options
+    go to every connection it opens. The one place a batchd process opens Redis."""
+    url = redis_url(url)
+    if not is_sentinel_url(url):
+        return redis.Redis.from_url(url, **options)
+    address = parse_sentinel_url(url)
+    sentinel = Sentinel(address.sentinels, sentinel_kwargs=address.sentinel_options())
+    return sentinel.master_for(address.service_name, **address.master_options(), **options)
+
+
+def open_async_redis(url: str | None = None, **options) -> aioredis.Redis:
+    """open_redis for asyncio."""
+    url = redis_url(url)
+    if not is_sentinel_url(url):
+        return aioredis.Redis.from_url(url, **options)
+    address = parse_sentinel_url(url)
+    sentinel = AsyncSentinel(address.sentinels, sentinel_kwargs=address.sentinel_options())
+    return sentinel.master_for(address.service_name, **address.master_options(), **options)
+
+
+def close_redis(client: redis.Redis) -> None:
+    """Close a client from open_redis and, for Sentinel, its connections to the sentinels."""
+    client.close()
+    if isinstance(client.connection_pool, SentinelConnectionPool):
+        client.connection_pool.sentinel_manager.close()
+
+
+async def close_async_redis(client: aioredis.Redis) -> None:
+    """close_redis for asyncio."""
+    await client.aclose()
+    if isinstance(client.connection_pool, AsyncSentinelConnectionPool):
+        await client.connection_pool.sentinel_manager.aclose()
+
+
 def connect(url: str | None = None, **options) -> redis.Redis:
     """A daemon's command connection: bounded timeouts so a dead server is noticed."""
     options.setdefault("socket_timeout", 10)
     options.setdefault("socket_connect_timeout", 5)
     options.setdefault("health_check_interval", 30)
-    return redis.Redis.from_url(redis_url(url), **options)
+    return open_redis(url, **options)
 
 
 class Backoff:

@@ -62,6 +62,11 @@ RECONNECT_BACKOFF_CAP_S = 2.0
 # The waits above add up to this (plus each try's own connect timeout): then a caller gets
 # BrokerUnavailable (docs/reliability.md).
 RETRY_BUDGET_S = 7.1
+# With durable_replicas, a submit (and a worker's stored results) waits this long for the
+# replicas to acknowledge it (WAIT's timeout); fewer acknowledgements are retried like a
+# NOREPLICAS refusal, within the retry budget. A replica on the same network acknowledges
+# within a millisecond or two; this covers a replica that is catching up after a failover.
+DURABLE_WAIT_MS = 1000
 # A cancel flag outlives any request it can still stop.
 CANCEL_TTL_S = 24 * 3600
 # A caller waits this long past a request's deadline for the worker's answer.
@@ -285,23 +290,50 @@ def overloaded_message(stream: str) -> str:
 
 # Replies that mean "not now" rather than "never": a long script is running (BUSY), a key
 # batchd needs has the wrong type until a scheduler rewrites it (WRONGTYPE), no scheduler
-# has loaded the SUBMIT function yet, a replica or cluster is failing over. Retried like a
-# lost connection.
-TRANSIENT_REPLIES = ("busy", "wrongtype", "function not found", "tryagain", "masterdown", "loading")
+# has loaded the SUBMIT function yet, a replica or cluster is failing over (MASTERDOWN,
+# LOADING, TRYAGAIN; READONLY from a master demoted under a plain URL; NOREPLICAS from a
+# master with min-replicas-to-write whose replicas are reconnecting). Retried like a lost
+# connection.
+TRANSIENT_REPLIES = ("busy", "wrongtype", "function not found", "tryagain", "masterdown", "loading",
+                     "noreplicas", "readonly")
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether a failed Redis command is worth trying again within the retry budget."""
-    if isinstance(exc, CONNECTION_LOST):
+    if isinstance(exc, (*CONNECTION_LOST, redis.exceptions.ReadOnlyError)):
         return True
     return isinstance(exc, redis.ResponseError) and str(exc).lower().startswith(TRANSIENT_REPLIES) \
         or is_missing_function(exc)
 
 
+def not_durable(acknowledged: int, wanted: int, what: str) -> redis.ResponseError:
+    """A write the master took but fewer than `wanted` replicas acknowledged: the master's own
+    NOREPLICAS refusal (min-replicas-to-write) says the same, and it is retried the same way."""
+    return redis.ResponseError(f"NOREPLICAS {what}: {acknowledged} of {wanted} replicas acknowledged it "
+                               f"within {DURABLE_WAIT_MS} ms")
+
+
+def durable_outcomes(outcomes: Sequence, acknowledged: Any, wanted: int, what: str) -> list:
+    """The outcomes of a pipeline of SUBMITs followed by WAIT: raise what must be retried (a
+    transient error, a missing function: its rerun would go out on another connection, which
+    WAIT does not cover) or a WAIT short of `wanted` replicas when anything was enqueued."""
+    for outcome in (*outcomes, acknowledged):
+        if isinstance(outcome, redis.RedisError) and is_transient(outcome):
+            raise outcome
+    if isinstance(acknowledged, redis.RedisError):
+        raise acknowledged  # say, this user may not run WAIT (docs/security.md)
+    if any(outcome == 1 for outcome in outcomes) and acknowledged < wanted:
+        raise not_durable(acknowledged, wanted, what)
+    return list(outcomes)
+
+
 def unavailable(exc: BaseException, what: str) -> BrokerUnavailable:
     """The typed error a caller sees once a command failed for good (or for the whole budget)."""
     hint = ""
-    if is_missing_function(exc):
+    if str(exc).startswith("NOREPLICAS"):
+        hint = (" (with durable_replicas the request may be queued but is not known to survive a failover; "
+                "submitting the same request_id again is safe)")
+    elif is_missing_function(exc):
         hint = " (no scheduler has loaded batchd's functions into this Redis yet: start a scheduler)"
     elif isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in str(exc):
         hint = " (this Redis user lacks a permission docs/security.md grants producers)"
@@ -453,7 +485,14 @@ class ClientCore(Generic[Sent]):
     """The producer API both clients offer, built on the transport's _send (the handle for
     Client, an awaitable of it for AsyncClient)."""
 
-    def __init__(self, prefix: str, producer: str | None, cancel_key: str | bytes | None = None):
+    def __init__(self, prefix: str, producer: str | None, cancel_key: str | bytes | None = None,
+                 durable_replicas: int = 0):
+        if isinstance(durable_replicas, bool) or not isinstance(durable_replicas, int) or durable_replicas < 0:
+            raise InvalidRequest(f"durable_replicas must be a whole number of replicas, 0 or more, "
+                                 f"got {durable_replicas!r}")
+        # A submit counts as accepted only once this many replicas hold it (WAIT): with
+        # appendfsync always on them, a failover then cannot lose it (docs/reliability.md).
+        self.durable_replicas = durable_replicas
         self.keys = Keys(prefix)
         self.producer = producer or default_producer()
         self._cancel_secrets = CancelSecrets(cancel_key)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import redis
 
 from . import core, scoring, tokenizers
-from .connection import CONNECTION_LOST, Subscription, redis_url
+from .connection import CONNECTION_LOST, Subscription, close_redis, open_redis
 from .errors import BrokerUnavailable
 from .protocol import Request, Result, TokenizerInfo
 
@@ -192,16 +192,20 @@ class Client(core.ClientCore[RequestHandle]):
     """Submit generation requests to batchd and read their results.
 
     `Client(url)` connects to Redis (default `$BATCHD_REDIS_URL`, then
-    redis://127.0.0.1:6379/0; `rediss://` for TLS, user:password@ for ACL).
+    redis://127.0.0.1:6379/0; `rediss://` for TLS, user:password@ for ACL,
+    `redis+sentinel://host:port[,host:port...]/service` for a Sentinel-managed master,
+    followed through failovers). durable_replicas=N: a submit returns only once N replicas
+    acknowledged it (WAIT), retried within the retry budget, else BrokerUnavailable.
     Only a client holding a request's cancel key can cancel it: each Client draws its own,
     unless given cancel_key (shared by processes that cancel each other's requests by id).
     """
 
     def __init__(self, url: str | None = None, *, prefix: str = "batchd:", producer: str | None = None,
-                 max_connections: int = 64, socket_timeout: float = 30.0, cancel_key: str | bytes | None = None):
-        super().__init__(prefix, producer, cancel_key)
-        self._redis = redis.Redis.from_url(
-            redis_url(url), max_connections=max_connections, socket_timeout=socket_timeout,
+                 max_connections: int = 64, socket_timeout: float = 30.0, cancel_key: str | bytes | None = None,
+                 durable_replicas: int = 0):
+        super().__init__(prefix, producer, cancel_key, durable_replicas)
+        self._redis = open_redis(
+            url, max_connections=max_connections, socket_timeout=socket_timeout,
             socket_connect_timeout=10.0, health_check_interval=30,
             retry_on_timeout=True)
         self._router = _Router(self._redis, self._routes, self.keys.channel_pattern(self._ids.client_id + "-"))
@@ -291,7 +295,7 @@ class Client(core.ClientCore[RequestHandle]):
     def close(self) -> None:
         self._router.stop()
         self._router.join(timeout=2)
-        self._redis.close()
+        close_redis(self._redis)
 
     def __enter__(self) -> "Client":
         return self
@@ -310,7 +314,7 @@ class Client(core.ClientCore[RequestHandle]):
             self._router.subscribe(self.keys.channel(request.id))
         script, keys, args = self._submit_call(request, payload)
         try:
-            outcome = _retrying(lambda: script.run(self._redis, keys, args), f"submit of {request.id}")
+            outcome = _retrying(lambda: self._submit(script, keys, args, request.id), f"submit of {request.id}")
         except BaseException:
             self._forget(request.id)
             raise
@@ -318,6 +322,16 @@ class Client(core.ClientCore[RequestHandle]):
             self._forget(request.id)
             raise self._overloaded(request.id)
         return handle
+
+    def _submit(self, script, keys, args, request_id: str) -> int:
+        if not self.durable_replicas:
+            return script.run(self._redis, keys, args)
+        # One pipeline, so WAIT runs on the connection that made the write it waits for.
+        with self._redis.pipeline(transaction=False) as pipe:
+            script.queue(pipe, keys, args)
+            pipe.wait(self.durable_replicas, core.DURABLE_WAIT_MS)
+            outcome, acknowledged = pipe.execute(raise_on_error=False)
+        return core.durable_outcomes([outcome], acknowledged, self.durable_replicas, f"submit of {request_id}")[0]
 
     def _stored_result(self, request_id: str) -> bytes | None:
         try:

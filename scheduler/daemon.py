@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import msgspec
 import redis
 
-from batchd.client.connection import connect, redact
+from batchd.client.connection import connect, describe
 from batchd.client.errors import BatchdError, InvalidRequest, UnknownModel, WorkerFailed
 from batchd.client.keys import SCHEDULER_GROUP, Keys, parse_stream_id
 from batchd.client.protocol import (
@@ -99,7 +99,7 @@ class SchedulerConfig(DaemonConfig):
 
     def describe(self) -> str:
         shown = {k: v for k, v in asdict(self).items() if k != "redis_url"}
-        return f"redis={redact(self.redis_url)} " + " ".join(f"{k}={v}" for k, v in shown.items())
+        return f"redis={describe(self.redis_url)} " + " ".join(f"{k}={v}" for k, v in shown.items())
 
 
 @dataclass

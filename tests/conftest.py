@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from batchd.embedded import EmbeddedServer
+from batchd.embedded import EmbeddedServer, SentinelSet
 from batchd.status import stop_processes, wait_for_workers
 
 
@@ -108,3 +108,21 @@ def module_daemons(tmp_path_factory):
     yield fleet
     fleet.stop_all()
     server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def sentinel_fleet(tmp_path_factory):
+    """A Sentinel set (1 master, 2 replicas, 3 sentinels) with a scheduler and an echo worker
+    storing results durably (--durable-replicas 2) on its redis+sentinel:// URL, shared by a
+    module's tests (they must not kill the master). fleet.sentinels is the SentinelSet."""
+    sentinels = SentinelSet(redis_binary()).start()
+    fleet = Daemons(sentinels.url, tmp_path_factory.mktemp("sentinel-fleet"))
+    fleet.sentinels = sentinels
+    try:
+        fleet.scheduler()
+        fleet.echo_worker("--durable-replicas", "2")
+        fleet.wait_for_workers(1)
+        yield fleet
+    finally:
+        fleet.stop_all()
+        sentinels.cleanup()

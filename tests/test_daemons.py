@@ -415,6 +415,29 @@ def test_a_result_whose_pipeline_failed_in_flight_is_stored_after_the_reconnect(
     assert client.xlen(KEYS.jobs("w1")) == 0
 
 
+def test_a_result_finished_while_the_previous_pipeline_failed_is_stored_after_the_reconnect(client, clock):
+    # Regression, found by benchmarks/failover_load.py (kill -9 of a Sentinel master): the step
+    # after a failed in-flight pipeline finished a request, booking the failed pipeline raised,
+    # and that step's final result was dropped: the request stayed held, its job open, forever.
+    scheduler = make_scheduler(client, clock)
+    worker = confirmed_worker(client, clock)
+    submit(client, clock, "r0", prompt="ab")  # its first token's pipeline fails; it finishes in the next step
+    settle(scheduler, clock)
+    worker.outbox.redis = drops_once(client, "pipeline")
+    lost = 0
+    for _ in range(100):
+        try:
+            worker.run_once()
+        except redis.ConnectionError:
+            lost += 1
+            worker._reconnect()
+        if not worker.tracked and not worker.engine.has_work():
+            break
+    assert lost == 1
+    assert final_of(client, "r0").text == "ab"
+    assert client.xlen(KEYS.jobs("w1")) == 0
+
+
 def test_jobs_read_by_two_pipelines_before_the_next_take_all_run(client, clock):
     # Regression: a step books one pipeline's job read, then the engine runs dry and the next
     # iteration books the last pipeline's read too; the first reply was overwritten and its job

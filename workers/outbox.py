@@ -16,6 +16,11 @@ results here until the loop sends them again after the reconnect.
 
 The outbox owns its connection: the publisher thread and the loop use it in
 turn, never at once.
+
+With durable_replicas, a parcel that stored results is booked only once that many
+replicas acknowledged them (WAIT); otherwise its results stay here and are stored
+again after the backoff (FINALIZE is idempotent: one already stored answers 0), so a
+failover cannot take an acknowledged job's result with it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import msgspec
 import redis
 
 from batchd.client.connection import CONNECTION_LOST
+from batchd.client.core import DURABLE_WAIT_MS, not_durable
 from batchd.client.keys import WORKER_GROUP, Keys
 from batchd.client.tokenizers import TOKENIZER_TTL_MS
 from batchd.client.protocol import FinalEvent, Heartbeat, Result, TokenEvent, encode
@@ -65,10 +71,12 @@ class Receipt:
 
 class Outbox:
     def __init__(self, client: redis.Redis, keys: Keys, worker_id: str, result_ttl_s: int, lease_ms: int,
-                 kept_alive: list[str] = (), scoring_result_ttl_s: int | None = None):
+                 kept_alive: list[str] = (), scoring_result_ttl_s: int | None = None, durable_replicas: int = 0):
         """kept_alive: keys whose expiry each heartbeat pushes back (the served tokenizer's);
-        scoring_result_ttl_s: how long scoring results stay stored (None: result_ttl_s)."""
+        scoring_result_ttl_s: how long scoring results stay stored (None: result_ttl_s);
+        durable_replicas: replicas that must hold a result before its job is acknowledged."""
         self.redis = client
+        self.durable_replicas = durable_replicas
         self.keys = keys
         self.worker_id = worker_id
         self.stream = keys.jobs(worker_id)
@@ -103,6 +111,10 @@ class Outbox:
         self._in_flight = None
         return self._receipt(parcel, future.result)
 
+    def keep(self, finished: list[tuple[Held, Result]]) -> None:
+        """Final results that could not be sent now: stored first thing once Redis is back."""
+        self._undelivered.extend(finished)
+
     def take_undelivered(self) -> list[tuple[Held, Result]]:
         undelivered, self._undelivered = self._undelivered, []
         return undelivered
@@ -119,7 +131,7 @@ class Outbox:
         try:
             return wait()
         except redis.RedisError:  # a lost connection, or BUSY: nothing of the parcel is booked
-            self._undelivered.extend(parcel.finished)
+            self.keep(parcel.finished)
             raise
 
     def _calls(self, parcel: Parcel) -> list[ScriptCall]:
@@ -150,10 +162,22 @@ class Outbox:
             if isinstance(reply, CONNECTION_LOST):
                 raise reply
         raise_any_error(outcomes)
+        if self.durable_replicas and parcel.finished:
+            self._wait_for_replicas(len(parcel.finished))
         groups = list(_by_owner(parcel.events).values())
         heard = [(held, listeners) for group, counts in zip(groups, outcomes)
                  for (held, _event), listeners in zip(group, counts)]
         return Receipt(parcel, heard, outcomes[len(groups):], jobs)
+
+
+    def _wait_for_replicas(self, results: int) -> None:
+        """Raise unless durable_replicas replicas hold what this connection wrote. A command of
+        its own, after any script the pipeline had to load and run again: WAIT counts the writes
+        of the connection it runs on, and this client's pool hands its one user the same
+        connection back (redis-py's pool is last-in, first-out)."""
+        acknowledged = self.redis.wait(self.durable_replicas, DURABLE_WAIT_MS)
+        if acknowledged < self.durable_replicas:
+            raise not_durable(acknowledged, self.durable_replicas, f"{results} stored results")
 
 
 def _by_owner(events: list[tuple[Held, TokenEvent]]) -> dict[str, list[tuple[Held, TokenEvent]]]:

@@ -28,7 +28,7 @@ from typing import Callable
 import redis
 
 from batchd.client import connection, tokenizers
-from batchd.client.connection import CONNECTION_LOST, redact
+from batchd.client.connection import CONNECTION_LOST, describe
 from batchd.client.errors import BatchdError, InvalidRequest, UnknownModel
 from batchd.client.keys import WORKER_GROUP, Keys
 from batchd.client.protocol import PROTOCOL_VERSION, Heartbeat, Request, RestartEvent, Result, error_result
@@ -79,6 +79,9 @@ class WorkerConfig(DaemonConfig):
     # subscription dropped), and a full next-token vector is 192 KiB for SmolLM2: Redis holds
     # calls/s x this x that (docs/integrations.md: 30 s held 148 MiB in LLaMPPL's example).
     scoring_result_ttl_s: int = 5
+    # Book stored results (and so acknowledge their jobs as done) only once this many
+    # replicas hold them (WAIT); 0: as soon as the master does (docs/reliability.md).
+    durable_replicas: int = 0
 
 
 class Worker:
@@ -100,7 +103,8 @@ class Worker:
         self.tokenizer = _ServedTokenizer(engine.served_tokenizer(),
                                           [self.keys.tokenizer(model) for model in self.served_models])
         self.outbox = Outbox(connect(), self.keys, config.worker_id, config.result_ttl_s, config.lease_ms,
-                             kept_alive=self.tokenizer.keys, scoring_result_ttl_s=config.scoring_result_ttl_s)
+                             kept_alive=self.tokenizer.keys, scoring_result_ttl_s=config.scoring_result_ttl_s,
+                             durable_replicas=config.durable_replicas)
         self._lease = LeaseKeeper(connect(), self.keys.heartbeat(config.worker_id), config.lease_ms,
                                   config.heartbeat_interval_s, config.stall_timeout_s)
         self._cancels = CancelFeed(self.redis, self.keys.cancel_channel, self.stream)
@@ -135,10 +139,11 @@ class Worker:
     def run(self) -> None:
         cfg = self.config
         log.info("worker starting: id=%s engine=%s model=%s serves=%s slots=%d redis=%s lease_ms=%d "
-                 "drain_timeout_s=%s result_ttl_s=%d scoring_result_ttl_s=%d tokenizer=%s metrics_port=%s",
+                 "drain_timeout_s=%s result_ttl_s=%d scoring_result_ttl_s=%d durable_replicas=%d tokenizer=%s "
+                 "metrics_port=%s",
                  cfg.worker_id, self.engine.name, self.engine.model_name, ",".join(self.served_models),
-                 self.engine.total_slots, redact(cfg.redis_url), cfg.lease_ms, cfg.drain_timeout_s,
-                 cfg.result_ttl_s, cfg.scoring_result_ttl_s,
+                 self.engine.total_slots, describe(cfg.redis_url), cfg.lease_ms, cfg.drain_timeout_s,
+                 cfg.result_ttl_s, cfg.scoring_result_ttl_s, cfg.durable_replicas,
                  self.tokenizer.info.hash[:12] if self.tokenizer.info else "-", cfg.metrics_port)
         metrics.serve(cfg.metrics_port, metrics.WORKER_REGISTRY, cfg.metrics_host, self.state.current)
         self._connect()
@@ -417,7 +422,14 @@ class Worker:
         heartbeat) in one round trip; with read_jobs the next jobs too, taken at the next
         iteration. With overlap the outbox sends it while the caller goes on to the next
         engine step; it is booked before the next one is built."""
-        self._book_in_flight()
+        try:
+            self._book_in_flight()
+        except redis.RedisError:
+            # The parcel in flight failed (Redis restarted, a failover): these final results
+            # exist nowhere else, as the engine has let their requests go; keep them with the
+            # failed parcel's, to be stored after the reconnect.
+            self.outbox.keep(finished)
+            raise
         if not events and not finished:
             return
         parcel = Parcel(events, finished, self.holdings.jobs_closed_by(finished), self._beat_to_send(),
