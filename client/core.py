@@ -46,6 +46,7 @@ from .protocol import (
     decode_heartbeat,
     decode_request,
     encode,
+    is_sealed,
     models_served,
 )
 from .scripts import ScriptCall, is_missing_function, submit_call
@@ -134,6 +135,7 @@ def build_request(
     top_logprobs: int | None = None,
     contrast_alpha: float | None = None,
     cancel_hash: str | None = None,
+    event_key: str | None = None,
     model: str | None = None,
 ) -> tuple[Request, bytes]:
     """Build, encode and validate a request exactly as a scheduler will.
@@ -170,6 +172,7 @@ def build_request(
             continuation_token_ids=list(continuation_token_ids) if continuation_token_ids is not None else None,
             top_logprobs=top_logprobs,
             cancel_hash=cancel_hash,
+            event_key=event_key,
             model=model or "",
         )
         payload = encode(request)
@@ -200,9 +203,12 @@ class EventParser:
     start.
     """
 
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, event_key: str | None = None):
         self.request_id = request_id
         self.result: Result | None = None
+        self._event_key = event_key
+        self._attempt = 0  # the attempt whose tokens are arriving
+        self._tags_seen: set[bytes] = set()
         self._tokens: list[int] = []  # this attempt's output
         self._text: list[str] = []
         self._replaying = False  # after a restart, until the attempt caught up with what was shown
@@ -215,6 +221,8 @@ class EventParser:
             event = decode_event(payload)
         except msgspec.MsgspecError:
             return None  # a newer worker's event kind: ignore rather than fail the call
+        if isinstance(event, (TokenEvent, RestartEvent)) and not self._authentic(event):
+            return None  # forged or replayed by someone allowed to PUBLISH (docs/security.md)
         if isinstance(event, TokenEvent):
             self._tokens.extend(event.token_ids)
             self._text.append(event.text)
@@ -227,11 +235,30 @@ class EventParser:
             self._tokens, self._text = [], []
             self._replaying = True
             self._restart = event
+            self._attempt = event.attempt
             return None
         if isinstance(event, FinalEvent):
             self.result = event.result
             return event.result
         return None
+
+    def _authentic(self, event: TokenEvent | RestartEvent) -> bool:
+        """With an event_key, only events the fleet sealed for this request and attempt count,
+        each once, and no token event from before the tokens already taken (a replay)."""
+        if self._event_key is None:
+            return True
+        if isinstance(event, TokenEvent):
+            attempt = self._attempt
+            if event.index < len(self._tokens):
+                return False
+        else:
+            attempt = event.attempt
+            if attempt < self._attempt:
+                return False
+        if event.tag in self._tags_seen or not is_sealed(event, self._event_key, self.request_id, attempt):
+            return False
+        self._tags_seen.add(event.tag)
+        return True
 
     def _replay(self) -> StreamItem | None:
         tokens, text = self._tokens, "".join(self._text)
@@ -334,6 +361,10 @@ class CancelSecrets:
     def hash(self, request_id: str) -> str:
         return hashlib.sha1(self.secret(request_id).encode()).hexdigest()
 
+    def event_key(self, request_id: str) -> str:
+        """The key the fleet tags this request's token events with (protocol.seal_event)."""
+        return hmac.new(self._key, b"events\0" + request_id.encode(), hashlib.sha256).hexdigest()[:32]
+
 
 def queue_cancel(pipe: Any, keys: Keys, request_id: str, secret: str) -> None:
     """Cancel a request: its flag first (a scheduler checks it at dispatch, a worker on a gap in
@@ -412,9 +443,9 @@ class Reading:
     last (raising its typed error), and how long to wait for the next event before looking
     for a stored result."""
 
-    def __init__(self, request_id: str, wait_s: float | None):
+    def __init__(self, request_id: str, wait_s: float | None, event_key: str | None = None):
         self.request_id = request_id
-        self._parser = EventParser(request_id)
+        self._parser = EventParser(request_id, event_key)
         self._wait_s = wait_s
         self._give_up: float | None = None
 
@@ -481,14 +512,15 @@ class ClientCore(Generic[Sent]):
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, contrast_alpha=contrast_alpha,
             priority=priority, producer=self.producer, timeout=timeout, deadline=deadline, model=model,
-            cancel_hash=self._cancel_secrets.hash(request_id) if isinstance(request_id, str) else None)
+            cancel_hash=self._cancel_secrets.hash(request_id) if isinstance(request_id, str) else None,
+            event_key=self._cancel_secrets.event_key(request_id) if isinstance(request_id, str) else None)
         return self._send(request, payload, explicit, timeout)
 
     def _send(self, request: Request, payload: bytes, explicit: bool, timeout: float | None) -> Sent:
         raise NotImplementedError
 
     def _reading(self, request: Request, timeout: float | None) -> Reading:
-        return Reading(request.id, wait_budget(timeout, request.deadline))
+        return Reading(request.id, wait_budget(timeout, request.deadline), request.event_key)
 
     def _submit_call(self, request: Request, payload: bytes) -> ScriptCall:
         return submit_call(self.keys, request.id, payload)

@@ -15,7 +15,7 @@ import redis
 
 from batchd.client.errors import WorkerFailed
 from batchd.client.keys import Keys
-from batchd.client.protocol import FinalEvent, Request, RestartEvent, encode, error_result
+from batchd.client.protocol import FinalEvent, Request, RestartEvent, encode, error_result, seal_event
 from batchd.client.scripts import ScriptCall, raise_any_error, run_in_pipeline
 
 from . import scripts
@@ -49,7 +49,7 @@ def _hand_back_call(keys: Keys, request: Request, reason: str, max_attempts: int
     else:
         mode, error = "requeue", None
         payload = encode(msgspec.structs.replace(request, attempt=attempt))
-        event = encode(RestartEvent(attempt=attempt, reason=reason))
+        event = seal_event(RestartEvent(attempt=attempt, reason=reason), request)
     return (scripts.HAND_BACK,
             [keys.result(request.id), keys.owner(request.id), keys.requests, keys.dead_letters, keys.stats,
              keys.accepted(request.id)],

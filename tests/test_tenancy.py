@@ -24,7 +24,9 @@ import redis
 from batchd import AsyncClient, BrokerUnavailable, Client, Overloaded
 from batchd.client import core
 from batchd.client.keys import Keys
-from batchd.client.protocol import PROTOCOL_VERSION, FinalEvent, Request, Result, decode_event, encode
+from batchd.client.core import Delta, StreamRestarted
+from batchd.client.protocol import (PROTOCOL_VERSION, FinalEvent, Request, RestartEvent, Result, TokenEvent,
+                                   decode_event, encode)
 from batchd.daemon.scripts import DEAD_LETTER_DATA_BYTES
 from batchd.embedded import EmbeddedServer, free_port
 
@@ -190,6 +192,40 @@ def test_3_asyncclient_never_returns_a_forged_final_event(fleet):
             return (await handle.result()).text
 
     assert asyncio.run(run()) == VICTIM_TEXT
+    fleet.assert_daemons_up()
+
+
+def test_forged_and_replayed_token_events_are_never_shown(fleet):
+    """Any producer may PSUBSCRIBE to the result channels and PUBLISH on them: token and restart
+    events it forges (untagged, or with a made-up tag) and the request's own events it replays
+    are dropped by the victim's stream, which shows its own text once, with no restart."""
+    sniffer = fleet.attacker.pubsub()
+    sniffer.psubscribe(KEYS.channel_pattern(""))
+    with fleet.producer() as client:
+        handle = client.submit(VICTIM_TEXT, timeout=30)
+        items: list = []
+        reader = threading.Thread(target=lambda: items.extend(handle))
+        reader.start()
+        fleet.observer.wait_for_tokens(handle.request_id, 10)
+        genuine = []
+        while len(genuine) < 3 and (message := sniffer.get_message(timeout=5)) is not None:
+            if message["type"] == "pmessage" and message["channel"].decode() == KEYS.channel(handle.request_id):
+                genuine.append(message["data"])
+        assert len(genuine) == 3 and decode_event(genuine[0]).tag  # sealed by the worker
+        channel = KEYS.channel(handle.request_id)
+        forged = [TokenEvent(index=10, token_ids=[70], text="FORGED"),
+                  TokenEvent(index=10, token_ids=[70], text="FORGED", tag=b"\0" * 16),
+                  TokenEvent(index=10 ** 6, token_ids=[70], text="FORGED", tag=decode_event(genuine[0]).tag),
+                  RestartEvent(attempt=1, reason="forged"), RestartEvent(attempt=0, reason="forged")]
+        for event in forged:
+            assert fleet.attacker.publish(channel, encode(event)) >= 1
+        for payload in genuine * 3:
+            fleet.attacker.publish(channel, payload)
+        reader.join(30)
+        sniffer.close()
+    assert not any(isinstance(item, StreamRestarted) for item in items)
+    assert "".join(item.text for item in items if isinstance(item, Delta)) == VICTIM_TEXT
+    assert items[-1].text == VICTIM_TEXT
     fleet.assert_daemons_up()
 
 

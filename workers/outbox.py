@@ -28,7 +28,7 @@ import redis
 
 from batchd.client.connection import CONNECTION_LOST
 from batchd.client.keys import WORKER_GROUP, Keys
-from batchd.client.protocol import FinalEvent, Heartbeat, Result, TokenEvent, encode
+from batchd.client.protocol import FinalEvent, Heartbeat, Result, TokenEvent, encode, seal_event
 from batchd.client.scripts import ScriptCall, raise_any_error, run_in_pipeline
 from batchd.daemon import scripts
 
@@ -116,7 +116,7 @@ class Outbox:
             raise
 
     def _calls(self, parcel: Parcel) -> list[ScriptCall]:
-        calls = [scripts.publish_step_call(self.keys, owner, [(held.request.id, encode(event)) for held, event in group])
+        calls = [scripts.publish_step_call(self.keys, owner, [(held.request.id, seal_event(event, held.request)) for held, event in group])
                  for owner, group in _by_owner(parcel.events).items()]
         for held, result in parcel.finished:
             closes = parcel.closes.get(held.job_entry) is held
