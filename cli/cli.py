@@ -197,8 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batchd {args.command}: {problem}", file=sys.stderr)
         return 2
     from batchd import commands
+    from batchd.client.errors import CannotListen
 
-    return getattr(commands, args.command)(args) or 0
+    try:
+        return getattr(commands, args.command)(args) or 0
+    except CannotListen as exc:
+        print(f"batchd {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 def check_redis(url: str) -> str | None:

@@ -277,7 +277,6 @@ def gateway(args) -> int:
         return 2
     config = GatewayConfig(redis_url=args.redis, prefix=args.prefix, api_keys=keys,
                            request_timeout_s=args.request_timeout)
-    log.info("gateway listening on http://%s:%d", args.host, args.port)
     serve(config, args.host, args.port)
     return 0
 

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -485,6 +486,23 @@ async def _merge(call: Call) -> AsyncIterator[tuple[int, object]]:
 def serve(config: GatewayConfig, host: str, port: int) -> None:
     import uvicorn
 
-    uvicorn.run(build_app(config), host=host, port=port, log_level="warning", access_log=False,
-                loop="auto", http="auto", lifespan="on")
+    sock = listening_socket(host, port)
+    log.info("gateway listening on http://%s:%d", host, port)
+    server = uvicorn.Server(uvicorn.Config(build_app(config), host=host, port=port, log_level="warning",
+                                          access_log=False, loop="auto", http="auto", lifespan="on"))
+    server.run(sockets=[sock])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The gateway's socket, bound here rather than by uvicorn, which logs a taken port as an
+    error and exits 1: a taken port is CannotListen, one line from the command."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise metrics.cannot_listen(host, port, "the gateway", "--port", exc) from None
+    sock.listen(2048)  # uvicorn's own backlog
+    return sock
 
