@@ -46,6 +46,7 @@ from .protocol import (
     decode_heartbeat,
     decode_request,
     encode,
+    error_result,
     is_sealed,
     models_served,
 )
@@ -238,9 +239,20 @@ class EventParser:
             self._attempt = event.attempt
             return None
         if isinstance(event, FinalEvent):
-            self.result = event.result
-            return event.result
+            self.result = self._own(event.result)
+            return self.result
         return None
+
+    def _own(self, result: Result) -> Result:
+        """The stored result, if the fleet sealed it for this client's request; else the id was
+        taken by another submission before ours (only the first runs), and that one's outcome
+        is not ours to return."""
+        if self._event_key is None or is_sealed(result, self._event_key, self.request_id, "final"):
+            return result
+        return error_result(self.request_id, InvalidRequest(
+            f"request id {self.request_id} was taken by another submission before this one, and its result "
+            "is that one's: submit with a fresh id (the default), or give the processes that retry each "
+            "other's ids the same cancel_key", self.request_id))
 
     def _authentic(self, event: TokenEvent | RestartEvent) -> bool:
         """With an event_key, only events the fleet sealed for this request and attempt count,

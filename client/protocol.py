@@ -163,6 +163,9 @@ class Result(Struct, omit_defaults=True):
     top_logprobs: list[float] | None = None
     token_logprobs: list[float] | None = None
     total_logprob: float | None = None
+    # seal_final's, when the request carried an event_key: the submitter's proof that this
+    # outcome is its own request's, not that of another submission that took the id first.
+    tag: bytes = b""
 
 
 class TokenEvent(Struct, tag="token", omit_defaults=True):
@@ -248,13 +251,20 @@ def seal_event(event: TokenEvent | RestartEvent, request: Request) -> bytes:
     return encode(msgspec.structs.replace(event, tag=tag))
 
 
-def event_tag(event_key: str, request_id: str, attempt: int, unsigned: bytes) -> bytes:
-    """HMAC-SHA256 (first 16 bytes) of an event encoded without its tag."""
+def seal_final(result: Result, request: Request) -> bytes:
+    """The final event of a request, tagged like seal_event (the attempt read "final")."""
+    if request.event_key is not None:
+        result = msgspec.structs.replace(result, tag=event_tag(request.event_key, request.id, "final", encode(result)))
+    return encode(FinalEvent(result))
+
+
+def event_tag(event_key: str, request_id: str, attempt: int | str, unsigned: bytes) -> bytes:
+    """HMAC-SHA256 (first 16 bytes) of an event or result encoded without its tag."""
     message = f"{request_id}\0{attempt}\0".encode() + unsigned
     return hmac.new(bytes.fromhex(event_key), message, hashlib.sha256).digest()[:16]
 
 
-def is_sealed(event: TokenEvent | RestartEvent, event_key: str, request_id: str, attempt: int) -> bool:
+def is_sealed(event: TokenEvent | RestartEvent | Result, event_key: str, request_id: str, attempt: int | str) -> bool:
     unsigned = encode(msgspec.structs.replace(event, tag=b""))
     return hmac.compare_digest(event.tag, event_tag(event_key, request_id, attempt, unsigned))
 

@@ -33,6 +33,7 @@ from batchd.client.protocol import (
     error_result,
     is_request_id,
     models_served,
+    seal_final,
 )
 from batchd.client.scripts import LIBRARY, load_library
 from batchd.daemon import metrics, recovery, scripts
@@ -421,7 +422,7 @@ class Scheduler:
         and drop its stream entry."""
         result = error_result(held.request.id, error, finish_reason_of(error), held.request.submitted_at)
         script, keys, args = scripts.answer_call(self.keys, held.request.id, held.entry_id, held.request.attempt,
-                                                 encode(FinalEvent(result)), self.config.result_ttl_s)
+                                                 seal_final(result, held.request), self.config.result_ttl_s)
         script.run(self.redis, keys, args)
         self._ack(held.entry_id)
         metrics.requests_rejected.labels(error.code).inc()

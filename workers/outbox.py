@@ -28,7 +28,7 @@ import redis
 
 from batchd.client.connection import CONNECTION_LOST
 from batchd.client.keys import WORKER_GROUP, Keys
-from batchd.client.protocol import FinalEvent, Heartbeat, Result, TokenEvent, encode, seal_event
+from batchd.client.protocol import Heartbeat, Result, TokenEvent, encode, seal_event, seal_final
 from batchd.client.scripts import ScriptCall, raise_any_error, run_in_pipeline
 from batchd.daemon import scripts
 
@@ -120,7 +120,7 @@ class Outbox:
                  for owner, group in _by_owner(parcel.events).items()]
         for held, result in parcel.finished:
             closes = parcel.closes.get(held.job_entry) is held
-            calls.append(scripts.finalize_call(self.keys, held.request.id, encode(FinalEvent(result)), self.result_ttl_s,
+            calls.append(scripts.finalize_call(self.keys, held.request.id, seal_final(result, held.request), self.result_ttl_s,
                                                held.owner, (self.stream, WORKER_GROUP, held.job_entry) if closes else None))
         return calls
 
