@@ -322,9 +322,11 @@ def overloaded_message(stream: str) -> str:
 
 # Replies that mean "not now" rather than "never": a long script is running (BUSY), a key
 # batchd needs has the wrong type until a scheduler rewrites it (WRONGTYPE), no scheduler
-# has loaded the SUBMIT function yet, a replica or cluster is failing over. Retried like a
+# has loaded the SUBMIT function yet, a replica or cluster is failing over, the request
+# stream's last id was set to the largest (a scheduler sets it back). Retried like a
 # lost connection.
-TRANSIENT_REPLIES = ("busy", "wrongtype", "function not found", "tryagain", "masterdown", "loading")
+TRANSIENT_REPLIES = ("busy", "wrongtype", "function not found", "tryagain", "masterdown", "loading",
+                     "the stream has exhausted")
 
 
 def is_transient(exc: BaseException) -> bool:

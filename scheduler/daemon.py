@@ -486,6 +486,7 @@ class Scheduler:
         self._claim_abandoned()
         self._reap_dead_workers()
         metrics.requests_queued.set(self.redis.xlen(self.keys.requests))
+        self._repair_stream_id()
         # Again every second: a config hash someone deleted is back at once, so max_queue holds.
         publish_settings(self.redis, self.keys, max_queue=self.config.max_queue,
                          max_attempts=self.config.max_attempts)
@@ -493,6 +494,13 @@ class Scheduler:
         if now >= self._next_consumer_sweep:
             self._next_consumer_sweep = now + CONSUMER_SWEEP_INTERVAL_S
             self._forget_dead_schedulers()
+
+    def _repair_stream_id(self) -> None:
+        """Set the request stream's last id back from the far future (scripts.REPAIR_STREAM_ID),
+        so SUBMIT works again within a second of a producer's XADD of the largest id."""
+        if scripts.REPAIR_STREAM_ID.run(self.redis, [self.keys.requests], [scripts.FUTURE_ID_MARGIN_MS]) == 1:
+            log.error("%s had a last entry id far in the future (an explicit XADD id); set it back to now "
+                      "so submits work again", self.keys.requests)
 
     def _take_overload_count(self) -> None:
         """Submits refused as Overloaded happen in the producers' SUBMIT function, which counts

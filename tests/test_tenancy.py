@@ -21,7 +21,7 @@ import msgspec
 import pytest
 import redis
 
-from batchd import AsyncClient, BrokerUnavailable, Client, Overloaded
+from batchd import AsyncClient, BrokerUnavailable, Client, InvalidRequest, Overloaded
 from batchd.client import core
 from batchd.client.keys import Keys
 from batchd.client.core import Delta, StreamRestarted
@@ -300,6 +300,41 @@ def test_7_a_producer_cannot_claim_a_predictable_id(fleet):
     assert refused(fleet.attacker, "SET", KEYS.accepted("order-42"), "1")
     with fleet.producer() as client:
         fleet.assert_victim_served(client, client.submit(VICTIM_TEXT, request_id="order-42", timeout=30))
+
+
+# -- id squatting: an id another producer took first ----------------------------------------------
+@pytest.mark.parametrize("path", ["raw XADD", "SUBMIT function", "malformed entry"])
+def test_an_id_another_producer_took_first_never_returns_its_result(fleet, path):
+    """The first entry read for an id runs it (the claim); a producer that guesses an id the
+    victim will choose submits it first. The victim's call then fails with InvalidRequest
+    naming the squatted id, and is never handed the attacker's text."""
+    request_id = f"order-squatted-{path.replace(' ', '-')}"
+    if path == "SUBMIT function":
+        with fleet.producer() as attacker:
+            attacker.submit(ATTACKER_TEXT, request_id=request_id, timeout=30)
+    else:
+        data = b"\xc1" if path == "malformed entry" else raw_request(request_id, ATTACKER_TEXT)
+        fleet.attacker.xadd(KEYS.requests, {"id": request_id, "data": data})
+    with fleet.producer() as client:
+        handle = client.submit(VICTIM_TEXT, request_id=request_id, timeout=30)
+        with pytest.raises(InvalidRequest, match="taken by another submission"):
+            handle.result()
+    fleet.assert_daemons_up()
+
+
+# -- the request stream's last id at the end of time ---------------------------------------------
+def test_an_entry_id_at_the_end_of_time_stops_submits_for_a_second_at_most(fleet):
+    """XADD with the largest explicit id (a producer may XADD, and Redis cannot restrict its
+    arguments) makes every later `XADD *` fail; a scheduler sets the last id back within its
+    next housekeeping, and the victim's submit, retried meanwhile, runs."""
+    end_of_time = "18446744073709551615-18446744073709551615"
+    fleet.attacker.xadd(KEYS.requests, {"id": "end-of-time", "data": b"\xc1"}, id=end_of_time)
+    with pytest.raises(redis.ResponseError, match="exhausted"):
+        fleet.attacker.xadd(KEYS.requests, {"id": "next", "data": b"\xc1"})
+    with fleet.producer() as client:
+        handle = client.submit(VICTIM_TEXT, timeout=30)
+        fleet.assert_victim_served(client, handle)
+    assert "last entry id far in the future" in fleet.daemons.logs()
 
 
 # -- 8: dead letters stay bounded -----------------------------------------------------------------
