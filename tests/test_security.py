@@ -225,3 +225,20 @@ def test_daemons_and_clients_work_over_tls(tls_server, daemons):
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(tls_server.bare_tls_url.replace("rediss://", "redis://"), socket_timeout=2,
                              socket_connect_timeout=2).ping()
+
+
+def test_what_stays_trusted_a_producer_can_trim_the_request_stream(acl_server):
+    """docs/security.md, "Limits": an ACL cannot refuse XADD's MAXLEN, so a producer deletes
+    entries no scheduler has read yet (a backlog; no scheduler runs here). This test shows the
+    limit as it stands; it fails once producers can only append (per-producer streams)."""
+    from batchd.client.keys import Keys
+    from batchd.client.scripts import LIBRARY, load_library
+
+    keys = Keys()
+    load_library(redis.Redis.from_url(url_for(acl_server, "batchd-scheduler")), LIBRARY)
+    with Client(url_for(acl_server, "batchd-producer")) as victim:
+        victim.submit("queued behind a backlog")
+    attacker = redis.Redis.from_url(url_for(acl_server, "batchd-producer"))
+    assert attacker.xlen(keys.requests) == 1
+    attacker.xadd(keys.requests, {"id": "trimmer", "data": b"\xc1"}, maxlen=0, approximate=False)
+    assert attacker.xlen(keys.requests) == 0
