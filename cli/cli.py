@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lines of 'KEY PRODUCER [REDIS_URL]': each key's producer identity (and Redis user)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="deadline of a call that gives none, in seconds; past it the caller gets 504 (default 600)")
+    _add_metrics(p, "serve Prometheus /metrics here instead of on --port, where callers reach it (0: on --port)")
 
     p = sub.add_parser("health", help="exit 0 when healthy (for probes)")
     _add_redis(p)

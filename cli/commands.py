@@ -258,6 +258,8 @@ def health(args) -> int:
 
 
 def gateway(args) -> int:
+    from batchd.daemon import metrics
+
     try:
         from batchd.gateway import GatewayConfig, is_loopback, key_digest, read_keys_file, serve
     except ImportError as exc:
@@ -276,7 +278,8 @@ def gateway(args) -> int:
                   "127.0.0.1", args.host)
         return 2
     config = GatewayConfig(redis_url=args.redis, prefix=args.prefix, api_keys=keys,
-                           request_timeout_s=args.request_timeout)
+                           request_timeout_s=args.request_timeout, metrics_on_api_port=not args.metrics_port)
+    metrics.serve(args.metrics_port, metrics.GATEWAY_REGISTRY, args.metrics_host)
     serve(config, args.host, args.port)
     return 0
 

@@ -53,6 +53,9 @@ class GatewayConfig:
     api_keys: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     # A request's deadline when the call gives none: past it the caller gets a 504.
     request_timeout_s: float = 600.0
+    # /metrics on the API's port too (False when --metrics-port gives it a port of its own,
+    # so callers holding a key do not read every key's traffic).
+    metrics_on_api_port: bool = True
 
     def describe(self) -> str:
         from batchd.client.connection import redact
@@ -264,8 +267,9 @@ def build_app(config: GatewayConfig) -> Starlette:
     routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/models", list_models, methods=["GET"]),
-              Route("/health", health, methods=["GET"]),
-              Route("/metrics", prometheus, methods=["GET"])]
+              Route("/health", health, methods=["GET"])]
+    if config.metrics_on_api_port:
+        routes.append(Route("/metrics", prometheus, methods=["GET"]))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):

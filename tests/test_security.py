@@ -20,7 +20,8 @@ from batchd.embedded import EmbeddedServer, free_port
 
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "security.md"
-PASSWORDS = {"batchd-producer": "producer-password", "batchd-scheduler": "scheduler-password",
+PASSWORDS = {"batchd-producer": "producer-password", "batchd-gateway": "gateway-password",
+             "batchd-scheduler": "scheduler-password",
              "batchd-worker-gpu-0": "worker-password", "batchd-operator": "operator-password"}
 
 
@@ -88,6 +89,8 @@ FORBIDDEN = {
         ("SET", "batchd:overloaded", "-1000"),
         ("INCRBY", "batchd:overloaded", "1000"),
     ],
+    # A producer that may also read heartbeats: refused all a producer is.
+    "batchd-gateway": [],
     "batchd-scheduler": [
         ("SET", "batchd:worker:gpu-0", "forged"),
         ("PUBLISH", "batchd:cancels", "someone"),
@@ -107,6 +110,8 @@ FORBIDDEN = {
         ("XREADGROUP", "GROUP", "worker", "gpu-0", "STREAMS", "batchd:jobs:gpu-1", ">"),
     ],
 }
+
+FORBIDDEN["batchd-gateway"] = FORBIDDEN["batchd-producer"]
 
 
 @pytest.mark.parametrize("user", sorted(PASSWORDS))
