@@ -247,3 +247,25 @@ def test_what_stays_trusted_a_producer_can_trim_the_request_stream(acl_server):
     assert attacker.xlen(keys.requests) == 1
     attacker.xadd(keys.requests, {"id": "trimmer", "data": b"\xc1"}, maxlen=0, approximate=False)
     assert attacker.xlen(keys.requests) == 0
+
+
+def test_what_stays_trusted_a_raw_xadd_skips_max_queue(acl_server):
+    """docs/security.md, "Limits": SUBMIT refuses (and counts) a submit past max_queue, but the
+    producer user may XADD the same entry itself and it is queued, uncounted. Schedulers still
+    hold at most --read-ahead requests each; the stream is what grows."""
+    from batchd.client.keys import Keys
+    from batchd.client.protocol import PROTOCOL_VERSION, Request, encode
+    from batchd.client.scripts import LIBRARY, load_library, submit_call
+    from batchd.daemon.toolkit import publish_settings
+
+    keys = Keys()
+    scheduler = redis.Redis.from_url(url_for(acl_server, "batchd-scheduler"))
+    load_library(scheduler, LIBRARY)
+    publish_settings(scheduler, keys, max_queue=1, max_attempts=3)
+    producer = redis.Redis.from_url(url_for(acl_server, "batchd-producer"))
+    payload = encode(Request(v=PROTOCOL_VERSION, id="past-the-bound", prompt="x"))
+    function, call_keys, args = submit_call(keys, "first", payload)
+    assert function.run(producer, call_keys, args) == 1
+    assert function.run(producer, call_keys, args) == -1  # refused and counted
+    assert producer.xadd(keys.requests, {"id": "past-the-bound", "data": payload})
+    assert producer.xlen(keys.requests) == 2 and scheduler.get(keys.overloaded) == b"1"
