@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("health", help="exit 0 when healthy (for probes)")
     _add_redis(p)
     p.add_argument("--worker-id", default=None, help="check this worker's heartbeat")
+    p.add_argument("--metrics-port", type=PORT, default=None,
+                   help="with --worker-id, the worker's /health on this host: a worker with no heartbeat yet "
+                        "is reported as loading its model (still exit 1), not as down")
     p.add_argument("--require-workers", type=NON_NEGATIVE, default=0, help="fail unless this many workers are live")
     return parser
 

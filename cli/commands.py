@@ -242,7 +242,11 @@ def health(args) -> int:
         client, keys = connect(args.redis), Keys(args.prefix)
         client.ping()
         if args.worker_id and not client.exists(keys.heartbeat(args.worker_id)):
-            print(f"unhealthy: worker {args.worker_id} has no live heartbeat")
+            state = local_worker_state(args.metrics_port)
+            if state in ("loading", "draining"):
+                print(f"{state}: worker {args.worker_id} has no heartbeat yet; its /health says {state}")
+            else:
+                print(f"unhealthy: worker {args.worker_id} has no live heartbeat")
             return 1
         live = len(read_status(client, keys)["workers"])
         if live < args.require_workers:
@@ -255,6 +259,23 @@ def health(args) -> int:
     return 0
 
 
+
+
+def local_worker_state(port: int | None) -> str | None:
+    """What the worker serving /health on this host's port says it is doing (loading, serving,
+    draining: daemon/metrics.py), or None when nothing answers there."""
+    import urllib.error
+    import urllib.request
+
+    if not port:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            return response.read().decode().strip()
+    except urllib.error.HTTPError as exc:  # 503: loading or draining
+        return exc.read().decode().strip()
+    except (OSError, ValueError):
+        return None
 
 
 def gateway(args) -> int:

@@ -279,3 +279,20 @@ def test_a_taken_port_is_one_clear_line_in_every_daemon(redis_server):
             assert lines[0].startswith(f"batchd {name}: cannot listen on 127.0.0.1:{port}"), (name, lines)
             option = "--port" if name == "gateway" else "--metrics-port"
             assert f"choose another {option}" in lines[0], lines
+
+
+# -- a worker still loading its model ----------------------------------------------------------
+def test_health_reports_a_worker_loading_its_model_as_loading(redis_server):
+    """A worker serves /health from process start ("loading", 503, until its model is loaded;
+    tests/engine/test_worker_metrics.py runs a real one). Here that endpoint is stood in for by
+    the same metrics server, so the probe's reading of it takes no model load."""
+    from batchd.daemon import metrics
+    from prometheus_client import CollectorRegistry
+
+    port = free_port()
+    metrics.serve(port, CollectorRegistry(), "127.0.0.1", state=lambda: "loading")
+    loading = batchd("health", "--redis", redis_server.url, "--worker-id", "gpu-7", "--metrics-port", str(port))
+    assert loading.returncode == 1
+    assert loading.stdout.strip() == "loading: worker gpu-7 has no heartbeat yet; its /health says loading"
+    down = batchd("health", "--redis", redis_server.url, "--worker-id", "gpu-7", "--metrics-port", str(free_port()))
+    assert down.returncode == 1 and down.stdout.startswith("unhealthy: worker gpu-7 has no live heartbeat")
