@@ -229,6 +229,26 @@ def test_forged_and_replayed_token_events_are_never_shown(fleet):
     fleet.assert_daemons_up()
 
 
+def test_asyncclient_never_shows_a_forged_token_event(fleet):
+    async def run() -> list:
+        async with AsyncClient(fleet.url("batchd-producer")) as client:
+            handle = await client.submit(VICTIM_TEXT, timeout=30)
+            items = []
+            async for item in handle:
+                items.append(item)
+                if len(items) == 5:  # mid-stream: a forged token and a forged restart
+                    channel = KEYS.channel(handle.request_id)
+                    for event in (TokenEvent(index=5, token_ids=[70], text="FORGED"),
+                                  RestartEvent(attempt=1, reason="forged")):
+                        fleet.attacker.publish(channel, encode(event))
+            return items
+
+    items = asyncio.run(run())
+    assert not any(isinstance(item, StreamRestarted) for item in items)
+    assert "".join(item.text for item in items if isinstance(item, Delta)) == VICTIM_TEXT
+    fleet.assert_daemons_up()
+
+
 # -- 4 and 5: the request stream and the config overwritten -------------------------------------
 def test_4_the_request_stream_overwritten_or_deleted_is_recreated(fleet):
     assert refused(fleet.attacker, "SET", KEYS.requests, "x")
