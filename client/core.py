@@ -207,7 +207,7 @@ class EventParser:
     def __init__(self, request_id: str, event_key: str | None = None):
         self.request_id = request_id
         self.result: Result | None = None
-        self._event_key = event_key
+        self.event_key = event_key
         self._attempt = 0  # the attempt whose tokens are arriving
         self._tags_seen: set[bytes] = set()
         self._tokens: list[int] = []  # this attempt's output
@@ -243,11 +243,20 @@ class EventParser:
             return self.result
         return None
 
+    def sealed_final(self, payload: bytes) -> bool:
+        """Whether a payload is a final event the fleet sealed for this request."""
+        try:
+            event = decode_event(payload)
+        except msgspec.MsgspecError:
+            return False
+        return isinstance(event, FinalEvent) and self.event_key is not None \
+            and is_sealed(event.result, self.event_key, self.request_id, "final")
+
     def _own(self, result: Result) -> Result:
         """The stored result, if the fleet sealed it for this client's request; else the id was
         taken by another submission before ours (only the first runs), and that one's outcome
         is not ours to return."""
-        if self._event_key is None or is_sealed(result, self._event_key, self.request_id, "final"):
+        if self.event_key is None or is_sealed(result, self.event_key, self.request_id, "final"):
             return result
         return error_result(self.request_id, InvalidRequest(
             f"request id {self.request_id} was taken by another submission before this one, and its result "
@@ -257,7 +266,7 @@ class EventParser:
     def _authentic(self, event: TokenEvent | RestartEvent) -> bool:
         """With an event_key, only events the fleet sealed for this request and attempt count,
         each once, and no token event from before the tokens already taken (a replay)."""
-        if self._event_key is None:
+        if self.event_key is None:
             return True
         if isinstance(event, TokenEvent):
             attempt = self._attempt
@@ -267,7 +276,7 @@ class EventParser:
             attempt = event.attempt
             if attempt < self._attempt:
                 return False
-        if event.tag in self._tags_seen or not is_sealed(event, self._event_key, self.request_id, attempt):
+        if event.tag in self._tags_seen or not is_sealed(event, self.event_key, self.request_id, attempt):
             return False
         self._tags_seen.add(event.tag)
         return True
@@ -396,9 +405,10 @@ _event_kind = msgspec.msgpack.Decoder(_EventKind)
 
 
 def is_final_event(payload: bytes) -> bool:
-    """Whether a pub/sub payload claims to be a final event. A claim is never taken as the result:
-    anyone allowed to subscribe may publish on a request's channel, so the handle reads the
-    stored result (result:<id>, which producers cannot write) instead."""
+    """Whether a pub/sub payload claims to be a final event. A claim is taken as the result only
+    with this request's seal (Reading.triage): anyone allowed to subscribe may publish on a
+    request's channel; otherwise the handle reads the stored result (result:<id>, which
+    producers cannot write) instead."""
     try:
         return _event_kind.decode(payload).type == "final"
     except (msgspec.MsgspecError, ValueError):
@@ -438,6 +448,9 @@ class Routes:
 def _text(channel: str | bytes) -> str:
     return channel.decode() if isinstance(channel, bytes) else channel
 
+
+# Reading.triage's answers.
+TAKE, IGNORE, STORED = "take", "ignore", "stored"
 
 # Delivered to every waiting handle after the pub/sub connection came back:
 # events published meanwhile are lost, so the handle reads its stored result now.
@@ -482,6 +495,21 @@ class Reading:
                                 "(raise timeout, or check that workers are live with `batchd status`)",
                                 self.request_id)
         return wait
+
+    def triage(self, payload: bytes) -> str:
+        """What a handle does with one pub/sub payload: TAKE it (an event; a final event sealed
+        for this request: the fleet's), IGNORE it (a final event without this request's seal:
+        anyone may publish one, and reading the stored result on its cue would skip the tokens
+        still queued behind it), or read the STORED result (after a reconnect, or a final event
+        of a request that carries no event_key: the stored result is the one producers cannot
+        write)."""
+        if payload is RECHECK:
+            return STORED
+        if not is_final_event(payload):
+            return TAKE
+        if self._parser.event_key is None:
+            return STORED
+        return TAKE if self._parser.sealed_final(payload) else IGNORE
 
     def take(self, payload: bytes) -> StreamItem | None:
         """The stream item of one event (None: nothing to show); a failed final result raises."""
