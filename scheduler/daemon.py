@@ -498,7 +498,12 @@ class Scheduler:
     def _repair_stream_id(self) -> None:
         """Set the request stream's last id back from the far future (scripts.REPAIR_STREAM_ID),
         so SUBMIT works again within a second of a producer's XADD of the largest id."""
-        if scripts.REPAIR_STREAM_ID.run(self.redis, [self.keys.requests], [scripts.FUTURE_ID_MARGIN_MS]) == 1:
+        try:
+            repaired = scripts.REPAIR_STREAM_ID.run(self.redis, [self.keys.requests], [scripts.FUTURE_ID_MARGIN_MS])
+        except redis.ResponseError as exc:  # a server this script does not know: dispatch goes on
+            log.error("could not check %s's last entry id: %s", self.keys.requests, exc)
+            return
+        if repaired == 1:
             log.error("%s had a last entry id far in the future (an explicit XADD id); set it back to now "
                       "so submits work again", self.keys.requests)
 
