@@ -5,11 +5,14 @@ workers (each as its own ACL user), honest producers (AsyncClient, as `batchd-pr
 --concurrency requests in flight, and one hostile producer with the same ACL user. The hostile
 one learns the ids in flight from PSUBSCRIBE and, at random, re-submits them with its own text
 (raw XADD and the SUBMIT function), sends malformed entries and 64 KiB of garbage carrying them,
-PUBLISHes forged final events on their channels, submits fresh requests claiming attempt=10**6,
-and tries commands its ACL refuses (SET on the stream and the config, SCRIPT LOAD).
+PUBLISHes forged final, token and restart events on their channels, submits fresh requests
+claiming attempt=10**6, XADDs an entry with the largest id there is (at most every 5 s: every
+later `XADD *` fails until a scheduler sets the stream's last id back), and tries commands its
+ACL refuses (SET on the stream and the config, SCRIPT LOAD).
 
 Counted at the end: lost (an honest request without its result), wrong (a result that is not its
-own text), duplicated (more than one real final event on the wire for one id), hostile requests
+own text), streamed_wrong (a stream whose deltas are not its own text, or that restarted),
+duplicated (more than one real final event on the wire for one id), hostile requests
 that did not run as attempt 0, daemons that exited, and Redis memory (peak used_memory and the
 dead-letter stream's size).
 
@@ -35,8 +38,10 @@ from pathlib import Path
 import redis
 
 from batchd import AsyncClient, BatchdError
+from batchd.client.core import Delta, StreamRestarted
 from batchd.client.keys import Keys
-from batchd.client.protocol import PROTOCOL_VERSION, FinalEvent, Request, Result, decode_event, encode
+from batchd.client.protocol import (PROTOCOL_VERSION, FinalEvent, Request, RestartEvent, Result, TokenEvent,
+                                   decode_event, encode)
 from batchd.embedded import EmbeddedServer
 from batchd.status import read_status, stop_processes
 
@@ -146,16 +151,20 @@ class Attacker(threading.Thread):
         self.counts: dict[str, int] = defaultdict(int)
         self.fresh_ids: list[str] = []
         self.running = True
+        self.last_end_of_time = 0.0
 
     def run(self) -> None:
         attacks = [self.duplicate_raw, self.duplicate_submit, self.malformed, self.garbage, self.forge_final,
-                   self.chosen_attempt, self.refused_commands]
+                   self.forge_token, self.forge_restart, self.end_of_time, self.chosen_attempt,
+                   self.refused_commands]
         while self.running:
             time.sleep(self.random.expovariate(self.rate_per_s))
             attack = self.random.choice(attacks)
             try:
                 attack()
                 self.counts[attack.__name__] += 1
+            except SkippedAttack:
+                pass
             except redis.RedisError as exc:
                 self.counts[f"{attack.__name__}: {type(exc).__name__}"] += 1
 
@@ -186,10 +195,30 @@ class Attacker(threading.Thread):
             self.wire.forged.add(forged)
             self.redis.publish(KEYS.channel(victim), forged)
 
+    def forge_token(self) -> None:
+        if (victim := self.victim()) is not None:
+            self.publish_forged(victim, TokenEvent(index=self.random.randint(0, 8), token_ids=[70], text=FORGED_TEXT))
+
+    def forge_restart(self) -> None:
+        if (victim := self.victim()) is not None:
+            self.publish_forged(victim, RestartEvent(attempt=1, reason=FORGED_TEXT))
+
+    def publish_forged(self, victim: str, event) -> None:
+        forged = encode(event)
+        self.wire.forged.add(forged)
+        self.redis.publish(KEYS.channel(victim), forged)
+
+    def end_of_time(self) -> None:
+        if time.monotonic() - self.last_end_of_time < 5.0:
+            raise SkippedAttack
+        self.last_end_of_time = time.monotonic()
+        self.redis.xadd(KEYS.requests, {"id": "end-of-time", "data": b"\xc1"},
+                        id="18446744073709551615-18446744073709551615")
+
     def chosen_attempt(self) -> None:
-        request_id = f"hostile-{len(self.fresh_ids)}"
-        self.fresh_ids.append(request_id)
+        request_id = f"hostile-{self.counts['chosen_attempt']}"
         self.redis.xadd(KEYS.requests, {"id": request_id, "data": payload(request_id, "hostile", attempt=10**6)})
+        self.fresh_ids.append(request_id)  # once queued: an XADD refused while the stream is at its end is not
 
     def refused_commands(self) -> None:
         for command in (("SET", KEYS.requests, "x"), ("SET", KEYS.config, "x"), ("SCRIPT", "LOAD", "return 1")):
@@ -200,12 +229,18 @@ class Attacker(threading.Thread):
                 pass
 
 
+class SkippedAttack(Exception):
+    """An attack that would come too often now (end_of_time)."""
+
+
 def payload(request_id: str, prompt: str, **fields) -> bytes:
     return encode(Request(v=PROTOCOL_VERSION, id=request_id, prompt=prompt, submitted_at=time.time(), **fields))
 
 
-async def produce(redis_url: str, requests: int, concurrency: int, seed: int) -> dict[str, tuple[str, object]]:
-    """Submit `requests` honest requests, `concurrency` at a time; each id's (expected text, outcome)."""
+async def produce(redis_url: str, requests: int, concurrency: int, seed: int,
+                  streamed_wrong: list[str]) -> dict[str, tuple[str, object]]:
+    """Submit and stream `requests` honest requests, `concurrency` at a time; each id's (expected
+    text, outcome). Ids whose stream showed other text, or restarted, go to streamed_wrong."""
     rng = random.Random(seed)
     outcomes: dict[str, tuple[str, object]] = {}
     gate = asyncio.Semaphore(concurrency)
@@ -217,7 +252,11 @@ async def produce(redis_url: str, requests: int, concurrency: int, seed: int) ->
         async with gate:
             try:
                 handle = await client.submit(text, timeout=120)
-                outcomes[handle.request_id] = (text, await handle.result())
+                items = [item async for item in handle]
+                outcomes[handle.request_id] = (text, items[-1])
+                if any(isinstance(item, StreamRestarted) for item in items) \
+                        or "".join(item.text for item in items if isinstance(item, Delta)) != text:
+                    streamed_wrong.append(handle.request_id)
             except BatchdError as exc:
                 outcomes[f"failed-{index}"] = (text, exc)
         done += 1
@@ -249,7 +288,8 @@ def run(requests: int, concurrency: int, hostile_rate: float, token_delay_ms: fl
         threading.Thread(target=sample, daemon=True).start()
         attacker.start()
         started = time.perf_counter()
-        outcomes = asyncio.run(produce(url(server, "batchd-producer"), requests, concurrency, seed))
+        streamed_wrong: list[str] = []
+        outcomes = asyncio.run(produce(url(server, "batchd-producer"), requests, concurrency, seed, streamed_wrong))
         elapsed = time.perf_counter() - started
         attacker.running = False
         attacker.join(timeout=5)
@@ -265,7 +305,8 @@ def run(requests: int, concurrency: int, hostile_rate: float, token_delay_ms: fl
         report = {
             "requests": requests, "concurrency": concurrency, "seconds": round(elapsed, 1),
             "requests_per_s": round(requests / elapsed, 1),
-            "lost": len(lost), "wrong": len(wrong), "duplicated": len(duplicated),
+            "lost": len(lost), "wrong": len(wrong), "streamed_wrong": len(streamed_wrong),
+            "duplicated": len(duplicated),
             "hostile_fresh_not_attempt_0": len(hostile_wrong), "daemons_exited": exited,
             "attacks": dict(sorted(attacker.counts.items())),
             "redis_used_memory_baseline_mb": round(baseline / 2**20, 1),
@@ -274,6 +315,7 @@ def run(requests: int, concurrency: int, hostile_rate: float, token_delay_ms: fl
             "dead_letters": admin.xlen(KEYS.dead_letters),
             "dead_letter_stream_mb": round((admin.memory_usage(KEYS.dead_letters) or 0) / 2**20, 2),
             "examples": {"lost": [str(outcomes[i][1])[:200] for i in lost[:3]], "wrong": wrong[:3],
+                         "streamed_wrong": streamed_wrong[:3],
                          "duplicated": duplicated[:3], "hostile": hostile_wrong[:3]},
             "redis_version": admin.info("server")["redis_version"],
         }

@@ -194,10 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "cannot lose it (default 0)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="deadline of a call that gives none, in seconds; past it the caller gets 504 (default 600)")
+    _add_metrics(p, "serve Prometheus /metrics here instead of on --port, where callers reach it (0: on --port)")
 
     p = sub.add_parser("health", help="exit 0 when healthy (for probes)")
     _add_redis(p)
     p.add_argument("--worker-id", default=None, help="check this worker's heartbeat")
+    p.add_argument("--metrics-port", type=PORT, default=None,
+                   help="with --worker-id, the worker's /health on this host: a worker with no heartbeat yet "
+                        "is reported as loading its model (still exit 1), not as down")
     p.add_argument("--require-workers", type=NON_NEGATIVE, default=0, help="fail unless this many workers are live")
     return parser
 
@@ -214,8 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batchd {args.command}: {problem}", file=sys.stderr)
         return 2
     from batchd import commands
+    from batchd.client.errors import CannotListen
 
-    return getattr(commands, args.command)(args) or 0
+    try:
+        return getattr(commands, args.command)(args) or 0
+    except CannotListen as exc:
+        print(f"batchd {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 def check_redis(url: str) -> str | None:

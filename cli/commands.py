@@ -245,7 +245,11 @@ def health(args) -> int:
         client, keys = connect(args.redis), Keys(args.prefix)
         client.ping()
         if args.worker_id and not client.exists(keys.heartbeat(args.worker_id)):
-            print(f"unhealthy: worker {args.worker_id} has no live heartbeat")
+            state = local_worker_state(args.metrics_port)
+            if state in ("loading", "draining"):
+                print(f"{state}: worker {args.worker_id} has no heartbeat yet; its /health says {state}")
+            else:
+                print(f"unhealthy: worker {args.worker_id} has no live heartbeat")
             return 1
         live = len(read_status(client, keys)["workers"])
         if live < args.require_workers:
@@ -260,7 +264,26 @@ def health(args) -> int:
 
 
 
+def local_worker_state(port: int | None) -> str | None:
+    """What the worker serving /health on this host's port says it is doing (loading, serving,
+    draining: daemon/metrics.py), or None when nothing answers there."""
+    import urllib.error
+    import urllib.request
+
+    if not port:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            return response.read().decode().strip()
+    except urllib.error.HTTPError as exc:  # 503: loading or draining
+        return exc.read().decode().strip()
+    except (OSError, ValueError):
+        return None
+
+
 def gateway(args) -> int:
+    from batchd.daemon import metrics
+
     try:
         from batchd.gateway import GatewayConfig, is_loopback, key_digest, read_keys_file, serve
     except ImportError as exc:
@@ -279,8 +302,9 @@ def gateway(args) -> int:
                   "127.0.0.1", args.host)
         return 2
     config = GatewayConfig(redis_url=args.redis, prefix=args.prefix, api_keys=keys,
-                           request_timeout_s=args.request_timeout, durable_replicas=args.durable_replicas)
-    log.info("gateway listening on http://%s:%d", args.host, args.port)
+                           request_timeout_s=args.request_timeout, durable_replicas=args.durable_replicas,
+                           metrics_on_api_port=not args.metrics_port)
+    metrics.serve(args.metrics_port, metrics.GATEWAY_REGISTRY, args.metrics_host)
     serve(config, args.host, args.port)
     return 0
 

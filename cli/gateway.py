@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,9 @@ class GatewayConfig:
     request_timeout_s: float = 600.0
     # Submits return only once this many replicas hold them (AsyncClient durable_replicas).
     durable_replicas: int = 0
+    # /metrics on the API's port too (False when --metrics-port gives it a port of its own,
+    # so callers holding a key do not read every key's traffic).
+    metrics_on_api_port: bool = True
 
     def describe(self) -> str:
         from batchd.client.connection import describe
@@ -267,8 +271,9 @@ def build_app(config: GatewayConfig) -> Starlette:
     routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/models", list_models, methods=["GET"]),
-              Route("/health", health, methods=["GET"]),
-              Route("/metrics", prometheus, methods=["GET"])]
+              Route("/health", health, methods=["GET"])]
+    if config.metrics_on_api_port:
+        routes.append(Route("/metrics", prometheus, methods=["GET"]))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -489,6 +494,23 @@ async def _merge(call: Call) -> AsyncIterator[tuple[int, object]]:
 def serve(config: GatewayConfig, host: str, port: int) -> None:
     import uvicorn
 
-    uvicorn.run(build_app(config), host=host, port=port, log_level="warning", access_log=False,
-                loop="auto", http="auto", lifespan="on")
+    sock = listening_socket(host, port)
+    log.info("gateway listening on http://%s:%d", host, port)
+    server = uvicorn.Server(uvicorn.Config(build_app(config), host=host, port=port, log_level="warning",
+                                          access_log=False, loop="auto", http="auto", lifespan="on"))
+    server.run(sockets=[sock])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The gateway's socket, bound here rather than by uvicorn, which logs a taken port as an
+    error and exits 1: a taken port is CannotListen, one line from the command."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise metrics.cannot_listen(host, port, "the gateway", "--port", exc) from None
+    sock.listen(2048)  # uvicorn's own backlog
+    return sock
 

@@ -114,8 +114,11 @@ class AsyncRequestHandle:
                     self._waiter = None
             if self._events:
                 payload = self._events.popleft()
-                if payload is not core.RECHECK and not core.is_final_event(payload):
+                step = self._reading.triage(payload)
+                if step == core.TAKE:
                     return payload
+                if step == core.IGNORE:
+                    continue
             stored = await self._client._stored_result(self.request_id)
             if stored is not None:
                 return stored

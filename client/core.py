@@ -46,6 +46,8 @@ from .protocol import (
     decode_heartbeat,
     decode_request,
     encode,
+    error_result,
+    is_sealed,
     models_served,
 )
 from .scripts import ScriptCall, is_missing_function, submit_call
@@ -139,6 +141,7 @@ def build_request(
     top_logprobs: int | None = None,
     contrast_alpha: float | None = None,
     cancel_hash: str | None = None,
+    event_key: str | None = None,
     model: str | None = None,
     logprobs_dtype: str = "float32",
 ) -> tuple[Request, bytes]:
@@ -177,6 +180,7 @@ def build_request(
             top_logprobs=top_logprobs,
             logprobs_dtype=logprobs_dtype,
             cancel_hash=cancel_hash,
+            event_key=event_key,
             model=model or "",
         )
         payload = encode(request)
@@ -207,9 +211,12 @@ class EventParser:
     start.
     """
 
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, event_key: str | None = None):
         self.request_id = request_id
         self.result: Result | None = None
+        self.event_key = event_key
+        self._attempt = 0  # the attempt whose tokens are arriving
+        self._tags_seen: set[bytes] = set()
         self._tokens: list[int] = []  # this attempt's output
         self._text: list[str] = []
         self._replaying = False  # after a restart, until the attempt caught up with what was shown
@@ -222,6 +229,8 @@ class EventParser:
             event = decode_event(payload)
         except msgspec.MsgspecError:
             return None  # a newer worker's event kind: ignore rather than fail the call
+        if isinstance(event, (TokenEvent, RestartEvent)) and not self._authentic(event):
+            return None  # forged or replayed by someone allowed to PUBLISH (docs/security.md)
         if isinstance(event, TokenEvent):
             self._tokens.extend(event.token_ids)
             self._text.append(event.text)
@@ -234,11 +243,50 @@ class EventParser:
             self._tokens, self._text = [], []
             self._replaying = True
             self._restart = event
+            self._attempt = event.attempt
             return None
         if isinstance(event, FinalEvent):
-            self.result = event.result
-            return event.result
+            self.result = self._own(event.result)
+            return self.result
         return None
+
+    def sealed_final(self, payload: bytes) -> bool:
+        """Whether a payload is a final event the fleet sealed for this request."""
+        try:
+            event = decode_event(payload)
+        except msgspec.MsgspecError:
+            return False
+        return isinstance(event, FinalEvent) and self.event_key is not None \
+            and is_sealed(event.result, self.event_key, self.request_id, "final")
+
+    def _own(self, result: Result) -> Result:
+        """The stored result, if the fleet sealed it for this client's request; else the id was
+        taken by another submission before ours (only the first runs), and that one's outcome
+        is not ours to return."""
+        if self.event_key is None or is_sealed(result, self.event_key, self.request_id, "final"):
+            return result
+        return error_result(self.request_id, InvalidRequest(
+            f"request id {self.request_id} was taken by another submission before this one, and its result "
+            "is that one's: submit with a fresh id (the default), or give the processes that retry each "
+            "other's ids the same cancel_key", self.request_id))
+
+    def _authentic(self, event: TokenEvent | RestartEvent) -> bool:
+        """With an event_key, only events the fleet sealed for this request and attempt count,
+        each once, and no token event from before the tokens already taken (a replay)."""
+        if self.event_key is None:
+            return True
+        if isinstance(event, TokenEvent):
+            attempt = self._attempt
+            if event.index < len(self._tokens):
+                return False
+        else:
+            attempt = event.attempt
+            if attempt < self._attempt:
+                return False
+        if event.tag in self._tags_seen or not is_sealed(event, self.event_key, self.request_id, attempt):
+            return False
+        self._tags_seen.add(event.tag)
+        return True
 
     def _replay(self) -> StreamItem | None:
         tokens, text = self._tokens, "".join(self._text)
@@ -292,10 +340,10 @@ def overloaded_message(stream: str) -> str:
 # batchd needs has the wrong type until a scheduler rewrites it (WRONGTYPE), no scheduler
 # has loaded the SUBMIT function yet, a replica or cluster is failing over (MASTERDOWN,
 # LOADING, TRYAGAIN; READONLY from a master demoted under a plain URL; NOREPLICAS from a
-# master with min-replicas-to-write whose replicas are reconnecting). Retried like a lost
-# connection.
+# master with min-replicas-to-write whose replicas are reconnecting), the request stream's
+# last id was set to the largest (a scheduler sets it back). Retried like a lost connection.
 TRANSIENT_REPLIES = ("busy", "wrongtype", "function not found", "tryagain", "masterdown", "loading",
-                     "noreplicas", "readonly")
+                     "noreplicas", "readonly", "the stream has exhausted")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -368,6 +416,10 @@ class CancelSecrets:
     def hash(self, request_id: str) -> str:
         return hashlib.sha1(self.secret(request_id).encode()).hexdigest()
 
+    def event_key(self, request_id: str) -> str:
+        """The key the fleet tags this request's token events with (protocol.seal_event)."""
+        return hmac.new(self._key, b"events\0" + request_id.encode(), hashlib.sha256).hexdigest()[:32]
+
 
 def queue_cancel(pipe: Any, keys: Keys, request_id: str, secret: str) -> None:
     """Cancel a request: its flag first (a scheduler checks it at dispatch, a worker on a gap in
@@ -385,9 +437,10 @@ _event_kind = msgspec.msgpack.Decoder(_EventKind)
 
 
 def is_final_event(payload: bytes) -> bool:
-    """Whether a pub/sub payload claims to be a final event. A claim is never taken as the result:
-    anyone allowed to subscribe may publish on a request's channel, so the handle reads the
-    stored result (result:<id>, which producers cannot write) instead."""
+    """Whether a pub/sub payload claims to be a final event. A claim is taken as the result only
+    with this request's seal (Reading.triage): anyone allowed to subscribe may publish on a
+    request's channel; otherwise the handle reads the stored result (result:<id>, which
+    producers cannot write) instead."""
     try:
         return _event_kind.decode(payload).type == "final"
     except (msgspec.MsgspecError, ValueError):
@@ -428,6 +481,9 @@ def _text(channel: str | bytes) -> str:
     return channel.decode() if isinstance(channel, bytes) else channel
 
 
+# Reading.triage's answers.
+TAKE, IGNORE, STORED = "take", "ignore", "stored"
+
 # Delivered to every waiting handle after the pub/sub connection came back:
 # events published meanwhile are lost, so the handle reads its stored result now.
 RECHECK: bytes = object()  # type: ignore[assignment]
@@ -446,9 +502,9 @@ class Reading:
     last (raising its typed error), and how long to wait for the next event before looking
     for a stored result."""
 
-    def __init__(self, request_id: str, wait_s: float | None):
+    def __init__(self, request_id: str, wait_s: float | None, event_key: str | None = None):
         self.request_id = request_id
-        self._parser = EventParser(request_id)
+        self._parser = EventParser(request_id, event_key)
         self._wait_s = wait_s
         self._give_up: float | None = None
 
@@ -471,6 +527,21 @@ class Reading:
                                 "(raise timeout, or check that workers are live with `batchd status`)",
                                 self.request_id)
         return wait
+
+    def triage(self, payload: bytes) -> str:
+        """What a handle does with one pub/sub payload: TAKE it (an event; a final event sealed
+        for this request: the fleet's), IGNORE it (a final event without this request's seal:
+        anyone may publish one, and reading the stored result on its cue would skip the tokens
+        still queued behind it), or read the STORED result (after a reconnect, or a final event
+        of a request that carries no event_key: the stored result is the one producers cannot
+        write)."""
+        if payload is RECHECK:
+            return STORED
+        if not is_final_event(payload):
+            return TAKE
+        if self._parser.event_key is None:
+            return STORED
+        return TAKE if self._parser.sealed_final(payload) else IGNORE
 
     def take(self, payload: bytes) -> StreamItem | None:
         """The stream item of one event (None: nothing to show); a failed final result raises."""
@@ -522,14 +593,15 @@ class ClientCore(Generic[Sent]):
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, contrast_alpha=contrast_alpha,
             priority=priority, producer=self.producer, timeout=timeout, deadline=deadline, model=model,
-            cancel_hash=self._cancel_secrets.hash(request_id) if isinstance(request_id, str) else None)
+            cancel_hash=self._cancel_secrets.hash(request_id) if isinstance(request_id, str) else None,
+            event_key=self._cancel_secrets.event_key(request_id) if isinstance(request_id, str) else None)
         return self._send(request, payload, explicit, timeout)
 
     def _send(self, request: Request, payload: bytes, explicit: bool, timeout: float | None) -> Sent:
         raise NotImplementedError
 
     def _reading(self, request: Request, timeout: float | None) -> Reading:
-        return Reading(request.id, wait_budget(timeout, request.deadline))
+        return Reading(request.id, wait_budget(timeout, request.deadline), request.event_key)
 
     def _submit_call(self, request: Request, payload: bytes) -> ScriptCall:
         return submit_call(self.keys, request.id, payload)

@@ -88,6 +88,13 @@ class BrokerUnavailable(BatchdError):
     code = "broker_unavailable"
 
 
+class CannotListen(BatchdError):
+    """A daemon or the gateway could not bind the address it was told to serve on (another
+    process holds the port, or the address is not this host's); it exits with this one line."""
+
+    code = "cannot_listen"
+
+
 class NoWorkers(BatchdError):
     """No live worker is registered (reported by status; requests wait in the queue)."""
 

@@ -9,6 +9,8 @@ older worker. `v` is the major version; a reader refuses any other.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from typing import Annotated, Literal, Union
 
@@ -112,6 +114,10 @@ class Request(Struct, forbid_unknown_fields=True, omit_defaults=True):
     # SHA-1 (hex) of the secret a cancel must present (docs/protocol.md): only the submitter
     # can cancel. None: anyone who knows the id can (producers that predate it).
     cancel_hash: Annotated[str, Meta(pattern=r"^[0-9a-f]{40}$")] | None = None
+    # Key of the tags on this request's token and restart events (seal_event): anyone may
+    # PUBLISH on a result channel, but only the submitter and the fleet read request payloads,
+    # so a client that sent it drops events without a valid tag (docs/security.md).
+    event_key: Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")] | None = None
     # The model to answer with, as workers advertise it (Heartbeat.models). "" (and a
     # producer older than routing by model, which never sends it): the fleet's only model.
     model: ModelName = ""
@@ -164,6 +170,9 @@ class Result(Struct, omit_defaults=True):
     top_logprobs: list[float] | None = None
     token_logprobs: list[float] | None = None
     total_logprob: float | None = None
+    # seal_final's, when the request carried an event_key: the submitter's proof that this
+    # outcome is its own request's, not that of another submission that took the id first.
+    tag: bytes = b""
 
 
 class TokenEvent(Struct, tag="token", omit_defaults=True):
@@ -172,6 +181,7 @@ class TokenEvent(Struct, tag="token", omit_defaults=True):
     index: int
     token_ids: list[int]
     text: str = ""
+    tag: bytes = b""  # seal_event's; empty when the request carries no event_key
 
 
 class RestartEvent(Struct, tag="restart", omit_defaults=True):
@@ -179,6 +189,7 @@ class RestartEvent(Struct, tag="restart", omit_defaults=True):
 
     attempt: int
     reason: str = ""
+    tag: bytes = b""
 
 
 class FinalEvent(Struct, tag="final"):
@@ -249,6 +260,38 @@ _tokenizer_info_decoder = msgspec.msgpack.Decoder(TokenizerInfo)
 
 def encode(message: Struct) -> bytes:
     return _encoder.encode(message)
+
+
+def seal_event(event: TokenEvent | RestartEvent, request: Request) -> bytes:
+    """An event as the fleet publishes it: tagged with the request's event_key, if it has one.
+
+    The tag covers the request id and attempt too, so an event copied from another request or
+    from an earlier attempt of this one does not verify (EventParser also drops repeats)."""
+    if request.event_key is None:
+        return encode(event)
+    attempt = event.attempt if isinstance(event, RestartEvent) else request.attempt
+    tag = event_tag(request.event_key, request.id, attempt, encode(event))
+    return encode(msgspec.structs.replace(event, tag=tag))
+
+
+def seal_final(result: Result, request: Request) -> bytes:
+    """The final event of a request, tagged like seal_event (the attempt read "final")."""
+    if request.event_key is not None:
+        result = msgspec.structs.replace(result, tag=event_tag(request.event_key, request.id, "final", encode(result)))
+    return encode(FinalEvent(result))
+
+
+def event_tag(event_key: str, request_id: str, attempt: int | str, unsigned: bytes) -> bytes:
+    """Keyed BLAKE2b (16 bytes) of an event or result encoded without its tag: a MAC by design,
+    and a quarter of HMAC-SHA256's cost, which matters since a worker tags every request's
+    tokens every step (measured in docs/protocol.md, Events)."""
+    message = f"{request_id}\0{attempt}\0".encode() + unsigned
+    return hashlib.blake2b(message, key=bytes.fromhex(event_key), digest_size=16).digest()
+
+
+def is_sealed(event: TokenEvent | RestartEvent | Result, event_key: str, request_id: str, attempt: int | str) -> bool:
+    unsigned = encode(msgspec.structs.replace(event, tag=b""))
+    return hmac.compare_digest(event.tag, event_tag(event_key, request_id, attempt, unsigned))
 
 
 def _check_version(v: int, what: str) -> None:

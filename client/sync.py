@@ -86,8 +86,11 @@ class RequestHandle:
         while True:
             try:
                 payload = self._events.get(timeout=self._reading.next_wait_s())
-                if payload is not core.RECHECK and not core.is_final_event(payload):
+                step = self._reading.triage(payload)
+                if step == core.TAKE:
                     return payload
+                if step == core.IGNORE:
+                    continue
             except queue.Empty:
                 pass
             stored = self._client._stored_result(self.request_id)

@@ -19,7 +19,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-from batchd.client.errors import ERROR_CODES
+from batchd.client.errors import ERROR_CODES, CannotListen
 from batchd.client.protocol import FINISH_REASONS
 
 # One registry per daemon role, so a worker's /metrics carries no scheduler
@@ -262,12 +262,20 @@ def serve(port: int, registry: CollectorRegistry, host: str = "0.0.0.0",
         return [now.encode() + b"\n"]
 
     server_class = _HTTPServer6 if ":" in host else _HTTPServer
-    server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+    try:
+        server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise cannot_listen(host, port, "/metrics", "--metrics-port", exc) from None
     threading.Thread(target=server.serve_forever, name=f"metrics:{port}", daemon=True).start()
     _serving.add(registry)
 
 
 _serving: set[CollectorRegistry] = set()
+
+
+def cannot_listen(host: str, port: int, what: str, option: str, exc: OSError) -> CannotListen:
+    return CannotListen(f"cannot listen on {host}:{port} for {what} ({exc.strerror or exc}); another process "
+                        f"may hold the port: choose another {option}, or stop that process")
 
 
 class _HTTPServer(ThreadingMixIn, WSGIServer):

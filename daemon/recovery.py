@@ -15,7 +15,7 @@ import redis
 
 from batchd.client.errors import WorkerFailed
 from batchd.client.keys import Keys
-from batchd.client.protocol import FinalEvent, Request, RestartEvent, encode, error_result
+from batchd.client.protocol import Request, RestartEvent, encode, error_result, seal_event, seal_final
 from batchd.client.scripts import ScriptCall, raise_any_error, run_in_pipeline
 
 from . import scripts
@@ -49,7 +49,7 @@ def _hand_back_call(keys: Keys, request: Request, reason: str, max_attempts: int
     else:
         mode, error = "requeue", None
         payload = encode(msgspec.structs.replace(request, attempt=attempt))
-        event = encode(RestartEvent(attempt=attempt, reason=reason))
+        event = seal_event(RestartEvent(attempt=attempt, reason=reason), request)
     return (scripts.HAND_BACK,
             [keys.result(request.id), keys.owner(request.id), keys.requests, keys.dead_letters, keys.stats,
              keys.accepted(request.id)],
@@ -62,5 +62,5 @@ def _hand_back_call(keys: Keys, request: Request, reason: str, max_attempts: int
 def _dead_letter(request: Request, reason: str, max_attempts: int):
     error = WorkerFailed(f"request {request.id} failed {max_attempts} times (last: {reason}); "
                          "it is in the dead-letter stream for inspection", request.id)
-    final = encode(FinalEvent(error_result(request.id, error, "error", request.submitted_at)))
+    final = seal_final(error_result(request.id, error, "error", request.submitted_at), request)
     return "dead", encode(request), final, error

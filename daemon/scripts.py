@@ -232,6 +232,55 @@ redis.call('HINCRBY', KEYS[3], 'job_size:' .. n, 1)
 return {1, job_id}
 """)
 
+# Undo an entry id from the far future on the request stream. Producers hold XADD on it
+# and Redis cannot restrict XADD's arguments: an explicit id of
+# 18446744073709551615-18446744073709551615 leaves the stream's last id at the largest
+# there is, and every later `XADD *` (SUBMIT, a hand-back) fails until it is set back.
+# Once no entry beyond `now + margin` remains (the scheduler read and deleted it): a stream
+# with no entry and nothing pending is recreated with its groups at 0 (lossless; the only
+# way on Redis 7.2 and Valkey, whose XSETID refuses to go below the largest deleted id);
+# otherwise the last id goes back to now (or the newest entry) where XSETID allows it
+# (Redis 7.0), and so does each group's position where it was past that: every entry left
+# was delivered already, since a group delivers in stream order, so none is skipped.
+# KEYS: request stream
+# ARGV: margin ms
+# Returns 0 nothing to do, 1 repaired, -1 a far-future entry is still unread, -2 entries
+# still held and this server's XSETID refuses: tried again at the next call.
+REPAIR_STREAM_ID = Script("""
+local function ms(id) return tonumber(string.match(id, '^(%d+)')) end
+local function field(reply, name)
+  for i = 1, #reply, 2 do if reply[i] == name then return reply[i + 1] end end
+end
+local now = redis.call('TIME')
+local now_ms = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
+local limit = tonumber(now_ms) + tonumber(ARGV[1])
+if ms(field(redis.call('XINFO', 'STREAM', KEYS[1]), 'last-generated-id')) <= limit then return 0 end
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if top and ms(top[1]) > limit then return -1 end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+local pending = 0
+for _, group in ipairs(groups) do pending = pending + field(group, 'pending') end
+if not top and pending == 0 then
+  redis.call('DEL', KEYS[1])
+  for _, group in ipairs(groups) do
+    redis.call('XGROUP', 'CREATE', KEYS[1], field(group, 'name'), '0', 'MKSTREAM')
+  end
+  return 1
+end
+local to = now_ms .. '-0'
+if top and ms(top[1]) >= tonumber(now_ms) then to = top[1] end
+local set = redis.pcall('XSETID', KEYS[1], to)
+if type(set) == 'table' and set.err then return -2 end
+for _, group in ipairs(groups) do
+  if ms(field(group, 'last-delivered-id')) > ms(to) then
+    redis.call('XGROUP', 'SETID', KEYS[1], field(group, 'name'), to)
+  end
+end
+return 1
+""")
+# Entry ids this far ahead of Redis's clock are an attack or a broken clock (an hour).
+FUTURE_ID_MARGIN_MS = 3_600_000
+
 # Dead letters keep the most recent entries only, each with at most the first
 # DEAD_LETTER_DATA_BYTES of its payload (its full size in data_bytes) and a
 # reason of at most DEAD_LETTER_REASON_CHARS, so no input can grow Redis through

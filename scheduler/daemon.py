@@ -33,6 +33,7 @@ from batchd.client.protocol import (
     error_result,
     is_request_id,
     models_served,
+    seal_final,
 )
 from batchd.client.scripts import LIBRARY, load_library
 from batchd.daemon import metrics, recovery, scripts
@@ -421,7 +422,7 @@ class Scheduler:
         and drop its stream entry."""
         result = error_result(held.request.id, error, finish_reason_of(error), held.request.submitted_at)
         script, keys, args = scripts.answer_call(self.keys, held.request.id, held.entry_id, held.request.attempt,
-                                                 encode(FinalEvent(result)), self.config.result_ttl_s)
+                                                 seal_final(result, held.request), self.config.result_ttl_s)
         script.run(self.redis, keys, args)
         self._ack(held.entry_id)
         metrics.requests_rejected.labels(error.code).inc()
@@ -485,6 +486,7 @@ class Scheduler:
         self._claim_abandoned()
         self._reap_dead_workers()
         metrics.requests_queued.set(self.redis.xlen(self.keys.requests))
+        self._repair_stream_id()
         # Again every second: a config hash someone deleted is back at once, so max_queue holds.
         publish_settings(self.redis, self.keys, max_queue=self.config.max_queue,
                          max_attempts=self.config.max_attempts)
@@ -492,6 +494,18 @@ class Scheduler:
         if now >= self._next_consumer_sweep:
             self._next_consumer_sweep = now + CONSUMER_SWEEP_INTERVAL_S
             self._forget_dead_schedulers()
+
+    def _repair_stream_id(self) -> None:
+        """Set the request stream's last id back from the far future (scripts.REPAIR_STREAM_ID),
+        so SUBMIT works again within a second of a producer's XADD of the largest id."""
+        try:
+            repaired = scripts.REPAIR_STREAM_ID.run(self.redis, [self.keys.requests], [scripts.FUTURE_ID_MARGIN_MS])
+        except redis.ResponseError as exc:  # a server this script does not know: dispatch goes on
+            log.error("could not check %s's last entry id: %s", self.keys.requests, exc)
+            return
+        if repaired == 1:
+            log.error("%s had a last entry id far in the future (an explicit XADD id); set it back to now "
+                      "so submits work again", self.keys.requests)
 
     def _take_overload_count(self) -> None:
         """Submits refused as Overloaded happen in the producers' SUBMIT function, which counts

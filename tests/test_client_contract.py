@@ -16,7 +16,7 @@ import redis
 
 from batchd import AsyncClient, Client, Delta, InvalidRequest, Overloaded, Result
 from batchd.client.keys import Keys
-from batchd.client.protocol import FinalEvent, encode
+from batchd.client.protocol import decode_request, seal_final
 
 # Requests under this prefix reach no scheduler: what the client sent stays where it put it.
 IDLE = Keys("contract-idle:")
@@ -183,9 +183,11 @@ def test_a_result_stored_while_the_subscription_was_down_is_read_after_the_recon
     handle = client.submit("never dispatched", timeout=30)
     time.sleep(0.2)
     redis_client.client_kill_filter(_type="pubsub")
-    # The worker's publish went nowhere (no subscriber); only the stored result remains.
+    # The worker's publish went nowhere (no subscriber); only the stored result remains,
+    # sealed as a worker seals it (with the request's event_key).
+    [(_entry, fields)] = redis_client.xrange(IDLE.requests)
     result = Result(handle.request_id, "stop", text="stored meanwhile")
-    redis_client.set(IDLE.result(handle.request_id), encode(FinalEvent(result)))
+    redis_client.set(IDLE.result(handle.request_id), seal_final(result, decode_request(fields[b"data"])))
     started = time.monotonic()
     assert client.result(handle).text == "stored meanwhile"
     # Read because the subscription came back, not at the next poll (RESULT_POLL_S, 2 s) .

@@ -436,7 +436,8 @@ def test_compose_redis_is_durable_and_never_evicts():
 def test_compose_runs_two_schedulers_a_gpu_and_a_cpu_worker():
     services = compose()["services"]
     roles = {name: s["command"][0] for name, s in services.items() if str(s.get("image", "")).startswith("batchd")}
-    assert sorted(roles.values()) == ["scheduler", "scheduler", "worker", "worker"]
+    assert sorted(roles.values()) == ["gateway", "scheduler", "scheduler", "worker", "worker"]
+    assert services["gateway"]["profiles"] == ["gateway"]  # started only when asked: it needs keys
     (device,) = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert "cuda" in services["worker-gpu"]["command"] and "cpu" in services["worker-cpu"]["command"]
@@ -851,7 +852,7 @@ def test_cpu_image_installs_cpu_torch_before_the_worker_extra():
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM \$\{PYTHON_IMAGE\}", text, re.M) and "ARG PYTHON_IMAGE=python:3.11-slim" in text
     assert "ARG TORCH_VERSION=2.13.0" in text and "download.pytorch.org/whl/cpu" in text
-    assert text.index('"torch==${TORCH_VERSION}"') < text.index('".[worker,embedded,int8]"')
+    assert text.index('"torch==${TORCH_VERSION}"') < text.index('".[worker,embedded,int8,gateway]"')
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:", (DEPLOY / "Dockerfile.cuda").read_text(), re.M)
 
 
@@ -983,7 +984,7 @@ def test_each_role_connects_with_its_own_secret_over_tls():
         (mount,) = [m for m in container["volumeMounts"] if under(Path(ca_file), m["mountPath"])]
         (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
         assert Path(ca_file).name in k8s_object("Secret", volume["secret"]["secretName"])["stringData"]
-    assert len(set(secrets.values())) == len(secrets) == 2, secrets
+    assert len(set(secrets.values())) == len(secrets) == 3, secrets
 
 
 def test_keda_authenticates_as_its_own_user_over_tls():

@@ -105,6 +105,17 @@ def test_models_health_and_metrics(fleet):
     assert 'batchd:gateway_requests_total{endpoint="completions",model_name="echo",status="200"}' in text
 
 
+
+def test_metrics_on_a_port_of_their_own_leave_the_api_port(fleet):
+    """--metrics-port/--metrics-host: Prometheus scrapes there, and callers of the API port
+    no longer read every key's traffic from /metrics."""
+    port = free_port()
+    base = start_gateway(fleet, "--metrics-port", str(port), "--metrics-host", "127.0.0.1")
+    sdk(base).completions.create(model="echo", prompt="counted", max_tokens=5)
+    assert httpx.get(base + "/metrics").status_code == 404
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'batchd:gateway_requests_total{endpoint="completions",model_name="echo",status="200"}' in text
+
 def test_errors_have_openai_shapes_and_status_codes(fleet):
     openai_client = sdk(fleet.base)
     with pytest.raises(openai.NotFoundError) as unknown:
@@ -236,8 +247,8 @@ def test_api_keys_map_callers_to_producers_and_no_key_means_loopback_only(daemon
 
 def test_the_gateway_runs_with_the_documented_acl_users(acl_server, daemons, tmp_path):
     """Each key's requests go through the producer ACL user of docs/security.md; the gateway reads
-    the fleet through --redis (the operator here). A gateway whose --redis is a producer user
-    cannot list models but still serves (the schedulers judge the model)."""
+    the fleet through --redis, as its own user (batchd-gateway). A gateway whose --redis is a
+    producer user cannot list models but still serves (the schedulers judge the model)."""
     daemons.url = url_for(acl_server, "batchd-scheduler")
     daemons.scheduler()
     daemons.url = url_for(acl_server, "batchd-worker-gpu-0")
@@ -246,7 +257,11 @@ def test_the_gateway_runs_with_the_documented_acl_users(acl_server, daemons, tmp
     daemons.wait_for_workers(1)
     keys_file = tmp_path / "keys"
     keys_file.write_text(f"team-key team-a {url_for(acl_server, 'batchd-producer')}\n")
-    base = start_gateway(daemons, "--api-keys-file", str(keys_file))
+    daemons.url = url_for(acl_server, "batchd-gateway")
+    base = start_gateway(daemons, "--api-keys-file", str(keys_file), "--api-key", "own-key")
+    own = sdk(base, "own-key")  # no URL of its own: submits as batchd-gateway
+    assert own.completions.create(model="echo", prompt="as the gateway", max_tokens=20).choices[0].text \
+        == "as the gateway"
     client = sdk(base, "team-key")
     assert [m.id for m in client.models.list()] == ["echo"]
     assert client.chat.completions.create(model="echo", messages=MESSAGES, max_tokens=5).choices[0].message.content \

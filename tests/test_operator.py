@@ -254,3 +254,45 @@ def test_a_long_step_reports_while_it_runs(caplog):
     assert len(reminders) >= 3
     assert lines.index(reminders[-1]) < lines.index(next(l for l in lines if "step 1/2" in l and "done in" in l))
     assert lines[-1].startswith("converting tiny: step 2/2, writing the checkpoint: done in")
+
+
+# -- a taken port ----------------------------------------------------------------------------
+def test_a_taken_port_is_one_clear_line_in_every_daemon(redis_server):
+    """Each listener (a scheduler's and a worker's /metrics, the gateway) on a port another
+    process holds: the command exits 2 with one line naming the address and the option."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = str(holder.getsockname()[1])
+        runs = {
+            "scheduler": batchd_process("--log-level", "WARNING", "scheduler", "--redis", redis_server.url,
+                                        "--metrics-host", "127.0.0.1", "--metrics-port", port),
+            "worker": batchd_process("--log-level", "WARNING", "worker", "--engine", "echo", "--redis",
+                                     redis_server.url, "--metrics-host", "127.0.0.1", "--metrics-port", port),
+            "gateway": batchd_process("--log-level", "WARNING", "gateway", "--redis", redis_server.url,
+                                      "--port", port),
+        }
+        for name, process in runs.items():
+            _stdout, stderr = process.communicate(timeout=60)
+            lines = [line for line in stderr.splitlines() if line.strip()]
+            assert process.returncode == 2 and len(lines) == 1, (name, stderr)
+            assert lines[0].startswith(f"batchd {name}: cannot listen on 127.0.0.1:{port}"), (name, lines)
+            option = "--port" if name == "gateway" else "--metrics-port"
+            assert f"choose another {option}" in lines[0], lines
+
+
+# -- a worker still loading its model ----------------------------------------------------------
+def test_health_reports_a_worker_loading_its_model_as_loading(redis_server):
+    """A worker serves /health from process start ("loading", 503, until its model is loaded;
+    tests/engine/test_worker_metrics.py runs a real one). Here that endpoint is stood in for by
+    the same metrics server, so the probe's reading of it takes no model load."""
+    from batchd.daemon import metrics
+    from prometheus_client import CollectorRegistry
+
+    port = free_port()
+    metrics.serve(port, CollectorRegistry(), "127.0.0.1", state=lambda: "loading")
+    loading = batchd("health", "--redis", redis_server.url, "--worker-id", "gpu-7", "--metrics-port", str(port))
+    assert loading.returncode == 1
+    assert loading.stdout.strip() == "loading: worker gpu-7 has no heartbeat yet; its /health says loading"
+    down = batchd("health", "--redis", redis_server.url, "--worker-id", "gpu-7", "--metrics-port", str(free_port()))
+    assert down.returncode == 1 and down.stdout.startswith("unhealthy: worker gpu-7 has no live heartbeat")

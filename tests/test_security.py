@@ -20,7 +20,8 @@ from batchd.embedded import EmbeddedServer, free_port
 
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "security.md"
-PASSWORDS = {"batchd-producer": "producer-password", "batchd-scheduler": "scheduler-password",
+PASSWORDS = {"batchd-producer": "producer-password", "batchd-gateway": "gateway-password",
+             "batchd-scheduler": "scheduler-password",
              "batchd-worker-gpu-0": "worker-password", "batchd-operator": "operator-password"}
 
 
@@ -88,6 +89,8 @@ FORBIDDEN = {
         ("SET", "batchd:overloaded", "-1000"),
         ("INCRBY", "batchd:overloaded", "1000"),
     ],
+    # A producer that may also read heartbeats: refused all a producer is.
+    "batchd-gateway": [],
     "batchd-scheduler": [
         ("SET", "batchd:worker:gpu-0", "forged"),
         ("PUBLISH", "batchd:cancels", "someone"),
@@ -107,6 +110,8 @@ FORBIDDEN = {
         ("XREADGROUP", "GROUP", "worker", "gpu-0", "STREAMS", "batchd:jobs:gpu-1", ">"),
     ],
 }
+
+FORBIDDEN["batchd-gateway"] = FORBIDDEN["batchd-producer"]
 
 
 @pytest.mark.parametrize("user", sorted(PASSWORDS))
@@ -242,3 +247,42 @@ def test_workers_store_the_served_tokenizer_and_producers_only_read_it(acl_serve
     finally:
         worker.close()
         producer.close()
+
+
+def test_what_stays_trusted_a_producer_can_trim_the_request_stream(acl_server):
+    """docs/security.md, "Limits": an ACL cannot refuse XADD's MAXLEN, so a producer deletes
+    entries no scheduler has read yet (a backlog; no scheduler runs here). This test shows the
+    limit as it stands; it fails once producers can only append (per-producer streams)."""
+    from batchd.client.keys import Keys
+    from batchd.client.scripts import LIBRARY, load_library
+
+    keys = Keys()
+    load_library(redis.Redis.from_url(url_for(acl_server, "batchd-scheduler")), LIBRARY)
+    with Client(url_for(acl_server, "batchd-producer")) as victim:
+        victim.submit("queued behind a backlog")
+    attacker = redis.Redis.from_url(url_for(acl_server, "batchd-producer"))
+    assert attacker.xlen(keys.requests) == 1
+    attacker.xadd(keys.requests, {"id": "trimmer", "data": b"\xc1"}, maxlen=0, approximate=False)
+    assert attacker.xlen(keys.requests) == 0
+
+
+def test_what_stays_trusted_a_raw_xadd_skips_max_queue(acl_server):
+    """docs/security.md, "Limits": SUBMIT refuses (and counts) a submit past max_queue, but the
+    producer user may XADD the same entry itself and it is queued, uncounted. Schedulers still
+    hold at most --read-ahead requests each; the stream is what grows."""
+    from batchd.client.keys import Keys
+    from batchd.client.protocol import PROTOCOL_VERSION, Request, encode
+    from batchd.client.scripts import LIBRARY, load_library, submit_call
+    from batchd.daemon.toolkit import publish_settings
+
+    keys = Keys()
+    scheduler = redis.Redis.from_url(url_for(acl_server, "batchd-scheduler"))
+    load_library(scheduler, LIBRARY)
+    publish_settings(scheduler, keys, max_queue=1, max_attempts=3)
+    producer = redis.Redis.from_url(url_for(acl_server, "batchd-producer"))
+    payload = encode(Request(v=PROTOCOL_VERSION, id="past-the-bound", prompt="x"))
+    function, call_keys, args = submit_call(keys, "first", payload)
+    assert function.run(producer, call_keys, args) == 1
+    assert function.run(producer, call_keys, args) == -1  # refused and counted
+    assert producer.xadd(keys.requests, {"id": "past-the-bound", "data": payload})
+    assert producer.xlen(keys.requests) == 2 and scheduler.get(keys.overloaded) == b"1"

@@ -21,10 +21,12 @@ import msgspec
 import pytest
 import redis
 
-from batchd import AsyncClient, BrokerUnavailable, Client, Overloaded
+from batchd import AsyncClient, BrokerUnavailable, Client, InvalidRequest, Overloaded
 from batchd.client import core
 from batchd.client.keys import Keys
-from batchd.client.protocol import PROTOCOL_VERSION, FinalEvent, Request, Result, decode_event, encode
+from batchd.client.core import Delta, StreamRestarted
+from batchd.client.protocol import (PROTOCOL_VERSION, FinalEvent, Request, RestartEvent, Result, TokenEvent,
+                                   decode_event, encode)
 from batchd.daemon.scripts import DEAD_LETTER_DATA_BYTES
 from batchd.embedded import EmbeddedServer, free_port
 
@@ -193,6 +195,60 @@ def test_3_asyncclient_never_returns_a_forged_final_event(fleet):
     fleet.assert_daemons_up()
 
 
+def test_forged_and_replayed_token_events_are_never_shown(fleet):
+    """Any producer may PSUBSCRIBE to the result channels and PUBLISH on them: token and restart
+    events it forges (untagged, or with a made-up tag) and the request's own events it replays
+    are dropped by the victim's stream, which shows its own text once, with no restart."""
+    sniffer = fleet.attacker.pubsub()
+    sniffer.psubscribe(KEYS.channel_pattern(""))
+    with fleet.producer() as client:
+        handle = client.submit(VICTIM_TEXT, timeout=30)
+        items: list = []
+        reader = threading.Thread(target=lambda: items.extend(handle))
+        reader.start()
+        fleet.observer.wait_for_tokens(handle.request_id, 10)
+        genuine = []
+        while len(genuine) < 3 and (message := sniffer.get_message(timeout=5)) is not None:
+            if message["type"] == "pmessage" and message["channel"].decode() == KEYS.channel(handle.request_id):
+                genuine.append(message["data"])
+        assert len(genuine) == 3 and decode_event(genuine[0]).tag  # sealed by the worker
+        channel = KEYS.channel(handle.request_id)
+        forged = [TokenEvent(index=10, token_ids=[70], text="FORGED"),
+                  TokenEvent(index=10, token_ids=[70], text="FORGED", tag=b"\0" * 16),
+                  TokenEvent(index=10 ** 6, token_ids=[70], text="FORGED", tag=decode_event(genuine[0]).tag),
+                  RestartEvent(attempt=1, reason="forged"), RestartEvent(attempt=0, reason="forged")]
+        for event in forged:
+            assert fleet.attacker.publish(channel, encode(event)) >= 1
+        for payload in genuine * 3:
+            fleet.attacker.publish(channel, payload)
+        reader.join(30)
+        sniffer.close()
+    assert not any(isinstance(item, StreamRestarted) for item in items)
+    assert "".join(item.text for item in items if isinstance(item, Delta)) == VICTIM_TEXT
+    assert items[-1].text == VICTIM_TEXT
+    fleet.assert_daemons_up()
+
+
+def test_asyncclient_never_shows_a_forged_token_event(fleet):
+    async def run() -> list:
+        async with AsyncClient(fleet.url("batchd-producer")) as client:
+            handle = await client.submit(VICTIM_TEXT, timeout=30)
+            items = []
+            async for item in handle:
+                items.append(item)
+                if len(items) == 5:  # mid-stream: a forged token and a forged restart
+                    channel = KEYS.channel(handle.request_id)
+                    for event in (TokenEvent(index=5, token_ids=[70], text="FORGED"),
+                                  RestartEvent(attempt=1, reason="forged")):
+                        fleet.attacker.publish(channel, encode(event))
+            return items
+
+    items = asyncio.run(run())
+    assert not any(isinstance(item, StreamRestarted) for item in items)
+    assert "".join(item.text for item in items if isinstance(item, Delta)) == VICTIM_TEXT
+    fleet.assert_daemons_up()
+
+
 # -- 4 and 5: the request stream and the config overwritten -------------------------------------
 def test_4_the_request_stream_overwritten_or_deleted_is_recreated(fleet):
     assert refused(fleet.attacker, "SET", KEYS.requests, "x")
@@ -264,6 +320,41 @@ def test_7_a_producer_cannot_claim_a_predictable_id(fleet):
     assert refused(fleet.attacker, "SET", KEYS.accepted("order-42"), "1")
     with fleet.producer() as client:
         fleet.assert_victim_served(client, client.submit(VICTIM_TEXT, request_id="order-42", timeout=30))
+
+
+# -- id squatting: an id another producer took first ----------------------------------------------
+@pytest.mark.parametrize("path", ["raw XADD", "SUBMIT function", "malformed entry"])
+def test_an_id_another_producer_took_first_never_returns_its_result(fleet, path):
+    """The first entry read for an id runs it (the claim); a producer that guesses an id the
+    victim will choose submits it first. The victim's call then fails with InvalidRequest
+    naming the squatted id, and is never handed the attacker's text."""
+    request_id = f"order-squatted-{path.replace(' ', '-')}"
+    if path == "SUBMIT function":
+        with fleet.producer() as attacker:
+            attacker.submit(ATTACKER_TEXT, request_id=request_id, timeout=30)
+    else:
+        data = b"\xc1" if path == "malformed entry" else raw_request(request_id, ATTACKER_TEXT)
+        fleet.attacker.xadd(KEYS.requests, {"id": request_id, "data": data})
+    with fleet.producer() as client:
+        handle = client.submit(VICTIM_TEXT, request_id=request_id, timeout=30)
+        with pytest.raises(InvalidRequest, match="taken by another submission"):
+            handle.result()
+    fleet.assert_daemons_up()
+
+
+# -- the request stream's last id at the end of time ---------------------------------------------
+def test_an_entry_id_at_the_end_of_time_stops_submits_for_a_second_at_most(fleet):
+    """XADD with the largest explicit id (a producer may XADD, and Redis cannot restrict its
+    arguments) makes every later `XADD *` fail; a scheduler sets the last id back within its
+    next housekeeping, and the victim's submit, retried meanwhile, runs."""
+    end_of_time = "18446744073709551615-18446744073709551615"
+    fleet.attacker.xadd(KEYS.requests, {"id": "end-of-time", "data": b"\xc1"}, id=end_of_time)
+    with pytest.raises(redis.ResponseError, match="exhausted"):
+        fleet.attacker.xadd(KEYS.requests, {"id": "next", "data": b"\xc1"})
+    with fleet.producer() as client:
+        handle = client.submit(VICTIM_TEXT, timeout=30)
+        fleet.assert_victim_served(client, handle)
+    assert "last entry id far in the future" in fleet.daemons.logs()
 
 
 # -- 8: dead letters stay bounded -----------------------------------------------------------------

@@ -36,7 +36,7 @@ from batchd.client.connection import CONNECTION_LOST
 from batchd.client.core import DURABLE_WAIT_MS, not_durable
 from batchd.client.keys import WORKER_GROUP, Keys
 from batchd.client.tokenizers import TOKENIZER_TTL_MS
-from batchd.client.protocol import FinalEvent, Heartbeat, Result, TokenEvent, encode
+from batchd.client.protocol import FinalEvent, Heartbeat, Result, TokenEvent, encode, seal_event, seal_final
 from batchd.client.scripts import ScriptCall, raise_any_error, run_in_pipeline
 from batchd.daemon import scripts
 
@@ -135,15 +135,18 @@ class Outbox:
             raise
 
     def _calls(self, parcel: Parcel) -> list[ScriptCall]:
-        calls = [scripts.publish_step_call(self.keys, owner, [(held.request.id, encode(event)) for held, event in group])
+        calls = [scripts.publish_step_call(self.keys, owner, [(held.request.id, seal_event(event, held.request)) for held, event in group])
                  for owner, group in _by_owner(parcel.events).items()]
         for held, result in parcel.finished:
             closes = parcel.closes.get(held.job_entry) is held
             scoring = held.request.task != "generate"
-            calls.append(scripts.finalize_call(self.keys, held.request.id, encode(FinalEvent(result)),
+            # A request with an event_key takes its sealed final event as its result, so that
+            # event is the whole result; one without reads the stored copy on a smaller cue.
+            cue = _cue(result) if held.request.event_key is None else b""
+            calls.append(scripts.finalize_call(self.keys, held.request.id, seal_final(result, held.request),
                                                self.scoring_result_ttl_s if scoring else self.result_ttl_s, held.owner,
                                                (self.stream, WORKER_GROUP, held.job_entry) if closes else None,
-                                               cue=_cue(result)))
+                                               cue=cue))
         return calls
 
     def _round_trip(self, parcel: Parcel, calls: list[ScriptCall]) -> Receipt:

@@ -132,7 +132,7 @@ def test_cancel_reaches_the_engine_within_a_step(redis_server, daemons, observer
 PRODUCER = """
 import sys, time
 from batchd import Client
-client = Client(sys.argv[1])
+client = Client(sys.argv[1], cancel_key="orphan's service")
 for n, item in enumerate(client.stream("v" * 400, request_id="orphan")):
     if n == 3:
         print("streaming", flush=True)
@@ -159,8 +159,9 @@ def test_client_killed_mid_stream_is_cancelled_and_gets_one_stored_outcome(redis
     final = decode_event(redis_client.get(KEYS.result("orphan"))).result
     assert final.finish_reason == "cancelled" and 3 <= len(final.text) < 400
     wait_until(lambda: busy_slots(redis_server.url) == 0, 2, "the slot to be freed")
-    # A caller that comes back (same id, new process) gets the stored outcome, not a second run.
-    with Client(redis_server.url) as client:
+    # A caller that comes back (same id, new process of the same service: the same cancel_key)
+    # gets the stored outcome, not a second run.
+    with Client(redis_server.url, cancel_key="orphan's service") as client:
         again = client.submit("v" * 400, request_id="orphan")
         assert again.result().finish_reason == "cancelled"
         assert client.fetch_result("orphan").text == final.text

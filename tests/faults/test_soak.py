@@ -22,7 +22,7 @@ def test_hostile_soak_loses_duplicates_and_corrupts_nothing(tmp_path):
     report = soak.main(["--requests", "400", "--concurrency", "64", "--hostile-rate", "100",
                         "--token-delay-ms", "5", "--redis-server", shutil.which("redis-server"),
                         "--logs", str(tmp_path)])
-    assert (report["lost"], report["wrong"], report["duplicated"]) == (0, 0, 0), report
+    assert (report["lost"], report["wrong"], report["streamed_wrong"], report["duplicated"]) == (0, 0, 0, 0), report
     assert report["hostile_fresh_not_attempt_0"] == 0 and not report["daemons_exited"], report
     assert sum(n for attack, n in report["attacks"].items() if attack.startswith("duplicate")) > 0, report
     assert not any(attack.startswith("NOT REFUSED") for attack in report["attacks"]), report
