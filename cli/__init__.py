@@ -17,12 +17,14 @@ from batchd.client import (
     Delta,
     InvalidRequest,
     Overloaded,
+    PinLimitReached,
     RequestTooLarge,
     Result,
     ResultTimeout,
     StreamRestarted,
     TokenizerMismatch,
     UnknownModel,
+    UnknownPrefix,
     WorkerFailed,
 )
 
@@ -36,12 +38,14 @@ __all__ = [
     "Delta",
     "InvalidRequest",
     "Overloaded",
+    "PinLimitReached",
     "RequestTooLarge",
     "Result",
     "ResultTimeout",
     "StreamRestarted",
     "TokenizerMismatch",
     "UnknownModel",
+    "UnknownPrefix",
     "WorkerFailed",
 ]
 __version__ = "0.1.0"

@@ -86,6 +86,9 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                        help="prompt tokens a step may compute while a backlog of prompts waits (a burst, long "
                             "prompts): the budget grows with the backlog up to this (default: 4x "
                             "--max-prefill-tokens on a GPU, the same on a CPU)")
+    group.add_argument("--max-pinned-blocks", type=NON_NEGATIVE, default=None, metavar="BLOCKS",
+                       help="KV blocks pinned prefixes (client.pin) may hold; a pin beyond it is refused with "
+                            "PinLimitReached (default: a quarter of the pool)")
     group.add_argument("--served-model-name", action="append", default=None, metavar="NAME", dest="served_model_names",
                        help="a name requests give as model= to reach this worker (repeatable; default: the model's "
                             "own name, 'echo' for the echo engine)")

@@ -13,10 +13,12 @@ from .errors import (
     InvalidRequest,
     NoWorkers,
     Overloaded,
+    PinLimitReached,
     RequestTooLarge,
     ResultTimeout,
     TokenizerMismatch,
     UnknownModel,
+    UnknownPrefix,
     UnsupportedVersion,
     WorkerFailed,
 )
@@ -24,8 +26,10 @@ from .protocol import Result, SamplingParams, Timings, Usage
 
 __all__ = [
     "AsyncClient", "BatchdError", "BrokerUnavailable", "Cancelled", "Client", "DeadlineExceeded", "Delta", "InvalidRequest",
-    "NextTokenLogprobs", "NoWorkers", "Overloaded", "RequestTooLarge", "Result", "ResultTimeout", "SamplingParams",
-    "Score", "StreamRestarted", "Timings", "TokenizerMismatch", "UnknownModel", "UnsupportedVersion", "Usage", "WorkerFailed",
+    "NextTokenLogprobs", "NextTokenLogprobsRows", "NoWorkers", "Overloaded", "Pin", "PinLimitReached",
+    "RequestTooLarge", "Result", "ResultTimeout", "SamplingParams",
+    "Score", "StreamRestarted", "Timings", "TokenizerMismatch", "UnknownModel", "UnknownPrefix",
+    "UnsupportedVersion", "Usage", "WorkerFailed",
 ]
 
 
@@ -36,7 +40,7 @@ def __getattr__(name):
     if name == "AsyncClient":
         from .aio import AsyncClient
         return AsyncClient
-    if name in ("NextTokenLogprobs", "Score"):
+    if name in ("NextTokenLogprobs", "NextTokenLogprobsRows", "Pin", "Score"):
         from . import scoring
         return getattr(scoring, name)
     raise AttributeError(name)

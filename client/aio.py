@@ -190,13 +190,47 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
 
     async def next_token_logprobs(self, prompt_token_ids: Sequence[int], top_k: int | None = None,
                                   timeout: float | None = None, model: str | None = None,
-                                  logprobs_dtype: str = "float32") -> scoring.NextTokenLogprobs:
+                                  logprobs_dtype: str = "float32",
+                                  prefix_pin: str | None = None) -> scoring.NextTokenLogprobs:
         """See Client.next_token_logprobs."""
         request, payload = scoring.next_token_request(self._ids.next(), prompt_token_ids, top_k,
                                                       producer=self.producer, timeout=timeout, model=model,
-                                                      logprobs_dtype=logprobs_dtype)
+                                                      logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin)
         handle = await self._send(request, payload, False, timeout)
         return scoring.next_token_logprobs(await handle.result())
+
+    async def next_token_logprobs_rows(self, rows: Sequence[Sequence[int]], prompt_token_ids: Sequence[int] = (),
+                                       *, prefix_pin: str | None = None, timeout: float | None = None,
+                                       model: str | None = None,
+                                       logprobs_dtype: str = "float32") -> scoring.NextTokenLogprobsRows:
+        """See Client.next_token_logprobs_rows."""
+        request, payload = scoring.next_token_request(self._ids.next(), prompt_token_ids, None,
+                                                      producer=self.producer, timeout=timeout, model=model,
+                                                      logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin,
+                                                      rows=rows)
+        handle = await self._send(request, payload, False, timeout)
+        return scoring.NextTokenLogprobsRows(len(rows), await handle.result())
+
+    async def pin(self, token_ids: Sequence[int], ttl_s: int = 600, *, model: str | None = None,
+                  timeout: float | None = None) -> scoring.Pin:
+        """See Client.pin."""
+        return await self._pin(token_ids, None, ttl_s, model, timeout)
+
+    async def renew_pin(self, handle: str, ttl_s: int = 600, *, model: str | None = None,
+                        timeout: float | None = None) -> scoring.Pin:
+        """See Client.renew_pin."""
+        return await self._pin(None, handle, ttl_s, model, timeout)
+
+    async def unpin(self, handle: str, *, model: str | None = None, timeout: float | None = None) -> None:
+        """See Client.unpin."""
+        request, payload = scoring.unpin_request(self._ids.next(), handle, producer=self.producer, timeout=timeout,
+                                                 model=model)
+        await (await self._send(request, payload, False, timeout)).result()
+
+    async def _pin(self, token_ids, handle, ttl_s, model, timeout) -> scoring.Pin:
+        request, payload = scoring.pin_request(self._ids.next(), token_ids, producer=self.producer, timeout=timeout,
+                                               model=model, ttl_s=ttl_s, handle=handle)
+        return scoring.pin(await (await self._send(request, payload, False, timeout)).result(), ttl_s)
 
     async def score(self, prompt: str | None = None, continuation: str | None = None, *,
                     prompt_token_ids: Sequence[int] | None = None,

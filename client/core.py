@@ -144,6 +144,9 @@ def build_request(
     event_key: str | None = None,
     model: str | None = None,
     logprobs_dtype: str = "float32",
+    prefix_pin: str | None = None,
+    rows: Sequence[Sequence[int]] | None = None,
+    pin_ttl_s: int = 600,
 ) -> tuple[Request, bytes]:
     """Build, encode and validate a request exactly as a scheduler will.
 
@@ -182,6 +185,9 @@ def build_request(
             cancel_hash=cancel_hash,
             event_key=event_key,
             model=model or "",
+            prefix_pin=prefix_pin,
+            rows=[list(row) for row in rows] if rows is not None else None,
+            pin_ttl_s=pin_ttl_s,
         )
         payload = encode(request)
     except (TypeError, KeyError, ValueError, OverflowError, msgspec.EncodeError) as exc:

@@ -42,6 +42,21 @@ class UnknownModel(InvalidRequest):
     code = "unknown_model"
 
 
+class UnknownPrefix(InvalidRequest):
+    """The request names a pinned prefix (prefix_pin) that is not pinned: it expired, was
+    unpinned, or belongs to another fleet. Send the whole prefix instead (or pin it again);
+    the integrations do so on their own."""
+
+    code = "unknown_prefix"
+
+
+class PinLimitReached(BatchdError):
+    """The worker keeps as many pinned KV blocks as its --max-pinned-blocks allows: unpin a
+    prefix you no longer need, or send this one in full."""
+
+    code = "pin_limit"
+
+
 class TokenizerMismatch(BatchdError):
     """The caller's tokenizer is not the one the workers serve for its model: token ids would
     mean other tokens. Raised by the client, before anything is sent (the message says how
@@ -109,6 +124,8 @@ _BY_CODE = {
         RequestTooLarge,
         UnsupportedVersion,
         UnknownModel,
+        UnknownPrefix,
+        PinLimitReached,
         TokenizerMismatch,
         Overloaded,
         DeadlineExceeded,

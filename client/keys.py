@@ -87,6 +87,11 @@ class Keys:
         when they connect, kept alive by their heartbeats (client/tokenizers.py)."""
         return f"{self.prefix}tokenizer:{model}"
 
+    def pin(self, handle: str) -> str:
+        """A pinned prefix (protocol.PinnedPrefix), expiring with the pin: written by the worker
+        that pinned it, read by every worker that meets the handle (workers/pins.py)."""
+        return f"{self.prefix}pin:{handle}"
+
     @property
     def config(self) -> str:
         """Hash of settings the schedulers publish for everyone (max_queue, ...)."""

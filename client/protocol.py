@@ -36,11 +36,17 @@ MAX_CONTRAST_ALPHA = 100.0
 MAX_UNIX_TIME_S = 1e11
 MAX_MODEL_CHARS = 256
 MAX_SERVED_MODELS = 64
+# Questions one next_token_logprobs request may carry (`rows`): an SMC step's particles.
+MAX_ROWS = 256
+# A pin lasts at most a day unless renewed (client.pin with its handle).
+MAX_PIN_TTL_S = 86_400
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 # generate decodes new tokens; the other two score tokens the caller gives in one
 # forward pass (prefill only) and finish with "stop" (docs/scoring.md).
-Task = Literal["generate", "next_token_logprobs", "score"]
+# pin / unpin keep a token prefix resident in the workers' KV caches, or let it go
+# (docs/integrations.md, "Pinned prefixes"); they decode nothing either.
+Task = Literal["generate", "next_token_logprobs", "score", "pin", "unpin"]
 # How a full next-token vector travels: little-endian float32 (4 bytes a token), or float16
 # on request (2 bytes; log-probabilities above about -65,504 keep 3 significant digits).
 LogprobsDtype = Literal["float32", "float16"]
@@ -57,6 +63,9 @@ def is_request_id(text: str) -> bool:
         return False
     return True
 TokenId = Annotated[int, Meta(ge=0, lt=2**31)]
+# What a worker returns for a pinned prefix (Result.pin_handle): 128 random bits, the only way
+# to name the prefix, so a producer uses only the pins it made or was handed.
+PinHandle = Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]
 ModelName = Annotated[str, Meta(max_length=MAX_MODEL_CHARS)]
 
 
@@ -121,6 +130,16 @@ class Request(Struct, forbid_unknown_fields=True, omit_defaults=True):
     # The model to answer with, as workers advertise it (Heartbeat.models). "" (and a
     # producer older than routing by model, which never sends it): the fleet's only model.
     model: ModelName = ""
+    # The prompt starts with the tokens of this pinned prefix (task pin's handle);
+    # prompt_token_ids, if given, follow them. An unknown or expired handle is UnknownPrefix.
+    # pin: renew this handle instead of pinning new tokens. unpin: the pin to let go.
+    prefix_pin: PinHandle | None = None
+    # next_token_logprobs: one question per row, each the prompt followed by the row's tokens
+    # (the particles of one SMC step in one request); the result holds one vector per row.
+    rows: Annotated[list[Annotated[list[TokenId], Meta(max_length=MAX_PROMPT_TOKENS)]],
+                    Meta(min_length=1, max_length=MAX_ROWS)] | None = None
+    # pin: seconds the prefix stays pinned unless renewed or unpinned first.
+    pin_ttl_s: Annotated[int, Meta(ge=1, le=MAX_PIN_TTL_S)] = 600
 
 
 class Job(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -170,6 +189,8 @@ class Result(Struct, omit_defaults=True):
     top_logprobs: list[float] | None = None
     token_logprobs: list[float] | None = None
     total_logprob: float | None = None
+    # pin: the handle requests name as prefix_pin.
+    pin_handle: str | None = None
     # seal_final's, when the request carried an event_key: the submitter's proof that this
     # outcome is its own request's, not that of another submission that took the id first.
     tag: bytes = b""
@@ -225,6 +246,8 @@ class Heartbeat(Struct, omit_defaults=True):
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
+    # KV blocks held by pinned prefixes (docs/integrations.md, "Pinned prefixes").
+    pinned_blocks: int = 0
     # The model contrast_alpha requests decode against; "" when the worker has none.
     contrast_model: str = ""
     # The names requests may give as `model` to be sent here (--served-model-name; default
@@ -294,6 +317,14 @@ def is_sealed(event: TokenEvent | RestartEvent | Result, event_key: str, request
     return hmac.compare_digest(event.tag, event_tag(event_key, request_id, attempt, unsigned))
 
 
+class PinnedPrefix(Struct, forbid_unknown_fields=True):
+    """A pin as the fleet's registry holds it (Keys.pin(handle), written by the worker that
+    pinned it, with the pin's TTL): what a worker that has not seen the handle yet reads."""
+
+    model: str
+    prompt_token_ids: list[TokenId]
+
+
 def _check_version(v: int, what: str) -> None:
     if v != PROTOCOL_VERSION:
         raise UnsupportedVersion(
@@ -306,7 +337,9 @@ def validate_request(request: Request) -> Request:
     """Checks that types alone cannot express; raises InvalidRequest."""
     _check_version(request.v, "request")
     given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(request, name) is not None]
-    if len(given) != 1:
+    if request.prefix_pin is not None or request.rows is not None or request.task == "unpin":
+        _validate_compact(request, given)
+    elif len(given) != 1:
         raise InvalidRequest(
             "give exactly one of prompt, messages or prompt_token_ids"
             + (f" (got {', '.join(given)})" if given else " (got none)"),
@@ -321,6 +354,8 @@ def validate_request(request: Request) -> Request:
 
 
 def _validate_task(request: Request) -> None:
+    if request.task == "pin" and (request.prompt is not None or request.messages is not None):
+        raise InvalidRequest("a pin request pins token ids: give prompt_token_ids", request.id)
     continuations = [n for n in ("continuation", "continuation_token_ids") if getattr(request, n) is not None]
     if request.task == "score":
         if len(continuations) != 1:
@@ -338,6 +373,20 @@ def _validate_task(request: Request) -> None:
     if request.task != "generate" and request.params != SamplingParams():
         raise InvalidRequest(f"a {request.task} request decodes nothing: leave the sampling params "
                              "(max_new_tokens, temperature, ...) at their defaults", request.id)
+
+
+def _validate_compact(request: Request, given: list[str]) -> None:
+    """A request on a pinned prefix, with rows, or an unpin: token ids only, the prompt optional."""
+    if set(given) - {"prompt_token_ids"}:
+        raise InvalidRequest("prefix_pin and rows take token ids: give prompt_token_ids (or nothing), "
+                             f"not {given[0]}", request.id)
+    if request.rows is not None and (request.task != "next_token_logprobs" or request.top_logprobs is not None):
+        raise InvalidRequest("rows are for next_token_logprobs requests of the full vector (no top_logprobs)",
+                             request.id)
+    if request.task == "unpin" and (request.prefix_pin is None or given):
+        raise InvalidRequest("an unpin request names its pin (prefix_pin) and nothing else", request.id)
+    if request.task == "pin" and request.prefix_pin is not None and given:
+        raise InvalidRequest("a pin request gives token ids to pin, or a prefix_pin to renew, not both", request.id)
 
 
 def decode_request(data: bytes, request_id: str | None = None) -> Request:

@@ -54,6 +54,30 @@ class NextTokenLogprobs:
 
 
 @dataclass(frozen=True)
+class NextTokenLogprobsRows:
+    """The distributions after each row of a many-prefix request (rows=): one full vector per
+    row, in the order the rows were given, read from the result's bytes."""
+
+    rows: int
+    result: Result
+
+    def array(self) -> numpy.ndarray:
+        """A writable float32 array of shape (rows, vocabulary)."""
+        return logprobs_array(self.result).reshape(self.rows, -1)
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A prefix the workers keep resident (Client.pin): name it as prefix_pin= instead of
+    sending its tokens. It lasts ttl_s from its pin or last renewal (renew_pin), or until unpin."""
+
+    handle: str
+    token_count: int
+    ttl_s: int
+    result: Result
+
+
+@dataclass(frozen=True)
 class Score:
     """Log-probabilities of a continuation after a prompt: one per token, and their sum."""
 
@@ -63,11 +87,32 @@ class Score:
 
 
 def next_token_request(request_id: str, prompt_token_ids: Sequence[int], top_k: int | None, *, producer: str,
-                       timeout: float | None, model: str | None = None,
-                       logprobs_dtype: str = "float32") -> tuple[Request, bytes]:
-    return build_request(request_id, None, None, prompt_token_ids, producer=producer, timeout=timeout,
+                       timeout: float | None, model: str | None = None, logprobs_dtype: str = "float32",
+                       prefix_pin: str | None = None,
+                       rows: Sequence[Sequence[int]] | None = None) -> tuple[Request, bytes]:
+    """prefix_pin: the prompt starts with that pin's tokens, prompt_token_ids (may be empty) follow.
+    rows: one question per row, after the prompt."""
+    prompt = list(prompt_token_ids) or (None if prefix_pin is not None or rows is not None else [])
+    return build_request(request_id, None, None, prompt, producer=producer, timeout=timeout,
                          task="next_token_logprobs", top_logprobs=top_k, model=model,
-                         logprobs_dtype=logprobs_dtype, **_NO_DECODING)
+                         logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin, rows=rows, **_NO_DECODING)
+
+
+def pin_request(request_id: str, token_ids: Sequence[int] | None, *, producer: str, timeout: float | None,
+                model: str | None, ttl_s: int, handle: str | None = None) -> tuple[Request, bytes]:
+    """Pin token_ids, or renew handle's pin."""
+    return build_request(request_id, None, None, token_ids, producer=producer, timeout=timeout, task="pin",
+                         model=model, prefix_pin=handle, pin_ttl_s=ttl_s, **_NO_DECODING)
+
+
+def unpin_request(request_id: str, handle: str, *, producer: str, timeout: float | None,
+                  model: str | None) -> tuple[Request, bytes]:
+    return build_request(request_id, None, None, None, producer=producer, timeout=timeout, task="unpin",
+                         model=model, prefix_pin=handle, **_NO_DECODING)
+
+
+def pin(result: Result, ttl_s: int) -> Pin:
+    return Pin(result.pin_handle, result.usage.prompt_tokens, ttl_s, result)
 
 
 def score_request(request_id: str, prompt: str | None, continuation: str | None,
@@ -100,7 +145,7 @@ def logprobs_array(result: Result, out: numpy.ndarray | None = None) -> numpy.nd
     wire = numpy.frombuffer(result.logprobs, dtype=_NUMPY_DTYPES[result.logprobs_dtype])  # a read-only view
     if out is None:
         return wire.astype(numpy.float32)  # astype copies: the array is writable
-    out[...] = wire
+    out[...] = wire.reshape(out.shape)
     return out
 
 

@@ -225,13 +225,51 @@ class Client(core.ClientCore[RequestHandle]):
 
     def next_token_logprobs(self, prompt_token_ids: Sequence[int], top_k: int | None = None,
                             timeout: float | None = None, model: str | None = None,
-                            logprobs_dtype: str = "float32") -> scoring.NextTokenLogprobs:
+                            logprobs_dtype: str = "float32", prefix_pin: str | None = None) -> scoring.NextTokenLogprobs:
         """Log-probabilities of the token after the prompt: the full vector, or the top_k most likely.
-        logprobs_dtype "float16" halves the full vector on the wire and in Redis (docs/integrations.md)."""
+        logprobs_dtype "float16" halves the full vector on the wire and in Redis (docs/integrations.md).
+        prefix_pin: a pin's handle (pin()); the prompt is its tokens, then prompt_token_ids (may be
+        empty). A pin that expired or was unpinned raises UnknownPrefix: send the whole prompt."""
         request, payload = scoring.next_token_request(self._ids.next(), prompt_token_ids, top_k,
                                                       producer=self.producer, timeout=timeout, model=model,
-                                                      logprobs_dtype=logprobs_dtype)
+                                                      logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin)
         return scoring.next_token_logprobs(self._send(request, payload, False, timeout).result())
+
+    def next_token_logprobs_rows(self, rows: Sequence[Sequence[int]], prompt_token_ids: Sequence[int] = (), *,
+                                 prefix_pin: str | None = None, timeout: float | None = None,
+                                 model: str | None = None,
+                                 logprobs_dtype: str = "float32") -> scoring.NextTokenLogprobsRows:
+        """The next-token distribution after each row (up to 256), every row following one prompt
+        (prefix_pin's tokens, then prompt_token_ids), in one request: an SMC step's particles
+        send their shared prompt once. The answer's array() has one row per row."""
+        request, payload = scoring.next_token_request(self._ids.next(), prompt_token_ids, None,
+                                                      producer=self.producer, timeout=timeout, model=model,
+                                                      logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin,
+                                                      rows=rows)
+        return scoring.NextTokenLogprobsRows(len(rows), self._send(request, payload, False, timeout).result())
+
+    def pin(self, token_ids: Sequence[int], ttl_s: int = 600, *, model: str | None = None,
+            timeout: float | None = None) -> scoring.Pin:
+        """Keep this token prefix resident in the KV cache of the workers serving model, for ttl_s
+        seconds unless renewed or unpinned first; requests name it by the returned Pin's handle
+        (prefix_pin=). Raises PinLimitReached when the worker keeps as many pinned blocks as it may
+        (docs/integrations.md, "Pinned prefixes")."""
+        request, payload = scoring.pin_request(self._ids.next(), token_ids, producer=self.producer, timeout=timeout,
+                                               model=model, ttl_s=ttl_s)
+        return scoring.pin(self._send(request, payload, False, timeout).result(), ttl_s)
+
+    def renew_pin(self, handle: str, ttl_s: int = 600, *, model: str | None = None,
+                  timeout: float | None = None) -> scoring.Pin:
+        """Keep a pin for ttl_s more seconds from now; UnknownPrefix if it is gone already."""
+        request, payload = scoring.pin_request(self._ids.next(), None, producer=self.producer, timeout=timeout,
+                                               model=model, ttl_s=ttl_s, handle=handle)
+        return scoring.pin(self._send(request, payload, False, timeout).result(), ttl_s)
+
+    def unpin(self, handle: str, *, model: str | None = None, timeout: float | None = None) -> None:
+        """Let a pin go: every worker drops its blocks within a heartbeat interval."""
+        request, payload = scoring.unpin_request(self._ids.next(), handle, producer=self.producer, timeout=timeout,
+                                                 model=model)
+        self._send(request, payload, False, timeout).result()
 
     def score(self, prompt: str | None = None, continuation: str | None = None, *,
               prompt_token_ids: Sequence[int] | None = None, continuation_token_ids: Sequence[int] | None = None,

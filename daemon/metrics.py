@@ -85,6 +85,9 @@ requests_waiting = Gauge(
     "Requests in the engine's own queue, waiting for a slot (vLLM's meaning).", WORKER, registry=WORKER_REGISTRY)
 kv_cache_usage = Gauge(
     "batchd:kv_cache_usage_perc", "Fraction of the KV cache in use (0-1).", WORKER, registry=WORKER_REGISTRY)
+pinned_blocks = Gauge(
+    "batchd:kv_cache_pinned_blocks", "KV blocks held by pinned prefixes (never evicted while pinned).", WORKER,
+    registry=WORKER_REGISTRY)
 step_batch_size = Histogram(
     "batchd:step_batch_size", "Live slots per engine step.", WORKER, buckets=SIZE_BUCKETS, registry=WORKER_REGISTRY)
 engine_step_duration = Histogram(
@@ -201,6 +204,7 @@ class WorkerSeries:
         self.requests_running = requests_running.labels(*labels)
         self.requests_waiting = requests_waiting.labels(*labels)
         self.kv_cache_usage = kv_cache_usage.labels(*labels)
+        self.pinned_blocks = pinned_blocks.labels(*labels)
         self.step_batch_size = step_batch_size.labels(*labels)
         self.step_duration = engine_step_duration.labels(*labels)
         self.device_wait = engine_device_wait.labels(*labels)

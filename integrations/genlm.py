@@ -16,7 +16,9 @@ floats). docs/integrations.md has the measurements.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Sequence
+import logging
+import weakref
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy
 import torch
@@ -24,9 +26,16 @@ from genlm.backend.llm.base import UNKNOWN_ADAPTER, AsyncLM
 
 from batchd.client import scoring
 from batchd.client.aio import AsyncClient
+from batchd.client.errors import BatchdError, PinLimitReached, UnknownPrefix
+from batchd.client.protocol import MAX_ROWS
 
 from .bridge import ClientThread
 from .hf_tokenizer import hf_tokenizer
+
+log = logging.getLogger("batchd.integrations")
+
+# cache_kv's pins last this long unless the backend is closed or clear_kv_cache is called first.
+PIN_TTL_S = 600
 
 
 class BatchdLM(AsyncLM):
@@ -44,6 +53,8 @@ class BatchdLM(AsyncLM):
     def __init__(self, url: str | None = None, *, tokenizer: Any = None, model: str | None = None,
                  timeout: float | None = None, logprobs_dtype: str = "float32", **client_options: Any):
         self._bridge = ClientThread(url, **client_options)
+        self._coalescers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._pins: dict[tuple[int, ...], str] = {}  # cache_kv's prompts and their handles
         self.model_name = model
         self.timeout = timeout
         self.logprobs_dtype = logprobs_dtype
@@ -59,28 +70,24 @@ class BatchdLM(AsyncLM):
         super().__init__(tokenizer)
 
     async def next_token_logprobs(self, token_ids: Sequence[int], lora_name: str | None = None) -> torch.Tensor:
+        """Calls made in one iteration of the caller's event loop (an SMC step's particles,
+        gathered) go out as one request (_Coalescer)."""
         _no_adapters(lora_name)
-        answer = await self._bridge.run(lambda client: self._ask(client, token_ids))
-        return torch.from_numpy(answer.array())
+        loop = asyncio.get_running_loop()
+        coalescer = self._coalescers.get(loop)
+        if coalescer is None:
+            coalescer = self._coalescers[loop] = _Coalescer(self._ask_all)
+        return await coalescer.ask(list(token_ids))
 
     def next_token_logprobs_sync(self, token_ids: Sequence[int], lora_name: str | None = None) -> torch.Tensor:
         _no_adapters(lora_name)
-        answer = self._bridge.call(lambda: self._ask(self._bridge.client, token_ids))
-        return torch.from_numpy(answer.array())
+        rows = self._bridge.call(lambda: self._ask_rows(self._bridge.client, [list(token_ids)]))
+        return torch.from_numpy(rows[0])
 
     async def batch_next_token_logprobs(self, token_ids_list: Sequence[Sequence[int]],
                                         lora_name: str | None = None) -> torch.Tensor:
         _no_adapters(lora_name)
-
-        async def ask_all(client: AsyncClient) -> list[scoring.NextTokenLogprobs]:
-            return await asyncio.gather(*(self._ask(client, ids) for ids in token_ids_list))
-
-        answers = await self._bridge.run(ask_all)
-        # One copy per row, from each result's bytes into its row of the batch.
-        rows = numpy.empty((len(answers), len(self.byte_vocab)), dtype=numpy.float32)
-        for row, answer in zip(rows, answers):
-            scoring.logprobs_array(answer.result, out=row)
-        return torch.from_numpy(rows)
+        return torch.from_numpy(await self._ask_all([list(ids) for ids in token_ids_list]))
 
     def batch_next_token_logprobs_sync(self, token_ids_list: Sequence[Sequence[int]],
                                        lora_name: str | None = None) -> torch.Tensor:
@@ -99,15 +106,75 @@ class BatchdLM(AsyncLM):
 
         return await self._bridge.run(ask)
 
-    async def _ask(self, client: AsyncClient, token_ids: Sequence[int]) -> scoring.NextTokenLogprobs:
-        return await client.next_token_logprobs(list(token_ids), timeout=self.timeout, model=self.model_name,
+    # -- pinned prefixes -------------------------------------------------------------
+
+    def cache_kv(self, prompt_tokens: Sequence[int], ttl_s: int = PIN_TTL_S) -> None:
+        """Pin this prompt in the workers' KV caches (Client.pin); calls that start with it send
+        only what follows it. A worker at its pin limit leaves it unpinned (logged): the calls
+        then send it in full, as without a pin."""
+        tokens = tuple(prompt_tokens)
+        try:
+            pin = self._bridge.call(lambda: self._bridge.client.pin(tokens, ttl_s, model=self.model_name,
+                                                                    timeout=self.timeout))
+        except PinLimitReached as exc:
+            log.warning("prompt of %d tokens not pinned: %s", len(tokens), exc.message)
+            return
+        self._pins[tokens] = pin.handle
+
+    def clear_kv_cache(self) -> None:
+        """Unpin every prompt cache_kv pinned."""
+        pins, self._pins = self._pins, {}
+        for handle in pins.values():
+            self._bridge.call(lambda: self._bridge.client.unpin(handle, model=self.model_name, timeout=self.timeout))
+
+    # -- asking ----------------------------------------------------------------------
+
+    async def _ask_all(self, token_ids_list: list[list[int]]) -> numpy.ndarray:
+        return await self._bridge.run(lambda client: self._ask_rows(client, token_ids_list))
+
+    async def _ask_rows(self, client: AsyncClient, token_ids_list: list[list[int]]) -> numpy.ndarray:
+        """Every prefix's next-token vector, as few requests as MAX_ROWS allows: the longest
+        pinned prompt they all start with named by its handle, what they share after it sent
+        once, and each row's own tokens."""
+        pinned, handle = self._pin_for(token_ids_list)
+        rest = [ids[len(pinned):] for ids in token_ids_list]
+        shared = _common_prefix(rest)
+        if handle is None and not shared:  # no common start at all: one request each
+            return numpy.concatenate([await self._ask_rows(client, [ids]) for ids in token_ids_list])
+        rows = [ids[len(shared):] for ids in rest]
+        try:
+            answers = await asyncio.gather(*(
+                client.next_token_logprobs_rows(rows[at:at + MAX_ROWS], shared, prefix_pin=handle,
+                                                timeout=self.timeout, model=self.model_name,
                                                 logprobs_dtype=self.logprobs_dtype)
+                for at in range(0, len(rows), MAX_ROWS)))
+        except UnknownPrefix:  # the pin expired or was unpinned: send the prompt itself from now on
+            if handle is None:
+                raise
+            self._pins.pop(pinned, None)
+            return await self._ask_rows(client, token_ids_list)
+        vectors = numpy.empty((len(rows), len(self.byte_vocab)), dtype=numpy.float32)
+        for at, answer in zip(range(0, len(rows), MAX_ROWS), answers):
+            scoring.logprobs_array(answer.result, out=vectors[at:at + answer.rows])
+        return vectors
+
+    def _pin_for(self, token_ids_list: list[list[int]]) -> tuple[tuple[int, ...], str | None]:
+        """The longest pinned prompt every one of these prefixes starts with, and its handle."""
+        best: tuple[tuple[int, ...], str | None] = ((), None)
+        for tokens, handle in self._pins.items():
+            if len(tokens) > len(best[0]) and all(tuple(ids[:len(tokens)]) == tokens for ids in token_ids_list):
+                best = (tokens, handle)
+        return best
 
     def clear_cache(self) -> None:
         """Nothing to clear here: the worker's paged KV cache keeps or evicts prefixes on its own."""
 
     def close(self) -> None:
-        """Close the connection to batchd."""
+        """Unpin what cache_kv pinned and close the connection to batchd."""
+        try:
+            self.clear_kv_cache()
+        except BatchdError as exc:  # the pins expire on their own
+            log.warning("could not unpin on close: %s", exc)
         self._bridge.close()
 
 
@@ -118,6 +185,50 @@ def __getattr__(name: str) -> Any:
 
         return ScoredPromptedLLM
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Coalescer:
+    """next_token_logprobs calls made in one iteration of an event loop, asked as one batch.
+
+    The SMC libraries call once per particle from tasks that one gather starts together, so
+    each task reaches its call before the flush that call_soon queues behind them (AsyncClient
+    coalesces submits the same way)."""
+
+    def __init__(self, ask_all: Callable[[list[list[int]]], Awaitable[numpy.ndarray]]):
+        self._ask_all = ask_all
+        self._pending: list[tuple[list[int], asyncio.Future]] = []
+
+    async def ask(self, token_ids: list[int]) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((token_ids, future))
+        if len(self._pending) == 1:
+            loop.call_soon(lambda: asyncio.ensure_future(self._flush()))
+        return await future
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            vectors = await self._ask_all([ids for ids, _ in batch])
+        except BaseException as exc:  # every caller of the batch gets the failure
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for row, (_, future) in enumerate(batch):
+            if not future.done():
+                future.set_result(torch.from_numpy(vectors[row]))
+
+
+def _common_prefix(token_ids_list: list[list[int]]) -> list[int]:
+    first = token_ids_list[0]
+    length = min(len(ids) for ids in token_ids_list)
+    for ids in token_ids_list[1:]:
+        at = 0
+        while at < length and ids[at] == first[at]:
+            at += 1
+        length = at
+    return first[:length]
 
 
 def _no_adapters(lora_name: str | None) -> None:

@@ -43,14 +43,13 @@ class BatchdCausalLM(CachedCausalLM):
     def next_token_logprobs_unbatched(self, token_ids: Sequence[int]) -> numpy.ndarray:
         return self.model.next_token_logprobs_sync(token_ids).numpy()
 
-    # The KV cache is the worker's: its paged cache keeps a prompt's blocks while requests
-    # share it (every particle's calls start with it) and evicts them when nobody does, so
-    # there is nothing to prepare, clear or reset from here.
+    # The KV cache is the worker's: cache_kv pins the prompt's blocks there (BatchdLM.cache_kv),
+    # and calls that start with it send only what follows it.
     def cache_kv(self, prompt_tokens: Sequence[int]) -> None:
-        pass
+        self.model.cache_kv(prompt_tokens)
 
     def clear_kv_cache(self) -> None:
-        pass
+        self.model.clear_kv_cache()
 
     def clear_cache(self) -> None:
         pass

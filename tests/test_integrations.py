@@ -31,7 +31,8 @@ def starting_fleet(module_daemons):
     """The daemons, started: the worker loads its model while the test process loads its own."""
     module_daemons.scheduler()
     module_daemons.start("worker", "--engine", "hf", "--model", "smollm2-135m", "--slots", "16", "--device", "cpu",
-                         "--dtype", "float32", "--result-ttl", "600", "--scoring-result-ttl", "20")
+                         "--dtype", "float32", "--result-ttl", "600", "--scoring-result-ttl", "20",
+                         "--max-pinned-blocks", "8", "--heartbeat-interval", "0.5")
     return module_daemons
 
 
@@ -261,3 +262,98 @@ def test_scoring_results_have_their_own_short_ttl_and_publish_no_vector(fleet, l
     assert len(half.result.logprobs) == 2 * 49152 and half.result.logprobs_dtype == "float16"
     exact = numpy.frombuffer(vector.logprobs, dtype="<f4")
     assert numpy.allclose(half.array(), exact, rtol=1e-3, atol=1e-3)
+
+
+def test_one_request_of_many_rows_answers_as_the_whole_prefixes_do(fleet, loaded):
+    """rows: one prompt sent once and each particle's own tokens, against one request per whole prefix."""
+    from batchd import Client
+
+    prompt = loaded.tokenizer.encode(PROMPT)
+    rows = [[], [7042], [7042, 30], [504, 3575, 282]]
+    with Client(fleet.url) as client:
+        together = client.next_token_logprobs_rows(rows, prompt, timeout=120).array()
+        alone = numpy.stack([client.next_token_logprobs(prompt + row, timeout=120).array() for row in rows])
+    assert together.shape == (4, 49152)
+    assert numpy.abs(together - alone).max() < TOLERANCE
+    assert (together.argmax(axis=1) == alone.argmax(axis=1)).all()  # greedy picks the same tokens
+
+
+def heartbeat(fleet):
+    import redis
+
+    from batchd.client.protocol import decode_heartbeat
+
+    server = redis.Redis.from_url(fleet.url)
+    try:
+        (worker_id,) = server.zrange("batchd:workers", 0, -1)
+        return decode_heartbeat(server.get(b"batchd:worker:" + worker_id))
+    finally:
+        server.close()
+
+
+def wait_for_pinned_blocks(fleet, count: int) -> None:
+    import time
+
+    give_up = time.monotonic() + 30
+    while heartbeat(fleet).pinned_blocks != count:
+        assert time.monotonic() < give_up, f"the worker holds {heartbeat(fleet).pinned_blocks} pinned blocks, not {count}"
+        time.sleep(0.2)
+
+
+def test_a_pinned_prefix_is_named_by_its_handle_until_unpinned(fleet, loaded):
+    from batchd import Client, PinLimitReached, UnknownPrefix
+
+    prompt = loaded.tokenizer.encode("A pinned prompt: " + " ".join(["the quick brown fox"] * 10))
+    assert 48 <= len(prompt) < 64  # 3 full blocks of 16 tokens on the CPU
+    with Client(fleet.url) as client:
+        pin = client.pin(prompt, ttl_s=60, timeout=120)
+        assert len(pin.handle) == 32 and pin.token_count == len(prompt)
+        wait_for_pinned_blocks(fleet, len(prompt) // 16)
+        named = client.next_token_logprobs([7042], prefix_pin=pin.handle, timeout=120).array()
+        whole = client.next_token_logprobs(prompt + [7042], timeout=120).array()
+        rows = client.next_token_logprobs_rows([[], [7042]], prefix_pin=pin.handle, timeout=120).array()
+        assert numpy.abs(named - whole).max() < TOLERANCE and named.argmax() == whole.argmax()
+        assert numpy.abs(rows[1] - whole).max() < TOLERANCE
+        with pytest.raises(PinLimitReached, match="max-pinned-blocks"):
+            client.pin(list(range(100, 200)), timeout=120)  # 6 more blocks; the worker keeps 8 at most
+        assert client.renew_pin(pin.handle, ttl_s=60, timeout=120).handle == pin.handle
+        client.unpin(pin.handle, timeout=120)
+        wait_for_pinned_blocks(fleet, 0)
+        with pytest.raises(UnknownPrefix, match="send the whole prefix"):
+            client.next_token_logprobs([7042], prefix_pin=pin.handle, timeout=120)
+        with pytest.raises(UnknownPrefix):
+            client.next_token_logprobs([7042], prefix_pin="0" * 32, timeout=120)
+
+
+def test_batchd_lm_sends_an_smc_step_as_one_request_and_recovers_from_a_lost_pin(fleet, loaded, batchd_lm,
+                                                                                  in_process):
+    import redis
+
+    prompt = loaded.tokenizer.encode("A pinned prompt: " + " ".join(["the lazy dog"] * 12))
+    particles = [prompt + [7042], prompt + [7042, 30], prompt + [504]]
+    batchd_lm.cache_kv(prompt)
+    (handle,) = batchd_lm._pins.values()
+    server = redis.Redis.from_url(fleet.url)
+
+    def submits() -> int:  # producers submit by FCALL; the daemons run their scripts by EVALSHA
+        return server.info("commandstats").get("cmdstat_fcall", {}).get("calls", 0)
+
+    async def step():
+        return await asyncio.gather(*(batchd_lm.next_token_logprobs(ids) for ids in particles))
+
+    try:
+        before = submits()
+        ours = asyncio.run(step())
+        pinned = submits()
+        server.delete(f"batchd:pin:{handle}")  # as if it expired
+        again = asyncio.run(step())
+        after = submits()
+    finally:
+        server.close()
+    theirs = asyncio.run(in_process.batch_next_token_logprobs(particles))
+    for row, vector in enumerate(ours):
+        assert (vector - theirs[row]).abs().max().item() < TOLERANCE
+        assert (again[row] - theirs[row]).abs().max().item() < TOLERANCE
+    assert not batchd_lm._pins  # the lost pin was forgotten: the prompt goes in full now
+    assert pinned - before == 1  # the three particles' calls: one request
+    assert after - pinned == 2  # after the loss: one refused request, then one with the prompt in full

@@ -111,3 +111,24 @@ def test_the_producer_api_imports_no_torch_or_transformers():
             "print(heavy); sys.exit(1 if heavy else 0)")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(task="score", prompt_token_ids=[1], continuation_token_ids=[2], rows=[[3]]), "rows are for next_token_logprobs"),
+    (dict(task="next_token_logprobs", prompt_token_ids=[1], rows=[[3]], top_logprobs=5), "rows are for next_token"),
+    (dict(task="next_token_logprobs", prompt="text", prefix_pin="0" * 32), "take token ids"),
+    (dict(task="unpin"), "names its pin"),
+    (dict(task="unpin", prefix_pin="0" * 32, prompt_token_ids=[1]), "names its pin"),
+    (dict(task="pin", prompt="text"), "pins token ids"),
+    (dict(task="pin", prefix_pin="0" * 32, prompt_token_ids=[1]), "not both"),
+    (dict(task="next_token_logprobs", prefix_pin="not-a-handle"), "prefix_pin"),
+])
+def test_compact_and_pin_requests_are_checked(fields, message):
+    with pytest.raises(InvalidRequest, match=message):
+        p.decode_request(p.encode(p.Request(v=p.PROTOCOL_VERSION, id="r1", **fields)))
+
+
+def test_a_request_on_a_pin_with_rows_needs_no_prompt_of_its_own():
+    request = p.decode_request(p.encode(p.Request(v=p.PROTOCOL_VERSION, id="r1", task="next_token_logprobs",
+                                            prefix_pin="ab" * 16, rows=[[], [5, 6]])))
+    assert request.prompt_token_ids is None and request.rows == [[], [5, 6]]

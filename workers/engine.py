@@ -47,11 +47,21 @@ class ScoreItem:
     continuation_token_ids: list[int] | None = None
     # Next-token only: keep the k most likely tokens; None keeps the full vector.
     top_k: int | None = None
+    # Next-token only: one question per row, each the prompt followed by the row's tokens;
+    # the answer is one vector per row (a 2-D next_token_logprobs).
+    rows: list[list[int]] | None = None
+
+    def questions(self) -> list[ScoreItem]:
+        """The item as questions of one sequence each: itself, or one per row."""
+        if self.rows is None:
+            return [self]
+        return [ScoreItem(self.prompt_token_ids + row, None, self.top_k) for row in self.rows]
 
 
 @dataclass
 class ScoreOutput:
-    # Next token: the full float32 vector, or None when top_k was asked for.
+    # Next token: the full float32 vector (one row per question of an item with rows), or
+    # None when top_k was asked for.
     next_token_logprobs: torch.Tensor | None = None
     top_token_ids: list[int] | None = None
     top_logprobs: list[float] | None = None
@@ -149,6 +159,17 @@ class Engine(Protocol):
     def kv_cache_usage(self) -> float:
         """Fraction of the KV cache in use, 0..1."""
 
+    def pin(self, handle: str, token_ids: list[int]) -> None:
+        """Keep this prefix's KV blocks resident until unpin(handle) (computing them first if
+        need be); raises PinLimitReached beyond the engine's cap on pinned blocks."""
+
+    def unpin(self, handle: str) -> None:
+        """Let a pinned prefix's blocks be evicted again (an unknown handle: nothing)."""
+
+    @property
+    def pinned_blocks(self) -> int:
+        """KV blocks held by pins."""
+
     def stats(self) -> dict[str, int]:
         """Running totals since the engine started (docs/metrics.md): num_preemptions,
         prefix_cache_queries and prefix_cache_hits (prompt tokens looked up in and found
@@ -171,6 +192,16 @@ class EngineBase:
 
     def add_score(self, request: EngineRequest, item: ScoreItem) -> None:
         raise InvalidRequest(f"the {self.name} engine does not score inside its steps", request.request_id)
+
+    # An engine without a paged KV cache has nothing to keep resident: a pin still saves its
+    # callers resending the prefix (the worker resolves the handle), and holds no blocks.
+    def pin(self, handle: str, token_ids: list[int]) -> None:
+        pass
+
+    def unpin(self, handle: str) -> None:
+        pass
+
+    pinned_blocks = 0
 
     def stats(self) -> dict[str, int]:
         return {}

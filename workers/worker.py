@@ -41,6 +41,7 @@ from .engine import Engine, EngineRequest, ScoreItem, StepOutput
 from .holdings import Advertisement, Held, Holdings, can_take, free_slots
 from .lease import LeaseKeeper
 from .outbox import Outbox, Parcel, Receipt
+from .pins import Pins
 
 log = logging.getLogger("batchd.worker")
 
@@ -109,6 +110,7 @@ class Worker:
                                   config.heartbeat_interval_s, config.stall_timeout_s)
         self._cancels = CancelFeed(self.redis, self.keys.cancel_channel, self.stream)
         self._series = metrics.WorkerSeries(config.worker_id, self.served_models[0])
+        self._pins = Pins(self.keys, engine, self.served_models, config.heartbeat_interval_s)
         self.state = state or metrics.WorkerState(config.worker_id)
         self._stop = threading.Event()
         self._draining = False
@@ -209,6 +211,7 @@ class Worker:
         if self.engine.has_work():
             self._step()
         self._heartbeat()
+        self._pins.check(self.redis)
 
     def _take_new_jobs(self, busy: bool) -> None:
         """Admit the jobs the last round trips read, and wait for more only when there is nothing else to do."""
@@ -282,20 +285,21 @@ class Worker:
             cancelled = [self._cancels.heard(r) for r in fresh]
         self.holdings.open_job(entry_id, [r.id for r in fresh])
         now = self.clock()
-        restarts, refused = [], []
+        restarts, answered = [], []
         for request, cancel_flag in zip(fresh, cancelled):
             held, refusal = self._admit(entry_id, request, now, cancelled=cancel_flag)
             if refusal is not None:
-                refused.append((held, refusal))
+                answered.append((held, refusal))
             elif request.attempt > 0:
                 restarts.append((held, RestartEvent(attempt=request.attempt,
                                                     reason="resumed on worker " + self.config.worker_id)))
-        self._publish(restarts, refused)
+        self._publish(restarts, answered)
         if self.holdings.job_is_done(entry_id):  # every request a duplicate of one running here
             self._ack_jobs([entry_id])
 
     def _admit(self, entry_id: str, request: Request, now: float, cancelled: bool) -> tuple[Held, Result | None]:
-        """Hand one request to the engine (no I/O); returns its refusal when it cannot run."""
+        """Hand one request to the engine; returns its result when it has one already: a refusal,
+        or the answer of a pin or unpin (their only I/O: the pin registry, workers/pins.py)."""
         held = Held(request, entry_id, owner_token(self.config.worker_id, request.attempt), now)
         try:
             if cancelled:
@@ -306,11 +310,14 @@ class Worker:
                 # A scheduler routed by an old view of this worker (it restarted serving another).
                 raise UnknownModel(f"worker {self.config.worker_id} serves {', '.join(self.served_models)}, "
                                    f"not {request.model!r}", request.id)
+            if request.task in ("pin", "unpin"):
+                return held, self._pins.answer(self.redis, request, self.config.worker_id)
+            resolved = self._pins.resolve(self.redis, request)
             if request.task == "generate":
-                prompt = self.engine.tokenize(request)
+                prompt = self.engine.tokenize(resolved)
                 self.engine.add(EngineRequest(request.id, prompt, request.params, request.deadline, now))
             else:
-                self._admit_scoring(held, now)
+                self._admit_scoring(held, resolved, now)
         except BatchdError as exc:
             return held, error_result(request.id, exc, toolkit.finish_reason_of(exc), request.submitted_at,
                                       self.config.worker_id)
@@ -323,8 +330,8 @@ class Worker:
         self._series.queue_time.observe(max(0.0, now - request.submitted_at))
         return held, None
 
-    def _admit_scoring(self, held: Held, now: float) -> None:
-        request = held.request
+    def _admit_scoring(self, held: Held, request: Request, now: float) -> None:
+        """request: held.request with its pinned prefix spelled out."""
         scorer = self.engine.scorer()
         if scorer is None:
             raise InvalidRequest(f"the {self.engine.name} engine has no model: it cannot answer "
@@ -516,6 +523,7 @@ class Worker:
             engine=engine.name, total_slots=engine.total_slots, free_slots=0 if self._draining else free,
             can_take=0 if self._draining else room,
             running=engine.num_running, waiting=engine.num_waiting, kv_cache_usage=engine.kv_cache_usage,
+            pinned_blocks=engine.pinned_blocks,
             last_job_read=self.holdings.last_job_read, contrast_model=engine.contrast_model_name,
             models=self.served_models, tokenizer=self.tokenizer.info, lease_ms=self.config.lease_ms, host=socket.gethostname(), pid=os.getpid(),
             started_at=self.started_at, sent_at=now)
@@ -524,6 +532,7 @@ class Worker:
         self._series.requests_running.set(beat.running)
         self._series.requests_waiting.set(beat.waiting)
         self._series.kv_cache_usage.set(beat.kv_cache_usage)
+        self._series.pinned_blocks.set(beat.pinned_blocks)
         return beat
 
     # -- shutdown ---------------------------------------------------------------

@@ -155,3 +155,34 @@ def test_reset_forgets_every_cached_prefix():
 def test_a_pool_too_small_to_hold_anything_is_refused():
     with pytest.raises(ValueError, match="holds nothing"):
         BlockManager(1, SIZE)
+
+
+def test_a_held_prefix_is_never_evicted_and_is_evictable_again_once_let_go():
+    manager = BlockManager(7, SIZE)  # 6 usable blocks
+    pinned = list(range(100, 110))  # 2 full blocks and 2 tokens
+    writer, table, _, _ = _admit(manager, pinned)
+    _write_all(manager, writer, table, pinned)
+    manager.release(table, pinned, len(pinned), writer)
+    held = manager.hold_prefix(pinned)
+    assert [b.id for b in held] == table[:2]  # the full blocks only
+    assert manager.num_used == 2 and manager.num_cached == 1
+    # Fill the pool twice over with other prompts: every cached block is evicted, the held ones are not.
+    for start in (0, 40):
+        other = list(range(start, start + 16))
+        writer, other_table, _, _ = _admit(manager, other)
+        assert not set(other_table) & {b.id for b in held}
+        _write_all(manager, writer, other_table, other)
+        manager.release(other_table, other, len(other), writer)
+    assert [b.id for b in manager.match(pinned, 8).blocks] == table[:2]
+    manager.let_go(held)
+    assert manager.num_used == 0
+    other = list(range(200, 224))  # all 6 blocks: the pin's go now
+    writer, other_table, _, _ = _admit(manager, other)
+    assert set(table[:2]) <= set(other_table)
+    assert not manager.match(pinned, 8).blocks
+
+
+def test_holding_a_prefix_the_pool_does_not_hold_takes_nothing():
+    manager = BlockManager(8, SIZE)
+    assert manager.hold_prefix(list(range(12))) == []
+    assert manager.num_used == 0

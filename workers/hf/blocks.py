@@ -287,6 +287,24 @@ class BlockManager:
                     self._settle(block, held)
             self._drop(block)
 
+    def hold_prefix(self, tokens: Sequence[int], root: bytes = ROOT) -> list[Block]:
+        """A reference on each written full block of tokens' start that the pool holds (a pin):
+        none of them is evicted before let_go. Returns them, leading blocks first; fewer than
+        len(tokens) // block_size when the pool no longer holds the rest."""
+        found = self.match(tokens, len(tokens) // self.block_size * self.block_size, root)
+        held = []
+        for block in found.blocks:
+            if block.reusable < self.block_size:
+                break
+            self._hold(block)
+            held.append(block)
+        return held
+
+    def let_go(self, blocks: list[Block]) -> None:
+        """Drop hold_prefix's references: the blocks are cached (and evictable) again."""
+        for block in blocks:
+            self._drop(block)
+
     def end_copy(self, copy: Copy) -> None:
         """The copy is queued (or dropped): the source may be reused again."""
         copy.target.computed = max(copy.target.computed, copy.length)

@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from batchd.client.errors import BatchdError, InvalidRequest
+from batchd.client.errors import BatchdError, InvalidRequest, PinLimitReached
 from batchd.client.protocol import FinishReason, Request
 
 from ..engine import Clock, EngineBase, EngineRequest, ScoreItem, ScoreOutput, StepOutput
 from ..validation import check_context, check_contrast, check_vocabulary
-from .blocks import BlockManager
+from .blocks import ROOT, Block, BlockManager
 from .detokenizer import Detokenizer
 from .graphs import mixed_graph_sizes
 from .kv_cache import CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, kv_bytes_per_token, to_device
@@ -58,6 +58,13 @@ DEFAULT_PREFILL_TOKENS = {"cpu": 2048, "cuda": 512}
 # decoding and 2,048 prompt tokens stays under twice a decode step, and a burst's prompts
 # are admitted in a quarter of the steps (docs/performance.md).
 BURST_FACTOR = {"cpu": 1, "cuda": 4}
+# Pinned prefixes may hold at most this share of the pool unless --max-pinned-blocks says
+# otherwise: the rest stays for the requests themselves.
+PINNED_SHARE = 0.25
+# Ids of the engine's own sequences: a request's rows ("<id>#<row>") and pins' prefills
+# ("#pin:<handle>"). '#' is never in a wire request id (protocol.RequestId).
+ROW_MARK = "#"
+PIN_PREFILL = "#pin:"
 
 
 class HFEngine(EngineBase):
@@ -68,7 +75,8 @@ class HFEngine(EngineBase):
                  burst_prefill_tokens: int | None = None, block_size: int | None = None, clock: Clock = time.time, seed: int | None = None, attention: str | None = None,
                  cuda_graph: bool | None = None, compile_decode: bool | None = None,
                  contrast: LoadedModel | None = None, overlap: bool | None = None,
-                 cuda_graph_sizes: tuple[int, ...] | None = None, kv_layout: str = "head"):
+                 cuda_graph_sizes: tuple[int, ...] | None = None, kv_layout: str = "head",
+                 max_pinned_blocks: int | None = None):
         if slots < 1:
             raise ValueError("slots must be at least 1")
         if contrast is not None:
@@ -122,6 +130,10 @@ class HFEngine(EngineBase):
         self._blocks = BlockManager(num_blocks, block_size, prefix_caching=self.capabilities.prefix_caching)
         self._scheduler = Scheduler(self._blocks, slots, max_prefill_tokens,
                                     burst_prefill_tokens=burst_prefill_tokens)
+        self.max_pinned_blocks = (int(PINNED_SHARE * self._blocks.capacity) if max_pinned_blocks is None
+                                  else max_pinned_blocks)
+        self._pins: dict[str, _Pin] = {}
+        self._row_groups: dict[str, _Rows] = {}
         # Seconds spent blocked on the device reading tokens back: near the step time when
         # the GPU is the bottleneck, near zero when the host is (batchd:engine_device_wait_seconds_total).
         self.device_wait_s = 0.0
@@ -133,11 +145,12 @@ class HFEngine(EngineBase):
         self._scorer = Scorer(loaded.model, loaded.tokenizer, self.max_context, pad_id)
         log.info("hf engine: model=%s contrast_model=%s path=%s slots=%d max_context=%d kv_cache=%.1f MiB "
                  "(%d blocks of %d tokens, %d tokens) max_prefill_tokens=%d burst_prefill_tokens=%d device=%s dtype=%s "
-                 "weights=%s overlap=%s",
+                 "weights=%s overlap=%s max_pinned_blocks=%d",
                  self.model_name, self.contrast_model_name or "-",
                  f"paged/{self._runner.attention}" if fast else "generic", slots, self.max_context,
                  self.kv_cache_bytes / 2**20, self._blocks.capacity, block_size, self._blocks.capacity * block_size,
-                 max_prefill_tokens, burst_prefill_tokens, self._runner.device, dtype, loaded.weights, self.overlap)
+                 max_prefill_tokens, burst_prefill_tokens, self._runner.device, dtype, loaded.weights, self.overlap,
+                 self.max_pinned_blocks)
 
     # -- the Engine protocol ------------------------------------------------------
 
@@ -164,11 +177,28 @@ class HFEngine(EngineBase):
         Scorer's prepare): it prefills its prompt and continuation in the engine's steps,
         beside generate requests, reading any cached prefix in place, and finishes with
         the log-probabilities asked for. Needs scores_in_steps."""
+        if item.rows is not None:
+            self._add_rows(request, item)
+            return
         tokens = list(item.prompt_token_ids) + list(item.continuation_token_ids or ())
         check_context(request.request_id, self.max_context, len(item.prompt_token_ids),
                       continuation_tokens=len(item.continuation_token_ids or ()))
         request = EngineRequest(request.request_id, tokens, request.params, request.deadline, request.arrival_time)
         self._enqueue(Sequence(request, Detokenizer(self.tokenizer, [], ()), frozenset(), score=item), None)
+
+    def _add_rows(self, request: EngineRequest, item: ScoreItem) -> None:
+        """A request of many next-token questions: one sequence per row, sharing the prompt's
+        blocks, answered together once every row is (_gather)."""
+        request_id = request.request_id
+        if request_id in self._row_groups:
+            raise InvalidRequest(f"request {request_id!r} is already running on this engine", request_id)
+        questions = item.questions()
+        for question in questions:
+            check_context(request_id, self.max_context, len(question.prompt_token_ids))
+        for row, question in enumerate(questions):
+            self.add_score(EngineRequest(f"{request_id}{ROW_MARK}{row}", question.prompt_token_ids, request.params,
+                                         request.deadline, request.arrival_time), question)
+        self._row_groups[request_id] = _Rows(len(questions))
 
     def _enqueue(self, sequence: Sequence, generator: torch.Generator | None) -> None:
         request_id = sequence.request_id
@@ -181,8 +211,85 @@ class HFEngine(EngineBase):
     def cancel(self, request_id: str, reason: FinishReason = "cancelled") -> None:
         if request_id in self._by_id:
             self._to_cancel[request_id] = reason
+        group = self._row_groups.get(request_id)
+        for row in range(group.count if group is not None else 0):
+            self.cancel(f"{request_id}{ROW_MARK}{row}", reason)
+
+    # -- pinned prefixes ---------------------------------------------------------------
+
+    def pin(self, handle: str, token_ids: list[int]) -> None:
+        """Keep the full blocks of this prefix resident until unpin: computed by a prefill of
+        the engine's own if the cache lacks them, then held (BlockManager.hold_prefix)."""
+        if handle in self._pins or not self.scores_in_steps:
+            return  # a runner without a paged cache has no blocks to keep
+        wanted = len(token_ids) // self._blocks.block_size
+        planned = sum(pin.planned for pin in self._pins.values())
+        if planned + wanted > self.max_pinned_blocks:
+            raise PinLimitReached(f"pinning {len(token_ids)} tokens takes {wanted} KV blocks; this worker keeps "
+                                  f"{planned} pinned of at most {self.max_pinned_blocks} (--max-pinned-blocks): "
+                                  "unpin a prefix you no longer need, or send this one in full")
+        if wanted:
+            prefill = EngineRequest(PIN_PREFILL + handle, list(token_ids))
+            self.add_score(prefill, ScoreItem(list(token_ids), None, top_k=1))
+        self._pins[handle] = _Pin(list(token_ids), wanted)
+
+    def unpin(self, handle: str) -> None:
+        pin = self._pins.pop(handle, None)
+        if pin is not None:
+            self._blocks.let_go(pin.blocks)
+            self.cancel(PIN_PREFILL + handle)
+
+    @property
+    def pinned_blocks(self) -> int:
+        return sum(len(pin.blocks) for pin in self._pins.values())
 
     def step(self) -> list[StepOutput]:
+        return self._gather(self._step())
+
+    def _gather(self, outputs: list[StepOutput]) -> list[StepOutput]:
+        """The outputs of the engine's own sequences turned into what the caller asked for: a
+        request's rows into one answer (or its first failure), a pin's prefill into held blocks."""
+        if not self._row_groups and not self._pins:
+            return outputs
+        kept = []
+        for output in outputs:
+            owner, mark, row = output.request_id.partition(ROW_MARK)
+            if not mark:
+                kept.append(output)
+            elif not owner:
+                self._hold_pinned(output.request_id[len(PIN_PREFILL):], output)
+            elif owner in self._row_groups:
+                kept += self._gather_row(owner, int(row), output)
+        return kept
+
+    def _gather_row(self, owner: str, row: int, output: StepOutput) -> list[StepOutput]:
+        group = self._row_groups[owner]
+        if output.score is None:  # cancelled, expired or failed: the request ends so, its other rows too
+            del self._row_groups[owner]
+            for other in range(group.count):
+                self.cancel(f"{owner}{ROW_MARK}{other}", output.finish_reason or "cancelled")
+            output.request_id = owner
+            return [output]
+        group.answers[row] = output.score.next_token_logprobs
+        group.prompt_tokens += output.prompt_tokens
+        if len(group.answers) < group.count:
+            return []
+        del self._row_groups[owner]
+        vectors = torch.stack([group.answers[r] for r in range(group.count)])
+        return [StepOutput(owner, [], finish_reason="stop", prompt_tokens=group.prompt_tokens,
+                           score=ScoreOutput(next_token_logprobs=vectors))]
+
+    def _hold_pinned(self, handle: str, output: StepOutput) -> None:
+        pin = self._pins.get(handle)
+        if pin is None or pin.blocks:
+            return
+        if output.score is None:
+            log.warning("pinned prefix %s could not be computed (%s); it stays pinned by handle only",
+                        handle[:8], output.error.message if output.error else output.finish_reason)
+            return
+        pin.blocks = self._blocks.hold_prefix(pin.token_ids, ROOT)
+
+    def _step(self) -> list[StepOutput]:
         outputs = self._finish_cancelled_and_expired()
         plan = self._scheduler.schedule()
         previous, self._in_flight = self._in_flight, None
@@ -456,6 +563,24 @@ def _to_host(values: torch.Tensor) -> torch.Tensor:
     return host
 
 
+@dataclass
+class _Rows:
+    """The answers of a request with rows, gathered as its row sequences finish."""
+
+    count: int
+    answers: dict = field(default_factory=dict)  # row -> its vector
+    prompt_tokens: int = 0
+
+
+@dataclass
+class _Pin:
+    """A pinned prefix: its tokens, the full blocks it takes, and those held once computed."""
+
+    token_ids: list[int]
+    planned: int
+    blocks: list[Block] = field(default_factory=list)
+
+
 class _HostRows:
     """A step's results of one kind, copied back once and turned into lists once: a step
     answers hundreds of scoring calls, and one conversion each cost more than the step."""
@@ -556,7 +681,8 @@ def build_engine(model: str, *, slots: int = 16, max_context: int | None = None,
                  device: str | None = None, clock: Clock = time.time, attention: str | None = None,
                  cuda_graph: bool | None = None, compile_decode: bool | None = None,
                  contrast_model: str | None = None, quantize: str | None = None, overlap: bool | None = None,
-                 cuda_graph_sizes: tuple[int, ...] | None = None, kv_layout: str = "head") -> HFEngine:
+                 cuda_graph_sizes: tuple[int, ...] | None = None, kv_layout: str = "head",
+                 max_pinned_blocks: int | None = None) -> HFEngine:
     """Load `model` (checkpoint folder, .gguf file or alias) and start an engine on it.
 
     kv_memory: bytes of the KV pool (default: on a GPU what is left after the weights, less
@@ -572,7 +698,8 @@ def build_engine(model: str, *, slots: int = 16, max_context: int | None = None,
     step in flight on CUDA. cuda_graph_sizes: the decode graphs' numbers of requests
     (default: powers of two from 8 and all slots, each kept only if it replays faster
     than the graph over every slot). kv_layout: the pool's layout, "head" or "token"
-    (workers/hf/kv_cache.py).
+    (workers/hf/kv_cache.py). max_pinned_blocks: KV blocks pinned prefixes may hold
+    (default: a quarter of the pool).
     """
     loaded = load_model(model, dtype=dtype, device=device, quantize=quantize)
     contrast = load_model(contrast_model, dtype=dtype, device=device, quantize=quantize) if contrast_model else None
@@ -580,4 +707,4 @@ def build_engine(model: str, *, slots: int = 16, max_context: int | None = None,
                     max_prefill_tokens=max_prefill_tokens, burst_prefill_tokens=burst_prefill_tokens,
                     block_size=block_size, clock=clock, attention=attention,
                     cuda_graph=cuda_graph, compile_decode=compile_decode, contrast=contrast, overlap=overlap,
-                    cuda_graph_sizes=cuda_graph_sizes, kv_layout=kv_layout)
+                    cuda_graph_sizes=cuda_graph_sizes, kv_layout=kv_layout, max_pinned_blocks=max_pinned_blocks)

@@ -125,7 +125,19 @@ class Scorer:
                 raise InvalidRequest("the continuation has no tokens", request.id)
         check_vocabulary(continuation or (), self.vocab_size, request.id, what="continuation")
         check_context(request.id, self.max_context, len(prompt_token_ids), continuation_tokens=len(continuation or ()))
-        return ScoreItem(prompt_token_ids, continuation, request.top_logprobs)
+        item = ScoreItem(prompt_token_ids, continuation, request.top_logprobs, request.rows)
+        for question in item.questions() if item.rows is not None else ():
+            check_vocabulary(question.prompt_token_ids, self.vocab_size, request.id)
+            check_context(request.id, self.max_context, len(question.prompt_token_ids))
+        return item
 
     def score(self, items: list[ScoreItem]) -> list[ScoreOutput]:
-        return score_batch(self.model, items, self.pad_token_id)
+        """Every item's answer, an item with rows answered by one pass over its questions too."""
+        questions = [item.questions() for item in items]
+        answers = iter(score_batch(self.model, [q for qs in questions for q in qs], self.pad_token_id))
+        outputs = []
+        for item, asked in zip(items, questions):
+            mine = [next(answers) for _ in asked]
+            outputs.append(mine[0] if item.rows is None else
+                           ScoreOutput(next_token_logprobs=torch.stack([m.next_token_logprobs for m in mine])))
+        return outputs
