@@ -303,7 +303,7 @@ def wait_for_pinned_blocks(fleet, count: int) -> None:
 def test_a_pinned_prefix_is_named_by_its_handle_until_unpinned(fleet, loaded):
     from batchd import Client, PinLimitReached, UnknownPrefix
 
-    prompt = loaded.tokenizer.encode("A pinned prompt: " + " ".join(["the quick brown fox"] * 10))
+    prompt = loaded.tokenizer.encode("A pinned prompt: " + " ".join(["the quick brown fox"] * 11))
     assert 48 <= len(prompt) < 64  # 3 full blocks of 16 tokens on the CPU
     with Client(fleet.url) as client:
         pin = client.pin(prompt, ttl_s=60, timeout=120)
@@ -346,6 +346,7 @@ def test_batchd_lm_sends_an_smc_step_as_one_request_and_recovers_from_a_lost_pin
         ours = asyncio.run(step())
         pinned = submits()
         server.delete(f"batchd:pin:{handle}")  # as if it expired
+        wait_for_pinned_blocks(fleet, 0)  # the worker noticed
         again = asyncio.run(step())
         after = submits()
     finally:
