@@ -1,28 +1,35 @@
-"""LLaMPPL's and genlm-control's own SMC examples, in process and through batchd, with Redis's memory.
+"""LLaMPPL's and genlm-control's own SMC examples, in process and through batchd, with Redis's memory
+and what the producer sends.
 
 Runs each library's example (LLaMPPL's hard-constraints model, genlm-control's
 README regular-expression example) with the library's own in-process Hugging
 Face backend, then through batchd (`batchd.integrations`: an embedded Redis, a
-scheduler and an hf worker as real processes) twice: with scoring results kept
-as long as generate results (`--scoring-result-ttl 3600`, what every result got
-before the flag) and with the default 5 s, where it also runs them with float16
-vectors (`logprobs_dtype="float16"`). A thread samples Redis's
-`used_memory` every 20 ms; the table gives each run's peak. Same seeds for
-every run, so the texts can be compared too.
+scheduler and an hf worker as real processes, default scoring result TTL):
+with `--before REV`, first with the integrations as of that git revision (one
+request per call, the whole prefix each time: the client side before
+many-prefix requests and pins; the fleet answers those requests as it always
+did), then with this checkout's (an SMC step's calls in one request, the
+prompt pinned by `cache_kv` and named by its handle), in float32 and float16.
+A thread samples Redis's `used_memory` every 20 ms; the table gives each run's
+peak. Every next-token request the producer builds is counted (requests,
+encoded bytes, token ids, questions). Same seeds for every run, so the texts
+can be compared too.
 
-    python benchmarks/integrations_smc.py   # SmolLM2-135M, float32, CPU -> benchmarks/results/integrations_smc.json
+    python benchmarks/integrations_smc.py --before main   # -> benchmarks/results/integrations_smc.json
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import platform
 import random
 import string
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -171,59 +178,108 @@ def in_process(loaded, args) -> dict:
     return figures
 
 
-def through_batchd(scoring_result_ttl: int | None, args, dtypes: tuple[str, ...] = ("float32",)) -> dict:
+def through_batchd(args) -> dict:
     from batchd.embedded import EmbeddedServer
-    from batchd.integrations.genlm import BatchdLM
     from batchd.status import stop_processes, wait_for_workers
 
-    ttl = [] if scoring_result_ttl is None else ["--scoring-result-ttl", str(scoring_result_ttl)]
-    print(f"through batchd, {' '.join(ttl) or 'default scoring result TTL'}:", file=sys.stderr, flush=True)
+    print("through batchd:", file=sys.stderr, flush=True)
     cli = [sys.executable, "-m", "batchd.cli", "--log-level", "WARNING"]
+    variants = [(f"before ({args.before}), float32", integrations_as_of(args.before), "float32")] if args.before else []
+    variants += [("this checkout, float32", "batchd.integrations", "float32"),
+                 ("this checkout, float16", "batchd.integrations", "float16")]
     with EmbeddedServer() as server:
         daemons = [
             subprocess.Popen([*cli, "scheduler", "--redis", server.url, "--max-batch", "64", "--max-wait-ms", "2"]),
             subprocess.Popen([*cli, "worker", "--redis", server.url, "--engine", "hf", "--model", args.model,
-                              "--slots", "32", "--device", "cpu", "--dtype", "float32", *ttl]),
+                              "--slots", "32", "--device", "cpu", "--dtype", "float32"]),
         ]
         try:
             wait_for_workers(server.url, timeout_s=600, processes=daemons)
             stats = redis.Redis.from_url(server.url)
-            before = stats.info("memory")["used_memory"]
-            figures = {"used_memory_idle_bytes": before}
-            for dtype in dtypes:
-                lm = BatchdLM(server.url, timeout=300, logprobs_dtype=dtype)  # the served tokenizer, from Redis
-                figures[dtype] = run_examples(lm, server.url, args)
+            figures = {"used_memory_idle_bytes": stats.info("memory")["used_memory"]}
+            for label, package, dtype in variants:
+                genlm = importlib.import_module(package + ".genlm")
+                llamppl = importlib.import_module(package + ".llamppl")
+                lm = genlm.BatchdLM(server.url, timeout=300, logprobs_dtype=dtype)  # the served tokenizer
+                figures[label] = run_examples(lm, llamppl.BatchdCausalLM, server.url, args)
                 lm.close()
-            figures["requests"] = int(stats.hget("batchd:stats", "requests_dispatched") or 0)
             stats.close()
         finally:
             stop_processes(daemons, timeout_s=60)
     return figures
 
 
+def integrations_as_of(revision: str) -> str:
+    """The integrations package as of a git revision, importable under another name (its
+    relative imports stay inside it; batchd.client is this checkout's)."""
+    folder = Path(tempfile.mkdtemp()) / "integrations_before"
+    folder.mkdir()
+    names = subprocess.run(["git", "ls-tree", "--name-only", revision, "integrations/"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in names:
+        source = subprocess.run(["git", "show", f"{revision}:{name}"], check=True, capture_output=True).stdout
+        (folder / Path(name).name).write_bytes(source)
+    sys.path.insert(0, str(folder.parent))
+    return "integrations_before"
+
+
+class SentRequests:
+    """Every next-token request the producer builds in a block: count, encoded bytes, token ids,
+    questions (rows). Wraps the one function both clients build them with."""
+
+    def __init__(self):
+        self.requests = self.bytes = self.token_ids = self.questions = 0
+
+    def __enter__(self) -> "SentRequests":
+        from batchd.client import scoring
+
+        self._original = original = scoring.next_token_request
+
+        def counted(*args, **kwargs):
+            request, payload = original(*args, **kwargs)
+            self.requests += 1
+            self.bytes += len(payload)
+            self.token_ids += len(request.prompt_token_ids or ()) + sum(len(row) for row in request.rows or ())
+            self.questions += len(request.rows) if request.rows is not None else 1
+            return request, payload
+
+        scoring.next_token_request = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from batchd.client import scoring
+
+        scoring.next_token_request = self._original
+
+    def figures(self) -> dict:
+        return {"requests": self.requests, "request_bytes": self.bytes, "token_ids_sent": self.token_ids,
+                "questions": self.questions}
+
+
 def sent_bytes(stats: redis.Redis) -> int:
     return stats.info("stats")["total_net_output_bytes"]
 
 
-def run_examples(lm, url: str, args) -> dict:
-    from batchd.integrations.llamppl import BatchdCausalLM
-
+def run_examples(lm, causal_lm, url: str, args) -> dict:
     figures = {}
     stats = redis.Redis.from_url(url)
     seeded(args.seed)
     sent = sent_bytes(stats)
-    with MemoryPeak(url) as memory:
+    with MemoryPeak(url) as memory, SentRequests() as requests:
         wall, texts = timed(f"LLaMPPL hard constraints ({lm.logprobs_dtype})", lambda: asyncio.run(
-            llamppl_example(BatchdCausalLM(lm=lm), args.max_tokens, args.particles)))
+            llamppl_example(causal_lm(lm=lm), args.max_tokens, args.particles)))
     figures["llamppl"] = {"wall_s": wall, "texts": texts, "redis_peak_bytes": memory.peak,
-                          "redis_added_bytes": memory.added, "redis_sent_bytes": sent_bytes(stats) - sent}
+                          "redis_added_bytes": memory.added, "redis_sent_bytes": sent_bytes(stats) - sent,
+                          **requests.figures()}
+    causal_lm(lm=lm).clear_kv_cache()  # the example's pinned prompt (cache_kv), as a program ending would
     seeded(args.seed)
     sent = sent_bytes(stats)
-    with MemoryPeak(url) as memory:
+    with MemoryPeak(url) as memory, SentRequests() as requests:
         wall, posterior = timed(f"genlm-control regex ({lm.logprobs_dtype})", lambda: asyncio.run(
             genlm_example(lm, args.genlm_particles, args.genlm_max_tokens)))
     figures["genlm"] = {"wall_s": wall, "posterior": posterior, "redis_peak_bytes": memory.peak,
-                        "redis_added_bytes": memory.added, "redis_sent_bytes": sent_bytes(stats) - sent}
+                        "redis_added_bytes": memory.added, "redis_sent_bytes": sent_bytes(stats) - sent,
+                        **requests.figures()}
     stats.close()
     return figures
 
@@ -236,6 +292,8 @@ def main() -> None:
     parser.add_argument("--genlm-particles", type=int, default=10, help="genlm README's n_particles")
     parser.add_argument("--genlm-max-tokens", type=int, default=30, help="genlm README's max_tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--before", default=None, metavar="REV",
+                        help="also run the integrations as of this git revision (e.g. main), first")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/integrations_smc.json"))
     args = parser.parse_args()
 
@@ -243,25 +301,27 @@ def main() -> None:
 
     loaded = load_model(args.model, dtype="float32", device="cpu")
     figures = {"model": args.model, "machine": f"{platform.node()} ({torch.get_num_threads()} torch threads)",
+               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                        text=True).stdout.strip(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args) | {"out": str(args.out)},
-               "in_process": in_process(loaded, args),
-               "batchd_scoring_ttl_3600": through_batchd(3600, args),
-               "batchd_default_ttl": through_batchd(None, args, ("float32", "float16"))}
-    runs = [("batchd, scoring TTL 3600 s", figures["batchd_scoring_ttl_3600"]["float32"]),
-            ("batchd, default TTL", figures["batchd_default_ttl"]["float32"]),
-            ("batchd, default TTL, float16", figures["batchd_default_ttl"]["float16"])]
-    print("\n| example | run | wall (s) | Redis peak (MiB) | added by the run (MiB) | Redis sent (MiB) "
-          "| output as in process |\n|---|---|---:|---:|---:|---:|---|")
+               "in_process": in_process(loaded, args), "batchd": through_batchd(args)}
+    runs = [(name, run) for name, run in figures["batchd"].items() if isinstance(run, dict)]
+    print("\n| example | run | wall (s) | Redis peak (MiB) | added (MiB) | Redis sent (MiB) | requests "
+          "| questions | bytes a question | token ids a question | output as in process |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for label, key in (("LLaMPPL hard constraints", "llamppl"), ("genlm-control README regex", "genlm")):
         alone = figures["in_process"][key]
-        print(f"| {label} | in process | {alone['wall_s']:.2f} | | | | |")
+        print(f"| {label} | in process | {alone['wall_s']:.2f} | | | | | | | | |")
         for name, run in runs:
             output = "texts" if key == "llamppl" else "posterior"
-            same = run[key][output] == alone[output]
-            run[key]["same_output_as_in_process"] = same
-            print(f"| {label} | {name} | {run[key]['wall_s']:.2f} | {run[key]['redis_peak_bytes'] / 2**20:.1f} "
-                  f"| {run[key]['redis_added_bytes'] / 2**20:.1f} | {run[key]['redis_sent_bytes'] / 2**20:.1f} | {same} |")
-    idle = figures["batchd_default_ttl"]["used_memory_idle_bytes"]
+            got = run[key]
+            got["same_output_as_in_process"] = same = got[output] == alone[output]
+            questions = max(1, got["questions"])
+            print(f"| {label} | {name} | {got['wall_s']:.2f} | {got['redis_peak_bytes'] / 2**20:.1f} "
+                  f"| {got['redis_added_bytes'] / 2**20:.1f} | {got['redis_sent_bytes'] / 2**20:.1f} "
+                  f"| {got['requests']} | {got['questions']} | {got['request_bytes'] / questions:.0f} "
+                  f"| {got['token_ids_sent'] / questions:.1f} | {same} |")
+    idle = figures["batchd"]["used_memory_idle_bytes"]
     print(f"\nRedis idle, the tokenizer stored: {idle / 2**20:.1f} MiB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2, ensure_ascii=False))
