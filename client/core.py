@@ -42,6 +42,7 @@ from .protocol import (
     Result,
     SamplingParams,
     TokenEvent,
+    TokenLogprob,
     decode_event,
     decode_heartbeat,
     decode_request,
@@ -82,6 +83,8 @@ class Delta:
     text: str
     token_ids: list[int]
     index: int
+    # With submit(logprobs=k): one entry per token of token_ids (protocol.TokenLogprob).
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ def build_request(
     prefix_pin: str | None = None,
     rows: Sequence[Sequence[int]] | None = None,
     pin_ttl_s: int = 600,
+    logprobs: int | None = None,
 ) -> tuple[Request, bytes]:
     """Build, encode and validate a request exactly as a scheduler will.
 
@@ -171,7 +175,7 @@ def build_request(
             params=SamplingParams(
                 max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                 top_k=top_k, seed=seed, stop=list(stop or []), stop_token_ids=list(stop_token_ids or []),
-                ignore_eos=ignore_eos,
+                ignore_eos=ignore_eos, logprobs=logprobs,
                 contrast_alpha=None if contrast_alpha is None else float(contrast_alpha)),
             priority=priority,
             producer=producer,
@@ -225,6 +229,7 @@ class EventParser:
         self._tags_seen: set[bytes] = set()
         self._tokens: list[int] = []  # this attempt's output
         self._text: list[str] = []
+        self._logprobs: list[TokenLogprob] = []  # with logprobs asked for: one per token
         self._replaying = False  # after a restart, until the attempt caught up with what was shown
         self._shown_tokens: list[int] = []
         self._shown_text = ""
@@ -240,13 +245,14 @@ class EventParser:
         if isinstance(event, TokenEvent):
             self._tokens.extend(event.token_ids)
             self._text.append(event.text)
+            self._logprobs.extend(event.logprobs or ())
             if self._replaying:
                 return self._replay()
-            return Delta(text=event.text, token_ids=event.token_ids, index=event.index)
+            return Delta(text=event.text, token_ids=event.token_ids, index=event.index, logprobs=event.logprobs)
         if isinstance(event, RestartEvent):
             if not self._replaying:
                 self._shown_tokens, self._shown_text = self._tokens, "".join(self._text)
-            self._tokens, self._text = [], []
+            self._tokens, self._text, self._logprobs = [], [], []
             self._replaying = True
             self._restart = event
             self._attempt = event.attempt
@@ -308,7 +314,9 @@ class EventParser:
         self._shown_text = shown_text + new_text
         if len(tokens) == len(self._shown_tokens) and len(text) == len(self._shown_text):
             self._replaying = False  # caught up: from here on events pass straight through
-        return Delta(text=new_text, token_ids=new_tokens, index=index) if new_tokens or new_text else None
+        logprobs = self._logprobs[index:len(tokens)] if self._logprobs else None
+        return (Delta(text=new_text, token_ids=new_tokens, index=index, logprobs=logprobs)
+                if new_tokens or new_text else None)
 
 
 def served_models(heartbeats: Sequence[bytes | None]) -> list[str]:
@@ -582,11 +590,12 @@ class ClientCore(Generic[Sent]):
                stop: Sequence[str] | str | None = None, stop_token_ids: Sequence[int] | None = None,
                ignore_eos: bool = False, contrast_alpha: float | None = None, priority: int = 0,
                timeout: float | None = None, deadline: float | None = None,
-               request_id: str | None = None, model: str | None = None) -> Sent:
+               request_id: str | None = None, model: str | None = None, logprobs: int | None = None) -> Sent:
         """Enqueue one request and return its handle at once (AsyncClient: await it).
 
         model names the model to answer with, as workers advertise it (`models()`); None:
-        the fleet's only model. Raises InvalidRequest for bad arguments (at the call, before
+        the fleet's only model. logprobs=k: each generated token's log-probability and its k most
+        likely alternatives, in the stream's Deltas and the Result's generated_logprobs. Raises InvalidRequest for bad arguments (at the call, before
         anything is sent) and Overloaded when the queue is full; a model no live worker
         serves comes back as UnknownModel. Submitting again with the same request_id never
         runs it twice.
@@ -599,6 +608,7 @@ class ClientCore(Generic[Sent]):
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, contrast_alpha=contrast_alpha,
             priority=priority, producer=self.producer, timeout=timeout, deadline=deadline, model=model,
+            logprobs=logprobs,
             cancel_hash=self._cancel_secrets.hash(request_id) if isinstance(request_id, str) else None,
             event_key=self._cancel_secrets.event_key(request_id) if isinstance(request_id, str) else None)
         return self._send(request, payload, explicit, timeout)

@@ -32,6 +32,8 @@ MAX_STOP_CHARS = 256
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 MAX_ID_CHARS = 128
 MAX_CONTRAST_ALPHA = 100.0
+# Alternatives a generated token's logprobs may list (OpenAI's top_logprobs allows 20).
+MAX_TOP_LOGPROBS = 20
 # Unix times beyond this (the year 5138) are refused, inf and NaN with them.
 MAX_UNIX_TIME_S = 1e11
 MAX_MODEL_CHARS = 256
@@ -80,6 +82,10 @@ class SamplingParams(Struct, forbid_unknown_fields=True, omit_defaults=True, fro
     stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]], Meta(max_length=MAX_STOP_STRINGS)] = []
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=64)] = []
     ignore_eos: bool = False
+    # Each generated token's log-probability under the model (before temperature, top_k and
+    # top_p, as vLLM reports them), with this many most likely alternatives: TokenEvent.logprobs
+    # and Result.generated_logprobs. None: none.
+    logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     # Contrastive decoding against the worker's --contrast-model ("before"):
     # logits_after + alpha * (logits_after - logits_before). None: the model alone.
     contrast_alpha: Annotated[float, Meta(ge=-MAX_CONTRAST_ALPHA, le=MAX_CONTRAST_ALPHA)] | None = None
@@ -152,6 +158,24 @@ class Job(Struct, forbid_unknown_fields=True, omit_defaults=True):
     requests: list[Request]
 
 
+class TopLogprob(Struct, omit_defaults=True):
+    """One of the most likely tokens at a position: its id, its text alone, its log-probability."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprob(Struct, omit_defaults=True):
+    """A generated token's log-probability (SamplingParams.logprobs), with the alternatives asked
+    for, most likely first. token: its text alone ("" for a stop token, which adds no text)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TopLogprob] = []
+
+
 class Usage(Struct, omit_defaults=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -189,6 +213,8 @@ class Result(Struct, omit_defaults=True):
     top_logprobs: list[float] | None = None
     token_logprobs: list[float] | None = None
     total_logprob: float | None = None
+    # generate with SamplingParams.logprobs: one entry per token of token_ids.
+    generated_logprobs: list[TokenLogprob] | None = None
     # pin: the handle requests name as prefix_pin.
     pin_handle: str | None = None
     # seal_final's, when the request carried an event_key: the submitter's proof that this
@@ -202,6 +228,8 @@ class TokenEvent(Struct, tag="token", omit_defaults=True):
     index: int
     token_ids: list[int]
     text: str = ""
+    # With SamplingParams.logprobs: one entry per token of token_ids.
+    logprobs: list[TokenLogprob] | None = None
     tag: bytes = b""  # seal_event's; empty when the request carries no event_key
 
 

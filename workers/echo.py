@@ -12,6 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from batchd.client.errors import InvalidRequest
 from batchd.client.protocol import Request
 
 from .engine import Clock, EngineBase, EngineRequest, StepOutput
@@ -51,6 +52,9 @@ class EchoEngine(EngineBase):
 
     def add(self, request: EngineRequest) -> None:
         check_contrast(request.params, request.request_id, has_pair=False, serves="the echo engine has no model")
+        if request.params.logprobs is not None:
+            raise InvalidRequest("the echo engine has no model: it has no log-probabilities to return "
+                                 "(logprobs)", request.request_id)
         # It echoes the prompt back, so the prompt alone is what it holds at its longest.
         check_context(request.request_id, MAX_CONTEXT, len(request.prompt_token_ids), max_new_tokens=0)
         self._waiting.append(request)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from batchd.client.errors import BatchdError, InvalidRequest
-from batchd.client.protocol import FinishReason, Request, SamplingParams
+from batchd.client.protocol import FinishReason, Request, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:  # the tensor type only; this module runs without torch
     import torch
@@ -84,6 +84,8 @@ class StepOutput:
     completion_tokens: int = 0
     # A scoring request's answer, with its finish.
     score: ScoreOutput | None = None
+    # With SamplingParams.logprobs: one entry per token of new_token_ids.
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from batchd.client.protocol import ErrorInfo, Heartbeat, Request, Result, Timings, TokenEvent, Usage
+from batchd.client.protocol import ErrorInfo, Heartbeat, Request, Result, Timings, TokenEvent, TokenLogprob, Usage
 from batchd.daemon.toolkit import SERVER_TICK_MS
 
 from .engine import ScoreItem, ScoreOutput, StepOutput
@@ -41,9 +41,12 @@ class Held:
     unheard_since: float | None = None
     # A scoring request the engine runs in its steps: what it asked.
     score_item: ScoreItem | None = None
+    # With SamplingParams.logprobs: each generated token's.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
-    def add_tokens(self, token_ids: list[int], text: str, now: float) -> TokenEvent:
-        """Record one step's new tokens and text; the event that streams them."""
+    def add_tokens(self, token_ids: list[int], text: str, now: float,
+                   logprobs: list[TokenLogprob] | None = None) -> TokenEvent:
+        """Record one step's new tokens and text (and their logprobs); the event that streams them."""
         index = len(self.token_ids)
         if token_ids:
             if self.first_token_at is None:
@@ -51,7 +54,9 @@ class Held:
             self.last_token_at = now
         self.token_ids.extend(token_ids)
         self.text.append(text)
-        return TokenEvent(index=index, token_ids=token_ids, text=text)
+        if logprobs:
+            self.logprobs.extend(logprobs)
+        return TokenEvent(index=index, token_ids=token_ids, text=text, logprobs=logprobs or None)
 
     def unheard_for(self, listeners: int, now: float, abandoned_after_s: float) -> float | None:
         """Note how many subscribers received this request's latest tokens. Returns the seconds
@@ -82,7 +87,8 @@ class Held:
                 total_s=max(0.0, now - submitted)),
             error=error,
             worker=worker_id,
-            attempt=self.request.attempt)
+            attempt=self.request.attempt,
+            generated_logprobs=list(self.logprobs) if self.request.params.logprobs is not None else None)
 
     def score_result(self, item: ScoreItem, output: ScoreOutput, now: float, worker_id: str) -> Result:
         """The final Result of a scoring request."""

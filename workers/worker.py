@@ -415,7 +415,7 @@ class Worker:
                 gap = (now - held.last_token_at) / len(output.new_token_ids)
                 for _ in output.new_token_ids:
                     self._series.inter_token_latency.observe(gap)
-        return held.add_tokens(output.new_token_ids, output.text, now)
+        return held.add_tokens(output.new_token_ids, output.text, now, output.logprobs)
 
     def _final_result(self, held: Held, output: StepOutput, now: float) -> Result:
         if output.score is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from batchd.workers.hf import build_engine
 from engine_helpers import drive, hf_greedy, random_prompt, request
 
@@ -41,3 +43,28 @@ def test_top_k_one_is_greedy(tiny_models, reference_models):
     engine = build_engine(str(tiny_models["qwen3"]), slots=2, max_context=96)
     run = drive(engine, {0: [request("k1", prompt, max_new_tokens=20, temperature=2.0, top_k=1, seed=9)]})
     assert run.tokens["k1"] == hf_greedy(reference_models["qwen3"], prompt, 20)
+
+
+def test_each_generated_tokens_logprob_and_alternatives_are_the_models(tiny_models, reference_models):
+    """logprobs=k: the sampled token's log-probability and the k most likely, as one forward pass
+    of the whole sequence gives them (before temperature and top_p), beside a request without."""
+    import torch
+
+    prompt = random_prompt(random.Random(8), 14)
+    engine = build_engine(str(tiny_models["llama"]), slots=4, max_context=96)
+    run = drive(engine, {0: [request("lp", prompt, max_new_tokens=12, temperature=0.9, seed=5, logprobs=3,
+                                     ignore_eos=True),
+                             request("plain", prompt, max_new_tokens=12)]})
+    tokens = run.tokens["lp"]
+    entries = [entry for out in run.outputs["lp"] for entry in out.logprobs or ()]
+    assert [e.token_id for e in entries] == tokens and len(tokens) == 12
+    assert all(out.logprobs is None for out in run.outputs["plain"])
+    with torch.no_grad():
+        logits = reference_models["llama"](torch.tensor([prompt + tokens])).logits[0].float()
+    expected = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
+    for at, entry in enumerate(entries):
+        assert abs(entry.logprob - expected[at, entry.token_id].item()) < 1e-4
+        top = torch.topk(expected[at], 3)
+        assert [t.token_id for t in entry.top] == top.indices.tolist()
+        assert [t.logprob for t in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert entry.top[0].logprob >= entry.logprob

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from batchd.client.errors import BatchdError, InvalidRequest, PinLimitReached
-from batchd.client.protocol import FinishReason, Request
+from batchd.client.protocol import FinishReason, Request, TokenLogprob, TopLogprob
 
 from ..engine import Clock, EngineBase, EngineRequest, ScoreItem, ScoreOutput, StepOutput
 from ..validation import check_context, check_contrast, check_vocabulary
@@ -407,6 +407,7 @@ class HFEngine(EngineBase):
                 logits, sequences = self._take_scores(logits, rows, sequences)
             tokens = self._sampler.sample(logits, [s.request.params for s in sequences],
                                           [self._generators[s.request_id] for s in sequences])
+            logprobs = _SampledLogprobs.take(logits, tokens, sequences)
         except Exception as exc:  # one bad step must not take the worker down
             return None, self._fail(plan.sequences, exc)
         self._scheduler.launched(plan)
@@ -415,7 +416,7 @@ class HFEngine(EngineBase):
         for row, sequence in enumerate(sequences):
             sequence.in_flight += 1
             sequence.in_flight_row = row
-        return _Launched.queue(sequences, tokens, scored), []
+        return _Launched.queue(sequences, tokens, scored, logprobs), []
 
     def _take_scores(self, logits: torch.Tensor, rows: list[Chunk], sequences: list[Sequence]):
         """Keep the scoring rows' log-probabilities, reduced on the device to what each request
@@ -480,11 +481,13 @@ class HFEngine(EngineBase):
         finally:
             self.device_wait_s += time.perf_counter() - started
         outputs = []
-        for sequence, token in zip(launched.sequences, tokens):
+        logprobs = launched.logprobs
+        for row, (sequence, token) in enumerate(zip(launched.sequences, tokens)):
             sequence.in_flight -= 1
             # Cancelled, expired or stopped while this token was on its way: it is dropped.
             if sequence.status is not Status.FINISHED:
-                outputs.append(self._emit(sequence, token))
+                entry = logprobs.entry(row, token, self.tokenizer, sequence) if logprobs is not None else None
+                outputs.append(self._emit(sequence, token, entry))
         for sequence in launched.scored:
             if sequence.status is not Status.FINISHED:
                 outputs.append(self._finish(sequence, "stop", [], score=self._score_output(sequence)))
@@ -515,7 +518,13 @@ class HFEngine(EngineBase):
         logits[index] = after + alpha * (after - before.to(logits.dtype))
         return logits
 
-    def _emit(self, sequence: Sequence, token: int) -> StepOutput:
+    def _emit(self, sequence: Sequence, token: int, logprob: TokenLogprob | None = None) -> StepOutput:
+        output = self._emit_token(sequence, token)
+        if logprob is not None:
+            output.logprobs = [logprob]
+        return output
+
+    def _emit_token(self, sequence: Sequence, token: int) -> StepOutput:
         sequence.generated.append(token)
         sequence.token_ids.append(token)
         if sequence.status is Status.RUNNING:
@@ -594,6 +603,39 @@ class _HostRows:
         return self._rows
 
 
+class _SampledLogprobs:
+    """The log-probabilities of a step's sampled tokens, for the rows whose requests ask for them
+    (SamplingParams.logprobs), and their most likely alternatives: reduced on the device to one
+    value and k pairs a row, copied back with the tokens."""
+
+    def __init__(self, place: dict[int, int], own: torch.Tensor, values: torch.Tensor, indices: torch.Tensor):
+        self._place = place  # row of the step -> row here
+        self._own, self._values, self._indices = _HostRows(own), _HostRows(values), _HostRows(indices)
+
+    @classmethod
+    def take(cls, logits: torch.Tensor, tokens: torch.Tensor, sequences: list[Sequence]) -> _SampledLogprobs | None:
+        wanted = [row for row, s in enumerate(sequences) if s.request.params.logprobs is not None]
+        if not wanted:
+            return None
+        index = to_device(wanted, torch.long, logits.device)
+        # The model's own distribution, before temperature, top_k and top_p (vLLM's default).
+        logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+        own = logprobs.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
+        k = min(max(sequences[row].request.params.logprobs for row in wanted), logprobs.shape[-1])
+        top = torch.topk(logprobs, k)
+        return cls({row: at for at, row in enumerate(wanted)}, own, top.values, top.indices)
+
+    def entry(self, row: int, token: int, tokenizer: Any, sequence: Sequence) -> TokenLogprob | None:
+        at = self._place.get(row)
+        if at is None:
+            return None
+        k = sequence.request.params.logprobs
+        top = [TopLogprob(token_id, tokenizer.decode([token_id]), value) for token_id, value
+               in zip(self._indices.rows()[at][:k], self._values.rows()[at][:k])]
+        text = "" if token in sequence.stop_token_ids else tokenizer.decode([token])
+        return TokenLogprob(token, text, self._own.rows()[at], top)
+
+
 @dataclass
 class _Launched:
     """A queued step: the sequences its rows belong to and their sampled tokens."""
@@ -603,15 +645,17 @@ class _Launched:
     host: torch.Tensor  # the same tokens, copied to pinned memory as soon as they exist
     ready: torch.cuda.Event | None
     scored: list[Sequence]  # scoring requests whose last rows this step computes
+    logprobs: _SampledLogprobs | None = None
 
     @classmethod
-    def queue(cls, sequences: list[Sequence], tokens: torch.Tensor, scored: list[Sequence]) -> _Launched:
+    def queue(cls, sequences: list[Sequence], tokens: torch.Tensor, scored: list[Sequence],
+              logprobs: _SampledLogprobs | None = None) -> _Launched:
         if tokens.device.type != "cuda":
-            return cls(sequences, tokens, tokens, None, scored)
+            return cls(sequences, tokens, tokens, None, scored, logprobs)
         host = _to_host(tokens)
         ready = torch.cuda.Event()
         ready.record()
-        return cls(sequences, tokens, host, ready, scored)
+        return cls(sequences, tokens, host, ready, scored, logprobs)
 
     def read(self) -> list[int]:
         if self.ready is not None:
