@@ -212,7 +212,8 @@ class Call:
     client: AsyncClient
     submits: list[dict]
     include_usage: bool = False
-    logprobs: bool = False
+    # Alternatives each token's logprob comes with (openai_api.logprobs_asked); None: no logprobs.
+    logprobs: int | None = None
     timeout: float | None = None
     handles: list = field(default_factory=list)
     results: list[Result | None] = field(default_factory=list)
@@ -309,12 +310,12 @@ async def _complete(gateway: Gateway, request: Request, endpoint: api.Endpoint) 
                    for prompt in prompts for i in range(parsed.n)]
         call = Call(endpoint, model, client, submits,
                     include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage),
-                    logprobs=api.wants_logprobs(parsed))
+                    logprobs=api.logprobs_asked(parsed))
         prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
         await call.submit_all(gateway, gateway.config.request_timeout_s)
         response_id = prefix + call.handles[0].request_id
         if parsed.stream:
-            response = await _stream(gateway, call, api.Chunks(response_id, model, endpoint == "chat"))
+            response = await _stream(gateway, call, api.Chunks(response_id, model, endpoint == "chat", call.logprobs))
         else:
             response = await _whole(gateway, call, request, response_id)
     except Exception as exc:
@@ -332,9 +333,7 @@ async def _complete(gateway: Gateway, request: Request, endpoint: api.Endpoint) 
 
 async def _whole(gateway: Gateway, call: Call, request: Request, response_id: str) -> Response:
     """Wait for every choice's result, or for the caller to go away (then cancel them)."""
-    if call.logprobs:
-        results = asyncio.ensure_future(asyncio.gather(*(_with_logprobs(call, i) for i in range(len(call.handles)))))
-    elif len(call.handles) == 1:  # the common case, without gather's extra future
+    if len(call.handles) == 1:  # the common case, without gather's extra future
         results = asyncio.ensure_future(_one_result(call.handles[0]))
     else:
         results = asyncio.ensure_future(asyncio.gather(*(h.result() for h in call.handles)))
@@ -350,40 +349,12 @@ async def _whole(gateway: Gateway, call: Call, request: Request, response_id: st
         results.cancel()
         call.cancel_unfinished(gateway)
         return Response(status_code=499)
-    answers = results.result()
+    call.results = [api.check_finished(r) for r in results.result()]
     logprobs = None
-    if call.logprobs:
-        answers, logprobs = [a for a, _ in answers], [lp for _, lp in answers]
-    call.results = [api.check_finished(r) for r in answers]
+    if call.logprobs is not None:
+        logprobs = [api.choice_logprobs(call.endpoint == "chat", r, call.logprobs) for r in call.results]
     build = api.chat_completion if call.endpoint == "chat" else api.text_completion
     return _json_response(build(response_id, call.model, call.results, logprobs))
-
-
-async def _with_logprobs(call: Call, index: int) -> tuple[Result, dict]:
-    """A choice's result and its tokens' logprobs: the answer is read token by token (for each
-    token's text), then scored in one forward pass of the same model."""
-    tokens: list[str] = []
-    result = None
-    async for item in call.handles[index]:
-        if isinstance(item, Delta):
-            # One token per delta as a rule; text held back for an unfinished character
-            # comes with the next token's delta.
-            tokens += [item.text] + [""] * (len(item.token_ids) - 1)
-        elif isinstance(item, StreamRestarted):
-            tokens = []
-        elif isinstance(item, Result):
-            result = item
-    api.check_finished(result)
-    submit = call.submits[index]
-    prompt = {name: submit[name] for name in ("prompt", "messages", "prompt_token_ids") if name in submit}
-    logprobs: list[float] = []
-    if result.token_ids:
-        scored = await call.client.score(**prompt, continuation_token_ids=result.token_ids, model=call.model or None,
-                                         timeout=call.timeout)
-        logprobs = scored.token_logprobs
-    tokens = (tokens + [""] * len(logprobs))[:len(logprobs)]
-    build = api.chat_logprobs if call.endpoint == "chat" else api.completion_logprobs
-    return result, build(tokens, logprobs)
 
 
 async def _one_result(handle) -> list[Result]:
@@ -435,7 +406,7 @@ async def _sse(gateway: Gateway, call: Call, chunks: api.Chunks, first, events) 
 def _chunk_of(chunks: api.Chunks, index: int, item) -> dict:
     if isinstance(item, Result):
         return chunks.text(index, "", api.finish_reason(item))
-    return chunks.text(index, item.text)
+    return chunks.text(index, item.text, logprobs=item.logprobs)
 
 
 def _event(payload: dict) -> bytes:

@@ -27,7 +27,7 @@ from batchd.client.errors import (
     UnknownModel,
     WorkerFailed,
 )
-from batchd.client.protocol import MAX_NEW_TOKENS, MAX_STOP_STRINGS, Result
+from batchd.client.protocol import MAX_NEW_TOKENS, MAX_STOP_STRINGS, Result, TokenLogprob
 
 # OpenAI's default when a request gives no max_tokens is "as many as fit"; batchd's
 # clients default to 256, and so does the gateway (a request may ask for more).
@@ -112,10 +112,8 @@ def parse_chat(body: bytes) -> ChatCompletionRequest:
         raise BadBody("tools are not supported by batchd's gateway", param="tools")
     if request.response_format and request.response_format.get("type", "text") != "text":
         raise BadBody("response_format: only {'type': 'text'} is supported")
-    if request.top_logprobs:
-        raise BadBody("top_logprobs > 0 is not supported yet: logprobs=true gives each token's own logprob",
-                      param="top_logprobs")
-    _check_logprobs(request, bool(request.logprobs))
+    if request.top_logprobs and not request.logprobs:
+        raise BadBody("top_logprobs needs logprobs: true", param="top_logprobs")
     return request
 
 
@@ -128,24 +126,16 @@ def parse_completion(body: bytes) -> CompletionRequest:
         raise BadBody("suffix is not supported by batchd's gateway")
     if request.best_of not in (None, 1, request.n):
         raise BadBody("best_of other than n is not supported")
-    if request.logprobs:
-        raise BadBody("logprobs > 0 (the most likely alternatives) is not supported yet: logprobs=0 gives each "
-                      "token's own logprob", param="logprobs")
-    _check_logprobs(request, request.logprobs is not None)
     completion_prompts(request)  # a mixed prompt list is refused here, with the body's other faults
     return request
 
 
-def _check_logprobs(request: _Common, wanted: bool) -> None:
-    # A token's logprob comes from scoring the finished answer in one forward pass (a score
-    # request: the model's own distribution, before temperature or top_p), so a stream,
-    # which shows tokens before the answer is finished, cannot carry them.
-    if wanted and request.stream:
-        raise BadBody("logprobs are not available on a stream yet; ask without stream", param="logprobs")
-
-
-def wants_logprobs(request: _Common) -> bool:
-    return bool(request.logprobs) if isinstance(request, ChatCompletionRequest) else request.logprobs is not None
+def logprobs_asked(request: _Common) -> int | None:
+    """How many alternatives each generated token's logprob comes with (0: its own only); None:
+    no logprobs. Chat: logprobs true and top_logprobs; completions: logprobs."""
+    if isinstance(request, ChatCompletionRequest):
+        return (request.top_logprobs or 0) if request.logprobs else None
+    return request.logprobs
 
 
 def _decode(decoder: msgspec.json.Decoder, body: bytes) -> Any:
@@ -203,7 +193,8 @@ def sampling(request: _Common, max_tokens: int | None) -> dict:
     return dict(max_new_tokens=max_tokens or DEFAULT_MAX_TOKENS,
                 temperature=1.0 if request.temperature is None else request.temperature,
                 top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0,
-                seed=request.seed, stop=stop or None, ignore_eos=request.ignore_eos)
+                seed=request.seed, stop=stop or None, ignore_eos=request.ignore_eos,
+                logprobs=logprobs_asked(request))
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -234,17 +225,27 @@ def usage(results: list[Result]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
-    return {"content": [{"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
-                        for token, logprob in zip(tokens, logprobs)]}
+def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+    """A chat choice's logprobs (or a chunk's): choices[].logprobs.content[]."""
+    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
+                         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
+                                          for t in e.top]} for e in entries]}
 
 
-def completion_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
-    offsets, at = [], 0
-    for token in tokens:
-        offsets.append(at)
-        at += len(token)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+def completion_logprobs(entries: list[TokenLogprob], alternatives: int, offset: int = 0) -> dict:
+    """A completion choice's logprobs (or a chunk's), its text starting at offset in the choice's."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries] if alternatives else None,
+            "text_offset": offsets}
+
+
+def choice_logprobs(chat: bool, result: Result, alternatives: int) -> dict:
+    entries = result.generated_logprobs or []
+    return chat_logprobs(entries) if chat else completion_logprobs(entries, alternatives)
 
 
 def chat_completion(response_id: str, model: str, results: list[Result],
@@ -271,11 +272,13 @@ def text_completion(response_id: str, model: str, results: list[Result],
 class Chunks:
     """The chunks of one streamed response, in the shape of its endpoint."""
 
-    def __init__(self, response_id: str, model: str, chat: bool):
+    def __init__(self, response_id: str, model: str, chat: bool, alternatives: int | None = None):
         self.response_id = response_id
         self.model = model
         self.chat = chat
         self.created = int(time.time())
+        self.alternatives = alternatives  # logprobs_asked: None, no logprobs
+        self._offsets: dict[int, int] = {}  # a completion choice's text so far, for text_offset
 
     def _chunk(self, choices: list[dict], **extra: Any) -> dict:
         return {"id": self.response_id, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -286,11 +289,20 @@ class Chunks:
         return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                              "logprobs": None, "finish_reason": None}])
 
-    def text(self, index: int, text: str, finish: str | None = None) -> dict:
+    def text(self, index: int, text: str, finish: str | None = None,
+             logprobs: list[TokenLogprob] | None = None) -> dict:
+        shown = self._logprobs(index, logprobs) if self.alternatives is not None and logprobs else None
         if self.chat:
             delta = {"content": text} if text or finish is None else {}
-            return self._chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}])
-        return self._chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": finish}])
+            return self._chunk([{"index": index, "delta": delta, "logprobs": shown, "finish_reason": finish}])
+        return self._chunk([{"index": index, "text": text, "logprobs": shown, "finish_reason": finish}])
+
+    def _logprobs(self, index: int, entries: list[TokenLogprob]) -> dict:
+        if self.chat:
+            return chat_logprobs(entries)
+        offset = self._offsets.get(index, 0)
+        self._offsets[index] = offset + sum(len(e.token) for e in entries)
+        return completion_logprobs(entries, self.alternatives, offset)
 
     def usage(self, results: list[Result]) -> dict:
         """The last chunk when stream_options.include_usage: no choices, the usage of them all."""

@@ -168,7 +168,9 @@ class TopLogprob(Struct, omit_defaults=True):
 
 class TokenLogprob(Struct, omit_defaults=True):
     """A generated token's log-probability (SamplingParams.logprobs), with the alternatives asked
-    for, most likely first. token: its text alone ("" for a stop token, which adds no text)."""
+    for, most likely first. token: the text it added to the output, as streamed ("" for a stop
+    token, or for a token whose character the next one completes), so the tokens join into
+    the text; an alternative's token is its text decoded alone."""
 
     token_id: int
     token: str

@@ -128,11 +128,12 @@ def test_errors_have_openai_shapes_and_status_codes(fleet):
         openai_client.chat.completions.create(model="echo", messages=MESSAGES, tools=[
             {"type": "function", "function": {"name": "f", "parameters": {}}}])
     assert tools.value.body["param"] == "tools"
-    with pytest.raises(openai.BadRequestError) as streamed_logprobs:
-        openai_client.chat.completions.create(model="echo", messages=MESSAGES, logprobs=True, stream=True)
-    assert streamed_logprobs.value.body["param"] == "logprobs"
-    with pytest.raises(openai.BadRequestError, match="cannot answer score"):  # the echo engine has no model
-        openai_client.chat.completions.create(model="echo", messages=MESSAGES, logprobs=True)
+    with pytest.raises(openai.BadRequestError) as alternatives_alone:
+        openai_client.chat.completions.create(model="echo", messages=MESSAGES, top_logprobs=2)
+    assert alternatives_alone.value.body["param"] == "top_logprobs"
+    for stream in (False, True):  # the echo engine has no model; a stream's first event is the refusal
+        with pytest.raises(openai.BadRequestError, match="no log-probabilities"):
+            openai_client.chat.completions.create(model="echo", messages=MESSAGES, logprobs=True, stream=stream)
     reply = httpx.post(fleet.base + "/v1/completions", content=b"{not json", timeout=10)
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_request"
     # A prompt the worker refuses (outside the echo engine's vocabulary) is a 400 too.

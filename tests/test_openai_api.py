@@ -18,7 +18,7 @@ from batchd.client.errors import (
     UnknownModel,
     WorkerFailed,
 )
-from batchd.client.protocol import Result, Usage
+from batchd.client.protocol import Result, TokenLogprob, TopLogprob, Usage
 from batchd import openai_api as api
 
 
@@ -35,7 +35,10 @@ def test_a_chat_body_becomes_batchd_messages_and_sampling():
                                           {"role": "user", "content": "Hi there"}]
     sampling = api.sampling(request, request.max_completion_tokens)
     assert sampling == dict(max_new_tokens=9, temperature=1.0, top_p=1.0, top_k=0, seed=3, stop=["END"],
-                            ignore_eos=False)
+                            ignore_eos=False, logprobs=None)
+    asked = [api.logprobs_asked(api.parse_chat(body(messages=[{"role": "user", "content": "x"}], **fields)))
+             for fields in ({}, {"logprobs": True}, {"logprobs": True, "top_logprobs": 4})]
+    assert asked == [None, 0, 4]
     assert [api.choice_seed(3, i) for i in range(3)] == [3, 4, 5] and api.choice_seed(None, 2) is None
 
 
@@ -54,11 +57,11 @@ def test_completion_prompts_in_every_form_openai_allows(prompt, expected):
     (api.parse_chat, dict(messages=[]), None),
     (api.parse_chat, dict(messages=[{"role": "user", "content": "x"}], tools=[{}]), "tools"),
     (api.parse_chat, dict(messages=[{"role": "user", "content": "x"}], presence_penalty=0.5), "presence_penalty"),
-    (api.parse_chat, dict(messages=[{"role": "user", "content": "x"}], top_logprobs=3, logprobs=True), "top_logprobs"),
-    (api.parse_chat, dict(messages=[{"role": "user", "content": "x"}], logprobs=True, stream=True), "logprobs"),
+    (api.parse_chat, dict(messages=[{"role": "user", "content": "x"}], top_logprobs=3), "top_logprobs"),
+    (api.parse_chat, dict(messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=21), None),
     (api.parse_completion, dict(prompt=["a", 5]), "prompt"),
     (api.parse_completion, dict(prompt="a", echo=True), None),
-    (api.parse_completion, dict(prompt="a", logprobs=2), "logprobs"),
+    (api.parse_completion, dict(prompt="a", logprobs=6), None),
     (api.parse_completion, dict(prompt="a", n=17), None),
 ])
 def test_what_the_gateway_cannot_honour_is_a_400_naming_it(parse, fields, param):
@@ -104,9 +107,24 @@ def test_responses_and_chunks_have_openais_shapes():
     chat = api.chat_completion("chatcmpl-r", "m", results)
     assert [c["message"]["content"] for c in chat["choices"]] == ["hi", "yo"]
     assert chat["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
-    text = api.text_completion("cmpl-r", "m", results[:1], [api.completion_logprobs(["h", "i"], [-0.5, -1.0])])
-    assert text["choices"][0]["logprobs"] == {"tokens": ["h", "i"], "token_logprobs": [-0.5, -1.0],
-                                              "top_logprobs": None, "text_offset": [0, 1]}
+    entries = [TokenLogprob(5, "h", -0.5, [TopLogprob(5, "h", -0.5), TopLogprob(6, "é", -1.5)]),
+               TokenLogprob(7, "i", -1.0, [TopLogprob(8, "o", -0.75), TopLogprob(7, "i", -1.0)])]
+    text = api.text_completion("cmpl-r", "m", results[:1], [api.completion_logprobs(entries[:1], 0)])
+    assert text["choices"][0]["logprobs"] == {"tokens": ["h"], "token_logprobs": [-0.5], "top_logprobs": None,
+                                              "text_offset": [0]}
+    with_alternatives = api.completion_logprobs(entries, 2)
+    assert with_alternatives["top_logprobs"] == [{"h": -0.5, "é": -1.5}, {"o": -0.75, "i": -1.0}]
+    assert with_alternatives["text_offset"] == [0, 1]
+    content = api.chat_logprobs(entries)["content"]
+    assert content[0] == {"token": "h", "logprob": -0.5, "bytes": [104], "top_logprobs": [
+        {"token": "h", "logprob": -0.5, "bytes": [104]}, {"token": "é", "logprob": -1.5, "bytes": [195, 169]}]}
+    # Streamed: each chunk's own tokens; a completion's text_offset counts the choice's text so far.
+    streamed = api.Chunks("cmpl-r", "m", chat=False, alternatives=1)
+    assert streamed.text(0, "h", logprobs=entries[:1])["choices"][0]["logprobs"]["text_offset"] == [0]
+    second = streamed.text(0, "i", logprobs=entries[1:])["choices"][0]["logprobs"]
+    assert second == {"tokens": ["i"], "token_logprobs": [-1.0], "top_logprobs": [{"o": -0.75, "i": -1.0}],
+                      "text_offset": [1]}
+    assert api.Chunks("cmpl-r", "m", chat=False).text(0, "h", logprobs=entries[:1])["choices"][0]["logprobs"] is None
     chunks = api.Chunks("chatcmpl-r", "m", chat=True)
     assert chunks.role(0)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks.text(1, "x")["choices"][0] == {"index": 1, "delta": {"content": "x"}, "logprobs": None,

@@ -159,6 +159,30 @@ def test_the_gateway_routes_by_model_and_matches_client_generate(three_models, t
             assert [e.logprob for e in whole.choices[0].logprobs.content] == pytest.approx(
                 reference.token_logprobs, abs=1e-4)
             assert "".join(e.token for e in whole.choices[0].logprobs.content) == expected.text
+            # top_logprobs: the most likely alternatives at each position, streamed and not.
+            ranked = openai_client.chat.completions.create(model="tiny", messages=messages, temperature=0,
+                                                           max_tokens=MAX_NEW_TOKENS, logprobs=True, top_logprobs=3)
+            chunks = list(openai_client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=MAX_NEW_TOKENS, temperature=0, stream=True,
+                logprobs=True, top_logprobs=3))
+            content = ranked.choices[0].logprobs.content
+            streamed_content = [e for c in chunks if c.choices and c.choices[0].logprobs
+                                for e in c.choices[0].logprobs.content]
+            assert [(e.token, e.logprob) for e in streamed_content] == [(e.token, e.logprob) for e in content]
+            for entry, token_id in zip(content, expected.token_ids):
+                assert len(entry.top_logprobs) == 3
+                assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-5)  # greedy: the top
+                assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs),
+                                                                         reverse=True)
+        # Completions' shape, streamed: tokens join into the text, text_offset counts it.
+        chunks = [c for c in openai_client.completions.create(model="tiny", prompt=TINY_PROMPTS[0], temperature=0,
+                                                              max_tokens=MAX_NEW_TOKENS, stream=True, logprobs=2)
+                  if c.choices and c.choices[0].logprobs]
+        tokens = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+        offsets = [o for c in chunks for o in c.choices[0].logprobs.text_offset]
+        assert "".join(tokens) == "".join(c.choices[0].text for c in chunks)
+        assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        assert all(len(top) <= 2 for c in chunks for top in c.choices[0].logprobs.top_logprobs)
     with pytest.raises(openai.NotFoundError) as missing:
         openai_client.completions.create(prompt="hi", model="nope")
     assert "echo-a, echo-b, echo-b-latest, tiny" in missing.value.message

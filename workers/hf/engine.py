@@ -521,6 +521,9 @@ class HFEngine(EngineBase):
     def _emit(self, sequence: Sequence, token: int, logprob: TokenLogprob | None = None) -> StepOutput:
         output = self._emit_token(sequence, token)
         if logprob is not None:
+            # The text this token added, as streamed: "" for a stop token or the first bytes of a
+            # character the next token completes, so a choice's tokens join into its text.
+            logprob.token = output.text
             output.logprobs = [logprob]
         return output
 
@@ -626,14 +629,14 @@ class _SampledLogprobs:
         return cls({row: at for at, row in enumerate(wanted)}, own, top.values, top.indices)
 
     def entry(self, row: int, token: int, tokenizer: Any, sequence: Sequence) -> TokenLogprob | None:
+        """The entry of a step row's token; the alternatives' texts each decoded alone."""
         at = self._place.get(row)
         if at is None:
             return None
         k = sequence.request.params.logprobs
         top = [TopLogprob(token_id, tokenizer.decode([token_id]), value) for token_id, value
                in zip(self._indices.rows()[at][:k], self._values.rows()[at][:k])]
-        text = "" if token in sequence.stop_token_ids else tokenizer.decode([token])
-        return TokenLogprob(token, text, self._own.rows()[at], top)
+        return TokenLogprob(token, "", self._own.rows()[at], top)  # its text: _emit's
 
 
 @dataclass
