@@ -115,6 +115,33 @@ async def genlm_example(async_lm, n_particles: int, max_tokens: int) -> dict[str
     return {text: float(p) for text, p in sequences.decoded_posterior.items()}
 
 
+# genlm-control's README JSON-schema example: its schemas, its prompt, its settings.
+PERSON_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "enum": ["Alice", "Bob", "Charlie"], "description": "The name of the person"},
+    "age": {"type": "integer", "minimum": 20, "maximum": 80, "description": "The age of the person"}}}
+BOOK_SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string", "minLength": 1, "description": "The title of the book"},
+    "pages": {"type": "integer", "minimum": 1, "maximum": 2000, "description": "The number of pages in the book"},
+    "genre": {"type": "string", "enum": ["fiction", "non-fiction", "mystery"], "description": "The genre of the book"}}}
+
+
+async def genlm_json_example(async_lm) -> dict[str, float]:
+    """genlm-control's README JSON-schema example (written for Llama-3.2-1B-Instruct; here the
+    served model, with its own end-of-turn strings)."""
+    from genlm.control import AWRS, JsonSchema, PromptedLLM
+
+    llm = PromptedLLM(async_lm, eos_byte_strings=[b"<|im_end|>", b"<|endoftext|>"], temperature=0.8)
+    llm.prompt_ids = async_lm.tokenizer.apply_chat_template(conversation=[
+        {"role": "system", "content": "You need to generate a JSON object that matches the schema below. "
+                                      "Only generate the JSON object on a single line with no other text."},
+        {"role": "user", "content": json.dumps(PERSON_SCHEMA)},
+        {"role": "assistant", "content": '{"name": "Alice", "age": 30}'},
+        {"role": "user", "content": json.dumps(BOOK_SCHEMA)}], tokenize=True, add_generation_prompt=True)
+    sampler = AWRS(llm, JsonSchema(BOOK_SCHEMA).coerce(llm, f=b"".join))
+    sequences = await sampler.smc(n_particles=2, ess_threshold=0.5, max_tokens=30)
+    return {text: float(p) for text, p in sequences.decoded_posterior.items()}
+
+
 def seeded(seed: int) -> None:
     random.seed(seed)
     numpy.random.seed(seed)
@@ -280,6 +307,15 @@ def run_examples(lm, causal_lm, url: str, args) -> dict:
     figures["genlm"] = {"wall_s": wall, "posterior": posterior, "redis_peak_bytes": memory.peak,
                         "redis_added_bytes": memory.added, "redis_sent_bytes": sent_bytes(stats) - sent,
                         **requests.figures()}
+    if args.json_schema:
+        seeded(args.seed)
+        sent = sent_bytes(stats)
+        with MemoryPeak(url) as memory, SentRequests() as requests:
+            wall, posterior = timed(f"genlm-control JSON schema ({lm.logprobs_dtype})",
+                                    lambda: asyncio.run(genlm_json_example(lm)))
+        figures["genlm_json"] = {"wall_s": wall, "posterior": posterior, "redis_peak_bytes": memory.peak,
+                                 "redis_added_bytes": memory.added, "redis_sent_bytes": sent_bytes(stats) - sent,
+                                 **requests.figures()}
     stats.close()
     return figures
 
@@ -292,6 +328,9 @@ def main() -> None:
     parser.add_argument("--genlm-particles", type=int, default=10, help="genlm README's n_particles")
     parser.add_argument("--genlm-max-tokens", type=int, default=30, help="genlm README's max_tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json-schema", action="store_true",
+                        help="also run genlm-control's README JSON-schema example, through batchd only (in "
+                             "process it took 179 s on this machine)")
     parser.add_argument("--before", default=None, metavar="REV",
                         help="also run the integrations as of this git revision (e.g. main), first")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/integrations_smc.json"))
@@ -309,13 +348,15 @@ def main() -> None:
     print("\n| example | run | wall (s) | Redis peak (MiB) | added (MiB) | Redis sent (MiB) | requests "
           "| questions | bytes a question | token ids a question | output as in process |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for label, key in (("LLaMPPL hard constraints", "llamppl"), ("genlm-control README regex", "genlm")):
-        alone = figures["in_process"][key]
-        print(f"| {label} | in process | {alone['wall_s']:.2f} | | | | | | | | |")
+    examples = [("LLaMPPL hard constraints", "llamppl"), ("genlm-control README regex", "genlm")]
+    for label, key in examples + ([("genlm-control README JSON schema", "genlm_json")] if args.json_schema else []):
+        alone = figures["in_process"].get(key)  # the JSON example runs through batchd only
+        if alone is not None:
+            print(f"| {label} | in process | {alone['wall_s']:.2f} | | | | | | | | |")
         for name, run in runs:
             output = "texts" if key == "llamppl" else "posterior"
             got = run[key]
-            got["same_output_as_in_process"] = same = got[output] == alone[output]
+            got["same_output_as_in_process"] = same = got[output] == alone[output] if alone else "-"
             questions = max(1, got["questions"])
             print(f"| {label} | {name} | {got['wall_s']:.2f} | {got['redis_peak_bytes'] / 2**20:.1f} "
                   f"| {got['redis_added_bytes'] / 2**20:.1f} | {got['redis_sent_bytes'] / 2**20:.1f} "

@@ -6,10 +6,11 @@
     llm = ScoredPromptedLLM(BatchdLM("redis://localhost:6379"))  # the same, with one `score`
                                                                  # request per sequence probability
 
-Each `next_token_logprobs` is one batchd request; the worker batches every
-caller's requests into its engine steps and reuses the cached prefix a
-particle's previous call left, so the library's own batching is not needed.
-Vectors are read straight from the result's bytes into tensors (no Python
+The `next_token_logprobs` calls of one event-loop iteration (an SMC step's
+particles) go out as one batchd request with a row per prefix; `cache_kv` pins a
+prompt, which those requests then name by its handle instead of sending it. The
+worker runs every row in its engine steps, reading the prompt's blocks from its
+cache. Vectors are read straight from the result's bytes into tensors (no Python
 floats). docs/integrations.md has the measurements.
 """
 
