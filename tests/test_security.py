@@ -86,6 +86,9 @@ FORBIDDEN = {
         ("FUNCTION", "LOAD", "#!lua name=x\nredis.register_function('x', function() return 1 end)"),
         ("FUNCTION", "DELETE", "batchd_v1"),
         ("SET", "batchd:accepted:someone", "1"),
+        # A pinned prefix is the workers' to write: a producer cannot make a handle mean other tokens.
+        ("SET", "batchd:pin:" + "ab" * 16, "forged"),
+        ("GET", "batchd:pin:" + "ab" * 16),
         ("SET", "batchd:overloaded", "-1000"),
         ("INCRBY", "batchd:overloaded", "1000"),
     ],
@@ -151,6 +154,10 @@ def test_the_whole_path_runs_with_the_documented_users(acl_server, daemons):
             assert client.fetch_result("acl-explicit").text == "explicit id"
             streamed = client.submit("cancel me " * 50, timeout=20)
             client.cancel(streamed.request_id)
+            # Pins: the worker writes, renews and deletes the registry entry under its user.
+            pin = client.pin(list(b"a pinned prefix"), ttl_s=30, timeout=20)
+            assert client.renew_pin(pin.handle, ttl_s=30, timeout=20).handle == pin.handle
+            client.unpin(pin.handle, timeout=20)
         # A graceful worker stop (drain + hand back) works under its ACL too.
         worker.terminate()
         assert worker.wait(timeout=20) == 0
