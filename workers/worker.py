@@ -287,9 +287,9 @@ class Worker:
         now = self.clock()
         restarts, answered = [], []
         for request, cancel_flag in zip(fresh, cancelled):
-            held, refusal = self._admit(entry_id, request, now, cancelled=cancel_flag)
-            if refusal is not None:
-                answered.append((held, refusal))
+            held, answer = self._admit(entry_id, request, now, cancelled=cancel_flag)
+            if answer is not None:
+                answered.append((held, answer))
             elif request.attempt > 0:
                 restarts.append((held, RestartEvent(attempt=request.attempt,
                                                     reason="resumed on worker " + self.config.worker_id)))
