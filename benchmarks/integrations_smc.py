@@ -136,7 +136,8 @@ async def genlm_json_example(async_lm) -> dict[str, float]:
                                       "Only generate the JSON object on a single line with no other text."},
         {"role": "user", "content": json.dumps(PERSON_SCHEMA)},
         {"role": "assistant", "content": '{"name": "Alice", "age": 30}'},
-        {"role": "user", "content": json.dumps(BOOK_SCHEMA)}], tokenize=True, add_generation_prompt=True)
+        {"role": "user", "content": json.dumps(BOOK_SCHEMA)}], tokenize=True, add_generation_prompt=True,
+        return_dict=False)  # the README's call predates transformers 5, whose default is a dict
     sampler = AWRS(llm, JsonSchema(BOOK_SCHEMA).coerce(llm, f=b"".join))
     sequences = await sampler.smc(n_particles=2, ess_threshold=0.5, max_tokens=30)
     return {text: float(p) for text, p in sequences.decoded_posterior.items()}
