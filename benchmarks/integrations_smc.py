@@ -288,9 +288,15 @@ def sent_bytes(stats: redis.Redis) -> int:
     return stats.info("stats")["total_net_output_bytes"]
 
 
+# The worker's default --scoring-result-ttl: an example's results are gone this long after it.
+SCORING_RESULT_TTL_S = 5
+
+
 def run_examples(lm, causal_lm, url: str, args) -> dict:
+    """Each example once, after the results of the one before expired, so its Redis peak is its own."""
     figures = {}
     stats = redis.Redis.from_url(url)
+    time.sleep(SCORING_RESULT_TTL_S + 1)
     seeded(args.seed)
     sent = sent_bytes(stats)
     with MemoryPeak(url) as memory, SentRequests() as requests:
@@ -300,6 +306,7 @@ def run_examples(lm, causal_lm, url: str, args) -> dict:
                           "redis_added_bytes": memory.added, "redis_sent_bytes": sent_bytes(stats) - sent,
                           **requests.figures()}
     causal_lm(lm=lm).clear_kv_cache()  # the example's pinned prompt (cache_kv), as a program ending would
+    time.sleep(SCORING_RESULT_TTL_S + 1)
     seeded(args.seed)
     sent = sent_bytes(stats)
     with MemoryPeak(url) as memory, SentRequests() as requests:
@@ -309,6 +316,7 @@ def run_examples(lm, causal_lm, url: str, args) -> dict:
                         "redis_added_bytes": memory.added, "redis_sent_bytes": sent_bytes(stats) - sent,
                         **requests.figures()}
     if args.json_schema:
+        time.sleep(SCORING_RESULT_TTL_S + 1)
         seeded(args.seed)
         sent = sent_bytes(stats)
         with MemoryPeak(url) as memory, SentRequests() as requests:
