@@ -15,7 +15,7 @@ peak. Every next-token request the producer builds is counted (requests,
 encoded bytes, token ids, questions). Same seeds for every run, so the texts
 can be compared too.
 
-    python benchmarks/integrations_smc.py --before main   # -> benchmarks/results/integrations_smc.json
+    python benchmarks/integrations_smc.py --before main --json-schema   # -> benchmarks/results/integrations_smc_rows_pins.json
 """
 
 from __future__ import annotations
@@ -342,7 +342,7 @@ def main() -> None:
                              "process it took 179 s on this machine)")
     parser.add_argument("--before", default=None, metavar="REV",
                         help="also run the integrations as of this git revision (e.g. main), first")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/integrations_smc.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/integrations_smc_rows_pins.json"))
     args = parser.parse_args()
 
     from batchd.workers.hf.models import load_model
