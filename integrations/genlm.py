@@ -114,6 +114,8 @@ class BatchdLM(AsyncLM):
         only what follows it. A worker at its pin limit leaves it unpinned (logged): the calls
         then send it in full, as without a pin."""
         tokens = tuple(prompt_tokens)
+        if tokens in self._pins:  # pinned already (an example run twice on one backend)
+            return
         try:
             pin = self._bridge.call(lambda: self._bridge.client.pin(tokens, ttl_s, model=self.model_name,
                                                                     timeout=self.timeout))
