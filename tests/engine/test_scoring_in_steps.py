@@ -174,3 +174,55 @@ def test_a_step_that_fails_when_read_back_ends_its_scoring_requests_too(tiny_mod
     assert set(finished) == {"gen", "scored"}
     assert all(o.finish_reason == "error" and "illegal memory access" in o.error.message for o in finished.values())
     assert not engine.has_work() and engine.num_running == 0
+
+
+def _run_until_idle(engine) -> list:
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    return outputs
+
+
+def test_a_request_of_many_rows_answers_once_with_every_rows_vector(tiny_models, reference_models):
+    model = reference_models["llama"]
+    engine = build_engine(str(tiny_models["llama"]), slots=2, max_context=128)  # fewer slots than rows
+    prompt = random_prompt(random.Random(4), 20)
+    rows = [[], [7], [7, 8, 9], [300]]
+    engine.add_score(EngineRequest("many", prompt, SamplingParams()), ScoreItem(prompt, None, None, rows))
+    outputs = _run_until_idle(engine)
+    assert [o.request_id for o in outputs] == ["many"] and outputs[0].finish_reason == "stop"
+    vectors = outputs[0].score.next_token_logprobs
+    assert vectors.shape == (4, model.config.vocab_size)
+    for row, tokens in enumerate(rows):
+        expected = _reference(model, prompt + tokens)[-1]
+        assert (vectors[row] - expected).abs().max().item() < TOLERANCE
+
+    # Cancelled: one answer, for the request, and every row's slot and blocks free again.
+    engine.add_score(EngineRequest("gone", prompt, SamplingParams()), ScoreItem(prompt, None, None, rows))
+    engine.step()
+    engine.cancel("gone")
+    outputs = _run_until_idle(engine)
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [("gone", "cancelled")]
+    assert engine.num_running == engine.num_waiting == 0 and engine.kv_cache_usage == 0
+
+
+def test_a_pinned_prefix_is_computed_held_and_let_go(tiny_models):
+    engine = build_engine(str(tiny_models["llama"]), slots=2, max_context=64, block_size=4,
+                          max_pinned_blocks=5)
+    prefix = random_prompt(random.Random(6), 18)  # 4 full blocks of 4 tokens
+    engine.pin("a" * 32, prefix)
+    assert _run_until_idle(engine) == []  # the pin's own prefill answers nobody
+    assert engine.pinned_blocks == 4
+    from batchd.client.errors import PinLimitReached
+    with pytest.raises(PinLimitReached, match="max-pinned-blocks"):
+        engine.pin("b" * 32, random_prompt(random.Random(7), 8))  # 2 more: 6 > 5
+    # Long requests fill the pool over and over: a request on the prefix still finds it all.
+    for index in range(6):
+        engine.add(request(f"filler{index}", random_prompt(random.Random(index), 40), max_new_tokens=8))
+    _run_until_idle(engine)
+    hits = engine.stats()["prefix_cache_hits"]
+    _score(engine, "on-pin", prefix + [9])
+    _run_until_idle(engine)
+    assert engine.stats()["prefix_cache_hits"] - hits == 16
+    engine.unpin("a" * 32)
+    assert engine.pinned_blocks == 0 and engine.kv_cache_usage == 0
