@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
 import numpy
@@ -55,7 +57,7 @@ class BatchdLM(AsyncLM):
                  timeout: float | None = None, logprobs_dtype: str = "float32", **client_options: Any):
         self._bridge = ClientThread(url, **client_options)
         self._coalescers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._pins: dict[tuple[int, ...], str] = {}  # cache_kv's prompts and their handles
+        self._pins: dict[tuple[int, ...], _PinnedPrompt] = {}  # cache_kv's, by their tokens
         self.model_name = model
         self.timeout = timeout
         self.logprobs_dtype = logprobs_dtype
@@ -122,13 +124,14 @@ class BatchdLM(AsyncLM):
         except PinLimitReached as exc:
             log.warning("prompt of %d tokens not pinned: %s", len(tokens), exc.message)
             return
-        self._pins[tokens] = pin.handle
+        self._pins[tokens] = _PinnedPrompt(pin.handle, ttl_s, time.monotonic() + ttl_s / 2)
 
     def clear_kv_cache(self) -> None:
         """Unpin every prompt cache_kv pinned."""
         pins, self._pins = self._pins, {}
-        for handle in pins.values():
-            self._bridge.call(lambda: self._bridge.client.unpin(handle, model=self.model_name, timeout=self.timeout))
+        for pin in pins.values():
+            self._bridge.call(lambda: self._bridge.client.unpin(pin.handle, model=self.model_name,
+                                                                timeout=self.timeout))
 
     # -- asking ----------------------------------------------------------------------
 
@@ -146,6 +149,8 @@ class BatchdLM(AsyncLM):
             return numpy.concatenate([await self._ask_rows(client, [ids]) for ids in token_ids_list])
         rows = [ids[len(shared):] for ids in rest]
         try:
+            if handle is not None:
+                await self._renew_if_due(client, self._pins[pinned])
             answers = await asyncio.gather(*(
                 client.next_token_logprobs_rows(rows[at:at + MAX_ROWS], shared, prefix_pin=handle,
                                                 timeout=self.timeout, model=self.model_name,
@@ -161,12 +166,20 @@ class BatchdLM(AsyncLM):
             scoring.logprobs_array(answer.result, out=vectors[at:at + answer.rows])
         return vectors
 
+    async def _renew_if_due(self, client: AsyncClient, pin: _PinnedPrompt) -> None:
+        """A pin in use is renewed once half its TTL is past, so it lasts while calls use it."""
+        now = time.monotonic()
+        if now < pin.renew_at:
+            return
+        pin.renew_at = now + pin.ttl_s / 2  # before the await: concurrent calls renew once
+        await client.renew_pin(pin.handle, pin.ttl_s, model=self.model_name, timeout=self.timeout)
+
     def _pin_for(self, token_ids_list: list[list[int]]) -> tuple[tuple[int, ...], str | None]:
         """The longest pinned prompt every one of these prefixes starts with, and its handle."""
         best: tuple[tuple[int, ...], str | None] = ((), None)
-        for tokens, handle in self._pins.items():
+        for tokens, pin in self._pins.items():
             if len(tokens) > len(best[0]) and all(tuple(ids[:len(tokens)]) == tokens for ids in token_ids_list):
-                best = (tokens, handle)
+                best = (tokens, pin.handle)
         return best
 
     def clear_cache(self) -> None:
@@ -188,6 +201,13 @@ def __getattr__(name: str) -> Any:
 
         return ScoredPromptedLLM
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclass
+class _PinnedPrompt:
+    handle: str
+    ttl_s: int
+    renew_at: float  # monotonic
 
 
 class _Coalescer:

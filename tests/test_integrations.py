@@ -333,7 +333,7 @@ def test_batchd_lm_sends_an_smc_step_as_one_request_and_recovers_from_a_lost_pin
     particles = [prompt + [7042], prompt + [7042, 30], prompt + [504]]
     batchd_lm.clear_kv_cache()  # the pins earlier tests made
     batchd_lm.cache_kv(prompt)
-    (handle,) = batchd_lm._pins.values()
+    (handle,) = [pin.handle for pin in batchd_lm._pins.values()]
     server = redis.Redis.from_url(fleet.url)
 
     def submits() -> int:  # producers submit by FCALL; the daemons run their scripts by EVALSHA
@@ -359,3 +359,24 @@ def test_batchd_lm_sends_an_smc_step_as_one_request_and_recovers_from_a_lost_pin
     assert not batchd_lm._pins  # the lost pin was forgotten: the prompt goes in full now
     assert pinned - before == 1  # the three particles' calls: one request
     assert after - pinned == 2  # after the loss: one refused request, then one with the prompt in full
+
+
+def test_batchd_lm_renews_a_pin_while_calls_use_it(fleet, loaded, batchd_lm):
+    import time
+
+    import redis
+
+    batchd_lm.clear_kv_cache()
+    prompt = loaded.tokenizer.encode("A short-lived pin: " + " ".join(["a renewed prompt"] * 6))
+    batchd_lm.cache_kv(prompt, ttl_s=6)
+    (pin,) = batchd_lm._pins.values()
+    batchd_lm.next_token_logprobs_sync(prompt + [30])  # within the first half of the TTL: no renewal
+    time.sleep(max(0.0, pin.renew_at - time.monotonic()) + 0.1)
+    batchd_lm.next_token_logprobs_sync(prompt + [31])  # past half: renewed for 6 s from now
+    server = redis.Redis.from_url(fleet.url)
+    try:
+        assert server.pttl(f"batchd:pin:{pin.handle}") > 3000  # not renewed: under 2,900 ms left
+    finally:
+        server.close()
+    assert list(batchd_lm._pins.values()) == [pin]
+    batchd_lm.clear_kv_cache()
