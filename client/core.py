@@ -590,12 +590,14 @@ class ClientCore(Generic[Sent]):
                stop: Sequence[str] | str | None = None, stop_token_ids: Sequence[int] | None = None,
                ignore_eos: bool = False, contrast_alpha: float | None = None, priority: int = 0,
                timeout: float | None = None, deadline: float | None = None,
-               request_id: str | None = None, model: str | None = None, logprobs: int | None = None) -> Sent:
+               request_id: str | None = None, model: str | None = None, logprobs: int | None = None,
+               prefix_pin: str | None = None) -> Sent:
         """Enqueue one request and return its handle at once (AsyncClient: await it).
 
         model names the model to answer with, as workers advertise it (`models()`); None:
         the fleet's only model. logprobs=k: each generated token's log-probability and its k most
-        likely alternatives, in the stream's Deltas and the Result's generated_logprobs. Raises InvalidRequest for bad arguments (at the call, before
+        likely alternatives, in the stream's Deltas and the Result's generated_logprobs.
+        prefix_pin: a pin's handle (pin()): the prompt is its tokens, then prompt_token_ids. Raises InvalidRequest for bad arguments (at the call, before
         anything is sent) and Overloaded when the queue is full; a model no live worker
         serves comes back as UnknownModel. Submitting again with the same request_id never
         runs it twice.
@@ -608,7 +610,7 @@ class ClientCore(Generic[Sent]):
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, contrast_alpha=contrast_alpha,
             priority=priority, producer=self.producer, timeout=timeout, deadline=deadline, model=model,
-            logprobs=logprobs,
+            logprobs=logprobs, prefix_pin=prefix_pin,
             cancel_hash=self._cancel_secrets.hash(request_id) if isinstance(request_id, str) else None,
             event_key=self._cancel_secrets.event_key(request_id) if isinstance(request_id, str) else None)
         return self._send(request, payload, explicit, timeout)

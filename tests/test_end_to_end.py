@@ -98,3 +98,29 @@ def test_stream_delivers_deltas_then_the_final_result(daemons):
     assert "".join(d.text for d in deltas) == "stream me" == final.text
     assert [d.index for d in deltas] == list(range(len(deltas)))
     assert final.timings.first_token_s <= final.timings.total_s
+
+
+def test_a_pin_reaches_every_worker_through_the_registry_and_its_unpin_too(daemons):
+    """Two workers: one takes the pin request, the other learns the handle from the registry the
+    first time a request names it; after the unpin neither resolves it."""
+    from batchd.client.errors import UnknownPrefix
+
+    daemons.scheduler("--max-batch", "2")
+    for _ in range(2):
+        daemons.echo_worker("--slots", "2", "--token-delay-ms", "20", "--heartbeat-interval", "0.3")
+    daemons.wait_for_workers(2)
+    pinned = list(b"a pinned system prompt. ")
+    with Client(daemons.url) as client:
+        pin = client.pin(pinned, ttl_s=60, timeout=30)
+        handles = [client.submit(prompt_token_ids=list(f"question {i}".encode()), prefix_pin=pin.handle,
+                                 max_new_tokens=100, timeout=30) for i in range(16)]
+        results = [handle.result() for handle in handles]
+        assert [r.text for r in results] == [f"a pinned system prompt. question {i}" for i in range(16)]
+        assert len({r.worker for r in results}) == 2, "one worker took every request"
+        client.unpin(pin.handle, timeout=30)
+        import time
+
+        time.sleep(1.0)  # past each worker's check of the registry (its heartbeat interval)
+        for i in range(6):
+            with pytest.raises(UnknownPrefix, match="not pinned"):
+                client.generate(prompt_token_ids=[65 + i], prefix_pin=pin.handle, max_new_tokens=5, timeout=30)
