@@ -331,6 +331,7 @@ class StepBatch:
     token, the logit rows, and what each attention path needs to find its keys."""
 
     decode_all_slots = False
+    row_layout = False  # decode rows attend through a mask of their own row count (smaller decode graphs)
     slot_lengths: torch.Tensor | None = None  # each slot's attended length, for flex decode
 
     def __init__(self, chunks: list[Chunk], runner: PagedRunner, previous: torch.Tensor | None):
@@ -426,6 +427,7 @@ class StepBatch:
         before each replay (slot_lengths stays None)."""
         batch = cls.__new__(cls)
         batch.decode_all_slots = rows == slots
+        batch.row_layout = rows < slots
         batch.num_decodes = batch.num_tokens = rows
         batch.token_ids = torch.zeros(rows, dtype=torch.long, device=device)
         batch.positions = torch.full((rows,), -1, dtype=torch.long, device=device)
