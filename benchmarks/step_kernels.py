@@ -49,17 +49,21 @@ def kind_of(name: str) -> str:
 def profile_decode(engine, requests, live: int, steps: int, device: str, host_profile: bool = False) -> dict:
     for index, (prompt, _) in enumerate(requests[:live]):
         engine.add(EngineRequest(f"k{live}_{index}", prompt,
-                                 SamplingParams(max_new_tokens=3 * steps + 40, ignore_eos=True)))
+                                 SamplingParams(max_new_tokens=4 * steps + 1000, ignore_eos=True)))
     while engine.num_waiting or engine.num_prefilling:
         engine.step()
     for _ in range(5):
         engine.step()
     _sync(device)
+    waited = engine.device_wait_s
     started = time.perf_counter()
     for _ in range(steps):
         engine.step()
     _sync(device)
     wall_ms = (time.perf_counter() - started) / steps * 1e3
+    # Time the host spent waiting for the GPU's results: near zero means the host is the bottleneck.
+    wait_ms = (engine.device_wait_s - waited) / steps * 1e3
+    running = engine.num_running
     kernels = defaultdict(lambda: [0.0, 0])
     if device != "cpu":
         from torch.profiler import ProfilerActivity, profile
@@ -101,18 +105,19 @@ def profile_decode(engine, requests, live: int, steps: int, device: str, host_pr
         table.append({"kernel": name[:120], "us_per_step": round(total_us / steps, 1),
                       "calls_per_step": round(count / steps, 1), "kind": kind_of(name)})
     gpu_ms = sum(by_kind.values()) / 1e3
-    row = {"live": live, "wall_ms": round(wall_ms, 3), "gpu_busy_ms": round(gpu_ms, 3),
+    row = {"live": live, "running": running, "wall_ms": round(wall_ms, 3), "host_waits_ms": round(wait_ms, 3), "gpu_busy_ms": round(gpu_ms, 3),
            "kernels_per_step": round(sum(r["calls_per_step"] for r in table), 1),
            "by_kind_ms": {kind: round(us / 1e3, 3) for kind, us in sorted(by_kind.items(), key=lambda i: -i[1])},
            "top_kernels": table[:25], **({"host_profile": host} if host else {})}
-    log.info("live %d: wall %.3f ms, gpu busy %.3f ms, %s kernels/step, %s", live, wall_ms, gpu_ms,
+    log.info("live %d (%d running): wall %.3f ms, host waits %.3f ms, gpu busy %.3f ms, %s kernels/step, %s", live,
+             running, wall_ms, wait_ms, gpu_ms,
              row["kernels_per_step"], row["by_kind_ms"])
     return row
 
 
 def kernels_phase(args, device: str) -> dict:
     out = {}
-    for shape, lives in (("qwen3-0.6b", (8, 64, 256)), ("llama3-8b", (1, 8, 64))):
+    for shape, lives in (("qwen3-0.6b", tuple(int(x) for x in args.qwen_live.split(","))), ("llama3-8b", (1, 8, 64))):
         if shape not in args.shapes.split(",") or args.small and shape != "qwen3-0.6b":
             continue
         model = build_model(args.small, device, shape)
@@ -121,7 +126,7 @@ def kernels_phase(args, device: str) -> dict:
         engine = make_engine(model, device, slots=16 if args.small else 256, max_context=4096)
         start_s = round(time.perf_counter() - started, 1)
         vocab = model.config.vocab_size
-        requests = workload(max(lives), 10 if args.small else 500, 40 if args.small else 600, vocab)
+        requests = workload(max(lives), 10 if args.small else 500, 40 if args.small else 600, vocab)  # decodes of ~550-1,600 tokens
         rows = [profile_decode(engine, requests, live, args.steps, device, host_profile=live == max(lives))
                 for live in lives if live <= engine.total_slots]
         out[shape] = {"weight_bytes": weight_bytes, "graphs": engine.cuda_graph_sizes, "start_s": start_s, "rows": rows}
@@ -200,6 +205,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--phases", default="fp8_flex,kernels")
     parser.add_argument("--shapes", default="qwen3-0.6b,llama3-8b")
+    parser.add_argument("--qwen-live", default="8,64,256")
     parser.add_argument("--out", default="benchmarks/results/step_kernels.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -53,7 +53,7 @@ def build_engine(args):
     return build_hf(args.model, slots=16 if args.slots is None else args.slots, max_context=args.max_context,
                     kv_memory=parse_size(args.kv_memory), max_prefill_tokens=args.max_prefill_tokens,
                     burst_prefill_tokens=args.burst_prefill_tokens, dtype=args.dtype, device=args.device,
-                    contrast_model=args.contrast_model, quantize=args.quantize)
+                    contrast_model=args.contrast_model, quantize=args.quantize, kv_dtype=args.kv_dtype)
 
 
 def worker(args) -> int:
@@ -133,7 +133,8 @@ def _daemon_argv(args, url: str) -> tuple[list[str], list[str]]:
                         ("--max-prefill-tokens", args.max_prefill_tokens),
                         ("--burst-prefill-tokens", args.burst_prefill_tokens),
                         ("--max-context", args.max_context), ("--dtype", args.dtype), ("--device", args.device),
-                        ("--contrast-model", args.contrast_model), ("--quantize", args.quantize)):
+                        ("--contrast-model", args.contrast_model), ("--quantize", args.quantize),
+                        ("--kv-dtype", args.kv_dtype)):
         if value is not None:
             work += [flag, str(value)]
     if args.metrics_port:

@@ -30,6 +30,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .kv_cache import to_fp8
+
 log = logging.getLogger("batchd.engine.hf")
 
 
@@ -115,6 +117,15 @@ class FlexPagedDecode:
         self._flex = torch.compile(flex_attention, dynamic=False, fullgraph=True) if compile else flex_attention
         self._query = torch.zeros(slots, heads, 1, head_dim, device=device, dtype=dtype)
         self._kernel_options = dict(kernel_options) if kernel_options else None
+        # A float8 pool: the layer's key scale, set before each layer's call (one buffer, so
+        # the compiled kernel is the same for every layer), applied to the scores.
+        self._key_scale = torch.ones(1, dtype=torch.float32, device=device)
+        key_scale = self._key_scale
+
+        def scaled(score, batch, head, query, key):
+            return score * key_scale[0]
+
+        self._scaled = scaled
 
     def _rows_mask(self, rows: int) -> "_PagedBlockMask":
         """The mask for a row layout of `rows` rows, made at its graph's warm-up (outside capture)."""
@@ -140,22 +151,29 @@ class FlexPagedDecode:
         self._by_slot.point()
 
     def decode(self, q: torch.Tensor, pool, layer: int, batch) -> torch.Tensor:
-        keys, values = pool.heads_view(layer)
-        extra = {"kernel_options": self._kernel_options} if self._kernel_options else {}
         if batch.row_layout:
-            mask = self._rows_mask(batch.num_decodes).mask
-            out = self._flex(q[:, :, None], keys, values, block_mask=mask, scale=self._scale, enable_gqa=True, **extra)
-            return out[:, :, 0]
+            return self._attend(q[:, :, None], pool, layer, self._rows_mask(batch.num_decodes).mask)[:, :, 0]
         if batch.decode_all_slots:
             query = q[:, :, None]
         else:
             # Rows go to their slots' places: the block mask is laid out by slot.
             query = self._query.zero_()
             query[batch.decode_slots] = q[:, :, None]
-        out = self._flex(query, keys, values, block_mask=self._by_slot.mask, scale=self._scale, enable_gqa=True,
-                         **extra)
-        out = out[:, :, 0]
+        out = self._attend(query, pool, layer, self._by_slot.mask)[:, :, 0]
         return out if batch.decode_all_slots else out[batch.decode_slots]
+
+    def _attend(self, query: torch.Tensor, pool, layer: int, mask) -> torch.Tensor:
+        keys, values = pool.heads_view(layer)
+        extra = {"kernel_options": self._kernel_options} if self._kernel_options else {}
+        if not pool.quantized:
+            return self._flex(query, keys, values, block_mask=mask, scale=self._scale, enable_gqa=True, **extra)
+        # A float8 pool: flex's float8 products want every operand in float8, so the queries
+        # are cast too (unscaled, saturating); keys are stored / their scale, undone on the
+        # scores, values / theirs, undone on the output, which flex returns in float8.
+        self._key_scale.fill_(pool.key_scales[layer])
+        out = self._flex(to_fp8(query, 1.0), keys, values, score_mod=self._scaled, block_mask=mask, scale=self._scale,
+                         enable_gqa=True, **extra)
+        return out.to(query.dtype) * pool.value_scales[layer]
 
 
 class _PagedBlockMask:
