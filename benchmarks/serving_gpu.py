@@ -432,7 +432,7 @@ def long_context(model, device: str, args, small: bool) -> dict:
 
 def kv_capacity(model, device: str, args, small: bool) -> dict:
     """The same memory, the same requests: how many run at once with bf16 keys and values, and with float8."""
-    count = 16 if small else 128
+    count = 16 if small else args.capacity_requests
     np.random.seed(6)
     prompts = np.random.randint(10 if small else 100, (100 if small else 6000) + 1, count)
     outputs = np.random.randint(10 if small else 100, (40 if small else 1024) + 1, count)
@@ -487,6 +487,7 @@ def main() -> None:
     parser.add_argument("--smc-steps", type=int, default=30)
     parser.add_argument("--phases", default="check,anchor,sustained,poisson,smc,system_prompt,micro,mixed,long_context")
     parser.add_argument("--kv-dtype", default="auto", choices=("auto", "fp8"))
+    parser.add_argument("--capacity-requests", type=int, default=128, help="kv_capacity: requests sent at once")
     parser.add_argument("--out", default="benchmarks/results/serving_gpu.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

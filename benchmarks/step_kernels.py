@@ -123,7 +123,7 @@ def kernels_phase(args, device: str) -> dict:
         model = build_model(args.small, device, shape)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         started = time.perf_counter()
-        engine = make_engine(model, device, slots=16 if args.small else 256, max_context=4096)
+        engine = make_engine(model, device, slots=16 if args.small else 256, max_context=4096, kv_dtype=args.kv_dtype)
         start_s = round(time.perf_counter() - started, 1)
         vocab = model.config.vocab_size
         requests = workload(max(lives), 10 if args.small else 500, 40 if args.small else 600, vocab)  # decodes of ~550-1,600 tokens
@@ -206,6 +206,7 @@ def main() -> None:
     parser.add_argument("--phases", default="fp8_flex,kernels")
     parser.add_argument("--shapes", default="qwen3-0.6b,llama3-8b")
     parser.add_argument("--qwen-live", default="8,64,256")
+    parser.add_argument("--kv-dtype", default="auto", choices=("auto", "fp8"))
     parser.add_argument("--out", default="benchmarks/results/step_kernels.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

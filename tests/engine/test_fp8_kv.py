@@ -105,7 +105,9 @@ def test_fp8_kv_is_refused_where_it_cannot_run(tiny_models, monkeypatch):
 @needs_fp8_gpu
 def test_flex_decoding_over_a_float8_pool_is_close_to_the_exact_path():
     """The GPU's decode path (queries cast to float8, scales on the scores and the output)
-    against the exact path over the same pool dequantized."""
+    against the exact path over the same pool dequantized. flex's float8 path also rounds
+    the queries, the softmax weights and its output to float8 (3 mantissa bits each): on an
+    H200 the mean difference was 5.3% of the mean output; a wrong scale or block is ~100%."""
     from types import SimpleNamespace
 
     from batchd.workers.hf.attention import FlexPagedDecode, PagedSdpa
@@ -134,4 +136,4 @@ def test_flex_decoding_over_a_float8_pool_is_close_to_the_exact_path():
     physical = table.long()[torch.arange(rows, device=device)[:, None], at // block] * block + at % block
     exact_batch = SimpleNamespace(decode_gather=physical, decode_mask=(span[None] < lengths[:, None])[:, None, None])
     expected = exact.decode(q, pool, 0, exact_batch).float()
-    assert (got - expected).abs().mean() < 0.05 * expected.abs().mean()
+    assert (got - expected).abs().mean() < 0.08 * expected.abs().mean()
