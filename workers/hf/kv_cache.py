@@ -82,6 +82,11 @@ class KVPool:
         self.key_scales = [1.0] * layers
         self.value_scales = [1.0] * layers
         self._calibration: dict[int, tuple[float, float]] | None = None
+        # On a GPU the two quantizations of a write are one fused kernel (eager: six, 28 layers
+        # a step: +0.3 ms on a Qwen3-0.6B decode step, measured on an H200).
+        self._quantize = _quantize_pair
+        if self.quantized and torch.device(device).type == "cuda":
+            self._quantize = torch.compile(_quantize_pair, dynamic=True)
 
     def write(self, layer: int, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store a step's new keys and values ([tokens, kv_heads, head_dim]) at physical positions."""
@@ -91,10 +96,9 @@ class KVPool:
             if self._calibration is not None:
                 seen = self._calibration.get(layer, (0.0, 0.0))
                 self._calibration[layer] = (max(seen[0], float(keys.abs().max())), max(seen[1], float(values.abs().max())))
-            keys = to_fp8(keys, self.key_scales[layer]).view(torch.uint8)
-            values = to_fp8(values, self.value_scales[layer]).view(torch.uint8)
-            self.keys[layer].view(torch.uint8).index_copy_(self._token_axis, index, keys)
-            self.values[layer].view(torch.uint8).index_copy_(self._token_axis, index, values)
+            keys, values = self._quantize(keys, values, self.key_scales[layer], self.value_scales[layer])
+            self.keys[layer].view(torch.uint8).index_copy_(self._token_axis, index, keys.view(torch.uint8))
+            self.values[layer].view(torch.uint8).index_copy_(self._token_axis, index, values.view(torch.uint8))
             return
         self.keys[layer].index_copy_(self._token_axis, index, keys)
         self.values[layer].index_copy_(self._token_axis, index, values)
@@ -144,6 +148,11 @@ class KVPool:
 def to_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
     """x / scale as float8 e4m3, saturating at its largest magnitude (a cast alone gives NaN there)."""
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _quantize_pair(keys: torch.Tensor, values: torch.Tensor, key_scale: float,
+                   value_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return to_fp8(keys, key_scale), to_fp8(values, value_scale)
 
 
 class _Calibration:
