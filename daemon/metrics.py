@@ -62,8 +62,10 @@ requests_rejected = Counter(
     "Requests the scheduler answered with an error before dispatch.", ("error_type",), registry=SCHEDULER_REGISTRY)
 requests_overloaded = Counter(
     "batchd:requests_overloaded_total",
-    "Submits refused with Overloaded (max_queue reached). Counted in Redis by the producers' SUBMIT "
-    "function; each scheduler exports what it took, so sum over schedulers.", registry=SCHEDULER_REGISTRY)
+    "Submits refused with Overloaded (max_queue reached), by tenant (\"\": the shared request stream). "
+    "Counted in Redis by the producers' SUBMIT function in one counter per tenant, plus the entries a "
+    "tenant queued past max_queue by raw XADD, which a scheduler answers; each scheduler exports what it "
+    "took, so sum over schedulers.", ("tenant",), registry=SCHEDULER_REGISTRY)
 requests_reclaimed = Counter(
     "batchd:requests_reclaimed_total",
     "Requests taken back from a dead worker (or scheduler) and dispatched again.", registry=SCHEDULER_REGISTRY)
@@ -184,6 +186,7 @@ def precreate_scheduler_series() -> None:
     for code in ERROR_CODES:
         requests_rejected.labels(code)
         dead_letters.labels(code)
+    requests_overloaded.labels("")
 
 
 class WorkerSeries:
