@@ -262,14 +262,16 @@ class EventParser:
             return self.result
         return None
 
-    def sealed_final(self, payload: bytes) -> bool:
-        """Whether a payload is a final event the fleet sealed for this request."""
+    def sealed_final(self, payload: bytes) -> Result | None:
+        """The result of a payload that is a final event the fleet sealed for this request, else None."""
         try:
             event = decode_event(payload)
         except msgspec.MsgspecError:
-            return False
-        return isinstance(event, FinalEvent) and self.event_key is not None \
-            and is_sealed(event.result, self.event_key, self.request_id, "final")
+            return None
+        if isinstance(event, FinalEvent) and self.event_key is not None \
+                and is_sealed(event.result, self.event_key, self.request_id, "final"):
+            return event.result
+        return None
 
     def _own(self, result: Result) -> Result:
         """The stored result, if the fleet sealed it for this client's request; else the id was
@@ -514,9 +516,13 @@ class Reading:
     last (raising its typed error), and how long to wait for the next event before looking
     for a stored result."""
 
-    def __init__(self, request_id: str, wait_s: float | None, event_key: str | None = None):
+    def __init__(self, request_id: str, wait_s: float | None, event_key: str | None = None,
+                 expects_vector: bool = False):
         self.request_id = request_id
         self._parser = EventParser(request_id, event_key)
+        # A full next-token vector is published without the vector (a sealed cue, workers/outbox.py):
+        # the caller reads the stored result for it.
+        self._expects_vector = expects_vector
         self._wait_s = wait_s
         self._give_up: float | None = None
 
@@ -553,7 +559,10 @@ class Reading:
             return TAKE
         if self._parser.event_key is None:
             return STORED
-        return TAKE if self._parser.sealed_final(payload) else IGNORE
+        sealed = self._parser.sealed_final(payload)
+        if sealed is None:
+            return IGNORE
+        return STORED if self._expects_vector and sealed.logprobs is None and sealed.error is None else TAKE
 
     def take(self, payload: bytes) -> StreamItem | None:
         """The stream item of one event (None: nothing to show); a failed final result raises."""
@@ -623,7 +632,8 @@ class ClientCore(Generic[Sent]):
         raise NotImplementedError
 
     def _reading(self, request: Request, timeout: float | None) -> Reading:
-        return Reading(request.id, wait_budget(timeout, request.deadline), request.event_key)
+        return Reading(request.id, wait_budget(timeout, request.deadline), request.event_key,
+                       expects_vector=request.task == "next_token_logprobs" and request.top_logprobs is None)
 
     def _submit_call(self, request: Request, payload: bytes) -> ScriptCall:
         return submit_call(self.keys, self.tenant, request.id, payload)
