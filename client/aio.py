@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from . import core, scoring, tokenizers
 from .connection import CONNECTION_LOST, acl_user, close_async_redis, open_async_redis
 from .errors import BrokerUnavailable
+from .keys import tenant_id
 from .protocol import Request, Result, TokenizerInfo
 from .scripts import ScriptCall, needs_loading
 
@@ -243,6 +244,8 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
 
     async def cancel(self, request_id: str) -> None:
         """See Client.cancel."""
+        request_id = tenant_id(self.tenant, request_id)
+
         async def send() -> None:
             async with self._redis.pipeline(transaction=False) as pipe:
                 core.queue_cancel(pipe, self.keys, request_id, self._cancel_secrets.secret(request_id))

@@ -32,7 +32,7 @@ import redis
 
 from .connection import CONNECTION_LOST, Backoff
 from .errors import BatchdError, BrokerUnavailable, InvalidRequest, Overloaded, ResultTimeout, error_from_code
-from .keys import SHARED_TENANT_USERS, Keys, is_tenant, tenant_id
+from .keys import SHARED_TENANT_USERS, Keys, is_tenant, tenant_id, tenant_of
 from .protocol import (
     PROTOCOL_VERSION,
     ChatMessage,
@@ -609,7 +609,8 @@ class ClientCore(Generic[Sent]):
         runs it twice.
         """
         explicit = request_id is not None
-        request_id = tenant_id(self.tenant, request_id) if isinstance(request_id, str) else request_id
+        if isinstance(request_id, str):
+            request_id = self.own_id(request_id)
         if not explicit:
             request_id = self._ids.next()
         request, payload = build_request(
@@ -619,6 +620,15 @@ class ClientCore(Generic[Sent]):
             priority=priority, producer=self.producer, timeout=timeout, deadline=deadline, model=model,
             **self._secrets(request_id))
         return self._send(request, payload, explicit, timeout)
+
+    def own_id(self, request_id: str) -> str:
+        """A caller's id in this client's namespace (`<tenant>/<id>`), as submit, cancel and
+        fetch_result take it; an id in another tenant's namespace cannot be submitted here."""
+        full = tenant_id(self.tenant, request_id)
+        if tenant_of(full) != self.tenant:
+            raise InvalidRequest(f"request id {request_id!r} is outside this client's namespace: its ids are "
+                                 + (f"'{self.tenant}/<id>'" if self.tenant else "ids without '/'"), request_id)
+        return full
 
     def _secrets(self, request_id: Any) -> dict:
         """A request's cancel_hash and event_key (build_request's arguments): every request a

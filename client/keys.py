@@ -157,7 +157,8 @@ def tenant_of(request_id: str) -> str:
 
 
 def tenant_id(tenant: str, request_id: str) -> str:
-    """A request id in a tenant's namespace: `<tenant>/<id>` ("": the id as it is)."""
-    if not tenant or request_id.startswith(tenant + "/"):
+    """An id as a tenant's client means it: `<tenant>/<id>` for an id without a namespace;
+    an id that names one (or a shared-stream client's id) as it is."""
+    if not tenant or "/" in request_id:
         return request_id
     return f"{tenant}/{request_id}"

@@ -19,6 +19,7 @@ import redis
 from . import core, scoring, tokenizers
 from .connection import CONNECTION_LOST, Subscription, acl_user, close_redis, open_redis
 from .errors import BrokerUnavailable
+from .keys import tenant_id
 from .protocol import Request, Result, TokenizerInfo
 
 log = logging.getLogger("batchd.client")
@@ -285,6 +286,8 @@ class Client(core.ClientCore[RequestHandle]):
 
     def cancel(self, request_id: str) -> None:
         """Ask batchd to stop a request; its slot is freed within one engine step."""
+        request_id = tenant_id(self.tenant, request_id)
+
         def send() -> None:
             with self._redis.pipeline(transaction=False) as pipe:
                 core.queue_cancel(pipe, self.keys, request_id, self._cancel_secrets.secret(request_id))
@@ -293,7 +296,9 @@ class Client(core.ClientCore[RequestHandle]):
         _retrying(send, f"cancel of {request_id}")
 
     def fetch_result(self, request_id: str) -> Result | None:
-        """The stored final result of any request id, or None if not finished."""
+        """The stored final result of any request id (one without a namespace: this client's
+        tenant's), or None if not finished."""
+        request_id = tenant_id(self.tenant, request_id)
         stored = self._stored_result(request_id)
         if stored is None:
             return None

@@ -88,6 +88,13 @@ FORBIDDEN = {
         ("SET", "batchd:accepted:someone", "1"),
         ("SET", "batchd:overloaded", "-1000"),
         ("INCRBY", "batchd:overloaded", "1000"),
+        # Another tenant's stream and overload counter, and the shared ones (docs/security.md,
+        # "Tenants"): a producer appends to its own stream only.
+        ("XADD", "batchd:requests", "*", "id", "x"),
+        ("XADD", "batchd:requests:victim", "MAXLEN", "0", "*", "id", "x"),
+        ("XLEN", "batchd:requests:victim"),
+        ("INCR", "batchd:overloaded:victim"),
+        ("SCAN", "0"),
     ],
     # A producer that may also read heartbeats: refused all a producer is.
     "batchd-gateway": [],
@@ -249,40 +256,49 @@ def test_workers_store_the_served_tokenizer_and_producers_only_read_it(acl_serve
         producer.close()
 
 
-def test_what_stays_trusted_a_producer_can_trim_the_request_stream(acl_server):
-    """docs/security.md, "Limits": an ACL cannot refuse XADD's MAXLEN, so a producer deletes
-    entries no scheduler has read yet (a backlog; no scheduler runs here). This test shows the
-    limit as it stands; it fails once producers can only append (per-producer streams)."""
+def test_a_producer_trims_only_its_own_stream(acl_server, daemons):
+    """An ACL cannot refuse XADD's MAXLEN, so each tenant has a stream of its own: a producer's
+    trim deletes its own backlog, never another tenant's, whose request then runs."""
     from batchd.client.keys import Keys
     from batchd.client.scripts import LIBRARY, load_library
 
     keys = Keys()
     load_library(redis.Redis.from_url(url_for(acl_server, "batchd-scheduler")), LIBRARY)
-    with Client(url_for(acl_server, "batchd-producer")) as victim:
-        victim.submit("queued behind a backlog")
-    attacker = redis.Redis.from_url(url_for(acl_server, "batchd-producer"))
-    assert attacker.xlen(keys.requests) == 1
-    attacker.xadd(keys.requests, {"id": "trimmer", "data": b"\xc1"}, maxlen=0, approximate=False)
-    assert attacker.xlen(keys.requests) == 0
+    with Client(url_for(acl_server, "batchd-gateway")) as victim:
+        handle = victim.submit("queued behind a backlog", timeout=30)  # no scheduler runs yet
+        attacker = as_user(acl_server, "batchd-producer")
+        assert refused(attacker, "XADD", keys.requests_of("batchd-gateway"), "MAXLEN", "0", "*", "id", "x")
+        assert refused(attacker, "XADD", keys.requests, "MAXLEN", "0", "*", "id", "x")
+        attacker.xadd(keys.requests_of("batchd-producer"), {"id": "trimmer", "data": b"\xc1"}, maxlen=0,
+                      approximate=False)
+        assert attacker.xlen(keys.requests_of("batchd-producer")) == 0
+        daemons.url = url_for(acl_server, "batchd-scheduler")
+        daemons.scheduler()
+        daemons.url = url_for(acl_server, "batchd-worker-gpu-0")
+        daemons.echo_worker("--worker-id", "gpu-0")
+        assert handle.result().text == "queued behind a backlog"
+        assert handle.request_id.startswith("batchd-gateway/")
+    daemons.stop_all()
 
 
-def test_what_stays_trusted_a_raw_xadd_skips_max_queue(acl_server):
-    """docs/security.md, "Limits": SUBMIT refuses (and counts) a submit past max_queue, but the
-    producer user may XADD the same entry itself and it is queued, uncounted. Schedulers still
-    hold at most --read-ahead requests each; the stream is what grows."""
+def test_submit_bounds_each_tenant_on_its_own(acl_server):
+    """max_queue holds per tenant stream: one tenant's full queue refuses its own submits only,
+    and counts them in its own counter."""
     from batchd.client.keys import Keys
     from batchd.client.protocol import PROTOCOL_VERSION, Request, encode
     from batchd.client.scripts import LIBRARY, load_library, submit_call
     from batchd.daemon.toolkit import publish_settings
 
     keys = Keys()
-    scheduler = redis.Redis.from_url(url_for(acl_server, "batchd-scheduler"))
+    scheduler = as_user(acl_server, "batchd-scheduler")
     load_library(scheduler, LIBRARY)
     publish_settings(scheduler, keys, max_queue=1, max_attempts=3)
-    producer = redis.Redis.from_url(url_for(acl_server, "batchd-producer"))
-    payload = encode(Request(v=PROTOCOL_VERSION, id="past-the-bound", prompt="x"))
-    function, call_keys, args = submit_call(keys, "first", payload)
-    assert function.run(producer, call_keys, args) == 1
-    assert function.run(producer, call_keys, args) == -1  # refused and counted
-    assert producer.xadd(keys.requests, {"id": "past-the-bound", "data": payload})
-    assert producer.xlen(keys.requests) == 2 and scheduler.get(keys.overloaded) == b"1"
+    outcomes = {}
+    for tenant in ("batchd-producer", "batchd-gateway"):
+        producer = as_user(acl_server, tenant)
+        payload = encode(Request(v=PROTOCOL_VERSION, id=f"{tenant}/bounded", prompt="x"))
+        function, call_keys, args = submit_call(keys, tenant, f"{tenant}/bounded", payload)
+        outcomes[tenant] = [function.run(producer, call_keys, args) for _ in range(1 if tenant == "batchd-gateway" else 3)]
+    assert outcomes == {"batchd-producer": [1, -1, -1], "batchd-gateway": [1]}
+    assert scheduler.get(keys.overloaded_of("batchd-producer")) == b"2"
+    assert scheduler.get(keys.overloaded_of("batchd-gateway")) is None
