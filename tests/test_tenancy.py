@@ -40,6 +40,8 @@ _spec.loader.exec_module(_shared)
 Daemons, redis_binary = _shared.Daemons, _shared.redis_binary
 
 KEYS = Keys()
+# The attacker's own request stream: the only one its ACL lets it XADD to (docs/security.md).
+OWN = KEYS.requests_of("batchd-producer")
 # 72 bytes: the echo engine streams one byte a step, 72 steps of 15 ms (about a second in flight).
 VICTIM_TEXT = "the victim's own text, " * 3 + "end"
 ATTACKER_TEXT = "ATTACKER " * 8
@@ -58,8 +60,8 @@ class Fleet:
         password = ADMIN_PASSWORD if user == "admin" else PASSWORDS[user]
         return f"redis://{user}:{password}@127.0.0.1:{self.server.port}/0"
 
-    def producer(self) -> Client:
-        return Client(self.url("batchd-producer"))
+    def producer(self, user: str = "batchd-producer") -> Client:
+        return Client(self.url(user))
 
     def assert_daemons_up(self) -> None:
         dead = [p.args for p in self.daemons.processes if p.poll() is not None]
@@ -89,10 +91,14 @@ def fleet(tmp_path_factory):
     # A second worker, as docs/security.md says: the gpu-0 user with its id replaced.
     [gpu0] = [line for line in acl if "batchd-worker-gpu-0" in line]
     setup.execute_command(*gpu0.replace("gpu-0", "gpu-1").split())
+    # A second tenant: the producer line with its user name (and so its stream) replaced.
+    [producer] = [line for line in acl if "SETUSER batchd-producer " in line]
+    setup.execute_command(*producer.replace("batchd-producer", "batchd-tenant-b").split())
     setup.execute_command("ACL", "SETUSER", "admin", "on", f">{ADMIN_PASSWORD}", "~*", "&*", "+@all")
     setup.execute_command("ACL", "SETUSER", "default", "off")
     setup.close()
     PASSWORDS.setdefault("batchd-worker-gpu-1", PASSWORDS["batchd-worker-gpu-0"])
+    PASSWORDS.setdefault("batchd-tenant-b", PASSWORDS["batchd-producer"])
     daemons = Daemons(server.url, tmp_path_factory.mktemp("tenancy"))
     fleet = Fleet(server, daemons)
     try:
@@ -128,9 +134,9 @@ def test_1_a_second_submission_of_an_in_flight_id_never_runs(fleet, path):
         victim = in_flight(fleet, client)
         payload = raw_request(victim.request_id, ATTACKER_TEXT)
         if path == "raw XADD":
-            fleet.attacker.xadd(KEYS.requests, {"id": victim.request_id, "data": payload})
+            fleet.attacker.xadd(OWN, {"id": victim.request_id, "data": payload})
         else:
-            fleet.attacker.fcall("batchd_v1_submit", 3, KEYS.requests, KEYS.config, KEYS.overloaded,
+            fleet.attacker.fcall("batchd_v1_submit", 3, OWN, KEYS.config, KEYS.overloaded_of("batchd-producer"),
                                  victim.request_id, payload)
         fleet.assert_victim_served(client, victim)
     # Its stream never went back to token 0: no restart, and exactly its own bytes.
@@ -143,9 +149,8 @@ def test_a_raw_duplicate_of_a_finished_request_never_runs_again(fleet):
         victim = client.submit(VICTIM_TEXT, timeout=30)
         fleet.assert_victim_served(client, victim)
         tokens = fleet.observer.tokens[victim.request_id]
-        fleet.attacker.xadd(KEYS.requests, {"id": victim.request_id,
-                                            "data": raw_request(victim.request_id, ATTACKER_TEXT)})
-        wait_until(lambda: fleet.admin.xlen(KEYS.requests) == 0, 10, "the duplicate to be dropped")
+        fleet.attacker.xadd(OWN, {"id": victim.request_id, "data": raw_request(victim.request_id, ATTACKER_TEXT)})
+        wait_until(lambda: fleet.admin.xlen(OWN) == 0, 10, "the duplicate to be dropped")
         time.sleep(0.5)
         assert fleet.observer.tokens[victim.request_id] == tokens
         assert client.fetch_result(victim.request_id).text == VICTIM_TEXT
@@ -153,10 +158,10 @@ def test_a_raw_duplicate_of_a_finished_request_never_runs_again(fleet):
 
 
 def test_a_producer_cannot_choose_its_attempt(fleet):
-    fleet.attacker.xadd(KEYS.requests, {"id": "chosen-attempt", "data": raw_request("chosen-attempt", "mine",
-                                                                                    attempt=10**6)})
-    fleet.observer.wait_for_finals(["chosen-attempt"], timeout=20)
-    [result] = fleet.observer.finals["chosen-attempt"]
+    request_id = "batchd-producer/chosen-attempt"
+    fleet.attacker.xadd(OWN, {"id": request_id, "data": raw_request(request_id, "mine", attempt=10**6)})
+    fleet.observer.wait_for_finals([request_id], timeout=20)
+    [result] = fleet.observer.finals[request_id]
     assert (result.text, result.attempt, result.error) == ("mine", 0, None)
 
 
@@ -164,9 +169,8 @@ def test_a_producer_cannot_choose_its_attempt(fleet):
 def test_2_a_malformed_entry_reusing_an_in_flight_id_does_not_fail_the_victim(fleet):
     with fleet.producer() as client:
         victim = in_flight(fleet, client)
-        fleet.attacker.xadd(KEYS.requests, {"id": victim.request_id, "data": b"\xc1 not msgpack"})
-        fleet.attacker.xadd(KEYS.requests, {"id": victim.request_id,
-                                            "data": raw_request(victim.request_id, "x", priority=1000)})
+        fleet.attacker.xadd(OWN, {"id": victim.request_id, "data": b"\xc1 not msgpack"})
+        fleet.attacker.xadd(OWN, {"id": victim.request_id, "data": raw_request(victim.request_id, "x", priority=1000)})
         fleet.assert_victim_served(client, victim)
     dead = [fields for _entry, fields in fleet.admin.xrevrange(KEYS.dead_letters, count=10)
             if fields[b"id"] == victim.request_id.encode()]
@@ -259,6 +263,8 @@ def test_4_the_request_stream_overwritten_or_deleted_is_recreated(fleet):
         fleet.admin.delete(KEYS.requests)  # while the scheduler blocks on it: "UNBLOCKED ... no longer exists"
         wait_until(lambda: fleet.admin.type(KEYS.requests) == b"stream", 15, "the stream to be recreated")
         fleet.assert_victim_served(client, client.submit(VICTIM_TEXT, timeout=30))
+        fleet.admin.delete(OWN)  # a tenant's stream deleted (by an administrator): found again on its next submit
+        fleet.assert_victim_served(client, client.submit(VICTIM_TEXT, timeout=30))
     assert "recreate" in fleet.daemons.logs() or "created consumer group" in fleet.daemons.logs()
 
 
@@ -328,13 +334,13 @@ def test_an_id_another_producer_took_first_never_returns_its_result(fleet, path)
     """The first entry read for an id runs it (the claim); a producer that guesses an id the
     victim will choose submits it first. The victim's call then fails with InvalidRequest
     naming the squatted id, and is never handed the attacker's text."""
-    request_id = f"order-squatted-{path.replace(' ', '-')}"
+    request_id = f"batchd-producer/order-squatted-{path.replace(' ', '-')}"
     if path == "SUBMIT function":
         with fleet.producer() as attacker:
             attacker.submit(ATTACKER_TEXT, request_id=request_id, timeout=30)
     else:
         data = b"\xc1" if path == "malformed entry" else raw_request(request_id, ATTACKER_TEXT)
-        fleet.attacker.xadd(KEYS.requests, {"id": request_id, "data": data})
+        fleet.attacker.xadd(OWN, {"id": request_id, "data": data})
     with fleet.producer() as client:
         handle = client.submit(VICTIM_TEXT, request_id=request_id, timeout=30)
         with pytest.raises(InvalidRequest, match="taken by another submission"):
@@ -348,9 +354,9 @@ def test_an_entry_id_at_the_end_of_time_stops_submits_for_a_second_at_most(fleet
     arguments) makes every later `XADD *` fail; a scheduler sets the last id back within its
     next housekeeping, and the victim's submit, retried meanwhile, runs."""
     end_of_time = "18446744073709551615-18446744073709551615"
-    fleet.attacker.xadd(KEYS.requests, {"id": "end-of-time", "data": b"\xc1"}, id=end_of_time)
+    fleet.attacker.xadd(OWN, {"id": "end-of-time", "data": b"\xc1"}, id=end_of_time)
     with pytest.raises(redis.ResponseError, match="exhausted"):
-        fleet.attacker.xadd(KEYS.requests, {"id": "next", "data": b"\xc1"})
+        fleet.attacker.xadd(OWN, {"id": "next", "data": b"\xc1"})
     with fleet.producer() as client:
         handle = client.submit(VICTIM_TEXT, timeout=30)
         fleet.assert_victim_served(client, handle)
@@ -362,8 +368,8 @@ def test_8_garbage_entries_cost_bounded_dead_letters(fleet):
     before = fleet.admin.memory_usage(KEYS.dead_letters) or 0
     garbage = b"\xc1" * (4 * 1024 * 1024)
     for i in range(20):
-        fleet.attacker.xadd(KEYS.requests, {"id": f"garbage-{i}", "data": garbage})
-    wait_until(lambda: fleet.admin.xlen(KEYS.requests) == 0, 30, "the garbage to be rejected")
+        fleet.attacker.xadd(OWN, {"id": f"batchd-producer/garbage-{i}", "data": garbage})
+    wait_until(lambda: fleet.admin.xlen(OWN) == 0, 30, "the garbage to be rejected")
     letters = fleet.admin.xrevrange(KEYS.dead_letters, count=20)
     assert all(len(fields[b"data"]) <= DEAD_LETTER_DATA_BYTES for _entry, fields in letters)
     assert {int(fields[b"data_bytes"]) for _entry, fields in letters} == {len(garbage)}
@@ -417,7 +423,7 @@ def test_overload_refusals_reach_the_schedulers_metrics(redis_server, daemons):
 
     def exported() -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        match = re.search(r"^batchd:requests_overloaded_total (\S+)$", text, re.M)
+        match = re.search(r'^batchd:requests_overloaded_total\{tenant=""\} (\S+)$', text, re.M)
         return float(match.group(1)) if match else -1.0
 
     wait_until(lambda: exported() == refusals, 10, "the refusals on /metrics")
