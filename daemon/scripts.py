@@ -371,11 +371,13 @@ def answer_call(keys: Keys, request_id: str, entry_id: str, attempt: int, final_
 
 
 def reject_call(keys: Keys, stream: str, group: str, entry_id: str, request_id: str | None, error_type: str,
-                message: str, data: bytes | None, final_payload: bytes | None, result_ttl_s: int) -> ScriptCall:
+                message: str, data: bytes | None, final_payload: bytes | None, result_ttl_s: int,
+                named_id: str = "") -> ScriptCall:
     """REJECT of an unreadable entry of a request stream; request_id and final_payload only when
-    the entry names a valid id of that stream's tenant."""
+    the entry names a valid id of that stream's tenant (named_id: the id it names otherwise,
+    kept in the dead letter only)."""
     call_keys = [stream, keys.dead_letters, keys.stats]
-    args: list = [group, entry_id, DEAD_LETTER_MAXLEN, DEAD_LETTER_DATA_BYTES, request_id or "", error_type,
+    args: list = [group, entry_id, DEAD_LETTER_MAXLEN, DEAD_LETTER_DATA_BYTES, request_id or named_id, error_type,
                   message[:DEAD_LETTER_REASON_CHARS], data or b""]
     if request_id and final_payload is not None:
         call_keys += [keys.accepted(request_id), keys.result(request_id)]

@@ -323,9 +323,9 @@ class Scheduler:
         if request_id is not None and tenant_of(request_id) != tenant:
             # Another tenant's id (or a tenant's id on the shared stream): never this entry's to
             # run or answer, so no producer can take an id outside its own namespace.
-            return stream, entry_id, None, data, InvalidRequest(
+            return stream, entry_id, request_id, data, InvalidRequest(
                 f"request id {request_id!r} is not in this stream's namespace: ids on "
-                f"{stream} " + (f"start with {tenant + '/'!r}" if tenant else "contain no '/'"), None)
+                f"{stream} " + (f"start with {tenant + '/'!r}" if tenant else "contain no '/'"), None), False
         try:
             if data is None:
                 raise InvalidRequest("stream entry has no 'data' field (see docs/protocol.md)", request_id)
@@ -337,8 +337,8 @@ class Scheduler:
             return stream, entry_id, request_id, data, InvalidRequest(
                 f"request could not be decoded: {type(exc).__name__}: {exc}", request_id)
         if tenant_of(request.id) != tenant:  # an entry without an id field
-            return stream, entry_id, None, data, InvalidRequest(
-                f"request id {request.id!r} is not in the namespace of {stream}", None)
+            return stream, entry_id, request.id, data, InvalidRequest(
+                f"request id {request.id!r} is not in the namespace of {stream}", None), False
         return _Held(entry_id, request, data, stream)
 
     # -- dispatch ---------------------------------------------------------
@@ -455,14 +455,15 @@ class Scheduler:
         metrics.requests_rejected.labels(error.code).inc()
 
     def _reject(self, stream: str, entry_id: str, request_id: str | None, data: bytes | None,
-                error: InvalidRequest) -> None:
+                error: InvalidRequest, answer: bool = True) -> None:
         """Bad input: keep it (bounded) for operators, and tell its caller when the id it names
-        is readable and not another request's (scripts.REJECT)."""
+        is readable, in the stream's namespace (`answer`) and not another request's (scripts.REJECT)."""
         log.info("rejected request %s: %s", request_id or f"entry {entry_id}", error.message[:200])
-        valid_id = request_id if request_id and is_request_id(request_id) else None
+        valid_id = request_id if answer and request_id and is_request_id(request_id) else None
         final = encode(FinalEvent(error_result(valid_id, error))) if valid_id else None
         script, keys, args = scripts.reject_call(self.keys, stream, SCHEDULER_GROUP, entry_id, valid_id, error.code,
-                                                 error.message, data, final, self.config.result_ttl_s)
+                                                 error.message, data, final, self.config.result_ttl_s,
+                                                 named_id=(request_id or "")[:256])
         script.run(self.redis, keys, args)
         metrics.requests_rejected.labels(error.code).inc()
         metrics.dead_letters.labels(error.code).inc()

@@ -26,7 +26,7 @@ from batchd.client import core
 from batchd.client.keys import Keys
 from batchd.client.core import Delta, StreamRestarted
 from batchd.client.protocol import (PROTOCOL_VERSION, FinalEvent, Request, RestartEvent, Result, TokenEvent,
-                                   decode_event, encode)
+                                   decode_event, encode, error_result)
 from batchd.daemon.scripts import DEAD_LETTER_DATA_BYTES
 from batchd.embedded import EmbeddedServer, free_port
 
@@ -450,3 +450,79 @@ def test_another_producer_cannot_cancel_a_request_its_submitter_can(fleet):
         mine = in_flight(fleet, client)
         client.cancel(mine.request_id)
         assert mine.result().finish_reason == "cancelled"
+
+
+# -- tenants: an id in another tenant's namespace ---------------------------------------------------
+@pytest.mark.parametrize("path", ["raw XADD", "SUBMIT function", "malformed entry"])
+def test_an_id_in_another_tenants_namespace_is_never_taken(fleet, path):
+    """Ids of a tenant's requests start with its name, and run only from its own stream, where no
+    one else may XADD: another tenant submitting the victim's next id first (on its own stream,
+    the only one it may write) neither runs it nor answers it, and the victim's request runs."""
+    local = f"order-{path.replace(' ', '-')}"
+    victim_id = f"batchd-tenant-b/{local}"
+    squatter = redis.Redis.from_url(fleet.url("batchd-producer"))
+    assert refused(squatter, "XADD", KEYS.requests_of("batchd-tenant-b"), "*", "id", victim_id, "data", "x")
+    data = b"\xc1" if path == "malformed entry" else raw_request(victim_id, ATTACKER_TEXT)
+    if path == "SUBMIT function":
+        squatter.fcall("batchd_v1_submit", 3, OWN, KEYS.config, KEYS.overloaded_of("batchd-producer"), victim_id, data)
+    else:
+        squatter.xadd(OWN, {"id": victim_id, "data": data})
+    wait_until(lambda: fleet.admin.xlen(OWN) == 0, 10, "the squatting entry to be dropped")
+    assert fleet.admin.get(KEYS.result(victim_id)) is None and fleet.admin.get(KEYS.accepted(victim_id)) is None
+    with fleet.producer("batchd-tenant-b") as client:
+        handle = client.submit(VICTIM_TEXT, request_id=local, timeout=30)
+        assert handle.request_id == victim_id
+        fleet.assert_victim_served(client, handle)
+    [letter] = [fields for _entry, fields in fleet.admin.xrevrange(KEYS.dead_letters, count=20)
+                if fields[b"id"] == victim_id.encode()]
+    assert b"namespace" in letter[b"reason"]
+
+
+def test_a_client_refuses_an_id_outside_its_namespace(fleet):
+    with fleet.producer() as client:
+        with pytest.raises(InvalidRequest, match="namespace"):
+            client.submit("x", request_id="batchd-tenant-b/theirs")
+        assert client.submit("mine", request_id="batchd-producer/mine", timeout=30).result().text == "mine"
+
+
+# -- scoring requests carry the secrets every request does --------------------------------------------
+def test_scoring_requests_carry_a_cancel_hash_and_an_event_key(fleet):
+    """Without them anyone who knows a scoring request's id could cancel it, and its events would
+    be unauthenticated (docs/security.md): the clients send both on every request they make."""
+    sent: list[Request] = []
+
+    def capture(request, payload, explicit, timeout):
+        sent.append(request)
+        raise InvalidRequest("captured")
+
+    with fleet.producer() as client:
+        client._send = capture
+        for call in (lambda: client.next_token_logprobs([1, 2, 3]), lambda: client.score("a", "b"),
+                     lambda: client.next_token_logprobs([1, 2], top_k=2)):
+            with pytest.raises(InvalidRequest, match="captured"):
+                call()
+    assert [r.task for r in sent] == ["next_token_logprobs", "score", "next_token_logprobs"]
+    assert all(r.cancel_hash and r.event_key and r.id.startswith("batchd-producer/") for r in sent)
+
+
+def test_a_scoring_requests_final_is_taken_only_with_its_seal():
+    """A full-vector result is published as a vector-free cue (workers/outbox.py), sealed like the
+    stored result: the client reads the stored result on it, takes a sealed final that carries
+    its answer, and ignores a final without the request's seal (a forgery)."""
+    from batchd.client.protocol import seal_final
+    from batchd.workers.outbox import _cue
+
+    secrets = core.CancelSecrets(None)
+    request = Request(v=PROTOCOL_VERSION, id="t/score-1", prompt_token_ids=[1], task="next_token_logprobs",
+                      event_key=secrets.event_key("t/score-1"))
+    reading = core.Reading(request.id, 10, request.event_key, expects_vector=True)
+    full = Result(request.id, "stop", logprobs=b"\0" * 8)
+    cue = _cue(full, request)
+    assert decode_event(cue).result.logprobs is None
+    assert reading.triage(cue) == core.STORED
+    assert reading.triage(seal_final(full, request)) == core.TAKE
+    failed = error_result(request.id, Overloaded("full", request.id))
+    assert reading.triage(seal_final(failed, request)) == core.TAKE
+    forged = encode(FinalEvent(Result(request.id, "stop", logprobs=b"\1" * 8)))
+    assert reading.triage(forged) == core.IGNORE
+    assert reading.triage(_cue(full, msgspec.structs.replace(request, event_key="0" * 32))) == core.IGNORE
