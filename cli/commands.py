@@ -35,7 +35,7 @@ def scheduler(args) -> int:
     config = SchedulerConfig(redis_url=args.redis, prefix=args.prefix, max_batch=args.max_batch,
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_attempts=args.max_attempts, claim_idle_ms=args.claim_idle_ms,
-                             metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                             read_ahead=args.read_ahead, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                              result_ttl_s=args.result_ttl)
     daemon = Scheduler(config)
     install_stop_handlers(daemon.stop)

@@ -302,3 +302,57 @@ def test_submit_bounds_each_tenant_on_its_own(acl_server):
     assert outcomes == {"batchd-producer": [1, -1, -1], "batchd-gateway": [1]}
     assert scheduler.get(keys.overloaded_of("batchd-producer")) == b"2"
     assert scheduler.get(keys.overloaded_of("batchd-gateway")) is None
+
+
+def test_a_raw_xadd_flood_is_answered_overloaded_and_a_forged_count_stays_its_own(acl_server, daemons):
+    """A raw XADD skips SUBMIT's max_queue; a scheduler answers what a tenant queued beyond it with
+    Overloaded, so its stream stays near the bound and its callers hear why. Only a tenant may
+    write its overload counter: an INCR it forges moves its own series, no other tenant's."""
+    import time
+    import urllib.request
+
+    from batchd.client.keys import Keys
+    from batchd.client.protocol import PROTOCOL_VERSION, Request, decode_event, encode
+
+    keys = Keys()
+    port = free_port()
+    daemons.url = url_for(acl_server, "batchd-scheduler")
+    daemons.scheduler("--max-queue", "3", "--read-ahead", "2", "--metrics-port", str(port))  # no worker yet
+    flood = keys.requests_of("batchd-producer")
+    attacker = as_user(acl_server, "batchd-producer")
+    admin = redis.Redis(port=acl_server.port, username="batchd-scheduler", password=PASSWORDS["batchd-scheduler"])
+    ids = [f"batchd-producer/flood-{i}" for i in range(20)]
+    for request_id in ids:
+        attacker.xadd(flood, {"id": request_id, "data": encode(Request(v=PROTOCOL_VERSION, id=request_id,
+                                                                       prompt="flood", submitted_at=time.time()))})
+    forged = [attacker.execute_command("INCR", keys.overloaded_of("batchd-producer")) for _ in range(5)]  # its own counter: allowed
+    assert forged[-1] == 5
+    assert refused(attacker, "INCR", keys.overloaded_of("batchd-gateway"))
+    assert refused(attacker, "INCR", keys.overloaded)
+
+    def answered() -> list[str]:
+        stored = [admin.get(keys.result(request_id)) for request_id in ids]
+        return [request_id for request_id, raw in zip(ids, stored)
+                if raw is not None and decode_event(raw).result.error.type == "overloaded"]
+
+    deadline = time.monotonic() + 15
+    while len(answered()) < 17 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert answered() == ids[3:], "the newest entries past the bound are answered, the oldest 3 stay queued"
+    assert admin.xlen(flood) == 3
+
+    def exported(tenant: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        match = re.search(rf'^batchd:requests_overloaded_total\{{tenant="{tenant}"\}} (\S+)$', text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    deadline = time.monotonic() + 10
+    while exported("batchd-producer") < 17 + 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert exported("batchd-producer") == 17 + 5
+    with Client(url_for(acl_server, "batchd-gateway")) as victim:  # another tenant: its own bound, its own count
+        handle = victim.submit("not crowded out", timeout=30)
+        daemons.url = url_for(acl_server, "batchd-worker-gpu-0")
+        daemons.echo_worker("--worker-id", "gpu-0")
+        assert handle.result().text == "not crowded out"
+    assert exported("batchd-gateway") == 0.0
