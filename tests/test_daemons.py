@@ -373,7 +373,7 @@ def test_a_batch_window_counts_from_when_the_request_reached_redis(client, clock
     scheduler._read(None)
     assert scheduler.batcher.opened_at("") == pytest.approx(clock() - 0.0015, abs=0.001)
     # An entry id far in the past (or a skewed clock) earns at most MAX_TRANSIT_CREDIT_S.
-    scheduler._accept([("1000-0", {b"id": b"r1", b"data": encode(Request(v=PROTOCOL_VERSION, id="r1", prompt="p"))})])
+    scheduler._accept(KEYS.requests, [("1000-0", {b"id": b"r1", b"data": encode(Request(v=PROTOCOL_VERSION, id="r1", prompt="p"))})])
     assert scheduler.batcher.opened_at("") == pytest.approx(clock() - 0.002)
 
 
