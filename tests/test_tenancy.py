@@ -526,3 +526,20 @@ def test_a_scoring_requests_final_is_taken_only_with_its_seal():
     forged = encode(FinalEvent(Result(request.id, "stop", logprobs=b"\1" * 8)))
     assert reading.triage(forged) == core.IGNORE
     assert reading.triage(_cue(full, msgspec.structs.replace(request, event_key="0" * 32))) == core.IGNORE
+
+
+def test_one_tenants_backlog_does_not_hold_up_another_tenants_request(redis_server, daemons):
+    """Schedulers ask every tenant's stream for an equal share of their read-ahead and batches
+    take turns by tenant: a request of a quiet tenant runs next, not behind a flood's backlog."""
+    daemons.scheduler("--read-ahead", "8", "--max-wait-ms", "5")
+    daemons.echo_worker("--slots", "4", "--token-delay-ms", "5")
+    daemons.wait_for_workers(1)
+    with Client(redis_server.url, tenant="flood") as flood, Client(redis_server.url, tenant="quiet") as quiet:
+        for client in (quiet, flood):  # both streams are known to the scheduler from here on
+            assert client.submit("first", timeout=30).result().text == "first"
+        backlog = [flood.submit("flooding", timeout=60) for _ in range(300)]
+        handle = quiet.submit("quiet one", timeout=30)
+        assert handle.result().text == "quiet one"
+        done = sum(flood.fetch_result(h.request_id) is not None for h in backlog)
+        assert done < 100, f"the quiet tenant's request waited for {done} of the flood's 300"
+        assert backlog[-1].result().text == "flooding"
