@@ -47,6 +47,10 @@ WORKER = ("worker", "model_name")
 requests_queued = Gauge(
     "batchd:num_requests_queued",
     "Requests submitted and not yet dispatched to a worker (stream backlog plus pending batches).", registry=SCHEDULER_REGISTRY)
+requests_queued_by_tenant = Gauge(
+    "batchd:num_requests_queued_by_tenant",
+    "The same, for each request stream: a tenant's own (docs/protocol.md, \"Tenants\"), or \"\" the shared one.",
+    ("tenant",), registry=SCHEDULER_REGISTRY)
 requests_received = Counter(
     "batchd:requests_received_total", "Requests read from the request stream, by the model they name "
     "(\"\": the fleet's only model).", ("priority", "model_name"), registry=SCHEDULER_REGISTRY)

@@ -550,6 +550,8 @@ class Scheduler:
                 pipe.xlen(stream)
             lengths = pipe.execute()
         metrics.requests_queued.set(sum(lengths))
+        for stream, length in zip(streams, lengths):
+            metrics.requests_queued_by_tenant.labels(self.streams.tenant(stream)).set(length)
         if self.config.max_queue <= 0:
             return
         for stream, length in zip(streams, lengths):

@@ -350,6 +350,11 @@ def test_a_raw_xadd_flood_is_answered_overloaded_and_a_forged_count_stays_its_ow
     while exported("batchd-producer") < 17 + 5 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert exported("batchd-producer") == 17 + 5
+    queued = 'batchd:num_requests_queued_by_tenant{tenant="batchd-producer"} 3.0'
+    deadline = time.monotonic() + 5
+    while queued not in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode():
+        assert time.monotonic() < deadline, "the flooding tenant's backlog on /metrics"
+        time.sleep(0.2)
     with Client(url_for(acl_server, "batchd-gateway")) as victim:  # another tenant: its own bound, its own count
         handle = victim.submit("not crowded out", timeout=30)
         daemons.url = url_for(acl_server, "batchd-worker-gpu-0")
