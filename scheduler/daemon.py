@@ -264,7 +264,8 @@ class Scheduler:
         for held in self._claimed(readable):
             metrics.requests_received.labels(str(held.request.priority), self._model_label(held.request.model)).inc()
             self.batcher.add(held, self._arrival(held.entry_id, now), model=held.request.model,
-                             priority=held.request.priority, producer=self._fair_share_key(held))
+                             priority=held.request.priority, producer=held.request.producer,
+                             tenant=self.streams.tenant(held.stream))
         # After the claims: an unreadable entry naming the id of a valid one read with it
         # must not answer that request.
         for rejection in unreadable:
@@ -292,12 +293,6 @@ class Scheduler:
             metrics.requests_rejected.labels("duplicate").inc(len(second))
             self._ack(*second)
         return claimed
-
-    def _fair_share_key(self, held: _Held) -> str:
-        """Who a request takes turns as: its tenant (so a tenant cannot widen its share by
-        naming many producers), or on the shared stream the producer it names."""
-        tenant = self.streams.tenant(held.stream)
-        return f"tenant:{tenant}" if tenant else held.request.producer
 
     def _model_label(self, model: str) -> str:
         """A request's model as a metric label: a producer's name for a model nobody serves
