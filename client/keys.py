@@ -45,6 +45,12 @@ class Keys:
         """SCAN pattern matching every tenant's request stream (the schedulers discover them so)."""
         return f"{self.prefix}requests:*"
 
+    @property
+    def tenants(self) -> str:
+        """Set of registered tenant names, written by an administrator beside each tenant's ACL
+        user (docs/security.md): schedulers read their streams within a second."""
+        return f"{self.prefix}tenants"
+
     def tenant_of_stream(self, stream: str) -> str | None:
         """The tenant whose request stream this is ("" the shared one; None: not a request stream)."""
         if stream == self.requests:

@@ -3,10 +3,12 @@
 A tenant (a producer identity, by default its Redis ACL user) submits to a stream of its own,
 `<prefix>requests:<tenant>`, on which docs/security.md lets it XADD and nothing else; so what it
 does there (a MAXLEN trim, a flood of raw XADDs, an entry id at the end of time) reaches its own
-requests only. Tenants are not registered anywhere a producer could write: the schedulers find
-their streams by SCAN (a producer can create only its own stream), create their group on each,
-and read all of them in one XREADGROUP that asks every stream for the same share, so one
-tenant's backlog cannot crowd out another's requests.
+requests only. Tenants are found without trusting producers: in the registry set an
+administrator writes beside each tenant's ACL user (`<prefix>tenants`, read every second), and
+by a SCAN for request streams (a producer can create only its own) at a slower pace, since it
+walks the whole keyspace (docs/security.md, "Limits", gives its cost). The schedulers create
+their group on each stream found and read all of them in one XREADGROUP that asks every stream
+for the same share, so one tenant's backlog cannot crowd out another's requests.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from batchd.daemon.toolkit import ensure_group
 
 log = logging.getLogger("batchd.scheduler")
 
-# SCAN walks the whole keyspace; a new tenant's first request waits at most this long
-# for a scheduler to find its stream.
-DISCOVERY_INTERVAL_S = 1.0
+# A registered tenant's stream is read within this long of its registration.
+REGISTRY_INTERVAL_S = 1.0
+# An unregistered tenant's first request waits at most this long for a SCAN to find its stream.
+SCAN_INTERVAL_S = 30.0
 SCAN_COUNT = 1000
 
 
@@ -36,7 +39,8 @@ class RequestStreams:
         self.keys = keys
         self.group = group
         self.tenants: dict[str, str] = {keys.requests: ""}
-        self._next_discovery = 0.0
+        self._next_registry = 0.0
+        self._next_scan = 0.0
 
     def __iter__(self):
         return iter(list(self.tenants))
@@ -51,25 +55,31 @@ class RequestStreams:
         """Back to the shared stream only (after an error reply: a stream may have been deleted);
         discover() finds the tenants' streams again at once."""
         self.tenants = {self.keys.requests: ""}
-        self._next_discovery = 0.0
+        self._next_registry = self._next_scan = 0.0
 
     def discover(self, now: float) -> list[str]:
         """Tenant streams that appeared since the last look, each given the schedulers' group
-        (reading from its first entry); at most once a DISCOVERY_INTERVAL_S."""
-        if now < self._next_discovery:
-            return []
-        self._next_discovery = now + DISCOVERY_INTERVAL_S
+        (reading from its first entry; a registered tenant's stream is created with it)."""
         found = []
-        for key in self.redis.scan_iter(match=self.keys.tenant_streams, count=SCAN_COUNT, _type="stream"):
-            stream = key.decode() if isinstance(key, bytes) else key
-            tenant = self.keys.tenant_of_stream(stream)
-            if tenant and stream not in self.tenants:
-                ensure_group(self.redis, stream, self.group)
-                self.tenants[stream] = tenant
-                found.append(stream)
+        if now >= self._next_scan:
+            self._next_scan = now + SCAN_INTERVAL_S
+            for key in self.redis.scan_iter(match=self.keys.tenant_streams, count=SCAN_COUNT, _type="stream"):
+                found += self._add(_text(key))
+        if now >= self._next_registry:
+            self._next_registry = now + REGISTRY_INTERVAL_S
+            for name in self.redis.smembers(self.keys.tenants):
+                found += self._add(self.keys.requests_of(_text(name)))
         if found:
             log.info("reading %d new tenant request streams: %s", len(found), ", ".join(found[:10]))
         return found
+
+    def _add(self, stream: str) -> list[str]:
+        tenant = self.keys.tenant_of_stream(stream)
+        if not tenant or stream in self.tenants:
+            return []
+        ensure_group(self.redis, stream, self.group)
+        self.tenants[stream] = tenant
+        return [stream]
 
     def read_positions(self, position: str) -> dict[str, str]:
         """XREADGROUP's streams argument: every stream at one position (">" or "0")."""
@@ -86,3 +96,7 @@ def by_stream(entries: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     for stream, entry_id in entries:
         grouped[stream].append(entry_id)
     return grouped
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

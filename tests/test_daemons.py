@@ -534,10 +534,10 @@ def submit_as(client, clock, tenant: str, local_id: str) -> str:
 def test_recovery_covers_every_tenants_stream(client, clock):
     """A dead worker's request goes back to its tenant's stream and runs again; a dead
     scheduler's held requests on a tenant's stream are taken over by another scheduler."""
+    client.sadd(KEYS.tenants, "alice", "bob")  # registered beside their ACL users (docs/security.md)
     scheduler = make_scheduler(client, clock)
     advertise(client, "w1", 8, clock)
     reaped = submit_as(client, clock, "alice", "r0")
-    scheduler.streams._next_discovery = 0
     settle(scheduler, clock)
     assert [r.id for r in jobs_of(client, "w1")[0].requests] == [reaped]
     client.delete(KEYS.heartbeat("w1"))

@@ -94,6 +94,7 @@ def fleet(tmp_path_factory):
     # A second tenant: the producer line with its user name (and so its stream) replaced.
     [producer] = [line for line in acl if "SETUSER batchd-producer " in line]
     setup.execute_command(*producer.replace("batchd-producer", "batchd-tenant-b").split())
+    setup.sadd(KEYS.tenants, "batchd-tenant-b")
     setup.execute_command("ACL", "SETUSER", "admin", "on", f">{ADMIN_PASSWORD}", "~*", "&*", "+@all")
     setup.execute_command("ACL", "SETUSER", "default", "off")
     setup.close()
@@ -531,11 +532,12 @@ def test_a_scoring_requests_final_is_taken_only_with_its_seal():
 def test_one_tenants_backlog_does_not_hold_up_another_tenants_request(redis_server, daemons):
     """Schedulers ask every tenant's stream for an equal share of their read-ahead and batches
     take turns by tenant: a request of a quiet tenant runs next, not behind a flood's backlog."""
+    redis.Redis.from_url(redis_server.url).sadd(KEYS.tenants, "flood", "quiet")  # docs/security.md
     daemons.scheduler("--read-ahead", "8", "--max-wait-ms", "5")
     daemons.echo_worker("--slots", "4", "--token-delay-ms", "5")
     daemons.wait_for_workers(1)
     with Client(redis_server.url, tenant="flood") as flood, Client(redis_server.url, tenant="quiet") as quiet:
-        for client in (quiet, flood):  # both streams are known to the scheduler from here on
+        for client in (quiet, flood):  # both streams are read from here on
             assert client.submit("first", timeout=30).result().text == "first"
         backlog = [flood.submit("flooding", timeout=60) for _ in range(150)]
         handle = quiet.submit("quiet one", timeout=30)
