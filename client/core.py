@@ -626,8 +626,9 @@ class ClientCore(Generic[Sent]):
         fetch_result take it; an id in another tenant's namespace cannot be submitted here."""
         full = tenant_id(self.tenant, request_id)
         if tenant_of(full) != self.tenant:
-            raise InvalidRequest(f"request id {request_id!r} is outside this client's namespace: its ids are "
-                                 + (f"'{self.tenant}/<id>'" if self.tenant else "ids without '/'"), request_id)
+            where = f"ids of tenant {self.tenant!r} start with '{self.tenant}/'" if self.tenant else \
+                "a client without a tenant submits ids without '/'"
+            raise InvalidRequest(f"request id {request_id!r} is outside this client's namespace: {where}", request_id)
         return full
 
     def _secrets(self, request_id: Any) -> dict:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 DEFAULT_PREFIX = "batchd:"
 
-# A tenant is a producer identity with a request stream of its own (docs/security.md,
+# A tenant is a producer identity with a request stream of its own (docs/protocol.md,
 # "Tenants"): by default its Redis ACL user name. The name goes into keys and, before a "/",
 # into every id of its requests, so it may hold neither ":" nor "/" nor a glob character.
 TENANT_PATTERN = r"[A-Za-z0-9._-]{1,64}"
