@@ -61,6 +61,8 @@ def _add_scheduler_options(parser: argparse.ArgumentParser) -> None:
                        help="backlog beyond which submits fail with Overloaded (0: unbounded)")
     group.add_argument("--max-attempts", type=COUNT, default=DEFAULT_MAX_ATTEMPTS,
                        help="dead-letter a request after this many worker failures (workers read it from Redis)")
+    group.add_argument("--read-ahead", type=COUNT, default=4096,
+                       help="most requests one scheduler holds undispatched, over all request streams (default 4096)")
     group.add_argument("--claim-idle-ms", type=COUNT, default=10_000,
                        help="take over requests another scheduler held this long without touching (default 10000)")
 

@@ -64,19 +64,20 @@ class Score:
 
 def next_token_request(request_id: str, prompt_token_ids: Sequence[int], top_k: int | None, *, producer: str,
                        timeout: float | None, model: str | None = None,
-                       logprobs_dtype: str = "float32") -> tuple[Request, bytes]:
+                       logprobs_dtype: str = "float32", **secrets: str | None) -> tuple[Request, bytes]:
+    """secrets: the request's cancel_hash and event_key (ClientCore._secrets)."""
     return build_request(request_id, None, None, prompt_token_ids, producer=producer, timeout=timeout,
                          task="next_token_logprobs", top_logprobs=top_k, model=model,
-                         logprobs_dtype=logprobs_dtype, **_NO_DECODING)
+                         logprobs_dtype=logprobs_dtype, **_NO_DECODING, **secrets)
 
 
 def score_request(request_id: str, prompt: str | None, continuation: str | None,
                   prompt_token_ids: Sequence[int] | None, continuation_token_ids: Sequence[int] | None, *,
                   producer: str, timeout: float | None, model: str | None = None,
-                  messages: Sequence[dict] | None = None) -> tuple[Request, bytes]:
+                  messages: Sequence[dict] | None = None, **secrets: str | None) -> tuple[Request, bytes]:
     return build_request(request_id, prompt, messages, prompt_token_ids, producer=producer, timeout=timeout,
                          task="score", continuation=continuation, continuation_token_ids=continuation_token_ids,
-                         model=model, **_NO_DECODING)
+                         model=model, **_NO_DECODING, **secrets)
 
 
 # A scoring request's sampling params stay at their defaults (the protocol checks it).
