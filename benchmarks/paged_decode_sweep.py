@@ -26,6 +26,7 @@ BLOCK, HEADS, KV_HEADS, DIM = 128, 16, 8, 128
 
 class _Batch:
     decode_all_slots = True
+    row_layout = False
 
     def __init__(self, lengths, rows):
         self.slot_lengths, self.decode_slots = lengths, rows

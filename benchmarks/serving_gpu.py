@@ -19,6 +19,10 @@ Phases (in --phases order; each writes its result to the JSON as soon as it exis
              per-slot cache of 8,192 tokens held in that memory
 - system_prompt: a 1,000-token system prompt before 256 short questions: prompt tokens
              computed against 1,000 plus the questions' own
+- kv_capacity: 128 requests of the long-context distribution through 8 GiB of KV, bf16 against
+             --kv-dtype fp8: requests live at once (the bar: fp8 holds >= 1.8x) and tok/s
+
+--kv-dtype fp8 runs the other phases over a float8 pool.
 
     python benchmarks/serving_gpu.py --out $OUT/serving.json
     python benchmarks/serving_gpu.py --small --device cpu      # a shape check of the script itself
@@ -426,6 +430,33 @@ def long_context(model, device: str, args, small: bool) -> dict:
     return results
 
 
+def kv_capacity(model, device: str, args, small: bool) -> dict:
+    """The same memory, the same requests: how many run at once with bf16 keys and values, and with float8."""
+    count = 16 if small else args.capacity_requests
+    np.random.seed(6)
+    prompts = np.random.randint(10 if small else 100, (100 if small else 6000) + 1, count)
+    outputs = np.random.randint(10 if small else 100, (40 if small else 1024) + 1, count)
+    requests = [(np.random.randint(0, model.config.vocab_size, n).tolist(), int(m)) for n, m in zip(prompts, outputs)]
+    memory = 2**24 if small else 8 * 2**30
+    results = {"requests": count, "kv_memory_gib": memory / 2**30}
+    for kv_dtype in ("auto", "fp8"):
+        engine = make_engine(model, device, slots=count, kv_memory=memory, max_context=8192 if not small else 512,
+                             max_prefill_tokens=args.max_prefill_tokens, burst_prefill_tokens=args.burst_prefill_tokens,
+                             kv_dtype=kv_dtype)
+        _add(engine, "w", requests[:4])
+        _drain(engine, "warm", device)
+        engine.reset_prefix_cache()
+        _add(engine, "c", requests)
+        results[engine.kv_dtype] = {"pool_tokens": engine.kv_cache_tokens, **_drain(engine, "c", device),
+                                    "preemptions": engine.stats()["num_preemptions"]}
+        log.info("  %s", results[engine.kv_dtype])
+        del engine
+        _free_engine_memory(device)
+    live = [results[k]["most_live"] for k in results if isinstance(results[k], dict)]
+    results["live_ratio"] = round(live[1] / live[0], 2)
+    return results
+
+
 def system_prompt(engine: HFEngine, vocab: int, device: str, questions: int = 256) -> dict:
     engine.reset_prefix_cache()
     rng = random.Random(9)
@@ -455,6 +486,8 @@ def main() -> None:
     parser.add_argument("--particles", default="256,64")
     parser.add_argument("--smc-steps", type=int, default=30)
     parser.add_argument("--phases", default="check,anchor,sustained,poisson,smc,system_prompt,micro,mixed,long_context")
+    parser.add_argument("--kv-dtype", default="auto", choices=("auto", "fp8"))
+    parser.add_argument("--capacity-requests", type=int, default=128, help="kv_capacity: requests sent at once")
     parser.add_argument("--out", default="benchmarks/results/serving_gpu.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -479,9 +512,9 @@ def main() -> None:
     if needs_engine:
         started = time.perf_counter()
         engine = make_engine(model, device, slots=slots, max_context=4096, max_prefill_tokens=args.max_prefill_tokens,
-                             burst_prefill_tokens=args.burst_prefill_tokens)
+                             burst_prefill_tokens=args.burst_prefill_tokens, kv_dtype=args.kv_dtype)
         report.data["engine_start_s"] = round(time.perf_counter() - started, 1)
-        report.data["engine"] = {"pool_tokens": engine.kv_cache_tokens, "max_prefill_tokens": engine.max_prefill_tokens,
+        report.data["engine"] = {"pool_tokens": engine.kv_cache_tokens, "kv_dtype": engine.kv_dtype, "max_prefill_tokens": engine.max_prefill_tokens,
                                  "burst_prefill_tokens": engine.burst_prefill_tokens,
                                  "graphs": engine.cuda_graph_sizes}
         _add(engine, "warm", requests[:4])
@@ -512,6 +545,8 @@ def main() -> None:
                                                           for k in args.particles.split(",")]})
     if "long_context" in phases:
         report.phase("long_context", lambda: long_context(model, device, args, small))
+    if "kv_capacity" in phases:
+        report.phase("kv_capacity", lambda: kv_capacity(model, device, args, small))
     print_table(report.data)
 
 

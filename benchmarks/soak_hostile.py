@@ -139,6 +139,12 @@ class Wire:
         self.thread.join(timeout=2)
 
 
+# The hostile producer shares the honest producers' user, so their tenant and stream
+# (docs/protocol.md, "Tenants"): the only stream it may XADD to, and the hardest case.
+OWN = KEYS.requests_of("batchd-producer")
+OWN_OVERLOADED = KEYS.overloaded_of("batchd-producer")
+
+
 class Attacker(threading.Thread):
     """The hostile producer: the documented producer ACL, used as badly as it allows."""
 
@@ -174,20 +180,20 @@ class Attacker(threading.Thread):
 
     def duplicate_raw(self) -> None:
         if (victim := self.victim()) is not None:
-            self.redis.xadd(KEYS.requests, {"id": victim, "data": payload(victim, ATTACKER_TEXT, priority=100)})
+            self.redis.xadd(OWN, {"id": victim, "data": payload(victim, ATTACKER_TEXT, priority=100)})
 
     def duplicate_submit(self) -> None:
         if (victim := self.victim()) is not None:
-            self.redis.fcall("batchd_v1_submit", 3, KEYS.requests, KEYS.config, KEYS.overloaded, victim,
+            self.redis.fcall("batchd_v1_submit", 3, OWN, KEYS.config, OWN_OVERLOADED, victim,
                              payload(victim, ATTACKER_TEXT))
 
     def malformed(self) -> None:
         if (victim := self.victim()) is not None:
-            self.redis.xadd(KEYS.requests, {"id": victim, "data": b"\xc1 not msgpack"})
+            self.redis.xadd(OWN, {"id": victim, "data": b"\xc1 not msgpack"})
 
     def garbage(self) -> None:
-        victim = self.victim() or "garbage"
-        self.redis.xadd(KEYS.requests, {"id": victim, "data": os.urandom(64 * 1024)})
+        victim = self.victim() or "batchd-producer/garbage"
+        self.redis.xadd(OWN, {"id": victim, "data": os.urandom(64 * 1024)})
 
     def forge_final(self) -> None:
         if (victim := self.victim()) is not None:
@@ -212,16 +218,17 @@ class Attacker(threading.Thread):
         if time.monotonic() - self.last_end_of_time < 5.0:
             raise SkippedAttack
         self.last_end_of_time = time.monotonic()
-        self.redis.xadd(KEYS.requests, {"id": "end-of-time", "data": b"\xc1"},
+        self.redis.xadd(OWN, {"id": "batchd-producer/end-of-time", "data": b"\xc1"},
                         id="18446744073709551615-18446744073709551615")
 
     def chosen_attempt(self) -> None:
-        request_id = f"hostile-{self.counts['chosen_attempt']}"
-        self.redis.xadd(KEYS.requests, {"id": request_id, "data": payload(request_id, "hostile", attempt=10**6)})
+        request_id = f"batchd-producer/hostile-{self.counts['chosen_attempt']}"
+        self.redis.xadd(OWN, {"id": request_id, "data": payload(request_id, "hostile", attempt=10**6)})
         self.fresh_ids.append(request_id)  # once queued: an XADD refused while the stream is at its end is not
 
     def refused_commands(self) -> None:
-        for command in (("SET", KEYS.requests, "x"), ("SET", KEYS.config, "x"), ("SCRIPT", "LOAD", "return 1")):
+        for command in (("SET", OWN, "x"), ("SET", KEYS.config, "x"), ("SCRIPT", "LOAD", "return 1"),
+                        ("XADD", KEYS.requests, "MAXLEN", "0", "*", "id", "x")):
             try:
                 self.redis.execute_command(*command)
                 self.counts["NOT REFUSED " + command[0]] += 1

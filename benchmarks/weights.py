@@ -36,7 +36,11 @@ from engine_cpu import PROMPTS  # noqa: E402
 
 # format name -> (dtype, quantize)
 FORMATS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "fp16": ("float16", "none"),
-           "int8": (None, "int8"), "fp8": (None, "fp8"), "fp8_row": (None, "fp8")}
+           "int8": (None, "int8"), "fp8": (None, "fp8"), "fp8_row": (None, "fp8"),
+           "kv_fp8": (None, "none")}
+# Formats of the KV cache rather than the weights: their text log-probabilities come from the
+# engine (a scoring request over the pool), where the cache is, not from the model's own forward.
+KV_FORMATS = {"kv_fp8": "fp8"}
 
 # The fixed text for log-probabilities: plain English prose, ~200 tokens.
 TEXT = ("The river had been rising for three days when the ferryman finally tied his boat to the old oak "
@@ -80,6 +84,20 @@ def text_logprobs(loaded) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0].cpu()
 
 
+def engine_text_logprobs(engine: HFEngine, loaded) -> torch.Tensor:
+    """The same log-probabilities from the engine: one scoring request, the text after its first token."""
+    from batchd.workers.engine import ScoreItem
+
+    ids = loaded.tokenizer(TEXT)["input_ids"]
+    item = ScoreItem(prompt_token_ids=ids[:1], continuation_token_ids=ids[1:])
+    engine.add_score(EngineRequest("text", ids, SamplingParams(max_new_tokens=1)), item)
+    score = None
+    while engine.has_work():
+        for output in engine.step():
+            score = output.score or score
+    return torch.tensor(score.token_logprobs)
+
+
 def measure(args, name: str, reference: list[list[int]] | None):
     dtype, quantize = FORMATS[name]
     # fp8_row: activations scaled per row (batch-invariant) instead of per step
@@ -87,7 +105,7 @@ def measure(args, name: str, reference: list[list[int]] | None):
     if dtype is None:
         dtype = args.activations
     loaded = load_model(args.model, dtype=dtype, device=args.device, quantize=quantize)
-    engine = HFEngine(loaded, slots=len(PROMPTS), max_context=args.max_context)
+    engine = HFEngine(loaded, slots=len(PROMPTS), max_context=args.max_context, kv_dtype=KV_FORMATS.get(name))
     prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
     run_engine(engine, prompts[:2], 4)  # warm-up: kernels, graphs, allocator
     best, outputs = float("inf"), None
@@ -95,10 +113,10 @@ def measure(args, name: str, reference: list[list[int]] | None):
         outputs, seconds = run_engine(engine, prompts, args.max_new_tokens)
         best = min(best, seconds)
     row = {"format": name, "weights": loaded.weights, "weight_mib": weight_bytes(loaded.model) / 2**20,
-           "tokens_per_s": sum(map(len, outputs)) / best, "seconds": best}
+           "kv_dtype": engine.kv_dtype, "tokens_per_s": sum(map(len, outputs)) / best, "seconds": best}
     if reference is not None:
         row["identical"], row["matching_prefix"] = agreement(outputs, reference)
-    logprobs = text_logprobs(loaded)
+    logprobs = engine_text_logprobs(engine, loaded) if name in KV_FORMATS else text_logprobs(loaded)
     row["text_mean_logprob"] = logprobs.mean().item()
     if args.reference_logprobs is not None:
         row["text_logprob_mean_abs_diff"] = (logprobs - args.reference_logprobs).abs().mean().item()

@@ -61,6 +61,8 @@ def _add_scheduler_options(parser: argparse.ArgumentParser) -> None:
                        help="backlog beyond which submits fail with Overloaded (0: unbounded)")
     group.add_argument("--max-attempts", type=COUNT, default=DEFAULT_MAX_ATTEMPTS,
                        help="dead-letter a request after this many worker failures (workers read it from Redis)")
+    group.add_argument("--read-ahead", type=COUNT, default=4096,
+                       help="most requests one scheduler holds undispatched, over all request streams (default 4096)")
     group.add_argument("--claim-idle-ms", type=COUNT, default=10_000,
                        help="take over requests another scheduler held this long without touching (default 10000)")
 
@@ -101,6 +103,10 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
                        help="fp8: float8 weights read by float8 products (GPUs of compute capability 8.9+: "
                             "Ada, Hopper; faster decoding); int8: weight-only int8 linear layers, a memory saver "
                             "(torchao; pip install 'batchd[int8]'; slower than bf16 on a GPU, docs/contrast-and-weights.md)")
+    group.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
+                       help="the KV cache's storage: auto (the model's dtype) or fp8 (float8 e4m3 with per-layer "
+                            "scales: twice the tokens of bf16 in the same memory, and a faster decode step on GPUs "
+                            "of compute capability 8.9+; docs/contrast-and-weights.md has its agreement with bf16)")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     group.add_argument("--token-delay-ms", type=ZERO_OR_MORE, default=0.0, help="echo engine: delay per step")
     group.add_argument("--drain-timeout", type=ZERO_OR_MORE, default=30.0,

@@ -35,7 +35,7 @@ def scheduler(args) -> int:
     config = SchedulerConfig(redis_url=args.redis, prefix=args.prefix, max_batch=args.max_batch,
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_attempts=args.max_attempts, claim_idle_ms=args.claim_idle_ms,
-                             metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                             read_ahead=args.read_ahead, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                              result_ttl_s=args.result_ttl)
     daemon = Scheduler(config)
     install_stop_handlers(daemon.stop)
@@ -53,7 +53,7 @@ def build_engine(args):
     return build_hf(args.model, slots=16 if args.slots is None else args.slots, max_context=args.max_context,
                     kv_memory=parse_size(args.kv_memory), max_prefill_tokens=args.max_prefill_tokens,
                     burst_prefill_tokens=args.burst_prefill_tokens, dtype=args.dtype, device=args.device,
-                    contrast_model=args.contrast_model, quantize=args.quantize,
+                    contrast_model=args.contrast_model, quantize=args.quantize, kv_dtype=args.kv_dtype,
                     max_pinned_blocks=args.max_pinned_blocks)
 
 
@@ -122,7 +122,7 @@ def _daemon_argv(args, url: str) -> tuple[list[str], list[str]]:
     common = ["--redis", url, "--prefix", args.prefix, "--result-ttl", str(args.result_ttl)]
     sched = ["scheduler", *common, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
              "--max-queue", str(args.max_queue), "--max-attempts", str(args.max_attempts),
-             "--claim-idle-ms", str(args.claim_idle_ms)]
+             "--claim-idle-ms", str(args.claim_idle_ms), "--read-ahead", str(args.read_ahead)]
     work = ["worker", *common, "--engine", args.engine, "--model", args.model,
             "--drain-timeout", str(args.drain_timeout),
             "--token-delay-ms", str(args.token_delay_ms), "--lease-ms", str(args.lease_ms),
@@ -135,7 +135,7 @@ def _daemon_argv(args, url: str) -> tuple[list[str], list[str]]:
                         ("--burst-prefill-tokens", args.burst_prefill_tokens),
                         ("--max-context", args.max_context), ("--dtype", args.dtype), ("--device", args.device),
                         ("--contrast-model", args.contrast_model), ("--quantize", args.quantize),
-                        ("--max-pinned-blocks", args.max_pinned_blocks)):
+                        ("--kv-dtype", args.kv_dtype), ("--max-pinned-blocks", args.max_pinned_blocks)):
         if value is not None:
             work += [flag, str(value)]
     if args.metrics_port:

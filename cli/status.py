@@ -27,13 +27,15 @@ def read_status(client: redis.Redis, keys: Keys) -> dict:
             workers.append(beat)
         except Exception:  # an unreadable heartbeat is shown as absent, not a crash
             continue
+    streams = request_streams(client, keys)
     pending = 0
-    try:
-        for group in client.xinfo_groups(keys.requests):
-            if group["name"] in (SCHEDULER_GROUP, SCHEDULER_GROUP.encode()):
-                pending = group["pending"]
-    except redis.ResponseError:
-        pass  # no stream yet
+    for stream in streams:
+        try:
+            for group in client.xinfo_groups(stream):
+                if group["name"] in (SCHEDULER_GROUP, SCHEDULER_GROUP.encode()):
+                    pending += group["pending"]
+        except redis.ResponseError:
+            pass  # no stream yet
     stats = {k.decode(): int(v) for k, v in client.hgetall(keys.stats).items()}
     for beat in workers:
         # A worker older than the can_take field counts its prefetch queue as free slots.
@@ -42,7 +44,7 @@ def read_status(client: redis.Redis, keys: Keys) -> dict:
         "time": time.time(),
         "total_slots": sum(w["total_slots"] for w in workers),
         "free_slots": sum(w["free_slots"] for w in workers),
-        "queue_depth": client.xlen(keys.requests),
+        "queue_depth": sum(client.xlen(stream) for stream in streams),
         "held_by_schedulers": pending,
         "dead_letters": client.xlen(keys.dead_letters),
         "workers": workers,
@@ -50,6 +52,17 @@ def read_status(client: redis.Redis, keys: Keys) -> dict:
         "requests_dispatched": stats.get("requests_dispatched", 0),
         "job_sizes": {int(k.split(":", 1)[1]): v for k, v in stats.items() if k.startswith("job_size:")},
     }
+
+
+def request_streams(client: redis.Redis, keys) -> list[str]:
+    """The shared request stream and every tenant's (docs/protocol.md, "Tenants"); the shared
+    one only for a user without SCAN."""
+    streams = [keys.requests]
+    try:
+        streams += [key.decode() for key in client.scan_iter(match=keys.tenant_streams, count=1000, _type="stream")]
+    except redis.exceptions.NoPermissionError:
+        pass
+    return streams
 
 
 def render(snapshot: dict, previous: dict | None = None, interval: float = 0.0) -> str:

@@ -19,8 +19,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from . import core, scoring, tokenizers
-from .connection import CONNECTION_LOST, close_async_redis, open_async_redis
+from .connection import CONNECTION_LOST, acl_user, close_async_redis, open_async_redis
 from .errors import BrokerUnavailable
+from .keys import tenant_id
 from .protocol import Request, Result, TokenizerInfo
 from .scripts import ScriptCall, needs_loading
 
@@ -138,11 +139,12 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
 
     def __init__(self, url: str | None = None, *, prefix: str = "batchd:", producer: str | None = None,
                  max_connections: int = 64, socket_timeout: float = 30.0, cancel_key: str | bytes | None = None,
-                 durable_replicas: int = 0):
-        super().__init__(prefix, producer, cancel_key, durable_replicas)
+                 durable_replicas: int = 0, tenant: str | None = None):
         self._redis = open_async_redis(
             url, max_connections=max_connections, socket_timeout=socket_timeout,
             socket_connect_timeout=10.0, health_check_interval=30, retry_on_timeout=True)
+        super().__init__(prefix, producer, cancel_key, durable_replicas,
+                         core.resolve_tenant(tenant, acl_user(self._redis)))
         self._handles: dict[str, AsyncRequestHandle] = {}
         self._confirm: dict[str, asyncio.Future] = {}
         # (un)subscriptions for the reader to make, on a live connection only: a SUBSCRIBE sent
@@ -169,7 +171,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         if self._pubsub is not None:
             await self._pubsub.aclose()  # a half-made subscription from a failed try
         self._pubsub = _Subscription(self._redis.connection_pool)
-        await self._pubsub.psubscribe(self.keys.channel_pattern(self._ids.client_id + "-"))
+        await self._pubsub.psubscribe(self.keys.channel_pattern(self._ids.id_prefix))
         while True:  # the subscription must be live before the first submit
             message = await self._pubsub.get_message(timeout=10.0)
             if message is None:
@@ -193,9 +195,11 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
                                   logprobs_dtype: str = "float32",
                                   prefix_pin: str | None = None) -> scoring.NextTokenLogprobs:
         """See Client.next_token_logprobs."""
-        request, payload = scoring.next_token_request(self._ids.next(), prompt_token_ids, top_k,
+        request_id = self._ids.next()
+        request, payload = scoring.next_token_request(request_id, prompt_token_ids, top_k,
                                                       producer=self.producer, timeout=timeout, model=model,
-                                                      logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin)
+                                                      logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin,
+                                                      **self._secrets(request_id))
         handle = await self._send(request, payload, False, timeout)
         return scoring.next_token_logprobs(await handle.result())
 
@@ -204,10 +208,11 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
                                        model: str | None = None,
                                        logprobs_dtype: str = "float32") -> scoring.NextTokenLogprobsRows:
         """See Client.next_token_logprobs_rows."""
-        request, payload = scoring.next_token_request(self._ids.next(), prompt_token_ids, None,
+        request_id = self._ids.next()
+        request, payload = scoring.next_token_request(request_id, prompt_token_ids, None,
                                                       producer=self.producer, timeout=timeout, model=model,
                                                       logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin,
-                                                      rows=rows)
+                                                      rows=rows, **self._secrets(request_id))
         handle = await self._send(request, payload, False, timeout)
         return scoring.NextTokenLogprobsRows(len(rows), await handle.result())
 
@@ -223,13 +228,15 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
 
     async def unpin(self, handle: str, *, model: str | None = None, timeout: float | None = None) -> None:
         """See Client.unpin."""
-        request, payload = scoring.unpin_request(self._ids.next(), handle, producer=self.producer, timeout=timeout,
-                                                 model=model)
+        request_id = self._ids.next()
+        request, payload = scoring.unpin_request(request_id, handle, producer=self.producer, timeout=timeout,
+                                                 model=model, **self._secrets(request_id))
         await (await self._send(request, payload, False, timeout)).result()
 
     async def _pin(self, token_ids, handle, ttl_s, model, timeout) -> scoring.Pin:
-        request, payload = scoring.pin_request(self._ids.next(), token_ids, producer=self.producer, timeout=timeout,
-                                               model=model, ttl_s=ttl_s, handle=handle)
+        request_id = self._ids.next()
+        request, payload = scoring.pin_request(request_id, token_ids, producer=self.producer, timeout=timeout,
+                                               model=model, ttl_s=ttl_s, handle=handle, **self._secrets(request_id))
         return scoring.pin(await (await self._send(request, payload, False, timeout)).result(), ttl_s)
 
     async def score(self, prompt: str | None = None, continuation: str | None = None, *,
@@ -238,9 +245,10 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
                     timeout: float | None = None, model: str | None = None,
                     messages: Sequence[dict] | None = None) -> scoring.Score:
         """See Client.score."""
-        request, payload = scoring.score_request(self._ids.next(), prompt, continuation, prompt_token_ids,
+        request_id = self._ids.next()
+        request, payload = scoring.score_request(request_id, prompt, continuation, prompt_token_ids,
                                                  continuation_token_ids, producer=self.producer, timeout=timeout,
-                                                 model=model, messages=messages)
+                                                 model=model, messages=messages, **self._secrets(request_id))
         handle = await self._send(request, payload, False, timeout)
         return scoring.score(await handle.result())
 
@@ -274,6 +282,8 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
 
     async def cancel(self, request_id: str) -> None:
         """See Client.cancel."""
+        request_id = tenant_id(self.tenant, request_id)
+
         async def send() -> None:
             async with self._redis.pipeline(transaction=False) as pipe:
                 core.queue_cancel(pipe, self.keys, request_id, self._cancel_secrets.secret(request_id))

@@ -165,6 +165,11 @@ def open_async_redis(url: str | None = None, **options) -> aioredis.Redis:
     return sentinel.master_for(address.service_name, **address.master_options(), **options)
 
 
+def acl_user(client: redis.Redis | aioredis.Redis) -> str | None:
+    """The ACL user a client from open_redis authenticates as (None: the default user)."""
+    return client.connection_pool.connection_kwargs.get("username") or None
+
+
 def close_redis(client: redis.Redis) -> None:
     """Close a client from open_redis and, for Sentinel, its connections to the sentinels."""
     client.close()

@@ -32,7 +32,7 @@ import redis
 
 from .connection import CONNECTION_LOST, Backoff
 from .errors import BatchdError, BrokerUnavailable, InvalidRequest, Overloaded, ResultTimeout, error_from_code
-from .keys import Keys
+from .keys import SHARED_TENANT_USERS, Keys, is_tenant, tenant_id, tenant_of
 from .protocol import (
     PROTOCOL_VERSION,
     ChatMessage,
@@ -103,17 +103,29 @@ StreamItem = Union[Delta, StreamRestarted, Result]
 
 
 class IdMinter:
-    """Request ids unique across processes: <client_id>-<counter>."""
+    """Request ids unique across processes: [<tenant>/]<client_id>-<counter>."""
 
-    def __init__(self) -> None:
+    def __init__(self, tenant: str = "") -> None:
         self.client_id = uuid.uuid4().hex[:12]
+        self.id_prefix = tenant_id(tenant, self.client_id + "-")
         self._counter = itertools.count()
 
     def next(self) -> str:
-        return f"{self.client_id}-{next(self._counter)}"
+        return f"{self.id_prefix}{next(self._counter)}"
 
     def owns(self, request_id: str) -> bool:
-        return request_id.startswith(self.client_id + "-")
+        return request_id.startswith(self.id_prefix)
+
+
+def resolve_tenant(tenant: str | None, acl_user: str | None) -> str:
+    """The tenant a client submits as: the one named, else its Redis ACL user; the
+    unauthenticated (default) user submits to the shared stream ("")."""
+    if tenant is None:
+        tenant = "" if acl_user in (None, *SHARED_TENANT_USERS) else acl_user
+    if tenant and not is_tenant(tenant):
+        raise InvalidRequest(f"tenant {tenant!r} cannot name a request stream: use 1 to 64 characters of "
+                             "[A-Za-z0-9._-] (pass tenant= when the Redis user name has others)")
+    return tenant
 
 
 def default_producer() -> str:
@@ -262,14 +274,16 @@ class EventParser:
             return self.result
         return None
 
-    def sealed_final(self, payload: bytes) -> bool:
-        """Whether a payload is a final event the fleet sealed for this request."""
+    def sealed_final(self, payload: bytes) -> Result | None:
+        """The result of a payload that is a final event the fleet sealed for this request, else None."""
         try:
             event = decode_event(payload)
         except msgspec.MsgspecError:
-            return False
-        return isinstance(event, FinalEvent) and self.event_key is not None \
-            and is_sealed(event.result, self.event_key, self.request_id, "final")
+            return None
+        if isinstance(event, FinalEvent) and self.event_key is not None \
+                and is_sealed(event.result, self.event_key, self.request_id, "final"):
+            return event.result
+        return None
 
     def _own(self, result: Result) -> Result:
         """The stored result, if the fleet sealed it for this client's request; else the id was
@@ -516,9 +530,13 @@ class Reading:
     last (raising its typed error), and how long to wait for the next event before looking
     for a stored result."""
 
-    def __init__(self, request_id: str, wait_s: float | None, event_key: str | None = None):
+    def __init__(self, request_id: str, wait_s: float | None, event_key: str | None = None,
+                 expects_vector: bool = False):
         self.request_id = request_id
         self._parser = EventParser(request_id, event_key)
+        # A full next-token vector is published without the vector (a sealed cue, workers/outbox.py):
+        # the caller reads the stored result for it.
+        self._expects_vector = expects_vector
         self._wait_s = wait_s
         self._give_up: float | None = None
 
@@ -555,7 +573,10 @@ class Reading:
             return TAKE
         if self._parser.event_key is None:
             return STORED
-        return TAKE if self._parser.sealed_final(payload) else IGNORE
+        sealed = self._parser.sealed_final(payload)
+        if sealed is None:
+            return IGNORE
+        return STORED if self._expects_vector and sealed.logprobs is None and sealed.error is None else TAKE
 
     def take(self, payload: bytes) -> StreamItem | None:
         """The stream item of one event (None: nothing to show); a failed final result raises."""
@@ -571,7 +592,7 @@ class ClientCore(Generic[Sent]):
     Client, an awaitable of it for AsyncClient)."""
 
     def __init__(self, prefix: str, producer: str | None, cancel_key: str | bytes | None = None,
-                 durable_replicas: int = 0):
+                 durable_replicas: int = 0, tenant: str = ""):
         if isinstance(durable_replicas, bool) or not isinstance(durable_replicas, int) or durable_replicas < 0:
             raise InvalidRequest(f"durable_replicas must be a whole number of replicas, 0 or more, "
                                  f"got {durable_replicas!r}")
@@ -580,8 +601,10 @@ class ClientCore(Generic[Sent]):
         self.durable_replicas = durable_replicas
         self.keys = Keys(prefix)
         self.producer = producer or default_producer()
+        # Which request stream this client submits to, and the namespace of its request ids.
+        self.tenant = tenant
         self._cancel_secrets = CancelSecrets(cancel_key)
-        self._ids = IdMinter()
+        self._ids = IdMinter(tenant)
         self._routes = Routes(self.keys)
 
     def submit(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
@@ -603,6 +626,8 @@ class ClientCore(Generic[Sent]):
         runs it twice.
         """
         explicit = request_id is not None
+        if isinstance(request_id, str):
+            request_id = self.own_id(request_id)
         if not explicit:
             request_id = self._ids.next()
         request, payload = build_request(
@@ -610,26 +635,43 @@ class ClientCore(Generic[Sent]):
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, contrast_alpha=contrast_alpha,
             priority=priority, producer=self.producer, timeout=timeout, deadline=deadline, model=model,
-            logprobs=logprobs, prefix_pin=prefix_pin,
-            cancel_hash=self._cancel_secrets.hash(request_id) if isinstance(request_id, str) else None,
-            event_key=self._cancel_secrets.event_key(request_id) if isinstance(request_id, str) else None)
+            logprobs=logprobs, prefix_pin=prefix_pin, **self._secrets(request_id))
         return self._send(request, payload, explicit, timeout)
+
+    def own_id(self, request_id: str) -> str:
+        """A caller's id in this client's namespace (`<tenant>/<id>`), as submit, cancel and
+        fetch_result take it; an id in another tenant's namespace cannot be submitted here."""
+        full = tenant_id(self.tenant, request_id)
+        if tenant_of(full) != self.tenant:
+            where = f"ids of tenant {self.tenant!r} start with '{self.tenant}/'" if self.tenant else \
+                "a client without a tenant submits ids without '/'"
+            raise InvalidRequest(f"request id {request_id!r} is outside this client's namespace: {where}", request_id)
+        return full
+
+    def _secrets(self, request_id: Any) -> dict:
+        """A request's cancel_hash and event_key (build_request's arguments): every request a
+        client makes carries both, scoring included (docs/security.md)."""
+        if not isinstance(request_id, str):
+            return {"cancel_hash": None, "event_key": None}
+        return {"cancel_hash": self._cancel_secrets.hash(request_id),
+                "event_key": self._cancel_secrets.event_key(request_id)}
 
     def _send(self, request: Request, payload: bytes, explicit: bool, timeout: float | None) -> Sent:
         raise NotImplementedError
 
     def _reading(self, request: Request, timeout: float | None) -> Reading:
-        return Reading(request.id, wait_budget(timeout, request.deadline), request.event_key)
+        return Reading(request.id, wait_budget(timeout, request.deadline), request.event_key,
+                       expects_vector=request.task == "next_token_logprobs" and request.top_logprobs is None)
 
     def _submit_call(self, request: Request, payload: bytes) -> ScriptCall:
-        return submit_call(self.keys, request.id, payload)
+        return submit_call(self.keys, self.tenant, request.id, payload)
 
     def _needs_own_subscription(self, request_id: str, explicit: bool) -> bool:
         """A caller-chosen id outside this client's pattern subscription."""
         return explicit and not self._ids.owns(request_id)
 
     def _overloaded(self, request_id: str) -> Overloaded:
-        return Overloaded(overloaded_message(self.keys.requests), request_id)
+        return Overloaded(overloaded_message(self.keys.requests_of(self.tenant)), request_id)
 
 
 __all__ = ["ClientCore", "Delta", "EventParser", "Reading", "Routes", "StreamItem", "StreamRestarted", "build_request"]

@@ -8,9 +8,17 @@ docs/protocol.md documents each name for producers written in other languages.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "batchd:"
+
+# A tenant is a producer identity with a request stream of its own (docs/protocol.md,
+# "Tenants"): by default its Redis ACL user name. The name goes into keys and, before a "/",
+# into every id of its requests, so it may hold neither ":" nor "/" nor a glob character.
+TENANT_PATTERN = r"[A-Za-z0-9._-]{1,64}"
+# The ACL user of an unauthenticated connection: it keeps the shared stream.
+SHARED_TENANT_USERS = ("default",)
 
 # Consumer groups.
 SCHEDULER_GROUP = "schedulers"
@@ -24,8 +32,35 @@ class Keys:
     # -- streams ----------------------------------------------------------
     @property
     def requests(self) -> str:
-        """Stream of submitted, not yet dispatched requests (fields: id, data)."""
+        """The shared request stream (fields: id, data): submitted, not yet dispatched requests
+        of producers without a tenant (the unauthenticated user, raw XADD producers)."""
         return f"{self.prefix}requests"
+
+    def requests_of(self, tenant: str) -> str:
+        """A tenant's own request stream; only its producer may XADD there ("": the shared one)."""
+        return f"{self.prefix}requests:{tenant}" if tenant else self.requests
+
+    @property
+    def tenant_streams(self) -> str:
+        """SCAN pattern matching every tenant's request stream (the schedulers discover them so)."""
+        return f"{self.prefix}requests:*"
+
+    @property
+    def tenants(self) -> str:
+        """Set of registered tenant names, written by an administrator beside each tenant's ACL
+        user (docs/security.md): schedulers read their streams within a second."""
+        return f"{self.prefix}tenants"
+
+    def tenant_of_stream(self, stream: str) -> str | None:
+        """The tenant whose request stream this is ("" the shared one; None: not a request stream)."""
+        if stream == self.requests:
+            return ""
+        tenant = stream[len(self.prefix) + len("requests:"):]
+        return tenant if stream.startswith(f"{self.prefix}requests:") and is_tenant(tenant) else None
+
+    def stream_of_request(self, request_id: str) -> str:
+        """Where a request id is submitted and handed back: its tenant's stream."""
+        return self.requests_of(tenant_of(request_id))
 
     def jobs(self, worker_id: str) -> str:
         """One worker's job stream: batches the schedulers dispatched to it."""
@@ -99,8 +134,14 @@ class Keys:
 
     @property
     def overloaded(self) -> str:
-        """Count of submits refused as Overloaded since a scheduler last took it for Prometheus."""
+        """Count of shared-stream submits refused as Overloaded since a scheduler last took it
+        for Prometheus."""
         return f"{self.prefix}overloaded"
+
+    def overloaded_of(self, tenant: str) -> str:
+        """The same count for one tenant's submits ("": the shared one). Only that tenant (and
+        its SUBMIT) may write it, so a forged INCR moves only the forger's own series."""
+        return f"{self.prefix}overloaded:{tenant}" if tenant else self.overloaded
 
     @property
     def stats(self) -> str:
@@ -114,3 +155,21 @@ def parse_stream_id(stream_id: str | bytes) -> tuple[int, int]:
         stream_id = stream_id.decode()
     ms, _, seq = stream_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def is_tenant(name: str) -> bool:
+    return re.fullmatch(TENANT_PATTERN, name) is not None
+
+
+def tenant_of(request_id: str) -> str:
+    """The tenant a request id belongs to: the part before its "/" ("": a shared-stream id)."""
+    tenant, slash, _local = request_id.partition("/")
+    return tenant if slash else ""
+
+
+def tenant_id(tenant: str, request_id: str) -> str:
+    """An id as a tenant's client means it: `<tenant>/<id>` for an id without a namespace;
+    an id that names one (or a shared-stream client's id) as it is."""
+    if not tenant or "/" in request_id:
+        return request_id
+    return f"{tenant}/{request_id}"

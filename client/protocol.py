@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from .errors import InvalidRequest, UnsupportedVersion
+from .keys import TENANT_PATTERN
 
 PROTOCOL_VERSION = 1
 
@@ -54,7 +55,10 @@ Task = Literal["generate", "next_token_logprobs", "score", "pin", "unpin"]
 LogprobsDtype = Literal["float32", "float16"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "cancelled", "deadline", "error")
 
-RequestId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9._:\-]+$")]
+# An id of a tenant's request starts with its tenant's name and "/" (client/keys.py, tenant_id);
+# the schedulers run it only from that tenant's stream, so no other producer can take it.
+RequestId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS + 65,
+                                pattern=rf"^(?:{TENANT_PATTERN}/)?[A-Za-z0-9._:\-]{{1,{MAX_ID_CHARS}}}$")]
 
 
 def is_request_id(text: str) -> bool:

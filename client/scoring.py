@@ -88,27 +88,30 @@ class Score:
 
 def next_token_request(request_id: str, prompt_token_ids: Sequence[int], top_k: int | None, *, producer: str,
                        timeout: float | None, model: str | None = None, logprobs_dtype: str = "float32",
-                       prefix_pin: str | None = None,
-                       rows: Sequence[Sequence[int]] | None = None) -> tuple[Request, bytes]:
+                       prefix_pin: str | None = None, rows: Sequence[Sequence[int]] | None = None,
+                       **secrets: str | None) -> tuple[Request, bytes]:
     """prefix_pin: the prompt starts with that pin's tokens, prompt_token_ids (may be empty) follow.
-    rows: one question per row, after the prompt."""
+    rows: one question per row, after the prompt. secrets: the request's cancel_hash and event_key
+    (ClientCore._secrets)."""
     prompt = list(prompt_token_ids) or (None if prefix_pin is not None or rows is not None else [])
     return build_request(request_id, None, None, prompt, producer=producer, timeout=timeout,
                          task="next_token_logprobs", top_logprobs=top_k, model=model,
-                         logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin, rows=rows, **_NO_DECODING)
+                         logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin, rows=rows, **_NO_DECODING,
+                         **secrets)
 
 
 def pin_request(request_id: str, token_ids: Sequence[int] | None, *, producer: str, timeout: float | None,
-                model: str | None, ttl_s: int, handle: str | None = None) -> tuple[Request, bytes]:
+                model: str | None, ttl_s: int, handle: str | None = None,
+                **secrets: str | None) -> tuple[Request, bytes]:
     """Pin token_ids, or renew handle's pin."""
     return build_request(request_id, None, None, token_ids, producer=producer, timeout=timeout, task="pin",
-                         model=model, prefix_pin=handle, pin_ttl_s=ttl_s, **_NO_DECODING)
+                         model=model, prefix_pin=handle, pin_ttl_s=ttl_s, **_NO_DECODING, **secrets)
 
 
 def unpin_request(request_id: str, handle: str, *, producer: str, timeout: float | None,
-                  model: str | None) -> tuple[Request, bytes]:
+                  model: str | None, **secrets: str | None) -> tuple[Request, bytes]:
     return build_request(request_id, None, None, None, producer=producer, timeout=timeout, task="unpin",
-                         model=model, prefix_pin=handle, **_NO_DECODING)
+                         model=model, prefix_pin=handle, **_NO_DECODING, **secrets)
 
 
 def pin(result: Result, ttl_s: int) -> Pin:
@@ -118,10 +121,10 @@ def pin(result: Result, ttl_s: int) -> Pin:
 def score_request(request_id: str, prompt: str | None, continuation: str | None,
                   prompt_token_ids: Sequence[int] | None, continuation_token_ids: Sequence[int] | None, *,
                   producer: str, timeout: float | None, model: str | None = None,
-                  messages: Sequence[dict] | None = None) -> tuple[Request, bytes]:
+                  messages: Sequence[dict] | None = None, **secrets: str | None) -> tuple[Request, bytes]:
     return build_request(request_id, prompt, messages, prompt_token_ids, producer=producer, timeout=timeout,
                          task="score", continuation=continuation, continuation_token_ids=continuation_token_ids,
-                         model=model, **_NO_DECODING)
+                         model=model, **_NO_DECODING, **secrets)
 
 
 # A scoring request's sampling params stay at their defaults (the protocol checks it).

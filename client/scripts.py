@@ -138,7 +138,8 @@ def load_library(client: Any, library: str) -> None:
 # reads as "no max_queue" rather than failing every submit: schedulers rewrite it
 # within a second. Second submissions of an id are enqueued and dropped by the
 # schedulers' CLAIM (daemon/scripts.py), which producers cannot write.
-# KEYS: requests stream, config hash, overload counter
+# KEYS: the tenant's request stream, config hash, the tenant's overload counter
+# (max_queue bounds each tenant's stream on its own: Keys.requests_of, Keys.overloaded_of)
 # ARGV: request id, payload
 # Returns 1 enqueued, -1 overloaded.
 LIBRARY = """#!lua name=batchd_v1
@@ -161,5 +162,6 @@ redis.register_function('batchd_v1_submit', submit)
 SUBMIT = Function(LIBRARY, "batchd_v1_submit")
 
 
-def submit_call(keys: Keys, request_id: str, payload: bytes) -> ScriptCall:
-    return SUBMIT, [keys.requests, keys.config, keys.overloaded], [request_id, payload]
+def submit_call(keys: Keys, tenant: str, request_id: str, payload: bytes) -> ScriptCall:
+    """SUBMIT of one request to a tenant's stream ("": the shared one)."""
+    return SUBMIT, [keys.requests_of(tenant), keys.config, keys.overloaded_of(tenant)], [request_id, payload]

@@ -17,8 +17,9 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import redis
 
 from . import core, scoring, tokenizers
-from .connection import CONNECTION_LOST, Subscription, close_redis, open_redis
+from .connection import CONNECTION_LOST, Subscription, acl_user, close_redis, open_redis
 from .errors import BrokerUnavailable
+from .keys import tenant_id
 from .protocol import Request, Result, TokenizerInfo
 
 log = logging.getLogger("batchd.client")
@@ -201,17 +202,21 @@ class Client(core.ClientCore[RequestHandle]):
     acknowledged it (WAIT), retried within the retry budget, else BrokerUnavailable.
     Only a client holding a request's cancel key can cancel it: each Client draws its own,
     unless given cancel_key (shared by processes that cancel each other's requests by id).
+    tenant: the request stream to submit to, and the namespace of request ids (`<tenant>/...`);
+    default: the Redis ACL user of the URL, which docs/security.md lets XADD only there; the
+    unauthenticated user (and tenant="") submits to the shared stream.
     """
 
     def __init__(self, url: str | None = None, *, prefix: str = "batchd:", producer: str | None = None,
                  max_connections: int = 64, socket_timeout: float = 30.0, cancel_key: str | bytes | None = None,
-                 durable_replicas: int = 0):
-        super().__init__(prefix, producer, cancel_key, durable_replicas)
+                 durable_replicas: int = 0, tenant: str | None = None):
         self._redis = open_redis(
             url, max_connections=max_connections, socket_timeout=socket_timeout,
             socket_connect_timeout=10.0, health_check_interval=30,
             retry_on_timeout=True)
-        self._router = _Router(self._redis, self._routes, self.keys.channel_pattern(self._ids.client_id + "-"))
+        super().__init__(prefix, producer, cancel_key, durable_replicas,
+                         core.resolve_tenant(tenant, acl_user(self._redis)))
+        self._router = _Router(self._redis, self._routes, self.keys.channel_pattern(self._ids.id_prefix))
         self._router.start()
 
     # -- public API (submit: core.ClientCore) -----------------------------------------
@@ -230,9 +235,11 @@ class Client(core.ClientCore[RequestHandle]):
         logprobs_dtype "float16" halves the full vector on the wire and in Redis (docs/integrations.md).
         prefix_pin: a pin's handle (pin()); the prompt is its tokens, then prompt_token_ids (may be
         empty). A pin that expired or was unpinned raises UnknownPrefix: send the whole prompt."""
-        request, payload = scoring.next_token_request(self._ids.next(), prompt_token_ids, top_k,
+        request_id = self._ids.next()
+        request, payload = scoring.next_token_request(request_id, prompt_token_ids, top_k,
                                                       producer=self.producer, timeout=timeout, model=model,
-                                                      logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin)
+                                                      logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin,
+                                                      **self._secrets(request_id))
         return scoring.next_token_logprobs(self._send(request, payload, False, timeout).result())
 
     def next_token_logprobs_rows(self, rows: Sequence[Sequence[int]], prompt_token_ids: Sequence[int] = (), *,
@@ -242,10 +249,11 @@ class Client(core.ClientCore[RequestHandle]):
         """The next-token distribution after each row (up to 256), every row following one prompt
         (prefix_pin's tokens, then prompt_token_ids), in one request: an SMC step's particles
         send their shared prompt once. The answer's array() has one row per row."""
-        request, payload = scoring.next_token_request(self._ids.next(), prompt_token_ids, None,
+        request_id = self._ids.next()
+        request, payload = scoring.next_token_request(request_id, prompt_token_ids, None,
                                                       producer=self.producer, timeout=timeout, model=model,
                                                       logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin,
-                                                      rows=rows)
+                                                      rows=rows, **self._secrets(request_id))
         return scoring.NextTokenLogprobsRows(len(rows), self._send(request, payload, False, timeout).result())
 
     def pin(self, token_ids: Sequence[int], ttl_s: int = 600, *, model: str | None = None,
@@ -254,21 +262,24 @@ class Client(core.ClientCore[RequestHandle]):
         seconds unless renewed or unpinned first; requests name it by the returned Pin's handle
         (prefix_pin=). Raises PinLimitReached when the worker keeps as many pinned blocks as it may
         (docs/integrations.md, "Pinned prefixes")."""
-        request, payload = scoring.pin_request(self._ids.next(), token_ids, producer=self.producer, timeout=timeout,
-                                               model=model, ttl_s=ttl_s)
+        request_id = self._ids.next()
+        request, payload = scoring.pin_request(request_id, token_ids, producer=self.producer, timeout=timeout,
+                                               model=model, ttl_s=ttl_s, **self._secrets(request_id))
         return scoring.pin(self._send(request, payload, False, timeout).result(), ttl_s)
 
     def renew_pin(self, handle: str, ttl_s: int = 600, *, model: str | None = None,
                   timeout: float | None = None) -> scoring.Pin:
         """Keep a pin for ttl_s more seconds from now; UnknownPrefix if it is gone already."""
-        request, payload = scoring.pin_request(self._ids.next(), None, producer=self.producer, timeout=timeout,
-                                               model=model, ttl_s=ttl_s, handle=handle)
+        request_id = self._ids.next()
+        request, payload = scoring.pin_request(request_id, None, producer=self.producer, timeout=timeout,
+                                               model=model, ttl_s=ttl_s, handle=handle, **self._secrets(request_id))
         return scoring.pin(self._send(request, payload, False, timeout).result(), ttl_s)
 
     def unpin(self, handle: str, *, model: str | None = None, timeout: float | None = None) -> None:
         """Let a pin go: every worker drops its blocks within a heartbeat interval."""
-        request, payload = scoring.unpin_request(self._ids.next(), handle, producer=self.producer, timeout=timeout,
-                                                 model=model)
+        request_id = self._ids.next()
+        request, payload = scoring.unpin_request(request_id, handle, producer=self.producer, timeout=timeout,
+                                                 model=model, **self._secrets(request_id))
         self._send(request, payload, False, timeout).result()
 
     def score(self, prompt: str | None = None, continuation: str | None = None, *,
@@ -277,9 +288,10 @@ class Client(core.ClientCore[RequestHandle]):
               messages: Sequence[dict] | None = None) -> scoring.Score:
         """Log-probability of the continuation after the prompt (text, chat messages or token ids),
         token by token."""
-        request, payload = scoring.score_request(self._ids.next(), prompt, continuation, prompt_token_ids,
+        request_id = self._ids.next()
+        request, payload = scoring.score_request(request_id, prompt, continuation, prompt_token_ids,
                                                  continuation_token_ids, producer=self.producer, timeout=timeout,
-                                                 model=model, messages=messages)
+                                                 model=model, messages=messages, **self._secrets(request_id))
         return scoring.score(self._send(request, payload, False, timeout).result())
 
     def models(self) -> list[str]:
@@ -317,6 +329,8 @@ class Client(core.ClientCore[RequestHandle]):
 
     def cancel(self, request_id: str) -> None:
         """Ask batchd to stop a request; its slot is freed within one engine step."""
+        request_id = tenant_id(self.tenant, request_id)
+
         def send() -> None:
             with self._redis.pipeline(transaction=False) as pipe:
                 core.queue_cancel(pipe, self.keys, request_id, self._cancel_secrets.secret(request_id))
@@ -325,7 +339,9 @@ class Client(core.ClientCore[RequestHandle]):
         _retrying(send, f"cancel of {request_id}")
 
     def fetch_result(self, request_id: str) -> Result | None:
-        """The stored final result of any request id, or None if not finished."""
+        """The stored final result of any request id (one without a namespace: this client's
+        tenant's), or None if not finished."""
+        request_id = tenant_id(self.tenant, request_id)
         stored = self._stored_result(request_id)
         if stored is None:
             return None

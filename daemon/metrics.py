@@ -47,6 +47,10 @@ WORKER = ("worker", "model_name")
 requests_queued = Gauge(
     "batchd:num_requests_queued",
     "Requests submitted and not yet dispatched to a worker (stream backlog plus pending batches).", registry=SCHEDULER_REGISTRY)
+requests_queued_by_tenant = Gauge(
+    "batchd:num_requests_queued_by_tenant",
+    "The same, for each request stream: a tenant's own (docs/protocol.md, \"Tenants\"), or \"\" the shared one.",
+    ("tenant",), registry=SCHEDULER_REGISTRY)
 requests_received = Counter(
     "batchd:requests_received_total", "Requests read from the request stream, by the model they name "
     "(\"\": the fleet's only model).", ("priority", "model_name"), registry=SCHEDULER_REGISTRY)
@@ -62,8 +66,10 @@ requests_rejected = Counter(
     "Requests the scheduler answered with an error before dispatch.", ("error_type",), registry=SCHEDULER_REGISTRY)
 requests_overloaded = Counter(
     "batchd:requests_overloaded_total",
-    "Submits refused with Overloaded (max_queue reached). Counted in Redis by the producers' SUBMIT "
-    "function; each scheduler exports what it took, so sum over schedulers.", registry=SCHEDULER_REGISTRY)
+    "Submits refused with Overloaded (max_queue reached), by tenant (\"\": the shared request stream). "
+    "Counted in Redis by the producers' SUBMIT function in one counter per tenant, plus the entries a "
+    "tenant queued past max_queue by raw XADD, which a scheduler answers; each scheduler exports what it "
+    "took, so sum over schedulers.", ("tenant",), registry=SCHEDULER_REGISTRY)
 requests_reclaimed = Counter(
     "batchd:requests_reclaimed_total",
     "Requests taken back from a dead worker (or scheduler) and dispatched again.", registry=SCHEDULER_REGISTRY)
@@ -187,6 +193,7 @@ def precreate_scheduler_series() -> None:
     for code in ERROR_CODES:
         requests_rejected.labels(code)
         dead_letters.labels(code)
+    requests_overloaded.labels("")
 
 
 class WorkerSeries:

@@ -24,7 +24,7 @@ from . import scripts
 def hand_back(client: redis.Redis, keys: Keys, requests: list[Request], reason: str, *,
               max_attempts: int, result_ttl_s: int, count_attempt: bool = True,
               worker_id: str = "") -> tuple[int, int]:
-    """Put unfinished requests back on the request stream, or dead-letter them.
+    """Put unfinished requests back on their request stream (their tenant's), or dead-letter them.
 
     A request that already has a stored result, or whose lease names another
     attempt than worker_id's (when given), is left alone. count_attempt is
@@ -51,7 +51,7 @@ def _hand_back_call(keys: Keys, request: Request, reason: str, max_attempts: int
         payload = encode(msgspec.structs.replace(request, attempt=attempt))
         event = seal_event(RestartEvent(attempt=attempt, reason=reason), request)
     return (scripts.HAND_BACK,
-            [keys.result(request.id), keys.owner(request.id), keys.requests, keys.dead_letters, keys.stats,
+            [keys.result(request.id), keys.owner(request.id), keys.stream_of_request(request.id), keys.dead_letters, keys.stats,
              keys.accepted(request.id)],
             [expected, request.id, mode, payload, keys.channel(request.id), event, result_ttl_s,
              scripts.requeued_token(attempt), error.code if error else "",

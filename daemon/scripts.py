@@ -191,45 +191,70 @@ return answered
 
 # Hand a batch to a worker unless one of its requests was cancelled meanwhile,
 # in one atomic step: the job lands on the worker's stream, each request gets its
-# lease, and its entry leaves the request stream, all or nothing. Checking the
-# cancel flags here saves the scheduler a round trip per job. A request is
-# dispatched only from the entry that holds its claim, while it has no result
-# and no worker holds its lease (the fence against a second submission of its
-# id, and against two schedulers holding one entry); any other is stale.
+# lease, and its entry leaves its request stream (the shared one or its tenant's), all
+# or nothing. Checking the cancel flags here saves the scheduler a round trip per job. A
+# request is dispatched only from the entry that holds its claim, while it has no result
+# and no worker holds its lease (the fence against a second submission of its id, and
+# against two schedulers holding one entry); any other is stale.
 # A cancel flag counts only if it hashes to the request's cancel hash (or the request has
 # none): another producer's flag for the id is ignored.
-# KEYS: job stream, request stream, stats hash, then per request its owner, cancel, claim and result keys
+# KEYS: job stream, stats hash, then per request its owner, cancel, claim and result keys and
+#       the request stream its entry is on
 # ARGV: job payload, scheduler group, lease ttl seconds, then per request its owner token,
 #       entry id, queued lease token and cancel hash ('' = none)
 # Returns {1, job stream id} dispatched, or {0, {positions (1-based) of cancelled requests},
 # {positions of stale requests}}: nothing written.
 DISPATCH = Script("""
-local n = (#KEYS - 3) / 4
+local n = (#KEYS - 2) / 5
 local cancelled, stale = {}, {}
 for i = 1, n do
-  local k, a = 4 * i, 4 * i - 1
+  local k, a = 5 * i - 2, 4 * i
   local owner = redis.call('GET', KEYS[k])
   local flag = redis.call('GET', KEYS[k + 1])
-  if redis.call('GET', KEYS[k + 2]) ~= ARGV[a + 2] or redis.call('EXISTS', KEYS[k + 3]) == 1
-     or (owner and owner ~= ARGV[a + 3]) then
+  if redis.call('GET', KEYS[k + 2]) ~= ARGV[a + 1] or redis.call('EXISTS', KEYS[k + 3]) == 1
+     or (owner and owner ~= ARGV[a + 2]) then
     stale[#stale + 1] = i
-  elseif flag and (ARGV[a + 4] == '' or redis.sha1hex(flag) == ARGV[a + 4]) then
+  elseif flag and (ARGV[a + 3] == '' or redis.sha1hex(flag) == ARGV[a + 3]) then
     cancelled[#cancelled + 1] = i
   end
 end
 if #cancelled > 0 or #stale > 0 then return {0, cancelled, stale} end
 local job_id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
-local entries = {}
 for i = 1, n do
-  redis.call('SET', KEYS[4 * i], ARGV[4 * i], 'EX', tonumber(ARGV[3]))
-  entries[i] = ARGV[4 * i + 1]
+  local k, a = 5 * i - 2, 4 * i
+  redis.call('SET', KEYS[k], ARGV[a], 'EX', tonumber(ARGV[3]))
+  redis.call('XACK', KEYS[k + 4], ARGV[2], ARGV[a + 1])
+  redis.call('XDEL', KEYS[k + 4], ARGV[a + 1])
 end
-redis.call('XACK', KEYS[2], ARGV[2], unpack(entries))
-redis.call('XDEL', KEYS[2], unpack(entries))
-redis.call('HINCRBY', KEYS[3], 'jobs', 1)
-redis.call('HINCRBY', KEYS[3], 'requests_dispatched', n)
-redis.call('HINCRBY', KEYS[3], 'job_size:' .. n, 1)
+redis.call('HINCRBY', KEYS[2], 'jobs', 1)
+redis.call('HINCRBY', KEYS[2], 'requests_dispatched', n)
+redis.call('HINCRBY', KEYS[2], 'job_size:' .. n, 1)
 return {1, job_id}
+""")
+
+# Answer an entry a tenant queued beyond max_queue (a raw XADD skips SUBMIT's bound) with
+# Overloaded and drop it, while it is still undelivered (on the stream and in no
+# scheduler's pending list) and its id unclaimed; an entry that holds its id's claim (a
+# hand-back) is left to run. Its tenant's stream so stays near max_queue whatever the tenant
+# XADDs, and the caller hears why.
+# KEYS: request stream, claim key, result key
+# ARGV: scheduler group, entry id, channel, final event payload ('' = drop unanswered),
+#       result ttl seconds, claim ttl seconds
+# Returns 1 answered, 0 dropped unanswered, -1 left alone.
+OVERFLOW = Script("""
+if #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) == 0 then return -1 end
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) > 0 then return -1 end
+local claimed = redis.call('GET', KEYS[2])
+if claimed == ARGV[2] then return -1 end
+local answered = 0
+if ARGV[4] ~= '' and not claimed and redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', tonumber(ARGV[6]))
+  redis.call('SET', KEYS[3], ARGV[4], 'EX', tonumber(ARGV[5]))
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  answered = 1
+end
+redis.call('XDEL', KEYS[1], ARGV[2])
+return answered
 """)
 
 # Undo an entry id from the far future on the request stream. Producers hold XADD on it
@@ -318,13 +343,13 @@ def publish_step_call(keys: Keys, owner_token: str, events: Sequence[tuple[str, 
 
 
 def dispatch_call(keys: Keys, worker_id: str, job_payload: bytes, group: str, lease_ttl_s: int,
-                  requests: Sequence[tuple[Request, str]]) -> ScriptCall:
-    """DISPATCH of one job to worker_id; requests are its (request, request entry id) pairs."""
-    call_keys = [keys.jobs(worker_id), keys.requests, keys.stats]
+                  requests: Sequence[tuple[Request, str, str]]) -> ScriptCall:
+    """DISPATCH of one job to worker_id; requests are its (request, request stream, entry id) triples."""
+    call_keys = [keys.jobs(worker_id), keys.stats]
     args: list = [job_payload, group, lease_ttl_s]
-    for request, entry_id in requests:
+    for request, stream, entry_id in requests:
         call_keys += [keys.owner(request.id), keys.cancelled(request.id), keys.accepted(request.id),
-                      keys.result(request.id)]
+                      keys.result(request.id), stream]
         args += [owner_token(worker_id, request.attempt), entry_id, requeued_token(request.attempt),
                  request.cancel_hash or ""]
     return DISPATCH, call_keys, args
@@ -345,16 +370,29 @@ def answer_call(keys: Keys, request_id: str, entry_id: str, attempt: int, final_
             [keys.channel(request_id), final_payload, result_ttl_s, entry_id, requeued_token(attempt)])
 
 
-def reject_call(keys: Keys, group: str, entry_id: str, request_id: str | None, error_type: str, message: str,
-                data: bytes | None, final_payload: bytes | None, result_ttl_s: int) -> ScriptCall:
-    """REJECT of an unreadable entry; request_id and final_payload only when the entry names a valid id."""
-    call_keys = [keys.requests, keys.dead_letters, keys.stats]
-    args: list = [group, entry_id, DEAD_LETTER_MAXLEN, DEAD_LETTER_DATA_BYTES, request_id or "", error_type,
+def reject_call(keys: Keys, stream: str, group: str, entry_id: str, request_id: str | None, error_type: str,
+                message: str, data: bytes | None, final_payload: bytes | None, result_ttl_s: int,
+                named_id: str = "") -> ScriptCall:
+    """REJECT of an unreadable entry of a request stream; request_id and final_payload only when
+    the entry names a valid id of that stream's tenant (named_id: the id it names otherwise,
+    kept in the dead letter only)."""
+    call_keys = [stream, keys.dead_letters, keys.stats]
+    args: list = [group, entry_id, DEAD_LETTER_MAXLEN, DEAD_LETTER_DATA_BYTES, request_id or named_id, error_type,
                   message[:DEAD_LETTER_REASON_CHARS], data or b""]
     if request_id and final_payload is not None:
         call_keys += [keys.accepted(request_id), keys.result(request_id)]
         args += [keys.channel(request_id), final_payload, result_ttl_s, CLAIM_TTL_S]
     return REJECT, call_keys, args
+
+
+def overflow_call(keys: Keys, stream: str, group: str, entry_id: str, request_id: str | None,
+                  final_payload: bytes | None, result_ttl_s: int) -> ScriptCall:
+    """OVERFLOW of one entry beyond its tenant's max_queue; request_id and final_payload only
+    when the entry names a valid id of that tenant (else it is dropped unanswered)."""
+    answer = request_id is not None and final_payload is not None
+    rid = request_id if answer else f"entry-{entry_id}"
+    return (OVERFLOW, [stream, keys.accepted(rid), keys.result(rid)],
+            [group, entry_id, keys.channel(rid), final_payload if answer else b"", result_ttl_s, CLAIM_TTL_S])
 
 
 def owner_token(worker_id: str, attempt: int) -> str:

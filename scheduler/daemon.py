@@ -1,6 +1,7 @@
 """The scheduler daemon: reads requests, forms batches, dispatches jobs.
 
-Any number of schedulers run as one consumer group on the request stream.
+Any number of schedulers run as one consumer group on every request stream (the shared
+one and each tenant's: scheduler/streams.py).
 A request stays pending in its scheduler's entry list until the job that
 carries it is on a worker's stream; both happen in one script (DISPATCH), so a
 scheduler killed at any point loses nothing: its pending entries go idle and
@@ -20,8 +21,8 @@ import msgspec
 import redis
 
 from batchd.client.connection import connect, describe
-from batchd.client.errors import BatchdError, InvalidRequest, UnknownModel, WorkerFailed
-from batchd.client.keys import SCHEDULER_GROUP, Keys, parse_stream_id
+from batchd.client.errors import BatchdError, InvalidRequest, Overloaded, UnknownModel, WorkerFailed
+from batchd.client.keys import SCHEDULER_GROUP, Keys, parse_stream_id, tenant_of
 from batchd.client.protocol import (
     PROTOCOL_VERSION,
     FinalEvent,
@@ -35,7 +36,8 @@ from batchd.client.protocol import (
     models_served,
     seal_final,
 )
-from batchd.client.scripts import LIBRARY, load_library
+from batchd.client.core import overloaded_message
+from batchd.client.scripts import LIBRARY, load_library, run_in_pipeline
 from batchd.daemon import metrics, recovery, scripts
 from batchd.daemon.toolkit import (
     DEFAULT_MAX_ATTEMPTS,
@@ -55,6 +57,7 @@ from batchd.daemon.toolkit import (
 
 from . import policy
 from .policy import BatchPolicy, ModelBatchers, WorkerCapacity, pick_worker
+from .streams import RequestStreams, by_stream
 
 log = logging.getLogger("batchd.scheduler")
 
@@ -80,6 +83,10 @@ TIMER_SLACK_S = 0.0002
 CLOCK_SAMPLE_MAX_RTT_S = 0.002
 # What a request expired waiting for, as its caller reads it.
 WAITING_FOR = "a worker could take it"
+# Entries beyond their tenants' max_queue answered Overloaded per housekeeping round, shared by
+# the streams past it: answering costs the scheduler about 0.28 ms an entry, time no batch is
+# dispatched in (docs/security.md, "Limits").
+OVERFLOW_BUDGET = 500
 
 
 @dataclass
@@ -110,6 +117,7 @@ class _Held:
     entry_id: str
     request: Request
     data: bytes
+    stream: str
 
 
 class Scheduler:
@@ -121,6 +129,7 @@ class Scheduler:
         # One batcher per model a request names: a job carries one model's requests.
         self.batcher: ModelBatchers[_Held] = ModelBatchers(BatchPolicy(config.max_batch, config.max_wait_ms))
         self.workers: dict[str, WorkerCapacity] = {}
+        self.streams = RequestStreams(self.redis, self.keys, SCHEDULER_GROUP)
         self._stop = threading.Event()
         self._next_refresh = 0.0
         self._next_housekeeping = 0.0
@@ -146,6 +155,7 @@ class Scheduler:
 
     def _setup(self) -> None:
         ensure_group(self.redis, self.keys.requests, SCHEDULER_GROUP)
+        self.streams.discover(self.clock())
         publish_settings(self.redis, self.keys, max_queue=self.config.max_queue,
                          max_attempts=self.config.max_attempts)
         load_library(self.redis, LIBRARY)  # producers may only FCALL it (docs/security.md)
@@ -158,6 +168,7 @@ class Scheduler:
             repair_keys(self.redis, {self.keys.requests: "stream", self.keys.config: "hash",
                                      self.keys.workers: "zset", self.keys.stats: "hash",
                                      self.keys.dead_letters: "stream"})
+            self.streams.forget()  # an error reply may mean a tenant's stream was deleted
             self._setup()
             self._read_own_pending()
         except redis.RedisError as exc:
@@ -169,12 +180,13 @@ class Scheduler:
         They sit in the group's pending list under our name, where `>` never
         returns them; without this they would wait claim_idle_ms for XAUTOCLAIM.
         """
-        held = {h.entry_id for h in self.batcher.items()}
-        reply = self.redis.xreadgroup(SCHEDULER_GROUP, self.config.scheduler_id, {self.keys.requests: "0"},
+        held = {(h.stream, h.entry_id) for h in self.batcher.items()}
+        reply = self.redis.xreadgroup(SCHEDULER_GROUP, self.config.scheduler_id, self.streams.read_positions("0"),
                                       count=self.config.read_ahead)
-        for _stream, entries in reply or ():
-            self._accept([(entry_id, fields) for entry_id, fields in entries
-                          if (entry_id.decode() if isinstance(entry_id, bytes) else entry_id) not in held])
+        for stream, entries in reply or ():
+            stream = _text(stream)
+            self._accept(stream, [(entry_id, fields) for entry_id, fields in entries
+                                  if (stream, _text(entry_id)) not in held])
 
     # -- one iteration -------------------------------------------------------
     def run_once(self) -> None:
@@ -221,11 +233,12 @@ class Scheduler:
         # (the batch may fill to max_batch early); once a read comes back empty, sleep
         # out the window in one wait (each wake-up of a busy machine costs latency).
         poll = len(self.batcher) > 0 and (block_ms is None or block_ms < SERVER_TICK_MS)
+        # Every stream is asked for the same share, so a tenant's flood cannot fill the room.
         reply = self.redis.xreadgroup(
-            SCHEDULER_GROUP, self.config.scheduler_id, {self.keys.requests: ">"},
-            count=min(room, 1024), block=None if poll else block_ms)
-        for _stream, entries in reply or ():
-            self._accept(entries)
+            SCHEDULER_GROUP, self.config.scheduler_id, self.streams.read_positions(">"),
+            count=self.streams.share(min(room, 1024)), block=None if poll else block_ms)
+        for stream, entries in reply or ():
+            self._accept(_text(stream), entries)
         if poll and not reply:
             self._sleep(self._seconds_to_wait(self.clock()))
 
@@ -240,20 +253,21 @@ class Scheduler:
         while time.monotonic() < until:
             pass
 
-    def _accept(self, entries) -> None:
-        """Batch the requests of newly read entries that hold their id's claim; reject the
-        unreadable ones and drop second submissions of an id (scripts.CLAIM)."""
+    def _accept(self, stream: str, entries) -> None:
+        """Batch the requests of newly read entries of one stream that hold their id's claim;
+        reject the unreadable ones and drop second submissions of an id (scripts.CLAIM)."""
         now = self.clock()
         readable, unreadable = [], []
         for entry_id, fields in entries:
             if not fields:  # deleted while pending (claimed late): nothing to do
                 continue
-            decoded = self._decode_entry(entry_id, fields)
+            decoded = self._decode_entry(stream, entry_id, fields)
             (readable if isinstance(decoded, _Held) else unreadable).append(decoded)
         for held in self._claimed(readable):
             metrics.requests_received.labels(str(held.request.priority), self._model_label(held.request.model)).inc()
             self.batcher.add(held, self._arrival(held.entry_id, now), model=held.request.model,
-                             priority=held.request.priority, producer=held.request.producer)
+                             priority=held.request.priority, producer=held.request.producer,
+                             tenant=self.streams.tenant(held.stream))
         # After the claims: an unreadable entry naming the id of a valid one read with it
         # must not answer that request.
         for rejection in unreadable:
@@ -279,7 +293,7 @@ class Scheduler:
             log.info("dropped %d second submissions of ids already claimed or finished (%s)", len(second),
                      ", ".join(h.request.id for h in second[:5]))
             metrics.requests_rejected.labels("duplicate").inc(len(second))
-            self._ack(*[h.entry_id for h in second])
+            self._ack(*second)
         return claimed
 
     def _model_label(self, model: str) -> str:
@@ -296,23 +310,33 @@ class Scheduler:
         entered = parse_stream_id(entry_id)[0] / 1000.0 - self._broker_offset_s
         return max(now - MAX_TRANSIT_CREDIT_S, min(now, entered))
 
-    def _decode_entry(self, entry_id, fields) -> _Held | tuple:
+    def _decode_entry(self, stream: str, entry_id, fields) -> _Held | tuple:
         """The entry's request, or the arguments of its rejection (_reject)."""
-        entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        entry_id = _text(entry_id)
         raw_id = fields.get(b"id")
         request_id = raw_id.decode("utf-8", "replace") if isinstance(raw_id, bytes) else None
         data = fields.get(b"data")
+        tenant = self.streams.tenant(stream)
+        if request_id is not None and tenant_of(request_id) != tenant:
+            # Another tenant's id (or a tenant's id on the shared stream): never this entry's to
+            # run or answer, so no producer can take an id outside its own namespace.
+            return stream, entry_id, request_id, data, InvalidRequest(
+                f"request id {request_id!r} is not in this stream's namespace: ids on "
+                f"{stream} " + (f"start with {tenant + '/'!r}" if tenant else "contain no '/'"), None), False
         try:
             if data is None:
                 raise InvalidRequest("stream entry has no 'data' field (see docs/protocol.md)", request_id)
             request = decode_request(data, request_id)
         except InvalidRequest as exc:
-            return entry_id, request_id, data, exc
+            return stream, entry_id, request_id, data, exc
         except Exception as exc:  # a decoder bug must cost this entry, never the scheduler
             log.exception("could not decode entry %s", entry_id)
-            return entry_id, request_id, data, InvalidRequest(
+            return stream, entry_id, request_id, data, InvalidRequest(
                 f"request could not be decoded: {type(exc).__name__}: {exc}", request_id)
-        return _Held(entry_id, request, data)
+        if tenant_of(request.id) != tenant:  # an entry without an id field
+            return stream, entry_id, request.id, data, InvalidRequest(
+                f"request id {request.id!r} is not in the namespace of {stream}", None), False
+        return _Held(entry_id, request, data, stream)
 
     # -- dispatch ---------------------------------------------------------
     def _dispatch_due(self) -> None:
@@ -347,7 +371,7 @@ class Scheduler:
                     self._answer(held, cancelled_before_start(held.request.id))
                 if stale:
                     log.info("dropped %d requests whose id another entry or worker holds now", len(stale))
-                    self._ack(*[held.entry_id for held in stale])
+                    self._ack(*stale)
                 batch = [held for held in batch if held not in cancelled and held not in stale]
             metrics.batch_wait.observe(max(0.0, now - (opened or now)))
 
@@ -359,7 +383,7 @@ class Scheduler:
                   created_at=self.clock(), requests=[held.request for held in batch])
         script, keys, args = scripts.dispatch_call(
             self.keys, worker.worker_id, encode(job), SCHEDULER_GROUP, self.config.result_ttl_s,
-            [(held.request, held.entry_id) for held in batch])
+            [(held.request, held.stream, held.entry_id) for held in batch])
         reply = script.run(self.redis, keys, args)
         if not reply[0]:
             cancelled, stale = reply[1], reply[2]
@@ -424,25 +448,28 @@ class Scheduler:
         script, keys, args = scripts.answer_call(self.keys, held.request.id, held.entry_id, held.request.attempt,
                                                  seal_final(result, held.request), self.config.result_ttl_s)
         script.run(self.redis, keys, args)
-        self._ack(held.entry_id)
+        self._ack(held)
         metrics.requests_rejected.labels(error.code).inc()
 
-    def _reject(self, entry_id: str, request_id: str | None, data: bytes | None, error: InvalidRequest) -> None:
+    def _reject(self, stream: str, entry_id: str, request_id: str | None, data: bytes | None,
+                error: InvalidRequest, answer: bool = True) -> None:
         """Bad input: keep it (bounded) for operators, and tell its caller when the id it names
-        is readable and not another request's (scripts.REJECT)."""
+        is readable, in the stream's namespace (`answer`) and not another request's (scripts.REJECT)."""
         log.info("rejected request %s: %s", request_id or f"entry {entry_id}", error.message[:200])
-        valid_id = request_id if request_id and is_request_id(request_id) else None
+        valid_id = request_id if answer and request_id and is_request_id(request_id) else None
         final = encode(FinalEvent(error_result(valid_id, error))) if valid_id else None
-        script, keys, args = scripts.reject_call(self.keys, SCHEDULER_GROUP, entry_id, valid_id, error.code,
-                                                 error.message, data, final, self.config.result_ttl_s)
+        script, keys, args = scripts.reject_call(self.keys, stream, SCHEDULER_GROUP, entry_id, valid_id, error.code,
+                                                 error.message, data, final, self.config.result_ttl_s,
+                                                 named_id=(request_id or "")[:256])
         script.run(self.redis, keys, args)
         metrics.requests_rejected.labels(error.code).inc()
         metrics.dead_letters.labels(error.code).inc()
 
-    def _ack(self, *entry_ids: str) -> None:
+    def _ack(self, *held: _Held) -> None:
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.keys.requests, SCHEDULER_GROUP, *entry_ids)
-            pipe.xdel(self.keys.requests, *entry_ids)
+            for stream, entry_ids in by_stream((h.stream, h.entry_id) for h in held).items():
+                pipe.xack(stream, SCHEDULER_GROUP, *entry_ids)
+                pipe.xdel(stream, *entry_ids)
             pipe.execute()
 
     # -- workers --------------------------------------------------------------
@@ -482,11 +509,12 @@ class Scheduler:
             self._broker_offset_s = broker_now - (sent + received) / 2
 
     def _housekeeping(self, now: float) -> None:
+        self.streams.discover(now)
         self._keep_claims()
         self._claim_abandoned()
         self._reap_dead_workers()
-        metrics.requests_queued.set(self.redis.xlen(self.keys.requests))
-        self._repair_stream_id()
+        self._bound_backlogs()
+        self._repair_stream_ids()
         # Again every second: a config hash someone deleted is back at once, so max_queue holds.
         publish_settings(self.redis, self.keys, max_queue=self.config.max_queue,
                          max_attempts=self.config.max_attempts)
@@ -495,62 +523,112 @@ class Scheduler:
             self._next_consumer_sweep = now + CONSUMER_SWEEP_INTERVAL_S
             self._forget_dead_schedulers()
 
-    def _repair_stream_id(self) -> None:
-        """Set the request stream's last id back from the far future (scripts.REPAIR_STREAM_ID),
+    def _repair_stream_ids(self) -> None:
+        """Set each request stream's last id back from the far future (scripts.REPAIR_STREAM_ID),
         so SUBMIT works again within a second of a producer's XADD of the largest id."""
-        try:
-            repaired = scripts.REPAIR_STREAM_ID.run(self.redis, [self.keys.requests], [scripts.FUTURE_ID_MARGIN_MS])
-        except redis.ResponseError as exc:  # a server this script does not know: dispatch goes on
-            log.error("could not check %s's last entry id: %s", self.keys.requests, exc)
+        streams = list(self.streams)
+        outcomes, _ = run_in_pipeline(self.redis, [(scripts.REPAIR_STREAM_ID, [stream], [scripts.FUTURE_ID_MARGIN_MS])
+                                                   for stream in streams])
+        for stream, repaired in zip(streams, outcomes):
+            if isinstance(repaired, redis.ResponseError):  # a server this script does not know: dispatch goes on
+                log.error("could not check %s's last entry id: %s", stream, repaired)
+            elif isinstance(repaired, Exception):
+                raise repaired
+            elif repaired == 1:
+                log.error("%s had a last entry id far in the future (an explicit XADD id); set it back to now "
+                          "so submits work again", stream)
+
+    def _bound_backlogs(self) -> None:
+        """Export the backlog summed over every request stream, and answer what a tenant queued
+        beyond max_queue (raw XADDs skip SUBMIT's bound) with Overloaded (scripts.OVERFLOW)."""
+        streams = list(self.streams)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xlen(stream)
+            lengths = pipe.execute()
+        metrics.requests_queued.set(sum(lengths))
+        for stream, length in zip(streams, lengths):
+            metrics.requests_queued_by_tenant.labels(self.streams.tenant(stream)).set(length)
+        if self.config.max_queue <= 0:
             return
-        if repaired == 1:
-            log.error("%s had a last entry id far in the future (an explicit XADD id); set it back to now "
-                      "so submits work again", self.keys.requests)
+        over = [(stream, length - self.config.max_queue) for stream, length in zip(streams, lengths)
+                if length > self.config.max_queue]
+        for stream, excess in over:
+            self._answer_overflow(stream, min(excess, max(1, OVERFLOW_BUDGET // len(over))))
+
+    def _answer_overflow(self, stream: str, excess: int) -> None:
+        """Answer the newest `excess` entries of a stream with Overloaded, as SUBMIT would have."""
+        tenant = self.streams.tenant(stream)
+        calls = []
+        for entry_id, fields in self.redis.xrevrange(stream, "+", "-", count=excess):
+            decoded = self._decode_entry(stream, entry_id, fields)
+            if isinstance(decoded, _Held):
+                error = Overloaded(overloaded_message(stream), decoded.request.id)
+                result = error_result(decoded.request.id, error, finish_reason_of(error), decoded.request.submitted_at)
+                final = seal_final(result, decoded.request)
+                calls.append(scripts.overflow_call(self.keys, stream, SCHEDULER_GROUP, decoded.entry_id,
+                                                   decoded.request.id, final, self.config.result_ttl_s))
+            else:
+                calls.append(scripts.overflow_call(self.keys, stream, SCHEDULER_GROUP, decoded[1], None, None,
+                                                   self.config.result_ttl_s))
+        outcomes, _ = run_in_pipeline(self.redis, calls)
+        refused = sum(1 for outcome in outcomes if outcome in (0, 1))
+        if refused:
+            metrics.requests_overloaded.labels(tenant).inc(refused)
+            log.warning("answered %d requests queued beyond max_queue=%d on %s with Overloaded (raw XADDs "
+                        "past the bound)", refused, self.config.max_queue, stream)
 
     def _take_overload_count(self) -> None:
         """Submits refused as Overloaded happen in the producers' SUBMIT function, which counts
-        them in Redis; each scheduler takes (GETDEL) what accumulated into its own counter, so
-        the fleet's sum counts each refusal once."""
-        taken = self.redis.getdel(self.keys.overloaded)
-        try:
-            count = int(taken or 0)
-        except ValueError:
-            count = 0
-        if count > 0:
-            metrics.requests_overloaded.inc(count)
+        them in Redis, one counter per tenant; each scheduler takes (GETDEL) what accumulated
+        into its own series of that tenant, so the fleet's sum counts each refusal once. Only a
+        tenant may write its counter: a forged INCR moves its own series and no other."""
+        tenants = [self.streams.tenant(stream) for stream in self.streams]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for tenant in tenants:
+                pipe.getdel(self.keys.overloaded_of(tenant))
+            taken = pipe.execute(raise_on_error=False)
+        for tenant, value in zip(tenants, taken):
+            try:
+                count = int(value or 0)
+            except (TypeError, ValueError):  # a counter overwritten with something else, or an error
+                count = 0
+            if count > 0:
+                metrics.requests_overloaded.labels(tenant).inc(count)
 
     def _forget_dead_schedulers(self) -> None:
         """Remove group consumers that hold nothing and have not read for a long time: schedulers
         that died or restarted under a new id (a live one reads every few hundred ms and would
         simply be recreated by its next read)."""
         idle_ms = max(DEAD_CONSUMER_IDLE_S * 1000, 6 * self.config.claim_idle_ms)
-        for consumer in self.redis.xinfo_consumers(self.keys.requests, SCHEDULER_GROUP):
-            name = consumer["name"]
-            name = name.decode() if isinstance(name, bytes) else name
-            if name != self.config.scheduler_id and consumer["pending"] == 0 and consumer["idle"] > idle_ms:
-                self.redis.xgroup_delconsumer(self.keys.requests, SCHEDULER_GROUP, name)
-                log.info("removed consumer %s from the scheduler group: idle %.0fs with nothing pending",
-                         name, consumer["idle"] / 1000)
+        for stream in self.streams:
+            for consumer in self.redis.xinfo_consumers(stream, SCHEDULER_GROUP):
+                name = _text(consumer["name"])
+                if name != self.config.scheduler_id and consumer["pending"] == 0 and consumer["idle"] > idle_ms:
+                    self.redis.xgroup_delconsumer(stream, SCHEDULER_GROUP, name)
+                    log.info("removed consumer %s from the scheduler group of %s: idle %.0fs with nothing pending",
+                             name, stream, consumer["idle"] / 1000)
 
     def _keep_claims(self) -> None:
         """Touch the entries this scheduler holds so no other scheduler takes them."""
-        held = [h.entry_id for h in self.batcher.items()]
-        for start in range(0, len(held), 1000):
-            self.redis.xclaim(self.keys.requests, SCHEDULER_GROUP, self.config.scheduler_id, 0,
-                              held[start:start + 1000], justid=True)
+        for stream, held in by_stream((h.stream, h.entry_id) for h in self.batcher.items()).items():
+            for start in range(0, len(held), 1000):
+                self.redis.xclaim(stream, SCHEDULER_GROUP, self.config.scheduler_id, 0,
+                                  held[start:start + 1000], justid=True)
 
     def _claim_abandoned(self) -> None:
         """Take over requests a dead scheduler read but never dispatched."""
-        room = self.config.read_ahead - len(self.batcher)
-        if room <= 0:
-            return
-        reply = self.redis.xautoclaim(self.keys.requests, SCHEDULER_GROUP, self.config.scheduler_id,
-                                      self.config.claim_idle_ms, "0-0", count=min(room, 1000))
-        entries = reply[1] if reply else []
-        if entries:
-            log.info("claimed %d requests abandoned by another scheduler", len(entries))
-            metrics.requests_reclaimed.inc(len(entries))
-            self._accept(entries)
+        for stream in self.streams:
+            room = self.config.read_ahead - len(self.batcher)
+            if room <= 0:
+                return
+            reply = self.redis.xautoclaim(stream, SCHEDULER_GROUP, self.config.scheduler_id,
+                                          self.config.claim_idle_ms, "0-0", count=min(room, 1000))
+            entries = reply[1] if reply else []
+            if entries:
+                log.info("claimed %d requests of %s abandoned by another scheduler", len(entries), stream)
+                metrics.requests_reclaimed.inc(len(entries))
+                self._accept(stream, entries)
 
     def _reap_dead_workers(self) -> None:
         worker_ids = [w.decode() for w in self.redis.zrange(self.keys.workers, 0, -1)]
@@ -593,3 +671,7 @@ class Scheduler:
         if dead:
             metrics.dead_letters.labels(WorkerFailed.code).inc(dead)
         return requeued
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

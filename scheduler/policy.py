@@ -5,9 +5,11 @@ with plain values. A batch opens at its first request and closes when it
 holds max_batch requests or max_wait_ms after that first arrival, whichever
 comes first, and never larger than the free slots the caller reports.
 
-Within a batch, higher priority goes first; within one priority, producers
-take turns (one request each, round robin), so one producer's burst cannot
-starve another producer's occasional request.
+Within a batch, higher priority goes first; within one priority, tenants take
+turns (one request each, round robin), and within a tenant its producers do,
+so one producer's burst cannot starve another producer's occasional request,
+and a tenant cannot widen its share by naming many producers. (A tenant is a
+request stream, docs/protocol.md; requests of the shared stream are tenant "".)
 
 A batch holds requests for one model only and goes only to a worker that
 serves that model (ModelBatchers, route, pick_worker).
@@ -43,32 +45,101 @@ class _Pending(Generic[Item]):
 
 
 @dataclass
-class _PriorityLevel(Generic[Item]):
-    """Requests of one priority, one queue per producer, producers in turn order."""
+class _Turns(Generic[Item]):
+    """Queues that take turns, one item each (round robin), keyed by who queued them."""
 
     queues: dict[str, deque] = field(default_factory=dict)
     turn: deque = field(default_factory=deque)
 
-    def add(self, producer: str, pending: _Pending) -> None:
-        queue = self.queues.get(producer)
+    def add(self, key: str, pending: _Pending) -> None:
+        queue = self.queues.get(key)
         if queue is None:
-            queue = self.queues[producer] = deque()
-            self.turn.append(producer)
+            queue = self.queues[key] = deque()
+            self.turn.append(key)
         queue.append(pending)
 
     def pop_fair(self) -> _Pending:
-        producer = self.turn.popleft()
-        queue = self.queues[producer]
+        key = self.turn.popleft()
+        queue = self.queues[key]
         pending = queue.popleft()
         if queue:
-            self.turn.append(producer)
+            self.turn.append(key)
         else:
-            del self.queues[producer]
+            del self.queues[key]
         return pending
+
+    def heads(self) -> Iterator[_Pending]:
+        """The oldest item of each queue (the oldest of all is among them)."""
+        return (queue[0] for queue in self.queues.values())
+
+    def remove(self, should_remove: Callable[[Item], bool]) -> list[Item]:
+        removed: list[Item] = []
+        for key in list(self.queues):
+            kept: deque = deque()
+            for pending in self.queues[key]:
+                if should_remove(pending.item):
+                    removed.append(pending.item)
+                else:
+                    kept.append(pending)
+            if kept:
+                self.queues[key] = kept
+            else:
+                del self.queues[key]
+                self.turn.remove(key)
+        return removed
 
     def __iter__(self) -> Iterator[_Pending]:
         for queue in self.queues.values():
             yield from queue
+
+    def __bool__(self) -> bool:
+        return bool(self.queues)
+
+
+@dataclass
+class _PriorityLevel(Generic[Item]):
+    """Requests of one priority: tenants take turns, and within each tenant its producers."""
+
+    tenants: dict[str, _Turns] = field(default_factory=dict)
+    turn: deque = field(default_factory=deque)
+
+    def add(self, tenant: str, producer: str, pending: _Pending) -> None:
+        producers = self.tenants.get(tenant)
+        if producers is None:
+            producers = self.tenants[tenant] = _Turns()
+            self.turn.append(tenant)
+        producers.add(producer, pending)
+
+    def pop_fair(self) -> _Pending:
+        tenant = self.turn.popleft()
+        producers = self.tenants[tenant]
+        pending = producers.pop_fair()
+        if producers:
+            self.turn.append(tenant)
+        else:
+            del self.tenants[tenant]
+        return pending
+
+    def heads(self) -> Iterator[_Pending]:
+        for producers in self.tenants.values():
+            yield from producers.heads()
+
+    def remove(self, should_remove: Callable[[Item], bool]) -> list[Item]:
+        removed: list[Item] = []
+        for tenant in list(self.tenants):
+            producers = self.tenants[tenant]
+            removed += producers.remove(should_remove)
+            if not producers:
+                del self.tenants[tenant]
+                self.turn.remove(tenant)
+        return removed
+
+    def __iter__(self) -> Iterator[_Pending]:
+        for producers in self.tenants.values():
+            yield from producers
+
+    def __bool__(self) -> bool:
+        return bool(self.tenants)
 
 
 class Batcher(Generic[Item]):
@@ -82,17 +153,17 @@ class Batcher(Generic[Item]):
     def __len__(self) -> int:
         return self._count
 
-    def add(self, item: Item, arrival: float, *, priority: int = 0, producer: str = "") -> None:
+    def add(self, item: Item, arrival: float, *, priority: int = 0, producer: str = "", tenant: str = "") -> None:
         """Hold a request that arrived at `arrival` (the caller's clock, like every `now`)."""
         level = self._levels.get(priority)
         if level is None:
             level = self._levels[priority] = _PriorityLevel()
-        level.add(producer, _Pending(item, arrival))
+        level.add(tenant, producer, _Pending(item, arrival))
         self._count += 1
 
     def opened_at(self) -> float | None:
         """Arrival time of the oldest pending request: when the current batch opened."""
-        arrivals = [queue[0].arrival for level in self._levels.values() for queue in level.queues.values()]
+        arrivals = [head.arrival for level in self._levels.values() for head in level.heads()]
         return min(arrivals) if arrivals else None
 
     def is_due(self, now: float) -> bool:
@@ -118,9 +189,9 @@ class Batcher(Generic[Item]):
         batch: list[Item] = []
         for priority in sorted(self._levels, reverse=True):
             level = self._levels[priority]
-            while level.queues and len(batch) < size:
+            while level and len(batch) < size:
                 batch.append(level.pop_fair().item)
-            if not level.queues:
+            if not level:
                 del self._levels[priority]
             if len(batch) == size:
                 break
@@ -132,19 +203,8 @@ class Batcher(Generic[Item]):
         removed: list[Item] = []
         for priority in list(self._levels):
             level = self._levels[priority]
-            for producer in list(level.queues):
-                kept: deque = deque()
-                for pending in level.queues[producer]:
-                    if should_remove(pending.item):
-                        removed.append(pending.item)
-                    else:
-                        kept.append(pending)
-                if kept:
-                    level.queues[producer] = kept
-                else:
-                    del level.queues[producer]
-                    level.turn.remove(producer)
-            if not level.queues:
+            removed += level.remove(should_remove)
+            if not level:
                 del self._levels[priority]
         self._count -= len(removed)
         return removed
@@ -170,11 +230,12 @@ class ModelBatchers(Generic[Item]):
         """The models with requests held."""
         return list(self._by_model)
 
-    def add(self, item: Item, arrival: float, *, model: str, priority: int = 0, producer: str = "") -> None:
+    def add(self, item: Item, arrival: float, *, model: str, priority: int = 0, producer: str = "",
+            tenant: str = "") -> None:
         batcher = self._by_model.get(model)
         if batcher is None:
             batcher = self._by_model[model] = Batcher(self.policy)
-        batcher.add(item, arrival, priority=priority, producer=producer)
+        batcher.add(item, arrival, priority=priority, producer=producer, tenant=tenant)
 
     def due(self, now: float) -> list[str]:
         """Models whose batch is due, the longest open first."""

@@ -213,3 +213,15 @@ def test_submit_and_cancel_ride_out_a_redis_restart(redis_server, producer, comm
         assert {fields[b"id"] for _entry, fields in entries} == {b"restarted"}
     else:
         assert after.exists(IDLE.cancelled("restarted"))
+
+
+def test_a_client_submits_as_its_acl_user_unless_told_otherwise():
+    """docs/protocol.md, "Tenants": the unauthenticated user keeps the shared stream."""
+    from batchd.client.core import resolve_tenant
+
+    assert resolve_tenant(None, "alice") == "alice"
+    assert resolve_tenant(None, None) == resolve_tenant(None, "default") == ""
+    assert resolve_tenant("", "alice") == "" and resolve_tenant("bob", "alice") == "bob"
+    for bad in ("a/b", "a:b", "x" * 65):
+        with pytest.raises(InvalidRequest, match="tenant"):
+            resolve_tenant(bad, None)

@@ -373,7 +373,7 @@ def test_a_batch_window_counts_from_when_the_request_reached_redis(client, clock
     scheduler._read(None)
     assert scheduler.batcher.opened_at("") == pytest.approx(clock() - 0.0015, abs=0.001)
     # An entry id far in the past (or a skewed clock) earns at most MAX_TRANSIT_CREDIT_S.
-    scheduler._accept([("1000-0", {b"id": b"r1", b"data": encode(Request(v=PROTOCOL_VERSION, id="r1", prompt="p"))})])
+    scheduler._accept(KEYS.requests, [("1000-0", {b"id": b"r1", b"data": encode(Request(v=PROTOCOL_VERSION, id="r1", prompt="p"))})])
     assert scheduler.batcher.opened_at("") == pytest.approx(clock() - 0.002)
 
 
@@ -521,3 +521,38 @@ def test_the_engines_running_totals_become_counters(client, clock):
     assert grown == {"batchd:prefix_cache_queries_total": 10 * engine.steps,
                      "batchd:prefix_cache_hits_total": 4 * engine.steps,
                      "batchd:num_preemptions_total": 0}
+
+
+def submit_as(client, clock, tenant: str, local_id: str) -> str:
+    """A raw submit to a tenant's own stream (docs/protocol.md, "Tenants")."""
+    request_id = f"{tenant}/{local_id}"
+    request = Request(v=PROTOCOL_VERSION, id=request_id, prompt=f"prompt of {request_id}", submitted_at=clock())
+    client.xadd(KEYS.requests_of(tenant), {"id": request_id, "data": encode(request)})
+    return request_id
+
+
+def test_recovery_covers_every_tenants_stream(client, clock):
+    """A dead worker's request goes back to its tenant's stream and runs again; a dead
+    scheduler's held requests on a tenant's stream are taken over by another scheduler."""
+    client.sadd(KEYS.tenants, "alice", "bob")  # registered beside their ACL users (docs/security.md)
+    scheduler = make_scheduler(client, clock)
+    advertise(client, "w1", 8, clock)
+    reaped = submit_as(client, clock, "alice", "r0")
+    settle(scheduler, clock)
+    assert [r.id for r in jobs_of(client, "w1")[0].requests] == [reaped]
+    client.delete(KEYS.heartbeat("w1"))
+    assert scheduler.reap_worker("w1") == 1
+    assert [fields[b"id"] for _, fields in client.xrange(KEYS.requests_of("alice"))] == [reaped.encode()]
+    assert client.xlen(KEYS.requests) == 0
+    # Another scheduler reads both tenants' requests and dies before any worker has room.
+    held = submit_as(client, clock, "bob", "r1")
+    dying = make_scheduler(client, clock, scheduler_id="dying")
+    settle(dying, clock)
+    assert sorted(h.request.id for h in dying.batcher.items()) == [reaped, held]
+    taker = make_scheduler(client, clock, scheduler_id="taker")
+    taker.config.claim_idle_ms = 0
+    advertise(client, "w2", 8, clock)
+    taker._next_housekeeping = 0
+    settle(taker, clock)
+    dispatched = [(r.id, r.attempt) for job in jobs_of(client, "w2") for r in job.requests]
+    assert sorted(dispatched) == sorted([(reaped, 1), (held, 0)])

@@ -144,3 +144,13 @@ def test_pick_worker_takes_only_workers_serving_the_model():
     b.free_slots = 0
     assert pick_worker(workers, "n") is None
     assert models_served(workers) == {"m", "n"}
+
+
+def test_tenants_take_turns_before_their_producers_do():
+    """A tenant naming many producers gets one turn among tenants, not one per producer."""
+    b = Batcher(BatchPolicy(max_batch=4, max_wait_ms=0))
+    for i in range(8):
+        b.add(f"many-{i}", arrival=0.0, producer=f"p{i}", tenant="many")
+    b.add("one-0", arrival=0.0, producer="only", tenant="one")
+    b.add("one-1", arrival=0.0, producer="only", tenant="one")
+    assert b.take(now=0.0, free_slots=4) == ["many-0", "one-0", "many-1", "one-1"]

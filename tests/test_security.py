@@ -35,7 +35,7 @@ def documented_acl() -> list[str]:
 def acl_server(redis_server):
     admin = redis.Redis.from_url(redis_server.url)
     for line in documented_acl():
-        assert admin.execute_command(*line.split()) in (b"OK", "OK", True)
+        assert admin.execute_command(*line.split()) in (b"OK", "OK", True, 2)  # SADD: the tenants it added
     admin.execute_command("ACL", "SETUSER", "default", "off")  # nothing runs unauthenticated
     yield redis_server
     admin.close()
@@ -91,6 +91,13 @@ FORBIDDEN = {
         ("GET", "batchd:pin:" + "ab" * 16),
         ("SET", "batchd:overloaded", "-1000"),
         ("INCRBY", "batchd:overloaded", "1000"),
+        # Another tenant's stream and overload counter, and the shared ones (docs/security.md,
+        # "Tenants"): a producer appends to its own stream only.
+        ("XADD", "batchd:requests", "*", "id", "x"),
+        ("XADD", "batchd:requests:victim", "MAXLEN", "0", "*", "id", "x"),
+        ("XLEN", "batchd:requests:victim"),
+        ("INCR", "batchd:overloaded:victim"),
+        ("SCAN", "0"),
     ],
     # A producer that may also read heartbeats: refused all a producer is.
     "batchd-gateway": [],
@@ -256,40 +263,108 @@ def test_workers_store_the_served_tokenizer_and_producers_only_read_it(acl_serve
         producer.close()
 
 
-def test_what_stays_trusted_a_producer_can_trim_the_request_stream(acl_server):
-    """docs/security.md, "Limits": an ACL cannot refuse XADD's MAXLEN, so a producer deletes
-    entries no scheduler has read yet (a backlog; no scheduler runs here). This test shows the
-    limit as it stands; it fails once producers can only append (per-producer streams)."""
+def test_a_producer_trims_only_its_own_stream(acl_server, daemons):
+    """An ACL cannot refuse XADD's MAXLEN, so each tenant has a stream of its own: a producer's
+    trim deletes its own backlog, never another tenant's, whose request then runs."""
     from batchd.client.keys import Keys
     from batchd.client.scripts import LIBRARY, load_library
 
     keys = Keys()
     load_library(redis.Redis.from_url(url_for(acl_server, "batchd-scheduler")), LIBRARY)
-    with Client(url_for(acl_server, "batchd-producer")) as victim:
-        victim.submit("queued behind a backlog")
-    attacker = redis.Redis.from_url(url_for(acl_server, "batchd-producer"))
-    assert attacker.xlen(keys.requests) == 1
-    attacker.xadd(keys.requests, {"id": "trimmer", "data": b"\xc1"}, maxlen=0, approximate=False)
-    assert attacker.xlen(keys.requests) == 0
+    with Client(url_for(acl_server, "batchd-gateway")) as victim:
+        handle = victim.submit("queued behind a backlog", timeout=30)  # no scheduler runs yet
+        attacker = as_user(acl_server, "batchd-producer")
+        assert refused(attacker, "XADD", keys.requests_of("batchd-gateway"), "MAXLEN", "0", "*", "id", "x")
+        assert refused(attacker, "XADD", keys.requests, "MAXLEN", "0", "*", "id", "x")
+        attacker.xadd(keys.requests_of("batchd-producer"), {"id": "trimmer", "data": b"\xc1"}, maxlen=0,
+                      approximate=False)
+        assert attacker.xlen(keys.requests_of("batchd-producer")) == 0
+        daemons.url = url_for(acl_server, "batchd-scheduler")
+        daemons.scheduler()
+        daemons.url = url_for(acl_server, "batchd-worker-gpu-0")
+        daemons.echo_worker("--worker-id", "gpu-0")
+        assert handle.result().text == "queued behind a backlog"
+        assert handle.request_id.startswith("batchd-gateway/")
+    daemons.stop_all()
 
 
-def test_what_stays_trusted_a_raw_xadd_skips_max_queue(acl_server):
-    """docs/security.md, "Limits": SUBMIT refuses (and counts) a submit past max_queue, but the
-    producer user may XADD the same entry itself and it is queued, uncounted. Schedulers still
-    hold at most --read-ahead requests each; the stream is what grows."""
+def test_submit_bounds_each_tenant_on_its_own(acl_server):
+    """max_queue holds per tenant stream: one tenant's full queue refuses its own submits only,
+    and counts them in its own counter."""
     from batchd.client.keys import Keys
     from batchd.client.protocol import PROTOCOL_VERSION, Request, encode
     from batchd.client.scripts import LIBRARY, load_library, submit_call
     from batchd.daemon.toolkit import publish_settings
 
     keys = Keys()
-    scheduler = redis.Redis.from_url(url_for(acl_server, "batchd-scheduler"))
+    scheduler = as_user(acl_server, "batchd-scheduler")
     load_library(scheduler, LIBRARY)
     publish_settings(scheduler, keys, max_queue=1, max_attempts=3)
-    producer = redis.Redis.from_url(url_for(acl_server, "batchd-producer"))
-    payload = encode(Request(v=PROTOCOL_VERSION, id="past-the-bound", prompt="x"))
-    function, call_keys, args = submit_call(keys, "first", payload)
-    assert function.run(producer, call_keys, args) == 1
-    assert function.run(producer, call_keys, args) == -1  # refused and counted
-    assert producer.xadd(keys.requests, {"id": "past-the-bound", "data": payload})
-    assert producer.xlen(keys.requests) == 2 and scheduler.get(keys.overloaded) == b"1"
+    outcomes = {}
+    for tenant in ("batchd-producer", "batchd-gateway"):
+        producer = as_user(acl_server, tenant)
+        payload = encode(Request(v=PROTOCOL_VERSION, id=f"{tenant}/bounded", prompt="x"))
+        function, call_keys, args = submit_call(keys, tenant, f"{tenant}/bounded", payload)
+        outcomes[tenant] = [function.run(producer, call_keys, args) for _ in range(1 if tenant == "batchd-gateway" else 3)]
+    assert outcomes == {"batchd-producer": [1, -1, -1], "batchd-gateway": [1]}
+    assert scheduler.get(keys.overloaded_of("batchd-producer")) == b"2"
+    assert scheduler.get(keys.overloaded_of("batchd-gateway")) is None
+
+
+def test_a_raw_xadd_flood_is_answered_overloaded_and_a_forged_count_stays_its_own(acl_server, daemons):
+    """A raw XADD skips SUBMIT's max_queue; a scheduler answers what a tenant queued beyond it with
+    Overloaded, so its stream stays near the bound and its callers hear why. Only a tenant may
+    write its overload counter: an INCR it forges moves its own series, no other tenant's."""
+    import time
+    import urllib.request
+
+    from batchd.client.keys import Keys
+    from batchd.client.protocol import PROTOCOL_VERSION, Request, decode_event, encode
+
+    keys = Keys()
+    port = free_port()
+    daemons.url = url_for(acl_server, "batchd-scheduler")
+    daemons.scheduler("--max-queue", "3", "--read-ahead", "2", "--metrics-port", str(port))  # no worker yet
+    flood = keys.requests_of("batchd-producer")
+    attacker = as_user(acl_server, "batchd-producer")
+    admin = redis.Redis(port=acl_server.port, username="batchd-scheduler", password=PASSWORDS["batchd-scheduler"])
+    ids = [f"batchd-producer/flood-{i}" for i in range(20)]
+    for request_id in ids:
+        attacker.xadd(flood, {"id": request_id, "data": encode(Request(v=PROTOCOL_VERSION, id=request_id,
+                                                                       prompt="flood", submitted_at=time.time()))})
+    forged = [attacker.execute_command("INCR", keys.overloaded_of("batchd-producer")) for _ in range(5)]  # its own counter: allowed
+    assert forged[-1] == 5
+    assert refused(attacker, "INCR", keys.overloaded_of("batchd-gateway"))
+    assert refused(attacker, "INCR", keys.overloaded)
+
+    def answered() -> list[str]:
+        stored = [admin.get(keys.result(request_id)) for request_id in ids]
+        return [request_id for request_id, raw in zip(ids, stored)
+                if raw is not None and decode_event(raw).result.error.type == "overloaded"]
+
+    deadline = time.monotonic() + 15
+    while len(answered()) < 17 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert answered() == ids[3:], "the newest entries past the bound are answered, the oldest 3 stay queued"
+    assert admin.xlen(flood) == 3
+
+    def exported(tenant: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        match = re.search(rf'^batchd:requests_overloaded_total\{{tenant="{tenant}"\}} (\S+)$', text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    deadline = time.monotonic() + 10
+    while exported("batchd-producer") < 17 + 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert exported("batchd-producer") == 17 + 5
+    queued = 'batchd:num_requests_queued_by_tenant{tenant="batchd-producer"} 3.0'
+    deadline = time.monotonic() + 5
+    while queued not in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode():
+        assert time.monotonic() < deadline, "the flooding tenant's backlog on /metrics"
+        time.sleep(0.2)
+    with Client(url_for(acl_server, "batchd-gateway")) as victim:  # another tenant: its own bound, its own count
+        handle = victim.submit("not crowded out", timeout=30)
+        daemons.url = url_for(acl_server, "batchd-worker-gpu-0")
+        daemons.echo_worker("--worker-id", "gpu-0")
+        assert handle.result().text == "not crowded out"
+    assert exported("batchd-gateway") == 0.0

@@ -125,13 +125,18 @@ def test_the_gateway_submits_durably_through_sentinel(sentinel_fleet):
 
 def test_the_documented_producer_and_worker_users_write_durably_through_sentinel(sentinel_fleet):
     # ACLs are per server and not replicated: every server that may become master gets them.
-    users = [l for l in DOCUMENTED_ACL.splitlines() if "batchd-producer" in l or "batchd-worker-gpu-0" in l]
+    users = [l for l in DOCUMENTED_ACL.splitlines()
+             if l.startswith("ACL SETUSER") and ("batchd-producer" in l or "batchd-worker-gpu-0" in l)]
     assert len(users) == 2
     for server in sentinel_fleet.sentinels.servers:
         admin = redis.Redis(port=server.port)
         for line in users:
             admin.execute_command(*line.split())
         admin.close()
+    # The producer's tenant, registered as docs/security.md's SADD line does (on the master).
+    registry = open_redis(sentinel_fleet.url)
+    registry.sadd(Keys().tenants, "batchd-producer")
+    close_redis(registry)
     as_user = lambda user, password: sentinel_fleet.url.replace("redis+sentinel://", f"redis+sentinel://{user}:{password}@")
     fleet_url = sentinel_fleet.url
     sentinel_fleet.url = as_user("batchd-worker-gpu-0", "worker-password")

@@ -26,7 +26,7 @@ from batchd.client import core
 from batchd.client.keys import Keys
 from batchd.client.core import Delta, StreamRestarted
 from batchd.client.protocol import (PROTOCOL_VERSION, FinalEvent, Request, RestartEvent, Result, TokenEvent,
-                                   decode_event, encode)
+                                   decode_event, encode, error_result)
 from batchd.daemon.scripts import DEAD_LETTER_DATA_BYTES
 from batchd.embedded import EmbeddedServer, free_port
 
@@ -40,6 +40,8 @@ _spec.loader.exec_module(_shared)
 Daemons, redis_binary = _shared.Daemons, _shared.redis_binary
 
 KEYS = Keys()
+# The attacker's own request stream: the only one its ACL lets it XADD to (docs/security.md).
+OWN = KEYS.requests_of("batchd-producer")
 # 72 bytes: the echo engine streams one byte a step, 72 steps of 15 ms (about a second in flight).
 VICTIM_TEXT = "the victim's own text, " * 3 + "end"
 ATTACKER_TEXT = "ATTACKER " * 8
@@ -58,8 +60,8 @@ class Fleet:
         password = ADMIN_PASSWORD if user == "admin" else PASSWORDS[user]
         return f"redis://{user}:{password}@127.0.0.1:{self.server.port}/0"
 
-    def producer(self) -> Client:
-        return Client(self.url("batchd-producer"))
+    def producer(self, user: str = "batchd-producer") -> Client:
+        return Client(self.url(user))
 
     def assert_daemons_up(self) -> None:
         dead = [p.args for p in self.daemons.processes if p.poll() is not None]
@@ -89,10 +91,15 @@ def fleet(tmp_path_factory):
     # A second worker, as docs/security.md says: the gpu-0 user with its id replaced.
     [gpu0] = [line for line in acl if "batchd-worker-gpu-0" in line]
     setup.execute_command(*gpu0.replace("gpu-0", "gpu-1").split())
+    # A second tenant: the producer line with its user name (and so its stream) replaced.
+    [producer] = [line for line in acl if "SETUSER batchd-producer " in line]
+    setup.execute_command(*producer.replace("batchd-producer", "batchd-tenant-b").split())
+    setup.sadd(KEYS.tenants, "batchd-tenant-b")
     setup.execute_command("ACL", "SETUSER", "admin", "on", f">{ADMIN_PASSWORD}", "~*", "&*", "+@all")
     setup.execute_command("ACL", "SETUSER", "default", "off")
     setup.close()
     PASSWORDS.setdefault("batchd-worker-gpu-1", PASSWORDS["batchd-worker-gpu-0"])
+    PASSWORDS.setdefault("batchd-tenant-b", PASSWORDS["batchd-producer"])
     daemons = Daemons(server.url, tmp_path_factory.mktemp("tenancy"))
     fleet = Fleet(server, daemons)
     try:
@@ -128,9 +135,9 @@ def test_1_a_second_submission_of_an_in_flight_id_never_runs(fleet, path):
         victim = in_flight(fleet, client)
         payload = raw_request(victim.request_id, ATTACKER_TEXT)
         if path == "raw XADD":
-            fleet.attacker.xadd(KEYS.requests, {"id": victim.request_id, "data": payload})
+            fleet.attacker.xadd(OWN, {"id": victim.request_id, "data": payload})
         else:
-            fleet.attacker.fcall("batchd_v1_submit", 3, KEYS.requests, KEYS.config, KEYS.overloaded,
+            fleet.attacker.fcall("batchd_v1_submit", 3, OWN, KEYS.config, KEYS.overloaded_of("batchd-producer"),
                                  victim.request_id, payload)
         fleet.assert_victim_served(client, victim)
     # Its stream never went back to token 0: no restart, and exactly its own bytes.
@@ -143,9 +150,8 @@ def test_a_raw_duplicate_of_a_finished_request_never_runs_again(fleet):
         victim = client.submit(VICTIM_TEXT, timeout=30)
         fleet.assert_victim_served(client, victim)
         tokens = fleet.observer.tokens[victim.request_id]
-        fleet.attacker.xadd(KEYS.requests, {"id": victim.request_id,
-                                            "data": raw_request(victim.request_id, ATTACKER_TEXT)})
-        wait_until(lambda: fleet.admin.xlen(KEYS.requests) == 0, 10, "the duplicate to be dropped")
+        fleet.attacker.xadd(OWN, {"id": victim.request_id, "data": raw_request(victim.request_id, ATTACKER_TEXT)})
+        wait_until(lambda: fleet.admin.xlen(OWN) == 0, 10, "the duplicate to be dropped")
         time.sleep(0.5)
         assert fleet.observer.tokens[victim.request_id] == tokens
         assert client.fetch_result(victim.request_id).text == VICTIM_TEXT
@@ -153,10 +159,10 @@ def test_a_raw_duplicate_of_a_finished_request_never_runs_again(fleet):
 
 
 def test_a_producer_cannot_choose_its_attempt(fleet):
-    fleet.attacker.xadd(KEYS.requests, {"id": "chosen-attempt", "data": raw_request("chosen-attempt", "mine",
-                                                                                    attempt=10**6)})
-    fleet.observer.wait_for_finals(["chosen-attempt"], timeout=20)
-    [result] = fleet.observer.finals["chosen-attempt"]
+    request_id = "batchd-producer/chosen-attempt"
+    fleet.attacker.xadd(OWN, {"id": request_id, "data": raw_request(request_id, "mine", attempt=10**6)})
+    fleet.observer.wait_for_finals([request_id], timeout=20)
+    [result] = fleet.observer.finals[request_id]
     assert (result.text, result.attempt, result.error) == ("mine", 0, None)
 
 
@@ -164,9 +170,8 @@ def test_a_producer_cannot_choose_its_attempt(fleet):
 def test_2_a_malformed_entry_reusing_an_in_flight_id_does_not_fail_the_victim(fleet):
     with fleet.producer() as client:
         victim = in_flight(fleet, client)
-        fleet.attacker.xadd(KEYS.requests, {"id": victim.request_id, "data": b"\xc1 not msgpack"})
-        fleet.attacker.xadd(KEYS.requests, {"id": victim.request_id,
-                                            "data": raw_request(victim.request_id, "x", priority=1000)})
+        fleet.attacker.xadd(OWN, {"id": victim.request_id, "data": b"\xc1 not msgpack"})
+        fleet.attacker.xadd(OWN, {"id": victim.request_id, "data": raw_request(victim.request_id, "x", priority=1000)})
         fleet.assert_victim_served(client, victim)
     dead = [fields for _entry, fields in fleet.admin.xrevrange(KEYS.dead_letters, count=10)
             if fields[b"id"] == victim.request_id.encode()]
@@ -259,6 +264,8 @@ def test_4_the_request_stream_overwritten_or_deleted_is_recreated(fleet):
         fleet.admin.delete(KEYS.requests)  # while the scheduler blocks on it: "UNBLOCKED ... no longer exists"
         wait_until(lambda: fleet.admin.type(KEYS.requests) == b"stream", 15, "the stream to be recreated")
         fleet.assert_victim_served(client, client.submit(VICTIM_TEXT, timeout=30))
+        fleet.admin.delete(OWN)  # a tenant's stream deleted (by an administrator): found again on its next submit
+        fleet.assert_victim_served(client, client.submit(VICTIM_TEXT, timeout=30))
     assert "recreate" in fleet.daemons.logs() or "created consumer group" in fleet.daemons.logs()
 
 
@@ -328,13 +335,13 @@ def test_an_id_another_producer_took_first_never_returns_its_result(fleet, path)
     """The first entry read for an id runs it (the claim); a producer that guesses an id the
     victim will choose submits it first. The victim's call then fails with InvalidRequest
     naming the squatted id, and is never handed the attacker's text."""
-    request_id = f"order-squatted-{path.replace(' ', '-')}"
+    request_id = f"batchd-producer/order-squatted-{path.replace(' ', '-')}"
     if path == "SUBMIT function":
         with fleet.producer() as attacker:
             attacker.submit(ATTACKER_TEXT, request_id=request_id, timeout=30)
     else:
         data = b"\xc1" if path == "malformed entry" else raw_request(request_id, ATTACKER_TEXT)
-        fleet.attacker.xadd(KEYS.requests, {"id": request_id, "data": data})
+        fleet.attacker.xadd(OWN, {"id": request_id, "data": data})
     with fleet.producer() as client:
         handle = client.submit(VICTIM_TEXT, request_id=request_id, timeout=30)
         with pytest.raises(InvalidRequest, match="taken by another submission"):
@@ -348,9 +355,9 @@ def test_an_entry_id_at_the_end_of_time_stops_submits_for_a_second_at_most(fleet
     arguments) makes every later `XADD *` fail; a scheduler sets the last id back within its
     next housekeeping, and the victim's submit, retried meanwhile, runs."""
     end_of_time = "18446744073709551615-18446744073709551615"
-    fleet.attacker.xadd(KEYS.requests, {"id": "end-of-time", "data": b"\xc1"}, id=end_of_time)
+    fleet.attacker.xadd(OWN, {"id": "end-of-time", "data": b"\xc1"}, id=end_of_time)
     with pytest.raises(redis.ResponseError, match="exhausted"):
-        fleet.attacker.xadd(KEYS.requests, {"id": "next", "data": b"\xc1"})
+        fleet.attacker.xadd(OWN, {"id": "next", "data": b"\xc1"})
     with fleet.producer() as client:
         handle = client.submit(VICTIM_TEXT, timeout=30)
         fleet.assert_victim_served(client, handle)
@@ -362,8 +369,8 @@ def test_8_garbage_entries_cost_bounded_dead_letters(fleet):
     before = fleet.admin.memory_usage(KEYS.dead_letters) or 0
     garbage = b"\xc1" * (4 * 1024 * 1024)
     for i in range(20):
-        fleet.attacker.xadd(KEYS.requests, {"id": f"garbage-{i}", "data": garbage})
-    wait_until(lambda: fleet.admin.xlen(KEYS.requests) == 0, 30, "the garbage to be rejected")
+        fleet.attacker.xadd(OWN, {"id": f"batchd-producer/garbage-{i}", "data": garbage})
+    wait_until(lambda: fleet.admin.xlen(OWN) == 0, 30, "the garbage to be rejected")
     letters = fleet.admin.xrevrange(KEYS.dead_letters, count=20)
     assert all(len(fields[b"data"]) <= DEAD_LETTER_DATA_BYTES for _entry, fields in letters)
     assert {int(fields[b"data_bytes"]) for _entry, fields in letters} == {len(garbage)}
@@ -417,7 +424,7 @@ def test_overload_refusals_reach_the_schedulers_metrics(redis_server, daemons):
 
     def exported() -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        match = re.search(r"^batchd:requests_overloaded_total (\S+)$", text, re.M)
+        match = re.search(r'^batchd:requests_overloaded_total\{tenant=""\} (\S+)$', text, re.M)
         return float(match.group(1)) if match else -1.0
 
     wait_until(lambda: exported() == refusals, 10, "the refusals on /metrics")
@@ -444,3 +451,97 @@ def test_another_producer_cannot_cancel_a_request_its_submitter_can(fleet):
         mine = in_flight(fleet, client)
         client.cancel(mine.request_id)
         assert mine.result().finish_reason == "cancelled"
+
+
+# -- tenants: an id in another tenant's namespace ---------------------------------------------------
+@pytest.mark.parametrize("path", ["raw XADD", "SUBMIT function", "malformed entry"])
+def test_an_id_in_another_tenants_namespace_is_never_taken(fleet, path):
+    """Ids of a tenant's requests start with its name, and run only from its own stream, where no
+    one else may XADD: another tenant submitting the victim's next id first (on its own stream,
+    the only one it may write) neither runs it nor answers it, and the victim's request runs."""
+    local = f"order-{path.replace(' ', '-')}"
+    victim_id = f"batchd-tenant-b/{local}"
+    squatter = redis.Redis.from_url(fleet.url("batchd-producer"))
+    assert refused(squatter, "XADD", KEYS.requests_of("batchd-tenant-b"), "*", "id", victim_id, "data", "x")
+    data = b"\xc1" if path == "malformed entry" else raw_request(victim_id, ATTACKER_TEXT)
+    if path == "SUBMIT function":
+        squatter.fcall("batchd_v1_submit", 3, OWN, KEYS.config, KEYS.overloaded_of("batchd-producer"), victim_id, data)
+    else:
+        squatter.xadd(OWN, {"id": victim_id, "data": data})
+    wait_until(lambda: fleet.admin.xlen(OWN) == 0, 10, "the squatting entry to be dropped")
+    assert fleet.admin.get(KEYS.result(victim_id)) is None and fleet.admin.get(KEYS.accepted(victim_id)) is None
+    with fleet.producer("batchd-tenant-b") as client:
+        handle = client.submit(VICTIM_TEXT, request_id=local, timeout=30)
+        assert handle.request_id == victim_id
+        fleet.assert_victim_served(client, handle)
+    [letter] = [fields for _entry, fields in fleet.admin.xrevrange(KEYS.dead_letters, count=20)
+                if fields[b"id"] == victim_id.encode()]
+    assert b"namespace" in letter[b"reason"]
+
+
+def test_a_client_refuses_an_id_outside_its_namespace(fleet):
+    with fleet.producer() as client:
+        with pytest.raises(InvalidRequest, match="namespace"):
+            client.submit("x", request_id="batchd-tenant-b/theirs")
+        assert client.submit("mine", request_id="batchd-producer/mine", timeout=30).result().text == "mine"
+
+
+# -- scoring requests carry the secrets every request does --------------------------------------------
+def test_scoring_requests_carry_a_cancel_hash_and_an_event_key(fleet):
+    """Without them anyone who knows a scoring request's id could cancel it, and its events would
+    be unauthenticated (docs/security.md): the clients send both on every request they make."""
+    sent: list[Request] = []
+
+    def capture(request, payload, explicit, timeout):
+        sent.append(request)
+        raise InvalidRequest("captured")
+
+    with fleet.producer() as client:
+        client._send = capture
+        for call in (lambda: client.next_token_logprobs([1, 2, 3]), lambda: client.score("a", "b"),
+                     lambda: client.next_token_logprobs([1, 2], top_k=2)):
+            with pytest.raises(InvalidRequest, match="captured"):
+                call()
+    assert [r.task for r in sent] == ["next_token_logprobs", "score", "next_token_logprobs"]
+    assert all(r.cancel_hash and r.event_key and r.id.startswith("batchd-producer/") for r in sent)
+
+
+def test_a_scoring_requests_final_is_taken_only_with_its_seal():
+    """A full-vector result is published as a vector-free cue (workers/outbox.py), sealed like the
+    stored result: the client reads the stored result on it, takes a sealed final that carries
+    its answer, and ignores a final without the request's seal (a forgery)."""
+    from batchd.client.protocol import seal_final
+    from batchd.workers.outbox import _cue
+
+    secrets = core.CancelSecrets(None)
+    request = Request(v=PROTOCOL_VERSION, id="t/score-1", prompt_token_ids=[1], task="next_token_logprobs",
+                      event_key=secrets.event_key("t/score-1"))
+    reading = core.Reading(request.id, 10, request.event_key, expects_vector=True)
+    full = Result(request.id, "stop", logprobs=b"\0" * 8)
+    cue = _cue(full, request)
+    assert decode_event(cue).result.logprobs is None
+    assert reading.triage(cue) == core.STORED
+    assert reading.triage(seal_final(full, request)) == core.TAKE
+    failed = error_result(request.id, Overloaded("full", request.id))
+    assert reading.triage(seal_final(failed, request)) == core.TAKE
+    forged = encode(FinalEvent(Result(request.id, "stop", logprobs=b"\1" * 8)))
+    assert reading.triage(forged) == core.IGNORE
+    assert reading.triage(_cue(full, msgspec.structs.replace(request, event_key="0" * 32))) == core.IGNORE
+
+
+def test_one_tenants_backlog_does_not_hold_up_another_tenants_request(redis_server, daemons):
+    """Schedulers ask every tenant's stream for an equal share of their read-ahead and batches
+    take turns by tenant: a request of a quiet tenant runs next, not behind a flood's backlog."""
+    redis.Redis.from_url(redis_server.url).sadd(KEYS.tenants, "flood", "quiet")  # docs/security.md
+    daemons.scheduler("--read-ahead", "8", "--max-wait-ms", "5")
+    daemons.echo_worker("--slots", "4", "--token-delay-ms", "5")
+    daemons.wait_for_workers(1)
+    with Client(redis_server.url, tenant="flood") as flood, Client(redis_server.url, tenant="quiet") as quiet:
+        for client in (quiet, flood):  # both streams are read from here on
+            assert client.submit("first", timeout=30).result().text == "first"
+        backlog = [flood.submit("flooding", timeout=60) for _ in range(150)]
+        handle = quiet.submit("quiet one", timeout=30)
+        assert handle.result().text == "quiet one"
+        done = sum(flood.fetch_result(h.request_id) is not None for h in backlog)
+        assert done < 50, f"the quiet tenant's request waited for {done} of the flood's 150"
+        assert backlog[-1].result().text == "flooding"

@@ -36,7 +36,7 @@ from batchd.client.connection import CONNECTION_LOST
 from batchd.client.core import DURABLE_WAIT_MS, not_durable
 from batchd.client.keys import WORKER_GROUP, Keys
 from batchd.client.tokenizers import TOKENIZER_TTL_MS
-from batchd.client.protocol import FinalEvent, Heartbeat, Result, TokenEvent, encode, seal_event, seal_final
+from batchd.client.protocol import Heartbeat, Request, Result, TokenEvent, encode, seal_event, seal_final
 from batchd.client.scripts import ScriptCall, raise_any_error, run_in_pipeline
 from batchd.daemon import scripts
 
@@ -140,9 +140,7 @@ class Outbox:
         for held, result in parcel.finished:
             closes = parcel.closes.get(held.job_entry) is held
             scoring = held.request.task != "generate"
-            # A request with an event_key takes its sealed final event as its result, so that
-            # event is the whole result; one without reads the stored copy on a smaller cue.
-            cue = _cue(result) if held.request.event_key is None else b""
+            cue = _cue(result, held.request)
             calls.append(scripts.finalize_call(self.keys, held.request.id, seal_final(result, held.request),
                                                self.scoring_result_ttl_s if scoring else self.result_ttl_s, held.owner,
                                                (self.stream, WORKER_GROUP, held.job_entry) if closes else None,
@@ -191,10 +189,11 @@ def _by_owner(events: list[tuple[Held, TokenEvent]]) -> dict[str, list[tuple[Hel
     return groups
 
 
-def _cue(result: Result) -> bytes:
+def _cue(result: Result, request: Request) -> bytes:
     """The final event to publish for a result whose stored copy holds a full next-token vector:
-    the same without the vector (b"": publish the stored event). Callers read the stored
-    result either way, so the vector crosses the network twice instead of three times."""
+    the same without the vector, sealed like the stored one (b"": publish the stored event). A
+    caller expecting a vector reads the stored result on it, so the vector crosses the network
+    twice instead of three times; a sealed cue is still the fleet's word that the request ended."""
     if result.logprobs is None:
         return b""
-    return encode(FinalEvent(msgspec.structs.replace(result, logprobs=None)))
+    return seal_final(msgspec.structs.replace(result, logprobs=None), request)

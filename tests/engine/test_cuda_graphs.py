@@ -175,3 +175,38 @@ def test_no_mixed_graph_has_more_prompt_tokens_than_keys():
     assert (8192, max(MIXED_KEYS)) in shapes and (2048, min(MIXED_KEYS)) in shapes
     assert all(keys >= tokens for tokens, keys in shapes)
     assert shapes == sorted(shapes, reverse=True)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_a_decode_step_through_a_smaller_graphs_row_layout_matches_the_eager_step(tiny_models):
+    """A smaller decode graph's step (its own block mask of its row count, the rows' tables
+    and lengths gathered from their slots, idle rows attending to nothing) computes what the
+    eager step over the slots computes. On the CPU the buffers run uncaptured."""
+    engine = build_engine(str(tiny_models["llama"]), slots=8, max_context=128, max_prefill_tokens=64,
+                          attention="flex", block_size=16, overlap=False, device="cpu")
+    runner = engine._runner
+    forward = runner.forward
+    compared = []
+
+    def both(chunks, previous=None):
+        logits, rows = forward(chunks, previous)
+        if all(len(c.token_ids) == 1 for c in chunks) and len(chunks) <= 4:
+            graph = DecodeGraph(rows=4, slots=runner.slots, device=runner.device)
+            assert graph.batch.row_layout
+            wanted = [c for c in chunks if c.logit_rows()]
+            with torch.inference_mode():
+                logit_rows = graph.fill(runner, chunks, wanted, previous)
+                small = graph.run(runner)[logit_rows].float()
+            eager = {id(chunk): row for chunk, row in zip(rows, logits)}
+            for chunk, row in zip(wanted, small):
+                assert torch.allclose(row, eager[id(chunk)], atol=1e-4), chunk
+            compared.append(sorted(c.slot for c in chunks))
+        return logits, rows
+
+    runner.forward = both
+    rng = random.Random(17)
+    # Requests ending at different steps leave 3, 2 and 1 decoding, in slots that are not the first.
+    arrivals = {0: [request(f"r{i}", random_prompt(rng, 10 + 7 * i), max_new_tokens=4 + 3 * i) for i in range(6)]}
+    drive(engine, arrivals)
+    assert any(len(slots) == 1 for slots in compared) and any(len(slots) >= 3 for slots in compared)
+    assert any(slots[0] > 0 for slots in compared)  # rows whose slots are not rows 0..n

@@ -30,6 +30,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .kv_cache import to_fp8
+
 log = logging.getLogger("batchd.engine.hf")
 
 
@@ -80,40 +82,135 @@ class PagedSdpa:
 
 
 class FlexPagedDecode:
-    """One-token rows over the pool, laid out by the runner's rows of block tables ("slots").
+    """One-token rows over the pool, through a block mask built from block tables.
 
-    Each slot's row of the block mask lists its request's blocks. With full_blocks, all but
-    the last are "full" (the mask function skipped); but then flex decoding splits the whole
-    KV length (here the whole pool) between its splits, so one split does all of a row's full
-    blocks (measured on an H200: a tenth of the copy bandwidth with two splits). Without, all
-    are "partial" and split evenly. The mask function checks a key's physical block is the
-    one the slot's table holds at that block's logical index, and its position is below the
+    Each row of the block mask lists its request's blocks. With full_blocks, all but the last
+    are "full" (the mask function skipped); but then flex decoding splits the whole KV length
+    (here the whole pool) between its splits, so one split does all of a row's full blocks
+    (measured on an H200: a tenth of the copy bandwidth with two splits). Without, all are
+    "partial" and split evenly. The mask function checks a key's physical block is the one
+    the row's table holds at that block's logical index, and its position is below the
     length (uncompiled flex, the CPU's, evaluates it over the whole pool).
+
+    Two layouts. By slot: the mask's rows are the runner's slots, read from its table in
+    place; a step's rows go to their slots' places and idle slots attend to nothing. By row,
+    for the smaller decode graphs (`batch.row_layout`): a mask of the graph's own row count,
+    whose tables and lengths are gathered from the rows' slots once per step. On an H200 the
+    slot layout made a step with 1-8 live requests pay for all 256 slots: ~20 us a layer of
+    flex programs with nothing to read, plus zeroing, scattering and gathering the queries
+    (benchmarks/step_kernels.py: 0.7-0.8 ms of a 6.0 ms Llama-3-8B step).
     """
 
     def __init__(self, slots: int, table: torch.Tensor, logical: torch.Tensor, block_size: int, pool_tokens: int,
                  heads: int, head_dim: int, scale: float, device: torch.device, dtype: torch.dtype, compile: bool,
                  kernel_options: dict | None = None, full_blocks: bool = False):
-        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+        from torch.nn.attention.flex_attention import flex_attention
 
         self._slots, self._heads, self._head_dim, self._scale = slots, heads, head_dim, scale
         self._table = table  # [slots, blocks a request may hold], int32, updated in place by the runner
-        as_int = {"dtype": torch.int32, "device": device}
+        self._logical, self._block_size, self._pool_tokens = logical, block_size, pool_tokens
+        self._device, self._full_blocks = device, full_blocks
         # Tokens each slot attends to this step; 0 for slots not decoding.
-        self.lengths = torch.zeros(slots, **as_int)
-        self._rows = torch.arange(slots, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.int32, device=device)
+        self._by_slot = _PagedBlockMask(table, self.lengths, logical, block_size, pool_tokens, full_blocks)
+        self._by_rows: dict[int, _PagedBlockMask] = {}
+        self._flex = torch.compile(flex_attention, dynamic=False, fullgraph=True) if compile else flex_attention
+        self._query = torch.zeros(slots, heads, 1, head_dim, device=device, dtype=dtype)
+        self._kernel_options = dict(kernel_options) if kernel_options else None
+        # A float8 pool: the layer's key scale, set before each layer's call (one buffer, so
+        # the compiled kernel is the same for every layer), applied to the scores.
+        self._key_scale = torch.ones(1, dtype=torch.float32, device=device)
+        key_scale = self._key_scale
+
+        def scaled(score, batch, head, query, key):
+            return score * key_scale[0]
+
+        self._scaled = scaled
+        # The casts around a float8 call, one fused kernel each under compile (eager: two
+        # or three each, 28 layers a step, which a small model's decode step notices).
+        self._to_fp8 = torch.compile(_query_to_fp8, dynamic=False) if compile else _query_to_fp8
+        self._from_fp8 = torch.compile(_output_from_fp8, dynamic=False) if compile else _output_from_fp8
+
+    def _rows_mask(self, rows: int) -> "_PagedBlockMask":
+        """The mask for a row layout of `rows` rows, made at its graph's warm-up (outside capture)."""
+        mask = self._by_rows.get(rows)
+        if mask is None:
+            table = torch.zeros(rows, self._table.shape[1], dtype=torch.int32, device=self._device)
+            lengths = torch.zeros(rows, dtype=torch.int32, device=self._device)
+            mask = self._by_rows[rows] = _PagedBlockMask(table, lengths, self._logical, self._block_size,
+                                                        self._pool_tokens, self._full_blocks)
+        return mask
+
+    def prepare(self, batch) -> None:
+        """Point the block mask at this step's lengths and tables (in place, so a CUDA graph
+        sees it). A CUDA graph's batch carries none: its lengths were copied in before the replay."""
+        if batch.slot_lengths is not None:
+            self.lengths.copy_(batch.slot_lengths)
+        if batch.row_layout:
+            mask = self._rows_mask(batch.num_decodes)
+            mask.lengths.copy_(self.lengths[batch.decode_slots])
+            mask.table.copy_(self._table[batch.decode_slots])
+            mask.point()
+            return
+        self._by_slot.point()
+
+    def decode(self, q: torch.Tensor, pool, layer: int, batch) -> torch.Tensor:
+        if batch.row_layout:
+            return self._attend(q[:, :, None], pool, layer, self._rows_mask(batch.num_decodes).mask)[:, :, 0]
+        if batch.decode_all_slots:
+            query = q[:, :, None]
+        else:
+            # Rows go to their slots' places: the block mask is laid out by slot.
+            query = self._query.zero_()
+            query[batch.decode_slots] = q[:, :, None]
+        out = self._attend(query, pool, layer, self._by_slot.mask)[:, :, 0]
+        return out if batch.decode_all_slots else out[batch.decode_slots]
+
+    def _attend(self, query: torch.Tensor, pool, layer: int, mask) -> torch.Tensor:
+        keys, values = pool.heads_view(layer)
+        extra = {"kernel_options": self._kernel_options} if self._kernel_options else {}
+        if not pool.quantized:
+            return self._flex(query, keys, values, block_mask=mask, scale=self._scale, enable_gqa=True, **extra)
+        # A float8 pool: flex's float8 products want every operand in float8, so the queries
+        # are cast too (unscaled, saturating); keys are stored / their scale, undone on the
+        # scores, values / theirs, undone on the output, which flex returns in float8.
+        self._key_scale.fill_(pool.key_scales[layer])
+        out = self._flex(self._to_fp8(query), keys, values, score_mod=self._scaled, block_mask=mask, scale=self._scale,
+                         enable_gqa=True, **extra)
+        return self._from_fp8(out, query.dtype, pool.value_scales[layer])
+
+
+def _query_to_fp8(query: torch.Tensor) -> torch.Tensor:
+    return to_fp8(query, 1.0)
+
+
+def _output_from_fp8(out: torch.Tensor, dtype: torch.dtype, value_scale: float) -> torch.Tensor:
+    return out.to(dtype) * value_scale
+
+
+class _PagedBlockMask:
+    """A flex block mask whose row r reads the blocks of table[r] up to lengths[r] (both
+    updated in place by its owner; `point` refreshes the mask's block lists from them)."""
+
+    def __init__(self, table: torch.Tensor, lengths: torch.Tensor, logical: torch.Tensor, block_size: int,
+                 pool_tokens: int, full_blocks: bool):
+        from torch.nn.attention.flex_attention import BlockMask
+
+        self.table, self.lengths, self._block_size, self._full_blocks = table, lengths, block_size, full_blocks
+        rows, device = table.shape[0], table.device
+        as_int = {"dtype": torch.int32, "device": device}
+        self._rows = torch.arange(rows, device=device)
         # Compiled flex takes the KV length from the index tensors' last dimension, so they
-        # span the whole pool; the first table-width columns hold each slot's table.
+        # span the whole pool; the first table-width columns hold each row's table.
         blocks = pool_tokens // block_size
-        self._count = torch.zeros(slots, 1, 1, **as_int)
-        self._index = torch.zeros(slots, 1, 1, blocks, **as_int)
-        self._full_blocks = full_blocks
+        self._count = torch.zeros(rows, 1, 1, **as_int)
+        self._index = torch.zeros(rows, 1, 1, blocks, **as_int)
         full = {}
         if full_blocks:
-            self._full_count = torch.zeros(slots, 1, 1, **as_int)
-            self._full_index = torch.zeros(slots, 1, 1, blocks, **as_int)
+            self._full_count = torch.zeros(rows, 1, 1, **as_int)
+            self._full_index = torch.zeros(rows, 1, 1, blocks, **as_int)
             full = {"full_kv_num_blocks": self._full_count, "full_kv_indices": self._full_index}
-        lengths, size = self.lengths, block_size
+        size = block_size
 
         def live(batch, head, query, key):
             block = key // size
@@ -121,41 +218,20 @@ class FlexPagedDecode:
             return (table[batch, index] == block) & (index * size + key % size < lengths[batch])
 
         extra = {"compute_q_blocks": False} if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters else {}
-        self._mask = BlockMask.from_kv_blocks(self._count, self._index, **full, BLOCK_SIZE=(size, size),
-                                              mask_mod=live, seq_lengths=(1, pool_tokens), **extra)
-        self._flex = torch.compile(flex_attention, dynamic=False, fullgraph=True) if compile else flex_attention
-        self._query = torch.zeros(slots, heads, 1, head_dim, device=device, dtype=dtype)
-        self._kernel_options = dict(kernel_options) if kernel_options else None
-        self._block_size = block_size
+        self.mask = BlockMask.from_kv_blocks(self._count, self._index, **full, BLOCK_SIZE=(size, size),
+                                             mask_mod=live, seq_lengths=(1, pool_tokens), **extra)
 
-    def prepare(self, batch) -> None:
-        """Point the block mask at this step's lengths and tables (in place, so a CUDA graph
-        sees it). A CUDA graph's batch carries none: its lengths were copied in before the replay."""
-        if batch.slot_lengths is not None:
-            self.lengths.copy_(batch.slot_lengths)
-        width, size = self._table.shape[1], self._block_size
+    def point(self) -> None:
+        width, size = self.table.shape[1], self._block_size
         if not self._full_blocks:
             self._count.view(-1).copy_((self.lengths + size - 1) // size)
-            self._index[:, 0, 0, :width].copy_(self._table)
+            self._index[:, 0, 0, :width].copy_(self.table)
             return
         full = self.lengths // size
         self._full_count.view(-1).copy_(full)
-        self._full_index[:, 0, 0, :width].copy_(self._table)
+        self._full_index[:, 0, 0, :width].copy_(self.table)
         self._count.view(-1).copy_((self.lengths % size != 0).to(torch.int32))
-        self._index[:, 0, 0, 0].copy_(self._table[self._rows, full.clamp(max=width - 1).long()])
-
-    def decode(self, q: torch.Tensor, pool, layer: int, batch) -> torch.Tensor:
-        keys, values = pool.heads_view(layer)
-        if batch.decode_all_slots:
-            query = q[:, :, None]
-        else:
-            # Rows go to their slots' places: the block mask is laid out by slot.
-            query = self._query.zero_()
-            query[batch.decode_slots] = q[:, :, None]
-        extra = {"kernel_options": self._kernel_options} if self._kernel_options else {}
-        out = self._flex(query, keys, values, block_mask=self._mask, scale=self._scale, enable_gqa=True, **extra)
-        out = out[:, :, 0]
-        return out if batch.decode_all_slots else out[batch.decode_slots]
+        self._index[:, 0, 0, 0].copy_(self.table[self._rows, full.clamp(max=width - 1).long()])
 
 
 class VarlenPrefill:

@@ -36,6 +36,7 @@ from .blocks import ROOT, Block, BlockManager
 from .detokenizer import Detokenizer
 from .graphs import mixed_graph_sizes
 from .kv_cache import CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, kv_bytes_per_token, to_device
+from .kv_cache import kv_dtype as kv_storage_dtype
 from .models import LoadedModel, load_model, tokenize
 from .runner import Chunk, GenericRunner, PagedRunner, supports_fast_path
 from .scoring import Scorer
@@ -76,7 +77,7 @@ class HFEngine(EngineBase):
                  cuda_graph: bool | None = None, compile_decode: bool | None = None,
                  contrast: LoadedModel | None = None, overlap: bool | None = None,
                  cuda_graph_sizes: tuple[int, ...] | None = None, kv_layout: str = "head",
-                 max_pinned_blocks: int | None = None):
+                 kv_dtype: str | None = None, max_pinned_blocks: int | None = None):
         if slots < 1:
             raise ValueError("slots must be at least 1")
         if contrast is not None:
@@ -94,8 +95,11 @@ class HFEngine(EngineBase):
         models = [loaded.model] + ([contrast.model] if contrast is not None else [])
         fast = all(supports_fast_path(model) for model in models)
         block_size = block_size or (GPU_BLOCK_SIZE if attention == "flex" else CPU_BLOCK_SIZE)
+        storage = kv_storage_dtype(kv_dtype)
+        if storage is not None:
+            _check_fp8_kv(fast, attention, device)
         # Both pools come out of one budget: a contrast request holds the same blocks in each.
-        bytes_per_token = sum(kv_bytes_per_token(model.config, dtype) for model in models)
+        bytes_per_token = sum(kv_bytes_per_token(model.config, storage or dtype) for model in models)
         elements = max(kv_bytes_per_token(m.config, dtype) // (2 * m.config.num_hidden_layers * dtype.itemsize)
                        for m in models)
         self.max_context, num_blocks = _size_pool(self._config, slots, max_context, kv_memory, block_size,
@@ -111,7 +115,7 @@ class HFEngine(EngineBase):
             if fast:
                 return PagedRunner(model, slots, num_blocks, block_size, self.max_context, attention, cuda_graph,
                                    compile_decode, cuda_graph_sizes, kv_layout,
-                                   mixed_graph_sizes(max_prefill_tokens, burst_prefill_tokens))
+                                   mixed_graph_sizes(max_prefill_tokens, burst_prefill_tokens), storage)
             return GenericRunner(model, slots, self.max_context)
 
         self._runner = runner(loaded.model)
@@ -143,12 +147,13 @@ class HFEngine(EngineBase):
         self._to_cancel: dict[str, FinishReason] = {}
         pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self._scorer = Scorer(loaded.model, loaded.tokenizer, self.max_context, pad_id)
-        log.info("hf engine: model=%s contrast_model=%s path=%s slots=%d max_context=%d kv_cache=%.1f MiB "
+        self.kv_dtype = str(storage or dtype).removeprefix("torch.")
+        log.info("hf engine: model=%s contrast_model=%s path=%s slots=%d max_context=%d kv_cache=%.1f MiB of %s "
                  "(%d blocks of %d tokens, %d tokens) max_prefill_tokens=%d burst_prefill_tokens=%d device=%s dtype=%s "
                  "weights=%s overlap=%s max_pinned_blocks=%d",
                  self.model_name, self.contrast_model_name or "-",
                  f"paged/{self._runner.attention}" if fast else "generic", slots, self.max_context,
-                 self.kv_cache_bytes / 2**20, self._blocks.capacity, block_size, self._blocks.capacity * block_size,
+                 self.kv_cache_bytes / 2**20, self.kv_dtype, self._blocks.capacity, block_size, self._blocks.capacity * block_size,
                  max_prefill_tokens, burst_prefill_tokens, self._runner.device, dtype, loaded.weights, self.overlap,
                  self.max_pinned_blocks)
 
@@ -666,6 +671,19 @@ class _Launched:
         return self.host.tolist()
 
 
+def _check_fp8_kv(fast: bool, attention: str, device: torch.device) -> None:
+    """Where --kv-dtype fp8 cannot run, why, in words a user can act on."""
+    from .quant import fp8_supported
+
+    if not fast:
+        raise ValueError("--kv-dtype fp8 needs the paged path (Llama, Qwen2, Qwen3 and Mistral models without "
+                         "sliding windows); use --kv-dtype auto for this model")
+    if attention == "flex" and device.type != "cuda":
+        raise ValueError("--kv-dtype fp8 with flex attention needs a GPU; on a CPU the sdpa path reads it")
+    if (refused := fp8_supported(device, "--kv-dtype fp8")) is not None:
+        raise ValueError(refused)
+
+
 def _size_pool(config: Any, slots: int, max_context: int | None, kv_memory: int | None, block_size: int,
                bytes_per_token: int, device: torch.device, elements_per_position: int) -> tuple[int, int]:
     """The longest request (max_context) and the pool's blocks (one of them the scratch block).
@@ -729,7 +747,7 @@ def build_engine(model: str, *, slots: int = 16, max_context: int | None = None,
                  cuda_graph: bool | None = None, compile_decode: bool | None = None,
                  contrast_model: str | None = None, quantize: str | None = None, overlap: bool | None = None,
                  cuda_graph_sizes: tuple[int, ...] | None = None, kv_layout: str = "head",
-                 max_pinned_blocks: int | None = None) -> HFEngine:
+                 kv_dtype: str | None = None, max_pinned_blocks: int | None = None) -> HFEngine:
     """Load `model` (checkpoint folder, .gguf file or alias) and start an engine on it.
 
     kv_memory: bytes of the KV pool (default: on a GPU what is left after the weights, less
@@ -745,8 +763,9 @@ def build_engine(model: str, *, slots: int = 16, max_context: int | None = None,
     step in flight on CUDA. cuda_graph_sizes: the decode graphs' numbers of requests
     (default: powers of two from 8 and all slots, each kept only if it replays faster
     than the graph over every slot). kv_layout: the pool's layout, "head" or "token"
-    (workers/hf/kv_cache.py). max_pinned_blocks: KV blocks pinned prefixes may hold
-    (default: a quarter of the pool).
+    (workers/hf/kv_cache.py). kv_dtype: "auto" (the model's dtype) or "fp8" (float8 e4m3
+    with per-layer scales: twice the tokens of bf16 in the same memory). max_pinned_blocks:
+    KV blocks pinned prefixes may hold (default: a quarter of the pool).
     """
     loaded = load_model(model, dtype=dtype, device=device, quantize=quantize)
     contrast = load_model(contrast_model, dtype=dtype, device=device, quantize=quantize) if contrast_model else None
@@ -754,4 +773,5 @@ def build_engine(model: str, *, slots: int = 16, max_context: int | None = None,
                     max_prefill_tokens=max_prefill_tokens, burst_prefill_tokens=burst_prefill_tokens,
                     block_size=block_size, clock=clock, attention=attention,
                     cuda_graph=cuda_graph, compile_decode=compile_decode, contrast=contrast, overlap=overlap,
-                    cuda_graph_sizes=cuda_graph_sizes, kv_layout=kv_layout, max_pinned_blocks=max_pinned_blocks)
+                    cuda_graph_sizes=cuda_graph_sizes, kv_layout=kv_layout, kv_dtype=kv_dtype,
+                    max_pinned_blocks=max_pinned_blocks)

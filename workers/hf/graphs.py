@@ -72,6 +72,39 @@ class DecodeGraph:
         idle = [slot for slot in range(self._slots) if slot not in busy][:self.rows - len(chunks)]
         return {c.slot: row for row, c in enumerate(chunks)}, [c.slot for c in chunks] + idle
 
+    def fill(self, runner, chunks: list[Chunk], wanted: list[Chunk], previous: torch.Tensor | None) -> torch.Tensor:
+        """Copy one decode step into the static buffers; returns the rows of the wanted chunks' logits."""
+        row_of, slot_of_row = self.assign(chunks)
+        rows, slots = self.rows, runner.slots
+        ids, positions, lengths = [0] * rows, [-1] * rows, [0] * slots
+        for chunk in chunks:
+            row = row_of[chunk.slot]
+            ids[row], positions[row], lengths[chunk.slot] = chunk.token_ids[0], chunk.start, chunk.start + 1
+        # One copy for everything the graph reads: the inputs, each row's slot, the logit
+        # rows, and where tokens still on the device go.
+        carried = [c for c in chunks if c.from_previous is not None]
+        logit_rows = [row_of[c.slot] for c in wanted]
+        staged = to_device(ids + positions + lengths + slot_of_row + logit_rows + [row_of[c.slot] for c in carried]
+                           + [c.from_previous for c in carried], torch.long, runner.device)
+        self.batch.token_ids.copy_(staged[:rows])
+        self.batch.positions.copy_(staged[rows:2 * rows])
+        runner.decode_attention.lengths.copy_(staged[2 * rows:2 * rows + slots])
+        rest = staged[2 * rows + slots:]
+        if slot_of_row:
+            self.batch.slots.copy_(rest[:rows])
+            rest = rest[rows:]
+        if carried:
+            into, taken = rest[len(logit_rows):len(logit_rows) + len(carried)], rest[len(logit_rows) + len(carried):]
+            self.batch.token_ids.index_copy_(0, into, previous.index_select(0, taken))
+        return rest[:len(logit_rows)]
+
+    def run(self, runner) -> torch.Tensor:
+        """Replay the captured step; where none is captured (the CPU), run the same batch."""
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        return runner.forward_batch(self.batch)
+
     def replay_ms(self, repeats: int = 20) -> float:
         self.graph.replay()  # the first replay after a capture uploads the graph
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -161,32 +194,9 @@ class DecodeGraphs:
 
     def replay(self, chunks: list[Chunk], wanted: list[Chunk], previous: torch.Tensor | None) -> torch.Tensor:
         """Logits of the wanted chunks' rows, from the smallest graph that holds every chunk."""
-        runner = self._runner
         graph = next(g for g in self._active if g.rows >= len(chunks))
-        row_of, slot_of_row = graph.assign(chunks)
-        rows, slots = graph.rows, runner.slots
-        ids, positions, lengths = [0] * rows, [-1] * rows, [0] * slots
-        for chunk in chunks:
-            row = row_of[chunk.slot]
-            ids[row], positions[row], lengths[chunk.slot] = chunk.token_ids[0], chunk.start, chunk.start + 1
-        # One copy for everything the graph reads: the inputs, each row's slot, the logit
-        # rows, and where tokens still on the device go.
-        carried = [c for c in chunks if c.from_previous is not None]
-        logit_rows = [row_of[c.slot] for c in wanted]
-        staged = to_device(ids + positions + lengths + slot_of_row + logit_rows + [row_of[c.slot] for c in carried]
-                           + [c.from_previous for c in carried], torch.long, runner.device)
-        graph.batch.token_ids.copy_(staged[:rows])
-        graph.batch.positions.copy_(staged[rows:2 * rows])
-        runner.decode_attention.lengths.copy_(staged[2 * rows:2 * rows + slots])
-        rest = staged[2 * rows + slots:]
-        if slot_of_row:
-            graph.batch.slots.copy_(rest[:rows])
-            rest = rest[rows:]
-        if carried:
-            into, taken = rest[len(logit_rows):len(logit_rows) + len(carried)], rest[len(logit_rows) + len(carried):]
-            graph.batch.token_ids.index_copy_(0, into, previous.index_select(0, taken))
-        graph.graph.replay()
-        return graph.logits[rest[:len(logit_rows)]].float()
+        rows = graph.fill(self._runner, chunks, wanted, previous)
+        return graph.run(self._runner)[rows].float()
 
 
 # Prompt-carrying steps replay graphs too: eager, such a step cost ~50 ms of host time on an

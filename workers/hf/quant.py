@@ -40,13 +40,14 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 _MIN_SCALE = 1e-12
 
 
-def fp8_supported(device: torch.device) -> str | None:
-    """None where `--quantize fp8` runs, else why not, in words a user can act on."""
+def fp8_supported(device: torch.device, flag: str = "--quantize fp8") -> str | None:
+    """None where `--quantize fp8` (or `--kv-dtype fp8`) runs, else why not, in words a user can act on."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
-            return (f"--quantize fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
-                    f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --quantize none or int8")
+            instead = "--quantize none or int8" if flag.startswith("--quantize") else "--kv-dtype auto"
+            return (f"{flag} needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                    f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use {instead}")
     return None
 
 

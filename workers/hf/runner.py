@@ -83,7 +83,7 @@ class PagedRunner:
     def __init__(self, model: Any, slots: int, num_blocks: int, block_size: int, max_context: int,
                  attention: str | None = None, cuda_graph: bool | None = None, compile_decode: bool | None = None,
                  cuda_graph_sizes: tuple[int, ...] | None = None, kv_layout: str = "head",
-                 mixed_graph_tokens: list[int] | None = None):
+                 mixed_graph_tokens: list[int] | None = None, kv_storage: torch.dtype | None = None):
         self._model = model
         self._body = model.model
         self._layers = list(self._body.layers)
@@ -99,7 +99,7 @@ class PagedRunner:
         on_cuda = self.device.type == "cuda"
         self.attention = attention or ("flex" if on_cuda else "sdpa")
         self.pool = KVPool(len(self._layers), num_blocks, block_size, self._kv_heads, self._head_dim, self.dtype,
-                           self.device, kv_layout)
+                           self.device, kv_layout, kv_storage)
         self.cache_bytes = self.pool.bytes
         # Each slot's block table, and each block's index in the tables that hold it (one
         # index, as a shared block sits at the same place in every request holding it).
@@ -126,6 +126,8 @@ class PagedRunner:
         if cuda_graph and compile_decode is not False:
             self._compiled, self._compiled_any_shape = self._compile_dense_parts()
         self._check_prefill()  # before any capture: a graph must hold the prompt path that works
+        if self.pool.quantized:
+            self._calibrate_kv(config.vocab_size)  # graphs keep the scales they were captured with
         if cuda_graph:
             sizes = check_graph_sizes(cuda_graph_sizes or decode_graph_sizes(slots), slots)
             # The exact prompt path reads its pieces' bounds from host lists, which a captured
@@ -280,6 +282,20 @@ class PagedRunner:
         fixed = (torch.compile(self._project, dynamic=False), torch.compile(self._finish, dynamic=False))
         return fixed, (torch.compile(self._project, dynamic=True), torch.compile(self._finish, dynamic=True))
 
+    def _calibrate_kv(self, vocab_size: int, prompts: int = 4) -> None:
+        """A float8 pool's scales, from the keys and values of a few prompts of random tokens
+        (each written into the scratch block only, as _check_prefill's are)."""
+        generator = torch.Generator().manual_seed(0)
+        length = min(127, self.block_size - 1)
+        with torch.inference_mode(), self.pool.calibrating():
+            for _ in range(prompts):
+                tokens = torch.randint(0, vocab_size, (length,), generator=generator).tolist()
+                self.forward_batch(StepBatch([Chunk(0, tokens, 0, block_table=[0])], self, None))
+        pool = self.pool
+        log.info("float8 KV cache: key scales %.3g-%.3g, value scales %.3g-%.3g over %d layers",
+                 min(pool.key_scales), max(pool.key_scales), min(pool.value_scales), max(pool.value_scales),
+                 len(pool.key_scales))
+
     def _check_prefill(self) -> None:
         """Run throwaway prompts through the prompt path at start: it compiles the any-shape
         layers now rather than at the first request, and proves this torch's varlen kernel
@@ -331,6 +347,7 @@ class StepBatch:
     token, the logit rows, and what each attention path needs to find its keys."""
 
     decode_all_slots = False
+    row_layout = False  # decode rows attend through a mask of their own row count (smaller decode graphs)
     slot_lengths: torch.Tensor | None = None  # each slot's attended length, for flex decode
 
     def __init__(self, chunks: list[Chunk], runner: PagedRunner, previous: torch.Tensor | None):
@@ -426,6 +443,7 @@ class StepBatch:
         before each replay (slot_lengths stays None)."""
         batch = cls.__new__(cls)
         batch.decode_all_slots = rows == slots
+        batch.row_layout = rows < slots
         batch.num_decodes = batch.num_tokens = rows
         batch.token_ids = torch.zeros(rows, dtype=torch.long, device=device)
         batch.positions = torch.full((rows,), -1, dtype=torch.long, device=device)
