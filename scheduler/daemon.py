@@ -70,6 +70,11 @@ DEAD_CONSUMER_IDLE_S = 300.0
 
 # Seconds a worker's heartbeat must stay gone before its jobs are reaped.
 REAP_GRACE_S = 0.9
+# Seconds a model stays known after its last worker's heartbeat went: requests naming it
+# wait meanwhile instead of failing UnknownModel (a heartbeat late under load, a worker
+# restarting). A busy CPU worker's late heartbeat failed requests a moment after
+# `models()` listed its model (tests/test_routing.py, seen twice).
+MODEL_GRACE_S = 30.0
 
 # A batch window counts from when the first request reached Redis (its entry id),
 # not from when this scheduler woke up to read it, so the hop is not added to
@@ -132,6 +137,7 @@ class Scheduler:
         self.streams = RequestStreams(self.redis, self.keys, SCHEDULER_GROUP)
         self._stop = threading.Event()
         self._next_refresh = 0.0
+        self._models_seen: dict[str, float] = {}  # model -> when a live worker last served it
         self._next_housekeeping = 0.0
         self._next_sweep = 0.0
         self._next_consumer_sweep = 0.0
@@ -350,7 +356,7 @@ class Scheduler:
             if not self.batcher.is_due(requested, now):
                 return
             try:
-                model = policy.route(requested, policy.models_served(self.workers))
+                model = policy.route(requested, policy.models_served(self.workers), self._recent_models(now))
             except UnknownModel as exc:
                 self._refuse_model(requested, exc)
                 return
@@ -500,9 +506,16 @@ class Scheduler:
             # A heartbeat of an older worker counts its prefetch queue in free_slots.
             free += min(beat.free_slots, beat.total_slots)
         self.workers = live
+        now = self.clock()
+        for model in policy.models_served(live):
+            self._models_seen[model] = now
         metrics.live_workers.set(len(live))
         metrics.total_slots.set(slots)
         metrics.free_slots.set(free)
+
+    def _recent_models(self, now: float) -> set[str]:
+        """Models a live worker served within MODEL_GRACE_S."""
+        return {model for model, seen in self._models_seen.items() if now - seen <= MODEL_GRACE_S}
 
     def _note_broker_time(self, broker_now: float, sent: float, received: float) -> None:
         if received - sent <= CLOCK_SAMPLE_MAX_RTT_S or self._broker_offset_s is None:

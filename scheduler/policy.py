@@ -278,19 +278,24 @@ class ModelBatchers(Generic[Item]):
             yield from batcher.items()
 
 
-def route(requested: str, served: Collection[str]) -> str | None:
+def route(requested: str, served: Collection[str], recent: Collection[str] = ()) -> str | None:
     """The model that answers a request: the one it names, or the fleet's only model when it
-    names none. None while no worker is live (the request waits, as it always has); raises
-    UnknownModel when live workers serve other models only, naming those they serve."""
+    names none. None while no worker is live (the request waits, as it always has), and while
+    the model's workers went quiet only a moment ago (`recent`: a late heartbeat, a worker
+    restarting); raises UnknownModel when live workers serve other models only, naming those
+    they serve."""
     if not served:
         return None
     if not requested:
-        if len(served) == 1:
+        known = set(served) | set(recent)
+        if len(known) == 1:
             return next(iter(served))
-        raise UnknownModel(f"this fleet serves {len(served)} models ({', '.join(sorted(served))}): "
+        raise UnknownModel(f"this fleet serves {len(known)} models ({', '.join(sorted(known))}): "
                            "name one with model=")
     if requested in served:
         return requested
+    if requested in recent:
+        return None
     raise UnknownModel(f"no live worker serves model {requested!r}; the models served are: "
                        f"{', '.join(sorted(served))}")
 

@@ -134,6 +134,16 @@ def test_route_names_the_fleets_only_model_and_refuses_what_nobody_serves():
         route("x", {"n", "m"})
 
 
+def test_a_model_whose_workers_went_quiet_a_moment_ago_waits_instead_of_failing():
+    # Its only worker's heartbeat is late: the request waits for it, as for a fleet with no worker yet.
+    assert route("tiny", {"echo"}, recent={"tiny", "echo"}) is None
+    # A request naming no model still needs the fleet to have one model, counting the quiet one.
+    with pytest.raises(UnknownModel, match="name one"):
+        route("", {"echo"}, recent={"tiny"})
+    with pytest.raises(UnknownModel, match="'x'"):
+        route("x", {"echo"}, recent={"tiny"})
+
+
 def test_pick_worker_takes_only_workers_serving_the_model():
     a = WorkerCapacity("a", free_slots=10, models=frozenset({"m"}))
     b = WorkerCapacity("b", free_slots=2, models=frozenset({"n", "m"}))
