@@ -212,9 +212,11 @@ def through_batchd(args) -> dict:
 
     print("through batchd:", file=sys.stderr, flush=True)
     cli = [sys.executable, "-m", "batchd.cli", "--log-level", "WARNING"]
-    variants = [(f"before ({args.before}), float32", integrations_as_of(args.before), "float32")] if args.before else []
-    variants += [("this checkout, float32", "batchd.integrations", "float32"),
-                 ("this checkout, float16", "batchd.integrations", "float16")]
+    variants = [(f"before ({args.before}), float32", integrations_as_of(args.before), {})] if args.before else []
+    variants += [(f"this checkout, {dtype}", "batchd.integrations", {"logprobs_dtype": dtype})
+                 for dtype in args.dtypes.split(",") if dtype]
+    variants += [(f"this checkout, top-{k}", "batchd.integrations", {"top_k": int(k)})
+                 for k in args.top_k.split(",") if k]
     with EmbeddedServer() as server:
         daemons = [
             subprocess.Popen([*cli, "scheduler", "--redis", server.url, "--max-batch", "64", "--max-wait-ms", "2"]),
@@ -225,11 +227,11 @@ def through_batchd(args) -> dict:
             wait_for_workers(server.url, timeout_s=600, processes=daemons)
             stats = redis.Redis.from_url(server.url)
             figures = {"used_memory_idle_bytes": stats.info("memory")["used_memory"]}
-            for label, package, dtype in variants:
+            for label, package, options in variants:
                 genlm = importlib.import_module(package + ".genlm")
                 llamppl = importlib.import_module(package + ".llamppl")
-                lm = genlm.BatchdLM(server.url, timeout=300, logprobs_dtype=dtype)  # the served tokenizer
-                figures[label] = run_examples(lm, llamppl.BatchdCausalLM, server.url, args)
+                lm = genlm.BatchdLM(server.url, timeout=300, **options)  # the served tokenizer
+                figures[label] = run_examples(lm, llamppl.BatchdCausalLM, server.url, args, label)
                 lm.close()
             stats.close()
         finally:
@@ -292,7 +294,7 @@ def sent_bytes(stats: redis.Redis) -> int:
 SCORING_RESULT_TTL_S = 5
 
 
-def run_examples(lm, causal_lm, url: str, args) -> dict:
+def run_examples(lm, causal_lm, url: str, args, label: str) -> dict:
     """Each example once, after the results of the one before expired, so its Redis peak is its own."""
     figures = {}
     stats = redis.Redis.from_url(url)
@@ -300,7 +302,7 @@ def run_examples(lm, causal_lm, url: str, args) -> dict:
     seeded(args.seed)
     sent = sent_bytes(stats)
     with MemoryPeak(url) as memory, SentRequests() as requests:
-        wall, texts = timed(f"LLaMPPL hard constraints ({lm.logprobs_dtype})", lambda: asyncio.run(
+        wall, texts = timed(f"LLaMPPL hard constraints ({label})", lambda: asyncio.run(
             llamppl_example(causal_lm(lm=lm), args.max_tokens, args.particles)))
     figures["llamppl"] = {"wall_s": wall, "texts": texts, "redis_peak_bytes": memory.peak,
                           "redis_added_bytes": memory.added, "redis_sent_bytes": sent_bytes(stats) - sent,
@@ -310,7 +312,7 @@ def run_examples(lm, causal_lm, url: str, args) -> dict:
     seeded(args.seed)
     sent = sent_bytes(stats)
     with MemoryPeak(url) as memory, SentRequests() as requests:
-        wall, posterior = timed(f"genlm-control regex ({lm.logprobs_dtype})", lambda: asyncio.run(
+        wall, posterior = timed(f"genlm-control regex ({label})", lambda: asyncio.run(
             genlm_example(lm, args.genlm_particles, args.genlm_max_tokens)))
     figures["genlm"] = {"wall_s": wall, "posterior": posterior, "redis_peak_bytes": memory.peak,
                         "redis_added_bytes": memory.added, "redis_sent_bytes": sent_bytes(stats) - sent,
@@ -320,7 +322,7 @@ def run_examples(lm, causal_lm, url: str, args) -> dict:
         seeded(args.seed)
         sent = sent_bytes(stats)
         with MemoryPeak(url) as memory, SentRequests() as requests:
-            wall, posterior = timed(f"genlm-control JSON schema ({lm.logprobs_dtype})",
+            wall, posterior = timed(f"genlm-control JSON schema ({label})",
                                     lambda: asyncio.run(genlm_json_example(lm)))
         figures["genlm_json"] = {"wall_s": wall, "posterior": posterior, "redis_peak_bytes": memory.peak,
                                  "redis_added_bytes": memory.added, "redis_sent_bytes": sent_bytes(stats) - sent,
@@ -342,6 +344,9 @@ def main() -> None:
                              "process it took 179 s on this machine)")
     parser.add_argument("--before", default=None, metavar="REV",
                         help="also run the integrations as of this git revision (e.g. main), first")
+    parser.add_argument("--dtypes", default="float32,float16",
+                        help="this checkout's full-vector variants (logprobs_dtype), comma-separated; empty: none")
+    parser.add_argument("--top-k", default="", help="this checkout's top-k variants (BatchdLM(top_k=)), e.g. 256")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/integrations_smc_rows_pins.json"))
     args = parser.parse_args()
 

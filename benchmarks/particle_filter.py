@@ -88,6 +88,7 @@ def _logsumexp(values: list[float]) -> float:
 
 
 async def run_batchd(url: str, prompt_ids: list[int], args) -> tuple[float, Filter]:
+    """Each particle's question as a call of its own (as a sampler written call by call sends them)."""
     from batchd import AsyncClient
 
     async with AsyncClient(url) as client:
@@ -98,8 +99,33 @@ async def run_batchd(url: str, prompt_ids: list[int], args) -> tuple[float, Filt
             answers = await asyncio.gather(*(client.next_token_logprobs(prefix, top_k=args.top_k, timeout=600)
                                              for prefix in particles.prefixes()))
             particles.advance([(a.top_token_ids, a.top_logprobs) for a in answers])
-            _progress("batchd", step, args.steps, began)
+            _progress("batchd, a call each", step, args.steps, began)
         return time.perf_counter() - began, particles
+
+
+async def run_batchd_rows(url: str, prompt_ids: list[int], args) -> tuple[float, Filter]:
+    """A step's questions as rows of one request (256 at most each) on the pinned prompt: what
+    batchd.integrations send for genlm-control's and LLaMPPL's batched steps. Each row carries
+    only the particle's own drawn tokens."""
+    from batchd import AsyncClient
+    from batchd.client.protocol import MAX_ROWS
+
+    async with AsyncClient(url) as client:
+        pin = await client.pin(prompt_ids, timeout=600)
+        await client.next_token_logprobs_rows([[]], prefix_pin=pin.handle, top_k=args.top_k, timeout=600)  # warm-up
+        particles = Filter(prompt_ids, args.particles, args.seed)
+        began = time.perf_counter()
+        for step in range(args.steps):
+            drawn = [prefix[len(prompt_ids):] for prefix in particles.prefixes()]
+            parts = await asyncio.gather(*(
+                client.next_token_logprobs_rows(drawn[at:at + MAX_ROWS], prefix_pin=pin.handle, top_k=args.top_k,
+                                                timeout=600)
+                for at in range(0, len(drawn), MAX_ROWS)))
+            particles.advance([pair for part in parts for pair in zip(part.top_token_ids, part.top_logprobs)])
+            _progress("batchd, a step's rows", step, args.steps, began)
+        wall = time.perf_counter() - began
+        await client.unpin(pin.handle, timeout=600)
+        return wall, particles
 
 
 def run_in_process(model, prompt_ids: list[int], args) -> tuple[float, Filter]:
@@ -154,6 +180,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=0,
                         help="a shared prompt of this many random token ids instead of the text prompt")
     parser.add_argument("--no-in-process", action="store_true", help="skip the one-call-at-a-time comparison")
+    parser.add_argument("--ways", default="calls,rows",
+                        help="how batchd is asked, in this order: calls (a request per question), rows (a step's "
+                             "questions as rows of one request on the pinned prompt)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="write each process's host time by function (cProfile) to this folder")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/particle_filter.json"))
@@ -199,7 +228,8 @@ def main() -> None:
 
                 profile = cProfile.Profile()
                 profile.enable()
-            batchd_wall, batchd_filter = asyncio.run(run_batchd(server.url, prompt_ids, args))
+            ways = {"calls": run_batchd, "rows": run_batchd_rows}
+            runs = {way: asyncio.run(ways[way](server.url, prompt_ids, args)) for way in args.ways.split(",")}
             if profile is not None:
                 profile.disable()
                 profile.dump_stats(str(args.profile / "client.prof"))
@@ -209,23 +239,27 @@ def main() -> None:
         _write_profiles(args.profile)
 
     calls = args.particles * args.steps
-    batchd_figures = {"wall_s": batchd_wall, "calls_per_s": calls / batchd_wall, "resamples": batchd_filter.resamples}
-    common = {"model": args.model, "device": args.device, "dtype": dtype, "particles": args.particles,
-              "steps": args.steps, "top_k": args.top_k, "calls": calls, "prompt_tokens": len(prompt_ids)}
+    figures = {"model": args.model, "device": args.device, "dtype": dtype, "particles": args.particles,
+               "steps": args.steps, "top_k": args.top_k, "calls": calls, "prompt_tokens": len(prompt_ids),
+               "batchd": {way: {"wall_s": wall, "calls_per_s": calls / wall, "resamples": run.resamples}
+                          for way, (wall, run) in runs.items()}}
+    if len(runs) > 1:  # the same seeded draws from (within float error) the same log-probabilities
+        first, *others = (run.particles for _, run in runs.values())
+        figures["particles_identical_across_ways"] = min(
+            sum(a.token_ids == b.token_ids for a, b in zip(first, other)) for other in others)
+    table = "".join(f"| batchd, {way} | {calls / wall:,.1f} | {wall:.2f} |\n" for way, (wall, _) in runs.items())
+    batchd_wall, batchd_filter = next(iter(runs.values()))
     if args.no_in_process:
-        print(f"\nbatchd next_token_logprobs via AsyncClient: {calls / batchd_wall:,.1f} calls/s "
-              f"({calls} calls, {args.particles} particles x {args.steps} steps, top_k {args.top_k}, "
-              f"{batchd_wall:.2f} s)")
+        print(f"\n{calls} calls ({args.particles} particles x {args.steps} steps, top_k {args.top_k})\n"
+              f"| path | calls/s | wall (s) |\n|---|---|---|\n{table}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({**common, "batchd": batchd_figures}, indent=2))
+        args.out.write_text(json.dumps(figures, indent=2))
         return
     print(f"in process: the same {calls} calls one at a time...", file=sys.stderr, flush=True)
     alone_wall, alone_filter = run_in_process(loaded.model.eval(), prompt_ids, args)
 
     same = sum(a.token_ids == b.token_ids for a, b in zip(batchd_filter.particles, alone_filter.particles))
-    figures = {
-        **common,
-        "batchd": batchd_figures,
+    figures |= {
         "in_process": {"wall_s": alone_wall, "calls_per_s": calls / alone_wall, "resamples": alone_filter.resamples},
         "speedup": alone_wall / batchd_wall,
         # Same seed and (within float error) the same log-probabilities: the runs should draw the same texts.
@@ -233,10 +267,10 @@ def main() -> None:
         "sample_text": loaded.tokenizer.decode(batchd_filter.particles[0].token_ids),
     }
     print(f"\n| path | calls/s | wall (s) |\n|---|---|---|\n"
-          f"| model called once per call, in process | {calls / alone_wall:,.1f} | {alone_wall:.1f} |\n"
-          f"| batchd next_token_logprobs via AsyncClient | {calls / batchd_wall:,.1f} | {batchd_wall:.1f} |\n"
-          f"\nspeedup: {figures['speedup']:.2f}x ({calls} calls, {args.particles} particles x {args.steps} steps, "
-          f"top_k {args.top_k}; {same}/{args.particles} final particles identical in both runs)")
+          f"| model called once per call, in process | {calls / alone_wall:,.1f} | {alone_wall:.1f} |\n{table}"
+          f"\nspeedup of batchd, {next(iter(runs))}: {figures['speedup']:.2f}x ({calls} calls, {args.particles} "
+          f"particles x {args.steps} steps, top_k {args.top_k}; {same}/{args.particles} final particles identical "
+          "in both runs)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2))
 

@@ -204,12 +204,12 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         return scoring.next_token_logprobs(await handle.result())
 
     async def next_token_logprobs_rows(self, rows: Sequence[Sequence[int]], prompt_token_ids: Sequence[int] = (),
-                                       *, prefix_pin: str | None = None, timeout: float | None = None,
-                                       model: str | None = None,
+                                       *, prefix_pin: str | None = None, top_k: int | None = None,
+                                       timeout: float | None = None, model: str | None = None,
                                        logprobs_dtype: str = "float32") -> scoring.NextTokenLogprobsRows:
         """See Client.next_token_logprobs_rows."""
         request_id = self._ids.next()
-        request, payload = scoring.next_token_request(request_id, prompt_token_ids, None,
+        request, payload = scoring.next_token_request(request_id, prompt_token_ids, top_k,
                                                       producer=self.producer, timeout=timeout, model=model,
                                                       logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin,
                                                       rows=rows, **self._secrets(request_id))

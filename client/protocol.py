@@ -145,7 +145,8 @@ class Request(Struct, forbid_unknown_fields=True, omit_defaults=True):
     # pin: renew this handle instead of pinning new tokens. unpin: the pin to let go.
     prefix_pin: PinHandle | None = None
     # next_token_logprobs: one question per row, each the prompt followed by the row's tokens
-    # (the particles of one SMC step in one request); the result holds one vector per row.
+    # (the particles of one SMC step in one request); the result holds one vector per row,
+    # or with top_logprobs each row's k pairs, one row after another.
     rows: Annotated[list[Annotated[list[TokenId], Meta(max_length=MAX_PROMPT_TOKENS)]],
                     Meta(min_length=1, max_length=MAX_ROWS)] | None = None
     # pin: seconds the prefix stays pinned unless renewed or unpinned first.
@@ -414,9 +415,8 @@ def _validate_compact(request: Request, given: list[str]) -> None:
     if set(given) - {"prompt_token_ids"}:
         raise InvalidRequest("prefix_pin and rows take token ids: give prompt_token_ids (or nothing), "
                              f"not {given[0]}", request.id)
-    if request.rows is not None and (request.task != "next_token_logprobs" or request.top_logprobs is not None):
-        raise InvalidRequest("rows are for next_token_logprobs requests of the full vector (no top_logprobs)",
-                             request.id)
+    if request.rows is not None and request.task != "next_token_logprobs":
+        raise InvalidRequest(f"rows are for next_token_logprobs requests, not {request.task!r}", request.id)
     if request.task == "unpin" and (request.prefix_pin is None or given):
         raise InvalidRequest("an unpin request names its pin (prefix_pin) and nothing else", request.id)
     if request.task == "pin" and request.prefix_pin is not None and given:

@@ -55,15 +55,35 @@ class NextTokenLogprobs:
 
 @dataclass(frozen=True)
 class NextTokenLogprobsRows:
-    """The distributions after each row of a many-prefix request (rows=): one full vector per
-    row, in the order the rows were given, read from the result's bytes."""
+    """The distributions after each row of a many-prefix request (rows=), in the order the rows
+    were given: one full vector per row (array()), or with top_k each row's k most likely
+    tokens, most likely first (top_token_ids / top_logprobs, one list per row)."""
 
     rows: int
     result: Result
 
     def array(self) -> numpy.ndarray:
-        """A writable float32 array of shape (rows, vocabulary)."""
+        """A writable float32 array of shape (rows, vocabulary). Raises ValueError for a top_k request."""
+        if self.result.logprobs is None:
+            raise ValueError("this answer holds each row's top_k tokens (top_token_ids / top_logprobs), "
+                             "not full vectors: ask without top_k for those")
         return logprobs_array(self.result).reshape(self.rows, -1)
+
+    @cached_property
+    def top_token_ids(self) -> list[list[int]] | None:
+        return _per_row(self.result.top_token_ids, self.rows)
+
+    @cached_property
+    def top_logprobs(self) -> list[list[float]] | None:
+        return _per_row(self.result.top_logprobs, self.rows)
+
+
+def _per_row(flat: list | None, rows: int) -> list[list] | None:
+    """The wire's rows x k entries, one row after another, as one list per row."""
+    if flat is None:
+        return None
+    k = len(flat) // rows
+    return [flat[row * k:(row + 1) * k] for row in range(rows)]
 
 
 @dataclass(frozen=True)

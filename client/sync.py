@@ -243,14 +243,15 @@ class Client(core.ClientCore[RequestHandle]):
         return scoring.next_token_logprobs(self._send(request, payload, False, timeout).result())
 
     def next_token_logprobs_rows(self, rows: Sequence[Sequence[int]], prompt_token_ids: Sequence[int] = (), *,
-                                 prefix_pin: str | None = None, timeout: float | None = None,
-                                 model: str | None = None,
+                                 prefix_pin: str | None = None, top_k: int | None = None,
+                                 timeout: float | None = None, model: str | None = None,
                                  logprobs_dtype: str = "float32") -> scoring.NextTokenLogprobsRows:
         """The next-token distribution after each row (up to 256), every row following one prompt
         (prefix_pin's tokens, then prompt_token_ids), in one request: an SMC step's particles
-        send their shared prompt once. The answer's array() has one row per row."""
+        send their shared prompt once. The answer's array() has one row per row; with top_k,
+        its top_token_ids / top_logprobs hold each row's k most likely tokens instead."""
         request_id = self._ids.next()
-        request, payload = scoring.next_token_request(request_id, prompt_token_ids, None,
+        request, payload = scoring.next_token_request(request_id, prompt_token_ids, top_k,
                                                       producer=self.producer, timeout=timeout, model=model,
                                                       logprobs_dtype=logprobs_dtype, prefix_pin=prefix_pin,
                                                       rows=rows, **self._secrets(request_id))

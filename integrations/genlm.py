@@ -49,18 +49,25 @@ class BatchdLM(AsyncLM):
     which must be the one the workers serve (else TokenizerMismatch); None: the
     workers' own, read from Redis. timeout: seconds a call may wait. logprobs_dtype
     "float16" halves each vector on the wire and in Redis, at float16 precision (it can
-    change which token a sampler draws: docs/integrations.md). Other keyword arguments
-    go to AsyncClient (prefix, producer, ...).
+    change which token a sampler draws: docs/integrations.md). top_k: the workers send each
+    vector's k most likely tokens and the caller's vector gets the rest of the mass spread
+    evenly over the other tokens (k pairs on the wire and in Redis instead of the whole
+    vocabulary; exact for the top k, an approximation for the others). Other keyword
+    arguments go to AsyncClient (prefix, producer, ...).
     """
 
     def __init__(self, url: str | None = None, *, tokenizer: Any = None, model: str | None = None,
-                 timeout: float | None = None, logprobs_dtype: str = "float32", **client_options: Any):
+                 timeout: float | None = None, logprobs_dtype: str = "float32", top_k: int | None = None,
+                 **client_options: Any):
+        if top_k is not None and (top_k < 1 or logprobs_dtype != "float32"):
+            raise ValueError("top_k is a positive number of tokens, and takes no logprobs_dtype (its values are float32)")
         self._bridge = ClientThread(url, **client_options)
         self._coalescers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._pins: dict[tuple[int, ...], _PinnedPrompt] = {}  # cache_kv's, by their tokens
         self.model_name = model
         self.timeout = timeout
         self.logprobs_dtype = logprobs_dtype
+        self.top_k = top_k
         client = self._bridge.client
         try:
             if tokenizer is None:
@@ -153,7 +160,7 @@ class BatchdLM(AsyncLM):
                 await self._renew_if_due(client, self._pins[pinned])
             answers = await asyncio.gather(*(
                 client.next_token_logprobs_rows(rows[at:at + MAX_ROWS], shared, prefix_pin=handle,
-                                                timeout=self.timeout, model=self.model_name,
+                                                top_k=self.top_k, timeout=self.timeout, model=self.model_name,
                                                 logprobs_dtype=self.logprobs_dtype)
                 for at in range(0, len(rows), MAX_ROWS)))
         except UnknownPrefix:  # the pin expired or was unpinned: send the prompt itself from now on
@@ -163,7 +170,10 @@ class BatchdLM(AsyncLM):
             return await self._ask_rows(client, token_ids_list)
         vectors = numpy.empty((len(rows), len(self.byte_vocab)), dtype=numpy.float32)
         for at, answer in zip(range(0, len(rows), MAX_ROWS), answers):
-            scoring.logprobs_array(answer.result, out=vectors[at:at + answer.rows])
+            if self.top_k is None:
+                scoring.logprobs_array(answer.result, out=vectors[at:at + answer.rows])
+            else:
+                _spread_rest(answer, vectors[at:at + answer.rows])
         return vectors
 
     async def _renew_if_due(self, client: AsyncClient, pin: _PinnedPrompt) -> None:
@@ -241,6 +251,22 @@ class _Coalescer:
         for row, (_, future) in enumerate(batch):
             if not future.done():
                 future.set_result(torch.from_numpy(vectors[row]))
+
+
+# The least mass left to the tokens outside a top-k answer: its values' sum can round to 1 or
+# over, and a token a constraint allows must keep a finite log-probability.
+LEAST_REST = 1e-12
+
+
+def _spread_rest(answer: scoring.NextTokenLogprobsRows, out: numpy.ndarray) -> None:
+    """Each row's vector from its top-k pairs: those k exact, the mass they leave spread evenly
+    over the other tokens."""
+    ids = numpy.asarray(answer.top_token_ids, dtype=numpy.int64)
+    values = numpy.asarray(answer.top_logprobs, dtype=numpy.float64)
+    rest = numpy.maximum(1.0 - numpy.exp(values).sum(axis=1), LEAST_REST)
+    others = max(out.shape[1] - ids.shape[1], 1)
+    out[:] = numpy.log(rest / others)[:, None]
+    numpy.put_along_axis(out, ids, values.astype(numpy.float32), axis=1)
 
 
 def _common_prefix(token_ids_list: list[list[int]]) -> list[int]:

@@ -83,6 +83,36 @@ def test_next_token_logprobs_equal_the_in_process_backend(batchd_lm, in_process,
     assert int(ours[0].argmax()) == int(theirs[0].argmax())
 
 
+def test_a_top_k_backend_keeps_the_top_k_exact_and_spreads_the_rest(fleet, in_process, loaded):
+    """BatchdLM(top_k=): k pairs a row on the wire; the vector the sampler sees still sums to 1."""
+    import torch
+
+    from batchd.integrations.genlm import BatchdLM
+
+    prompt = loaded.tokenizer.encode(PROMPT)
+    prefixes = [prompt, prompt + [7042]]
+    lm = BatchdLM(fleet.url, timeout=120, top_k=50)
+
+    async def both():
+        return await lm.batch_next_token_logprobs(prefixes), await in_process.batch_next_token_logprobs(prefixes)
+
+    try:
+        ours, theirs = asyncio.run(both())
+    finally:
+        lm.close()
+    for row in range(len(prefixes)):
+        top = torch.topk(theirs[row], 50)
+        assert (ours[row][top.indices] - top.values).abs().max().item() < TOLERANCE
+        others = numpy.ones(len(loaded.tokenizer), dtype=bool)
+        others[top.indices.numpy()] = False
+        rest = 1 - top.values.exp().sum().item()
+        assert torch.allclose(ours[row][others], torch.tensor(numpy.log(rest / others.sum()), dtype=torch.float32),
+                              atol=1e-3)
+        assert abs(torch.logsumexp(ours[row].double(), 0).item()) < 1e-3
+    with pytest.raises(ValueError, match="top_k"):
+        BatchdLM(fleet.url, top_k=5, logprobs_dtype="float16")
+
+
 def test_scored_prompted_llm_gives_promptedllm_sequence_probabilities(batchd_lm, in_process):
     from genlm.control import PromptedLLM
 
@@ -276,6 +306,15 @@ def test_one_request_of_many_rows_answers_as_the_whole_prefixes_do(fleet, loaded
     assert together.shape == (4, 49152)
     assert numpy.abs(together - alone).max() < TOLERANCE
     assert (together.argmax(axis=1) == alone.argmax(axis=1)).all()  # greedy picks the same tokens
+
+    # top_k: each row's k most likely tokens, as a top_k call of its whole prefix answers.
+    with Client(fleet.url) as client:
+        top = client.next_token_logprobs_rows(rows, prompt, top_k=5, timeout=120)
+        each = [client.next_token_logprobs(prompt + row, top_k=5, timeout=120) for row in rows]
+    assert top.top_token_ids == [answer.top_token_ids for answer in each]
+    assert numpy.abs(numpy.array(top.top_logprobs) - numpy.array([a.top_logprobs for a in each])).max() < TOLERANCE
+    with pytest.raises(ValueError, match="top_k"):
+        top.array()
 
 
 def heartbeat(fleet):

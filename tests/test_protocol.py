@@ -115,7 +115,6 @@ def test_the_producer_api_imports_no_torch_or_transformers():
 
 @pytest.mark.parametrize("fields, message", [
     (dict(task="score", prompt_token_ids=[1], continuation_token_ids=[2], rows=[[3]]), "rows are for next_token_logprobs"),
-    (dict(task="next_token_logprobs", prompt_token_ids=[1], rows=[[3]], top_logprobs=5), "rows are for next_token"),
     (dict(task="next_token_logprobs", prompt="text", prefix_pin="0" * 32), "take token ids"),
     (dict(task="unpin"), "names its pin"),
     (dict(task="unpin", prefix_pin="0" * 32, prompt_token_ids=[1]), "names its pin"),
@@ -132,3 +131,9 @@ def test_a_request_on_a_pin_with_rows_needs_no_prompt_of_its_own():
     request = p.decode_request(p.encode(p.Request(v=p.PROTOCOL_VERSION, id="r1", task="next_token_logprobs",
                                             prefix_pin="ab" * 16, rows=[[], [5, 6]])))
     assert request.prompt_token_ids is None and request.rows == [[], [5, 6]]
+
+
+def test_rows_may_ask_for_each_rows_top_k():
+    request = p.decode_request(p.encode(p.Request(v=p.PROTOCOL_VERSION, id="r1", task="next_token_logprobs",
+                                            prompt_token_ids=[1], rows=[[3], [4]], top_logprobs=5)))
+    assert request.rows == [[3], [4]] and request.top_logprobs == 5

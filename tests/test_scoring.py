@@ -73,6 +73,22 @@ def test_score_batch_equals_one_prompt_at_a_time_forward(model):
         assert output.total_logprob == pytest.approx(float(expected.sum()), abs=TOLERANCE)
 
 
+def test_the_scorer_answers_rows_with_vectors_or_each_rows_top_k(model):
+    """The path of runners without scoring in steps: an item with rows, one answer of every row's."""
+    from batchd.workers.hf.scoring import Scorer
+
+    scorer = Scorer(model, _byte_tokenizer(), max_context=128)
+    rows = [[], [7], [8, 9]]
+    vectors, tops = scorer.score([ScoreItem(PROMPTS[0], rows=rows), ScoreItem(PROMPTS[0], top_k=4, rows=rows)])
+    assert vectors.next_token_logprobs.shape == (3, VOCAB)
+    for row, tokens in enumerate(rows):
+        expected = _reference(model, PROMPTS[0] + tokens)[-1]
+        assert torch.allclose(vectors.next_token_logprobs[row], expected, atol=TOLERANCE)
+        top = torch.topk(expected, 4)
+        assert tops.top_token_ids[4 * row:4 * row + 4] == top.indices.tolist()
+        assert tops.top_logprobs[4 * row:4 * row + 4] == pytest.approx(top.values.tolist(), abs=TOLERANCE)
+
+
 def test_score_batch_split_by_token_budget_gives_the_same_answers(model):
     items = [ScoreItem(p, continuation_token_ids=[11, 12]) for p in PROMPTS]
     together = score_batch(model, items)

@@ -48,7 +48,8 @@ class ScoreItem:
     # Next-token only: keep the k most likely tokens; None keeps the full vector.
     top_k: int | None = None
     # Next-token only: one question per row, each the prompt followed by the row's tokens;
-    # the answer is one vector per row (a 2-D next_token_logprobs).
+    # the answer is one vector per row (a 2-D next_token_logprobs), or with top_k each
+    # row's k pairs one row after another (hf.scoring.rows_answer).
     rows: list[list[int]] | None = None
 
     def questions(self) -> list[ScoreItem]:

@@ -197,6 +197,17 @@ def test_a_request_of_many_rows_answers_once_with_every_rows_vector(tiny_models,
         expected = _reference(model, prompt + tokens)[-1]
         assert (vectors[row] - expected).abs().max().item() < TOLERANCE
 
+    # With top_k: each row's k most likely tokens, one row after another, as that row's own call gives.
+    engine.add_score(EngineRequest("top", prompt, SamplingParams()), ScoreItem(prompt, None, 3, rows))
+    (output,) = _run_until_idle(engine)
+    assert output.request_id == "top" and output.score.next_token_logprobs is None
+    assert len(output.score.top_token_ids) == len(output.score.top_logprobs) == 3 * len(rows)
+    for row, tokens in enumerate(rows):
+        expected = torch.topk(_reference(model, prompt + tokens)[-1], 3)
+        assert output.score.top_token_ids[3 * row:3 * row + 3] == expected.indices.tolist()
+        values = torch.tensor(output.score.top_logprobs[3 * row:3 * row + 3])
+        assert (values - expected.values).abs().max().item() < TOLERANCE
+
     # Cancelled: one answer, for the request, and every row's slot and blocks free again.
     engine.add_score(EngineRequest("gone", prompt, SamplingParams()), ScoreItem(prompt, None, None, rows))
     engine.step()

@@ -39,7 +39,7 @@ from .kv_cache import CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, kv_bytes_per_token, to_dev
 from .kv_cache import kv_dtype as kv_storage_dtype
 from .models import LoadedModel, load_model, tokenize
 from .runner import Chunk, GenericRunner, PagedRunner, supports_fast_path
-from .scoring import Scorer
+from .scoring import Scorer, rows_answer
 from .sampler import Sampler
 from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence, Status
@@ -275,14 +275,13 @@ class HFEngine(EngineBase):
                 self.cancel(f"{owner}{ROW_MARK}{other}", output.finish_reason or "cancelled")
             output.request_id = owner
             return [output]
-        group.answers[row] = output.score.next_token_logprobs
+        group.answers[row] = output.score
         group.prompt_tokens += output.prompt_tokens
         if len(group.answers) < group.count:
             return []
         del self._row_groups[owner]
-        vectors = torch.stack([group.answers[r] for r in range(group.count)])
-        return [StepOutput(owner, [], finish_reason="stop", prompt_tokens=group.prompt_tokens,
-                           score=ScoreOutput(next_token_logprobs=vectors))]
+        answer = rows_answer([group.answers[r] for r in range(group.count)])
+        return [StepOutput(owner, [], finish_reason="stop", prompt_tokens=group.prompt_tokens, score=answer)]
 
     def _hold_pinned(self, handle: str, output: StepOutput) -> None:
         pin = self._pins.get(handle)
@@ -585,7 +584,7 @@ class _Rows:
     """The answers of a request with rows, gathered as its row sequences finish."""
 
     count: int
-    answers: dict = field(default_factory=dict)  # row -> its vector
+    answers: dict = field(default_factory=dict)  # row -> its ScoreOutput
     prompt_tokens: int = 0
 
 

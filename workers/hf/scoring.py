@@ -102,6 +102,15 @@ def _output(item: ScoreItem, logprobs: torch.Tensor) -> ScoreOutput:
     return ScoreOutput(top_token_ids=top.indices.tolist(), top_logprobs=top.values.tolist())
 
 
+def rows_answer(answers: list[ScoreOutput]) -> ScoreOutput:
+    """One answer for an item with rows, from its rows' answers in order: the vectors
+    stacked, or each row's top_k pairs one row after another (every row has k of them)."""
+    if answers[0].next_token_logprobs is not None:
+        return ScoreOutput(next_token_logprobs=torch.stack([answer.next_token_logprobs for answer in answers]))
+    return ScoreOutput(top_token_ids=[token for answer in answers for token in answer.top_token_ids],
+                       top_logprobs=[value for answer in answers for value in answer.top_logprobs])
+
+
 class Scorer:
     """A model (and its tokenizer, for text continuations) that answers scoring requests
     (the Scorer of batchd.workers.engine)."""
@@ -138,6 +147,5 @@ class Scorer:
         outputs = []
         for item, asked in zip(items, questions):
             mine = [next(answers) for _ in asked]
-            outputs.append(mine[0] if item.rows is None else
-                           ScoreOutput(next_token_logprobs=torch.stack([m.next_token_logprobs for m in mine])))
+            outputs.append(mine[0] if item.rows is None else rows_answer(mine))
         return outputs
