@@ -129,6 +129,43 @@ async def throughput_gateways(ports: list[int], concurrency: int, window_s: floa
             connection.close()
 
 
+async def _load(kind: str, url: str, ports: list[int], concurrency: int, window_s: float) -> float:
+    if kind == "asyncclient":
+        from batchd import AsyncClient
+
+        async with AsyncClient(url) as client:
+            return await throughput_direct(client, concurrency, window_s)
+    return await throughput_gateways(ports, concurrency, window_s)
+
+
+def _load_process(job: tuple) -> float:
+    """One load process's calls/s (--load-processes): a process of its own, so the load
+    generator is not what a second gateway is measured against."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(_load(*job))
+
+
+async def spread_load(kind: str, args, url: str, ports: list[int]) -> float:
+    """calls/s of args.concurrency callers, split over args.load_processes processes (1: this one)."""
+    if args.load_processes == 1:
+        return await _load(kind, url, ports, args.concurrency, args.window)
+    import concurrent.futures
+    import multiprocessing
+
+    each = args.concurrency // args.load_processes
+    # Gateway connections are spread over the ports by index: offset each process's share.
+    jobs = [(kind, url, ports[n % len(ports):] + ports[:n % len(ports)], each, args.window)
+            for n in range(args.load_processes)]
+    with concurrent.futures.ProcessPoolExecutor(args.load_processes,
+                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+        return sum(await asyncio.gather(*(asyncio.wrap_future(pool.submit(_load_process, job)) for job in jobs)))
+
+
 async def measure(args, url: str, ports: list[int]) -> dict:
     from batchd import AsyncClient
 
@@ -143,9 +180,9 @@ async def measure(args, url: str, ports: list[int]) -> dict:
         # Interleaved rounds, so a neighbour's load on the shared machine hits every row alike.
         for round_ in range(args.rounds):
             print(f"throughput round {round_ + 1}/{args.rounds} ...", flush=True)
-            rates["asyncclient"].append(await throughput_direct(client, args.concurrency, args.window))
-            rates["one_gateway"].append(await throughput_gateways(ports[:1], args.concurrency, args.window))
-            rates["two_gateways"].append(await throughput_gateways(ports, args.concurrency, args.window))
+            rates["asyncclient"].append(await spread_load("asyncclient", args, url, ports))
+            rates["one_gateway"].append(await spread_load("gateways", args, url, ports[:1]))
+            rates["two_gateways"].append(await spread_load("gateways", args, url, ports))
         results["throughput_per_round"] = rates
         results["throughput"] = {name: statistics.median(values) for name, values in rates.items()}
     return results
@@ -158,6 +195,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="calls outstanding in the throughput runs")
     parser.add_argument("--samples", type=int, default=400, help="sequential calls of each kind for latency")
     parser.add_argument("--max-wait-ms", type=float, default=0.5, help="the scheduler's batch window")
+    parser.add_argument("--schedulers", type=int, default=1, help="scheduler processes behind the gateways")
+    parser.add_argument("--workers", type=int, default=1, help="echo worker processes behind the gateways")
+    parser.add_argument("--load-processes", type=int, default=1,
+                        help="processes generating the throughput load (the concurrency split between them)")
     parser.add_argument("--out", default=str(HERE / "results" / "gateway_overhead.json"))
     parser.add_argument("--plot", default=None, metavar="DIR", help="write gateway-overhead.png there")
     args = parser.parse_args()
@@ -169,15 +210,17 @@ def main() -> int:
     logs.mkdir(parents=True, exist_ok=True)
     ports = [free_port(), free_port()]
     processes = [
-        start(["scheduler", "--redis", server.url, "--max-wait-ms", str(args.max_wait_ms)], logs / "scheduler.log"),
-        start(["worker", "--redis", server.url, "--engine", "echo", "--slots", "4096"], logs / "worker.log"),
+        *(start(["scheduler", "--redis", server.url, "--max-wait-ms", str(args.max_wait_ms)], logs / f"scheduler-{n}.log")
+          for n in range(args.schedulers)),
+        *(start(["worker", "--redis", server.url, "--engine", "echo", "--slots", "4096"], logs / f"worker-{n}.log")
+          for n in range(args.workers)),
         *(start(["gateway", "--redis", server.url, "--port", str(port)], logs / f"gateway-{port}.log")
           for port in ports),
     ]
     try:
         from batchd.status import wait_for_workers
 
-        wait_for_workers(server.url, 1, 60, processes)
+        wait_for_workers(server.url, args.workers, 60, processes)
         try:
             import uvloop
 
@@ -196,7 +239,8 @@ def main() -> int:
     report = {
         "benchmark": "gateway_overhead", "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
         "cpus": os.cpu_count(), "python": platform.python_version(), "concurrency": args.concurrency,
-        "window_s": args.window, "max_wait_ms": args.max_wait_ms, **results,
+        "window_s": args.window, "max_wait_ms": args.max_wait_ms, "schedulers": args.schedulers,
+        "workers": args.workers, "load_processes": args.load_processes, **results,
         "one_gateway_vs_asyncclient": rates["one_gateway"] / rates["asyncclient"],
         "second_gateway_adds_x_first": (rates["two_gateways"] - rates["one_gateway"]) / rates["one_gateway"],
     }

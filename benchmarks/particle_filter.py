@@ -53,11 +53,14 @@ class Filter:
         self.particles = [Particle(list(prompt_ids)) for _ in range(particles)]
         self.rng = random.Random(seed)
         self.resamples = 0
+        self.first_answers: list[tuple[list[int], list[float]]] = []  # the first step's, to compare runs
 
     def prefixes(self) -> list[list[int]]:
         return [p.token_ids for p in self.particles]
 
     def advance(self, answers: list[tuple[list[int], list[float]]]) -> None:
+        if not self.first_answers:
+            self.first_answers = [(list(ids), list(values)) for ids, values in answers]
         for particle, (token_ids, logprobs) in zip(self.particles, answers):
             mass = _logsumexp(logprobs)
             weights = [math.exp(lp - mass) for lp in logprobs]
@@ -144,6 +147,24 @@ def run_in_process(model, prompt_ids: list[int], args) -> tuple[float, Filter]:
         particles.advance([next_token_top_k(prefix) for prefix in particles.prefixes()])
         _progress("in process", step, args.steps, began)
     return time.perf_counter() - began, particles
+
+
+def first_step_difference(runs: list[Filter]) -> dict:
+    """How far the ways' answers to the same first questions (every particle: the prompt) are
+    apart: rows whose top-k ids come in the same order, and the largest difference of a
+    log-probability of a token both list. Sampling from near-equal top-k values (random
+    weights) turns any difference into another draw."""
+    first, *others = runs
+    same_order, largest = 0, 0.0
+    for other in others:
+        for (ids_a, values_a), (ids_b, values_b) in zip(first.first_answers, other.first_answers):
+            same_order += ids_a == ids_b
+            b_of = dict(zip(ids_b, values_b))
+            largest = max([largest] + [abs(value - b_of[token]) for token, value in zip(ids_a, values_a)
+                                       if token in b_of])
+    return {"rows_same_top_k_order": same_order, "rows": len(first.first_answers) * len(others),
+            "largest_logprob_difference": largest,
+            "top1_minus_top2_median": sorted(v[0] - v[1] for _, v in first.first_answers)[len(first.first_answers) // 2]}
 
 
 def _progress(label: str, step: int, steps: int, began: float) -> None:
@@ -247,6 +268,7 @@ def main() -> None:
         first, *others = (run.particles for _, run in runs.values())
         figures["particles_identical_across_ways"] = min(
             sum(a.token_ids == b.token_ids for a, b in zip(first, other)) for other in others)
+        figures["first_step_across_ways"] = first_step_difference([run for _, run in runs.values()])
     table = "".join(f"| batchd, {way} | {calls / wall:,.1f} | {wall:.2f} |\n" for way, (wall, _) in runs.items())
     batchd_wall, batchd_filter = next(iter(runs.values()))
     if args.no_in_process:

@@ -128,6 +128,10 @@ class Gateway:
         self._fleet: AsyncClient | None = None
         self._models: list[str] = []
         self._models_read_at = 0.0
+        # The read of the models served in flight, which every caller finding the view stale
+        # awaits: a burst arriving just then makes one read, not one each (the fleet client
+        # has 4 connections, and one read each ran out of them: "Too many connections").
+        self._models_reading: asyncio.Future | None = None
         # Cancels sent for callers that went away: run on their own, as the caller's task is cancelled.
         self._cancelling: set[asyncio.Task] = set()
 
@@ -162,19 +166,32 @@ class Gateway:
         return self._clients[found[0]]
 
     async def models(self, fresh: bool = False) -> list[str]:
-        now = time.monotonic()
-        if fresh or now - self._models_read_at > MODELS_TTL_S:
-            try:
-                self._models = await self._fleet.models()
-            except BrokerUnavailable as exc:
-                if not isinstance(exc.__cause__, NoPermissionError):
-                    raise
-                # A Redis user without read access to the heartbeats: the gateway cannot list
-                # models nor refuse unknown ones early; the schedulers still refuse them.
-                log.warning("cannot read the workers' heartbeats (%s); /v1/models will be empty", exc.message)
-                self._models = []
-            self._models_read_at = now
+        """The models served, read at most once a second (fresh: now), one read at a time."""
+        if fresh or time.monotonic() - self._models_read_at > MODELS_TTL_S:
+            if self._models_reading is None:
+                self._models_reading = asyncio.ensure_future(self._read_models())
+                self._models_reading.add_done_callback(self._read_done)
+            # Shielded: a caller that goes away (its task cancelled) leaves the read to the others.
+            await asyncio.shield(self._models_reading)
         return self._models
+
+    async def _read_models(self) -> None:
+        began = time.monotonic()
+        try:
+            self._models = await self._fleet.models()
+        except BrokerUnavailable as exc:
+            if not isinstance(exc.__cause__, NoPermissionError):
+                raise
+            # A Redis user without read access to the heartbeats: the gateway cannot list
+            # models nor refuse unknown ones early; the schedulers still refuse them.
+            log.warning("cannot read the workers' heartbeats (%s); /v1/models will be empty", exc.message)
+            self._models = []
+        self._models_read_at = began
+
+    def _read_done(self, reading: asyncio.Future) -> None:
+        self._models_reading = None
+        if not reading.cancelled():
+            reading.exception()  # retrieved here: every caller that awaited it got it raised
 
     def served_now(self) -> list[str]:
         """The models served at the last read (no I/O)."""

@@ -106,6 +106,49 @@ def test_models_health_and_metrics(fleet):
 
 
 
+def test_callers_finding_the_models_view_stale_share_one_read():
+    """Every call checks its model against a view of the models served that lasts 1 s. A burst
+    arriving once it is stale must share one read: the gateway reads with 4 connections, and
+    one read each answered 503 "Too many connections" on a 16-core host (2026-12-04). A failed
+    read fails its callers, and the next call reads again."""
+    import asyncio
+
+    from batchd.client.errors import BrokerUnavailable
+    from batchd.gateway import Gateway, GatewayConfig
+
+    class Fleet:
+        def __init__(self):
+            self.reads = self.reading = self.most_at_once = 0
+            self.fail = False
+
+        async def models(self):
+            self.reads += 1
+            self.reading += 1
+            self.most_at_once = max(self.most_at_once, self.reading)
+            await asyncio.sleep(0.05)
+            self.reading -= 1
+            if self.fail:
+                raise BrokerUnavailable("Redis is down")
+            return ["echo"]
+
+    async def burst():
+        gateway = Gateway(GatewayConfig(redis_url="redis://unused"))
+        gateway._fleet = fleet = Fleet()
+        assert await asyncio.gather(*(gateway.models() for _ in range(64))) == [["echo"]] * 64
+        assert (fleet.reads, fleet.most_at_once) == (1, 1)
+        one = asyncio.ensure_future(gateway.models(fresh=True))
+        await asyncio.sleep(0.01)
+        one.cancel()  # a caller that went away does not cancel the read the others wait for
+        assert await gateway.models(fresh=True) == ["echo"] and fleet.reads == 2
+        fleet.fail = True
+        failed = await asyncio.gather(*(gateway.models(fresh=True) for _ in range(8)), return_exceptions=True)
+        assert all(isinstance(error, BrokerUnavailable) for error in failed) and fleet.reads == 3
+        fleet.fail = False
+        assert await gateway.models(fresh=True) == ["echo"] and fleet.reads == 4
+
+    asyncio.run(burst())
+
+
 def test_metrics_on_a_port_of_their_own_leave_the_api_port(fleet):
     """--metrics-port/--metrics-host: Prometheus scrapes there, and callers of the API port
     no longer read every key's traffic from /metrics."""
