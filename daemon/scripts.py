@@ -30,10 +30,14 @@ from batchd.client.scripts import Script, ScriptCall
 # fenced or duplicate result leaves nothing more to do for it).
 # The event published may be a smaller cue than the one stored: callers read the stored
 # result whatever the event says (docs/protocol.md), so a full next-token vector need not
-# travel by pub/sub as well (docs/integrations.md measures it).
+# travel by pub/sub as well (docs/integrations.md measures it). A cue that reached a
+# subscriber is read at once by its caller, so its result is kept only for that read (the
+# cue's read window) instead of the whole TTL: full vectors are most of what Redis holds
+# in an SMC run, and a caller that was not listening still finds its result for the TTL.
 # KEYS: result key, owner key, [job stream]
 # ARGV: channel, final event payload, result ttl seconds, owner token ('' = no lease check),
-#       event to publish ('' = the stored payload), [worker group, job entry id]
+#       event to publish ('' = the stored payload), seconds a heard cue's result is kept
+#       (0: the TTL), [worker group, job entry id]
 # Returns 1 delivered, 0 already delivered, -1 fenced.
 FINALIZE = Script("""
 local outcome = 0
@@ -44,14 +48,19 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   end
   if outcome == 0 then
     redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
-    if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[5]) else redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+    if ARGV[5] ~= '' then
+      local heard = redis.call('PUBLISH', ARGV[1], ARGV[5])
+      if heard > 0 and tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6])) end
+    else
+      redis.call('PUBLISH', ARGV[1], ARGV[2])
+    end
     redis.call('DEL', KEYS[2])
     outcome = 1
   end
 end
 if KEYS[3] then
-  redis.call('XACK', KEYS[3], ARGV[6], ARGV[7])
-  redis.call('XDEL', KEYS[3], ARGV[7])
+  redis.call('XACK', KEYS[3], ARGV[7], ARGV[8])
+  redis.call('XDEL', KEYS[3], ARGV[8])
 end
 return outcome
 """)
@@ -322,11 +331,14 @@ CLAIM_TTL_S = 24 * 3600
 
 def finalize_call(keys: Keys, request_id: str, final_payload: bytes, result_ttl_s: int,
                   owner_token: str = "", ack: tuple[str, str, str] | None = None,
-                  cue: bytes = b"") -> ScriptCall:
+                  cue: bytes = b"", cue_read_window_s: int = 0) -> ScriptCall:
     """FINALIZE for one request's final event; ack = (job stream, group, entry id) when this
-    result completes that job; cue: a smaller final event to publish instead (b"": the same)."""
+    result completes that job; cue: a smaller final event to publish instead (b"": the same),
+    and cue_read_window_s how long the result is kept once a subscriber heard the cue (0, or
+    not under the TTL: the TTL)."""
+    window = cue_read_window_s if cue and 0 < cue_read_window_s < result_ttl_s else 0
     call_keys = [keys.result(request_id), keys.owner(request_id)]
-    args = [keys.channel(request_id), final_payload, result_ttl_s, owner_token, cue]
+    args = [keys.channel(request_id), final_payload, result_ttl_s, owner_token, cue, window]
     if ack is not None:
         stream, group, entry_id = ack
         call_keys.append(stream)

@@ -270,11 +270,12 @@ def test_scoring_results_have_their_own_short_ttl_and_publish_no_vector(fleet, l
     try:
         with Client(fleet.url) as client:
             vector = client.next_token_logprobs(prompt, timeout=60).result
+            # Its cue was heard (by the client and this listener): kept 2 s for the read, not the TTL.
+            stored = decode_event(server.get(f"batchd:result:{vector.request_id}"))
+            assert 0 < server.pttl(f"batchd:result:{vector.request_id}") <= 2_000
             half = client.next_token_logprobs(prompt, timeout=60, logprobs_dtype="float16")
             generated = client.generate(PROMPT, max_new_tokens=1, timeout=60)
-        assert 0 < server.pttl(f"batchd:result:{vector.request_id}") <= 20_000
         assert 590_000 < server.pttl(f"batchd:result:{generated.request_id}") <= 600_000
-        stored = decode_event(server.get(f"batchd:result:{vector.request_id}"))
         assert len(stored.result.logprobs) == 4 * 49152
         finals = {}
         for message in iter(lambda: listener.get_message(timeout=0.5), None):
@@ -292,6 +293,31 @@ def test_scoring_results_have_their_own_short_ttl_and_publish_no_vector(fleet, l
     assert len(half.result.logprobs) == 2 * 49152 and half.result.logprobs_dtype == "float16"
     exact = numpy.frombuffer(vector.logprobs, dtype="<f4")
     assert numpy.allclose(half.array(), exact, rtol=1e-3, atol=1e-3)
+
+
+def test_a_vector_nobody_was_listening_for_keeps_the_scoring_ttl(fleet, loaded):
+    """A producer that submits and reads later (another language, no subscription): its cue
+    reaches nobody, so its result stays for --scoring-result-ttl (this fleet's: 20 s), not the
+    read window (2 s)."""
+    import time
+
+    import redis
+
+    from batchd.client.protocol import PROTOCOL_VERSION, Request, encode
+
+    server = redis.Redis.from_url(fleet.url)
+    request_id = f"unheard-{time.monotonic_ns()}"
+    request = Request(v=PROTOCOL_VERSION, id=request_id, task="next_token_logprobs",
+                      prompt_token_ids=loaded.tokenizer.encode(PROMPT), submitted_at=time.time())
+    try:
+        server.xadd("batchd:requests", {"id": request_id, "data": encode(request)})
+        give_up = time.monotonic() + 60
+        while not server.exists(f"batchd:result:{request_id}"):
+            assert time.monotonic() < give_up, "no result"
+            time.sleep(0.05)
+        assert 10_000 < server.pttl(f"batchd:result:{request_id}") <= 20_000
+    finally:
+        server.close()
 
 
 def test_one_request_of_many_rows_answers_as_the_whole_prefixes_do(fleet, loaded):

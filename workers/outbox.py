@@ -42,6 +42,12 @@ from batchd.daemon import scripts
 
 from .holdings import Held
 
+# How long a full-vector result is kept once a subscriber heard its cue (FINALIZE): its caller
+# reads it on the cue, within milliseconds; the rest of --scoring-result-ttl only held memory
+# (an SMC run's Redis peak was mostly these: docs/integrations.md). A caller that was not
+# listening when its result came (reconnecting) still finds it for the whole TTL.
+CUE_READ_WINDOW_S = 2
+
 
 @dataclass
 class Parcel:
@@ -144,7 +150,7 @@ class Outbox:
             calls.append(scripts.finalize_call(self.keys, held.request.id, seal_final(result, held.request),
                                                self.scoring_result_ttl_s if scoring else self.result_ttl_s, held.owner,
                                                (self.stream, WORKER_GROUP, held.job_entry) if closes else None,
-                                               cue=cue))
+                                               cue=cue, cue_read_window_s=CUE_READ_WINDOW_S))
         return calls
 
     def _round_trip(self, parcel: Parcel, calls: list[ScriptCall]) -> Receipt:
