@@ -148,6 +148,40 @@ def test_genlm_control_readme_regex_example_completes(batchd_lm):
     assert all(re.fullmatch(r" SMC is (🔥🔥|😍😍|🤌🤌) with LMs", text) for text in texts), texts
 
 
+BOOK_SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string", "minLength": 1, "description": "The title of the book"},
+    "pages": {"type": "integer", "minimum": 1, "maximum": 2000, "description": "The number of pages in the book"},
+    "genre": {"type": "string", "enum": ["fiction", "non-fiction", "mystery"], "description": "The genre of the book"}}}
+
+
+def test_genlm_control_readme_json_schema_example_completes(batchd_lm, loaded):
+    """genlm-control's README JSON-schema example, run on batchd (written for
+    Llama-3.2-1B-Instruct: here SmolLM2, with its own end-of-turn strings). In process it takes
+    ~3 minutes on this CPU (docs/integrations.md), so only batchd's run is checked."""
+    import json
+
+    import jsonschema
+    from genlm.control import AWRS, JsonSchema, PromptedLLM
+
+    person = {"type": "object", "properties": {
+        "name": {"type": "string", "enum": ["Alice", "Bob", "Charlie"], "description": "The name of the person"},
+        "age": {"type": "integer", "minimum": 20, "maximum": 80, "description": "The age of the person"}}}
+    llm = PromptedLLM(batchd_lm, eos_byte_strings=[b"<|im_end|>", b"<|endoftext|>"], temperature=0.8)
+    llm.prompt_ids = loaded.tokenizer.apply_chat_template(conversation=[
+        {"role": "system", "content": "You need to generate a JSON object that matches the schema below. "
+                                      "Only generate the JSON object on a single line with no other text."},
+        {"role": "user", "content": json.dumps(person)},
+        {"role": "assistant", "content": '{"name": "Alice", "age": 30}'},
+        {"role": "user", "content": json.dumps(BOOK_SCHEMA)}], tokenize=True, add_generation_prompt=True,
+        return_dict=False)
+    sampler = AWRS(llm, JsonSchema(BOOK_SCHEMA).coerce(llm, f=b"".join))
+    sequences = asyncio.run(sampler.smc(n_particles=2, ess_threshold=0.5, max_tokens=30))
+    texts = list(sequences.decoded_posterior)
+    assert texts, "no particle finished a JSON object within 30 tokens"
+    for text in texts:
+        jsonschema.validate(json.loads(text), BOOK_SCHEMA)
+
+
 def make_masks(LLM) -> dict[int, set[int]]:
     """LLaMPPL's examples/hard_constraints.py: tokens that keep every word at most five letters."""
     return {
