@@ -117,10 +117,15 @@ def profile_decode(engine, requests, live: int, steps: int, device: str, host_pr
 
 def kernels_phase(args, device: str) -> dict:
     out = {}
-    for shape, lives in (("qwen3-0.6b", tuple(int(x) for x in args.qwen_live.split(","))), ("llama3-8b", (1, 8, 64))):
+    for shape, lives in (("qwen3-0.6b", tuple(int(x) for x in args.qwen_live.split(","))),
+                         ("llama3-8b", tuple(int(x) for x in args.llama_live.split(",")))):
         if shape not in args.shapes.split(",") or args.small and shape != "qwen3-0.6b":
             continue
         model = build_model(args.small, device, shape)
+        if args.quantize == "fp8":  # as `batchd worker --quantize fp8`: every product but the head
+            from batchd.workers.hf.quant import quantize_fp8_weights
+
+            quantize_fp8_weights(model)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         started = time.perf_counter()
         engine = make_engine(model, device, slots=16 if args.small else 256, max_context=4096, kv_dtype=args.kv_dtype)
@@ -207,6 +212,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="qwen3-0.6b,llama3-8b")
     parser.add_argument("--qwen-live", default="8,64,256")
     parser.add_argument("--kv-dtype", default="auto", choices=("auto", "fp8"))
+    parser.add_argument("--quantize", default="none", choices=("none", "fp8"), help="the weights' format")
+    parser.add_argument("--llama-live", default="1,8,64")
     parser.add_argument("--out", default="benchmarks/results/step_kernels.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -144,21 +144,39 @@ def describe(url: str) -> str:
     return redact(url)
 
 
-def open_redis(url: str | None = None, **options) -> redis.Redis:
+# Seconds a call of a client opened with wait_for_connection waits for one of its pooled
+# connections when all are busy; past it, a transient error (the callers' retry budget).
+POOL_WAIT_S = 10.0
+
+
+def open_redis(url: str | None = None, *, wait_for_connection: bool = False, **options) -> redis.Redis:
     """A client for the URL's server (for Sentinel, whichever server is master now); options
-    go to every connection it opens. The one place a batchd process opens Redis."""
+    go to every connection it opens. The one place a batchd process opens Redis.
+    wait_for_connection: calls beyond max_connections wait for a free connection instead of
+    failing at once with "Too many connections" (the producers' clients: a burst of calls
+    larger than the pool is normal there). Sentinel pools do not wait."""
     url = redis_url(url)
     if not is_sentinel_url(url):
+        if wait_for_connection:
+            client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+                url, timeout=POOL_WAIT_S, **options))
+            client.auto_close_connection_pool = True  # the pool is the client's own: closed with it
+            return client
         return redis.Redis.from_url(url, **options)
     address = parse_sentinel_url(url)
     sentinel = Sentinel(address.sentinels, sentinel_kwargs=address.sentinel_options())
     return sentinel.master_for(address.service_name, **address.master_options(), **options)
 
 
-def open_async_redis(url: str | None = None, **options) -> aioredis.Redis:
+def open_async_redis(url: str | None = None, *, wait_for_connection: bool = False, **options) -> aioredis.Redis:
     """open_redis for asyncio."""
     url = redis_url(url)
     if not is_sentinel_url(url):
+        if wait_for_connection:
+            client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+                url, timeout=POOL_WAIT_S, **options))
+            client.auto_close_connection_pool = True  # the pool is the client's own: closed with it
+            return client
         return aioredis.Redis.from_url(url, **options)
     address = parse_sentinel_url(url)
     sentinel = AsyncSentinel(address.sentinels, sentinel_kwargs=address.sentinel_options())

@@ -211,7 +211,7 @@ class Client(core.ClientCore[RequestHandle]):
                  max_connections: int = 64, socket_timeout: float = 30.0, cancel_key: str | bytes | None = None,
                  durable_replicas: int = 0, tenant: str | None = None):
         self._redis = open_redis(
-            url, max_connections=max_connections, socket_timeout=socket_timeout,
+            url, wait_for_connection=True, max_connections=max_connections, socket_timeout=socket_timeout,
             socket_connect_timeout=10.0, health_check_interval=30,
             retry_on_timeout=True)
         super().__init__(prefix, producer, cancel_key, durable_replicas,

@@ -225,3 +225,25 @@ def test_a_client_submits_as_its_acl_user_unless_told_otherwise():
     for bad in ("a/b", "a:b", "x" * 65):
         with pytest.raises(InvalidRequest, match="tenant"):
             resolve_tenant(bad, None)
+
+
+def test_a_burst_larger_than_the_pool_waits_for_connections_instead_of_failing(redis_server, caplog):
+    """More calls at once than a client's max_connections (threads sharing a Client, a gather
+    on an AsyncClient) wait for a pooled connection: none is refused "Too many connections",
+    which the retry budget took for an outage ("Redis unavailable")."""
+    import concurrent.futures
+
+    from batchd import AsyncClient, Client
+
+    caplog.set_level("WARNING", logger="batchd")
+    with Client(redis_server.url, max_connections=2) as client:
+        with concurrent.futures.ThreadPoolExecutor(32) as threads:
+            answers = list(threads.map(lambda _: client.models(), range(200)))
+
+    async def burst():
+        async with AsyncClient(redis_server.url, max_connections=4) as client:
+            return await asyncio.gather(*(client.models() for _ in range(500)))
+
+    answers += asyncio.run(burst())
+    assert answers == [[]] * 700
+    assert not [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
