@@ -36,6 +36,7 @@ def _number(kind, low, what: str, inclusive: bool = True, high=None):
 COUNT = _number(int, 1, "must be at least 1")
 NON_NEGATIVE = _number(int, 0, "must be 0 or more")
 PORT = _number(int, 0, "must be a port number, 0 to 65535 (0: off)", high=65535)
+SHARDS = _number(int, 1, "must be 1 to 256", high=256)
 ZERO_OR_MORE = _number(float, 0, "must be 0 or more")
 ABOVE_ZERO = _number(float, 0, "must be more than 0", inclusive=False)
 
@@ -45,6 +46,9 @@ def _add_redis(parser: argparse.ArgumentParser) -> None:
                         help="Redis URL (redis://, rediss:// for TLS, redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE "
                              "for a Sentinel-managed master); default $BATCHD_REDIS_URL or redis://127.0.0.1:6379/0")
     parser.add_argument("--prefix", default="batchd:", help="key prefix shared by all batchd processes")
+    parser.add_argument("--shards", type=SHARDS, default=None,
+                        help="request shards, the same for every process of a fleet (docs/deploy.md, \"Redis "
+                             "Cluster\"); default $BATCHD_SHARDS or 1")
 
 
 def _add_result_ttl(parser: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ def scheduler(args) -> int:
     from batchd.cli import install_stop_handlers
     from batchd.scheduler.daemon import Scheduler, SchedulerConfig
 
-    config = SchedulerConfig(redis_url=args.redis, prefix=args.prefix, max_batch=args.max_batch,
+    config = SchedulerConfig(redis_url=args.redis, prefix=args.prefix, shards=_shards(args), max_batch=args.max_batch,
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_attempts=args.max_attempts, claim_idle_ms=args.claim_idle_ms,
                              read_ahead=args.read_ahead, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
@@ -62,7 +62,7 @@ def worker(args) -> int:
     from batchd.daemon import metrics
     from batchd.workers.worker import Worker, WorkerConfig
 
-    config = WorkerConfig(redis_url=args.redis, prefix=args.prefix, drain_timeout_s=args.drain_timeout,
+    config = WorkerConfig(redis_url=args.redis, prefix=args.prefix, shards=_shards(args), drain_timeout_s=args.drain_timeout,
                           metrics_port=args.metrics_port, metrics_host=args.metrics_host, lease_ms=args.lease_ms,
                           heartbeat_interval_s=args.heartbeat_interval, abandoned_after_s=args.abandoned_after,
                           served_models=args.served_model_names or [], result_ttl_s=args.result_ttl,
@@ -119,7 +119,8 @@ class Fleet:
 
 
 def _daemon_argv(args, url: str) -> tuple[list[str], list[str]]:
-    common = ["--redis", url, "--prefix", args.prefix, "--result-ttl", str(args.result_ttl)]
+    common = ["--redis", url, "--prefix", args.prefix, "--shards", str(_shards(args)),
+              "--result-ttl", str(args.result_ttl)]
     sched = ["scheduler", *common, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
              "--max-queue", str(args.max_queue), "--max-attempts", str(args.max_attempts),
              "--claim-idle-ms", str(args.claim_idle_ms), "--read-ahead", str(args.read_ahead)]
@@ -185,7 +186,7 @@ def submit(args) -> int:
         kwargs["messages"] = [{"role": "user", "content": args.prompt}]
     else:
         kwargs["prompt"] = args.prompt
-    with Client(args.redis, prefix=args.prefix) as client:
+    with Client(args.redis, prefix=args.prefix, shards=_shards(args)) as client:
         try:
             if not args.stream:
                 result = client.generate(**kwargs)
@@ -216,7 +217,7 @@ def status(args) -> int:
     from batchd.client.connection import connect
     from batchd.client.keys import Keys
 
-    client, keys = connect(args.redis), Keys(args.prefix)
+    client, keys = connect(args.redis), Keys(args.prefix, _shards(args))
     previous = None
     while True:
         try:
@@ -244,7 +245,7 @@ def health(args) -> int:
     from batchd.status import read_status
 
     try:
-        client, keys = connect(args.redis), Keys(args.prefix)
+        client, keys = connect(args.redis), Keys(args.prefix, _shards(args))
         client.ping()
         if args.worker_id and not client.exists(keys.heartbeat(args.worker_id)):
             state = local_worker_state(args.metrics_port)
@@ -303,7 +304,7 @@ def gateway(args) -> int:
         log.error("refusing to serve %s without API keys: give --api-key or --api-keys-file, or listen on "
                   "127.0.0.1", args.host)
         return 2
-    config = GatewayConfig(redis_url=args.redis, prefix=args.prefix, api_keys=keys,
+    config = GatewayConfig(redis_url=args.redis, prefix=args.prefix, shards=_shards(args), api_keys=keys,
                            request_timeout_s=args.request_timeout, durable_replicas=args.durable_replicas,
                            metrics_on_api_port=not args.metrics_port)
     metrics.serve(args.metrics_port, metrics.GATEWAY_REGISTRY, args.metrics_host)
@@ -315,3 +316,12 @@ def bench(args) -> int:
     from batchd.bench import run
 
     return run(args)
+
+
+def _shards(args) -> int:
+    """--shards, else $BATCHD_SHARDS, else 1."""
+    if getattr(args, "shards", None):
+        return args.shards
+    from batchd.client.core import default_shards
+
+    return default_shards()

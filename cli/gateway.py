@@ -49,6 +49,7 @@ _json = msgspec.json.Encoder()
 class GatewayConfig:
     redis_url: str
     prefix: str = "batchd:"
+    shards: int = 1
     # sha256(key) -> (producer identity, Redis URL of that producer or None: redis_url)
     api_keys: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     # A request's deadline when the call gives none: past it the caller gets a 504.
@@ -139,12 +140,12 @@ class Gateway:
     async def start(self) -> None:
         identities = {(producer, url) for producer, url in self.config.api_keys.values()} or {(None, None)}
         for producer, url in identities:
-            client = AsyncClient(url or self.config.redis_url, prefix=self.config.prefix,
+            client = AsyncClient(url or self.config.redis_url, prefix=self.config.prefix, shards=self.config.shards,
                                  producer=producer or f"gateway:{default_producer()}",
                                  durable_replicas=self.config.durable_replicas)
             await client.__aenter__()
             self._clients[producer or ""] = client
-        self._fleet = AsyncClient(self.config.redis_url, prefix=self.config.prefix, max_connections=4)
+        self._fleet = AsyncClient(self.config.redis_url, prefix=self.config.prefix, shards=self.config.shards, max_connections=4)
         log.info("gateway ready: %s", self.config.describe())
 
     async def stop(self) -> None:

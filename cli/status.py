@@ -36,7 +36,10 @@ def read_status(client: redis.Redis, keys: Keys) -> dict:
                     pending += group["pending"]
         except redis.ResponseError:
             pass  # no stream yet
-    stats = {k.decode(): int(v) for k, v in client.hgetall(keys.stats).items()}
+    stats: dict[str, int] = {}
+    for shard in range(keys.shards):  # each shard keeps its own counters: the fleet's are their sum
+        for name, value in client.hgetall(keys.stats_in(shard)).items():
+            stats[name.decode()] = stats.get(name.decode(), 0) + int(value)
     for beat in workers:
         # A worker older than the can_take field counts its prefetch queue as free slots.
         beat["free_slots"] = min(beat["free_slots"], beat["total_slots"])
@@ -46,7 +49,7 @@ def read_status(client: redis.Redis, keys: Keys) -> dict:
         "free_slots": sum(w["free_slots"] for w in workers),
         "queue_depth": sum(client.xlen(stream) for stream in streams),
         "held_by_schedulers": pending,
-        "dead_letters": client.xlen(keys.dead_letters),
+        "dead_letters": sum(client.xlen(keys.dead_letters_in(shard)) for shard in range(keys.shards)),
         "workers": workers,
         "jobs": stats.get("jobs", 0),
         "requests_dispatched": stats.get("requests_dispatched", 0),
@@ -55,9 +58,9 @@ def read_status(client: redis.Redis, keys: Keys) -> dict:
 
 
 def request_streams(client: redis.Redis, keys) -> list[str]:
-    """The shared request stream and every tenant's (docs/protocol.md, "Tenants"); the shared
-    one only for a user without SCAN."""
-    streams = [keys.requests]
+    """The shared request stream and every tenant's (docs/protocol.md, "Tenants") of every shard;
+    the shared ones only for a user without SCAN."""
+    streams = keys.shared_streams()
     try:
         streams += [key.decode() for key in client.scan_iter(match=keys.tenant_streams, count=1000, _type="stream")]
     except redis.exceptions.NoPermissionError:
@@ -91,13 +94,14 @@ def render(snapshot: dict, previous: dict | None = None, interval: float = 0.0) 
     return "\n".join(lines)
 
 
-def wait_for_workers(url: str, count: int = 1, timeout_s: float = 60.0, processes=(), prefix: str = "batchd:") -> float:
+def wait_for_workers(url: str, count: int = 1, timeout_s: float = 60.0, processes=(), prefix: str = "batchd:",
+                     shards: int = 1) -> float:
     """Block until `count` workers heartbeat; returns the seconds it took.
 
     Raises RuntimeError at once if one of `processes` (the daemons being
     waited on) exits, and after timeout_s otherwise.
     """
-    client, keys = connect(url), Keys(prefix)
+    client, keys = connect(url), Keys(prefix, shards)
     started = time.monotonic()
     try:
         while len(read_status(client, keys)["workers"]) < count:

@@ -19,8 +19,8 @@ import hashlib
 import hmac
 import itertools
 import math
-import secrets
 import os
+import secrets
 import socket
 import time
 import uuid
@@ -587,19 +587,28 @@ class Reading:
 Sent = TypeVar("Sent")
 
 
+def default_shards() -> int:
+    """The fleet's request shards when a caller names none: $BATCHD_SHARDS, else 1."""
+    text = os.environ.get("BATCHD_SHARDS", "").strip()
+    try:
+        return int(text) if text else 1
+    except ValueError:
+        raise InvalidRequest(f"BATCHD_SHARDS must be a number of shards, got {text!r}") from None
+
+
 class ClientCore(Generic[Sent]):
     """The producer API both clients offer, built on the transport's _send (the handle for
     Client, an awaitable of it for AsyncClient)."""
 
     def __init__(self, prefix: str, producer: str | None, cancel_key: str | bytes | None = None,
-                 durable_replicas: int = 0, tenant: str = ""):
+                 durable_replicas: int = 0, tenant: str = "", shards: int | None = None):
         if isinstance(durable_replicas, bool) or not isinstance(durable_replicas, int) or durable_replicas < 0:
             raise InvalidRequest(f"durable_replicas must be a whole number of replicas, 0 or more, "
                                  f"got {durable_replicas!r}")
         # A submit counts as accepted only once this many replicas hold it (WAIT): with
         # appendfsync always on them, a failover then cannot lose it (docs/reliability.md).
         self.durable_replicas = durable_replicas
-        self.keys = Keys(prefix)
+        self.keys = Keys(prefix, default_shards() if shards is None else shards)
         self.producer = producer or default_producer()
         # Which request stream this client submits to, and the namespace of its request ids.
         self.tenant = tenant

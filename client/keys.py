@@ -9,9 +9,15 @@ docs/protocol.md documents each name for producers written in other languages.
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
+from functools import lru_cache
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 DEFAULT_PREFIX = "batchd:"
+# Request shards (docs/deploy.md, "Redis Cluster"): 1 keeps the one-server layout, key for key.
+MAX_SHARDS = 256
 
 # A tenant is a producer identity with a request stream of its own (docs/protocol.md,
 # "Tenants"): by default its Redis ACL user name. The name goes into keys and, before a "/",
@@ -27,49 +33,108 @@ WORKER_GROUP = "worker"
 
 @dataclass(frozen=True)
 class Keys:
+    """shards: how many request shards the fleet runs (`--shards`). With more than one, each
+    shard's keys carry a hash tag of their own, so on Redis Cluster a shard lives on one master
+    and every script touches one slot: a request's keys (its claim, lease, result, cancel flag)
+    sit in the shard its id hashes to, with that shard's request streams, the job streams its
+    requests are dispatched on, its dead letters, counters and config. Fleet keys (heartbeats,
+    tokenizers, pins) share one tag, so a scheduler reads every heartbeat in one MGET. Pub/sub
+    channel names carry no tag: events are published cluster-wide (docs/deploy.md says what
+    that costs)."""
+
     prefix: str = DEFAULT_PREFIX
+    shards: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise ValueError(f"shards must be 1..{MAX_SHARDS}, got {self.shards}")
+
+    # -- shards -----------------------------------------------------------
+    def shard_of(self, request_id: str) -> int:
+        """The shard a request id belongs to: producers submit to it, schedulers dispatch from it."""
+        if self.shards == 1:
+            return 0
+        return zlib.crc32(request_id.encode("utf-8", "surrogatepass")) % self.shards
+
+    def in_shard(self, shard: int) -> str:
+        """The start of every key of one shard."""
+        return self.prefix if self.shards == 1 else f"{self.prefix}{{{shard_tags(self.shards)[shard]}}}:"
+
+    @property
+    def _fleet(self) -> str:
+        return self.prefix if self.shards == 1 else f"{self.prefix}{{fleet}}:"
+
+    def _of(self, request_id: str) -> str:
+        return self.in_shard(self.shard_of(request_id))
+
+    def shard_of_key(self, key: str) -> int | None:
+        """The shard a shard key (a request or job stream, ...) belongs to; None: no shard key."""
+        if self.shards == 1:
+            return 0 if key.startswith(self.prefix) else None
+        for shard, tag in enumerate(shard_tags(self.shards)):
+            if key.startswith(f"{self.prefix}{{{tag}}}:"):
+                return shard
+        return None
 
     # -- streams ----------------------------------------------------------
     @property
     def requests(self) -> str:
-        """The shared request stream (fields: id, data): submitted, not yet dispatched requests
-        of producers without a tenant (the unauthenticated user, raw XADD producers)."""
-        return f"{self.prefix}requests"
+        """The shared request stream (fields: id, data) of shard 0 (the only one, unsharded):
+        submitted, not yet dispatched requests of producers without a tenant (the
+        unauthenticated user, raw XADD producers)."""
+        return self.requests_of("")
 
-    def requests_of(self, tenant: str) -> str:
-        """A tenant's own request stream; only its producer may XADD there ("": the shared one)."""
-        return f"{self.prefix}requests:{tenant}" if tenant else self.requests
+    def requests_of(self, tenant: str, shard: int = 0) -> str:
+        """A tenant's own request stream in one shard; only its producer may XADD there
+        ("": the shared one)."""
+        base = f"{self.in_shard(shard)}requests"
+        return f"{base}:{tenant}" if tenant else base
+
+    def shared_streams(self) -> list[str]:
+        """The shared request stream of every shard."""
+        return [self.requests_of("", shard) for shard in range(self.shards)]
 
     @property
     def tenant_streams(self) -> str:
         """SCAN pattern matching every tenant's request stream (the schedulers discover them so)."""
-        return f"{self.prefix}requests:*"
+        return f"{self.prefix}requests:*" if self.shards == 1 else f"{self.prefix}{{*}}:requests:*"
 
     @property
     def tenants(self) -> str:
         """Set of registered tenant names, written by an administrator beside each tenant's ACL
         user (docs/security.md): schedulers read their streams within a second."""
-        return f"{self.prefix}tenants"
+        return f"{self._fleet}tenants"
 
     def tenant_of_stream(self, stream: str) -> str | None:
         """The tenant whose request stream this is ("" the shared one; None: not a request stream)."""
-        if stream == self.requests:
+        shard = self.shard_of_key(stream)
+        if shard is None:
+            return None
+        base = f"{self.in_shard(shard)}requests"
+        if stream == base:
             return ""
-        tenant = stream[len(self.prefix) + len("requests:"):]
-        return tenant if stream.startswith(f"{self.prefix}requests:") and is_tenant(tenant) else None
+        tenant = stream[len(base) + 1:]
+        return tenant if stream.startswith(base + ":") and is_tenant(tenant) else None
 
     def stream_of_request(self, request_id: str) -> str:
-        """Where a request id is submitted and handed back: its tenant's stream."""
-        return self.requests_of(tenant_of(request_id))
+        """Where a request id is submitted and handed back: its tenant's stream in its shard."""
+        return self.requests_of(tenant_of(request_id), self.shard_of(request_id))
 
-    def jobs(self, worker_id: str) -> str:
-        """One worker's job stream: batches the schedulers dispatched to it."""
-        return f"{self.prefix}jobs:{worker_id}"
+    def jobs(self, worker_id: str, shard: int = 0) -> str:
+        """One worker's job stream in one shard: batches of that shard's requests the
+        schedulers dispatched to it (a worker reads one per shard)."""
+        return f"{self.in_shard(shard)}jobs:{worker_id}"
+
+    def job_streams(self, worker_id: str) -> list[str]:
+        return [self.jobs(worker_id, shard) for shard in range(self.shards)]
+
+    def dead_letters_in(self, shard: int) -> str:
+        """Requests of one shard that could not be served: malformed or failed too often."""
+        return f"{self.in_shard(shard)}dead"
 
     @property
     def dead_letters(self) -> str:
-        """Requests that could not be served: malformed or failed too often."""
-        return f"{self.prefix}dead"
+        return self.dead_letters_in(0)
 
     # -- per request ------------------------------------------------------
     def channel(self, request_id: str) -> str:
@@ -80,22 +145,26 @@ class Keys:
         """Pattern matching the channels of every request id starting with id_prefix."""
         return f"{self.prefix}res:{id_prefix}*"
 
-    def result(self, request_id: str) -> str:
-        """The stored final event (with TTL), for callers that missed the publish."""
-        return f"{self.prefix}result:{request_id}"
+    def result(self, request_id: str, shard: int | None = None) -> str:
+        """The stored final event (with TTL), for callers that missed the publish. shard: where
+        to keep it when it is not the id's own (an entry in another shard's stream)."""
+        return f"{self._at(request_id, shard)}result:{request_id}"
 
-    def accepted(self, request_id: str) -> str:
+    def accepted(self, request_id: str, shard: int | None = None) -> str:
         """The request's claim: the one stream entry allowed to run it (written by schedulers
         when they read it, moved by a hand-back), so a second submission never runs."""
-        return f"{self.prefix}accepted:{request_id}"
+        return f"{self._at(request_id, shard)}accepted:{request_id}"
 
     def owner(self, request_id: str) -> str:
         """Lease: which worker attempt may publish for this request right now."""
-        return f"{self.prefix}owner:{request_id}"
+        return f"{self._of(request_id)}owner:{request_id}"
 
     def cancelled(self, request_id: str) -> str:
         """Set when a caller cancels; checked before dispatch and at admission."""
-        return f"{self.prefix}cancel:{request_id}"
+        return f"{self._of(request_id)}cancel:{request_id}"
+
+    def _at(self, request_id: str, shard: int | None) -> str:
+        return self._of(request_id) if shard is None else self.in_shard(shard)
 
     # -- fleet --------------------------------------------------------------
     @property
@@ -106,47 +175,75 @@ class Keys:
     @property
     def workers(self) -> str:
         """Sorted set of worker ids scored by their last heartbeat (unix seconds)."""
-        return f"{self.prefix}workers"
+        return f"{self._fleet}workers"
 
     def heartbeat(self, worker_id: str) -> str:
         """A worker's last heartbeat; expires when the worker stops beating."""
-        return f"{self.prefix}worker:{worker_id}"
+        return f"{self._fleet}worker:{worker_id}"
 
     def reaping(self, worker_id: str) -> str:
         """Short lock so only one scheduler re-dispatches a dead worker's jobs."""
-        return f"{self.prefix}reaping:{worker_id}"
+        return f"{self._fleet}reaping:{worker_id}"
 
     def tokenizer(self, model: str) -> str:
         """Hash of a served model's tokenizer: `info` (TokenizerInfo) and `files` (a msgpack map
         of the files save_pretrained writes, by name). Written by the workers serving the model
         when they connect, kept alive by their heartbeats (client/tokenizers.py)."""
-        return f"{self.prefix}tokenizer:{model}"
+        return f"{self._fleet}tokenizer:{model}"
 
     def pin(self, handle: str) -> str:
         """A pinned prefix (protocol.PinnedPrefix), expiring with the pin: written by the worker
         that pinned it, read by every worker that meets the handle (workers/pins.py)."""
-        return f"{self.prefix}pin:{handle}"
+        return f"{self._fleet}pin:{handle}"
+
+    def config_in(self, shard: int) -> str:
+        """Hash of settings the schedulers publish for everyone (max_queue, ...), one per shard
+        (SUBMIT reads it beside the shard's stream)."""
+        return f"{self.in_shard(shard)}config"
 
     @property
     def config(self) -> str:
-        """Hash of settings the schedulers publish for everyone (max_queue, ...)."""
-        return f"{self.prefix}config"
+        return self.config_in(0)
 
     @property
     def overloaded(self) -> str:
         """Count of shared-stream submits refused as Overloaded since a scheduler last took it
         for Prometheus."""
-        return f"{self.prefix}overloaded"
+        return self.overloaded_of("")
 
-    def overloaded_of(self, tenant: str) -> str:
-        """The same count for one tenant's submits ("": the shared one). Only that tenant (and
-        its SUBMIT) may write it, so a forged INCR moves only the forger's own series."""
-        return f"{self.prefix}overloaded:{tenant}" if tenant else self.overloaded
+    def overloaded_of(self, tenant: str, shard: int = 0) -> str:
+        """The same count for one tenant's submits in one shard ("": the shared one). Only that
+        tenant (and its SUBMIT) may write it, so a forged INCR moves only the forger's own series."""
+        base = f"{self.in_shard(shard)}overloaded"
+        return f"{base}:{tenant}" if tenant else base
+
+    def stats_in(self, shard: int) -> str:
+        """Hash of fleet-wide counters (dead letters, reclaimed requests, ...) kept in one shard;
+        the fleet's are the sum over shards."""
+        return f"{self.in_shard(shard)}stats"
 
     @property
     def stats(self) -> str:
-        """Hash of fleet-wide counters (dead letters, reclaimed requests, ...)."""
-        return f"{self.prefix}stats"
+        return self.stats_in(0)
+
+
+@lru_cache(maxsize=16)
+def shard_tags(shards: int) -> tuple[str, ...]:
+    """Each shard's hash tag, chosen so the shards' slots lie evenly over the slot space: a
+    cluster whose masters hold equal slot ranges (what `redis-cli --cluster create` makes) then
+    holds equal numbers of shards when shards is a multiple of the masters. Every process
+    computes the same tags."""
+    tags = []
+    for shard in range(shards):
+        low = shard * REDIS_CLUSTER_HASH_SLOTS // shards
+        width = (shard + 1) * REDIS_CLUSTER_HASH_SLOTS // shards - low
+        # The middle half of the shard's range, so ranges a few slots off still hold it.
+        start, end = low + width // 4, low + max(1, 3 * width // 4)
+        attempt = 0
+        while not start <= key_slot(f"{{s{shard}.{attempt}}}".encode()) < end:
+            attempt += 1
+        tags.append(f"s{shard}.{attempt}")
+    return tuple(tags)
 
 
 def parse_stream_id(stream_id: str | bytes) -> tuple[int, int]:
@@ -173,3 +270,34 @@ def tenant_id(tenant: str, request_id: str) -> str:
     if not tenant or "/" in request_id:
         return request_id
     return f"{tenant}/{request_id}"
+
+
+# -- job references ---------------------------------------------------------------
+# A worker reads one job stream per shard; it names a job by its shard and entry id,
+# "<shard>/<entry id>", or by the entry id alone in an unsharded fleet (shard 0).
+
+def job_ref(shard: int, entry_id: str) -> str:
+    return f"{shard}/{entry_id}" if shard else entry_id
+
+
+def parse_job_ref(ref: str) -> tuple[int, str]:
+    """(shard, entry id) of a job reference."""
+    shard, slash, entry_id = ref.partition("/")
+    return (int(shard), entry_id) if slash else (0, ref)
+
+
+def format_last_reads(last: dict[int, str]) -> str:
+    """A heartbeat's last_job_read: the newest job entry read on each shard's stream, as
+    "<id>" (shard 0 alone: what unsharded workers send) or "<shard>/<id>,..." ."""
+    if set(last) <= {0}:
+        return last.get(0, "0-0")
+    return ",".join(job_ref(shard, entry_id) if shard else f"0/{entry_id}" for shard, entry_id in sorted(last.items()))
+
+
+def parse_last_reads(text: str) -> dict[int, tuple[int, int]]:
+    """format_last_reads read back, each entry id as parse_stream_id gives it."""
+    last = {}
+    for part in text.split(","):
+        shard, entry_id = parse_job_ref(part)
+        last[shard] = parse_stream_id(entry_id)
+    return last

@@ -163,5 +163,7 @@ SUBMIT = Function(LIBRARY, "batchd_v1_submit")
 
 
 def submit_call(keys: Keys, tenant: str, request_id: str, payload: bytes) -> ScriptCall:
-    """SUBMIT of one request to a tenant's stream ("": the shared one)."""
-    return SUBMIT, [keys.requests_of(tenant), keys.config, keys.overloaded_of(tenant)], [request_id, payload]
+    """SUBMIT of one request to a tenant's stream ("": the shared one) in the id's shard."""
+    shard = keys.shard_of(request_id)
+    return (SUBMIT, [keys.requests_of(tenant, shard), keys.config_in(shard), keys.overloaded_of(tenant, shard)],
+            [request_id, payload])

@@ -209,13 +209,13 @@ class Client(core.ClientCore[RequestHandle]):
 
     def __init__(self, url: str | None = None, *, prefix: str = "batchd:", producer: str | None = None,
                  max_connections: int = 64, socket_timeout: float = 30.0, cancel_key: str | bytes | None = None,
-                 durable_replicas: int = 0, tenant: str | None = None):
+                 durable_replicas: int = 0, tenant: str | None = None, shards: int | None = None):
         self._redis = open_redis(
             url, wait_for_connection=True, max_connections=max_connections, socket_timeout=socket_timeout,
             socket_connect_timeout=10.0, health_check_interval=30,
             retry_on_timeout=True)
         super().__init__(prefix, producer, cancel_key, durable_replicas,
-                         core.resolve_tenant(tenant, acl_user(self._redis)))
+                         core.resolve_tenant(tenant, acl_user(self._redis)), shards)
         self._router = _Router(self._redis, self._routes, self.keys.channel_pattern(self._ids.id_prefix))
         self._router.start()
 

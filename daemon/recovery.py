@@ -51,7 +51,8 @@ def _hand_back_call(keys: Keys, request: Request, reason: str, max_attempts: int
         payload = encode(msgspec.structs.replace(request, attempt=attempt))
         event = seal_event(RestartEvent(attempt=attempt, reason=reason), request)
     return (scripts.HAND_BACK,
-            [keys.result(request.id), keys.owner(request.id), keys.stream_of_request(request.id), keys.dead_letters, keys.stats,
+            [keys.result(request.id), keys.owner(request.id), keys.stream_of_request(request.id),
+             keys.dead_letters_in(keys.shard_of(request.id)), keys.stats_in(keys.shard_of(request.id)),
              keys.accepted(request.id)],
             [expected, request.id, mode, payload, keys.channel(request.id), event, result_ttl_s,
              scripts.requeued_token(attempt), error.code if error else "",

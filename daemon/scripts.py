@@ -356,8 +356,10 @@ def publish_step_call(keys: Keys, owner_token: str, events: Sequence[tuple[str, 
 
 def dispatch_call(keys: Keys, worker_id: str, job_payload: bytes, group: str, lease_ttl_s: int,
                   requests: Sequence[tuple[Request, str, str]]) -> ScriptCall:
-    """DISPATCH of one job to worker_id; requests are its (request, request stream, entry id) triples."""
-    call_keys = [keys.jobs(worker_id), keys.stats]
+    """DISPATCH of one job to worker_id; requests are its (request, request stream, entry id)
+    triples, all of one shard (the job goes on the worker's stream of that shard)."""
+    shard = keys.shard_of(requests[0][0].id)
+    call_keys = [keys.jobs(worker_id, shard), keys.stats_in(shard)]
     args: list = [job_payload, group, lease_ttl_s]
     for request, stream, entry_id in requests:
         call_keys += [keys.owner(request.id), keys.cancelled(request.id), keys.accepted(request.id),
@@ -387,8 +389,9 @@ def reject_call(keys: Keys, stream: str, group: str, entry_id: str, request_id: 
                 named_id: str = "") -> ScriptCall:
     """REJECT of an unreadable entry of a request stream; request_id and final_payload only when
     the entry names a valid id of that stream's tenant (named_id: the id it names otherwise,
-    kept in the dead letter only)."""
-    call_keys = [stream, keys.dead_letters, keys.stats]
+    kept in the dead letter only). A valid id is one of the stream's shard (see entry_problem)."""
+    shard = keys.shard_of_key(stream) or 0
+    call_keys = [stream, keys.dead_letters_in(shard), keys.stats_in(shard)]
     args: list = [group, entry_id, DEAD_LETTER_MAXLEN, DEAD_LETTER_DATA_BYTES, request_id or named_id, error_type,
                   message[:DEAD_LETTER_REASON_CHARS], data or b""]
     if request_id and final_payload is not None:
@@ -403,7 +406,8 @@ def overflow_call(keys: Keys, stream: str, group: str, entry_id: str, request_id
     when the entry names a valid id of that tenant (else it is dropped unanswered)."""
     answer = request_id is not None and final_payload is not None
     rid = request_id if answer else f"entry-{entry_id}"
-    return (OVERFLOW, [stream, keys.accepted(rid), keys.result(rid)],
+    shard = keys.shard_of_key(stream) or 0  # an unanswered entry's keys are in its stream's shard
+    return (OVERFLOW, [stream, keys.accepted(rid, shard), keys.result(rid, shard)],
             [group, entry_id, keys.channel(rid), final_payload if answer else b"", result_ttl_s, CLAIM_TTL_S])
 
 

@@ -48,6 +48,8 @@ class DaemonConfig:
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "batchd:"
+    # Request shards (Keys.shards): every process of a fleet must be started with the same number.
+    shards: int = 1
     # How long a final result stays readable at batchd:result:{id}.
     result_ttl_s: int = 3600
     metrics_port: int = 0
@@ -126,14 +128,18 @@ def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
 
 def publish_settings(client: redis.Redis, keys: Keys, *, max_queue: int, max_attempts: int) -> None:
     """The settings schedulers own and every side reads: SUBMIT bounds the backlog by
-    max_queue, a worker handing a request back dead-letters it after max_attempts."""
-    client.hset(keys.config, mapping={"max_queue": max_queue, "max_attempts": max_attempts})
+    max_queue, a worker handing a request back dead-letters it after max_attempts. Written to
+    every shard's config hash, since SUBMIT reads the one in its shard."""
+    with client.pipeline(transaction=False) as pipe:
+        for shard in range(keys.shards):
+            pipe.hset(keys.config_in(shard), mapping={"max_queue": max_queue, "max_attempts": max_attempts})
+        pipe.execute()
 
 
 def read_max_attempts(client: redis.Redis, keys: Keys) -> int:
     """The schedulers' --max-attempts; the default before any scheduler published one."""
     try:
-        value = client.hget(keys.config, "max_attempts")
+        value = client.hget(keys.config_in(0), "max_attempts")
         return max(1, int(value)) if value is not None else DEFAULT_MAX_ATTEMPTS
     except (ValueError, redis.ResponseError):  # unreadable or the wrong type: schedulers rewrite it
         return DEFAULT_MAX_ATTEMPTS

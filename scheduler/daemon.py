@@ -22,7 +22,7 @@ import redis
 
 from batchd.client.connection import connect, describe
 from batchd.client.errors import BatchdError, InvalidRequest, Overloaded, UnknownModel, WorkerFailed
-from batchd.client.keys import SCHEDULER_GROUP, Keys, parse_stream_id, tenant_of
+from batchd.client.keys import SCHEDULER_GROUP, Keys, parse_last_reads, parse_stream_id, tenant_of
 from batchd.client.protocol import (
     PROTOCOL_VERSION,
     FinalEvent,
@@ -128,7 +128,7 @@ class _Held:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, client: redis.Redis | None = None, clock=time.time):
         self.config = config
-        self.keys = Keys(config.prefix)
+        self.keys = Keys(config.prefix, config.shards)
         self.redis = client or connect(config.redis_url)
         self.clock = clock
         # One batcher per model a request names: a job carries one model's requests.
@@ -160,7 +160,8 @@ class Scheduler:
                  self.config.scheduler_id, len(self.batcher))
 
     def _setup(self) -> None:
-        ensure_group(self.redis, self.keys.requests, SCHEDULER_GROUP)
+        for stream in self.keys.shared_streams():
+            ensure_group(self.redis, stream, SCHEDULER_GROUP)
         self.streams.discover(self.clock())
         publish_settings(self.redis, self.keys, max_queue=self.config.max_queue,
                          max_attempts=self.config.max_attempts)
@@ -171,9 +172,11 @@ class Scheduler:
         request stream and its group, the config hash, the producers' functions; a fleet key of
         the wrong type is deleted first), then re-read what this scheduler was delivered."""
         try:
-            repair_keys(self.redis, {self.keys.requests: "stream", self.keys.config: "hash",
-                                     self.keys.workers: "zset", self.keys.stats: "hash",
-                                     self.keys.dead_letters: "stream"})
+            owned = {self.keys.workers: "zset"}
+            for shard in range(self.keys.shards):
+                owned.update({self.keys.requests_of("", shard): "stream", self.keys.config_in(shard): "hash",
+                              self.keys.stats_in(shard): "hash", self.keys.dead_letters_in(shard): "stream"})
+            repair_keys(self.redis, owned)
             self.streams.forget()  # an error reply may mean a tenant's stream was deleted
             self._setup()
             self._read_own_pending()
@@ -323,6 +326,9 @@ class Scheduler:
         request_id = raw_id.decode("utf-8", "replace") if isinstance(raw_id, bytes) else None
         data = fields.get(b"data")
         tenant = self.streams.tenant(stream)
+        if request_id is not None and is_request_id(request_id) and \
+                self.keys.shard_of(request_id) != self.keys.shard_of_key(stream):
+            return stream, entry_id, request_id, data, self._wrong_shard(stream, request_id), False
         if request_id is not None and tenant_of(request_id) != tenant:
             # Another tenant's id (or a tenant's id on the shared stream): never this entry's to
             # run or answer, so no producer can take an id outside its own namespace.
@@ -342,7 +348,19 @@ class Scheduler:
         if tenant_of(request.id) != tenant:  # an entry without an id field
             return stream, entry_id, request.id, data, InvalidRequest(
                 f"request id {request.id!r} is not in the namespace of {stream}", None), False
+        if self.keys.shard_of(request.id) != self.keys.shard_of_key(stream):
+            return stream, entry_id, request.id, data, self._wrong_shard(stream, request.id), False
         return _Held(entry_id, request, data, stream)
+
+    def _wrong_shard(self, stream: str, request_id: str) -> InvalidRequest:
+        """An id submitted to another shard's stream than its own (a producer started with another
+        --shards than the fleet's, or a raw XADD): its keys live in that other shard, which a
+        script on this stream may not touch (one slot per script on Redis Cluster), so it is
+        dead-lettered unanswered."""
+        return InvalidRequest(
+            f"request id {request_id!r} belongs to shard {self.keys.shard_of(request_id)} of "
+            f"{self.keys.shards}, not to {stream}: start producers with the fleet's --shards "
+            f"({self.keys.shards}; docs/deploy.md)", None)
 
     # -- dispatch ---------------------------------------------------------
     def _dispatch_due(self) -> None:
@@ -368,17 +386,18 @@ class Scheduler:
             batch = self.batcher.take(requested, now, worker.available())
             if not batch:
                 return
-            batch = self._drop_expired(batch, now)
-            while batch:
-                cancelled, stale = self._send_job(worker, batch)
-                if not cancelled and not stale:
-                    break
-                for held in cancelled:
-                    self._answer(held, cancelled_before_start(held.request.id))
-                if stale:
-                    log.info("dropped %d requests whose id another entry or worker holds now", len(stale))
-                    self._ack(*stale)
-                batch = [held for held in batch if held not in cancelled and held not in stale]
+            # One job per shard: DISPATCH touches the job's requests' keys, which live in their shard.
+            for batch in self._by_shard(self._drop_expired(batch, now)):
+                while batch:
+                    cancelled, stale = self._send_job(worker, batch)
+                    if not cancelled and not stale:
+                        break
+                    for held in cancelled:
+                        self._answer(held, cancelled_before_start(held.request.id))
+                    if stale:
+                        log.info("dropped %d requests whose id another entry or worker holds now", len(stale))
+                        self._ack(*stale)
+                    batch = [held for held in batch if held not in cancelled and held not in stale]
             metrics.batch_wait.observe(max(0.0, now - (opened or now)))
 
     def _send_job(self, worker: WorkerCapacity, batch: list[_Held]) -> tuple[list[_Held], list[_Held]]:
@@ -395,11 +414,19 @@ class Scheduler:
             cancelled, stale = reply[1], reply[2]
             return [batch[p - 1] for p in cancelled], [batch[p - 1] for p in stale]
         detail = reply[1]
-        worker.dispatched(parse_stream_id(detail), len(batch))
+        worker.dispatched(self.keys.shard_of(batch[0].request.id), parse_stream_id(detail), len(batch))
         self.jobs_dispatched += 1
         metrics.jobs_dispatched.inc()
         metrics.job_size.observe(len(batch))
         return [], []
+
+    def _by_shard(self, batch: list[_Held]) -> list[list[_Held]]:
+        if self.keys.shards == 1:
+            return [batch]
+        parts: dict[int, list[_Held]] = {}
+        for held in batch:
+            parts.setdefault(self.keys.shard_of(held.request.id), []).append(held)
+        return list(parts.values())
 
     def _refuse_model(self, requested: str, error: UnknownModel) -> None:
         """Answer every held request naming a model no live worker serves."""
@@ -435,7 +462,7 @@ class Scheduler:
         sends, inside scripts.DISPATCH (checking every held request at every
         dispatch made the scheduler quadratic in its backlog).
         """
-        flags = self.redis.mget([self.keys.cancelled(h.request.id) for h in held])
+        flags = self._cancel_flags(held)
         doomed = set()
         for h, flag in zip(held, flags):
             if h.request.deadline is not None and h.request.deadline <= now:
@@ -446,6 +473,22 @@ class Scheduler:
                 continue
             doomed.add(h.request.id)
         return doomed
+
+    def _cancel_flags(self, held: list[_Held]) -> list:
+        """Each held request's cancel flag: one MGET per shard (a cluster answers an MGET of one slot only)."""
+        if self.keys.shards == 1:
+            return self.redis.mget([self.keys.cancelled(h.request.id) for h in held])
+        parts: dict[int, list[int]] = {}
+        for index, h in enumerate(held):
+            parts.setdefault(self.keys.shard_of(h.request.id), []).append(index)
+        flags: list = [None] * len(held)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for indices in parts.values():
+                pipe.mget([self.keys.cancelled(held[i].request.id) for i in indices])
+            for indices, values in zip(parts.values(), pipe.execute()):
+                for i, value in zip(indices, values):
+                    flags[i] = value
+        return flags
 
     def _answer(self, held: _Held, error: BatchdError) -> None:
         """Finish a held request with an error, if it is still this entry's (scripts.ANSWER),
@@ -472,11 +515,11 @@ class Scheduler:
         metrics.dead_letters.labels(error.code).inc()
 
     def _ack(self, *held: _Held) -> None:
-        with self.redis.pipeline(transaction=True) as pipe:
-            for stream, entry_ids in by_stream((h.stream, h.entry_id) for h in held).items():
+        for stream, entry_ids in by_stream((h.stream, h.entry_id) for h in held).items():
+            with self.redis.pipeline(transaction=True) as pipe:  # one stream: one slot on a cluster
                 pipe.xack(stream, SCHEDULER_GROUP, *entry_ids)
                 pipe.xdel(stream, *entry_ids)
-            pipe.execute()
+                pipe.execute()
 
     # -- workers --------------------------------------------------------------
     def _refresh_workers(self) -> None:
@@ -499,7 +542,7 @@ class Scheduler:
                 log.warning("ignoring unreadable heartbeat of worker %s", worker_id)
                 continue
             capacity = self.workers.get(worker_id) or WorkerCapacity(worker_id, 0)
-            capacity.refresh(beat.requests_it_can_take(), parse_stream_id(beat.last_job_read))
+            capacity.refresh(beat.requests_it_can_take(), parse_last_reads(beat.last_job_read))
             capacity.models = frozenset(models_served(beat))
             live[worker_id] = capacity
             slots += beat.total_slots
@@ -596,10 +639,11 @@ class Scheduler:
         them in Redis, one counter per tenant; each scheduler takes (GETDEL) what accumulated
         into its own series of that tenant, so the fleet's sum counts each refusal once. Only a
         tenant may write its counter: a forged INCR moves its own series and no other."""
-        tenants = [self.streams.tenant(stream) for stream in self.streams]
+        streams = list(self.streams)
+        tenants = [self.streams.tenant(stream) for stream in streams]
         with self.redis.pipeline(transaction=False) as pipe:
-            for tenant in tenants:
-                pipe.getdel(self.keys.overloaded_of(tenant))
+            for stream, tenant in zip(streams, tenants):
+                pipe.getdel(self.keys.overloaded_of(tenant, self.keys.shard_of_key(stream) or 0))
             taken = pipe.execute(raise_on_error=False)
         for tenant, value in zip(tenants, taken):
             try:
@@ -661,14 +705,18 @@ class Scheduler:
 
     def reap_worker(self, worker_id: str) -> int:
         """Re-dispatch every unfinished request of a worker that stopped beating."""
-        stream = self.keys.jobs(worker_id)
+        streams = self.keys.job_streams(worker_id)
         requeued = 0
-        for entry_id, fields in self.redis.xrange(stream, "-", "+"):
-            job = read_job(entry_id, fields, f"dead worker {worker_id}")
-            if job is not None:
-                requeued += self._requeue(job.requests, worker_id)
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(stream)
+        for stream in streams:
+            for entry_id, fields in self.redis.xrange(stream, "-", "+"):
+                job = read_job(entry_id, fields, f"dead worker {worker_id}")
+                if job is not None:
+                    requeued += self._requeue(job.requests, worker_id)
+        # Not one transaction: the streams lie in every shard. Each step is safe to repeat, and
+        # the reaping lock (60 s) lets another scheduler finish what a killed one began.
+        with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.delete(stream)
             pipe.zrem(self.keys.workers, worker_id)
             # A worker that wakes, re-registers and dies again can be reaped again at once.
             pipe.delete(self.keys.reaping(worker_id))

@@ -306,21 +306,22 @@ class WorkerCapacity:
 
     worker_id: str
     free_slots: int
-    # (job stream id, requests) this scheduler dispatched that the worker's
+    # (shard, job stream id, requests) this scheduler dispatched that the worker's
     # heartbeat had not yet counted.
-    unseen: list[tuple[tuple[int, int], int]] = field(default_factory=list)
+    unseen: list[tuple[int, tuple[int, int], int]] = field(default_factory=list)
     # The model names it answers to (Heartbeat.models).
     models: frozenset[str] = frozenset()
 
     def available(self) -> int:
-        return max(0, self.free_slots - sum(n for _, n in self.unseen))
+        return max(0, self.free_slots - sum(n for _, _, n in self.unseen))
 
-    def refresh(self, free_slots: int, last_job_read: tuple[int, int]) -> None:
+    def refresh(self, free_slots: int, last_jobs_read: dict[int, tuple[int, int]]) -> None:
+        """A heartbeat: free slots, and the newest job read on each shard's job stream."""
         self.free_slots = free_slots
-        self.unseen = [(sid, n) for sid, n in self.unseen if sid > last_job_read]
+        self.unseen = [(shard, sid, n) for shard, sid, n in self.unseen if sid > last_jobs_read.get(shard, (0, 0))]
 
-    def dispatched(self, job_stream_id: tuple[int, int], requests: int) -> None:
-        self.unseen.append((job_stream_id, requests))
+    def dispatched(self, shard: int, job_stream_id: tuple[int, int], requests: int) -> None:
+        self.unseen.append((shard, job_stream_id, requests))
 
 
 def pick_worker(workers: dict[str, WorkerCapacity], model: str | None = None) -> WorkerCapacity | None:

@@ -38,7 +38,7 @@ class RequestStreams:
         self.redis = client
         self.keys = keys
         self.group = group
-        self.tenants: dict[str, str] = {keys.requests: ""}
+        self.tenants: dict[str, str] = dict.fromkeys(keys.shared_streams(), "")
         self._next_registry = 0.0
         self._next_scan = 0.0
 
@@ -54,7 +54,7 @@ class RequestStreams:
     def forget(self) -> None:
         """Back to the shared stream only (after an error reply: a stream may have been deleted);
         discover() finds the tenants' streams again at once."""
-        self.tenants = {self.keys.requests: ""}
+        self.tenants = dict.fromkeys(self.keys.shared_streams(), "")
         self._next_registry = self._next_scan = 0.0
 
     def discover(self, now: float) -> list[str]:
@@ -68,7 +68,8 @@ class RequestStreams:
         if now >= self._next_registry:
             self._next_registry = now + REGISTRY_INTERVAL_S
             for name in self.redis.smembers(self.keys.tenants):
-                found += self._add(self.keys.requests_of(_text(name)))
+                for shard in range(self.keys.shards):
+                    found += self._add(self.keys.requests_of(_text(name), shard))
         if found:
             log.info("reading %d new tenant request streams: %s", len(found), ", ".join(found[:10]))
         return found

@@ -41,9 +41,10 @@ def redis_client(redis_server):
 class Daemons:
     """Starts `batchd` daemons as real child processes and stops them all."""
 
-    def __init__(self, url: str, tmp_path: Path):
+    def __init__(self, url: str, tmp_path: Path, shards: int = 1):
         self.url = url
         self.tmp_path = tmp_path
+        self.shards = shards
         self.processes: list[subprocess.Popen] = []
 
     def start(self, *argv: str, log_name: str | None = None) -> subprocess.Popen:
@@ -51,7 +52,9 @@ class Daemons:
         log_file = open(log_path, "wb")
         # Outside the checkout, as an operator runs them: nothing at the repository root
         # stands in for the installed package (an editable or a plain install).
-        process = subprocess.Popen([sys.executable, "-m", "batchd.cli", *argv[:1], "--redis", self.url, *argv[1:]],
+        sharded = ["--shards", str(self.shards)] if self.shards > 1 and argv[0] != "up" else []
+        process = subprocess.Popen([sys.executable, "-m", "batchd.cli", *argv[:1], "--redis", self.url, *sharded,
+                                    *argv[1:]],
                                    stdout=log_file, stderr=subprocess.STDOUT, cwd=self.tmp_path,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log_file.close()
@@ -67,7 +70,7 @@ class Daemons:
 
     def wait_for_workers(self, count: int = 1, timeout: float = 60.0) -> None:
         try:
-            wait_for_workers(self.url, count, timeout, self.processes)
+            wait_for_workers(self.url, count, timeout, self.processes, shards=self.shards)
         except RuntimeError as exc:
             pytest.fail(f"{exc}\n{self.logs()}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchd.client.keys import parse_stream_id
+from batchd.client.keys import format_last_reads, parse_last_reads, parse_stream_id
 from batchd.client.errors import UnknownModel
 from batchd.scheduler.policy import Batcher, BatchPolicy, ModelBatchers, WorkerCapacity, models_served, pick_worker, route
 
@@ -90,14 +90,26 @@ def test_policy_rejects_nonsense():
 
 def test_capacity_subtracts_what_the_worker_has_not_seen_yet():
     worker = WorkerCapacity("w1", free_slots=10)
-    worker.dispatched(parse_stream_id("100-0"), 4)
-    worker.dispatched(parse_stream_id("105-1"), 3)
+    worker.dispatched(0, parse_stream_id("100-0"), 4)
+    worker.dispatched(0, parse_stream_id("105-1"), 3)
     assert worker.available() == 3
     # The heartbeat says the worker read up to 100-0, and had 8 free after admitting it.
-    worker.refresh(free_slots=8, last_job_read=parse_stream_id("100-0"))
+    worker.refresh(free_slots=8, last_jobs_read=parse_last_reads("100-0"))
     assert worker.available() == 5
-    worker.refresh(free_slots=8, last_job_read=parse_stream_id("105-1"))
+    worker.refresh(free_slots=8, last_jobs_read=parse_last_reads("105-1"))
     assert worker.available() == 8
+
+
+def test_capacity_counts_each_shards_job_stream_on_its_own():
+    # Job stream ids of different shards are not comparable (other streams, on a cluster other
+    # servers' clocks): a read on shard 1 says nothing of shard 2's jobs.
+    worker = WorkerCapacity("w1", free_slots=10)
+    worker.dispatched(1, parse_stream_id("500-0"), 4)
+    worker.dispatched(2, parse_stream_id("100-0"), 3)
+    worker.refresh(free_slots=10, last_jobs_read=parse_last_reads(format_last_reads({1: "900-0"})))
+    assert worker.available() == 7
+    worker.refresh(free_slots=10, last_jobs_read=parse_last_reads(format_last_reads({1: "900-0", 2: "100-0"})))
+    assert worker.available() == 10
 
 
 def test_pick_worker_prefers_the_most_room_and_none_when_full():

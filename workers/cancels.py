@@ -6,7 +6,7 @@ a worker only has to hear cancels sent after a job was dispatched, and this
 subscription hears every one of them while it is live. So a job needs no
 round trip to read its flags, except where the subscription may have missed
 something: before it is confirmed after a (re)connect, for jobs dispatched
-before that moment. `needs_flags` tells those apart by job stream id.
+before that moment. `needs_flags` tells those apart by job stream id (on each shard's job stream).
 
 Cancels for requests the worker does not hold yet are remembered (the job may
 still be on its way), so one heard a moment before its job is read still
@@ -20,7 +20,7 @@ from collections import OrderedDict
 import redis
 
 from batchd.client.connection import Subscription
-from batchd.client.keys import parse_stream_id
+from batchd.client.keys import parse_job_ref, parse_stream_id
 from batchd.client.protocol import Request
 from batchd.daemon.toolkit import cancel_matches
 
@@ -29,13 +29,14 @@ REMEMBERED_CANCELS = 10_000
 
 
 class CancelFeed:
-    def __init__(self, client: redis.Redis, channel: str, job_stream: str):
+    def __init__(self, client: redis.Redis, channel: str, job_streams: list[str]):
+        """job_streams: the worker's, by shard."""
         self._client = client
         self._channel = channel
-        self._job_stream = job_stream
+        self._job_streams = job_streams
         self._subscription: Subscription | None = None
-        # Jobs after this stream id were dispatched while the subscription was live.
-        self._live_after: tuple[int, int] | None = None
+        # Per shard: jobs after this stream id were dispatched while the subscription was live.
+        self._live_after: list[tuple[int, int]] | None = None
         self._heard: OrderedDict[str, list[str]] = OrderedDict()
 
     def connect(self) -> None:
@@ -70,9 +71,12 @@ class CancelFeed:
                 cancelled.append((request_id, secret))
                 self._remember(request_id, secret)
 
-    def needs_flags(self, job_entry_id: str) -> bool:
-        """True when this job's requests may have been cancelled unheard: read their flags."""
-        return self._live_after is None or parse_stream_id(job_entry_id) <= self._live_after
+    def needs_flags(self, job: str) -> bool:
+        """True when this job's (keys.job_ref) requests may have been cancelled unheard: read their flags."""
+        if self._live_after is None:
+            return True
+        shard, entry_id = parse_job_ref(job)
+        return parse_stream_id(entry_id) <= self._live_after[shard]
 
     def heard(self, request: Request) -> bool:
         """A cancel for this request, with its secret, was heard before the request arrived."""
@@ -86,8 +90,11 @@ class CancelFeed:
         while len(self._heard) > REMEMBERED_CANCELS:
             self._heard.popitem(last=False)
 
-    def _last_dispatched(self) -> tuple[int, int]:
-        # Every job not yet read is still on the stream (the worker deletes only what
-        # it acked), so the newest entry bounds what was dispatched before now.
-        newest = self._client.xrevrange(self._job_stream, count=1)
-        return parse_stream_id(newest[0][0]) if newest else (0, 0)
+    def _last_dispatched(self) -> list[tuple[int, int]]:
+        # Every job not yet read is still on its stream (the worker deletes only what
+        # it acked), so each stream's newest entry bounds what was dispatched before now.
+        with self._client.pipeline(transaction=False) as pipe:
+            for stream in self._job_streams:
+                pipe.xrevrange(stream, count=1)
+            newest = pipe.execute()
+        return [parse_stream_id(entries[0][0]) if entries else (0, 0) for entries in newest]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from batchd.client.keys import format_last_reads, parse_job_ref
 from batchd.client.protocol import ErrorInfo, Heartbeat, Request, Result, Timings, TokenEvent, TokenLogprob, Usage
 from batchd.daemon.toolkit import SERVER_TICK_MS
 
@@ -43,6 +44,11 @@ class Held:
     score_item: ScoreItem | None = None
     # With SamplingParams.logprobs: each generated token's.
     logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def shard(self) -> int:
+        """Its request's shard: that of the job it came in (a job carries one shard's requests)."""
+        return parse_job_ref(self.job_entry)[0]
 
     def add_tokens(self, token_ids: list[int], text: str, now: float,
                    logprobs: list[TokenLogprob] | None = None) -> TokenEvent:
@@ -125,11 +131,16 @@ class Holdings:
         self.requests: dict[str, Held] = {}
         # Job stream entry id -> the ids of its requests without a delivered outcome.
         self.jobs_open: dict[str, set[str]] = {}
-        # The newest job entry read; schedulers count jobs after it as not yet seen.
+        # The newest job entry read on each shard's stream; schedulers count jobs after it as
+        # not yet seen.
+        self._last_read: dict[int, str] = {}
         self.last_job_read = "0-0"
 
-    def note_read(self, entry_id: str) -> None:
-        self.last_job_read = entry_id
+    def note_read(self, job: str) -> None:
+        """A job (keys.job_ref) was read."""
+        shard, entry_id = parse_job_ref(job)
+        self._last_read[shard] = entry_id
+        self.last_job_read = format_last_reads(self._last_read)
 
     def is_open(self, entry_id: str) -> bool:
         return entry_id in self.jobs_open

@@ -34,7 +34,7 @@ import redis
 
 from batchd.client.connection import CONNECTION_LOST
 from batchd.client.core import DURABLE_WAIT_MS, not_durable
-from batchd.client.keys import WORKER_GROUP, Keys
+from batchd.client.keys import WORKER_GROUP, Keys, parse_job_ref
 from batchd.client.tokenizers import TOKENIZER_TTL_MS
 from batchd.client.protocol import Heartbeat, Request, Result, TokenEvent, encode, seal_event, seal_final
 from batchd.client.scripts import ScriptCall, raise_any_error, run_in_pipeline
@@ -85,7 +85,7 @@ class Outbox:
         self.durable_replicas = durable_replicas
         self.keys = keys
         self.worker_id = worker_id
-        self.stream = keys.jobs(worker_id)
+        self.streams = keys.job_streams(worker_id)
         self.result_ttl_s = result_ttl_s
         self.scoring_result_ttl_s = result_ttl_s if scoring_result_ttl_s is None else scoring_result_ttl_s
         self.lease_ms = lease_ms
@@ -142,16 +142,21 @@ class Outbox:
 
     def _calls(self, parcel: Parcel) -> list[ScriptCall]:
         calls = [scripts.publish_step_call(self.keys, owner, [(held.request.id, seal_event(event, held.request)) for held, event in group])
-                 for owner, group in _by_owner(parcel.events).items()]
+                 for (owner, _shard), group in _by_owner(parcel.events).items()]
         for held, result in parcel.finished:
             closes = parcel.closes.get(held.job_entry) is held
             scoring = held.request.task != "generate"
             cue = _cue(result, held.request)
             calls.append(scripts.finalize_call(self.keys, held.request.id, seal_final(result, held.request),
                                                self.scoring_result_ttl_s if scoring else self.result_ttl_s, held.owner,
-                                               (self.stream, WORKER_GROUP, held.job_entry) if closes else None,
+                                               self._ack_of(held.job_entry) if closes else None,
                                                cue=cue, cue_read_window_s=CUE_READ_WINDOW_S))
         return calls
+
+    def _ack_of(self, job: str) -> tuple[str, str, str]:
+        """FINALIZE's ack of the job a result completes: on its shard's job stream."""
+        shard, entry_id = parse_job_ref(job)
+        return self.streams[shard], WORKER_GROUP, entry_id
 
     def _round_trip(self, parcel: Parcel, calls: list[ScriptCall]) -> Receipt:
         def beat_and_read(pipe) -> None:
@@ -161,7 +166,8 @@ class Outbox:
                 for key in self.kept_alive:
                     pipe.pexpire(key, TOKENIZER_TTL_MS)
             if parcel.read_jobs:
-                pipe.xreadgroup(WORKER_GROUP, self.worker_id, {self.stream: ">"}, count=parcel.read_jobs)
+                pipe.xreadgroup(WORKER_GROUP, self.worker_id, {stream: ">" for stream in self.streams},
+                                count=parcel.read_jobs)
 
         outcomes, replies = run_in_pipeline(self.redis, calls, beat_and_read)
         jobs = replies[-1] if parcel.read_jobs else None
@@ -188,10 +194,11 @@ class Outbox:
 
 
 def _by_owner(events: list[tuple[Held, TokenEvent]]) -> dict[str, list[tuple[Held, TokenEvent]]]:
-    """Events grouped by lease token, in order: one PUBLISH_STEP call per token (requests of one attempt share it)."""
-    groups: dict[str, list[tuple[Held, TokenEvent]]] = {}
+    """Events grouped by lease token and shard, in order: one PUBLISH_STEP call per token (requests
+    of one attempt share it) and shard (a script touches one shard's keys)."""
+    groups: dict[tuple[str, int], list[tuple[Held, TokenEvent]]] = {}
     for held, event in events:
-        groups.setdefault(held.owner, []).append((held, event))
+        groups.setdefault((held.owner, held.shard), []).append((held, event))
     return groups
 
 

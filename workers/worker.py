@@ -30,7 +30,7 @@ import redis
 from batchd.client import connection, tokenizers
 from batchd.client.connection import CONNECTION_LOST, describe
 from batchd.client.errors import BatchdError, InvalidRequest, UnknownModel
-from batchd.client.keys import WORKER_GROUP, Keys
+from batchd.client.keys import WORKER_GROUP, Keys, job_ref, parse_job_ref
 from batchd.client.protocol import PROTOCOL_VERSION, Heartbeat, Request, RestartEvent, Result, error_result
 from batchd.daemon import metrics, recovery, toolkit
 from batchd.daemon.scripts import owner_token
@@ -93,11 +93,12 @@ class Worker:
         created before the engine loaded its model when the process serves them from its start."""
         self.config = config
         self.engine = engine
-        self.keys = Keys(config.prefix)
+        self.keys = Keys(config.prefix, config.shards)
         self.clock = clock
         connect = connect or (lambda: connection.connect(config.redis_url))
         self.redis = connect()
-        self.stream = self.keys.jobs(config.worker_id)
+        # One job stream per shard: a job carries one shard's requests (docs/deploy.md).
+        self.streams = self.keys.job_streams(config.worker_id)
         self.holdings = Holdings()
         self.advertised = Advertisement(config.heartbeat_interval_s)
         self.served_models = list(config.served_models) or [engine.model_name]
@@ -108,7 +109,7 @@ class Worker:
                              durable_replicas=config.durable_replicas)
         self._lease = LeaseKeeper(connect(), self.keys.heartbeat(config.worker_id), config.lease_ms,
                                   config.heartbeat_interval_s, config.stall_timeout_s)
-        self._cancels = CancelFeed(self.redis, self.keys.cancel_channel, self.stream)
+        self._cancels = CancelFeed(self.redis, self.keys.cancel_channel, self.streams)
         self._series = metrics.WorkerSeries(config.worker_id, self.served_models[0])
         self._pins = Pins(self.keys, engine, self.served_models, config.heartbeat_interval_s)
         self.state = state or metrics.WorkerState(config.worker_id)
@@ -165,7 +166,8 @@ class Worker:
             self._book_in_flight()
         except CONNECTION_LOST:
             pass  # its results wait in the outbox
-        toolkit.ensure_group(self.redis, self.stream, WORKER_GROUP)
+        for stream in self.streams:
+            toolkit.ensure_group(self.redis, stream, WORKER_GROUP)
         self.tokenizer.store(self.redis)
         self._cancels.connect()
         self._jobs_in_hand = []  # whatever it held is on the pending list, read next
@@ -174,7 +176,7 @@ class Worker:
 
     def _reconnect(self) -> None:
         try:
-            toolkit.repair_keys(self.redis, {self.stream: "stream"})
+            toolkit.repair_keys(self.redis, {stream: "stream" for stream in self.streams})
             self._connect()
         except redis.RedisError as exc:
             log.warning("could not set up again yet (%s); retrying", exc)
@@ -186,10 +188,10 @@ class Worker:
         --worker-id, leaves them in the group's pending list, where `>` never
         returns them again.
         """
-        reply = self.redis.xreadgroup(WORKER_GROUP, self.config.worker_id, {self.stream: "0"}, count=10_000)
-        for _stream, entries in reply or ():
+        reply = self.redis.xreadgroup(WORKER_GROUP, self.config.worker_id, self._positions("0"), count=10_000)
+        for stream, entries in reply or ():
             for entry_id, fields in entries:
-                entry_id = entry_id.decode()
+                entry_id = self._job_ref(stream, entry_id)
                 if not self.holdings.is_open(entry_id):
                     self._admit_job(entry_id, fields)
                 elif self.holdings.job_is_done(entry_id):
@@ -233,7 +235,7 @@ class Worker:
             # Redis times out a BLOCK only on its cron tick: a shorter wait is a poll,
             # so a due heartbeat is not held up by a tick.
             poll = block_ms is not None and block_ms < toolkit.SERVER_TICK_MS
-            reply = self.redis.xreadgroup(WORKER_GROUP, self.config.worker_id, {self.stream: ">"},
+            reply = self.redis.xreadgroup(WORKER_GROUP, self.config.worker_id, self._positions(">"),
                                           count=JOBS_PER_READ, block=None if poll else block_ms)
             if poll and not reply:
                 self._stop.wait(min(block_ms, POLL_INTERVAL_MS) / 1000)
@@ -248,15 +250,24 @@ class Worker:
             if "NOGROUP" not in str(reply):
                 raise reply
             # Our stream was reaped while we were paused: we are a new worker now.
-            log.warning("job stream %s was reclaimed (this worker was presumed dead); re-registering",
-                        self.stream)
+            log.warning("job streams %s were reclaimed (this worker was presumed dead); re-registering",
+                        ", ".join(self.streams))
             self._forget_reclaimed()
             self._connect()
             return False
-        for _stream, entries in reply or ():
+        for stream, entries in reply or ():
             for entry_id, fields in entries:
-                self._admit_job(entry_id.decode(), fields)
+                self._admit_job(self._job_ref(stream, entry_id), fields)
         return True
+
+    def _positions(self, position: str) -> dict[str, str]:
+        """XREADGROUP's streams argument: every job stream of this worker at one position."""
+        return {stream: position for stream in self.streams}
+
+    def _job_ref(self, stream, entry_id) -> str:
+        """How this worker names a job it read (keys.job_ref): its shard and entry id."""
+        stream = stream.decode() if isinstance(stream, bytes) else stream
+        return job_ref(self.keys.shard_of_key(stream) or 0, entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
 
     def _forget_reclaimed(self) -> None:
         """Drop the requests a scheduler took back: their slots are freed, their output never sent."""
@@ -494,10 +505,16 @@ class Worker:
     def _ack_jobs(self, entry_ids: list[str]) -> None:
         if not entry_ids:
             return
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, WORKER_GROUP, *entry_ids)
-            pipe.xdel(self.stream, *entry_ids)
-            pipe.execute()
+        by_shard: dict[int, list[str]] = {}
+        for ref in entry_ids:
+            shard, entry_id = parse_job_ref(ref)
+            by_shard.setdefault(shard, []).append(entry_id)
+        for shard, ids in by_shard.items():
+            stream = self.streams[shard]
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xack(stream, WORKER_GROUP, *ids)
+                pipe.xdel(stream, *ids)
+                pipe.execute()
         self.holdings.jobs_acked(entry_ids)
 
     # -- heartbeat -------------------------------------------------------------
@@ -558,7 +575,10 @@ class Worker:
             with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self.keys.heartbeat(self.config.worker_id))
                 pipe.zrem(self.keys.workers, self.config.worker_id)
-                pipe.delete(self.stream)
+                pipe.execute()
+            with self.redis.pipeline(transaction=False) as pipe:  # one slot each on a cluster
+                for stream in self.streams:
+                    pipe.delete(stream)
                 pipe.execute()
         except CONNECTION_LOST as exc:
             log.warning("could not drain cleanly (%s); schedulers will reclaim this worker's jobs", exc)
@@ -571,8 +591,9 @@ class Worker:
     def _hand_back_unread_jobs(self) -> None:
         """Jobs dispatched to us that we never read go back too."""
         self._book_in_flight()
-        for entry_id, fields in self.redis.xrange(self.stream, "-", "+"):
-            entry_id = entry_id.decode()
+        unread = [(stream, entry) for stream in self.streams for entry in self.redis.xrange(stream, "-", "+")]
+        for stream, (entry_id, fields) in unread:
+            entry_id = self._job_ref(stream, entry_id)
             if self.holdings.is_open(entry_id):
                 continue
             job = toolkit.read_job(entry_id, fields, f"worker {self.config.worker_id}")

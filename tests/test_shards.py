@@ -1,0 +1,160 @@
+"""Request shards (`--shards N`): the key layout Redis Cluster needs, on one real server.
+
+Each shard's keys share a hash tag, so a script touches one slot; these tests check the layout
+itself, and a whole fleet running on it. tests/test_cluster.py runs the same fleet on a cluster,
+where Redis itself refuses any command whose keys span slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from batchd import AsyncClient, Client
+from batchd.client.errors import Cancelled
+from batchd.client.keys import Keys, format_last_reads, job_ref, parse_job_ref, parse_last_reads, shard_tags
+from batchd.status import read_status
+
+from conftest import Daemons
+
+
+def test_one_shard_keeps_the_one_server_layout_key_for_key():
+    keys = Keys()
+    assert (keys.requests, keys.requests_of("alice"), keys.jobs("w1"), keys.result("r1"), keys.owner("r1"),
+            keys.accepted("r1"), keys.cancelled("r1"), keys.workers, keys.heartbeat("w1"), keys.stats,
+            keys.dead_letters, keys.config, keys.overloaded_of("alice"), keys.tenant_streams) == (
+        "batchd:requests", "batchd:requests:alice", "batchd:jobs:w1", "batchd:result:r1", "batchd:owner:r1",
+        "batchd:accepted:r1", "batchd:cancel:r1", "batchd:workers", "batchd:worker:w1", "batchd:stats",
+        "batchd:dead", "batchd:config", "batchd:overloaded:alice", "batchd:requests:*")
+    assert keys.job_streams("w1") == ["batchd:jobs:w1"] and keys.shared_streams() == ["batchd:requests"]
+    assert parse_job_ref(job_ref(0, "5-1")) == (0, "5-1") and format_last_reads({0: "5-1"}) == "5-1"
+
+
+@pytest.mark.parametrize("request_id", ["r1", "alice/client-7", "é-ü", "x" * 200])
+def test_every_key_a_script_touches_for_one_request_lies_in_one_slot(request_id):
+    keys = Keys(shards=6)
+    shard = keys.shard_of(request_id)
+    tenant = request_id.partition("/")[0] if "/" in request_id else ""
+    touched = [keys.result(request_id), keys.owner(request_id), keys.accepted(request_id),
+               keys.cancelled(request_id), keys.stream_of_request(request_id), keys.requests_of(tenant, shard),
+               keys.jobs("worker-1", shard), keys.stats_in(shard), keys.dead_letters_in(shard),
+               keys.config_in(shard), keys.overloaded_of(tenant, shard)]
+    assert len({key_slot(key.encode()) for key in touched}) == 1, touched
+    assert keys.shard_of_key(keys.stream_of_request(request_id)) == shard
+    assert keys.tenant_of_stream(keys.stream_of_request(request_id)) == tenant
+
+
+def test_fleet_keys_share_one_slot_so_heartbeats_are_one_mget():
+    keys = Keys(shards=4)
+    fleet = [keys.workers, keys.heartbeat("a"), keys.heartbeat("b"), keys.tokenizer("m"), keys.pin("h"), keys.tenants]
+    assert len({key_slot(key.encode()) for key in fleet}) == 1
+
+
+@pytest.mark.parametrize("masters", [3, 6])
+def test_shards_lie_evenly_over_the_masters_of_a_cluster_created_with_equal_ranges(masters):
+    # redis-cli --cluster create gives master m the slots [m * 16384 / masters, (m + 1) * 16384 / masters).
+    shards = 2 * masters
+    owner = [key_slot(f"{{{tag}}}".encode()) * masters // 16384 for tag in shard_tags(shards)]
+    assert Counter(owner) == {m: 2 for m in range(masters)}
+
+
+def test_request_ids_spread_over_the_shards():
+    keys = Keys(shards=3)
+    counts = Counter(keys.shard_of(f"client-1-{i}") for i in range(3000))
+    assert set(counts) == {0, 1, 2} and min(counts.values()) > 900
+
+
+def test_a_heartbeat_names_the_last_job_read_on_each_shard():
+    text = format_last_reads({0: "10-0", 2: "7-3"})
+    assert parse_last_reads(text) == {0: (10, 0), 2: (7, 3)}
+    assert parse_last_reads("12-4") == {0: (12, 4)}  # an unsharded worker's beat
+
+
+def test_a_shard_count_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="shards must be 1..256"):
+        Keys(shards=0)
+
+
+@pytest.fixture
+def sharded(redis_server, tmp_path):
+    fleet = Daemons(redis_server.url, tmp_path, shards=3)
+    yield fleet
+    fleet.stop_all()
+
+
+def test_a_sharded_fleet_answers_every_request_from_every_shard(sharded, redis_client):
+    sharded.scheduler("--max-batch", "8")
+    sharded.scheduler("--max-batch", "8")
+    sharded.echo_worker("--slots", "16", "--token-delay-ms", "5")
+    sharded.echo_worker("--slots", "16", "--token-delay-ms", "5")
+    sharded.wait_for_workers(2)
+
+    async def burst() -> list:
+        async with AsyncClient(sharded.url, shards=3) as client:
+            return await asyncio.gather(*(client.generate(prompt=f"prompt {i}", max_new_tokens=50, timeout=60)
+                                          for i in range(90)))
+
+    results = asyncio.run(burst())
+    assert [r.text for r in results] == [f"prompt {i}" for i in range(90)]
+    keys = Keys(shards=3)
+    assert Counter(keys.shard_of(r.request_id) for r in results).keys() == {0, 1, 2}
+    with Client(sharded.url, shards=3) as client:
+        streamed = list(client.stream(prompt="streamed", max_new_tokens=20))
+        assert streamed[-1].text == "streamed"
+        handle = client.submit("cancelled " * 200, max_new_tokens=2000)
+        stream = iter(handle)
+        next(stream)  # running on a worker
+        handle.cancel()
+        try:
+            reason = list(stream)[-1].finish_reason
+        except Cancelled:
+            reason = "cancelled"
+        assert reason == "cancelled"
+    # Each shard dispatched its own jobs, counted in its own stats; status sums them.
+    per_shard = [int(redis_client.hget(keys.stats_in(s), "requests_dispatched") or 0) for s in range(3)]
+    assert all(n > 0 for n in per_shard), per_shard
+    status = read_status(redis_client, keys)
+    assert status["requests_dispatched"] == sum(per_shard) == 92
+    assert len(status["workers"]) == 2
+    assert redis_client.exists("batchd:requests") == 0  # nothing went to the unsharded stream
+
+
+def test_a_sharded_fleet_rehands_a_killed_workers_jobs_on_every_shard(sharded):
+    sharded.scheduler()
+    doomed = sharded.echo_worker("--slots", "64", "--token-delay-ms", "100")
+    sharded.wait_for_workers(1)
+
+    async def run() -> list:
+        async with AsyncClient(sharded.url, shards=3) as client:
+            pending = [asyncio.ensure_future(client.generate(prompt=f"p{i} " * 8, max_new_tokens=64, timeout=90))
+                       for i in range(24)]
+            await asyncio.sleep(1.5)  # every request running on the doomed worker
+            doomed.kill()
+            sharded.echo_worker("--slots", "64")
+            return await asyncio.gather(*pending)
+
+    results = asyncio.run(run())
+    assert [r.text for r in results] == [f"p{i} " * 8 for i in range(24)]
+    assert {r.attempt for r in results} == {1}, "each request restarted once, on the new worker"
+
+
+def test_an_id_on_another_shards_stream_is_dead_lettered_and_the_fleet_serves_on(sharded, redis_client):
+    sharded.scheduler()
+    sharded.echo_worker()
+    sharded.wait_for_workers(1)
+    keys = Keys(shards=3)
+    wrong = next(s for s in range(3) if s != keys.shard_of("stray-1"))
+    redis_client.xadd(keys.requests_of("", wrong), {"id": "stray-1", "data": b"\x80"})
+    with Client(sharded.url, shards=3) as client:
+        assert client.generate(prompt="after", max_new_tokens=8).text == "after"
+    import time
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not redis_client.xlen(keys.dead_letters_in(wrong)):
+        time.sleep(0.1)
+    (_, fields), = redis_client.xrange(keys.dead_letters_in(wrong))
+    assert b"belongs to shard" in fields[b"reason"] and fields[b"id"] == b"stray-1"
+    assert redis_client.exists(keys.result("stray-1")) == 0
