@@ -327,7 +327,8 @@ class ClusterSet:
                 self._bus_ports[server.port] = free_port()
                 server.extra_args += ["--cluster-config-file", str(server.data_dir / "nodes.conf"),
                                       "--cluster-port", str(self._bus_ports[server.port])]
-                self.servers.append(server.start())
+                self.servers.append(server)  # before start(), so that cleanup() removes one that fails
+                server.start()
             if self._masters >= 3:
                 self._cli("--cluster", "create", *(f"{h}:{p}" for h, p in self.startup_nodes),
                           "--cluster-replicas", str(self._replicas), "--cluster-yes", timeout=timeout)
@@ -396,14 +397,28 @@ class ClusterSet:
         """Migrates `count` slots and their keys from one master to another, as an operator's
         reshard does, while clients keep using them (they see ASK and MOVED meanwhile).
         Blocks until done: run it in a thread to act during the move. Returns redis-cli's output."""
-        return self._cli("--cluster", "reshard", f"127.0.0.1:{target_port}",
-                         "--cluster-from", self.node_id(source_port), "--cluster-to", self.node_id(target_port),
-                         "--cluster-slots", str(count), "--cluster-yes", timeout=timeout)
+        return self._reshard("reshard", f"127.0.0.1:{target_port}",
+                             "--cluster-from", self.node_id(source_port), "--cluster-to", self.node_id(target_port),
+                             "--cluster-slots", str(count), "--cluster-yes", timeout=timeout)
 
     def rebalance(self, timeout: float = 120.0) -> str:
         """Evens out the slots over all masters, empty ones included (a node added later)."""
-        return self._cli("--cluster", "rebalance", f"127.0.0.1:{self.masters()[0].port}",
-                         "--cluster-use-empty-masters", "--cluster-yes", timeout=timeout)
+        return self._reshard("rebalance", f"127.0.0.1:{self.masters()[0].port}",
+                             "--cluster-use-empty-masters", "--cluster-yes", timeout=timeout)
+
+    def _reshard(self, *args: str, timeout: float) -> str:
+        """redis-cli refuses to start while the nodes disagree on the slot map, as they do for a
+        moment after a reshard or failover (the new owners spread by gossip); waiting after one
+        too lets a caller read the new map from any node."""
+        self._wait(self._agreed, timeout, "the nodes did not agree on the slot map")
+        output = self._cli("--cluster", *args, timeout=timeout)
+        self._wait(self._agreed, timeout, "the nodes did not agree on the slot map")
+        return output
+
+    def _agreed(self) -> bool:
+        views = {str([(low, high, primary[1]) for low, high, primary, *_ in _ask(s.port, "CLUSTER", "SLOTS")])
+                 for s in self.live()}
+        return len(views) == 1
 
     def _cli(self, *args: str, timeout: float) -> str:
         result = subprocess.run([self.cli, *args], capture_output=True, text=True, timeout=timeout,

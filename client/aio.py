@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from . import core, scoring, tokenizers
-from .connection import CONNECTION_LOST, acl_user, close_async_redis, open_async_redis
+from .connection import CONNECTION_LOST, acl_user, async_pubsub_pool, is_cluster, close_async_redis, open_async_redis
 from .errors import BrokerUnavailable
 from .keys import tenant_id
 from .protocol import Request, Result, TokenizerInfo
@@ -145,6 +145,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
             socket_connect_timeout=10.0, health_check_interval=30, retry_on_timeout=True)
         super().__init__(prefix, producer, cancel_key, durable_replicas,
                          core.resolve_tenant(tenant, acl_user(self._redis)), shards)
+        core.refuse_durable_on_cluster(self._redis, durable_replicas)
         self._handles: dict[str, AsyncRequestHandle] = {}
         self._confirm: dict[str, asyncio.Future] = {}
         # (un)subscriptions for the reader to make, on a live connection only: a SUBSCRIBE sent
@@ -170,7 +171,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
     async def _subscribe_pattern(self) -> None:
         if self._pubsub is not None:
             await self._pubsub.aclose()  # a half-made subscription from a failed try
-        self._pubsub = _Subscription(self._redis.connection_pool)
+        self._pubsub = _Subscription(await async_pubsub_pool(self._redis))
         await self._pubsub.psubscribe(self.keys.channel_pattern(self._ids.id_prefix))
         while True:  # the subscription must be live before the first submit
             message = await self._pubsub.get_message(timeout=10.0)
@@ -432,7 +433,9 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
     async def _flush_reads(self) -> None:
         batch, self._pending_reads = self._pending_reads, []
         try:
-            values = await self._redis.mget([self.keys.result(request_id) for request_id, _ in batch])
+            # A cluster answers an MGET of one slot only; its client splits one by slot.
+            mget = self._redis.mget_nonatomic if is_cluster(self._redis) else self._redis.mget
+            values = await mget([self.keys.result(request_id) for request_id, _ in batch])
         except RedisError as exc:
             log.warning("could not read %d stored results (%s); reading again shortly", len(batch), exc)
             values = [None] * len(batch)  # read again at the handle's next poll

@@ -6,7 +6,12 @@ Redis Sentinel manages is named by its sentinels and service name:
 
     redis+sentinel://[user:password@]host:port[,host:port...]/service_name[?db=N]
 
-(`rediss+sentinel://` for TLS to the sentinels and the master). The user and password
+(`rediss+sentinel://` for TLS to the sentinels and the master). A Redis Cluster is named by
+some of its nodes (the rest are found from them):
+
+    redis+cluster://[user:password@]host:port[,host:port...]
+
+(`rediss+cluster://` for TLS), run with request shards (`--shards`, docs/deploy.md). The user and password
 are the master's (its ACL user); sentinels that require a password of their own get
 `sentinel_username=` / `sentinel_password=` query parameters. Every connection of a
 Sentinel client asks the sentinels for the current master when it (re)connects, so a
@@ -23,6 +28,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
 from redis.client import PubSub
@@ -30,6 +38,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 DEFAULT_SENTINEL_PORT = 26379
 # Asking a sentinel for the master must not wait out a daemon's 5-10 s timeouts: a
 # sentinel that does not answer within this is skipped for the next one.
@@ -59,6 +68,57 @@ def redact(url: str) -> str:
 
 def is_sentinel_url(url: str) -> bool:
     return url.partition("://")[0].lower() in SENTINEL_SCHEMES
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def is_cluster(client) -> bool:
+    """Whether a client from open_redis / open_async_redis talks to a Redis Cluster."""
+    return isinstance(client, (RedisCluster, AsyncRedisCluster))
+
+
+@dataclass(frozen=True)
+class ClusterAddress:
+    """A Redis Cluster, as a redis+cluster:// URL names it: some of its nodes."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    tls_options: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"cluster nodes={','.join(f'{host}:{port}' for host, port in self.nodes)} tls={self.tls}"
+
+    def options(self) -> dict:
+        options = {"username": self.username, "password": self.password}
+        if self.tls:
+            options.update(ssl=True, **self.tls_options)
+        return options
+
+
+def parse_cluster_url(url: str) -> ClusterAddress:
+    """Read a redis+cluster:// URL; ValueError says what is wrong with it."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in CLUSTER_SCHEMES:
+        raise ValueError(f"not a cluster URL (want {' or '.join(s + '://' for s in CLUSTER_SCHEMES)})")
+    parts = urlsplit("//" + rest)
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = credentials.partition(":") if credentials else ("", "", "")
+    nodes = tuple(_host_port(host, default_port=6379) for host in hosts.split(",") if host)
+    if not nodes:
+        raise ValueError("name at least one cluster node: redis+cluster://host:port[,host:port...]")
+    if parts.path.strip("/"):
+        raise ValueError("a cluster has one database: drop the path from the redis+cluster:// URL")
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    unknown = set(query) - set(_TLS_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; a cluster URL takes "
+                         f"{', '.join(_TLS_OPTIONS)}")
+    return ClusterAddress(nodes=nodes, username=unquote(username) or None, password=unquote(password) or None,
+                          tls=scheme.lower().startswith("rediss"), tls_options=query)
 
 
 @dataclass(frozen=True)
@@ -127,20 +187,22 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
         tls=scheme.lower().startswith("rediss"), tls_options=query)
 
 
-def _host_port(text: str) -> tuple[str, int]:
+def _host_port(text: str, default_port: int = DEFAULT_SENTINEL_PORT) -> tuple[str, int]:
     host, colon, port = text.rpartition(":") if not text.endswith("]") else (text, "", "")
     if not colon:
-        host, port = text, str(DEFAULT_SENTINEL_PORT)
+        host, port = text, str(default_port)
     try:
         return host.strip("[]"), int(port)
     except ValueError:
-        raise ValueError(f"sentinel address {text!r} is not host:port") from None
+        raise ValueError(f"address {text!r} is not host:port") from None
 
 
 def describe(url: str) -> str:
     """Where a URL points, safe to log: the redacted URL, and for Sentinel its service and sentinels."""
     if is_sentinel_url(url):
         return f"{redact(url)} ({parse_sentinel_url(url).describe()})"
+    if is_cluster_url(url):
+        return f"{redact(url)} ({parse_cluster_url(url).describe()})"
     return redact(url)
 
 
@@ -156,6 +218,10 @@ def open_redis(url: str | None = None, *, wait_for_connection: bool = False, **o
     failing at once with "Too many connections" (the producers' clients: a burst of calls
     larger than the pool is normal there). Sentinel pools do not wait."""
     url = redis_url(url)
+    if is_cluster_url(url):
+        address = parse_cluster_url(url)
+        return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in address.nodes],
+                            **address.options(), **_cluster_options(options))
     if not is_sentinel_url(url):
         if wait_for_connection:
             client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
@@ -171,6 +237,10 @@ def open_redis(url: str | None = None, *, wait_for_connection: bool = False, **o
 def open_async_redis(url: str | None = None, *, wait_for_connection: bool = False, **options) -> aioredis.Redis:
     """open_redis for asyncio."""
     url = redis_url(url)
+    if is_cluster_url(url):
+        address = parse_cluster_url(url)
+        return AsyncRedisCluster(startup_nodes=[AsyncClusterNode(host, port) for host, port in address.nodes],
+                                 **address.options(), **_cluster_options(options))
     if not is_sentinel_url(url):
         if wait_for_connection:
             client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
@@ -183,22 +253,50 @@ def open_async_redis(url: str | None = None, *, wait_for_connection: bool = Fals
     return sentinel.master_for(address.service_name, **address.master_options(), **options)
 
 
+def _cluster_options(options: dict) -> dict:
+    # A cluster client keeps a pool per node and finds the nodes itself; a failover shows as
+    # errors its own retries ride out (cluster_error_retry_attempts).
+    # Options a cluster client does not take: its connections' health is its own business, and
+    # timeouts are retried by its cluster_error_retry_attempts.
+    return {k: v for k, v in options.items() if k not in ("health_check_interval", "retry_on_timeout")}
+
+
 def acl_user(client: redis.Redis | aioredis.Redis) -> str | None:
     """The ACL user a client from open_redis authenticates as (None: the default user)."""
+    if is_cluster(client):
+        return client.get_connection_kwargs().get("username") or None
     return client.connection_pool.connection_kwargs.get("username") or None
+
+
+def pubsub_pool(client: redis.Redis):
+    """The connection pool a Subscription listens on. On a cluster, a node's: a PUBLISH reaches
+    every node of a cluster, so one node hears every request's events (docs/deploy.md)."""
+    if isinstance(client, RedisCluster):
+        return client.get_default_node().redis_connection.connection_pool
+    return client.connection_pool
+
+
+async def async_pubsub_pool(client: aioredis.Redis):
+    """pubsub_pool for asyncio: a pool of its own to one node of a cluster."""
+    if isinstance(client, AsyncRedisCluster):
+        await client.initialize()
+        node = client.get_default_node()
+        options = {k: v for k, v in node.connection_kwargs.items() if k not in ("host", "port")}
+        return aioredis.ConnectionPool(host=node.host, port=node.port, **options)
+    return client.connection_pool
 
 
 def close_redis(client: redis.Redis) -> None:
     """Close a client from open_redis and, for Sentinel, its connections to the sentinels."""
     client.close()
-    if isinstance(client.connection_pool, SentinelConnectionPool):
+    if isinstance(getattr(client, "connection_pool", None), SentinelConnectionPool):
         client.connection_pool.sentinel_manager.close()
 
 
 async def close_async_redis(client: aioredis.Redis) -> None:
     """close_redis for asyncio."""
     await client.aclose()
-    if isinstance(client.connection_pool, AsyncSentinelConnectionPool):
+    if isinstance(getattr(client, "connection_pool", None), AsyncSentinelConnectionPool):
         await client.connection_pool.sentinel_manager.aclose()
 
 

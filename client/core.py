@@ -374,12 +374,29 @@ TRANSIENT_REPLIES = ("busy", "wrongtype", "function not found", "tryagain", "mas
                      "noreplicas", "readonly", "the stream has exhausted")
 
 
+# What a cluster client raises while slots move or a master fails over: the cluster is down
+# until a replica is promoted, a script's keys are split mid-migration (TRYAGAIN, and redis-py's
+# "TTL exhausted" once its own quick retries ran out).
+CLUSTER_MOVING = (redis.exceptions.ClusterDownError, redis.exceptions.ClusterError,
+                  redis.exceptions.TryAgainError, redis.exceptions.MasterDownError)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a failed Redis command is worth trying again within the retry budget."""
-    if isinstance(exc, (*CONNECTION_LOST, redis.exceptions.ReadOnlyError)):
+    if isinstance(exc, (*CONNECTION_LOST, redis.exceptions.ReadOnlyError, *CLUSTER_MOVING)):
         return True
     return isinstance(exc, redis.ResponseError) and str(exc).lower().startswith(TRANSIENT_REPLIES) \
         or is_missing_function(exc)
+
+
+def refuse_durable_on_cluster(client: Any, durable_replicas: int) -> None:
+    """WAIT counts the writes of the connection it runs on; a cluster client sends it to one
+    node, not the one that took the submit, so it would vouch for nothing (issue 18)."""
+    from .connection import is_cluster
+
+    if durable_replicas and is_cluster(client):
+        raise InvalidRequest("durable_replicas is not supported on Redis Cluster yet: WAIT would not reach the "
+                             "master that took the write; use a Sentinel-managed master for durable submits")
 
 
 def not_durable(acknowledged: int, wanted: int, what: str) -> redis.ResponseError:

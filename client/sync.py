@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import redis
 
 from . import core, scoring, tokenizers
-from .connection import CONNECTION_LOST, Subscription, acl_user, close_redis, open_redis
+from .connection import CONNECTION_LOST, Subscription, acl_user, close_redis, open_redis, pubsub_pool
 from .errors import BrokerUnavailable
 from .keys import tenant_id
 from .protocol import Request, Result, TokenizerInfo
@@ -107,7 +107,7 @@ class _Router(threading.Thread):
 
     def __init__(self, redis_client: redis.Redis, routes: core.Routes, pattern: str):
         super().__init__(name="batchd-client-router", daemon=True)
-        self._pubsub = Subscription(redis_client.connection_pool, ignore_subscribe_messages=False)
+        self._pubsub = Subscription(pubsub_pool(redis_client), ignore_subscribe_messages=False)
         self._routes = routes
         self._handles: dict[str, RequestHandle] = {}
         self._subscribe_queue: queue.SimpleQueue[tuple[str, threading.Event]] = queue.SimpleQueue()
@@ -216,6 +216,7 @@ class Client(core.ClientCore[RequestHandle]):
             retry_on_timeout=True)
         super().__init__(prefix, producer, cancel_key, durable_replicas,
                          core.resolve_tenant(tenant, acl_user(self._redis)), shards)
+        core.refuse_durable_on_cluster(self._redis, durable_replicas)
         self._router = _Router(self._redis, self._routes, self.keys.channel_pattern(self._ids.id_prefix))
         self._router.start()
 

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable
@@ -21,7 +22,7 @@ from typing import Callable
 import msgspec
 import redis
 
-from batchd.client.connection import CONNECTION_LOST, Backoff
+from batchd.client.connection import CONNECTION_LOST, Backoff, is_cluster
 from batchd.client.errors import BatchdError, Cancelled, DeadlineExceeded
 from batchd.client.keys import Keys
 from batchd.client.protocol import FinishReason, Job, Request, decode_job
@@ -114,6 +115,37 @@ def repair_keys(client: redis.Redis, expected: dict[str, str]) -> None:
             log.error("%s is a %s, not a %s: someone overwrote it; deleting it so it can be recreated",
                       key, found, kind)
             client.delete(key)
+
+
+# On Redis Cluster one XREADGROUP reads streams of one slot only, so a daemon reading several
+# shards' streams asks each in one pipeline and cannot block on all of them at once: while
+# nothing comes it polls this often instead (docs/deploy.md, "Redis Cluster").
+CLUSTER_POLL_MS = 2
+
+
+def read_streams(client: redis.Redis, group: str, consumer: str, positions: dict[str, str], count: int,
+                 block_ms: int | None = None) -> list:
+    """XREADGROUP of several streams, as a list of (stream, entries); on a cluster, one read
+    per stream in one round trip, and a short sleep for a block when all came back empty."""
+    if len(positions) == 1 or not is_cluster(client):
+        return client.xreadgroup(group, consumer, positions, count=count, block=block_ms) or []
+    with client.pipeline(transaction=False) as pipe:
+        for stream, position in positions.items():
+            pipe.xreadgroup(group, consumer, {stream: position}, count=count)
+        replies = pipe.execute(raise_on_error=False)
+    return merge_reads(replies, block_ms)
+
+
+def merge_reads(replies: list, block_ms: int | None = None) -> list:
+    """Per-stream XREADGROUP replies as one (the first error raised); sleeps out a short block when empty."""
+    merged = []
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+        merged.extend(reply or ())
+    if not merged and block_ms:
+        time.sleep(min(block_ms, CLUSTER_POLL_MS) / 1000)
+    return merged
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str) -> None:

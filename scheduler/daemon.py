@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import msgspec
 import redis
 
-from batchd.client.connection import connect, describe
+from batchd.client.connection import connect, describe, is_cluster
 from batchd.client.errors import BatchdError, InvalidRequest, Overloaded, UnknownModel, WorkerFailed
 from batchd.client.keys import SCHEDULER_GROUP, Keys, parse_last_reads, parse_stream_id, tenant_of
 from batchd.client.protocol import (
@@ -51,6 +51,7 @@ from batchd.daemon.toolkit import (
     instance_id,
     publish_settings,
     read_job,
+    read_streams,
     repair_keys,
     run_until_stopped,
 )
@@ -190,8 +191,8 @@ class Scheduler:
         returns them; without this they would wait claim_idle_ms for XAUTOCLAIM.
         """
         held = {(h.stream, h.entry_id) for h in self.batcher.items()}
-        reply = self.redis.xreadgroup(SCHEDULER_GROUP, self.config.scheduler_id, self.streams.read_positions("0"),
-                                      count=self.config.read_ahead)
+        reply = read_streams(self.redis, SCHEDULER_GROUP, self.config.scheduler_id, self.streams.read_positions("0"),
+                             count=self.config.read_ahead)
         for stream, entries in reply or ():
             stream = _text(stream)
             self._accept(stream, [(entry_id, fields) for entry_id, fields in entries
@@ -243,9 +244,9 @@ class Scheduler:
         # out the window in one wait (each wake-up of a busy machine costs latency).
         poll = len(self.batcher) > 0 and (block_ms is None or block_ms < SERVER_TICK_MS)
         # Every stream is asked for the same share, so a tenant's flood cannot fill the room.
-        reply = self.redis.xreadgroup(
-            SCHEDULER_GROUP, self.config.scheduler_id, self.streams.read_positions(">"),
-            count=self.streams.share(min(room, 1024)), block=None if poll else block_ms)
+        reply = read_streams(
+            self.redis, SCHEDULER_GROUP, self.config.scheduler_id, self.streams.read_positions(">"),
+            count=self.streams.share(min(room, 1024)), block_ms=None if poll else block_ms)
         for stream, entries in reply or ():
             self._accept(_text(stream), entries)
         if poll and not reply:
@@ -482,12 +483,9 @@ class Scheduler:
         for index, h in enumerate(held):
             parts.setdefault(self.keys.shard_of(h.request.id), []).append(index)
         flags: list = [None] * len(held)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for indices in parts.values():
-                pipe.mget([self.keys.cancelled(held[i].request.id) for i in indices])
-            for indices, values in zip(parts.values(), pipe.execute()):
-                for i, value in zip(indices, values):
-                    flags[i] = value
+        for indices in parts.values():  # a cluster pipeline takes no MGET
+            for i, value in zip(indices, self.redis.mget([self.keys.cancelled(held[i].request.id) for i in indices])):
+                flags[i] = value
         return flags
 
     def _answer(self, held: _Held, error: BatchdError) -> None:
@@ -524,11 +522,17 @@ class Scheduler:
     # -- workers --------------------------------------------------------------
     def _refresh_workers(self) -> None:
         sent = self.clock()
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.time()
-            pipe.zrange(self.keys.workers, 0, -1)
-            (broker_s, broker_us), members = pipe.execute()
-        self._note_broker_time(broker_s + broker_us / 1e6, sent, self.clock())
+        if is_cluster(self.redis):  # a cluster pipeline takes keyed commands only
+            broker_s, broker_us = self.redis.time()
+            received = self.clock()
+            members = self.redis.zrange(self.keys.workers, 0, -1)
+        else:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.time()
+                pipe.zrange(self.keys.workers, 0, -1)
+                (broker_s, broker_us), members = pipe.execute()
+            received = self.clock()
+        self._note_broker_time(broker_s + broker_us / 1e6, sent, received)
         worker_ids = [w.decode() for w in members]
         beats = self.redis.mget([self.keys.heartbeat(w) for w in worker_ids]) if worker_ids else []
         live: dict[str, WorkerCapacity] = {}

@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 import redis
 
-from batchd.client.connection import Subscription
+from batchd.client.connection import Subscription, pubsub_pool
 from batchd.client.keys import parse_job_ref, parse_stream_id
 from batchd.client.protocol import Request
 from batchd.daemon.toolkit import cancel_matches
@@ -42,7 +42,7 @@ class CancelFeed:
     def connect(self) -> None:
         self.close()
         self._live_after = None
-        self._subscription = Subscription(self._client.connection_pool)
+        self._subscription = Subscription(pubsub_pool(self._client))
         self._subscription.subscribe(self._channel)
 
     def close(self) -> None:

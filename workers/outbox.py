@@ -32,7 +32,7 @@ from typing import Any, Callable
 import msgspec
 import redis
 
-from batchd.client.connection import CONNECTION_LOST
+from batchd.client.connection import CONNECTION_LOST, is_cluster
 from batchd.client.core import DURABLE_WAIT_MS, not_durable
 from batchd.client.keys import WORKER_GROUP, Keys, parse_job_ref
 from batchd.client.tokenizers import TOKENIZER_TTL_MS
@@ -166,14 +166,19 @@ class Outbox:
                 for key in self.kept_alive:
                     pipe.pexpire(key, TOKENIZER_TTL_MS)
             if parcel.read_jobs:
-                pipe.xreadgroup(WORKER_GROUP, self.worker_id, {stream: ">" for stream in self.streams},
-                                count=parcel.read_jobs)
+                for read in reads:
+                    pipe.xreadgroup(WORKER_GROUP, self.worker_id, read, count=parcel.read_jobs)
 
+        # On a cluster, one read per shard's job stream (a read spans one slot).
+        reads = ([{stream: ">"} for stream in self.streams] if is_cluster(self.redis) and len(self.streams) > 1
+                 else [{stream: ">" for stream in self.streams}])
         outcomes, replies = run_in_pipeline(self.redis, calls, beat_and_read)
-        jobs = replies[-1] if parcel.read_jobs else None
-        for reply in (jobs, *outcomes):
+        jobs = replies[-len(reads):] if parcel.read_jobs else None
+        for reply in (*(jobs or ()), *outcomes):
             if isinstance(reply, CONNECTION_LOST):
                 raise reply
+        if jobs is not None:
+            jobs = jobs[0] if len(jobs) == 1 else _merged(jobs)
         raise_any_error(outcomes)
         if self.durable_replicas and parcel.finished:
             self._wait_for_replicas(len(parcel.finished))
@@ -191,6 +196,12 @@ class Outbox:
         acknowledged = self.redis.wait(self.durable_replicas, DURABLE_WAIT_MS)
         if acknowledged < self.durable_replicas:
             raise not_durable(acknowledged, self.durable_replicas, f"{results} stored results")
+
+
+def _merged(replies: list):
+    """Per-stream XREADGROUP replies as one; an error reply (NOGROUP: reaped) as itself."""
+    errors = [reply for reply in replies if isinstance(reply, Exception)]
+    return errors[0] if errors else [item for reply in replies for item in (reply or ())]
 
 
 def _by_owner(events: list[tuple[Held, TokenEvent]]) -> dict[str, list[tuple[Held, TokenEvent]]]:

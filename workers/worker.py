@@ -188,7 +188,8 @@ class Worker:
         --worker-id, leaves them in the group's pending list, where `>` never
         returns them again.
         """
-        reply = self.redis.xreadgroup(WORKER_GROUP, self.config.worker_id, self._positions("0"), count=10_000)
+        reply = toolkit.read_streams(self.redis, WORKER_GROUP, self.config.worker_id, self._positions("0"),
+                                     count=10_000)
         for stream, entries in reply or ():
             for entry_id, fields in entries:
                 entry_id = self._job_ref(stream, entry_id)
@@ -235,8 +236,8 @@ class Worker:
             # Redis times out a BLOCK only on its cron tick: a shorter wait is a poll,
             # so a due heartbeat is not held up by a tick.
             poll = block_ms is not None and block_ms < toolkit.SERVER_TICK_MS
-            reply = self.redis.xreadgroup(WORKER_GROUP, self.config.worker_id, self._positions(">"),
-                                          count=JOBS_PER_READ, block=None if poll else block_ms)
+            reply = toolkit.read_streams(self.redis, WORKER_GROUP, self.config.worker_id, self._positions(">"),
+                                         count=JOBS_PER_READ, block_ms=None if poll else block_ms)
             if poll and not reply:
                 self._stop.wait(min(block_ms, POLL_INTERVAL_MS) / 1000)
         except redis.ResponseError as exc:
