@@ -9,6 +9,7 @@ each, in one run on this machine. A producer keeps C requests outstanding
     python benchmarks/broker_roundtrip.py overhead   # batchd latency beyond max_wait_ms at low load
     python benchmarks/broker_roundtrip.py scaling    # 1 / 2 / 4 echo workers x 1 / 2 schedulers
     python benchmarks/broker_roundtrip.py cpu        # CPU ms per round trip of each batchd process
+    python benchmarks/broker_roundtrip.py cluster    # one server vs Redis Cluster of 1 / 3 / 6 masters
     python benchmarks/broker_roundtrip.py all --plot docs
 
 Peers come from the `bench` extra: pip install 'batchd[bench]'. Results go to
@@ -127,10 +128,10 @@ async def _lanes(concurrency: int, until: float, one) -> list[tuple[float, float
     return pairs
 
 
-async def drive_batchd(url: str, concurrency: int, until: float, start: float) -> list:
+async def drive_batchd(url: str, concurrency: int, until: float, start: float, shards: int = 1) -> list:
     from batchd import AsyncClient
 
-    async with AsyncClient(url) as client:
+    async with AsyncClient(url, shards=shards) as client:
         await _sleep_until(start)
         return await _lanes(concurrency, until,
                             lambda: client.generate(prompt="x", max_new_tokens=1, timeout=60))
@@ -305,23 +306,24 @@ class Fleet:
         self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
         log.close()
 
-    def batchd(self, workers: int = 1, schedulers: int = 1, max_wait_ms: float = 5.0) -> None:
+    def batchd(self, workers: int = 1, schedulers: int = 1, max_wait_ms: float = 5.0, shards: int = 1) -> None:
         cli = [sys.executable, "-m", "batchd.cli", "--log-level", "WARNING"]
+        sharded = ["--shards", str(shards)]
         for _ in range(schedulers):
-            self.spawn("scheduler", [*cli, "scheduler", "--redis", self.url, "--max-wait-ms", str(max_wait_ms)])
+            self.spawn("scheduler", [*cli, "scheduler", "--redis", self.url, *sharded, "--max-wait-ms", str(max_wait_ms)])
         for _ in range(workers):
-            self.spawn("worker", [*cli, "worker", "--redis", self.url, "--engine", "echo"])
-        self._wait_for_workers(workers)
+            self.spawn("worker", [*cli, "worker", "--redis", self.url, *sharded, "--engine", "echo"])
+        self._wait_for_workers(workers, shards)
 
     def peer(self, system: str) -> None:
         self.spawn(system, [sys.executable, str(Path(__file__).resolve()), "serve", system, self.url])
         time.sleep(3.0)  # each peer's worker logs readiness differently; give it time to connect
         self._check_alive()
 
-    def _wait_for_workers(self, count: int) -> None:
+    def _wait_for_workers(self, count: int, shards: int = 1) -> None:
         from batchd.status import wait_for_workers
 
-        wait_for_workers(self.url, count, timeout_s=30, processes=self.procs)
+        wait_for_workers(self.url, count, timeout_s=30, processes=self.procs, shards=shards)
         time.sleep(0.5)
 
     def _check_alive(self) -> None:
@@ -448,6 +450,54 @@ def suite_scaling(url: str, log_dir: Path, args) -> list[dict]:
     return rows
 
 
+def suite_cluster(url: str, log_dir: Path, args) -> list[dict]:
+    """The same sharded fleet (--cluster-shards shards, so every master holds as many) on one
+    plain server and on clusters of each --cluster-masters size, in one run; ratios to one
+    cluster master. Each cluster is started fresh (no replicas: this measures throughput)."""
+    from batchd.embedded import ClusterSet
+
+    shards = args.cluster_shards
+    layouts = [("server", 0)] + [("cluster", m) for m in args.cluster_masters]
+    rows = []
+    for repeat in range(args.repeat):
+        for kind, masters in layouts:
+            cluster = ClusterSet(args.redis_server, masters=masters, replicas_per_master=0).start() if masters else None
+            target = cluster.url if cluster else url
+            fleet = Fleet(target, log_dir)
+            try:
+                fleet.batchd(workers=args.cluster_workers, schedulers=args.cluster_schedulers, shards=shards)
+                row = measure("batchd", target, args.scaling_concurrency, args.seconds, args.warmup,
+                              args.client_processes, shards=shards)
+                row.update(layout=kind, masters=masters or 1, repeat=repeat)
+                print(_row_line(row) + f"  {kind} masters={masters or 1} shards={shards}", flush=True)
+                rows.append(row)
+            finally:
+                fleet.stop()
+                if cluster:
+                    cluster.cleanup()
+                else:
+                    import redis
+
+                    redis.Redis.from_url(url).flushall()
+    return rows
+
+
+def cluster_table(rows: list[dict]) -> str:
+    """Markdown: median round trips/s per layout, with the ratio to a one-master cluster."""
+    by_layout: dict[tuple, list[dict]] = {}
+    for row in rows:
+        by_layout.setdefault((row["layout"], row["masters"]), []).append(row)
+    median = {key: sorted(runs, key=_rate)[(len(runs) - 1) // 2] for key, runs in by_layout.items()}
+    base = median.get(("cluster", 1))
+    lines = ["| layout | masters | round trips/s (runs) | p50 ms | p99 ms | x one master |", "|---|---|---|---|---|---|"]
+    for (layout, masters), row in sorted(median.items(), key=lambda kv: (kv[0][0] != "server", kv[0][1])):
+        ratio = row["round_trips_per_s"] / base["round_trips_per_s"] if base and base["round_trips_per_s"] else float("nan")
+        runs = ", ".join(f"{r['round_trips_per_s']:,.0f}" for r in by_layout[(layout, masters)])
+        lines.append(f"| {'one server' if layout == 'server' else 'cluster'} | {masters} | {runs} | "
+                     f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
 def _row_line(row: dict) -> str:
     return (f"{row['system']:<8} c={row['concurrency']:<4} producers={row['producers']} "
             f"{row['round_trips_per_s']:>9,.0f}/s  p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms")
@@ -552,6 +602,28 @@ def plot_scaling(rows: list[dict], path: Path, title: str = "batchd scaling") ->
     plt.close(fig)
 
 
+def plot_cluster(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for layout, marker in (("server", "s"), ("cluster", "o")):
+        mine = sorted((r for r in rows if r["layout"] == layout), key=lambda r: r["masters"])
+        if mine:
+            ax.plot([r["masters"] for r in mine], [r["round_trips_per_s"] for r in mine], marker=marker,
+                    linestyle="" if layout == "server" else "-", label="one plain server" if layout == "server" else "cluster")
+    ax.set_xlabel("masters")
+    ax.set_ylabel("round trips / s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def environment() -> dict:
     import importlib.metadata as md
 
@@ -569,7 +641,7 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=("peers", "overhead", "scaling", "cpu", "all", "serve"))
+    parser.add_argument("suite", choices=("peers", "overhead", "scaling", "cpu", "cluster", "all", "serve"))
     parser.add_argument("serve_args", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--systems", default="batchd,streams,arq,celery,rq",
                         help="comma-separated subset of batchd,streams,arq,celery,rq")
@@ -583,6 +655,10 @@ def main(argv=None) -> int:
     parser.add_argument("--client-processes", type=int, default=2,
                         help="batchd is also measured with this many producer processes (default 2)")
     parser.add_argument("--scaling-concurrency", type=int, default=512)
+    parser.add_argument("--cluster-masters", default="1,3,6", help="cluster sizes of the cluster suite")
+    parser.add_argument("--cluster-shards", type=int, default=6, help="request shards of the cluster suite's fleet")
+    parser.add_argument("--cluster-workers", type=int, default=2, help="echo workers of the cluster suite")
+    parser.add_argument("--cluster-schedulers", type=int, default=2, help="schedulers of the cluster suite")
     parser.add_argument("--redis-server", default="redis-server", help="server binary to start privately")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON results")
     parser.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots here")
@@ -593,6 +669,7 @@ def main(argv=None) -> int:
     args.systems = [s for s in args.systems.split(",") if s]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.arq_result_polls = [float(p) for p in args.arq_result_polls.split(",")]
+    args.cluster_masters = [int(m) for m in args.cluster_masters.split(",") if m]
 
     sys.path.insert(0, str(REPO))
     from batchd.embedded import EmbeddedServer
@@ -603,8 +680,8 @@ def main(argv=None) -> int:
     with EmbeddedServer(binary=args.redis_server) as server:
         log_dir = server.data_dir
         for suite in suites:
-            rows = {"peers": suite_peers, "overhead": suite_overhead, "scaling": suite_scaling, "cpu": suite_cpu}[suite](
-                server.url, log_dir, args)
+            rows = {"peers": suite_peers, "overhead": suite_overhead, "scaling": suite_scaling, "cpu": suite_cpu,
+                    "cluster": suite_cluster}[suite](server.url, log_dir, args)
             report = {"suite": suite, "settings": {k: v for k, v in vars(args).items() if k != "serve_args"},
                       "environment": environment(), "rows": rows}
             (out_dir / f"broker_{suite}.json").write_text(json.dumps(report, indent=2))
@@ -613,6 +690,12 @@ def main(argv=None) -> int:
                 if args.plot:
                     plot_peers(rows, Path(args.plot) / "broker-roundtrip.png",
                                f"broker round trip, {os.cpu_count()} CPUs, one worker process each")
+            if suite == "cluster":
+                print(cluster_table(rows))
+                if args.plot:
+                    plot_cluster(rows, Path(args.plot) / "broker-cluster.png",
+                                 f"batchd on Redis Cluster, {os.cpu_count()} CPUs, {args.cluster_shards} shards, "
+                                 f"{args.scaling_concurrency} outstanding")
             if suite == "scaling" and args.plot:
                 plot_scaling(rows, Path(args.plot) / "broker-scaling.png",
                              f"batchd scaling, {os.cpu_count()} CPUs, {args.scaling_concurrency} outstanding")

@@ -10,6 +10,14 @@ waits for every request it saw accepted.
            durable_replicas=1, the worker with --durable-replicas 1;
   default: Redis's defaults (no AOF, asynchronous replication), no WAIT.
 
+Two more settings run the same load on a Redis Cluster (cli/embedded.py ClusterSet: 3 masters,
+1 replica each, Redis's default asynchronous replication) with a fleet of --cluster-shards
+shards (BATCHD_SHARDS for every process):
+
+  cluster-failover: kill -9 of the master holding shard 0 once a third are accepted;
+  cluster-reshard:  the first half of that master's slots (shard 0's among them) move to
+                    another master (redis-cli --cluster reshard) once a third are accepted.
+
 Per setting: accepted (the submit returned), refused (the submit raised a typed error: the
 caller knows it was not accepted), lost (accepted, then no result: ResultTimeout), wrong
 (text not the echoed prompt), answer_differs_from_stored (the caller's answer is not the
@@ -170,6 +178,87 @@ class FinalEvents(threading.Thread):
                 self.counts[request_id] = self.counts.get(request_id, 0) + 1
 
 
+def run_cluster_setting(name: str, requests: int, producers: int, binary: str, logs: Path, shards: int) -> dict:
+    """cluster-failover or cluster-reshard (module docstring)."""
+    from redis.crc import key_slot
+
+    from batchd.client.connection import connect
+    from batchd.client.keys import Keys
+    from batchd.embedded import ClusterSet
+    from batchd.status import stop_processes, wait_for_workers
+
+    os.environ["BATCHD_SHARDS"] = str(shards)  # every process this run starts: daemons and producers
+    keys = Keys(shards=shards)
+    with ClusterSet(binary, masters=3, replicas_per_master=1) as cluster:
+        url = cluster.url
+        daemons, load = [], None
+        for argv in (["scheduler", "--max-wait-ms", "5"], ["worker", "--engine", "echo"]):
+            log_file = open(logs / f"{name}-{argv[0]}.log", "wb")
+            daemons.append(subprocess.Popen([sys.executable, "-m", "batchd.cli", argv[0], "--redis", url, *argv[1:]],
+                                            stdout=log_file, stderr=subprocess.STDOUT))
+            log_file.close()
+        try:
+            wait_for_workers(url, 1, 120, daemons, shards=shards)
+            wire = FinalEvents(url)
+            wire.start()
+            load = Producers(url, requests, producers, 0, logs, name)
+            load.go()
+            started = time.monotonic()
+            load.wait_for_accepted(requests // 3)
+            shard_0 = key_slot(keys.requests_of("", 0).encode())
+            holder = next(m for m in cluster.masters() if _holds(m.port, shard_0))
+            event_at = time.monotonic()
+            if name == "cluster-failover":
+                cluster.kill_master(holder)
+                event_s = cluster.wait_for_failover(holder.port)
+            else:
+                target = next(m for m in cluster.masters() if m is not holder)
+                first = _first_slot(holder.port)
+                count = shard_0 - first + 1 + 100  # through shard 0's slot, and a little beyond
+                cluster.move_slots(count, holder.port, target.port)
+                event_s = time.monotonic() - event_at
+                assert _holds(target.port, shard_0), "shard 0 moved"
+            records = load.records()
+            elapsed = time.monotonic() - started
+            time.sleep(0.5)
+            wire.stopped.set()
+            stored = _stored_texts(connect(url), keys, [r["id"] for r in records if "id" in r])
+        finally:
+            if load is not None:
+                stop_processes(load.processes, timeout_s=5)
+            stop_processes(daemons, timeout_s=20)
+    answered = [r for r in records if "text" in r]
+    return {
+        "setting": name, "requests": requests, "producers": producers, "shards": shards,
+        "accepted": sum("id" in r for r in records),
+        "refused": sum("refused" in r for r in records),
+        "lost": sum(r.get("error") == "result_timeout" for r in records),
+        "errors": sum("error" in r and r["error"] != "result_timeout" for r in records),
+        "answered": len(answered),
+        "wrong": sum(r["text"] != r["prompt"] for r in answered),
+        "answer_differs_from_stored": sum(stored.get(r["id"]) not in (None, r["text"]) for r in answered),
+        "final_events_seen_twice": sum(n > 1 for n in wire.counts.values()),
+        "final_events_seen_once": sum(n == 1 for n in wire.counts.values()),
+        "failover_s": round(event_s, 2),
+        "kill_after_s": round(event_at - started, 2),
+        "elapsed_s": round(elapsed, 1),
+    }
+
+
+def _myself(port: int) -> dict:
+    import redis
+
+    return next(node for node in redis.Redis(port=port).cluster("nodes").values() if "myself" in node["flags"])
+
+
+def _holds(port: int, slot: int) -> bool:
+    return any(int(r[0]) <= slot <= int(r[-1]) for r in _myself(port)["slots"])
+
+
+def _first_slot(port: int) -> int:
+    return min(int(r[0]) for r in _myself(port)["slots"])
+
+
 def run_setting(name: str, requests: int, producers: int, binary: str, logs: Path) -> dict:
     from batchd.client.connection import connect
     from batchd.client.keys import Keys
@@ -248,10 +337,13 @@ def _stored_texts(client, keys, request_ids: list[str]) -> dict[str, str]:
     """Each request's stored result text on the new master."""
     from batchd.client.protocol import FinalEvent, decode_event
 
+    from batchd.client.connection import is_cluster
+
+    mget = client.mget_nonatomic if is_cluster(client) else client.mget
     texts = {}
     for start in range(0, len(request_ids), 500):
         chunk = request_ids[start:start + 500]
-        for request_id, raw in zip(chunk, client.mget([keys.result(i) for i in chunk])):
+        for request_id, raw in zip(chunk, mget([keys.result(i) for i in chunk])):
             if raw is not None:
                 event = decode_event(raw)
                 if isinstance(event, FinalEvent):
@@ -263,7 +355,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--producers", type=int, default=8)
-    parser.add_argument("--settings", default="durable,default", help="comma-separated: durable, default")
+    parser.add_argument("--settings", default="durable,default",
+                        help="comma-separated: durable, default, cluster-failover, cluster-reshard")
+    parser.add_argument("--cluster-shards", type=int, default=6)
     parser.add_argument("--redis-server", default=shutil.which("redis-server"))
     parser.add_argument("--logs", default=None, help="folder for daemon logs and producer records")
     parser.add_argument("--json", default=str(RESULTS / "failover_load.json"), help="'' to skip")
@@ -274,7 +368,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.settings.split(","):
         print(f"{name}: {args.requests} requests from {args.producers} producers; kill -9 of the master "
               f"once a third are accepted...", flush=True)
-        reports.append(run_setting(name, args.requests, args.producers, args.redis_server, logs))
+        if name.startswith("cluster-"):
+            reports.append(run_cluster_setting(name, args.requests, args.producers, args.redis_server, logs,
+                                               args.cluster_shards))
+        else:
+            reports.append(run_setting(name, args.requests, args.producers, args.redis_server, logs))
     columns = ["setting", "accepted", "refused", "lost", "errors", "wrong", "answer_differs_from_stored",
                "final_events_seen_twice", "failover_s", "kill_after_s", "elapsed_s"]
     print(" | ".join(columns))

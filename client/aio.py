@@ -392,8 +392,12 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
 
     async def _read_events(self) -> None:
         backoff = core.reconnect_backoff()
+        moving: tuple[list, list] | None = None  # see Client's router: a cluster node failed
         while not self._closing:
             try:
+                if moving is not None:
+                    await self._move_subscription(*moving)
+                    moving = None
                 # A short wait, so a queued subscription goes out soon (as Client's router does).
                 message = await self._pubsub.get_message(timeout=0.05)
                 if self._subscription_changes:
@@ -402,12 +406,30 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
             except (RedisError, OSError) as exc:
                 delay = backoff.next_delay()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
+                if is_cluster(self._redis) and moving is None:
+                    moving = (list(self._pubsub.patterns), list(self._pubsub.channels))
                 await asyncio.sleep(delay)
                 continue
             if self._pubsub.reconnected:
                 core.recheck_after_reconnect(self._pubsub, self._handles)
             if message is not None:
                 self._route(message)
+
+    async def _move_subscription(self, patterns: list, channels: list) -> None:
+        """Client._Router._move_subscription for asyncio."""
+        old = self._pubsub
+        self._pubsub = _Subscription(await async_pubsub_pool(self._redis, avoid=old.connection_pool))
+        try:
+            await old.aclose()
+        except (RedisError, OSError):
+            pass
+        if patterns:
+            await self._pubsub.psubscribe(*patterns)
+        if channels:
+            await self._pubsub.subscribe(*channels)
+        self._pubsub.reconnected = True
+        kwargs = self._pubsub.connection_pool.connection_kwargs
+        log.warning("pub/sub moved to cluster node %s:%s", kwargs.get("host"), kwargs.get("port"))
 
     async def _change_subscriptions(self) -> None:
         while self._subscription_changes:

@@ -22,6 +22,7 @@ the redacted form.
 from __future__ import annotations
 
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -268,22 +269,33 @@ def acl_user(client: redis.Redis | aioredis.Redis) -> str | None:
     return client.connection_pool.connection_kwargs.get("username") or None
 
 
-def pubsub_pool(client: redis.Redis):
+def pubsub_pool(client: redis.Redis, avoid: object = None):
     """The connection pool a Subscription listens on. On a cluster, a node's: a PUBLISH reaches
-    every node of a cluster, so one node hears every request's events (docs/deploy.md)."""
+    every node of a cluster, so one node hears every request's events (docs/deploy.md). Which
+    node is picked at random, never `avoid`'s (a pool whose node failed), so a subscriber whose
+    node died lands on a live one within a few tries."""
     if isinstance(client, RedisCluster):
-        return client.get_default_node().redis_connection.connection_pool
+        nodes = [node for node in client.get_nodes()
+                 if node.redis_connection is not None and node.name != _node_name(avoid)]
+        return random.choice(nodes or client.get_nodes()).redis_connection.connection_pool
     return client.connection_pool
 
 
-async def async_pubsub_pool(client: aioredis.Redis):
+async def async_pubsub_pool(client: aioredis.Redis, avoid: object = None):
     """pubsub_pool for asyncio: a pool of its own to one node of a cluster."""
     if isinstance(client, AsyncRedisCluster):
         await client.initialize()
-        node = client.get_default_node()
+        nodes = [node for node in client.get_nodes() if node.name != _node_name(avoid)] or client.get_nodes()
+        node = random.choice(nodes)
         options = {k: v for k, v in node.connection_kwargs.items() if k not in ("host", "port")}
         return aioredis.ConnectionPool(host=node.host, port=node.port, **options)
     return client.connection_pool
+
+
+def _node_name(pool: object) -> str | None:
+    """"host:port" of a pool's server (a cluster node's name), None for none."""
+    kwargs = getattr(pool, "connection_kwargs", None)
+    return f"{kwargs.get('host')}:{kwargs.get('port')}" if kwargs else None
 
 
 def close_redis(client: redis.Redis) -> None:

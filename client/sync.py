@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import redis
 
 from . import core, scoring, tokenizers
-from .connection import CONNECTION_LOST, Subscription, acl_user, close_redis, open_redis, pubsub_pool
+from .connection import CONNECTION_LOST, Subscription, acl_user, close_redis, is_cluster, open_redis, pubsub_pool
 from .errors import BrokerUnavailable
 from .keys import tenant_id
 from .protocol import Request, Result, TokenizerInfo
@@ -107,7 +107,11 @@ class _Router(threading.Thread):
 
     def __init__(self, redis_client: redis.Redis, routes: core.Routes, pattern: str):
         super().__init__(name="batchd-client-router", daemon=True)
+        self._client = redis_client
         self._pubsub = Subscription(pubsub_pool(redis_client), ignore_subscribe_messages=False)
+        # On a cluster, the subscriptions (patterns, channels) to make again on another node
+        # after this one's node failed; None while the subscription is where it should be.
+        self._moving: tuple[list, list] | None = None
         self._routes = routes
         self._handles: dict[str, RequestHandle] = {}
         self._subscribe_queue: queue.SimpleQueue[tuple[str, threading.Event]] = queue.SimpleQueue()
@@ -152,6 +156,8 @@ class _Router(threading.Thread):
         backoff = core.reconnect_backoff()
         while self._running:
             try:
+                if self._moving is not None:
+                    self._move_subscription()
                 if not self.ready.is_set():
                     self._subscribe_pattern()
                 # get_message reconnects a dropped connection; subscribe must only run on a
@@ -162,6 +168,8 @@ class _Router(threading.Thread):
             except (redis.RedisError, OSError) as exc:
                 delay = backoff.next_delay()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
+                if is_cluster(self._client) and self._moving is None and self.ready.is_set():
+                    self._moving = (list(self._pubsub.patterns), list(self._pubsub.channels))
                 time.sleep(delay)
                 continue
             if self._pubsub.reconnected:
@@ -169,6 +177,27 @@ class _Router(threading.Thread):
             if message is not None:
                 self._route(message)
         self._pubsub.close()
+
+    def _move_subscription(self) -> None:
+        """Subscribe on another cluster node what the failed one carried. A cluster's PUBLISH
+        reaches every node, so any node will do; what was published meanwhile is looked up by
+        the recheck a reconnect triggers."""
+        patterns, channels = self._moving
+        old = self._pubsub
+        self._pubsub = Subscription(pubsub_pool(self._client, avoid=old.connection_pool),
+                                    ignore_subscribe_messages=False)
+        try:
+            old.close()
+        except (redis.RedisError, OSError):
+            pass
+        if patterns:
+            self._pubsub.psubscribe(*patterns)
+        if channels:
+            self._pubsub.subscribe(*channels)
+        self._pubsub.reconnected = True
+        self._moving = None
+        log.warning("pub/sub moved to cluster node %s:%s", self._pubsub.connection_pool.connection_kwargs.get("host"),
+                    self._pubsub.connection_pool.connection_kwargs.get("port"))
 
     def _drain_subscribe_queue(self) -> None:
         while True:

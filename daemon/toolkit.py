@@ -136,6 +136,12 @@ def read_streams(client: redis.Redis, group: str, consumer: str, positions: dict
     return merge_reads(replies, block_ms)
 
 
+def mget_any(client: redis.Redis, keys: list[str]) -> list:
+    """MGET of keys in any slots: a cluster answers an MGET of one slot only, and its client
+    splits one by slot (mget_nonatomic: no snapshot across slots, which no caller here needs)."""
+    return client.mget_nonatomic(keys) if is_cluster(client) else client.mget(keys)
+
+
 def merge_reads(replies: list, block_ms: int | None = None) -> list:
     """Per-stream XREADGROUP replies as one (the first error raised); sleeps out a short block when empty."""
     merged = []

@@ -50,6 +50,7 @@ from batchd.daemon.toolkit import (
     finish_reason_of,
     instance_id,
     publish_settings,
+    mget_any,
     read_job,
     read_streams,
     repair_keys,
@@ -476,17 +477,8 @@ class Scheduler:
         return doomed
 
     def _cancel_flags(self, held: list[_Held]) -> list:
-        """Each held request's cancel flag: one MGET per shard (a cluster answers an MGET of one slot only)."""
-        if self.keys.shards == 1:
-            return self.redis.mget([self.keys.cancelled(h.request.id) for h in held])
-        parts: dict[int, list[int]] = {}
-        for index, h in enumerate(held):
-            parts.setdefault(self.keys.shard_of(h.request.id), []).append(index)
-        flags: list = [None] * len(held)
-        for indices in parts.values():  # a cluster pipeline takes no MGET
-            for i, value in zip(indices, self.redis.mget([self.keys.cancelled(held[i].request.id) for i in indices])):
-                flags[i] = value
-        return flags
+        """Each held request's cancel flag (on a cluster, one MGET per slot)."""
+        return mget_any(self.redis, [self.keys.cancelled(h.request.id) for h in held])
 
     def _answer(self, held: _Held, error: BatchdError) -> None:
         """Finish a held request with an error, if it is still this entry's (scripts.ANSWER),

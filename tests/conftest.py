@@ -129,3 +129,24 @@ def sentinel_fleet(tmp_path_factory):
     finally:
         fleet.stop_all()
         sentinels.cleanup()
+
+
+@pytest.fixture
+def fleet_on(tmp_path):
+    """Daemons on a URL the test chooses (a cluster's, say), with a shard count; all stopped
+    afterwards. Call it as fleet_on(url, shards)."""
+    fleets: list[Daemons] = []
+
+    def make(url: str, shards: int = 1) -> Daemons:
+        fleets.append(Daemons(url, tmp_path, shards))
+        return fleets[-1]
+
+    yield make
+    for fleet in fleets:
+        fleet.stop_all()
+
+
+@pytest.fixture
+def server_binary() -> str:
+    """redis-server on PATH (the tests' server everywhere), for harnesses that start their own."""
+    return redis_binary()

@@ -11,6 +11,8 @@ import asyncio
 from collections import Counter
 
 import pytest
+import redis
+from redis.crc import key_slot
 
 from batchd import AsyncClient, Client
 from batchd.client.errors import InvalidRequest
@@ -19,7 +21,6 @@ from batchd.client.keys import Keys
 from batchd.embedded import ClusterSet
 from batchd.status import read_status
 
-from conftest import Daemons, redis_binary
 
 
 def test_cluster_url_names_the_nodes_and_the_acl_user():
@@ -40,8 +41,8 @@ def test_a_bad_cluster_url_is_one_line_naming_the_problem(url, complaint):
         parse_cluster_url(url)
 
 
-def _serve_and_check(url: str, tmp_path, shards: int, requests: int = 60) -> dict:
-    fleet = Daemons(url, tmp_path, shards=shards)
+def _serve_and_check(url: str, fleet_on, shards: int, requests: int = 60) -> dict:
+    fleet = fleet_on(url, shards)
     try:
         fleet.scheduler("--max-batch", "8")
         fleet.echo_worker("--slots", "32", "--token-delay-ms", "2")
@@ -67,16 +68,16 @@ def _serve_and_check(url: str, tmp_path, shards: int, requests: int = 60) -> dic
         fleet.stop_all()
 
 
-def test_cluster_one_master_refuses_cross_slot_commands_and_the_sharded_fleet_never_sends_one(tmp_path):
-    with ClusterSet(redis_binary(), masters=1, replicas_per_master=0) as cluster:
-        seen = _serve_and_check(cluster.url, tmp_path, shards=3)
+def test_cluster_one_master_refuses_cross_slot_commands_and_the_sharded_fleet_never_sends_one(server_binary, fleet_on):
+    with ClusterSet(server_binary, masters=1, replicas_per_master=0) as cluster:
+        seen = _serve_and_check(cluster.url, fleet_on, shards=3)
     assert set(seen["shards"]) == {0, 1, 2}
 
 
 @pytest.mark.slow
-def test_cluster_three_masters_serve_a_sharded_fleet(tmp_path):
-    with ClusterSet(redis_binary(), masters=3, replicas_per_master=0) as cluster:
-        seen = _serve_and_check(cluster.url, tmp_path, shards=6, requests=120)
+def test_cluster_three_masters_serve_a_sharded_fleet(server_binary, fleet_on):
+    with ClusterSet(server_binary, masters=3, replicas_per_master=0) as cluster:
+        seen = _serve_and_check(cluster.url, fleet_on, shards=6, requests=120)
         # Each master holds two shards' streams (keys.shard_tags spreads them over the slots).
         clients = {m.port: open_redis(m.url) for m in cluster.masters()}
         holding = Counter(port for port, c in clients.items() for key in c.scan_iter(match="batchd:{*}:requests", _type="stream"))
@@ -85,12 +86,12 @@ def test_cluster_three_masters_serve_a_sharded_fleet(tmp_path):
 
 
 @pytest.mark.slow
-def test_cluster_kill_9_of_a_master_under_load_every_request_is_answered_once(tmp_path):
+def test_cluster_kill_9_of_a_master_under_load_every_request_is_answered_once(server_binary, fleet_on):
     """Default (asynchronous) replication: a submit the dead master had not passed on may be
     lost; every other request is answered once, with its own text, and a lost one ends with a
     typed error rather than a hang."""
-    with ClusterSet(redis_binary(), masters=3, replicas_per_master=1) as cluster:
-        fleet = Daemons(cluster.url, tmp_path, shards=6)
+    with ClusterSet(server_binary, masters=3, replicas_per_master=1) as cluster:
+        fleet = fleet_on(cluster.url, 6)
         try:
             fleet.scheduler("--max-batch", "8")
             fleet.echo_worker("--slots", "64", "--token-delay-ms", "2")
@@ -122,7 +123,58 @@ def test_cluster_kill_9_of_a_master_under_load_every_request_is_answered_once(tm
     assert len(answered) >= 390, (len(failed), [repr(e)[:200] for e in failed[:5]], fleet.logs()[-3000:])
 
 
-def test_cluster_durable_submits_are_refused_until_wait_reaches_the_right_master():
-    with ClusterSet(redis_binary(), masters=1, replicas_per_master=0) as cluster:
+def test_cluster_durable_submits_are_refused_until_wait_reaches_the_right_master(server_binary):
+    with ClusterSet(server_binary, masters=1, replicas_per_master=0) as cluster:
         with pytest.raises(InvalidRequest, match="durable_replicas is not supported on Redis Cluster"):
             Client(cluster.url, shards=3, durable_replicas=1)
+
+
+@pytest.mark.slow
+def test_cluster_reshard_under_load_every_request_is_answered_once(server_binary, fleet_on):
+    """Half of a master's slots (shard 0's among them) move to another master while 400
+    requests are in flight: scripts whose keys are split mid-move get TRYAGAIN and are tried
+    again; every request is answered once, with its own text."""
+    with ClusterSet(server_binary, masters=3, replicas_per_master=0) as cluster:
+        fleet = fleet_on(cluster.url, 6)
+        try:
+            fleet.scheduler("--max-batch", "8")
+            fleet.echo_worker("--slots", "64", "--token-delay-ms", "2")
+            fleet.wait_for_workers(1)
+            shard_0_slot = key_slot(Keys(shards=6).requests_of("", 0).encode())
+            first = _owner(cluster, 0)
+            assert _owner(cluster, shard_0_slot) is first and shard_0_slot < 2730
+            second = next(m for m in cluster.masters() if m is not first)
+
+            async def load() -> list:
+                async with AsyncClient(cluster.url, shards=6) as client:
+                    async def one(i: int):
+                        await asyncio.sleep(i * 0.01)
+                        try:
+                            return await client.generate(prompt=f"prompt {i}", max_new_tokens=20, timeout=60)
+                        except Exception as exc:  # noqa: BLE001 - counted below
+                            return exc
+                    calls = asyncio.gather(*(one(i) for i in range(400)))
+                    await asyncio.sleep(1.0)
+                    await asyncio.to_thread(cluster.move_slots, 2730, first.port, second.port)
+                    return await calls
+
+            outcomes = asyncio.run(load())
+            moved = _owner(cluster, shard_0_slot) is second
+        finally:
+            fleet.stop_all()
+    answered = [o for o in outcomes if not isinstance(o, Exception)]
+    failed = [o for o in outcomes if isinstance(o, Exception)]
+    print(f"cluster reshard: {len(answered)} of 400 answered, {len(failed)} failed: {[repr(e)[:120] for e in failed[:3]]}")
+    assert all(o.text == f"prompt {i}" for i, o in enumerate(outcomes) if not isinstance(o, Exception))
+    assert len({o.request_id for o in answered}) == len(answered)
+    assert not failed, (failed[:3], fleet.logs()[-3000:])
+    assert moved, "shard 0's stream moved to the other master"
+
+
+def _owner(cluster: ClusterSet, slot: int):
+    """The master that holds a slot, as it says itself (CLUSTER NODES, its `myself` line)."""
+    for master in cluster.masters():
+        for node in redis.Redis(port=master.port).cluster("nodes").values():
+            if "myself" in node["flags"] and any(int(r[0]) <= slot <= int(r[-1]) for r in node["slots"]):
+                return master
+    return None

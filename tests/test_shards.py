@@ -19,7 +19,6 @@ from batchd.client.errors import Cancelled
 from batchd.client.keys import Keys, format_last_reads, job_ref, parse_job_ref, parse_last_reads, shard_tags
 from batchd.status import read_status
 
-from conftest import Daemons
 
 
 def test_one_shard_keeps_the_one_server_layout_key_for_key():
@@ -80,10 +79,8 @@ def test_a_shard_count_out_of_range_is_refused():
 
 
 @pytest.fixture
-def sharded(redis_server, tmp_path):
-    fleet = Daemons(redis_server.url, tmp_path, shards=3)
-    yield fleet
-    fleet.stop_all()
+def sharded(redis_server, fleet_on):
+    return fleet_on(redis_server.url, shards=3)
 
 
 def test_a_sharded_fleet_answers_every_request_from_every_shard(sharded, redis_client):

@@ -40,9 +40,11 @@ class CancelFeed:
         self._heard: OrderedDict[str, list[str]] = OrderedDict()
 
     def connect(self) -> None:
+        # On a cluster, another node than the last one's (it may be the node that failed).
+        last = self._subscription.connection_pool if self._subscription is not None else None
         self.close()
         self._live_after = None
-        self._subscription = Subscription(pubsub_pool(self._client))
+        self._subscription = Subscription(pubsub_pool(self._client, avoid=last))
         self._subscription.subscribe(self._channel)
 
     def close(self) -> None:

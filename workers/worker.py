@@ -390,7 +390,7 @@ class Worker:
 
     def _cancel_flags(self, requests: list[Request]) -> list[bool]:
         """Whether each request has a cancel flag that may stop it, in one round trip."""
-        flags = self.redis.mget([self.keys.cancelled(r.id) for r in requests])
+        flags = toolkit.mget_any(self.redis, [self.keys.cancelled(r.id) for r in requests])
         return [toolkit.cancel_matches(r, flag) for r, flag in zip(requests, flags)]
 
     # -- stepping -------------------------------------------------------------
