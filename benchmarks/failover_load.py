@@ -15,8 +15,13 @@ Two more settings run the same load on a Redis Cluster (cli/embedded.py ClusterS
 shards (BATCHD_SHARDS for every process):
 
   cluster-failover: kill -9 of the master holding shard 0 once a third are accepted;
-  cluster-reshard:  the first half of that master's slots (shard 0's among them) move to
-                    another master (redis-cli --cluster reshard) once a third are accepted.
+  cluster-reshard:  the slots from that master's first through shard 0's (and 100 more) move
+                    to another master (redis-cli --cluster reshard) once a third are accepted;
+  cluster-durable:  cluster-failover with the durable setting: 2 replicas per master,
+                    appendfsync always on every node, producers with durable_replicas=1, the
+                    worker with --durable-replicas 1;
+  cluster-both:     cluster-durable, then at once shard 0's slots move off the master the
+                    failover promoted (failover_s: the kill to the end of the reshard).
 
 Per setting: accepted (the submit returned), refused (the submit raised a typed error: the
 caller knows it was not accepted), lost (accepted, then no result: ResultTimeout), wrong
@@ -179,7 +184,19 @@ class FinalEvents(threading.Thread):
 
 
 def run_cluster_setting(name: str, requests: int, producers: int, binary: str, logs: Path, shards: int) -> dict:
-    """cluster-failover or cluster-reshard (module docstring)."""
+    """cluster-failover, cluster-reshard or cluster-durable (module docstring)."""
+    previous = os.environ.get("BATCHD_SHARDS")
+    os.environ["BATCHD_SHARDS"] = str(shards)  # every process this run starts: daemons and producers
+    try:
+        return _run_cluster_setting(name, requests, producers, binary, logs, shards)
+    finally:
+        if previous is None:
+            os.environ.pop("BATCHD_SHARDS", None)
+        else:
+            os.environ["BATCHD_SHARDS"] = previous
+
+
+def _run_cluster_setting(name: str, requests: int, producers: int, binary: str, logs: Path, shards: int) -> dict:
     from redis.crc import key_slot
 
     from batchd.client.connection import connect
@@ -187,12 +204,17 @@ def run_cluster_setting(name: str, requests: int, producers: int, binary: str, l
     from batchd.embedded import ClusterSet
     from batchd.status import stop_processes, wait_for_workers
 
-    os.environ["BATCHD_SHARDS"] = str(shards)  # every process this run starts: daemons and producers
     keys = Keys(shards=shards)
-    with ClusterSet(binary, masters=3, replicas_per_master=1) as cluster:
+    durable = name in ("cluster-durable", "cluster-both")
+    replicas_acked = 1 if durable else 0
+    # Durable: two replicas per master, so the one promoted in a failover still has a replica to
+    # acknowledge (with one, the shard's writes wait for the dead master to come back).
+    with ClusterSet(binary, masters=3, replicas_per_master=2 if durable else 1, appendonly=durable,
+                    server_args=["--appendfsync", "always"] if durable else []) as cluster:
         url = cluster.url
         daemons, load = [], None
-        for argv in (["scheduler", "--max-wait-ms", "5"], ["worker", "--engine", "echo"]):
+        for argv in (["scheduler", "--max-wait-ms", "5"],
+                     ["worker", "--engine", "echo", "--durable-replicas", str(replicas_acked)]):
             log_file = open(logs / f"{name}-{argv[0]}.log", "wb")
             daemons.append(subprocess.Popen([sys.executable, "-m", "batchd.cli", argv[0], "--redis", url, *argv[1:]],
                                             stdout=log_file, stderr=subprocess.STDOUT))
@@ -201,17 +223,19 @@ def run_cluster_setting(name: str, requests: int, producers: int, binary: str, l
             wait_for_workers(url, 1, 120, daemons, shards=shards)
             wire = FinalEvents(url)
             wire.start()
-            load = Producers(url, requests, producers, 0, logs, name)
+            load = Producers(url, requests, producers, replicas_acked, logs, name)
             load.go()
             started = time.monotonic()
             load.wait_for_accepted(requests // 3)
             shard_0 = key_slot(keys.requests_of("", 0).encode())
             holder = next(m for m in cluster.masters() if _holds(m.port, shard_0))
             event_at = time.monotonic()
-            if name == "cluster-failover":
+            if name in ("cluster-failover", "cluster-durable", "cluster-both"):
                 cluster.kill_master(holder)
                 event_s = cluster.wait_for_failover(holder.port)
-            else:
+                if name == "cluster-both":  # then shard 0 moves off the master just promoted
+                    holder = next(m for m in cluster.masters() if _holds(m.port, shard_0))
+            if name in ("cluster-reshard", "cluster-both"):
                 target = next(m for m in cluster.masters() if m is not holder)
                 first = _first_slot(holder.port)
                 count = shard_0 - first + 1 + 100  # through shard 0's slot, and a little beyond
@@ -356,7 +380,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--producers", type=int, default=8)
     parser.add_argument("--settings", default="durable,default",
-                        help="comma-separated: durable, default, cluster-failover, cluster-reshard")
+                        help="comma-separated: durable, default, cluster-failover, cluster-reshard, cluster-durable, "
+                             "cluster-both")
     parser.add_argument("--cluster-shards", type=int, default=6)
     parser.add_argument("--redis-server", default=shutil.which("redis-server"))
     parser.add_argument("--logs", default=None, help="folder for daemon logs and producer records")

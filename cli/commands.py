@@ -60,13 +60,8 @@ def build_engine(args):
 def worker(args) -> int:
     from batchd.cli import install_stop_handlers
     from batchd.daemon import metrics
-    from batchd.client.connection import is_cluster_url, redis_url
     from batchd.workers.worker import Worker, WorkerConfig
 
-    if args.durable_replicas and is_cluster_url(redis_url(args.redis)):
-        log.error("--durable-replicas is not supported on Redis Cluster yet (WAIT would not reach the master "
-                  "that took the write); use a Sentinel-managed master for durable results")
-        return 2
     config = WorkerConfig(redis_url=args.redis, prefix=args.prefix, shards=_shards(args), drain_timeout_s=args.drain_timeout,
                           metrics_port=args.metrics_port, metrics_host=args.metrics_host, lease_ms=args.lease_ms,
                           heartbeat_interval_s=args.heartbeat_interval, abandoned_after_s=args.abandoned_after,

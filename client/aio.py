@@ -19,7 +19,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from . import core, scoring, tokenizers
-from .connection import CONNECTION_LOST, acl_user, async_pubsub_pool, is_cluster, close_async_redis, open_async_redis
+from .connection import (
+    CONNECTION_LOST,
+    AsyncMasterClients,
+    acl_user,
+    async_pubsub_pool,
+    close_async_redis,
+    is_cluster,
+    is_moved,
+    open_async_redis,
+)
 from .errors import BrokerUnavailable
 from .keys import tenant_id
 from .protocol import Request, Result, TokenizerInfo
@@ -145,7 +154,8 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
             socket_connect_timeout=10.0, health_check_interval=30, retry_on_timeout=True)
         super().__init__(prefix, producer, cancel_key, durable_replicas,
                          core.resolve_tenant(tenant, acl_user(self._redis)), shards)
-        core.refuse_durable_on_cluster(self._redis, durable_replicas)
+        # On a cluster: a client per master, for durable submits (WAIT on the writer's connection).
+        self._masters = AsyncMasterClients(self._redis) if is_cluster(self._redis) else None
         self._handles: dict[str, AsyncRequestHandle] = {}
         self._confirm: dict[str, asyncio.Future] = {}
         # (un)subscriptions for the reader to make, on a live connection only: a SUBSCRIBE sent
@@ -303,6 +313,8 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
                 pass
         if self._pubsub is not None:
             await self._pubsub.aclose()
+        if self._masters is not None:
+            await self._masters.aclose()
         await close_async_redis(self._redis)
 
     async def __aenter__(self) -> "AsyncClient":
@@ -361,6 +373,8 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
     async def _run_submits(self, calls: list[ScriptCall]) -> list:
         """One pipeline of SUBMIT calls; each the server answered NOSCRIPT (it restarted) runs again
         on its own, as run_in_pipeline does for Client and the daemons."""
+        if self.durable_replicas and is_cluster(self._redis):
+            return await self._run_durable_submits_on_cluster(calls)
         async with self._redis.pipeline(transaction=False) as pipe:
             for script, keys, args in calls:
                 script.queue(pipe, keys, args)
@@ -414,6 +428,36 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
                 core.recheck_after_reconnect(self._pubsub, self._handles)
             if message is not None:
                 self._route(message)
+
+    async def _run_durable_submits_on_cluster(self, calls: list[ScriptCall]) -> list:
+        """Durable SUBMITs on a cluster: one pipeline per master, each its writes then WAIT, on a
+        connection to that master (WAIT counts the writes of its own connection)."""
+        by_master: dict[int, tuple[Any, list[int]]] = {}
+        for index, (_script, keys, _args) in enumerate(calls):
+            master = await self._masters.of(keys[0])
+            by_master.setdefault(id(master), (master, []))[1].append(index)
+
+        async def on(master, indices: list[int]) -> list:
+            async with master.pipeline(transaction=False) as pipe:
+                for i in indices:
+                    calls[i][0].queue(pipe, calls[i][1], calls[i][2])
+                pipe.wait(self.durable_replicas, core.DURABLE_WAIT_MS)
+                replies = await pipe.execute(raise_on_error=False)
+            if any(is_moved(reply) for reply in replies):
+                await self._redis.nodes_manager.initialize()  # a slot moved: learn where, and try again
+            return core.durable_outcomes(replies[:-1], replies[-1], self.durable_replicas,
+                                         f"submit of {len(indices)} requests")
+
+        outcomes: list = [None] * len(calls)
+        groups = list(by_master.values())
+        for (_master, indices), replies in zip(groups, await asyncio.gather(*(on(m, i) for m, i in groups))):
+            for i, reply in zip(indices, replies):
+                outcomes[i] = reply
+        for outcome in outcomes:
+            if isinstance(outcome, RedisError) and (core.is_transient(outcome) or needs_loading(outcome)):
+                raise outcome  # retried whole: a second submission of an id never runs twice
+        return [core.unavailable(outcome, "submit") if isinstance(outcome, RedisError) else outcome
+                for outcome in outcomes]
 
     async def _move_subscription(self, patterns: list, channels: list) -> None:
         """Client._Router._move_subscription for asyncio."""

@@ -21,6 +21,7 @@ the redacted form.
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import re
@@ -290,6 +291,45 @@ async def async_pubsub_pool(client: aioredis.Redis, avoid: object = None):
         options = {k: v for k, v in node.connection_kwargs.items() if k not in ("host", "port")}
         return aioredis.ConnectionPool(host=node.host, port=node.port, **options)
     return client.connection_pool
+
+
+def master_client(client: RedisCluster, key: str) -> redis.Redis:
+    """A plain client of the cluster master that holds a key's slot now. WAIT counts the writes of
+    the connection it runs on, so a durable write goes through this (one pipeline: the write,
+    then WAIT) rather than through the cluster client, which sends a keyless WAIT to any node."""
+    return client.get_node_from_key(key).redis_connection
+
+
+class AsyncMasterClients:
+    """master_client for asyncio: a plain client per cluster master, made on first use and
+    closed with its owner (an asyncio cluster node has no client of its own to lend)."""
+
+    def __init__(self, cluster: AsyncRedisCluster):
+        self._cluster = cluster
+        self._clients: dict[str, aioredis.Redis] = {}
+
+    async def of(self, key: str) -> aioredis.Redis:
+        await self._cluster.initialize()
+        node = self._cluster.get_node_from_key(key)
+        if node.name not in self._clients:
+            # The node's connection settings, less the cluster client's own bookkeeping.
+            accepted = inspect.signature(aioredis.Redis).parameters
+            options = {k: v for k, v in node.connection_kwargs.items() if k in accepted and k not in ("host", "port")}
+            self._clients[node.name] = aioredis.Redis(host=node.host, port=node.port, **options)
+        return self._clients[node.name]
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+
+def is_moved(reply: object) -> bool:
+    """A reply saying a slot lives on another node now: the caller refreshes its slot table and
+    tries again (a plain client of one master does not follow MOVED or ASK itself)."""
+    # redis-py parses both into errors whose text is only "<slot> <host:port>".
+    return isinstance(reply, (redis.exceptions.MovedError, redis.exceptions.AskError)) or \
+        isinstance(reply, redis.ResponseError) and str(reply).startswith(("MOVED", "ASK"))
 
 
 def _node_name(pool: object) -> str | None:

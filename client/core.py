@@ -369,16 +369,19 @@ def overloaded_message(stream: str) -> str:
 # has loaded the SUBMIT function yet, a replica or cluster is failing over (MASTERDOWN,
 # LOADING, TRYAGAIN; READONLY from a master demoted under a plain URL; NOREPLICAS from a
 # master with min-replicas-to-write whose replicas are reconnecting), the request stream's
-# last id was set to the largest (a scheduler sets it back). Retried like a lost connection.
+# last id was set to the largest (a scheduler sets it back), a cluster slot moved under a
+# durable write sent to its master directly (MOVED, ASK). Retried like a lost connection.
 TRANSIENT_REPLIES = ("busy", "wrongtype", "function not found", "tryagain", "masterdown", "loading",
-                     "noreplicas", "readonly", "the stream has exhausted")
+                     "noreplicas", "readonly", "the stream has exhausted", "moved ", "ask ")
 
 
 # What a cluster client raises while slots move or a master fails over: the cluster is down
 # until a replica is promoted, a script's keys are split mid-migration (TRYAGAIN, and redis-py's
-# "TTL exhausted" once its own quick retries ran out).
+# "TTL exhausted" once its own quick retries ran out), a slot moved under a write sent to its
+# old master directly (MOVED, ASK: durable writes, connection.master_client).
 CLUSTER_MOVING = (redis.exceptions.ClusterDownError, redis.exceptions.ClusterError,
-                  redis.exceptions.TryAgainError, redis.exceptions.MasterDownError)
+                  redis.exceptions.TryAgainError, redis.exceptions.MasterDownError,
+                  redis.exceptions.MovedError, redis.exceptions.AskError)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -387,16 +390,6 @@ def is_transient(exc: BaseException) -> bool:
         return True
     return isinstance(exc, redis.ResponseError) and str(exc).lower().startswith(TRANSIENT_REPLIES) \
         or is_missing_function(exc)
-
-
-def refuse_durable_on_cluster(client: Any, durable_replicas: int) -> None:
-    """WAIT counts the writes of the connection it runs on; a cluster client sends it to one
-    node, not the one that took the submit, so it would vouch for nothing (issue 18)."""
-    from .connection import is_cluster
-
-    if durable_replicas and is_cluster(client):
-        raise InvalidRequest("durable_replicas is not supported on Redis Cluster yet: WAIT would not reach the "
-                             "master that took the write; use a Sentinel-managed master for durable submits")
 
 
 def not_durable(acknowledged: int, wanted: int, what: str) -> redis.ResponseError:

@@ -17,7 +17,17 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import redis
 
 from . import core, scoring, tokenizers
-from .connection import CONNECTION_LOST, Subscription, acl_user, close_redis, is_cluster, open_redis, pubsub_pool
+from .connection import (
+    CONNECTION_LOST,
+    Subscription,
+    acl_user,
+    close_redis,
+    is_cluster,
+    is_moved,
+    master_client,
+    open_redis,
+    pubsub_pool,
+)
 from .errors import BrokerUnavailable
 from .keys import tenant_id
 from .protocol import Request, Result, TokenizerInfo
@@ -245,7 +255,6 @@ class Client(core.ClientCore[RequestHandle]):
             retry_on_timeout=True)
         super().__init__(prefix, producer, cancel_key, durable_replicas,
                          core.resolve_tenant(tenant, acl_user(self._redis)), shards)
-        core.refuse_durable_on_cluster(self._redis, durable_replicas)
         self._router = _Router(self._redis, self._routes, self.keys.channel_pattern(self._ids.id_prefix))
         self._router.start()
 
@@ -414,11 +423,15 @@ class Client(core.ClientCore[RequestHandle]):
     def _submit(self, script, keys, args, request_id: str) -> int:
         if not self.durable_replicas:
             return script.run(self._redis, keys, args)
-        # One pipeline, so WAIT runs on the connection that made the write it waits for.
-        with self._redis.pipeline(transaction=False) as pipe:
+        # One pipeline, so WAIT runs on the connection that made the write it waits for (on a
+        # cluster, a connection to the master of the request's shard).
+        target = master_client(self._redis, keys[0]) if is_cluster(self._redis) else self._redis
+        with target.pipeline(transaction=False) as pipe:
             script.queue(pipe, keys, args)
             pipe.wait(self.durable_replicas, core.DURABLE_WAIT_MS)
             outcome, acknowledged = pipe.execute(raise_on_error=False)
+        if is_moved(outcome):
+            self._redis.nodes_manager.initialize()  # the slot moved: learn where, and try again
         return core.durable_outcomes([outcome], acknowledged, self.durable_replicas, f"submit of {request_id}")[0]
 
     def _stored_result(self, request_id: str) -> bytes | None:

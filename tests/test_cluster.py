@@ -8,7 +8,9 @@ multi-key read of batchd spans shards. The three-master cluster spreads the shar
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,8 +20,11 @@ from batchd import AsyncClient, Client
 from batchd.client.errors import InvalidRequest
 from batchd.client.connection import ClusterAddress, open_redis, parse_cluster_url
 from batchd.client.keys import Keys
+from batchd.client.scripts import LIBRARY, load_library
 from batchd.embedded import ClusterSet
 from batchd.status import read_status
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 
@@ -123,12 +128,6 @@ def test_cluster_kill_9_of_a_master_under_load_every_request_is_answered_once(se
     assert len(answered) >= 390, (len(failed), [repr(e)[:200] for e in failed[:5]], fleet.logs()[-3000:])
 
 
-def test_cluster_durable_submits_are_refused_until_wait_reaches_the_right_master(server_binary):
-    with ClusterSet(server_binary, masters=1, replicas_per_master=0) as cluster:
-        with pytest.raises(InvalidRequest, match="durable_replicas is not supported on Redis Cluster"):
-            Client(cluster.url, shards=3, durable_replicas=1)
-
-
 @pytest.mark.slow
 def test_cluster_reshard_under_load_every_request_is_answered_once(server_binary, fleet_on):
     """Half of a master's slots (shard 0's among them) move to another master while 400
@@ -178,3 +177,46 @@ def _owner(cluster: ClusterSet, slot: int):
             if "myself" in node["flags"] and any(int(r[0]) <= slot <= int(r[-1]) for r in node["slots"]):
                 return master
     return None
+
+
+@pytest.mark.slow
+def test_cluster_kill_9_of_a_master_then_a_reshard_under_load_lose_no_durable_request(server_binary, tmp_path):
+    """appendfsync always on every node, producers with durable_replicas=1 and the worker with
+    --durable-replicas 1: each submit and each result is on a replica before it counts, WAIT
+    sent on a connection to the master that took the write (not any node). The master holding
+    shard 0 is killed, then shard 0's slots move off the master promoted in its place."""
+    spec = importlib.util.spec_from_file_location("failover_load", ROOT / "benchmarks" / "failover_load.py")
+    failover_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(failover_load)
+    report = failover_load.run_cluster_setting("cluster-both", 2000, 4, server_binary, tmp_path, shards=6)
+    print("cluster, durable, kill -9 of a master and a reshard:", report)
+    assert report["accepted"] + report["refused"] == 2000, report
+    assert (report["lost"], report["errors"], report["wrong"], report["answer_differs_from_stored"]) == (0, 0, 0, 0), report
+    assert report["answered"] == report["accepted"] and report["final_events_seen_twice"] == 0, report
+
+
+def test_cluster_a_durable_submit_is_on_a_replica_of_its_master_when_it_returns(server_binary):
+    """Client (sync) and AsyncClient with durable_replicas on a cluster: WAIT goes to the master
+    of each request's shard, on the connection that wrote it, so what returned is replicated."""
+    with ClusterSet(server_binary, masters=3, replicas_per_master=1) as cluster:
+        load_library(open_redis(cluster.url), LIBRARY)  # a scheduler's job; no fleet here
+        with Client(cluster.url, shards=3, durable_replicas=1) as client:
+            for i in range(12):
+                client.submit(f"sync {i}", max_new_tokens=1)
+
+        async def submit_async() -> None:
+            async with AsyncClient(cluster.url, shards=3, durable_replicas=1) as client:
+                await asyncio.gather(*(client.submit(f"async {i}", max_new_tokens=1) for i in range(30)))
+
+        asyncio.run(submit_async())
+        keys, replicated = Keys(shards=3), 0
+        masters = {m.port for m in cluster.masters()}
+        for replica in (s for s in cluster.live() if s.port not in masters):
+            reader = redis.Redis(port=replica.port)
+            reader.execute_command("READONLY")
+            for stream in keys.shared_streams():
+                try:
+                    replicated += reader.xlen(stream)
+                except redis.ResponseError:  # MOVED: another master's shard
+                    pass
+    assert replicated == 42

@@ -32,12 +32,12 @@ from typing import Any, Callable
 import msgspec
 import redis
 
-from batchd.client.connection import CONNECTION_LOST, is_cluster
+from batchd.client.connection import CONNECTION_LOST, is_cluster, is_moved, master_client
 from batchd.client.core import DURABLE_WAIT_MS, not_durable
 from batchd.client.keys import WORKER_GROUP, Keys, parse_job_ref
 from batchd.client.tokenizers import TOKENIZER_TTL_MS
 from batchd.client.protocol import Heartbeat, Request, Result, TokenEvent, encode, seal_event, seal_final
-from batchd.client.scripts import ScriptCall, raise_any_error, run_in_pipeline
+from batchd.client.scripts import ScriptCall, needs_loading, raise_any_error, run_in_pipeline
 from batchd.daemon import scripts
 
 from .holdings import Held
@@ -172,7 +172,10 @@ class Outbox:
         # On a cluster, one read per shard's job stream (a read spans one slot).
         reads = ([{stream: ">"} for stream in self.streams] if is_cluster(self.redis) and len(self.streams) > 1
                  else [{stream: ">" for stream in self.streams}])
-        outcomes, replies = run_in_pipeline(self.redis, calls, beat_and_read)
+        # On a cluster, durable results go to their masters directly (_store_durably_on_cluster).
+        on_cluster = bool(self.durable_replicas and parcel.finished and is_cluster(self.redis))
+        finals_from = len(calls) - len(parcel.finished)
+        outcomes, replies = run_in_pipeline(self.redis, calls[:finals_from] if on_cluster else calls, beat_and_read)
         jobs = replies[-len(reads):] if parcel.read_jobs else None
         for reply in (*(jobs or ()), *outcomes):
             if isinstance(reply, CONNECTION_LOST):
@@ -180,13 +183,48 @@ class Outbox:
         if jobs is not None:
             jobs = jobs[0] if len(jobs) == 1 else _merged(jobs)
         raise_any_error(outcomes)
-        if self.durable_replicas and parcel.finished:
+        if on_cluster:
+            outcomes = [*outcomes, *self._store_durably_on_cluster(calls[finals_from:])]
+        elif self.durable_replicas and parcel.finished:
             self._wait_for_replicas(len(parcel.finished))
         groups = list(_by_owner(parcel.events).values())
         heard = [(held, listeners) for group, counts in zip(groups, outcomes)
                  for (held, _event), listeners in zip(group, counts)]
         return Receipt(parcel, heard, outcomes[len(groups):], jobs)
 
+
+    def _store_durably_on_cluster(self, calls: list[ScriptCall]) -> list:
+        """FINALIZE calls on a cluster with durable_replicas: per master of their shards, one
+        pipeline of them and then WAIT, on a connection to that master (WAIT counts the writes of
+        its own connection; the cluster client would send it to any node). Raises, so the parcel
+        is kept and sent again, when a master or its replicas fall short."""
+        by_master: dict[int, tuple[Any, list[int]]] = {}
+        for index, (_script, keys, _args) in enumerate(calls):
+            master = master_client(self.redis, keys[0])
+            by_master.setdefault(id(master), (master, []))[1].append(index)
+        outcomes: list = [None] * len(calls)
+        for master, indices in by_master.values():
+            for _attempt in range(2):  # a master that lost its scripts gets them, then the calls again
+                with master.pipeline(transaction=False) as pipe:
+                    for i in indices:
+                        calls[i][0].queue(pipe, calls[i][1], calls[i][2])
+                    pipe.wait(self.durable_replicas, DURABLE_WAIT_MS)
+                    replies = pipe.execute(raise_on_error=False)
+                missing = {calls[i][0] for i, reply in zip(indices, replies) if needs_loading(reply)}
+                if not missing:
+                    break
+                for script in missing:
+                    master.script_load(script.source)
+            if any(is_moved(reply) for reply in replies):
+                self.redis.nodes_manager.initialize()  # a slot moved: learn where before the retry
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            if replies[-1] < self.durable_replicas:
+                raise not_durable(replies[-1], self.durable_replicas, f"{len(indices)} stored results")
+            for i, reply in zip(indices, replies):
+                outcomes[i] = reply
+        return outcomes
 
     def _wait_for_replicas(self, results: int) -> None:
         """Raise unless durable_replicas replicas hold what this connection wrote. A command of
