@@ -236,8 +236,10 @@ def test_a_request_refused_at_admission_does_not_close_its_job_early(backend, re
     fine = Request(v=PROTOCOL_VERSION, id="fine", prompt="ok")
     job = Job(v=PROTOCOL_VERSION, job_id="j", scheduler="s", created_at=0.0, requests=[refused, fine])
     client.xadd(KEYS.jobs("w1"), {"job": encode(job)})
-    for _ in range(10):
+    for _ in range(10):  # each iteration may wait for jobs up to a heartbeat interval: stop once done
         worker.run_once()
+        if client.exists(KEYS.result("refused"), KEYS.result("fine")) == 2 and client.xlen(KEYS.jobs("w1")) == 0:
+            break
     results = {i: decode_event(client.get(KEYS.result(i))).result for i in ("refused", "fine")}
     assert results["refused"].error.type == "invalid_request"
     assert results["fine"].text == "ok"

@@ -122,14 +122,14 @@ def test_a_sharded_fleet_answers_every_request_from_every_shard(sharded, redis_c
 
 def test_a_sharded_fleet_rehands_a_killed_workers_jobs_on_every_shard(sharded):
     sharded.scheduler()
-    doomed = sharded.echo_worker("--slots", "64", "--token-delay-ms", "100")
+    doomed = sharded.echo_worker("--slots", "64", "--token-delay-ms", "60")
     sharded.wait_for_workers(1)
 
     async def run() -> list:
         async with AsyncClient(sharded.url, shards=3) as client:
             pending = [asyncio.ensure_future(client.generate(prompt=f"p{i} " * 8, max_new_tokens=64, timeout=90))
                        for i in range(24)]
-            await asyncio.sleep(1.5)  # every request running on the doomed worker
+            await asyncio.sleep(0.8)  # every request running on the doomed worker
             doomed.kill()
             sharded.echo_worker("--slots", "64")
             return await asyncio.gather(*pending)
