@@ -212,13 +212,7 @@ def _run_cluster_setting(name: str, requests: int, producers: int, binary: str, 
     with ClusterSet(binary, masters=3, replicas_per_master=2 if durable else 1, appendonly=durable,
                     server_args=["--appendfsync", "always"] if durable else []) as cluster:
         url = cluster.url
-        daemons, load = [], None
-        for argv in (["scheduler", "--max-wait-ms", "5"],
-                     ["worker", "--engine", "echo", "--durable-replicas", str(replicas_acked)]):
-            log_file = open(logs / f"{name}-{argv[0]}.log", "wb")
-            daemons.append(subprocess.Popen([sys.executable, "-m", "batchd.cli", argv[0], "--redis", url, *argv[1:]],
-                                            stdout=log_file, stderr=subprocess.STDOUT))
-            log_file.close()
+        daemons, load = _start_daemons(url, name, replicas_acked, logs), None
         try:
             wait_for_workers(url, 1, 120, daemons, shards=shards)
             wire = FinalEvents(url)
@@ -251,18 +245,9 @@ def _run_cluster_setting(name: str, requests: int, producers: int, binary: str, 
             if load is not None:
                 stop_processes(load.processes, timeout_s=5)
             stop_processes(daemons, timeout_s=20)
-    answered = [r for r in records if "text" in r]
     return {
         "setting": name, "requests": requests, "producers": producers, "shards": shards,
-        "accepted": sum("id" in r for r in records),
-        "refused": sum("refused" in r for r in records),
-        "lost": sum(r.get("error") == "result_timeout" for r in records),
-        "errors": sum("error" in r and r["error"] != "result_timeout" for r in records),
-        "answered": len(answered),
-        "wrong": sum(r["text"] != r["prompt"] for r in answered),
-        "answer_differs_from_stored": sum(stored.get(r["id"]) not in (None, r["text"]) for r in answered),
-        "final_events_seen_twice": sum(n > 1 for n in wire.counts.values()),
-        "final_events_seen_once": sum(n == 1 for n in wire.counts.values()),
+        **_outcomes(records, stored, wire),
         "failover_s": round(event_s, 2),
         "kill_after_s": round(event_at - started, 2),
         "elapsed_s": round(elapsed, 1),
@@ -293,13 +278,7 @@ def run_setting(name: str, requests: int, producers: int, binary: str, logs: Pat
     replicas_acked = setting["replicas_acked"]
     with SentinelSet(binary, appendonly=setting["appendonly"], server_args=setting["server_args"]) as sentinels:
         url = sentinels.url
-        daemons, load = [], None
-        for argv in (["scheduler", "--max-wait-ms", "5"],
-                     ["worker", "--engine", "echo", "--durable-replicas", str(replicas_acked)]):
-            log_file = open(logs / f"{name}-{argv[0]}.log", "wb")
-            daemons.append(subprocess.Popen([sys.executable, "-m", "batchd.cli", argv[0], "--redis", url, *argv[1:]],
-                                            stdout=log_file, stderr=subprocess.STDOUT))
-            log_file.close()
+        daemons, load = _start_daemons(url, name, replicas_acked, logs), None
         try:
             wait_for_workers(url, 1, 120, daemons)
             wire = FinalEvents(url)
@@ -322,9 +301,32 @@ def run_setting(name: str, requests: int, producers: int, binary: str, logs: Pat
             if load is not None:
                 stop_processes(load.processes, timeout_s=5)  # after a failure: no producer outlives its run
             stop_processes(daemons, timeout_s=20)
-    answered = [r for r in records if "text" in r]
     return {
         "setting": name, "requests": requests, "producers": producers,
+        **_outcomes(records, stored, wire),
+        "lost_traces": traces,
+        "failover_s": round(failover_s, 2),
+        "kill_after_s": round(killed_at - started, 2),
+        "elapsed_s": round(elapsed, 1),
+    }
+
+
+def _start_daemons(url: str, name: str, replicas_acked: int, logs: Path) -> list[subprocess.Popen]:
+    """One scheduler and one echo worker on the URL, logging to logs/<name>-<daemon>.log."""
+    daemons = []
+    for argv in (["scheduler", "--max-wait-ms", "5"],
+                 ["worker", "--engine", "echo", "--durable-replicas", str(replicas_acked)]):
+        log_file = open(logs / f"{name}-{argv[0]}.log", "wb")
+        daemons.append(subprocess.Popen([sys.executable, "-m", "batchd.cli", argv[0], "--redis", url, *argv[1:]],
+                                        stdout=log_file, stderr=subprocess.STDOUT))
+        log_file.close()
+    return daemons
+
+
+def _outcomes(records: list[dict], stored: dict[str, str], wire: "FinalEvents") -> dict:
+    """What the producers' records and the wire say of every request of a run."""
+    answered = [r for r in records if "text" in r]
+    return {
         "accepted": sum("id" in r for r in records),
         "refused": sum("refused" in r for r in records),
         "lost": sum(r.get("error") == "result_timeout" for r in records),
@@ -334,10 +336,6 @@ def run_setting(name: str, requests: int, producers: int, binary: str, logs: Pat
         "answer_differs_from_stored": sum(stored.get(r["id"]) not in (None, r["text"]) for r in answered),
         "final_events_seen_twice": sum(n > 1 for n in wire.counts.values()),
         "final_events_seen_once": sum(n == 1 for n in wire.counts.values()),
-        "lost_traces": traces,
-        "failover_s": round(failover_s, 2),
-        "kill_after_s": round(killed_at - started, 2),
-        "elapsed_s": round(elapsed, 1),
     }
 
 

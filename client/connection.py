@@ -103,13 +103,7 @@ class ClusterAddress:
 
 def parse_cluster_url(url: str) -> ClusterAddress:
     """Read a redis+cluster:// URL; ValueError says what is wrong with it."""
-    scheme, _, rest = url.partition("://")
-    if scheme.lower() not in CLUSTER_SCHEMES:
-        raise ValueError(f"not a cluster URL (want {' or '.join(s + '://' for s in CLUSTER_SCHEMES)})")
-    parts = urlsplit("//" + rest)
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    username, _, password = credentials.partition(":") if credentials else ("", "", "")
-    nodes = tuple(_host_port(host, default_port=6379) for host in hosts.split(",") if host)
+    scheme, parts, username, password, nodes = _split_hosts_url(url, CLUSTER_SCHEMES, "cluster", 6379)
     if not nodes:
         raise ValueError("name at least one cluster node: redis+cluster://host:port[,host:port...]")
     if parts.path.strip("/"):
@@ -159,13 +153,8 @@ class SentinelAddress:
 
 def parse_sentinel_url(url: str) -> SentinelAddress:
     """Read a redis+sentinel:// URL; ValueError says what is wrong with it."""
-    scheme, _, rest = url.partition("://")
-    if scheme.lower() not in SENTINEL_SCHEMES:
-        raise ValueError(f"not a Sentinel URL (want {' or '.join(s + '://' for s in SENTINEL_SCHEMES)})")
-    parts = urlsplit("//" + rest)
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    username, _, password = credentials.partition(":") if credentials else ("", "", "")
-    sentinels = tuple(_host_port(host) for host in hosts.split(",") if host)
+    scheme, parts, username, password, sentinels = _split_hosts_url(url, SENTINEL_SCHEMES, "Sentinel",
+                                                                     DEFAULT_SENTINEL_PORT)
     if not sentinels:
         raise ValueError("name at least one sentinel: redis+sentinel://host:port[,host:port...]/service_name")
     service_name = unquote(parts.path.strip("/"))
@@ -187,6 +176,19 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
         sentinel_username=query.pop("sentinel_username", None) or None,
         sentinel_password=query.pop("sentinel_password", None) or None,
         tls=scheme.lower().startswith("rediss"), tls_options=query)
+
+
+def _split_hosts_url(url: str, schemes: tuple[str, ...], kind: str, default_port: int):
+    """A URL naming several hosts (sentinels, cluster nodes): (scheme in lower case, the
+    urlsplit parts, user, password, ((host, port), ...))."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in schemes:
+        raise ValueError(f"not a {kind} URL (want {' or '.join(s + '://' for s in schemes)})")
+    parts = urlsplit("//" + rest)
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = credentials.partition(":") if credentials else ("", "", "")
+    addresses = tuple(_host_port(host, default_port) for host in hosts.split(",") if host)
+    return scheme.lower(), parts, username, password, addresses
 
 
 def _host_port(text: str, default_port: int = DEFAULT_SENTINEL_PORT) -> tuple[str, int]:

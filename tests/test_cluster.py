@@ -98,26 +98,14 @@ def test_cluster_kill_9_of_a_master_under_load_every_request_is_answered_once(se
     with ClusterSet(server_binary, masters=3, replicas_per_master=1) as cluster:
         fleet = fleet_on(cluster.url, 6)
         try:
-            fleet.scheduler("--max-batch", "8")
-            fleet.echo_worker("--slots", "64", "--token-delay-ms", "2")
-            fleet.wait_for_workers(1)
+            _start_echo_fleet(fleet)
+            victim = cluster.masters()[-1]
 
-            async def load() -> list:
-                async with AsyncClient(cluster.url, shards=6) as client:
-                    async def one(i: int):
-                        await asyncio.sleep(i * 0.01)
-                        try:
-                            return await client.generate(prompt=f"prompt {i}", max_new_tokens=20, timeout=60)
-                        except Exception as exc:  # noqa: BLE001 - counted below
-                            return exc
-                    calls = asyncio.gather(*(one(i) for i in range(400)))
-                    await asyncio.sleep(1.5)
-                    victim = cluster.masters()[-1]
-                    cluster.kill_master(victim)
-                    await asyncio.to_thread(cluster.wait_for_failover, victim.port, 30)
-                    return await calls
+            def kill() -> None:
+                cluster.kill_master(victim)
+                cluster.wait_for_failover(victim.port, 30)
 
-            outcomes = asyncio.run(load())
+            outcomes = _under_load(cluster.url, 1.5, kill)
         finally:
             fleet.stop_all()
     answered = [o for o in outcomes if not isinstance(o, Exception)]
@@ -136,28 +124,12 @@ def test_cluster_reshard_under_load_every_request_is_answered_once(server_binary
     with ClusterSet(server_binary, masters=3, replicas_per_master=0) as cluster:
         fleet = fleet_on(cluster.url, 6)
         try:
-            fleet.scheduler("--max-batch", "8")
-            fleet.echo_worker("--slots", "64", "--token-delay-ms", "2")
-            fleet.wait_for_workers(1)
+            _start_echo_fleet(fleet)
             shard_0_slot = key_slot(Keys(shards=6).requests_of("", 0).encode())
             first = _owner(cluster, 0)
             assert _owner(cluster, shard_0_slot) is first and shard_0_slot < 2730
             second = next(m for m in cluster.masters() if m is not first)
-
-            async def load() -> list:
-                async with AsyncClient(cluster.url, shards=6) as client:
-                    async def one(i: int):
-                        await asyncio.sleep(i * 0.01)
-                        try:
-                            return await client.generate(prompt=f"prompt {i}", max_new_tokens=20, timeout=60)
-                        except Exception as exc:  # noqa: BLE001 - counted below
-                            return exc
-                    calls = asyncio.gather(*(one(i) for i in range(400)))
-                    await asyncio.sleep(1.0)
-                    await asyncio.to_thread(cluster.move_slots, 2730, first.port, second.port)
-                    return await calls
-
-            outcomes = asyncio.run(load())
+            outcomes = _under_load(cluster.url, 1.0, lambda: cluster.move_slots(2730, first.port, second.port))
             moved = _owner(cluster, shard_0_slot) is second
         finally:
             fleet.stop_all()
@@ -168,6 +140,31 @@ def test_cluster_reshard_under_load_every_request_is_answered_once(server_binary
     assert len({o.request_id for o in answered}) == len(answered)
     assert not failed, (failed[:3], fleet.logs()[-3000:])
     assert moved, "shard 0's stream moved to the other master"
+
+
+def _start_echo_fleet(fleet) -> None:
+    fleet.scheduler("--max-batch", "8")
+    fleet.echo_worker("--slots", "64", "--token-delay-ms", "2")
+    fleet.wait_for_workers(1)
+
+
+def _under_load(url: str, event_after_s: float, event) -> list:
+    """400 generate calls through AsyncClient, one every 10 ms; event_after_s into them, event()
+    runs (in a thread, blocking until done). Each call's Result, or the error it raised."""
+    async def load() -> list:
+        async with AsyncClient(url, shards=6) as client:
+            async def one(i: int):
+                await asyncio.sleep(i * 0.01)
+                try:
+                    return await client.generate(prompt=f"prompt {i}", max_new_tokens=20, timeout=60)
+                except Exception as exc:  # noqa: BLE001 - counted by the caller
+                    return exc
+            calls = asyncio.gather(*(one(i) for i in range(400)))
+            await asyncio.sleep(event_after_s)
+            await asyncio.to_thread(event)
+            return await calls
+
+    return asyncio.run(load())
 
 
 def _owner(cluster: ClusterSet, slot: int):
