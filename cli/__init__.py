@@ -26,6 +26,7 @@ from batchd.client import (
     UnknownModel,
     UnknownPrefix,
     WorkerFailed,
+    WrongShards,
 )
 
 __all__ = [
@@ -47,5 +48,6 @@ __all__ = [
     "UnknownModel",
     "UnknownPrefix",
     "WorkerFailed",
+    "WrongShards",
 ]
 __version__ = "0.1.0"

@@ -231,11 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batchd {args.command}: {problem}", file=sys.stderr)
         return 2
     from batchd import commands
-    from batchd.client.errors import CannotListen
+    from batchd.client.errors import CannotListen, WrongShards
 
     try:
         return getattr(commands, args.command)(args) or 0
-    except CannotListen as exc:
+    except (CannotListen, WrongShards) as exc:
         print(f"batchd {args.command}: {exc}", file=sys.stderr)
         return 2
 

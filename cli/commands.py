@@ -69,6 +69,7 @@ def worker(args) -> int:
                           scoring_result_ttl_s=args.scoring_result_ttl, durable_replicas=args.durable_replicas)
     if args.worker_id:
         config.worker_id = args.worker_id
+    _check_shards(config.redis_url, config.prefix, config.shards, "this worker")  # before a minute of loading
     # /metrics and /health answer while the model loads (a minute or more on a GPU),
     # so a loading worker reads as loading, not as down.
     state = metrics.WorkerState(config.worker_id)
@@ -316,6 +317,21 @@ def bench(args) -> int:
     from batchd.bench import run
 
     return run(args)
+
+
+def _check_shards(url: str, prefix: str, shards: int, who: str) -> None:
+    """WrongShards (one line from the command, exit 2) when the fleet's schedulers run another
+    --shards: a worker of another count would read job streams no scheduler writes."""
+    from batchd.client.connection import close_redis, fleet_shards, open_redis
+    from batchd.client.core import check_fleet_shards
+    from batchd.client.keys import Keys
+
+    keys = Keys(prefix, shards)
+    client = open_redis(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        check_fleet_shards(fleet_shards(client, keys), keys.shards, who)
+    finally:
+        close_redis(client)
 
 
 def _shards(args) -> int:

@@ -21,6 +21,7 @@ from .errors import (
     UnknownPrefix,
     UnsupportedVersion,
     WorkerFailed,
+    WrongShards,
 )
 from .protocol import Result, SamplingParams, Timings, Usage
 
@@ -29,7 +30,7 @@ __all__ = [
     "NextTokenLogprobs", "NextTokenLogprobsRows", "NoWorkers", "Overloaded", "Pin", "PinLimitReached",
     "RequestTooLarge", "Result", "ResultTimeout", "SamplingParams",
     "Score", "StreamRestarted", "Timings", "TokenizerMismatch", "UnknownModel", "UnknownPrefix",
-    "UnsupportedVersion", "Usage", "WorkerFailed",
+    "UnsupportedVersion", "Usage", "WorkerFailed", "WrongShards",
 ]
 
 

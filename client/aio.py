@@ -23,6 +23,7 @@ from .connection import (
     CONNECTION_LOST,
     AsyncMasterClients,
     acl_user,
+    fleet_shards_async,
     async_pubsub_pool,
     close_async_redis,
     is_cluster,
@@ -175,6 +176,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         async with self._start_lock:
             if self._reader is not None:
                 return
+            core.check_fleet_shards(await fleet_shards_async(self._redis, self.keys), self.keys.shards)
             await _retrying(self._subscribe_pattern, "subscribing for results")
             self._reader = asyncio.create_task(self._read_events(), name="batchd-client-router")
 

@@ -22,6 +22,7 @@ the redacted form.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import random
 import re
@@ -37,6 +38,8 @@ from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
 from redis.client import PubSub
 from redis.sentinel import Sentinel, SentinelConnectionPool
+
+log = logging.getLogger("batchd.client")
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -263,6 +266,26 @@ def _cluster_options(options: dict) -> dict:
     # Options a cluster client does not take: its connections' health is its own business, and
     # timeouts are retried by its cluster_error_retry_attempts.
     return {k: v for k, v in options.items() if k not in ("health_check_interval", "retry_on_timeout")}
+
+
+def fleet_shards(client: redis.Redis, keys) -> bytes | None:
+    """The shard count the fleet's schedulers published (Keys.fleet_config), or None where
+    none did or it cannot be read now (a user without the right to read it, a lost
+    connection): a start-up check that must not stop a producer the old layout serves."""
+    try:
+        return client.hget(keys.fleet_config, "shards")
+    except redis.RedisError as error:
+        log.debug("could not read the fleet's shard count: %s", error)
+        return None
+
+
+async def fleet_shards_async(client: aioredis.Redis, keys) -> bytes | None:
+    """fleet_shards for asyncio."""
+    try:
+        return await client.hget(keys.fleet_config, "shards")
+    except redis.RedisError as error:
+        log.debug("could not read the fleet's shard count: %s", error)
+        return None
 
 
 def acl_user(client: redis.Redis | aioredis.Redis) -> str | None:

@@ -31,7 +31,7 @@ import msgspec
 import redis
 
 from .connection import CONNECTION_LOST, Backoff
-from .errors import BatchdError, BrokerUnavailable, InvalidRequest, Overloaded, ResultTimeout, error_from_code
+from .errors import BatchdError, BrokerUnavailable, InvalidRequest, Overloaded, ResultTimeout, WrongShards, error_from_code
 from .keys import SHARED_TENANT_USERS, Keys, is_tenant, tenant_id, tenant_of
 from .protocol import (
     PROTOCOL_VERSION,
@@ -604,6 +604,23 @@ def default_shards() -> int:
         return int(text) if text else 1
     except ValueError:
         raise InvalidRequest(f"BATCHD_SHARDS must be a number of shards, got {text!r}") from None
+
+
+def check_fleet_shards(found: bytes | str | None, mine: int, who: str = "this client") -> None:
+    """Raise WrongShards when the fleet's schedulers published another shard count than
+    `mine` (found: the `shards` field of Keys.fleet_config; None before any scheduler ran,
+    which a producer started first must accept)."""
+    if found is None:
+        return
+    try:
+        fleet = int(found)
+    except ValueError:  # not a scheduler's writing: schedulers rewrite it within a second
+        return
+    if fleet != mine:
+        setting = "shards=" if who == "this client" else "--shards "
+        raise WrongShards(f"the fleet's schedulers split requests into {fleet} shard(s) but {who} uses {mine}: "
+                          f"its requests would go to streams no scheduler reads; use {setting}{fleet} "
+                          f"(or BATCHD_SHARDS={fleet}) here, or restart the fleet with {mine} (docs/deploy.md)")
 
 
 class ClientCore(Generic[Sent]):

@@ -65,6 +65,14 @@ class TokenizerMismatch(BatchdError):
     code = "tokenizer_mismatch"
 
 
+class WrongShards(BatchdError):
+    """This client or daemon splits requests into another number of shards than the fleet's
+    schedulers (--shards, $BATCHD_SHARDS): its requests would go to streams nobody reads.
+    The message names the fleet's count; use it everywhere."""
+
+    code = "wrong_shards"
+
+
 class Overloaded(BatchdError):
     """The request queue is full (max_queue); retry later with backoff."""
 

@@ -206,6 +206,12 @@ class Keys:
         return self.config_in(0)
 
     @property
+    def fleet_config(self) -> str:
+        """The untagged config hash, where schedulers also write their shard count: a producer
+        or worker of any --shards finds it there (with one shard it is `config` itself)."""
+        return f"{self.prefix}config"
+
+    @property
     def overloaded(self) -> str:
         """Count of shared-stream submits refused as Overloaded since a scheduler last took it
         for Prometheus."""

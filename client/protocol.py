@@ -303,6 +303,9 @@ class Heartbeat(Struct, omit_defaults=True):
     # The tokenizer of the served model; None from an engine without one (echo) or a
     # worker older than this field.
     tokenizer: TokenizerInfo | None = None
+    # The worker's --shards: it reads one job stream per shard of its own count, so a
+    # scheduler of another count sends it nothing. None from a worker older than this field.
+    shards: int | None = None
 
     def requests_it_can_take(self) -> int:
         return self.free_slots if self.can_take is None else self.can_take

@@ -21,6 +21,7 @@ from .connection import (
     CONNECTION_LOST,
     Subscription,
     acl_user,
+    fleet_shards,
     close_redis,
     is_cluster,
     is_moved,
@@ -28,7 +29,7 @@ from .connection import (
     open_redis,
     pubsub_pool,
 )
-from .errors import BrokerUnavailable
+from .errors import BrokerUnavailable, WrongShards
 from .keys import tenant_id
 from .protocol import Request, Result, TokenizerInfo
 
@@ -255,6 +256,11 @@ class Client(core.ClientCore[RequestHandle]):
             retry_on_timeout=True)
         super().__init__(prefix, producer, cancel_key, durable_replicas,
                          core.resolve_tenant(tenant, acl_user(self._redis)), shards)
+        try:
+            core.check_fleet_shards(fleet_shards(self._redis, self.keys), self.keys.shards)
+        except WrongShards:
+            self._redis.close()
+            raise
         self._router = _Router(self._redis, self._routes, self.keys.channel_pattern(self._ids.id_prefix))
         self._router.start()
 

@@ -164,14 +164,26 @@ def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
             raise
 
 
-def publish_settings(client: redis.Redis, keys: Keys, *, max_queue: int, max_attempts: int) -> None:
+def publish_settings(client: redis.Redis, keys: Keys, *, max_queue: int, max_attempts: int) -> int | None:
     """The settings schedulers own and every side reads: SUBMIT bounds the backlog by
     max_queue, a worker handing a request back dead-letters it after max_attempts. Written to
-    every shard's config hash, since SUBMIT reads the one in its shard."""
+    every shard's config hash, since SUBMIT reads the one in its shard. The shard count goes
+    to the untagged config hash too (Keys.fleet_config), where a producer or worker of any
+    --shards finds it and refuses to run on another (WrongShards).
+    Returns the shard count that stood there before (None: none, or unreadable), so a
+    scheduler hears of another scheduler of the fleet running another --shards."""
+    settings = {"max_queue": max_queue, "max_attempts": max_attempts, "shards": keys.shards}
     with client.pipeline(transaction=False) as pipe:
+        pipe.hget(keys.fleet_config, "shards")
         for shard in range(keys.shards):
-            pipe.hset(keys.config_in(shard), mapping={"max_queue": max_queue, "max_attempts": max_attempts})
-        pipe.execute()
+            pipe.hset(keys.config_in(shard), mapping=settings)
+        if keys.fleet_config != keys.config_in(0):
+            pipe.hset(keys.fleet_config, "shards", keys.shards)
+        before = pipe.execute()[0]
+    try:
+        return None if before is None else int(before)
+    except ValueError:
+        return None
 
 
 def read_max_attempts(client: redis.Redis, keys: Keys) -> int:

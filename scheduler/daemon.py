@@ -143,6 +143,8 @@ class Scheduler:
         self._next_housekeeping = 0.0
         self._next_sweep = 0.0
         self._next_consumer_sweep = 0.0
+        self._next_shards_complaint = 0.0
+        self._wrong_shards_heard: set[str] = set()  # workers of another --shards, logged once each
         self._missing_since: dict[str, float] = {}
         # Redis's clock minus ours, from TIME; None until a tight sample came back.
         self._broker_offset_s: float | None = None
@@ -165,8 +167,13 @@ class Scheduler:
         for stream in self.keys.shared_streams():
             ensure_group(self.redis, stream, SCHEDULER_GROUP)
         self.streams.discover(self.clock())
-        publish_settings(self.redis, self.keys, max_queue=self.config.max_queue,
-                         max_attempts=self.config.max_attempts)
+        before = publish_settings(self.redis, self.keys, max_queue=self.config.max_queue,
+                                  max_attempts=self.config.max_attempts)
+        if before is not None and before != self.keys.shards:
+            log.warning("the fleet's schedulers ran --shards %d; this one runs %d and has made it the fleet's: "
+                        "producers and workers of %d now refuse to start (WrongShards), and requests still "
+                        "queued in the old streams wait there until a scheduler of %d takes them "
+                        "(docs/deploy.md, \"Redis Cluster\")", before, self.keys.shards, before, before)
         load_library(self.redis, LIBRARY)  # producers may only FCALL it (docs/security.md)
 
     def _reconnect(self) -> None:
@@ -537,6 +544,13 @@ class Scheduler:
             except (msgspec.MsgspecError, BatchdError):
                 log.warning("ignoring unreadable heartbeat of worker %s", worker_id)
                 continue
+            if beat.shards is not None and beat.shards != self.keys.shards:
+                if worker_id not in self._wrong_shards_heard:
+                    self._wrong_shards_heard.add(worker_id)
+                    log.error("worker %s runs --shards %d against this scheduler's %d: it reads job streams "
+                              "this scheduler does not write, so it gets no requests; restart it with --shards %d",
+                              worker_id, beat.shards, self.keys.shards, self.keys.shards)
+                continue
             capacity = self.workers.get(worker_id) or WorkerCapacity(worker_id, 0)
             capacity.refresh(beat.requests_it_can_take(), parse_last_reads(beat.last_job_read))
             capacity.models = frozenset(models_served(beat))
@@ -568,8 +582,14 @@ class Scheduler:
         self._bound_backlogs()
         self._repair_stream_ids()
         # Again every second: a config hash someone deleted is back at once, so max_queue holds.
-        publish_settings(self.redis, self.keys, max_queue=self.config.max_queue,
-                         max_attempts=self.config.max_attempts)
+        before = publish_settings(self.redis, self.keys, max_queue=self.config.max_queue,
+                                  max_attempts=self.config.max_attempts)
+        if before is not None and before != self.keys.shards and now >= self._next_shards_complaint:
+            # Two schedulers of one fleet with different --shards overwrite each other each second.
+            self._next_shards_complaint = now + 60.0
+            log.error("another scheduler of this fleet runs --shards %d against this one's %d: each reads "
+                      "only its own count's streams; run every scheduler with the same --shards", before,
+                      self.keys.shards)
         self._take_overload_count()
         if now >= self._next_consumer_sweep:
             self._next_consumer_sweep = now + CONSUMER_SWEEP_INTERVAL_S

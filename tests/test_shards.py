@@ -15,7 +15,7 @@ import redis
 from redis.crc import key_slot
 
 from batchd import AsyncClient, Client
-from batchd.client.errors import Cancelled
+from batchd.client.errors import Cancelled, DeadlineExceeded, NoWorkers, ResultTimeout, WrongShards
 from batchd.client.keys import Keys, format_last_reads, job_ref, parse_job_ref, parse_last_reads, shard_tags
 from batchd.status import read_status
 
@@ -155,3 +155,58 @@ def test_an_id_on_another_shards_stream_is_dead_lettered_and_the_fleet_serves_on
     (_, fields), = redis_client.xrange(keys.dead_letters_in(wrong))
     assert b"belongs to shard" in fields[b"reason"] and fields[b"id"] == b"stray-1"
     assert redis_client.exists(keys.result("stray-1")) == 0
+
+
+def test_producers_and_workers_of_another_shard_count_are_refused(sharded, redis_client):
+    """A producer or worker whose --shards differs from the schedulers' would use streams
+    nobody reads (its requests would wait out their timeouts): each is refused at its start,
+    with the fleet's count in the message."""
+    sharded.scheduler()
+    sharded.echo_worker()
+    sharded.wait_for_workers(1)
+    assert redis_client.hget("batchd:config", "shards") == b"3"  # the untagged hash, for any count
+    for shards in (1, 2):
+        with pytest.raises(WrongShards, match="into 3 shard"):
+            Client(sharded.url, shards=shards)
+
+    async def async_submit():
+        async with AsyncClient(sharded.url, shards=1) as client:
+            await client.generate(prompt="lost", max_new_tokens=2, timeout=5)
+
+    with pytest.raises(WrongShards, match="use shards=3"):
+        asyncio.run(async_submit())
+    wrong_worker = sharded.echo_worker("--shards", "1")
+    assert wrong_worker.wait(timeout=30) == 2
+    assert "uses 1" in wrong_worker.log_path.read_text() and "--shards 3" in wrong_worker.log_path.read_text()
+    with Client(sharded.url, shards=3) as client:  # the fleet's own count is served
+        assert client.generate(prompt="served", max_new_tokens=20, timeout=30).text == "served"
+
+
+def test_schedulers_publish_their_count_and_hear_of_another(redis_client):
+    """publish_settings writes the count where any layout reads it and returns the count that
+    stood there, which is how a scheduler hears of another one running another --shards."""
+    from batchd.daemon.toolkit import publish_settings
+
+    three, one = Keys(shards=3), Keys(shards=1)
+    assert publish_settings(redis_client, three, max_queue=10, max_attempts=2) is None
+    assert publish_settings(redis_client, three, max_queue=10, max_attempts=2) == 3
+    assert [redis_client.hget(three.config_in(s), "shards") for s in range(3)] == [b"3"] * 3
+    assert publish_settings(redis_client, one, max_queue=10, max_attempts=2) == 3  # a scheduler of 1 hears of 3
+    assert redis_client.hget("batchd:config", "shards") == b"1"
+    redis_client.hset("batchd:config", "shards", "many")  # not a scheduler's writing: no count
+    assert publish_settings(redis_client, one, max_queue=10, max_attempts=2) is None
+
+
+def test_a_scheduler_sends_nothing_to_a_worker_of_another_shard_count(sharded, redis_client):
+    """A worker started before any scheduler cannot check the fleet's count; its heartbeat
+    names its own, and a scheduler of another count leaves it idle and says why."""
+    early = sharded.echo_worker("--shards", "2")
+    sharded.wait_for_workers(1)  # heartbeats share the fleet tag for any count above 1
+    scheduler = sharded.scheduler()
+    with Client(sharded.url, shards=3) as client:
+        with pytest.raises((NoWorkers, ResultTimeout, DeadlineExceeded)):
+            client.generate(prompt="nobody", max_new_tokens=5, timeout=3)
+        assert early.poll() is None
+        assert "runs --shards 2 against this scheduler's 3" in scheduler.log_path.read_text()
+        sharded.echo_worker()
+        assert client.generate(prompt="served", max_new_tokens=20, timeout=30).text == "served"

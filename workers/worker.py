@@ -544,7 +544,7 @@ class Worker:
             pinned_blocks=engine.pinned_blocks,
             last_job_read=self.holdings.last_job_read, contrast_model=engine.contrast_model_name,
             models=self.served_models, tokenizer=self.tokenizer.info, lease_ms=self.config.lease_ms, host=socket.gethostname(), pid=os.getpid(),
-            started_at=self.started_at, sent_at=now)
+            started_at=self.started_at, sent_at=now, shards=self.keys.shards)
         self.advertised.sent(beat)
         self._series.heartbeats.inc()
         self._series.requests_running.set(beat.running)
