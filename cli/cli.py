@@ -37,6 +37,20 @@ COUNT = _number(int, 1, "must be at least 1")
 NON_NEGATIVE = _number(int, 0, "must be 0 or more")
 PORT = _number(int, 0, "must be a port number, 0 to 65535 (0: off)", high=65535)
 SHARDS = _number(int, 1, "must be 1 to 256", high=256)
+
+
+def shard_list(text: str) -> tuple[int, ...]:
+    """--read-shards: shard numbers and ranges, "0-2,5"."""
+    shards: set[int] = set()
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            low, _, high = part.partition("-")
+            shards.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of shard numbers and ranges like 0-2,5") from None
+    if not shards or min(shards) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} names no shard (shards are numbered from 0)")
+    return tuple(sorted(shards))
 ZERO_OR_MORE = _number(float, 0, "must be 0 or more")
 ABOVE_ZERO = _number(float, 0, "must be more than 0", inclusive=False)
 
@@ -69,6 +83,9 @@ def _add_scheduler_options(parser: argparse.ArgumentParser) -> None:
                        help="most requests one scheduler holds undispatched, over all request streams (default 4096)")
     group.add_argument("--claim-idle-ms", type=COUNT, default=10_000,
                        help="take over requests another scheduler held this long without touching (default 10000)")
+    group.add_argument("--read-shards", type=shard_list, default=None, metavar="LIST",
+                       help="read only these request shards, e.g. 0-2,5 (default all of --shards): several "
+                            "schedulers can split a sharded fleet's streams; every shard needs one")
 
 
 def _add_worker_options(parser: argparse.ArgumentParser) -> None:

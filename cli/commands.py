@@ -36,7 +36,12 @@ def scheduler(args) -> int:
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_attempts=args.max_attempts, claim_idle_ms=args.claim_idle_ms,
                              read_ahead=args.read_ahead, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
-                             result_ttl_s=args.result_ttl)
+                             result_ttl_s=args.result_ttl, read_shards=args.read_shards)
+    beyond = [shard for shard in config.read_shards or () if shard >= config.shards]
+    if beyond:
+        log.error("scheduler cannot start: --read-shards names %s, but the fleet has %d shard(s), numbered 0 to %d",
+                  ",".join(map(str, beyond)), config.shards, config.shards - 1)
+        return 2
     daemon = Scheduler(config)
     install_stop_handlers(daemon.stop)
     daemon.run()

@@ -82,6 +82,9 @@ free_slots = Gauge(
     registry=SCHEDULER_REGISTRY)
 total_slots = Gauge(
     "batchd:total_slots", "Engine slots of the live workers, in total.", registry=SCHEDULER_REGISTRY)
+unread_shards = Gauge(
+    "batchd:unread_shards", "Request shards no scheduler has read for 10 s (schedulers started with "
+    "--read-shards that leave a shard out): its requests wait until one does.", registry=SCHEDULER_REGISTRY)
 
 # -- worker -----------------------------------------------------------------
 requests_running = Gauge(

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import msgspec
 import redis
@@ -184,6 +184,31 @@ def publish_settings(client: redis.Redis, keys: Keys, *, max_queue: int, max_att
         return None if before is None else int(before)
     except ValueError:
         return None
+
+
+# A shard whose schedulers all stopped marking it read this long ago is reported unread.
+UNREAD_AFTER_S = 10.0
+
+
+def mark_shards_read(client: redis.Redis, keys: Keys, reading: Iterable[int], now_s: float) -> list[int]:
+    """Note in each shard's config hash that this scheduler reads it (`read_at`, seconds on
+    the broker's clock), and return the shards nobody has noted within UNREAD_AFTER_S:
+    schedulers started with --read-shards may leave one out, and its requests would wait
+    for ever without a word."""
+    with client.pipeline(transaction=False) as pipe:
+        for shard in reading:
+            pipe.hset(keys.config_in(shard), "read_at", f"{now_s:.3f}")
+        for shard in range(keys.shards):
+            pipe.hget(keys.config_in(shard), "read_at")
+        marks = pipe.execute()[-keys.shards:]
+    unread = []
+    for shard, mark in enumerate(marks):
+        try:
+            if mark is None or now_s - float(mark) > UNREAD_AFTER_S:
+                unread.append(shard)
+        except ValueError:
+            unread.append(shard)
+    return unread
 
 
 def read_max_attempts(client: redis.Redis, keys: Keys) -> int:

@@ -42,6 +42,7 @@ from batchd.daemon import metrics, recovery, scripts
 from batchd.daemon.toolkit import (
     DEFAULT_MAX_ATTEMPTS,
     SERVER_TICK_MS,
+    UNREAD_AFTER_S,
     DaemonConfig,
     cancel_matches,
     cancelled_before_start,
@@ -49,6 +50,7 @@ from batchd.daemon.toolkit import (
     expired_before_start,
     finish_reason_of,
     instance_id,
+    mark_shards_read,
     mget_any,
     publish_settings,
     read_job,
@@ -110,6 +112,9 @@ class SchedulerConfig(DaemonConfig):
     # A request whose worker died this many times is dead-lettered; published in the
     # config hash, so workers that hand requests back count against the same limit.
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    # The request shards this scheduler reads (None: all of them). Schedulers may split a
+    # sharded fleet's streams between them; every shard needs at least one reader.
+    read_shards: tuple[int, ...] | None = None
     scheduler_id: str = field(default_factory=instance_id)
 
     def describe(self) -> str:
@@ -136,7 +141,7 @@ class Scheduler:
         # One batcher per model a request names: a job carries one model's requests.
         self.batcher: ModelBatchers[_Held] = ModelBatchers(BatchPolicy(config.max_batch, config.max_wait_ms))
         self.workers: dict[str, WorkerCapacity] = {}
-        self.streams = RequestStreams(self.redis, self.keys, SCHEDULER_GROUP)
+        self.streams = RequestStreams(self.redis, self.keys, SCHEDULER_GROUP, config.read_shards)
         self._stop = threading.Event()
         self._next_refresh = 0.0
         self._models_seen: dict[str, float] = {}  # model -> when a live worker last served it
@@ -145,6 +150,8 @@ class Scheduler:
         self._next_consumer_sweep = 0.0
         self._next_shards_complaint = 0.0
         self._wrong_shards_heard: set[str] = set()  # workers of another --shards, logged once each
+        self._started_at = clock()
+        self._next_unread_complaint = 0.0
         self._missing_since: dict[str, float] = {}
         # Redis's clock minus ours, from TIME; None until a tight sample came back.
         self._broker_offset_s: float | None = None
@@ -164,7 +171,7 @@ class Scheduler:
                  self.config.scheduler_id, len(self.batcher))
 
     def _setup(self) -> None:
-        for stream in self.keys.shared_streams():
+        for stream in self.streams:
             ensure_group(self.redis, stream, SCHEDULER_GROUP)
         self.streams.discover(self.clock())
         before = publish_settings(self.redis, self.keys, max_queue=self.config.max_queue,
@@ -574,6 +581,16 @@ class Scheduler:
         if received - sent <= CLOCK_SAMPLE_MAX_RTT_S or self._broker_offset_s is None:
             self._broker_offset_s = broker_now - (sent + received) / 2
 
+    def _check_every_shard_is_read(self, now: float) -> None:
+        # On the broker's clock, which every scheduler shares (a host's may be off by seconds).
+        unread = mark_shards_read(self.redis, self.keys, self.streams.shards, now + (self._broker_offset_s or 0.0))
+        metrics.unread_shards.set(len(unread))
+        # A scheduler that has just started has not yet seen the others mark theirs.
+        if unread and now - self._started_at > UNREAD_AFTER_S and now >= self._next_unread_complaint:
+            self._next_unread_complaint = now + 60.0
+            log.error("request shards %s are read by no scheduler: their requests wait until one is started "
+                      "with --read-shards covering them (or without --read-shards)", ",".join(map(str, unread)))
+
     def _housekeeping(self, now: float) -> None:
         self.streams.discover(now)
         self._keep_claims()
@@ -591,6 +608,8 @@ class Scheduler:
                       "only its own count's streams; run every scheduler with the same --shards", before,
                       self.keys.shards)
         self._take_overload_count()
+        if self.keys.shards > 1:
+            self._check_every_shard_is_read(now)
         if now >= self._next_consumer_sweep:
             self._next_consumer_sweep = now + CONSUMER_SWEEP_INTERVAL_S
             self._forget_dead_schedulers()

@@ -34,11 +34,13 @@ SCAN_COUNT = 1000
 class RequestStreams:
     """Every request stream this scheduler reads, each with its tenant ("": the shared one)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, group: str):
+    def __init__(self, client: redis.Redis, keys: Keys, group: str, shards: Iterable[int] | None = None):
         self.redis = client
         self.keys = keys
         self.group = group
-        self.tenants: dict[str, str] = dict.fromkeys(keys.shared_streams(), "")
+        # The shards read (SchedulerConfig.read_shards): every one unless a subset is named.
+        self.shards = tuple(range(keys.shards)) if shards is None else tuple(shards)
+        self.tenants: dict[str, str] = dict.fromkeys(self._shared(), "")
         self._next_registry = 0.0
         self._next_scan = 0.0
 
@@ -54,7 +56,7 @@ class RequestStreams:
     def forget(self) -> None:
         """Back to the shared stream only (after an error reply: a stream may have been deleted);
         discover() finds the tenants' streams again at once."""
-        self.tenants = dict.fromkeys(self.keys.shared_streams(), "")
+        self.tenants = dict.fromkeys(self._shared(), "")
         self._next_registry = self._next_scan = 0.0
 
     def discover(self, now: float) -> list[str]:
@@ -68,15 +70,18 @@ class RequestStreams:
         if now >= self._next_registry:
             self._next_registry = now + REGISTRY_INTERVAL_S
             for name in self.redis.smembers(self.keys.tenants):
-                for shard in range(self.keys.shards):
+                for shard in self.shards:
                     found += self._add(self.keys.requests_of(_text(name), shard))
         if found:
             log.info("reading %d new tenant request streams: %s", len(found), ", ".join(found[:10]))
         return found
 
+    def _shared(self) -> list[str]:
+        return [self.keys.requests_of("", shard) for shard in self.shards]
+
     def _add(self, stream: str) -> list[str]:
         tenant = self.keys.tenant_of_stream(stream)
-        if not tenant or stream in self.tenants:
+        if not tenant or stream in self.tenants or self.keys.shard_of_key(stream) not in self.shards:
             return []
         ensure_group(self.redis, stream, self.group)
         self.tenants[stream] = tenant

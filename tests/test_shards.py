@@ -7,6 +7,7 @@ where Redis itself refuses any command whose keys span slots.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections import Counter
 
@@ -210,3 +211,44 @@ def test_a_scheduler_sends_nothing_to_a_worker_of_another_shard_count(sharded, r
         assert "runs --shards 2 against this scheduler's 3" in scheduler.log_path.read_text()
         sharded.echo_worker()
         assert client.generate(prompt="served", max_new_tokens=20, timeout=30).text == "served"
+
+
+def test_schedulers_can_split_the_shards_between_them(sharded, redis_client):
+    first = sharded.scheduler("--read-shards", "0")
+    second = sharded.scheduler("--read-shards", "1-2")
+    sharded.echo_worker("--slots", "32")
+    sharded.wait_for_workers(1)
+
+    async def burst() -> list:
+        async with AsyncClient(sharded.url, shards=3) as client:
+            return await asyncio.gather(*(client.generate(prompt=f"p{i}", max_new_tokens=10, timeout=60)
+                                          for i in range(60)))
+
+    assert [r.text for r in asyncio.run(burst())] == [f"p{i}" for i in range(60)]
+    keys = Keys(shards=3)
+    # Each stream is read by its own scheduler's group consumer only.
+    for shard, reader in ((0, first), (1, second), (2, second)):
+        consumers = [c["name"].decode() for c in redis_client.xinfo_consumers(keys.requests_of("", shard), "schedulers")]
+        assert len(consumers) == 1 and f"-{reader.pid}-" in consumers[0], (shard, consumers, reader.pid)
+
+
+def test_a_shard_no_scheduler_reads_is_reported(redis_client):
+    from batchd.daemon.toolkit import UNREAD_AFTER_S, mark_shards_read
+
+    keys = Keys(shards=3)
+    assert mark_shards_read(redis_client, keys, (0, 1), now_s=1000.0) == [2]
+    assert mark_shards_read(redis_client, keys, (2,), now_s=1000.0 + UNREAD_AFTER_S / 2) == []
+    # Nobody marks 0 and 1 again: once they are older than UNREAD_AFTER_S they are unread.
+    assert mark_shards_read(redis_client, keys, (2,), now_s=1001.0 + UNREAD_AFTER_S) == [0, 1]
+
+
+def test_read_shards_takes_numbers_and_ranges_within_the_fleet(sharded):
+    from batchd.cli import shard_list
+
+    assert shard_list("0-2,5") == (0, 1, 2, 5) and shard_list("3") == (3,)
+    for bad in ("", "a", "2-x", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            shard_list(bad)
+    beyond = sharded.scheduler("--read-shards", "1,3")
+    assert beyond.wait(timeout=30) == 2
+    assert "names 3, but the fleet has 3 shard(s)" in beyond.log_path.read_text()
