@@ -259,7 +259,7 @@ class Client(core.ClientCore[RequestHandle]):
         try:
             core.check_fleet_shards(fleet_shards(self._redis, self.keys), self.keys.shards)
         except WrongShards:
-            self._redis.close()
+            close_redis(self._redis)  # a cluster client's node connections too
             raise
         self._router = _Router(self._redis, self._routes, self.keys.channel_pattern(self._ids.id_prefix))
         self._router.start()
