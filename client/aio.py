@@ -36,6 +36,9 @@ from .protocol import Request, Result, TokenizerInfo
 from .scripts import ScriptCall, needs_loading
 
 log = logging.getLogger("batchd.client")
+# How long one pub/sub read waits: short while requests are in flight or subscriptions wait to
+# go out, long while the client is idle (Client's router does the same).
+_BUSY_WAIT_S, _IDLE_WAIT_S = 0.002, 0.05
 
 T = TypeVar("T")
 
@@ -154,7 +157,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
             url, wait_for_connection=True, max_connections=max_connections, socket_timeout=socket_timeout,
             socket_connect_timeout=10.0, health_check_interval=30, retry_on_timeout=True)
         super().__init__(prefix, producer, cancel_key, durable_replicas,
-                         core.resolve_tenant(tenant, acl_user(self._redis)), shards)
+                         core.resolve_tenant(tenant, acl_user(self._redis)), shards, is_cluster(self._redis))
         # On a cluster: a client per master, for durable submits (WAIT on the writer's connection).
         self._masters = AsyncMasterClients(self._redis) if is_cluster(self._redis) else None
         self._handles: dict[str, AsyncRequestHandle] = {}
@@ -183,6 +186,10 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
     async def _subscribe_pattern(self) -> None:
         if self._pubsub is not None:
             await self._pubsub.aclose()  # a half-made subscription from a failed try
+        if self.keys.shard_channels:
+            # No pattern: each request subscribes its own shard channel (see Client's router).
+            self._pubsub = self._redis.pubsub()
+            return
         self._pubsub = _Subscription(await async_pubsub_pool(self._redis))
         await self._pubsub.psubscribe(self.keys.channel_pattern(self._ids.id_prefix))
         while True:  # the subscription must be live before the first submit
@@ -414,22 +421,33 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
                 if moving is not None:
                     await self._move_subscription(*moving)
                     moving = None
-                # A short wait, so a queued subscription goes out soon (as Client's router does).
-                message = await self._pubsub.get_message(timeout=0.05)
+                message = await self._next_message()
                 if self._subscription_changes:
                     await self._change_subscriptions()
                 backoff.reset()
             except (RedisError, OSError) as exc:
                 delay = backoff.next_delay()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
-                if is_cluster(self._redis) and moving is None:
+                if is_cluster(self._redis) and not self.keys.shard_channels and moving is None:
                     moving = (list(self._pubsub.patterns), list(self._pubsub.channels))
                 await asyncio.sleep(delay)
                 continue
-            if self._pubsub.reconnected:
+            if getattr(self._pubsub, "reconnected", False):
                 core.recheck_after_reconnect(self._pubsub, self._handles)
             if message is not None:
                 self._route(message)
+
+    async def _next_message(self) -> dict | None:
+        """The next pub/sub message, waiting briefly (as Client's router does: a queued
+        subscription goes out between reads)."""
+        busy = self._handles or self._subscription_changes
+        wait_s = _BUSY_WAIT_S if busy else _IDLE_WAIT_S
+        if self.keys.shard_channels:
+            if not self._pubsub.shard_channels:  # ClusterPubSub takes an empty read for a lost topology
+                await asyncio.sleep(wait_s)
+                return None
+            return await self._pubsub.get_sharded_message(timeout=wait_s)
+        return await self._pubsub.get_message(timeout=wait_s)
 
     async def _run_durable_submits_on_cluster(self, calls: list[ScriptCall]) -> list:
         """Durable SUBMITs on a cluster: one pipeline per master, each its writes then WAIT, on a
@@ -480,7 +498,10 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
     async def _change_subscriptions(self) -> None:
         while self._subscription_changes:
             subscribe, channel = self._subscription_changes[0]
-            await (self._pubsub.subscribe(channel) if subscribe else self._pubsub.unsubscribe(channel))
+            if self.keys.shard_channels:
+                await (self._pubsub.ssubscribe(channel) if subscribe else self._pubsub.sunsubscribe(channel))
+            else:
+                await (self._pubsub.subscribe(channel) if subscribe else self._pubsub.unsubscribe(channel))
             self._subscription_changes.popleft()  # only once sent: a lost connection leaves it queued
 
     def _route(self, message: dict) -> None:

@@ -32,7 +32,7 @@ import redis
 
 from .connection import CONNECTION_LOST, Backoff
 from .errors import BatchdError, BrokerUnavailable, InvalidRequest, Overloaded, ResultTimeout, WrongShards, error_from_code
-from .keys import SHARED_TENANT_USERS, Keys, is_tenant, tenant_id, tenant_of
+from .keys import SHARED_TENANT_USERS, Keys, is_tenant, tenant_id, tenant_of, uses_shard_channels
 from .protocol import (
     PROTOCOL_VERSION,
     ChatMessage,
@@ -489,19 +489,19 @@ class Routes:
     """Which request each pub/sub message belongs to."""
 
     def __init__(self, keys: Keys):
-        self._channel_prefix = keys.channel("")
+        self._keys = keys
 
     def request_of(self, message: dict) -> str | None:
         """The request id of an event message; None for anything else."""
-        if message["type"] not in ("message", "pmessage"):
+        if message["type"] not in ("message", "pmessage", "smessage"):
             return None
-        return _text(message["channel"])[len(self._channel_prefix):]
+        return self._keys.request_of_channel(_text(message["channel"]))
 
     @staticmethod
     def confirmed(message: dict) -> str | None:
-        """The channel a SUBSCRIBE confirmation is for; None for anything else (ask request_of first:
-        nearly every message is an event)."""
-        return _text(message["channel"]) if message["type"] == "subscribe" else None
+        """The channel a (S)SUBSCRIBE confirmation is for; None for anything else (ask request_of
+        first: nearly every message is an event)."""
+        return _text(message["channel"]) if message["type"] in ("subscribe", "ssubscribe") else None
 
     def route(self, message: dict, handles: dict, confirmations: dict) -> Any:
         """Hand an event to its request's handle; for a SUBSCRIBE confirmation, return (and forget)
@@ -512,7 +512,15 @@ class Routes:
             if handle is not None:
                 handle._deliver(message["data"])
             return None
-        return confirmations.pop(self.confirmed(message), None)
+        channel = self.confirmed(message)
+        waiter = confirmations.pop(channel, None)
+        if waiter is None and channel is not None:
+            # Nobody asked: the subscription was made again (a reconnect, or a shard channel
+            # moved to its slot's new master), and what was published meanwhile is lost.
+            handle = handles.get(self._keys.request_of_channel(channel) or "")
+            if handle is not None:
+                handle._deliver(RECHECK)
+        return waiter
 
 
 def _text(channel: str | bytes) -> str:
@@ -628,14 +636,17 @@ class ClientCore(Generic[Sent]):
     Client, an awaitable of it for AsyncClient)."""
 
     def __init__(self, prefix: str, producer: str | None, cancel_key: str | bytes | None = None,
-                 durable_replicas: int = 0, tenant: str = "", shards: int | None = None):
+                 durable_replicas: int = 0, tenant: str = "", shards: int | None = None, cluster: bool = False):
+        """cluster: the client speaks to Redis Cluster (then a fleet of several shards publishes
+        on shard channels, Keys.shard_channels)."""
         if isinstance(durable_replicas, bool) or not isinstance(durable_replicas, int) or durable_replicas < 0:
             raise InvalidRequest(f"durable_replicas must be a whole number of replicas, 0 or more, "
                                  f"got {durable_replicas!r}")
         # A submit counts as accepted only once this many replicas hold it (WAIT): with
         # appendfsync always on them, a failover then cannot lose it (docs/reliability.md).
         self.durable_replicas = durable_replicas
-        self.keys = Keys(prefix, default_shards() if shards is None else shards)
+        shards = default_shards() if shards is None else shards
+        self.keys = Keys(prefix, shards, shard_channels=uses_shard_channels(cluster, shards))
         self.producer = producer or default_producer()
         # Which request stream this client submits to, and the namespace of its request ids.
         self.tenant = tenant
@@ -703,8 +714,9 @@ class ClientCore(Generic[Sent]):
         return submit_call(self.keys, self.tenant, request.id, payload)
 
     def _needs_own_subscription(self, request_id: str, explicit: bool) -> bool:
-        """A caller-chosen id outside this client's pattern subscription."""
-        return explicit and not self._ids.owns(request_id)
+        """A caller-chosen id outside this client's pattern subscription, or any id where there is
+        no pattern subscription (shard channels)."""
+        return self.keys.shard_channels or explicit and not self._ids.owns(request_id)
 
     def _overloaded(self, request_id: str) -> Overloaded:
         return Overloaded(overloaded_message(self.keys.requests_of(self.tenant)), request_id)

@@ -38,12 +38,17 @@ class Keys:
     and every script touches one slot: a request's keys (its claim, lease, result, cancel flag)
     sit in the shard its id hashes to, with that shard's request streams, the job streams its
     requests are dispatched on, its dead letters, counters and config. Fleet keys (heartbeats,
-    tokenizers, pins) share one tag, so a scheduler reads every heartbeat in one MGET. Pub/sub
-    channel names carry no tag: events are published cluster-wide (docs/deploy.md says what
-    that costs)."""
+    tokenizers, pins) share one tag, so a scheduler reads every heartbeat in one MGET.
+
+    shard_channels: a request's events go out on a shard channel (SPUBLISH, heard through
+    SSUBSCRIBE) tagged like its other keys, so on a cluster they stay on its shard's master
+    instead of crossing the cluster bus to every node (PUBLISH). A fleet on Redis Cluster with
+    more than one shard uses them (connection.uses_shard_channels); elsewhere events keep the
+    untagged channels one pattern subscription hears."""
 
     prefix: str = DEFAULT_PREFIX
     shards: int = 1
+    shard_channels: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.shards <= MAX_SHARDS:
@@ -138,11 +143,22 @@ class Keys:
 
     # -- per request ------------------------------------------------------
     def channel(self, request_id: str) -> str:
-        """Pub/sub channel carrying one request's token and final events."""
-        return f"{self.prefix}res:{request_id}"
+        """Pub/sub channel carrying one request's token and final events (with shard_channels,
+        a shard channel in the request's shard)."""
+        return f"{self._of(request_id) if self.shard_channels else self.prefix}res:{request_id}"
+
+    def request_of_channel(self, channel: str) -> str | None:
+        """The request id whose events a channel carries; None: not an event channel."""
+        if not channel.startswith(self.prefix):
+            return None
+        rest = channel[len(self.prefix):]
+        if self.shard_channels and self.shards > 1:  # "{tag}:res:<id>"; tags hold no "}"
+            rest = rest.partition("}:")[2]
+        return rest[4:] if rest.startswith("res:") else None
 
     def channel_pattern(self, id_prefix: str) -> str:
-        """Pattern matching the channels of every request id starting with id_prefix."""
+        """Pattern matching the channels of every request id starting with id_prefix (no
+        shard_channels: there is no pattern form of SSUBSCRIBE)."""
         return f"{self.prefix}res:{id_prefix}*"
 
     def result(self, request_id: str, shard: int | None = None) -> str:
@@ -231,6 +247,12 @@ class Keys:
     @property
     def stats(self) -> str:
         return self.stats_in(0)
+
+
+def uses_shard_channels(cluster: bool, shards: int) -> bool:
+    """Whether a fleet publishes events on shard channels (Keys.shard_channels): on Redis Cluster
+    with more than one shard. One shard keeps untagged keys, so its events stay plain PUBLISH."""
+    return cluster and shards > 1
 
 
 @lru_cache(maxsize=16)

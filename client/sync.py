@@ -114,12 +114,23 @@ class RequestHandle:
 
 
 class _Router(threading.Thread):
-    """Owns the pub/sub connection; routes each message to its request."""
+    """Owns the pub/sub connection; routes each message to its request.
 
-    def __init__(self, redis_client: redis.Redis, routes: core.Routes, pattern: str):
+    pattern: the client's one pattern subscription, or None where the fleet publishes on shard
+    channels (Keys.shard_channels): there each request subscribes its own channel (SSUBSCRIBE)
+    on the master of its shard, through redis-py's ClusterPubSub, which keeps a connection per
+    master and follows the channels through failovers and slot migrations."""
+
+    # How long one read waits for a message: short while requests are in flight or subscriptions
+    # wait to go out (a subscription goes out between reads), long while the client is idle.
+    BUSY_WAIT_S, IDLE_WAIT_S = 0.002, 0.05
+
+    def __init__(self, redis_client: redis.Redis, routes: core.Routes, pattern: str | None):
         super().__init__(name="batchd-client-router", daemon=True)
         self._client = redis_client
-        self._pubsub = Subscription(pubsub_pool(redis_client), ignore_subscribe_messages=False)
+        self._sharded = pattern is None
+        self._pubsub = redis_client.pubsub() if self._sharded else \
+            Subscription(pubsub_pool(redis_client), ignore_subscribe_messages=False)
         # On a cluster, the subscriptions (patterns, channels) to make again on another node
         # after this one's node failed; None while the subscription is where it should be.
         self._moving: tuple[list, list] | None = None
@@ -131,7 +142,10 @@ class _Router(threading.Thread):
         self._pattern = pattern
         # Set once the client's pattern subscription is confirmed: no submit goes out before
         # it. Made by the thread, so a Client created while Redis is down works once it is back.
+        # With shard channels there is none: each submit waits for its own channel's.
         self.ready = threading.Event()
+        if self._sharded:
+            self.ready.set()
 
     def _subscribe_pattern(self) -> None:
         self._pubsub.psubscribe(self._pattern)
@@ -173,21 +187,35 @@ class _Router(threading.Thread):
                     self._subscribe_pattern()
                 # get_message reconnects a dropped connection; subscribe must only run on a
                 # live one (redis-py's subscribe deadlocks when it has to reconnect).
-                message = self._pubsub.get_message(timeout=0.05)
+                message = self._next_message()
                 self._drain_subscribe_queue()
                 backoff.reset()
             except (redis.RedisError, OSError) as exc:
                 delay = backoff.next_delay()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
-                if is_cluster(self._client) and self._moving is None and self.ready.is_set():
+                if not self._sharded and is_cluster(self._client) and self._moving is None and self.ready.is_set():
                     self._moving = (list(self._pubsub.patterns), list(self._pubsub.channels))
                 time.sleep(delay)
                 continue
-            if self._pubsub.reconnected:
+            if getattr(self._pubsub, "reconnected", False):
                 core.recheck_after_reconnect(self._pubsub, self._handles)
             if message is not None:
                 self._route(message)
         self._pubsub.close()
+
+    def _next_message(self) -> dict | None:
+        busy = self._handles or not self._subscribe_queue.empty()
+        wait_s = self.BUSY_WAIT_S if busy else self.IDLE_WAIT_S
+        if self._sharded and not self._pubsub.shard_channels:
+            # Nothing to read (ClusterPubSub would take an empty read for a lost topology).
+            time.sleep(wait_s)
+            return None
+        if self._sharded:
+            # A node that failed or gave its slots away is ClusterPubSub's to repair; it raises
+            # only when no node could be read, and its resubscriptions come back as SSUBSCRIBE
+            # confirmations nobody waited for, on which the request reads what it missed.
+            return self._pubsub.get_sharded_message(timeout=wait_s)
+        return self._pubsub.get_message(timeout=wait_s)
 
     def _move_subscription(self) -> None:
         """Subscribe on another cluster node what the failed one carried. A cluster's PUBLISH
@@ -217,11 +245,11 @@ class _Router(threading.Thread):
             except queue.Empty:
                 return
             if channel.startswith("-"):
-                self._pubsub.unsubscribe(channel[1:])
+                (self._pubsub.sunsubscribe if self._sharded else self._pubsub.unsubscribe)(channel[1:])
                 continue
             self._confirm[channel] = done
             try:
-                self._pubsub.subscribe(channel)
+                (self._pubsub.ssubscribe if self._sharded else self._pubsub.subscribe)(channel)
             except (*CONNECTION_LOST, OSError):
                 self._subscribe_queue.put((channel, done))  # again once the connection is back
                 raise
@@ -255,13 +283,14 @@ class Client(core.ClientCore[RequestHandle]):
             socket_connect_timeout=10.0, health_check_interval=30,
             retry_on_timeout=True)
         super().__init__(prefix, producer, cancel_key, durable_replicas,
-                         core.resolve_tenant(tenant, acl_user(self._redis)), shards)
+                         core.resolve_tenant(tenant, acl_user(self._redis)), shards, is_cluster(self._redis))
         try:
             core.check_fleet_shards(fleet_shards(self._redis, self.keys), self.keys.shards)
         except WrongShards:
             close_redis(self._redis)  # a cluster client's node connections too
             raise
-        self._router = _Router(self._redis, self._routes, self.keys.channel_pattern(self._ids.id_prefix))
+        pattern = None if self.keys.shard_channels else self.keys.channel_pattern(self._ids.id_prefix)
+        self._router = _Router(self._redis, self._routes, pattern)
         self._router.start()
 
     # -- public API (submit: core.ClientCore) -----------------------------------------

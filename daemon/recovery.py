@@ -50,7 +50,7 @@ def _hand_back_call(keys: Keys, request: Request, reason: str, max_attempts: int
         mode, error = "requeue", None
         payload = encode(msgspec.structs.replace(request, attempt=attempt))
         event = seal_event(RestartEvent(attempt=attempt, reason=reason), request)
-    return (scripts.HAND_BACK,
+    return (scripts.published(scripts.HAND_BACK, keys),
             [keys.result(request.id), keys.owner(request.id), keys.stream_of_request(request.id),
              keys.dead_letters_in(keys.shard_of(request.id)), keys.stats_in(keys.shard_of(request.id)),
              keys.accepted(request.id)],

@@ -343,7 +343,7 @@ def finalize_call(keys: Keys, request_id: str, final_payload: bytes, result_ttl_
         stream, group, entry_id = ack
         call_keys.append(stream)
         args += [group, entry_id]
-    return FINALIZE, call_keys, args
+    return published(FINALIZE, keys), call_keys, args
 
 
 def publish_step_call(keys: Keys, owner_token: str, events: Sequence[tuple[str, bytes]]) -> ScriptCall:
@@ -351,7 +351,7 @@ def publish_step_call(keys: Keys, owner_token: str, events: Sequence[tuple[str, 
     args: list = [owner_token]
     for request_id, payload in events:
         args += [keys.channel(request_id), payload]
-    return PUBLISH_STEP, [keys.owner(request_id) for request_id, _payload in events], args
+    return published(PUBLISH_STEP, keys), [keys.owner(request_id) for request_id, _payload in events], args
 
 
 def dispatch_call(keys: Keys, worker_id: str, job_payload: bytes, group: str, lease_ttl_s: int,
@@ -380,7 +380,7 @@ def claim_call(keys: Keys, lease_ttl_s: int, entries: Sequence[tuple[str, str]])
 def answer_call(keys: Keys, request_id: str, entry_id: str, attempt: int, final_payload: bytes,
                 result_ttl_s: int) -> ScriptCall:
     """ANSWER: a held request's final event, fenced by its claim and lease."""
-    return (ANSWER, [keys.result(request_id), keys.owner(request_id), keys.accepted(request_id)],
+    return (published(ANSWER, keys), [keys.result(request_id), keys.owner(request_id), keys.accepted(request_id)],
             [keys.channel(request_id), final_payload, result_ttl_s, entry_id, requeued_token(attempt)])
 
 
@@ -397,7 +397,7 @@ def reject_call(keys: Keys, stream: str, group: str, entry_id: str, request_id: 
     if request_id and final_payload is not None:
         call_keys += [keys.accepted(request_id), keys.result(request_id)]
         args += [keys.channel(request_id), final_payload, result_ttl_s, CLAIM_TTL_S]
-    return REJECT, call_keys, args
+    return published(REJECT, keys), call_keys, args
 
 
 def overflow_call(keys: Keys, stream: str, group: str, entry_id: str, request_id: str | None,
@@ -407,8 +407,20 @@ def overflow_call(keys: Keys, stream: str, group: str, entry_id: str, request_id
     answer = request_id is not None and final_payload is not None
     rid = request_id if answer else f"entry-{entry_id}"
     shard = keys.shard_of_key(stream) or 0  # an unanswered entry's keys are in its stream's shard
-    return (OVERFLOW, [stream, keys.accepted(rid, shard), keys.result(rid, shard)],
+    return (published(OVERFLOW, keys), [stream, keys.accepted(rid, shard), keys.result(rid, shard)],
             [group, entry_id, keys.channel(rid), final_payload if answer else b"", result_ttl_s, CLAIM_TTL_S])
+
+
+# Each script that publishes an event, as written (PUBLISH) and as a fleet on shard channels
+# runs it (SPUBLISH: the channel carries the request's hash tag, so it is in the slot of the
+# script's keys, as a cluster requires).
+_SHARD_CHANNEL_TWINS = {script: Script(script.source.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',"))
+                        for script in (FINALIZE, PUBLISH_STEP, HAND_BACK, ANSWER, REJECT, OVERFLOW)}
+
+
+def published(script: Script, keys: Keys) -> Script:
+    """The script that publishes the way keys' fleet does (Keys.shard_channels)."""
+    return _SHARD_CHANNEL_TWINS[script] if keys.shard_channels else script
 
 
 def owner_token(worker_id: str, attempt: int) -> str:

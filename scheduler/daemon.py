@@ -22,7 +22,7 @@ import redis
 
 from batchd.client.connection import connect, describe, is_cluster
 from batchd.client.errors import BatchdError, InvalidRequest, Overloaded, UnknownModel, WorkerFailed
-from batchd.client.keys import SCHEDULER_GROUP, Keys, parse_last_reads, parse_stream_id, tenant_of
+from batchd.client.keys import SCHEDULER_GROUP, Keys, parse_last_reads, parse_stream_id, tenant_of, uses_shard_channels
 from batchd.client.protocol import (
     PROTOCOL_VERSION,
     FinalEvent,
@@ -43,6 +43,7 @@ from batchd.daemon.toolkit import (
     DEFAULT_MAX_ATTEMPTS,
     SERVER_TICK_MS,
     UNREAD_AFTER_S,
+    ClusterPoll,
     DaemonConfig,
     cancel_matches,
     cancelled_before_start,
@@ -135,13 +136,15 @@ class _Held:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, client: redis.Redis | None = None, clock=time.time):
         self.config = config
-        self.keys = Keys(config.prefix, config.shards)
         self.redis = client or connect(config.redis_url)
+        self.keys = Keys(config.prefix, config.shards,
+                         shard_channels=uses_shard_channels(is_cluster(self.redis), config.shards))
         self.clock = clock
         # One batcher per model a request names: a job carries one model's requests.
         self.batcher: ModelBatchers[_Held] = ModelBatchers(BatchPolicy(config.max_batch, config.max_wait_ms))
         self.workers: dict[str, WorkerCapacity] = {}
         self.streams = RequestStreams(self.redis, self.keys, SCHEDULER_GROUP, config.read_shards)
+        self._cluster_poll = ClusterPoll()  # its streams' reads while idle, on a cluster
         self._stop = threading.Event()
         self._next_refresh = 0.0
         self._models_seen: dict[str, float] = {}  # model -> when a live worker last served it
@@ -261,7 +264,8 @@ class Scheduler:
         # Every stream is asked for the same share, so a tenant's flood cannot fill the room.
         reply = read_streams(
             self.redis, SCHEDULER_GROUP, self.config.scheduler_id, self.streams.read_positions(">"),
-            count=self.streams.share(min(room, 1024)), block_ms=None if poll else block_ms)
+            count=self.streams.share(min(room, 1024)), block_ms=None if poll else block_ms,
+            poll=self._cluster_poll)
         for stream, entries in reply or ():
             self._accept(_text(stream), entries)
         if poll and not reply:

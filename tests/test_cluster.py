@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -59,18 +60,65 @@ def _serve_and_check(url: str, fleet_on, shards: int, requests: int = 60) -> dic
                 return await asyncio.gather(*(client.generate(prompt=f"prompt {i}", max_new_tokens=40, timeout=60)
                                               for i in range(requests)))
 
-        results = asyncio.run(burst())
+        with _PlainSubscribers(url) as plain:
+            results = asyncio.run(burst())
         assert [r.text for r in results] == [f"prompt {i}" for i in range(requests)], fleet.logs()
+        # Events go out on shard channels (SPUBLISH), which a plain pattern subscriber on any
+        # node never hears: nothing crossed the cluster bus.
+        assert plain.heard == 0
         with Client(url, shards=shards) as client:
             assert [item for item in client.stream("streamed", max_new_tokens=20)][-1].text == "streamed"
+            handle = client.submit("held", max_new_tokens=5)
+            channel = Keys(shards=shards, shard_channels=True).channel(handle.request_id)
+            # The request's own channel, subscribed on the master of its shard only, until read.
+            assert _shard_subscribers(url) == {_master_of(url, channel): [channel]}
+            assert handle.result().text == "held"
+            deadline = time.monotonic() + 5  # the router sends the SUNSUBSCRIBE between reads
+            while _shard_subscribers(url) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _shard_subscribers(url) == {}
         keys = Keys(shards=shards)
         status = read_status(open_redis(url), keys)
-        assert status["requests_dispatched"] == requests + 1
+        assert status["requests_dispatched"] == requests + 2
         logs = fleet.logs()
         assert "CROSSSLOT" not in logs and "Traceback" not in logs, logs
         return {"shards": Counter(keys.shard_of(r.request_id) for r in results), "status": status}
     finally:
         fleet.stop_all()
+
+
+class _PlainSubscribers:
+    """A PSUBSCRIBE to every event channel on each master, counting what it hears."""
+
+    def __init__(self, url: str):
+        self._pubsubs = [redis.Redis(host=node.host, port=node.port).pubsub()
+                         for node in open_redis(url).get_primaries()]
+        self.heard = 0
+
+    def __enter__(self):
+        for pubsub in self._pubsubs:
+            pubsub.psubscribe("batchd:*res:*")
+        return self
+
+    def __exit__(self, *exc):
+        for pubsub in self._pubsubs:
+            while (message := pubsub.get_message(timeout=0.1)) is not None:
+                self.heard += message["type"] == "pmessage"
+            pubsub.close()
+
+
+def _shard_subscribers(url: str) -> dict:
+    """Each master's subscribed shard channels ("host:port" -> channels), those with any."""
+    found = {}
+    for node in open_redis(url).get_primaries():
+        channels = redis.Redis(host=node.host, port=node.port).execute_command("PUBSUB", "SHARDCHANNELS")
+        if channels:
+            found[node.name] = sorted(c.decode() for c in channels)
+    return found
+
+
+def _master_of(url: str, key: str) -> str:
+    return open_redis(url).get_node_from_key(key).name
 
 
 def test_cluster_one_master_refuses_cross_slot_commands_and_the_sharded_fleet_never_sends_one(server_binary, fleet_on):

@@ -30,7 +30,7 @@ import redis
 from batchd.client import connection, tokenizers
 from batchd.client.connection import CONNECTION_LOST, describe
 from batchd.client.errors import BatchdError, InvalidRequest, UnknownModel
-from batchd.client.keys import WORKER_GROUP, Keys, job_ref, parse_job_ref
+from batchd.client.keys import WORKER_GROUP, Keys, uses_shard_channels, job_ref, parse_job_ref
 from batchd.client.protocol import PROTOCOL_VERSION, Heartbeat, Request, RestartEvent, Result, error_result
 from batchd.daemon import metrics, recovery, toolkit
 from batchd.daemon.scripts import owner_token
@@ -93,12 +93,14 @@ class Worker:
         created before the engine loaded its model when the process serves them from its start."""
         self.config = config
         self.engine = engine
-        self.keys = Keys(config.prefix, config.shards)
         self.clock = clock
         connect = connect or (lambda: connection.connect(config.redis_url))
         self.redis = connect()
+        self.keys = Keys(config.prefix, config.shards,
+                         shard_channels=uses_shard_channels(connection.is_cluster(self.redis), config.shards))
         # One job stream per shard: a job carries one shard's requests (docs/deploy.md).
         self.streams = self.keys.job_streams(config.worker_id)
+        self._cluster_poll = toolkit.ClusterPoll()  # its job streams' reads while idle, on a cluster
         self.holdings = Holdings()
         self.advertised = Advertisement(config.heartbeat_interval_s)
         self.served_models = list(config.served_models) or [engine.model_name]
@@ -237,7 +239,8 @@ class Worker:
             # so a due heartbeat is not held up by a tick.
             poll = block_ms is not None and block_ms < toolkit.SERVER_TICK_MS
             reply = toolkit.read_streams(self.redis, WORKER_GROUP, self.config.worker_id, self._positions(">"),
-                                         count=JOBS_PER_READ, block_ms=None if poll else block_ms)
+                                         count=JOBS_PER_READ, block_ms=None if poll else block_ms,
+                                         poll=self._cluster_poll)
             if poll and not reply:
                 self._stop.wait(min(block_ms, POLL_INTERVAL_MS) / 1000)
         except redis.ResponseError as exc:
