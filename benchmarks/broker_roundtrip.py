@@ -10,6 +10,7 @@ each, in one run on this machine. A producer keeps C requests outstanding
     python benchmarks/broker_roundtrip.py scaling    # 1 / 2 / 4 echo workers x 1 / 2 schedulers
     python benchmarks/broker_roundtrip.py cpu        # CPU ms per round trip of each batchd process
     python benchmarks/broker_roundtrip.py cluster    # one server vs Redis Cluster of 1 / 3 / 6 masters
+    python benchmarks/broker_roundtrip.py idle --cluster-masters 3   # CPU of an idle fleet, one server vs a cluster
     python benchmarks/broker_roundtrip.py all --plot docs
 
 Peers come from the `bench` extra: pip install 'batchd[bench]'. Results go to
@@ -482,6 +483,44 @@ def suite_cluster(url: str, log_dir: Path, args) -> list[dict]:
     return rows
 
 
+def suite_idle(url: str, log_dir: Path, args) -> list[dict]:
+    """What an idle fleet costs: CPU of one scheduler, one echo worker and the Redis server(s)
+    over --seconds with no request, on one server and on a cluster of the first
+    --cluster-masters size (--cluster-shards shards each: a cluster's daemons poll)."""
+    from batchd.embedded import ClusterSet
+
+    shards, masters = args.cluster_shards, args.cluster_masters[0]
+    rows = []
+    for kind in ("server", "cluster"):
+        cluster = ClusterSet(args.redis_server, masters=masters, replicas_per_master=0).start() if kind == "cluster" else None
+        fleet = Fleet(cluster.url if cluster else url, log_dir)
+        servers = [s.process.pid for s in cluster.live()] if cluster else [_server_pid(url)]
+        try:
+            fleet.batchd(workers=1, schedulers=1, shards=shards)
+            time.sleep(args.warmup)
+            pids = {"scheduler": [fleet.procs[0].pid], "worker": [fleet.procs[1].pid], "redis": servers}
+            before = {name: sum(map(_cpu_s, group)) for name, group in pids.items()}
+            time.sleep(args.seconds)
+            share = {name: 100 * (sum(map(_cpu_s, group)) - before[name]) / args.seconds
+                     for name, group in pids.items()}
+            row = {"layout": kind, "masters": masters if cluster else 1, "shards": shards,
+                   "cpu_percent_of_a_core": {name: round(value, 2) for name, value in share.items()}}
+            print(f"idle {kind:7s} masters={row['masters']} shards={shards}  % of a core: " +
+                  "  ".join(f"{k} {v:.2f}" for k, v in share.items()), flush=True)
+            rows.append(row)
+        finally:
+            fleet.stop()
+            if cluster:
+                cluster.cleanup()
+    return rows
+
+
+def _server_pid(url: str) -> int:
+    import redis
+
+    return int(redis.Redis.from_url(url).info("server")["process_id"])
+
+
 def cluster_table(rows: list[dict]) -> str:
     """Markdown: median round trips/s per layout, with the ratio to a one-master cluster."""
     by_layout: dict[tuple, list[dict]] = {}
@@ -641,7 +680,7 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=("peers", "overhead", "scaling", "cpu", "cluster", "all", "serve"))
+    parser.add_argument("suite", choices=("peers", "overhead", "scaling", "cpu", "cluster", "idle", "all", "serve"))
     parser.add_argument("serve_args", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--systems", default="batchd,streams,arq,celery,rq",
                         help="comma-separated subset of batchd,streams,arq,celery,rq")
@@ -681,7 +720,7 @@ def main(argv=None) -> int:
         log_dir = server.data_dir
         for suite in suites:
             rows = {"peers": suite_peers, "overhead": suite_overhead, "scaling": suite_scaling, "cpu": suite_cpu,
-                    "cluster": suite_cluster}[suite](server.url, log_dir, args)
+                    "cluster": suite_cluster, "idle": suite_idle}[suite](server.url, log_dir, args)
             report = {"suite": suite, "settings": {k: v for k, v in vars(args).items() if k != "serve_args"},
                       "environment": environment(), "rows": rows}
             (out_dir / f"broker_{suite}.json").write_text(json.dumps(report, indent=2))

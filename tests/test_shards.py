@@ -252,3 +252,62 @@ def test_read_shards_takes_numbers_and_ranges_within_the_fleet(sharded):
     beyond = sharded.scheduler("--read-shards", "1,3")
     assert beyond.wait(timeout=30) == 2
     assert "names 3, but the fleet has 3 shard(s)" in beyond.log_path.read_text()
+
+
+def test_an_idle_cluster_read_waits_longer_each_time_up_to_its_cap_and_a_hit_resets_it(monkeypatch):
+    from batchd.daemon import toolkit
+
+    slept = []
+    monkeypatch.setattr(toolkit.time, "sleep", slept.append)
+    poll = toolkit.ClusterPoll()
+    for _ in range(6):
+        poll.after(False, block_ms=1000)
+    poll.after(False, block_ms=5)  # never longer than the block asked for
+    poll.after(True, block_ms=1000)
+    poll.after(False, block_ms=1000)
+    poll.after(False, block_ms=None)  # a read that asked not to block does not sleep
+    assert slept == [0.002, 0.004, 0.008, 0.016, 0.016, 0.016, 0.005, 0.002]
+
+
+def test_shard_channels_carry_the_request_shard_tag_and_route_back_to_the_request():
+    from batchd.client.keys import Keys, uses_shard_channels
+
+    assert uses_shard_channels(cluster=True, shards=6)
+    assert not uses_shard_channels(cluster=True, shards=1) and not uses_shard_channels(cluster=False, shards=6)
+    plain, sharded = Keys(shards=6), Keys(shards=6, shard_channels=True)
+    request_id = "acme/client-1-7"
+    assert plain.channel(request_id) == f"batchd:res:{request_id}"
+    channel = sharded.channel(request_id)
+    # In the request's slot: a script's SPUBLISH on it stays with the script's keys.
+    assert key_slot(channel.encode()) == key_slot(sharded.owner(request_id).encode())
+    assert sharded.request_of_channel(channel) == request_id
+    assert plain.request_of_channel(plain.channel(request_id)) == request_id
+    assert sharded.request_of_channel("batchd:cancels") is None and sharded.request_of_channel("other:res:x") is None
+
+
+def test_an_unasked_shard_subscription_confirmation_makes_its_request_read_what_it_missed():
+    """A shard channel moved to its slot's new master (or a reconnect) is confirmed again with
+    nobody waiting: the request then reads its stored result, as after a reconnect."""
+    from batchd.client.core import RECHECK, Routes
+    from batchd.client.keys import Keys
+
+    keys = Keys(shards=3, shard_channels=True)
+    delivered: dict[str, list] = {"a": [], "b": []}
+
+    class Handle:
+        def __init__(self, request_id):
+            self.request_id = request_id
+
+        def _deliver(self, payload):
+            delivered[self.request_id].append(payload)
+
+    routes, handles = Routes(keys), {"a": Handle("a"), "b": Handle("b")}
+    waiter = object()
+    confirmations = {keys.channel("a"): waiter}
+    assert routes.route({"type": "ssubscribe", "channel": keys.channel("a").encode(), "data": 1},
+                        handles, confirmations) is waiter
+    assert delivered == {"a": [], "b": []}  # the first confirmation was asked for
+    assert routes.route({"type": "ssubscribe", "channel": keys.channel("a").encode(), "data": 1},
+                        handles, confirmations) is None
+    routes.route({"type": "smessage", "channel": keys.channel("b").encode(), "data": b"event"}, handles, {})
+    assert delivered == {"a": [RECHECK], "b": [b"event"]}
