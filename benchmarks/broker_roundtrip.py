@@ -10,6 +10,7 @@ each, in one run on this machine. A producer keeps C requests outstanding
     python benchmarks/broker_roundtrip.py scaling    # 1 / 2 / 4 echo workers x 1 / 2 schedulers
     python benchmarks/broker_roundtrip.py cpu        # CPU ms per round trip of each batchd process
     python benchmarks/broker_roundtrip.py cluster    # one server vs Redis Cluster of 1 / 3 / 6 masters
+    python benchmarks/broker_roundtrip.py events --cluster-masters 3   # a token event's cost to each master
     python benchmarks/broker_roundtrip.py idle --cluster-masters 3   # CPU of an idle fleet, one server vs a cluster
     python benchmarks/broker_roundtrip.py all --plot docs
 
@@ -515,6 +516,68 @@ def suite_idle(url: str, log_dir: Path, args) -> list[dict]:
     return rows
 
 
+def suite_events(url: str, log_dir: Path, args) -> list[dict]:
+    """What a token event costs the Redis nodes of a cluster: PUBLISH_STEP calls of 256 events
+    each (one worker step), all of one shard, published plainly (PUBLISH, which the cluster bus
+    carries to every node) and on shard channels (SPUBLISH), with a subscriber listening to
+    every request; CPU seconds of each master over the run, per million events."""
+    import threading
+
+    import redis
+    from batchd.client.keys import Keys
+    from batchd.client.scripts import run_in_pipeline
+    from batchd.daemon.scripts import publish_step_call
+    from batchd.embedded import ClusterSet
+
+    masters, steps, per_step = args.cluster_masters[-1], args.event_steps, 256
+    rows = []
+    with ClusterSet(args.redis_server, masters=masters, replicas_per_master=0) as cluster:
+        from batchd.client.connection import open_redis
+
+        client = open_redis(cluster.url)
+        for sharded in (False, True):
+            keys = Keys(shards=masters, shard_channels=sharded)
+            ids = [f"req-{i}" for i in range(100_000) if keys.shard_of(f"req-{i}") == 0][:per_step]
+            for request_id in ids:
+                client.set(keys.owner(request_id), "w/0")
+            pubsub = client.pubsub()
+            if sharded:
+                pubsub.ssubscribe(*[keys.channel(i) for i in ids])
+            else:  # one pattern, on whichever node the cluster client picks
+                pubsub.psubscribe(f"{keys.prefix}res:*")
+            heard, stop = [0], threading.Event()
+
+            def drain() -> None:
+                while not stop.is_set():
+                    message = pubsub.get_sharded_message(timeout=0.05) if sharded else pubsub.get_message(timeout=0.05)
+                    heard[0] += bool(message and message["type"] in ("pmessage", "smessage"))
+
+            reader = threading.Thread(target=drain, daemon=True)
+            reader.start()
+            pids = {f"{s.port}": s.process.pid for s in cluster.masters()}
+            before = {port: _cpu_s(pid) for port, pid in pids.items()}
+            started = time.perf_counter()
+            call = publish_step_call(keys, "w/0", [(i, b"x" * 40) for i in ids])
+            for _ in range(steps):
+                run_in_pipeline(client, [call])
+            elapsed = time.perf_counter() - started
+            time.sleep(0.5)
+            stop.set()
+            reader.join()
+            pubsub.close()
+            events = steps * per_step
+            owner = client.get_node_from_key(keys.owner(ids[0])).port
+            cpu = {port: (_cpu_s(pid) - before[port]) for port, pid in pids.items()}
+            row = {"channels": "shard (SPUBLISH)" if sharded else "plain (PUBLISH)", "masters": masters,
+                   "events": events, "events_per_s": events / elapsed, "heard": heard[0],
+                   "cpu_s_per_million_events": {("publishing master" if int(p) == owner else f"other {p}"):
+                                                round(v * 1e6 / events, 2) for p, v in cpu.items()}}
+            print(f"events {row['channels']:17s} {events:,} in {elapsed:.1f} s ({row['events_per_s']:,.0f}/s), "
+                  f"heard {heard[0]:,}; CPU s per million events: {row['cpu_s_per_million_events']}", flush=True)
+            rows.append(row)
+    return rows
+
+
 def _server_pid(url: str) -> int:
     import redis
 
@@ -680,7 +743,7 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=("peers", "overhead", "scaling", "cpu", "cluster", "idle", "all", "serve"))
+    parser.add_argument("suite", choices=("peers", "overhead", "scaling", "cpu", "cluster", "idle", "events", "all", "serve"))
     parser.add_argument("serve_args", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--systems", default="batchd,streams,arq,celery,rq",
                         help="comma-separated subset of batchd,streams,arq,celery,rq")
@@ -698,6 +761,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cluster-shards", type=int, default=6, help="request shards of the cluster suite's fleet")
     parser.add_argument("--cluster-workers", type=int, default=2, help="echo workers of the cluster suite")
     parser.add_argument("--cluster-schedulers", type=int, default=2, help="schedulers of the cluster suite")
+    parser.add_argument("--event-steps", type=int, default=2000, help="PUBLISH_STEP calls of the events suite")
     parser.add_argument("--redis-server", default="redis-server", help="server binary to start privately")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON results")
     parser.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots here")
@@ -720,7 +784,8 @@ def main(argv=None) -> int:
         log_dir = server.data_dir
         for suite in suites:
             rows = {"peers": suite_peers, "overhead": suite_overhead, "scaling": suite_scaling, "cpu": suite_cpu,
-                    "cluster": suite_cluster, "idle": suite_idle}[suite](server.url, log_dir, args)
+                    "cluster": suite_cluster, "idle": suite_idle, "events": suite_events}[suite](
+                server.url, log_dir, args)
             report = {"suite": suite, "settings": {k: v for k, v in vars(args).items() if k != "serve_args"},
                       "environment": environment(), "rows": rows}
             (out_dir / f"broker_{suite}.json").write_text(json.dumps(report, indent=2))
