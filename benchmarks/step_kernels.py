@@ -37,7 +37,9 @@ def kind_of(name: str) -> str:
     lowered = name.lower()
     if "flex" in lowered or "triton_tem_fused" in lowered and "decode" in lowered:
         return "attention"
-    if any(word in lowered for word in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "splitk", "gemv")):
+    # weight_only: --quantize fp8's Triton kernel for few rows (workers/hf/fp8_matvec.py).
+    if any(word in lowered for word in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "splitk", "gemv",
+                                        "weight_only")):
         return "dense products"
     if lowered.startswith("triton_"):
         return "fused elementwise (triton)"

@@ -1,17 +1,23 @@
 """--quantize fp8: float8 weights with per-channel scales, products that read float8.
 
 torch's scaled product runs on the CPU too, so the numbers here are the ones a GPU
-computes up to summation order; speed is benchmarks/quantized_gpu.py's on an H200."""
+computes up to summation order; the weight-only Triton kernel that takes a GPU's products
+of few rows runs here under Triton's interpreter. Speed is benchmarks/quantized_gpu.py's
+and fp8_probe.py's on an H200."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 from batchd.workers.hf import build_engine
 from batchd.workers.hf.models import load_model, weight_bytes
-from batchd.workers.hf import quant
+from batchd.workers.hf import fp8_matvec, quant
 from batchd.workers.hf.quant import FP8, Fp8Linear, fp8_supported, quantize_rows
 from engine_helpers import drive, hf_greedy, random_prompt, request
 
@@ -97,3 +103,66 @@ def test_fp8_is_refused_on_a_gpu_without_float8_products(monkeypatch):
     assert fp8_supported(torch.device("cuda", 0)) is None
     assert fp8_supported(torch.device("cpu")) is None
 
+
+
+# Run in a child process: TRITON_INTERPRET must be set before triton is first imported.
+# float32 activations, since the interpreter's dot mishandles bf16. Each case is
+# (rows, out, in, bias, BLOCK_N, BLOCK_K, SPLIT_K); sizes that are not multiples of the
+# blocks exercise the masks, and the last has more splits than K has chunks.
+_INTERPRETED = """
+import json, sys, torch, triton
+from batchd.workers.hf import fp8_matvec
+from batchd.workers.hf.quant import quantize_rows
+torch.manual_seed(0)
+errors = []
+for rows, outs, ins, bias, block_n, block_k, split in json.loads(sys.argv[1]):
+    weight, scale = quantize_rows(torch.randn(outs, ins))
+    scale = scale.squeeze(1).contiguous()
+    b = torch.randn(outs) if bias else None
+    x = torch.randn(rows, ins)
+    config = triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}, num_warps=4, num_stages=1)
+    out = fp8_matvec.launch(x, weight, scale, b, config)
+    expected = x @ (weight.float() * scale[:, None]).t() + (0 if b is None else b)
+    errors.append([list(out.shape), str(out.dtype), ((out - expected).abs().max() / expected.abs().max()).item()])
+print(json.dumps(errors))
+"""
+_CASES = [(1, 48, 80, False, 32, 32, 1), (3, 64, 96, True, 32, 32, 2), (16, 40, 160, True, 16, 32, 4),
+          (8, 64, 128, True, 64, 64, 8)]
+
+
+def test_weight_only_kernel_under_the_interpreter_is_the_dequantized_product():
+    pytest.importorskip("triton", reason="Triton is not installed (the test extra has it on x86-64 Linux)")
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED, json.dumps(_CASES)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for (rows, outs, *_), (shape, dtype, error) in zip(_CASES, results, strict=True):
+        assert shape == [rows, outs] and dtype == "torch.float32"
+        assert error < 1e-5, (rows, outs, error)  # float32 throughout: only the summation order differs
+
+
+def test_few_rows_take_the_weight_only_kernel_where_it_runs(monkeypatch):
+    """1 to MAX_ROWS rows go to the kernel, more to torch._scaled_mm; FEW_ROWS_KERNEL =
+    "scaled_mm" sends every size there."""
+    kernel_rows, scaled_mm_calls = [], []
+    scaled_mm = torch._scaled_mm
+
+    def kernel(x, weight, scale, bias=None):
+        kernel_rows.append(x.shape[0])
+        return x.new_zeros(x.shape[0], weight.shape[0])
+
+    def counted_scaled_mm(*args, **kwargs):
+        scaled_mm_calls.append(args[0].shape[0])
+        return scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(quant, "FEW_ROWS_KERNEL", "weight_only")
+    monkeypatch.setattr(fp8_matvec, "available", lambda device: True)
+    monkeypatch.setattr(fp8_matvec, "fp8_weight_only_linear", kernel, raising=False)  # absent without Triton
+    monkeypatch.setattr(torch, "_scaled_mm", counted_scaled_mm)
+    layer = Fp8Linear.from_linear(torch.nn.Linear(32, 16))
+    for rows in (1, 7, 16, 17, 40):
+        assert layer(torch.randn(1, rows, 32)).shape == (1, rows, 16)
+    assert kernel_rows == [1, 7, 16] and scaled_mm_calls == [17, 40]
+    monkeypatch.setattr(quant, "FEW_ROWS_KERNEL", "scaled_mm")
+    layer(torch.randn(3, 32))
+    assert kernel_rows == [1, 7, 16] and scaled_mm_calls == [17, 40, 3]

@@ -13,8 +13,15 @@ with separate quantizing kernels took 0.187 ms against bf16's 0.120 ms, so this 
 worth offering only where the layers are compiled.
 
 Measured on an H200 (benchmarks/quantized_gpu.py, docs/contrast-and-weights.md),
-Llama-3-8B shape: 1.16-1.18x bf16's decode tok/s at 1-8 live requests, 1.14x at 256;
-the issue's 1.3x at low concurrency is not met (the step's non-weight work stays).
+Llama-3-8B shape, with that path at every size: 1.16-1.18x bf16's decode tok/s at 1-8
+live requests, 1.14x at 256; the issue's 1.3x at low concurrency is not met.
+
+So products of 1 to 16 rows (decode at low concurrency) take a weight-only kernel instead
+(fp8_matvec.py, Triton): the activations stay in the model's dtype and the float8 weight
+is widened in registers, so no quantizing kernels run and each weight byte is read once.
+Its speed on a GPU is not measured yet (benchmarks/fp8_probe.py --products, and
+quantized_gpu.py's fp8 against fp8_cublaslt), so it is not the default: FEW_ROWS_KERNEL
+picks the path.
 
 Weights get one scale per output channel, so fusing q/k/v or gate/up (runner.py) is a
 plain concatenation of weights and scales. The output head stays in the model's dtype:
@@ -32,6 +39,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from . import fp8_matvec
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -75,11 +84,24 @@ def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+# What products of 1 to fp8_matvec.MAX_ROWS rows run on a GPU that has the kernel.
+#   "weight_only": fp8_matvec's kernel, activations unquantized (ACTIVATION_SCALES unused).
+#   "scaled_mm": torch._scaled_mm as for larger products; benchmarks compare the two.
+# The default stays "scaled_mm" until the kernel has been measured on a GPU inside the
+# compiled, graph-captured step (quantized_gpu.py's fp8 runs "weight_only" explicitly).
+FEW_ROWS_KERNEL = "scaled_mm"
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight * weight_scale[:, None], bias) with float8 weight [out, in] and
-    its per-output-channel scale [out]; x is quantized on the way in (ACTIVATION_SCALES)."""
+    its per-output-channel scale [out]. A few rows on a GPU take the weight-only kernel
+    (FEW_ROWS_KERNEL); otherwise x is quantized on the way in (ACTIVATION_SCALES)."""
     rows = x.reshape(-1, x.shape[-1])
+    if FEW_ROWS_KERNEL == "weight_only" and 0 < rows.shape[0] <= fp8_matvec.MAX_ROWS \
+            and fp8_matvec.available(x.device):
+        out = fp8_matvec.fp8_weight_only_linear(rows, weight, weight_scale, bias)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     # weight.t() of a row-major [out, in] is the column-major operand the kernel wants.
     if ACTIVATION_SCALES == "row":
         q, scale = quantize_rows(rows)
