@@ -36,8 +36,8 @@ from .protocol import Request, Result, TokenizerInfo
 from .scripts import ScriptCall, needs_loading
 
 log = logging.getLogger("batchd.client")
-# How long one pub/sub read waits: short while requests are in flight or subscriptions wait to
-# go out, long while the client is idle (Client's router does the same).
+# How long one pub/sub read waits: with shard channels, short while requests are in flight or
+# subscriptions wait to go out; otherwise long (Client's router does the same).
 _BUSY_WAIT_S, _IDLE_WAIT_S = 0.002, 0.05
 
 T = TypeVar("T")
@@ -440,7 +440,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
     async def _next_message(self) -> dict | None:
         """The next pub/sub message, waiting briefly (as Client's router does: a queued
         subscription goes out between reads)."""
-        busy = self._handles or self._subscription_changes
+        busy = self.keys.shard_channels and (self._handles or self._subscription_changes)
         wait_s = _BUSY_WAIT_S if busy else _IDLE_WAIT_S
         if self.keys.shard_channels:
             if not self._pubsub.shard_channels:  # ClusterPubSub takes an empty read for a lost topology

@@ -121,8 +121,9 @@ class _Router(threading.Thread):
     on the master of its shard, through redis-py's ClusterPubSub, which keeps a connection per
     master and follows the channels through failovers and slot migrations."""
 
-    # How long one read waits for a message: short while requests are in flight or subscriptions
-    # wait to go out (a subscription goes out between reads), long while the client is idle.
+    # How long one read waits for a message. A subscription goes out between reads, so with
+    # shard channels (a subscription per request) the wait is short while requests are in
+    # flight or subscriptions queued; otherwise, and while idle, long (a message ends a wait).
     BUSY_WAIT_S, IDLE_WAIT_S = 0.002, 0.05
 
     def __init__(self, redis_client: redis.Redis, routes: core.Routes, pattern: str | None):
@@ -204,7 +205,7 @@ class _Router(threading.Thread):
         self._pubsub.close()
 
     def _next_message(self) -> dict | None:
-        busy = self._handles or not self._subscribe_queue.empty()
+        busy = self._sharded and (self._handles or not self._subscribe_queue.empty())
         wait_s = self.BUSY_WAIT_S if busy else self.IDLE_WAIT_S
         if self._sharded and not self._pubsub.shard_channels:
             # Nothing to read (ClusterPubSub would take an empty read for a lost topology).
