@@ -43,7 +43,7 @@ class Keys:
     shard_channels: a request's events go out on a shard channel (SPUBLISH, heard through
     SSUBSCRIBE) tagged like its other keys, so on a cluster they stay on its shard's master
     instead of crossing the cluster bus to every node (PUBLISH). A fleet on Redis Cluster with
-    more than one shard uses them (connection.uses_shard_channels); elsewhere events keep the
+    more than one shard uses them (uses_shard_channels, below); elsewhere events keep the
     untagged channels one pattern subscription hears."""
 
     prefix: str = DEFAULT_PREFIX
