@@ -5,9 +5,12 @@ context of the process that makes it. Prints one line per case and writes JSON.
 --products instead times Llama-3-8B's four per-layer products at decode's row counts: bf16,
 the float8 product through torch._scaled_mm, and the weight-only kernel (quant.FEW_ROWS_KERNEL),
 each in a CUDA graph over enough copies of the weight that none is read from L2.
+--configs times every configuration of the weight-only kernel (fp8_matvec.CONFIGS) on the same
+products, and the zero-fill and cast around it alone, to choose the configurations it tunes over.
 
     . benchmarks/gpu_setup.sh; python3 benchmarks/fp8_probe.py --out $OUT/fp8_probe.json
     python3 benchmarks/fp8_probe.py --products --out $OUT/fp8_products.json
+    python3 benchmarks/fp8_probe.py --configs --out $OUT/fp8_configs.json
 """
 
 from __future__ import annotations
@@ -149,6 +152,45 @@ def products(rows_list: list[int]) -> list[dict]:
     return results
 
 
+@torch.inference_mode()
+def configs(rows_list: list[int]) -> list[dict]:
+    """Microseconds of each weight-only configuration on each product and row count, and of
+    the zero-fill and cast alone; prints the best overall, with SPLIT_K 1, and by operand order."""
+    from batchd.workers.hf import fp8_matvec, quant
+
+    results = []
+    for name, (k, n) in PRODUCTS.items():
+        torch.manual_seed(0)
+        copies = math.ceil(L2_BEATING_BYTES / (n * k))
+        fp8 = [quant.quantize_rows(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+               for _ in range(copies)]
+        fp8 = [(q, scale.squeeze(1).contiguous()) for q, scale in fp8]
+        for rows in rows_list:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            overhead, _ = time_graph(lambda i: torch.zeros(rows, n, dtype=torch.float32, device="cuda").to(x.dtype),
+                                     copies)
+            timings = []
+            for config in fp8_matvec.CONFIGS:
+                try:
+                    us, _ = time_graph(lambda i: fp8_matvec.launch(x, *fp8[i], None, config), copies)
+                except Exception as error:  # a configuration out of resources must not end the sweep
+                    timings.append({"config": str(config), "failed": f"{type(error).__name__}: {error}"[:200]})
+                    continue
+                timings.append({"config": str(config), **config.kwargs, "warps": config.num_warps,
+                                "stages": config.num_stages, "us": round(us, 2),
+                                "gb_s": round((n * k + 4 * n) / us / 1e3, 1)})
+            timed = [t for t in timings if "us" in t]
+            picks = {"best": min(timed, key=lambda t: t["us"]),
+                     "best_split1": min((t for t in timed if t["SPLIT_K"] == 1), key=lambda t: t["us"]),
+                     "best_weight_first": min((t for t in timed if t["WEIGHT_FIRST"]), key=lambda t: t["us"]),
+                     "best_activations_first": min((t for t in timed if not t["WEIGHT_FIRST"]), key=lambda t: t["us"])}
+            print(f"{name} {k}->{n}, {rows} rows: zero+cast {overhead:.2f} us; " + "; ".join(
+                f"{label} {t['us']} us {t['gb_s']} GB/s [{t['config']}]" for label, t in picks.items()), flush=True)
+            results.append({"product": name, "in": k, "out": n, "rows": rows, "zero_and_cast_us": round(overhead, 2),
+                            **{label: t["config"] for label, t in picks.items()}, "timings": timings})
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--one", default=None)
@@ -157,7 +199,14 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--rows-list", default=None, help=f"default {ROWS}, with --products {PRODUCT_ROWS}")
     parser.add_argument("--products", action="store_true", help="Llama-3-8B's per-layer products, in-process")
+    parser.add_argument("--configs", action="store_true", help="every weight-only configuration on those products")
     args = parser.parse_args()
+    if args.configs:
+        rows = [int(r) for r in args.rows_list.split(",")] if args.rows_list else [1, 8, 16]
+        with open(args.out, "w") as out:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "configs": configs(rows)}, out, indent=2)
+        return
     if args.products:
         rows = [int(r) for r in args.rows_list.split(",")] if args.rows_list else list(PRODUCT_ROWS)
         results = products(rows)
