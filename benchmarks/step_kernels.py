@@ -129,6 +129,7 @@ def kernels_phase(args, device: str) -> dict:
             from batchd.workers.hf.quant import quantize_fp8_weights
 
             quant.FEW_ROWS_KERNEL = args.few_rows_kernel
+            quant.ACTIVATION_SCALES = args.activation_scales
             quantize_fp8_weights(model)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         started = time.perf_counter()
@@ -219,12 +220,15 @@ def main() -> None:
     parser.add_argument("--quantize", default="none", choices=("none", "fp8"), help="the weights' format")
     parser.add_argument("--few-rows-kernel", default="scaled_mm", choices=("scaled_mm", "weight_only"),
                         help="with --quantize fp8: quant.FEW_ROWS_KERNEL, the path of products of 1-16 rows")
+    parser.add_argument("--activation-scales", default="tensor", choices=("tensor", "row", "row_kernel"),
+                        help="with --quantize fp8: quant.ACTIVATION_SCALES")
     parser.add_argument("--llama-live", default="1,8,64")
     parser.add_argument("--out", default="benchmarks/results/step_kernels.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     meta = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "quantize": args.quantize, "few_rows_kernel": args.few_rows_kernel if args.quantize == "fp8" else None,
+            "activation_scales": args.activation_scales if args.quantize == "fp8" else None,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     report = Report(args.out, meta)
     report.data["benchmark"] = "step_kernels"

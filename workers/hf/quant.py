@@ -69,12 +69,19 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # How activations are scaled on their way into the float8 product.
 #   "tensor": one scale for the whole step's activations (vLLM's default for dynamic fp8).
 #     cuBLASLt's tensor-wise kernel reads it; the weights' per-channel scales are applied
-#     to the product's output, a pointwise multiply inductor fuses into what follows. At
-#     decode sizes this kernel is the fast one (H200 probe, norm and a 4096x6144 product at
-#     8 rows: 14.4 us against 22.5 us row-wise and 19.6 us bf16). A row's rounding then depends
-#     on the largest activation in the step, so output is not batch-invariant.
-#   "row": one scale per row (token): batch-invariant, but the row-wise kernel is slower
-#     than bf16's at a handful of rows.
+#     to the product's output, a pointwise multiply inductor fuses into what follows. A
+#     row's rounding then depends on the largest activation in the step, so output is not
+#     batch-invariant, and the step-wide maximum is a reduction over every row: inductor
+#     splits it into two kernels of its own before each product (profiled on an H100:
+#     ~0.6 ms of a 5.5 ms Llama-3-8B step).
+#   "row": one scale per row (token), batch-invariant. The row's maximum is a reduction over
+#     that row only, which inductor fuses into the kernel that makes the row (the norm, the
+#     SiLU product), quantizing in the same pass. The product runs through the same
+#     tensor-wise kernel with unit scales, and both scales are applied to its float32
+#     output, fused into what follows.
+#   "row_kernel": one scale per row through cuBLASLt's row-wise kernel, which applies them
+#     itself; slower than bf16's at a handful of rows (H200 probe, norm and a 4096x6144
+#     product at 8 rows: 22.5 us against 14.4 us tensor-wise and 19.6 us bf16).
 ACTIVATION_SCALES = "tensor"
 
 
@@ -92,6 +99,19 @@ def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 FEW_ROWS_KERNEL = "scaled_mm"
 
 
+# cuBLASLt's tensor-wise product takes its scales as tensors. One 1.0 per device, made
+# outside any compiled graph: made inside, it would be a kernel of its own before every
+# product (128 a Llama-3-8B step).
+_UNIT_SCALES: dict[torch.device, torch.Tensor] = {}
+
+
+def unit_scale(device: torch.device) -> torch.Tensor:
+    """A float32 1.0 on `device`, made once."""
+    if device not in _UNIT_SCALES:
+        _UNIT_SCALES[device] = torch.ones((), dtype=torch.float32, device=device)
+    return _UNIT_SCALES[device]
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight * weight_scale[:, None], bias) with float8 weight [out, in] and
@@ -102,22 +122,21 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             and fp8_matvec.available(x.device):
         out = fp8_matvec.fp8_weight_only_linear(rows, weight, weight_scale, bias)
         return out.reshape(*x.shape[:-1], weight.shape[0])
-    # weight.t() of a row-major [out, in] is the column-major operand the kernel wants.
-    if ACTIVATION_SCALES == "row":
+    if ACTIVATION_SCALES == "row_kernel":
         q, scale = quantize_rows(rows)
+        # weight.t() of a row-major [out, in] is the column-major operand the kernel wants.
         out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale[None], bias=bias,
                                out_dtype=x.dtype)
-    else:
-        if rows.shape[0] == 0:  # amax of nothing is an error, and there is nothing to scale
-            return x.new_zeros(*x.shape[:-1], weight.shape[0])
-        q, scale = quantize_tensor(rows)
-        unit = torch.ones((), dtype=torch.float32, device=x.device)  # the weight's scales come after
-        out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=unit, out_dtype=torch.float32)
-        out = out * weight_scale
-        if bias is not None:
-            out = out + bias
-        out = out.to(x.dtype)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    if rows.shape[0] == 0:  # amax of nothing is an error, and there is nothing to scale
+        return x.new_zeros(*x.shape[:-1], weight.shape[0])
+    q, scale = quantize_rows(rows) if ACTIVATION_SCALES == "row" else quantize_tensor(rows)
+    unit = unit_scale(x.device)
+    out = torch._scaled_mm(q, weight.t(), scale_a=unit, scale_b=unit, out_dtype=torch.float32)
+    out = out * scale * weight_scale  # scale: [rows, 1] or one for all
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 class Fp8Linear(torch.nn.Module):
@@ -129,6 +148,7 @@ class Fp8Linear(torch.nn.Module):
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.register_buffer("weight_scale", weight_scale)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        unit_scale(weight.device)  # here, before any compiled step reads it
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> "Fp8Linear":
