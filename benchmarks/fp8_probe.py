@@ -26,8 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-# graph_*: the product as --quantize fp8 runs it (quant.ACTIVATION_SCALES's default);
-# rowwise_*: one activation scale per row; scalar_*: one scale for the weight too.
+# graph_*: one activation scale per step (quant.ACTIVATION_SCALES "tensor");
+# rowwise_*: one scale per row through the row-wise kernel; scalar_*: one scale for the weight too.
 CASES = ["eager", "compiled_dynamic", "graph_fixed", "graph_dynamic", "rowwise_graph_fixed",
          "bf16_graph_fixed", "scalar_graph_fixed"]
 ROWS = (8, 64, 256, 2304)
@@ -38,7 +38,7 @@ def case(name: str, rows: int) -> dict:
     from batchd.workers.hf import quant
     from batchd.workers.hf.quant import Fp8Linear
 
-    quant.ACTIVATION_SCALES = "row" if name.startswith("rowwise") else "tensor"
+    quant.ACTIVATION_SCALES = "row_kernel" if name.startswith("rowwise") else "tensor"
 
     torch.manual_seed(0)
     norm = torch.nn.RMSNorm(4096, eps=1e-5, device="cuda", dtype=torch.bfloat16)

@@ -8,11 +8,11 @@ Formats (the first is the reference the ratios divide by):
 
     bf16         the model's own dtype
     fp8          --quantize fp8 as it ships: float8 weights with per-channel scales, one
-                 product per fused projection (workers/hf/quant.py), through cuBLASLt's
-                 tensor-wise float8 kernel with one activation scale per step
-    fp8_row      the same with one activation scale per row (quant.ACTIVATION_SCALES =
-                 "row"), applied after the product: batch-invariant, and its maximum is
-                 found in the kernel that makes the row
+                 product per fused projection (workers/hf/quant.py), activations scaled
+                 per row (batch-invariant; the maximum found in the kernel that makes the
+                 row), through cuBLASLt's tensor-wise kernel with the scales applied after
+    fp8_tensor   the same with one activation scale per step (quant.ACTIVATION_SCALES =
+                 "tensor")
     fp8_row_kernel one scale per row through cuBLASLt's row-wise kernel
     fp8_weight_only steps of 1-16 rows through the weight-only Triton kernel (fp8_matvec.py,
                  quant.FEW_ROWS_KERNEL = "weight_only"), activations unquantized
@@ -47,15 +47,15 @@ from batchd.workers.hf.quant import quantize_fp8_weights
 from engine_gpu import build_model, make_engine, workload  # benchmarks/ is on sys.path as a script
 
 log = logging.getLogger("quantized_gpu")
-FORMATS = ("bf16", "fp8", "fp8_row", "fp8_row_kernel", "fp8_weight_only", "int8", "fp8_torchao")
+FORMATS = ("bf16", "fp8", "fp8_tensor", "fp8_row_kernel", "fp8_weight_only", "int8", "fp8_torchao")
 
 
 def quantize(model, name: str) -> None:
     # Module switches, read when the decode step is traced: set for every format, so none
     # inherits the last one's.
-    quant.ACTIVATION_SCALES = {"fp8_row": "row", "fp8_row_kernel": "row_kernel"}.get(name, "tensor")
+    quant.ACTIVATION_SCALES = {"fp8_tensor": "tensor", "fp8_row_kernel": "row_kernel"}.get(name, "row")
     quant.FEW_ROWS_KERNEL = "weight_only" if name == "fp8_weight_only" else "scaled_mm"
-    if name in ("fp8", "fp8_row", "fp8_row_kernel", "fp8_weight_only"):
+    if name in ("fp8", "fp8_tensor", "fp8_row_kernel", "fp8_weight_only"):
         quantize_fp8_weights(model)
     elif name == "int8":
         quantize_int8_weights(model)

@@ -36,7 +36,7 @@ from engine_cpu import PROMPTS  # noqa: E402
 
 # format name -> (dtype, quantize)
 FORMATS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "fp16": ("float16", "none"),
-           "int8": (None, "int8"), "fp8": (None, "fp8"), "fp8_row": (None, "fp8"),
+           "int8": (None, "int8"), "fp8": (None, "fp8"), "fp8_tensor": (None, "fp8"),
            "kv_fp8": (None, "none")}
 # Formats of the KV cache rather than the weights: their text log-probabilities come from the
 # engine (a scoring request over the pool), where the cache is, not from the model's own forward.
@@ -100,8 +100,8 @@ def engine_text_logprobs(engine: HFEngine, loaded) -> torch.Tensor:
 
 def measure(args, name: str, reference: list[list[int]] | None):
     dtype, quantize = FORMATS[name]
-    # fp8_row: activations scaled per row (batch-invariant) instead of per step
-    quant.ACTIVATION_SCALES = "row" if name == "fp8_row" else "tensor"
+    # fp8 as it ships scales activations per row; fp8_tensor once per step
+    quant.ACTIVATION_SCALES = "tensor" if name == "fp8_tensor" else "row"
     if dtype is None:
         dtype = args.activations
     loaded = load_model(args.model, dtype=dtype, device=args.device, quantize=quantize)
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--formats", default=None, help="comma-separated, reference first "
-                        "(default: fp32,bf16,int8,fp8 on CPU; bf16,fp16,int8,fp8,fp8_row on CUDA)")
+                        "(default: fp32,bf16,int8,fp8 on CPU; bf16,fp16,int8,fp8,fp8_tensor on CUDA)")
     parser.add_argument("--activations", default=None, help="dtype beside int8 weights (default: the reference's)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-context", type=int, default=512)
@@ -142,7 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(os.cpu_count() or 1)
-    formats = (args.formats or ("fp32,bf16,int8,fp8" if args.device == "cpu" else "bf16,fp16,int8,fp8,fp8_row")).split(",")
+    formats = (args.formats or ("fp32,bf16,int8,fp8" if args.device == "cpu" else "bf16,fp16,int8,fp8,fp8_tensor")).split(",")
     args.activations = args.activations or FORMATS[formats[0]][0]
     rows, reference, args.reference_logprobs = [], None, None
     for name in formats:

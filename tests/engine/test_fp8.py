@@ -66,8 +66,8 @@ def test_fp8_weights_take_a_quarter_of_float32(tiny_models):
 def test_fp8_engine_matches_generate_of_the_same_fp8_model(tiny_models, kind, monkeypatch):
     """The engine fuses q/k/v and gate/up into one float8 product each (weights and scales
     concatenated); transformers' forward runs them one by one: the tokens must agree.
-    Row-scaled activations are batch-invariant, so requests share steps here."""
-    monkeypatch.setattr(quant, "ACTIVATION_SCALES", "row")
+    The default scales activations per row, which is batch-invariant, so requests share steps here."""
+    assert quant.ACTIVATION_SCALES == "row"
     reference = load_model(str(tiny_models[kind]), dtype="float32", device="cpu", quantize="fp8").model
     engine = build_engine(str(tiny_models[kind]), slots=3, max_context=128, max_prefill_tokens=16,
                           quantize="fp8", dtype="float32", device="cpu")
@@ -80,10 +80,10 @@ def test_fp8_engine_matches_generate_of_the_same_fp8_model(tiny_models, kind, mo
         assert run.tokens[request_id] == hf_greedy(reference, prompt, 12), request_id
 
 
-def test_tensor_scaled_fp8_matches_generate_one_request_at_a_time(tiny_models):
-    """The default scales a step's activations as one tensor, so a request's tokens depend
-    on what shares its steps; alone, with its prompt in one piece, it is generate's."""
-    assert quant.ACTIVATION_SCALES == "tensor"
+def test_tensor_scaled_fp8_matches_generate_one_request_at_a_time(tiny_models, monkeypatch):
+    """One scale for a step's activations makes a request's tokens depend on what shares
+    its steps; alone, with its prompt in one piece, it is generate's."""
+    monkeypatch.setattr(quant, "ACTIVATION_SCALES", "tensor")
     reference = load_model(str(tiny_models["llama"]), dtype="float32", device="cpu", quantize="fp8").model
     engine = build_engine(str(tiny_models["llama"]), slots=3, max_context=128, max_prefill_tokens=64,
                           quantize="fp8", dtype="float32", device="cpu")

@@ -12,16 +12,19 @@ activations (the norm or the SiLU product before it); a probe on one Llama-3-8B 
 with separate quantizing kernels took 0.187 ms against bf16's 0.120 ms, so this path is
 worth offering only where the layers are compiled.
 
-Measured on an H200 (benchmarks/quantized_gpu.py, docs/contrast-and-weights.md),
-Llama-3-8B shape, with that path at every size: 1.16-1.18x bf16's decode tok/s at 1-8
-live requests, 1.14x at 256; the issue's 1.3x at low concurrency is not met.
+The row's scale is applied after the product, not by cuBLASLt's row-wise kernel: the
+tensor-wise kernel (with unit scales) is the fast one at decode sizes, and the scales
+multiply its float32 output in the kernel that follows. Measured on an H100
+(benchmarks/quantized_gpu.py, Llama-3-8B shape, compiled and graph-captured step, bf16
+in the same run, docs/contrast-and-weights.md): 1.36-1.37x bf16's decode tok/s at 1-8
+live requests and 1.13x at 256; one scale per step was 1.29-1.30x (its step-wide maximum
+takes two kernels of its own before each product) and the row-wise kernel 1.18x.
 
-So products of 1 to 16 rows (decode at low concurrency) take a weight-only kernel instead
-(fp8_matvec.py, Triton): the activations stay in the model's dtype and the float8 weight
-is widened in registers, so no quantizing kernels run and each weight byte is read once.
-Its speed on a GPU is not measured yet (benchmarks/fp8_probe.py --products, and
-quantized_gpu.py's fp8 against fp8_cublaslt), so it is not the default: FEW_ROWS_KERNEL
-picks the path.
+A weight-only Triton kernel for steps of 1-16 rows (fp8_matvec.py: activations
+unquantized, the weight widened in registers) is faster than bf16 alone (1.45x on one
+layer's products at 8 rows) but not inside the compiled step: there its products took
+5.1 ms a step against 3.2 ms for cuBLASLt's float8 kernels (H100, step_kernels.py), so
+FEW_ROWS_KERNEL keeps it off.
 
 Weights get one scale per output channel, so fusing q/k/v or gate/up (runner.py) is a
 plain concatenation of weights and scales. The output head stays in the model's dtype:
@@ -82,7 +85,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 #   "row_kernel": one scale per row through cuBLASLt's row-wise kernel, which applies them
 #     itself; slower than bf16's at a handful of rows (H200 probe, norm and a 4096x6144
 #     product at 8 rows: 22.5 us against 14.4 us tensor-wise and 19.6 us bf16).
-ACTIVATION_SCALES = "tensor"
+ACTIVATION_SCALES = "row"
 
 
 def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,10 +95,8 @@ def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # What products of 1 to fp8_matvec.MAX_ROWS rows run on a GPU that has the kernel.
+#   "scaled_mm": torch._scaled_mm, as for larger products (measured faster in the step).
 #   "weight_only": fp8_matvec's kernel, activations unquantized (ACTIVATION_SCALES unused).
-#   "scaled_mm": torch._scaled_mm as for larger products; benchmarks compare the two.
-# The default stays "scaled_mm" until the kernel has been measured on a GPU inside the
-# compiled, graph-captured step (quantized_gpu.py's fp8 runs "weight_only" explicitly).
 FEW_ROWS_KERNEL = "scaled_mm"
 
 
