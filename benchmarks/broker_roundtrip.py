@@ -726,7 +726,8 @@ def plot_cluster(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def environment() -> dict:
+def environment(server_binary: str) -> dict:
+    """Versions of what ran: Python, the packages, and the server binary the run started."""
     import importlib.metadata as md
 
     versions = {}
@@ -735,7 +736,7 @@ def environment() -> dict:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             pass
-    server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
+    server = subprocess.run([server_binary, "--version"], capture_output=True, text=True).stdout.strip()
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
             "redis_server": server, "packages": versions,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -787,7 +788,7 @@ def main(argv=None) -> int:
                     "cluster": suite_cluster, "idle": suite_idle, "events": suite_events}[suite](
                 server.url, log_dir, args)
             report = {"suite": suite, "settings": {k: v for k, v in vars(args).items() if k != "serve_args"},
-                      "environment": environment(), "rows": rows}
+                      "environment": environment(args.redis_server), "rows": rows}
             (out_dir / f"broker_{suite}.json").write_text(json.dumps(report, indent=2))
             if suite == "peers":
                 print(peers_table(rows))

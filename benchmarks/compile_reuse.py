@@ -19,7 +19,7 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
-from batchd.workers.hf.runner import LlamaRunner
+from batchd.workers.hf.runner import PagedRunner
 from engine_gpu import qwen3_config  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 LAYERS = 6
@@ -30,7 +30,7 @@ def main() -> None:
     config.num_hidden_layers, config.layer_types = LAYERS, ["full_attention"] * LAYERS
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    runner = LlamaRunner(model, slots=4, max_context=256, attention="sdpa")
+    runner = PagedRunner(model, slots=4, num_blocks=64, block_size=16, max_context=256, attention="sdpa")
     torch._dynamo.config.cache_size_limit = 8 * LAYERS
     project, finish = torch.compile(runner._project, dynamic=True), torch.compile(runner._finish, dynamic=True)
     seconds, worst = [], 0.0
