@@ -107,7 +107,7 @@ _UNIT_SCALES: dict[torch.device, torch.Tensor] = {}
 
 
 def unit_scale(device: torch.device) -> torch.Tensor:
-    """A float32 1.0 on `device`, made once."""
+    """A float32 1.0 on `device`, made once (by Fp8Linear, outside any compiled graph)."""
     if device not in _UNIT_SCALES:
         _UNIT_SCALES[device] = torch.ones((), dtype=torch.float32, device=device)
     return _UNIT_SCALES[device]
@@ -132,7 +132,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if rows.shape[0] == 0:  # amax of nothing is an error, and there is nothing to scale
         return x.new_zeros(*x.shape[:-1], weight.shape[0])
     q, scale = quantize_rows(rows) if ACTIVATION_SCALES == "row" else quantize_tensor(rows)
-    unit = unit_scale(x.device)
+    # Only read here: a compiled step must not store a tensor it traced into the module's dict.
+    unit = _UNIT_SCALES.get(x.device)
+    if unit is None:  # weights not made by Fp8Linear on this device: a kernel, but correct
+        unit = torch.ones((), dtype=torch.float32, device=x.device)
     out = torch._scaled_mm(q, weight.t(), scale_a=unit, scale_b=unit, out_dtype=torch.float32)
     out = out * scale * weight_scale  # scale: [rows, 1] or one for all
     if bias is not None:
