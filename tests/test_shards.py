@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from collections import Counter
 
 import pytest
@@ -149,7 +150,6 @@ def test_an_id_on_another_shards_stream_is_dead_lettered_and_the_fleet_serves_on
     redis_client.xadd(keys.requests_of("", wrong), {"id": "stray-1", "data": b"\x80"})
     with Client(sharded.url, shards=3) as client:
         assert client.generate(prompt="after", max_new_tokens=8).text == "after"
-    import time
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not redis_client.xlen(keys.dead_letters_in(wrong)):
         time.sleep(0.1)
@@ -165,6 +165,10 @@ def test_producers_and_workers_of_another_shard_count_are_refused(sharded, redis
     sharded.scheduler()
     sharded.echo_worker()
     sharded.wait_for_workers(1)
+    # The scheduler writes the count as it starts, which a worker registering does not wait for.
+    deadline = time.monotonic() + 10
+    while redis_client.hget("batchd:config", "shards") is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert redis_client.hget("batchd:config", "shards") == b"3"  # the untagged hash, for any count
     for shards in (1, 2):
         with pytest.raises(WrongShards, match="into 3 shard"):
