@@ -155,7 +155,7 @@ def products(rows_list: list[int]) -> list[dict]:
 @torch.inference_mode()
 def configs(rows_list: list[int]) -> list[dict]:
     """Microseconds of each weight-only configuration on each product and row count, and of
-    the zero-fill and cast alone; prints the best overall, with SPLIT_K 1, and by operand order."""
+    the zero-fill and cast alone; prints the best overall and the best with SPLIT_K 1."""
     from batchd.workers.hf import fp8_matvec, quant
 
     results = []
@@ -181,9 +181,7 @@ def configs(rows_list: list[int]) -> list[dict]:
                                 "gb_s": round((n * k + 4 * n) / us / 1e3, 1)})
             timed = [t for t in timings if "us" in t]
             picks = {"best": min(timed, key=lambda t: t["us"]),
-                     "best_split1": min((t for t in timed if t["SPLIT_K"] == 1), key=lambda t: t["us"]),
-                     "best_weight_first": min((t for t in timed if t["WEIGHT_FIRST"]), key=lambda t: t["us"]),
-                     "best_activations_first": min((t for t in timed if not t["WEIGHT_FIRST"]), key=lambda t: t["us"])}
+                     "best_split1": min((t for t in timed if t["SPLIT_K"] == 1), key=lambda t: t["us"])}
             print(f"{name} {k}->{n}, {rows} rows: zero+cast {overhead:.2f} us; " + "; ".join(
                 f"{label} {t['us']} us {t['gb_s']} GB/s [{t['config']}]" for label, t in picks.items()), flush=True)
             results.append({"product": name, "in": k, "out": n, "rows": rows, "zero_and_cast_us": round(overhead, 2),

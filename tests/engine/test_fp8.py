@@ -107,29 +107,27 @@ def test_fp8_is_refused_on_a_gpu_without_float8_products(monkeypatch):
 
 # Run in a child process: TRITON_INTERPRET must be set before triton is first imported.
 # float32 activations, since the interpreter's dot mishandles bf16. Each case is
-# (rows, out, in, bias, BLOCK_N, BLOCK_K, SPLIT_K, WEIGHT_FIRST); sizes that are not
-# multiples of the blocks exercise the masks, and the last has more splits than K has chunks.
+# (rows, out, in, bias, BLOCK_N, BLOCK_K, SPLIT_K); sizes that are not multiples of the
+# blocks exercise the masks, and the last has more splits than K has chunks.
 _INTERPRETED = """
 import json, sys, torch, triton
 from batchd.workers.hf import fp8_matvec
 from batchd.workers.hf.quant import quantize_rows
 torch.manual_seed(0)
 errors = []
-for rows, outs, ins, bias, block_n, block_k, split, weight_first in json.loads(sys.argv[1]):
+for rows, outs, ins, bias, block_n, block_k, split in json.loads(sys.argv[1]):
     weight, scale = quantize_rows(torch.randn(outs, ins))
     scale = scale.squeeze(1).contiguous()
     b = torch.randn(outs) if bias else None
     x = torch.randn(rows, ins)
-    config = triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "WEIGHT_FIRST": weight_first},
-                           num_warps=4, num_stages=1)
+    config = triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}, num_warps=4, num_stages=1)
     out = fp8_matvec.launch(x, weight, scale, b, config)
     expected = x @ (weight.float() * scale[:, None]).t() + (0 if b is None else b)
     errors.append([list(out.shape), str(out.dtype), ((out - expected).abs().max() / expected.abs().max()).item()])
 print(json.dumps(errors))
 """
-_CASES = [(1, 48, 80, False, 32, 32, 1, False), (3, 64, 96, True, 32, 32, 2, False),
-          (16, 40, 160, True, 16, 32, 4, False), (8, 64, 128, True, 64, 64, 8, False),
-          (1, 48, 80, False, 32, 32, 1, True), (5, 72, 160, True, 32, 32, 2, True), (16, 64, 128, True, 64, 64, 8, True)]
+_CASES = [(1, 48, 80, False, 32, 32, 1), (3, 64, 96, True, 32, 32, 2), (16, 40, 160, True, 16, 32, 4),
+          (8, 64, 128, True, 64, 64, 8)]
 
 
 def test_weight_only_kernel_under_the_interpreter_is_the_dequantized_product():

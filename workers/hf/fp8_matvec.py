@@ -47,20 +47,14 @@ if triton is not None:
     @triton.jit
     def _fp8_weight_only_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
                                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, WEIGHT_FIRST: tl.constexpr):
+                                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
         """out[:M, slice] (+)= x[:M] @ w[slice].T * scale[slice] (+ bias, from the first split)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         depth = tl.arange(0, BLOCK_K)
-        # WEIGHT_FIRST computes out.T = w @ x.T: the widened weight tile is then the product's
-        # left operand, which Hopper's tensor cores take from registers, where the widening left
-        # it; as the right operand it must make a round trip through shared memory first.
-        if WEIGHT_FIRST:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # Split s takes chunks s, s + SPLIT_K, ...: every split gets the same number (+-1).
         for start in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
             ks = start + depth
@@ -70,12 +64,7 @@ if triton is not None:
             w = tl.load(w_ptr + cols[:, None] * K + ks[None, :],
                         mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
             # Float32 activations multiply in TF32 on a GPU: 10 mantissa bits, the weight has 3.
-            if WEIGHT_FIRST:
-                acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)
-            else:
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-        if WEIGHT_FIRST:
-            acc = tl.trans(acc)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
         acc *= tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
         if HAS_BIAS:
             if pid_k == 0:  # once per output, whatever SPLIT_K
@@ -87,19 +76,14 @@ if triton is not None:
         else:
             tl.atomic_add(out, acc, mask=mask, sem="relaxed")
 
-    # Tiles of 16-64 KB of weight per step keep enough bytes in flight per SM to reach HBM's
-    # bandwidth; the larger take 8 warps (registers for the widened tile) and fewer stages
-    # (shared memory). Each configuration is compiled and timed once per product and row count.
+    # Tiles of 16-32 KB of weight per step keep enough bytes in flight per SM to reach HBM's
+    # bandwidth; the larger take 8 warps (registers for the widened tile) and 3 stages (shared
+    # memory). 20 configurations, each compiled and timed once per product and row count.
+    # (The weight tile as the product's left operand, out.T = w @ x.T, was timed too and lost
+    # on every Llama-3-8B product by 15-25%: benchmarks/results/fp8_configs_h100.json.)
     _TILES = ((32, 512, 4, 4), (64, 256, 4, 4), (128, 128, 4, 4), (64, 512, 8, 3), (128, 256, 8, 3))
-    _WEIGHT_FIRST_TILES = ((64, 256, 4, 4), (64, 512, 4, 3), (128, 256, 4, 3), (128, 256, 8, 3),
-                           (128, 512, 8, 2), (256, 128, 8, 3))
-
-    def _configs(tiles, weight_first: bool) -> list:
-        return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split, "WEIGHT_FIRST": weight_first},
-                              num_warps=warps, num_stages=stages)
-                for n, k, warps, stages in tiles for split in (1, 2, 4, 8)]
-
-    CONFIGS = _configs(_TILES, False) + _configs(_WEIGHT_FIRST_TILES, True)
+    CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
+               for n, k, warps, stages in _TILES for split in (1, 2, 4, 8)]
     # Keyed on the exact row count (at most MAX_ROWS); the engine's decode graphs use 8 and 16.
     # The buffer the splits add into is zeroed before each timed run, or tuning would sum them.
     _tuned_kernel = triton.autotune(CONFIGS, key=["M", "N", "K"], reset_to_zero=["out_ptr"])(_fp8_weight_only_kernel)
