@@ -125,11 +125,8 @@ def kernels_phase(args, device: str) -> dict:
             continue
         model = build_model(args.small, device, shape)
         if args.quantize == "fp8":  # as `batchd worker --quantize fp8`: every product but the head
-            from batchd.workers.hf import quant
             from batchd.workers.hf.quant import quantize_fp8_weights
 
-            quant.FEW_ROWS_KERNEL = args.few_rows_kernel
-            quant.ACTIVATION_SCALES = args.activation_scales
             quantize_fp8_weights(model)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         started = time.perf_counter()
@@ -218,14 +215,20 @@ def main() -> None:
     parser.add_argument("--qwen-live", default="8,64,256")
     parser.add_argument("--kv-dtype", default="auto", choices=("auto", "fp8"))
     parser.add_argument("--quantize", default="none", choices=("none", "fp8"), help="the weights' format")
-    parser.add_argument("--few-rows-kernel", default="scaled_mm", choices=("scaled_mm", "weight_only"),
-                        help="with --quantize fp8: quant.FEW_ROWS_KERNEL, the path of products of 1-16 rows")
-    parser.add_argument("--activation-scales", default="tensor", choices=("tensor", "row", "row_kernel"),
-                        help="with --quantize fp8: quant.ACTIVATION_SCALES")
+    parser.add_argument("--few-rows-kernel", default=None, choices=("scaled_mm", "weight_only"),
+                        help="with --quantize fp8: quant.FEW_ROWS_KERNEL, the path of products of 1-16 rows "
+                             "(default: the worker's)")
+    parser.add_argument("--activation-scales", default=None, choices=("tensor", "row", "row_kernel"),
+                        help="with --quantize fp8: quant.ACTIVATION_SCALES (default: the worker's)")
     parser.add_argument("--llama-live", default="1,8,64")
     parser.add_argument("--out", default="benchmarks/results/step_kernels.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.quantize == "fp8":  # unset, both stay as `batchd worker --quantize fp8` runs them
+        from batchd.workers.hf import quant
+
+        quant.FEW_ROWS_KERNEL = args.few_rows_kernel = args.few_rows_kernel or quant.FEW_ROWS_KERNEL
+        quant.ACTIVATION_SCALES = args.activation_scales = args.activation_scales or quant.ACTIVATION_SCALES
     meta = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "quantize": args.quantize, "few_rows_kernel": args.few_rows_kernel if args.quantize == "fp8" else None,
             "activation_scales": args.activation_scales if args.quantize == "fp8" else None,
