@@ -29,6 +29,7 @@ from .connection import (
     is_cluster,
     is_moved,
     open_async_redis,
+    relearn_slots_async,
 )
 from .errors import BrokerUnavailable
 from .keys import tenant_id
@@ -458,13 +459,17 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
             by_master.setdefault(id(master), (master, []))[1].append(index)
 
         async def on(master, indices: list[int]) -> list:
-            async with master.pipeline(transaction=False) as pipe:
-                for i in indices:
-                    calls[i][0].queue(pipe, calls[i][1], calls[i][2])
-                pipe.wait(self.durable_replicas, core.DURABLE_WAIT_MS)
-                replies = await pipe.execute(raise_on_error=False)
+            try:
+                async with master.pipeline(transaction=False) as pipe:
+                    for i in indices:
+                        calls[i][0].queue(pipe, calls[i][1], calls[i][2])
+                    pipe.wait(self.durable_replicas, core.DURABLE_WAIT_MS)
+                    replies = await pipe.execute(raise_on_error=False)
+            except CONNECTION_LOST:
+                await relearn_slots_async(self._redis)  # the master died: the retry finds its successor
+                raise
             if any(is_moved(reply) for reply in replies):
-                await self._redis.nodes_manager.initialize()  # a slot moved: learn where, and try again
+                await relearn_slots_async(self._redis)  # a slot moved: learn where, and try again
             return core.durable_outcomes(replies[:-1], replies[-1], self.durable_replicas,
                                          f"submit of {len(indices)} requests")
 

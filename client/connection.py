@@ -325,6 +325,27 @@ def master_client(client: RedisCluster, key: str) -> redis.Redis:
     return client.get_node_from_key(key).redis_connection
 
 
+def relearn_slots(client: RedisCluster) -> None:
+    """Ask the cluster where every slot lives now. For a write sent to a master directly
+    (master_client), which follows no redirection and refreshes nothing: after a MOVED, and
+    after its connection failed, since a master killed under it is replaced by a replica that
+    only a fresh slot table names (the cluster client's own commands refresh it on such errors,
+    but a daemon whose failing call is always the direct write would retry the dead master for
+    ever). A node that cannot answer now is skipped; the caller's retry asks again."""
+    try:
+        client.nodes_manager.initialize()
+    except (redis.RedisError, OSError) as error:
+        log.debug("could not refresh the cluster's slot table yet: %s", error)
+
+
+async def relearn_slots_async(client: AsyncRedisCluster) -> None:
+    """relearn_slots for asyncio."""
+    try:
+        await client.nodes_manager.initialize()
+    except (redis.RedisError, OSError) as error:
+        log.debug("could not refresh the cluster's slot table yet: %s", error)
+
+
 class AsyncMasterClients:
     """master_client for asyncio: a plain client per cluster master, made on first use and
     closed with its owner (an asyncio cluster node has no client of its own to lend)."""

@@ -28,6 +28,7 @@ from .connection import (
     master_client,
     open_redis,
     pubsub_pool,
+    relearn_slots,
 )
 from .errors import BrokerUnavailable, WrongShards
 from .keys import tenant_id
@@ -462,12 +463,17 @@ class Client(core.ClientCore[RequestHandle]):
         # One pipeline, so WAIT runs on the connection that made the write it waits for (on a
         # cluster, a connection to the master of the request's shard).
         target = master_client(self._redis, keys[0]) if is_cluster(self._redis) else self._redis
-        with target.pipeline(transaction=False) as pipe:
-            script.queue(pipe, keys, args)
-            pipe.wait(self.durable_replicas, core.DURABLE_WAIT_MS)
-            outcome, acknowledged = pipe.execute(raise_on_error=False)
+        try:
+            with target.pipeline(transaction=False) as pipe:
+                script.queue(pipe, keys, args)
+                pipe.wait(self.durable_replicas, core.DURABLE_WAIT_MS)
+                outcome, acknowledged = pipe.execute(raise_on_error=False)
+        except CONNECTION_LOST:
+            if target is not self._redis:
+                relearn_slots(self._redis)  # the master died: the retry finds its successor
+            raise
         if is_moved(outcome):
-            self._redis.nodes_manager.initialize()  # the slot moved: learn where, and try again
+            relearn_slots(self._redis)  # the slot moved: learn where, and try again
         return core.durable_outcomes([outcome], acknowledged, self.durable_replicas, f"submit of {request_id}")[0]
 
     def _stored_result(self, request_id: str) -> bytes | None:

@@ -21,9 +21,12 @@ from batchd import AsyncClient, Client
 from batchd.client.errors import InvalidRequest
 from batchd.client.connection import ClusterAddress, open_redis, parse_cluster_url
 from batchd.client.keys import Keys
+from batchd.client.protocol import PROTOCOL_VERSION, Request, Result, decode_event
 from batchd.client.scripts import LIBRARY, load_library
 from batchd.embedded import ClusterSet
 from batchd.status import read_status
+from batchd.workers.holdings import Held
+from batchd.workers.outbox import Outbox, Parcel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -240,28 +243,69 @@ def test_cluster_kill_9_of_a_master_then_a_reshard_under_load_lose_no_durable_re
     assert report["answered"] == report["accepted"] and report["final_events_seen_twice"] == 0, report
 
 
-def test_cluster_a_durable_submit_is_on_a_replica_of_its_master_when_it_returns(server_binary):
-    """Client (sync) and AsyncClient with durable_replicas on a cluster: WAIT goes to the master
-    of each request's shard, on the connection that wrote it, so what returned is replicated."""
-    with ClusterSet(server_binary, masters=3, replicas_per_master=1) as cluster:
-        load_library(open_redis(cluster.url), LIBRARY)  # a scheduler's job; no fleet here
-        with Client(cluster.url, shards=3, durable_replicas=1) as client:
-            for i in range(12):
-                client.submit(f"sync {i}", max_new_tokens=1)
+def test_cluster_durable_writes_go_to_a_replica_of_their_master_and_find_its_successor_after_a_kill(server_binary):
+    """Durable writes on a cluster go to the master of their shard on a connection of their
+    own (the write, then WAIT: WAIT counts that connection's writes), so what returned is on a
+    replica: submits from Client and AsyncClient, and a worker's stored result.
+
+    Such a connection follows no redirection, and a cluster client refreshes its slot table
+    only after its own commands fail. The worker's outbox has a cluster client of its own, and
+    when a result is all it has left to send, nothing else fails there: after the master is
+    killed, the outbox must ask the cluster for the promoted replica (before, it retried the
+    dead address for ever; seen in CI as 1,534 of 2,000 requests lost under the kill -9 and
+    reshard test)."""
+    keys = Keys(shards=3)
+    with ClusterSet(server_binary, masters=3, replicas_per_master=2) as cluster:
+        admin = open_redis(cluster.url)
+        load_library(admin, LIBRARY)  # a scheduler's job; no fleet here
+        victim = _owner(cluster, key_slot(keys.requests_of("", 0).encode()))
+        # A result of shard 0 the worker holds, under its lease (FINALIZE fences any other).
+        outbox = Outbox(open_redis(cluster.url), keys, "w1", result_ttl_s=60, lease_ms=5000, durable_replicas=1)
+        request_id = next(f"held-{i}" for i in range(100) if keys.shard_of(f"held-{i}") == 0)
+        held = Held(request=Request(v=PROTOCOL_VERSION, id=request_id, prompt="hi"), job_entry="0/1-0",
+                    owner="lease-1", admitted_at=0.0)
+        admin.set(keys.owner(request_id), "lease-1")
+        assert admin.wait(1, 1000) >= 1
+
+        def kill() -> None:
+            cluster.kill_master(victim)
+            cluster.wait_for_failover(victim.port)
 
         async def submit_async() -> None:
             async with AsyncClient(cluster.url, shards=3, durable_replicas=1) as client:
                 await asyncio.gather(*(client.submit(f"async {i}", max_new_tokens=1) for i in range(30)))
+                await asyncio.to_thread(kill)  # every client here still routes shard 0 to the dead master
+                await asyncio.gather(*(client.submit(f"async after {i}", max_new_tokens=1) for i in range(30)))
 
-        asyncio.run(submit_async())
-        keys, replicated = Keys(shards=3), 0
+        with Client(cluster.url, shards=3, durable_replicas=1) as client:
+            for i in range(12):
+                client.submit(f"sync {i}", max_new_tokens=1)
+            asyncio.run(submit_async())
+            for i in range(12):
+                client.submit(f"sync after {i}", max_new_tokens=1)
+        parcel = Parcel(finished=[(held, Result(request_id=request_id, finish_reason="stop", text="hi"))])
+        with pytest.raises(redis.ConnectionError):
+            outbox.send(parcel)  # the outbox's slot table still names the dead master
+        receipt = outbox.send(parcel)  # what the worker does after its back-off
+        stored = open_redis(cluster.url).get(keys.result(request_id))
+        lengths, copies = {}, []
+        for master in cluster.masters():
+            for stream in keys.shared_streams():
+                try:
+                    lengths[stream] = redis.Redis(port=master.port).xlen(stream)
+                except redis.ResponseError:  # MOVED: another master's shard
+                    pass
         masters = {m.port for m in cluster.masters()}
         for replica in (s for s in cluster.live() if s.port not in masters):
             reader = redis.Redis(port=replica.port)
             reader.execute_command("READONLY")
             for stream in keys.shared_streams():
                 try:
-                    replicated += reader.xlen(stream)
-                except redis.ResponseError:  # MOVED: another master's shard
+                    copies.append((stream, reader.xlen(stream)))
+                except redis.ResponseError:
                     pass
-    assert replicated == 42
+    assert receipt.outcomes == [1] and decode_event(stored).result.text == "hi"
+    assert sum(lengths.values()) == 84 and lengths[keys.requests_of("", 0)] > 0, lengths
+    # 5 replicas live (the dead master's other replica follows the promoted one): each holds
+    # every request its master does.
+    assert len(copies) == 5 and all(length == lengths[stream] for stream, length in copies), (copies, lengths)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import msgspec
 import redis
 
-from batchd.client.connection import CONNECTION_LOST, is_cluster, is_moved, master_client
+from batchd.client.connection import CONNECTION_LOST, is_cluster, is_moved, master_client, relearn_slots
 from batchd.client.core import DURABLE_WAIT_MS, not_durable
 from batchd.client.keys import WORKER_GROUP, Keys, parse_job_ref
 from batchd.client.tokenizers import TOKENIZER_TTL_MS
@@ -205,18 +205,22 @@ class Outbox:
         outcomes: list = [None] * len(calls)
         for master, indices in by_master.values():
             for _attempt in range(2):  # a master that lost its scripts gets them, then the calls again
-                with master.pipeline(transaction=False) as pipe:
-                    for i in indices:
-                        calls[i][0].queue(pipe, calls[i][1], calls[i][2])
-                    pipe.wait(self.durable_replicas, DURABLE_WAIT_MS)
-                    replies = pipe.execute(raise_on_error=False)
+                try:
+                    with master.pipeline(transaction=False) as pipe:
+                        for i in indices:
+                            calls[i][0].queue(pipe, calls[i][1], calls[i][2])
+                        pipe.wait(self.durable_replicas, DURABLE_WAIT_MS)
+                        replies = pipe.execute(raise_on_error=False)
+                except CONNECTION_LOST:
+                    relearn_slots(self.redis)  # the master died: the retry finds its successor
+                    raise
                 missing = {calls[i][0] for i, reply in zip(indices, replies) if needs_loading(reply)}
                 if not missing:
                     break
                 for script in missing:
                     master.script_load(script.source)
             if any(is_moved(reply) for reply in replies):
-                self.redis.nodes_manager.initialize()  # a slot moved: learn where before the retry
+                relearn_slots(self.redis)  # a slot moved: learn where before the retry
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
