@@ -236,9 +236,9 @@ def test_cluster_kill_9_of_a_master_then_a_reshard_under_load_lose_no_durable_re
     spec = importlib.util.spec_from_file_location("failover_load", ROOT / "benchmarks" / "failover_load.py")
     failover_load = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(failover_load)
-    report = failover_load.run_cluster_setting("cluster-both", 2000, 4, server_binary, tmp_path, shards=6)
+    report = failover_load.run_cluster_setting("cluster-both", 1200, 4, server_binary, tmp_path, shards=6)
     print("cluster, durable, kill -9 of a master and a reshard:", report)
-    assert report["accepted"] + report["refused"] == 2000, report
+    assert report["accepted"] + report["refused"] == 1200, report
     assert (report["lost"], report["errors"], report["wrong"], report["answer_differs_from_stored"]) == (0, 0, 0, 0), report
     assert report["answered"] == report["accepted"] and report["final_events_seen_twice"] == 0, report
 
