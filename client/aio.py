@@ -143,6 +143,14 @@ class AsyncRequestHandle:
         _wake(self._waiter)
 
 
+def _node_of(cluster: Any, key: str) -> str | None:
+    """The name of the master a key's slot is routed to now (None: no node covers it yet)."""
+    try:
+        return cluster.get_node_from_key(key).name
+    except Exception:  # redis-py's SlotNotCoveredError is no RedisError
+        return None
+
+
 def _wake(waiter: asyncio.Future | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
@@ -166,6 +174,10 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         # (un)subscriptions for the reader to make, on a live connection only: a SUBSCRIBE sent
         # while the reader reconnects reads the same socket as the reader.
         self._subscription_changes: deque[tuple[bool, str]] = deque()
+        # Shard-channel changes whose node could not be reached: (when to try again, change).
+        self._held_back: list[tuple[float, tuple[bool, str]]] = []
+        self._held_back_delay = core.reconnect_backoff()
+        self._renew_shard_subscription = False
         self._pending_submits: list[tuple[ScriptCall, asyncio.Future]] = []
         self._pending_reads: list[tuple[str, asyncio.Future]] = []
         self._flush_scheduled = False
@@ -409,10 +421,21 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         confirmed = asyncio.get_running_loop().create_future()
         self._confirm[channel] = confirmed
         self._subscription_changes.append((True, channel))
-        try:
-            await asyncio.wait_for(confirmed, 10.0)
-        except asyncio.TimeoutError:
-            raise BrokerUnavailable(f"Redis did not confirm the subscription to {channel} within 10 s") from None
+        # While a cluster's slots move or a master fails over, redis-py's sharded subscription
+        # can lose track of a node: SSUBSCRIBEs sent there, to healthy slots too, were never
+        # confirmed, and submits were refused after 10 s (benchmarks/failover_load.py). After
+        # 2 s unconfirmed, the reader starts a fresh one and subscribes everything again.
+        attempts = 5 if self.keys.shard_channels else 1
+        for attempt in range(attempts):
+            try:
+                await asyncio.wait_for(asyncio.shield(confirmed), 10.0 / attempts)
+                return
+            except asyncio.TimeoutError:
+                if attempt + 1 < attempts:
+                    self._renew_shard_subscription = True
+        confirmed.cancel()
+        self._confirm.pop(channel, None)
+        raise BrokerUnavailable(f"Redis did not confirm the subscription to {channel} within 10 s")
 
     async def _read_events(self) -> None:
         backoff = core.reconnect_backoff()
@@ -422,8 +445,10 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
                 if moving is not None:
                     await self._move_subscription(*moving)
                     moving = None
+                if self._renew_shard_subscription:
+                    await self._renew_shard_subscriptions()
                 message = await self._next_message()
-                if self._subscription_changes:
+                if self._subscription_changes or self._held_back:
                     await self._change_subscriptions()
                 backoff.reset()
             except (RedisError, OSError) as exc:
@@ -441,7 +466,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
     async def _next_message(self) -> dict | None:
         """The next pub/sub message, waiting briefly (as Client's router does: a queued
         subscription goes out between reads)."""
-        busy = self.keys.shard_channels and (self._handles or self._subscription_changes)
+        busy = self.keys.shard_channels and (self._handles or self._subscription_changes or self._held_back)
         wait_s = _BUSY_WAIT_S if busy else _IDLE_WAIT_S
         if self.keys.shard_channels:
             if not self._pubsub.shard_channels:  # ClusterPubSub takes an empty read for a lost topology
@@ -501,13 +526,68 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         log.warning("pub/sub moved to cluster node %s:%s", kwargs.get("host"), kwargs.get("port"))
 
     async def _change_subscriptions(self) -> None:
+        if self.keys.shard_channels:
+            await self._change_shard_subscriptions()
+            return
         while self._subscription_changes:
             subscribe, channel = self._subscription_changes[0]
-            if self.keys.shard_channels:
-                await (self._pubsub.ssubscribe(channel) if subscribe else self._pubsub.sunsubscribe(channel))
-            else:
-                await (self._pubsub.subscribe(channel) if subscribe else self._pubsub.unsubscribe(channel))
+            await (self._pubsub.subscribe(channel) if subscribe else self._pubsub.unsubscribe(channel))
             self._subscription_changes.popleft()  # only once sent: a lost connection leaves it queued
+
+    async def _renew_shard_subscriptions(self) -> None:
+        """A fresh sharded subscription, with every channel of the old one and every channel
+        still waiting for its confirmation. Each confirmation nobody waits for makes its
+        request read the stored result: nothing published meanwhile is missed."""
+        self._renew_shard_subscription = False
+        old = self._pubsub
+        channels = self._routes.still_wanted([*old.shard_channels, *self._confirm], self._handles, self._confirm)
+        self._pubsub = self._redis.pubsub()
+        try:
+            await old.aclose()
+        except (RedisError, OSError):
+            pass
+        await relearn_slots_async(self._redis)
+        queued = {channel for _, channel in self._subscription_changes}  # sent in their order
+        self._subscription_changes.extend((True, c) for c in channels - queued)
+        log.warning("renewed the sharded subscription of %d channels (one was not confirmed in 2 s)", len(channels))
+
+    async def _change_shard_subscriptions(self) -> None:
+        """Each shard channel lives on the master of its slot: a change whose master cannot be
+        reached (killed, not yet replaced) is held back and tried again after a back-off, with
+        the slot table asked for anew, while the others go out. Before, it stayed at the head
+        of the queue and every later request's subscription, on healthy masters too, waited
+        behind it until the submit was refused (10 s)."""
+        now = asyncio.get_running_loop().time()
+        due = [change for at, change in self._held_back if at <= now]
+        self._held_back = [(at, change) for at, change in self._held_back if at > now]
+        changes = due + list(self._subscription_changes)
+        self._subscription_changes.clear()
+        failed, failure, unreachable = [], None, set()
+        for subscribe, channel in changes:
+            if not subscribe and ((True, channel) in failed or any(c == (True, channel) for _, c in self._held_back)):
+                # Never subscribed, and its request is gone: nothing to undo, nothing to retry.
+                failed = [change for change in failed if change != (True, channel)]
+                self._held_back = [(at, change) for at, change in self._held_back if change != (True, channel)]
+                continue
+            node = _node_of(self._redis, channel)
+            if node in unreachable:  # one try per node a pass: a dead host may take seconds to refuse
+                failed.append((subscribe, channel))
+                continue
+            try:
+                await (self._pubsub.ssubscribe(channel) if subscribe else self._pubsub.sunsubscribe(channel))
+            except (RedisError, OSError) as exc:
+                failed.append((subscribe, channel))
+                failure = exc
+                unreachable.add(node)
+        if not failed:
+            if due:
+                self._held_back_delay.reset()
+            return
+        retry_at = now + self._held_back_delay.next_delay()
+        self._held_back += [(retry_at, change) for change in failed]
+        log.warning("could not change %d shard-channel subscription(s) (%s); trying again shortly",
+                    len(failed), failure)
+        await relearn_slots_async(self._redis)  # a failed master's slots go to its successor
 
     def _route(self, message: dict) -> None:
         future = self._routes.route(message, self._handles, self._confirm)

@@ -497,6 +497,12 @@ class Routes:
             return None
         return self._keys.request_of_channel(_text(message["channel"]))
 
+    def still_wanted(self, channels, handles: dict, confirmations: dict) -> set[str]:
+        """Of a subscription's channels, those whose request is still read (or whose
+        subscription someone still waits for): what a fresh subscription must carry."""
+        texts = {_text(channel) for channel in channels}
+        return {c for c in texts if c in confirmations or self._keys.request_of_channel(c) in handles}
+
     @staticmethod
     def confirmed(message: dict) -> str | None:
         """The channel a (S)SUBSCRIBE confirmation is for; None for anything else (ask request_of

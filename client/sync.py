@@ -141,6 +141,7 @@ class _Router(threading.Thread):
         self._subscribe_queue: queue.SimpleQueue[tuple[str, threading.Event]] = queue.SimpleQueue()
         self._confirm: dict[str, threading.Event] = {}
         self._running = True
+        self._renew = False
         self._pattern = pattern
         # Set once the client's pattern subscription is confirmed: no submit goes out before
         # it. Made by the thread, so a Client created while Redis is down works once it is back.
@@ -173,8 +174,16 @@ class _Router(threading.Thread):
         """Subscribe from any thread; returns once Redis confirmed it."""
         done = threading.Event()
         self._subscribe_queue.put((channel, done))
-        if not done.wait(timeout):
-            raise BrokerUnavailable(f"Redis did not confirm the subscription to {channel} within {timeout:.0f} s")
+        # As AsyncClient: a shard channel unconfirmed after a fifth of the wait (2 s) has the
+        # router start a fresh sharded subscription (redis-py's can lose track of a node while
+        # slots move or a master fails over).
+        attempts = 5 if self._sharded else 1
+        for attempt in range(attempts):
+            if done.wait(timeout / attempts):
+                return
+            if attempt + 1 < attempts:
+                self._renew = True
+        raise BrokerUnavailable(f"Redis did not confirm the subscription to {channel} within {timeout:.0f} s")
 
     def stop(self) -> None:
         self._running = False
@@ -187,6 +196,8 @@ class _Router(threading.Thread):
                     self._move_subscription()
                 if not self.ready.is_set():
                     self._subscribe_pattern()
+                if self._renew:
+                    self._renew_shard_subscriptions()
                 # get_message reconnects a dropped connection; subscribe must only run on a
                 # live one (redis-py's subscribe deadlocks when it has to reconnect).
                 message = self._next_message()
@@ -239,6 +250,23 @@ class _Router(threading.Thread):
         self._moving = None
         log.warning("pub/sub moved to cluster node %s:%s", self._pubsub.connection_pool.connection_kwargs.get("host"),
                     self._pubsub.connection_pool.connection_kwargs.get("port"))
+
+    def _renew_shard_subscriptions(self) -> None:
+        """AsyncClient._renew_shard_subscriptions: a fresh sharded subscription, with every
+        channel of the old one and every one still waiting for its confirmation (each keeps
+        its waiter)."""
+        self._renew = False
+        old = self._pubsub
+        channels = self._routes.still_wanted([*old.shard_channels, *self._confirm], self._handles, self._confirm)
+        self._pubsub = self._client.pubsub()
+        try:
+            old.close()
+        except (redis.RedisError, OSError):
+            pass
+        relearn_slots(self._client)
+        for channel in channels:
+            self._subscribe_queue.put((channel, self._confirm.get(channel) or threading.Event()))
+        log.warning("renewed the sharded subscription of %d channels (one was not confirmed in 2 s)", len(channels))
 
     def _drain_subscribe_queue(self) -> None:
         while True:

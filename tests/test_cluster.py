@@ -130,6 +130,42 @@ def test_cluster_one_master_refuses_cross_slot_commands_and_the_sharded_fleet_ne
     assert set(seen["shards"]) == {0, 1, 2}
 
 
+def test_cluster_a_shard_subscription_never_confirmed_is_made_again_on_a_fresh_subscription(server_binary, fleet_on):
+    """While slots move or a master fails over, redis-py's sharded subscription could lose
+    track of a node: SSUBSCRIBEs sent there were never confirmed, and submits were refused
+    after 10 s (up to 247 of 3,000 in benchmarks/failover_load.py's reshard settings). Here the
+    subscription swallows every SSUBSCRIBE: after 2 s unconfirmed, each client starts a fresh
+    one, and the request is answered."""
+    with ClusterSet(server_binary, masters=1, replicas_per_master=0) as cluster:
+        fleet = fleet_on(cluster.url, 3)
+        try:
+            fleet.scheduler()
+            fleet.echo_worker()
+            fleet.wait_for_workers(1)
+            with Client(cluster.url, shards=3) as client:
+                assert client.generate("first", max_new_tokens=5, timeout=30).text == "first"
+                lost = client._router._pubsub
+                lost.ssubscribe = lambda *channels, **kw: None
+                assert client.generate("lost once", max_new_tokens=9, timeout=30).text == "lost once"
+                assert client._router._pubsub is not lost
+
+            async def run_async() -> None:
+                async with AsyncClient(cluster.url, shards=3) as client:
+                    assert (await client.generate(prompt="first", max_new_tokens=5, timeout=30)).text == "first"
+                    lost = client._pubsub
+
+                    async def swallow(*channels, **kw):
+                        return None
+
+                    lost.ssubscribe = swallow
+                    assert (await client.generate(prompt="lost once", max_new_tokens=9, timeout=30)).text == "lost once"
+                    assert client._pubsub is not lost
+
+            asyncio.run(run_async())
+        finally:
+            fleet.stop_all()
+
+
 @pytest.mark.slow
 def test_cluster_three_masters_serve_a_sharded_fleet(server_binary, fleet_on):
     with ClusterSet(server_binary, masters=3, replicas_per_master=0) as cluster:
