@@ -19,8 +19,8 @@ from .engine import ScoreItem, ScoreOutput, StepOutput
 
 # The longest an idle worker blocks on its job streams: how long a SIGTERM (a rolling deploy,
 # `batchd up` stopping, a test's teardown) may wait for the read to return. Waiting until the
-# next beat (--heartbeat-interval, 1 s by default) made an idle worker take 0.8 s to stop on average; four empty reads
-# a second cost Redis nothing.
+# next beat (--heartbeat-interval, 1 s by default) made an idle worker take 0.8 s to stop on
+# average; four empty reads a second cost Redis nothing.
 IDLE_READ_MAX_MS = 250
 
 # While busy, a heartbeat that only reports changed free slots waits at least this long
