@@ -425,7 +425,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         # can lose track of a node: SSUBSCRIBEs sent there, to healthy slots too, were never
         # confirmed, and submits were refused after 10 s (benchmarks/failover_load.py). After
         # 2 s unconfirmed, the reader starts a fresh one and subscribes everything again.
-        attempts = 5 if self.keys.shard_channels else 1
+        attempts = core.SHARD_SUBSCRIBE_ROUNDS if self.keys.shard_channels else 1
         for attempt in range(attempts):
             try:
                 await asyncio.wait_for(asyncio.shield(confirmed), 10.0 / attempts)

@@ -485,6 +485,11 @@ def is_final_event(payload: bytes) -> bool:
         return False
 
 
+# A shard channel's subscription is waited for in this many rounds of its 10 s; each round
+# that ends unconfirmed renews the sharded subscription (Client's and AsyncClient's readers).
+SHARD_SUBSCRIBE_ROUNDS = 5
+
+
 class Routes:
     """Which request each pub/sub message belongs to."""
 

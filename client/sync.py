@@ -177,7 +177,7 @@ class _Router(threading.Thread):
         # As AsyncClient: a shard channel unconfirmed after a fifth of the wait (2 s) has the
         # router start a fresh sharded subscription (redis-py's can lose track of a node while
         # slots move or a master fails over).
-        attempts = 5 if self._sharded else 1
+        attempts = core.SHARD_SUBSCRIBE_ROUNDS if self._sharded else 1
         for attempt in range(attempts):
             if done.wait(timeout / attempts):
                 return
