@@ -308,10 +308,49 @@ def anchor(engine: HFEngine, requests, device: str) -> dict:
 
 
 def sustained(engine: HFEngine, requests, device: str, slots: int) -> dict:
-    """More requests than run at once: all queued at the start, admitted as others finish."""
+    """More requests than run at once: all queued at the start, admitted as others finish.
+    Where the time goes: each step call is timed and sorted by the prompt tokens it planned."""
     engine.reset_prefix_cache()
     _add(engine, "s", requests)
-    return {"requests": len(requests), "slots": slots, **_drain(engine, "sustained", device)}
+    steps = StepLog(engine)
+    result = {"requests": len(requests), "slots": slots, **_drain(engine, "sustained", device, on_step=steps.record)}
+    return {**result, "steps_by_prompt_tokens": steps.summary()}
+
+
+class StepLog:
+    """Each step call's wall time, prompt tokens planned, output tokens, rows running and host
+    wait for the GPU, summed by how many prompt tokens the step carried: what a step that
+    carries prompt pieces costs against a pure decode step, over a whole run."""
+
+    BUCKETS = ((0, 0), (1, 128), (129, 512), (513, 2048), (2049, 1 << 30))
+
+    def __init__(self, engine: HFEngine):
+        self._engine = engine
+        self._last = time.perf_counter()
+        self._prompt = engine.stats()["prompt_tokens_computed"]
+        self._waited = engine.device_wait_s
+        self.rows: list[tuple[float, int, int, float]] = []  # (wall s, prompt tokens, running, waited s)
+
+    def record(self, engine: HFEngine) -> None:
+        now, prompt = time.perf_counter(), engine.stats()["prompt_tokens_computed"]
+        self.rows.append((now - self._last, prompt - self._prompt, engine.num_running,
+                          engine.device_wait_s - self._waited))
+        self._last, self._prompt, self._waited = now, prompt, engine.device_wait_s
+
+    def summary(self) -> list[dict]:
+        out = []
+        for low, high in self.BUCKETS:
+            rows = [r for r in self.rows if low <= r[1] <= high]
+            if not rows:
+                continue
+            wall = sum(r[0] for r in rows)
+            out.append({"prompt_tokens": f"{low}-{high}" if high < 1 << 30 else f">={low}", "steps": len(rows),
+                        "seconds": round(wall, 3), "ms_per_step": round(wall / len(rows) * 1e3, 3),
+                        "mean_prompt_tokens": round(sum(r[1] for r in rows) / len(rows), 1),
+                        "mean_running": round(sum(r[2] for r in rows) / len(rows), 1),
+                        "host_waits_ms_per_step": round(sum(r[3] for r in rows) / len(rows) * 1e3, 3)})
+        log.info("steps by prompt tokens: %s", out)
+        return out
 
 
 def poisson(engine: HFEngine, requests, rate: float, device: str) -> dict:
@@ -558,6 +597,10 @@ def print_table(data: dict) -> None:
         if "tok_s" in result:
             roof = result["roofline"]["tok_s"]
             print(f"{name:<12} {result['tok_s']:>10} tok/s = {result['tok_s'] / roof:.0%} of its roofline {roof}")
+        for bucket in result.get("steps_by_prompt_tokens", []):
+            print(f"  steps with {bucket['prompt_tokens']:>9} prompt tokens: {bucket['steps']:>5} steps, "
+                  f"{bucket['seconds']:>7} s, {bucket['ms_per_step']} ms each, {bucket['mean_running']} running, "
+                  f"host waits {bucket['host_waits_ms_per_step']} ms")
     for rate in phases.get("poisson", {}).get("rates", []):
         print(f"poisson {rate['rate_per_s']:>5}/s  TTFT p50/p99 {rate['ttft_ms_p50']}/{rate['ttft_ms_p99']} ms  "
               f"ITL p50/p99 {rate['itl_ms_p50']}/{rate['itl_ms_p99']} ms  {rate['tok_s']} tok/s")
