@@ -67,11 +67,12 @@ def _drain(engine: HFEngine, label: str, device: str, on_step=None) -> dict:
     _sync(device)
     started = time.perf_counter()
     while engine.has_work():
-        tokens += sum(len(o.new_token_ids) for o in engine.step())
+        emitted = sum(len(o.new_token_ids) for o in engine.step())
+        tokens += emitted
         steps += 1
         live.append(engine.num_running)
         if on_step is not None:
-            on_step(engine)
+            on_step(engine, emitted)
         if steps % 500 == 0:
             log.info("  %s: %d steps, %d tokens, %.1fs", label, steps, tokens, time.perf_counter() - started)
     seconds = time.perf_counter() - started
@@ -318,7 +319,7 @@ def sustained(engine: HFEngine, requests, device: str, slots: int) -> dict:
 
 
 class StepLog:
-    """Each step call's wall time, prompt tokens planned, output tokens, rows running and host
+    """Each step call's wall time, prompt tokens planned, tokens emitted, rows running and host
     wait for the GPU, summed by how many prompt tokens the step carried: what a step that
     carries prompt pieces costs against a pure decode step, over a whole run."""
 
@@ -329,12 +330,12 @@ class StepLog:
         self._last = time.perf_counter()
         self._prompt = engine.stats()["prompt_tokens_computed"]
         self._waited = engine.device_wait_s
-        self.rows: list[tuple[float, int, int, float]] = []  # (wall s, prompt tokens, running, waited s)
+        self.rows: list[tuple[float, int, int, float, int]] = []  # (wall s, prompt tokens, running, waited s, emitted)
 
-    def record(self, engine: HFEngine) -> None:
+    def record(self, engine: HFEngine, emitted: int) -> None:
         now, prompt = time.perf_counter(), engine.stats()["prompt_tokens_computed"]
         self.rows.append((now - self._last, prompt - self._prompt, engine.num_running,
-                          engine.device_wait_s - self._waited))
+                          engine.device_wait_s - self._waited, emitted))
         self._last, self._prompt, self._waited = now, prompt, engine.device_wait_s
 
     def summary(self) -> list[dict]:
@@ -348,6 +349,7 @@ class StepLog:
                         "seconds": round(wall, 3), "ms_per_step": round(wall / len(rows) * 1e3, 3),
                         "mean_prompt_tokens": round(sum(r[1] for r in rows) / len(rows), 1),
                         "mean_running": round(sum(r[2] for r in rows) / len(rows), 1),
+                        "mean_emitted": round(sum(r[4] for r in rows) / len(rows), 1),
                         "host_waits_ms_per_step": round(sum(r[3] for r in rows) / len(rows) * 1e3, 3)})
         log.info("steps by prompt tokens: %s", out)
         return out
@@ -600,6 +602,7 @@ def print_table(data: dict) -> None:
         for bucket in result.get("steps_by_prompt_tokens", []):
             print(f"  steps with {bucket['prompt_tokens']:>9} prompt tokens: {bucket['steps']:>5} steps, "
                   f"{bucket['seconds']:>7} s, {bucket['ms_per_step']} ms each, {bucket['mean_running']} running, "
+                  f"{bucket['mean_emitted']} emitted, "
                   f"host waits {bucket['host_waits_ms_per_step']} ms")
     for rate in phases.get("poisson", {}).get("rates", []):
         print(f"poisson {rate['rate_per_s']:>5}/s  TTFT p50/p99 {rate['ttft_ms_p50']}/{rate['ttft_ms_p99']} ms  "
