@@ -19,6 +19,8 @@ Two phases, each written to the JSON as soon as it exists:
 from __future__ import annotations
 
 import argparse
+import collections
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -48,19 +50,36 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile_decode(engine, requests, live: int, steps: int, device: str, host_profile: bool = False) -> dict:
+def profile_decode(engine, requests, live: int, steps: int, device: str, host_profile: bool = False,
+                   admit: int = 0) -> dict:
+    """admit > 0: every timed step also carries a new request's prompt of that many tokens
+    (one live request is cancelled before it, freeing the row the new one takes), as the
+    steps of a sustained stream of arrivals do."""
+    params = SamplingParams(max_new_tokens=4 * steps + 1000, ignore_eos=True)
+    names = collections.deque()
     for index, (prompt, _) in enumerate(requests[:live]):
-        engine.add(EngineRequest(f"k{live}_{index}", prompt,
-                                 SamplingParams(max_new_tokens=4 * steps + 1000, ignore_eos=True)))
+        names.append(f"k{live}_{index}")
+        engine.add(EngineRequest(names[-1], prompt, params))
     while engine.num_waiting or engine.num_prefilling:
         engine.step()
     for _ in range(5):
         engine.step()
+    arrivals = itertools.count()
+    prompt = requests[0][0] * (1 + admit // max(1, len(requests[0][0])))
+
+    def step():
+        if admit:
+            engine.cancel(names.popleft())
+            names.append(f"k{live}_new{next(arrivals)}")
+            # A token of its own first, so no cached prefix shortens the piece.
+            engine.add(EngineRequest(names[-1], [len(names) % 97] + prompt[:admit - 1], params))
+        engine.step()
+
     _sync(device)
     waited = engine.device_wait_s
     started = time.perf_counter()
     for _ in range(steps):
-        engine.step()
+        step()
     _sync(device)
     wall_ms = (time.perf_counter() - started) / steps * 1e3
     # Time the host spent waiting for the GPU's results: near zero means the host is the bottleneck.
@@ -72,7 +91,7 @@ def profile_decode(engine, requests, live: int, steps: int, device: str, host_pr
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                engine.step()
+                step()
             _sync(device)
         for event in prof.events():
             if event.device_type == torch.autograd.DeviceType.CUDA:
@@ -90,14 +109,14 @@ def profile_decode(engine, requests, live: int, steps: int, device: str, host_pr
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(steps):
-            engine.step()
+            step()
         _sync(device)
         profiler.disable()
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
         host = text.getvalue()
-    for index in range(live):
-        engine.cancel(f"k{live}_{index}")
+    for name in names:
+        engine.cancel(name)
     while engine.has_work():
         engine.step()
     by_kind = defaultdict(float)
@@ -107,12 +126,12 @@ def profile_decode(engine, requests, live: int, steps: int, device: str, host_pr
         table.append({"kernel": name[:120], "us_per_step": round(total_us / steps, 1),
                       "calls_per_step": round(count / steps, 1), "kind": kind_of(name)})
     gpu_ms = sum(by_kind.values()) / 1e3
-    row = {"live": live, "running": running, "wall_ms": round(wall_ms, 3), "host_waits_ms": round(wait_ms, 3), "gpu_busy_ms": round(gpu_ms, 3),
+    row = {"live": live, "admit_prompt_tokens": admit, "running": running, "wall_ms": round(wall_ms, 3), "host_waits_ms": round(wait_ms, 3), "gpu_busy_ms": round(gpu_ms, 3),
            "kernels_per_step": round(sum(r["calls_per_step"] for r in table), 1),
            "by_kind_ms": {kind: round(us / 1e3, 3) for kind, us in sorted(by_kind.items(), key=lambda i: -i[1])},
            "top_kernels": table[:25], **({"host_profile": host} if host else {})}
-    log.info("live %d (%d running): wall %.3f ms, host waits %.3f ms, gpu busy %.3f ms, %s kernels/step, %s", live,
-             running, wall_ms, wait_ms, gpu_ms,
+    log.info("live %d (%d running), admitting %d prompt tokens a step: wall %.3f ms, host waits %.3f ms, gpu busy %.3f ms, %s kernels/step, %s", live,
+             running, admit, wall_ms, wait_ms, gpu_ms,
              row["kernels_per_step"], row["by_kind_ms"])
     return row
 
@@ -134,8 +153,8 @@ def kernels_phase(args, device: str) -> dict:
         start_s = round(time.perf_counter() - started, 1)
         vocab = model.config.vocab_size
         requests = workload(max(lives), 10 if args.small else 500, 40 if args.small else 600, vocab)  # decodes of ~550-1,600 tokens
-        rows = [profile_decode(engine, requests, live, args.steps, device, host_profile=live == max(lives))
-                for live in lives if live <= engine.total_slots]
+        rows = [profile_decode(engine, requests, live, args.steps, device, host_profile=live == max(lives), admit=admit)
+                for live in lives if live <= engine.total_slots for admit in args.admit]
         out[shape] = {"weight_bytes": weight_bytes, "graphs": engine.cuda_graph_sizes, "start_s": start_s, "rows": rows}
         del engine, model
         _free_engine_memory(device)
@@ -221,6 +240,8 @@ def main() -> None:
     parser.add_argument("--activation-scales", default=None, choices=("tensor", "row", "row_kernel"),
                         help="with --quantize fp8: quant.ACTIVATION_SCALES (default: the worker's)")
     parser.add_argument("--llama-live", default="1,8,64")
+    parser.add_argument("--admit", default="0", type=lambda text: [int(x) for x in text.split(",")],
+                        help="prompt tokens each profiled step also carries (a new request a step); 0: pure decode")
     parser.add_argument("--out", default="benchmarks/results/step_kernels.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
