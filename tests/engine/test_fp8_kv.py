@@ -75,13 +75,14 @@ def test_the_engine_over_a_float8_pool_computes_what_rounding_its_keys_and_value
     reference = build_engine(str(tiny_models[kind]), **options)
     pool, plain = fp8._runner.pool, reference._runner.pool
     assert pool.quantized and set(pool.key_scales) != {1.0}  # calibrated at start
-    write = plain.write
+    store = plain.store  # what a pool in the model's dtype writes through (in the projection)
 
-    def rounded(layer, index, keys, values):
-        write(layer, index, to_fp8(keys, pool.key_scales[layer]).float() * pool.key_scales[layer],
+    def rounded(layer_kv, index, keys, values):
+        layer = next(i for i in range(len(pool.key_scales)) if plain.keys[i].data_ptr() == layer_kv[0].data_ptr())
+        store(layer_kv, index, to_fp8(keys, pool.key_scales[layer]).float() * pool.key_scales[layer],
               to_fp8(values, pool.value_scales[layer]).float() * pool.value_scales[layer])
 
-    plain.write = rounded
+    plain.store = rounded
     rng = random.Random(21)
     shared = random_prompt(rng, 20)
     arrivals = {0: [request(f"a{i}", shared + random_prompt(rng, rng.randint(1, 15)), max_new_tokens=14)

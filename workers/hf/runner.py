@@ -223,8 +223,11 @@ class PagedRunner:
     def _layer(self, index: int, layer: Any, hidden: torch.Tensor, cos, sin, batch: StepBatch,
                write_index: torch.Tensor) -> torch.Tensor:
         project, finish = self._dense_parts(batch)
-        q, k, v = project(layer, hidden, cos, sin)
-        self.pool.write(index, write_index, k[0].transpose(0, 1), v[0])
+        if self.pool.stores_in_projection:
+            q = project(layer, hidden, cos, sin, into=(self.pool.layer(index), write_index))
+        else:
+            q, k, v = project(layer, hidden, cos, sin)
+            self.pool.write(index, write_index, k[0].transpose(0, 1), v[0])
         q = q[0].transpose(0, 1)  # [tokens, heads, head_dim]
         parts, decodes = [], batch.num_decodes
         if decodes:
@@ -244,7 +247,11 @@ class PagedRunner:
             return self._compiled_any_shape
         return self._project, self._finish
 
-    def _project(self, layer: Any, hidden: torch.Tensor, cos, sin):
+    def _project(self, layer: Any, hidden: torch.Tensor, cos, sin, into: tuple | None = None):
+        """The layer's queries, keys and values, rotated. With `into` (the layer's views of the
+        pool, `pool.layer(i)`, and the step's physical positions) the keys and values go
+        straight into the pool and only the queries come back: compiled, the store is part of
+        the projection's kernels."""
         attention = layer.self_attn
         x = layer.input_layernorm(hidden)
         tokens = x.shape[1]
@@ -259,7 +266,11 @@ class PagedRunner:
         if hasattr(attention, "q_norm"):  # Qwen3 normalises each head before rotating it
             q, k = attention.q_norm(q), attention.k_norm(k)
         q, k = self._rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        return q, k, v
+        if into is None:
+            return q, k, v
+        layer_kv, positions = into
+        self.pool.store(layer_kv, positions, k[0].transpose(0, 1), v[0])
+        return q
 
     def _finish(self, layer: Any, hidden: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:
         hidden = hidden + layer.self_attn.o_proj(attention_out.reshape(1, hidden.shape[1], -1))
@@ -274,11 +285,12 @@ class PagedRunner:
     def _compile_dense_parts(self):
         import torch._dynamo
 
-        # One compiled graph per layer (each layer's weights are guarded), all of
-        # the same code, so inductor's cache compiles the kernels once.
+        # One compiled graph per layer (each layer's weights and its views of the pool are
+        # guarded), all of the same code, so inductor's cache compiles the kernels once. Each
+        # engine a process builds (tests, benchmarks) adds its own, hence the room.
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4 * len(self._layers)))
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 16 * len(self._layers)))
         fixed = (torch.compile(self._project, dynamic=False), torch.compile(self._finish, dynamic=False))
         return fixed, (torch.compile(self._project, dynamic=True), torch.compile(self._finish, dynamic=True))
 
