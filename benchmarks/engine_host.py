@@ -6,7 +6,7 @@ step costs the larger of the two. Issue 15's sustained workload showed a float8 
 which halves the attention's reads, leaving throughput unchanged: a sign that its steps
 wait on the host, not the GPU. This measures the host's share on any machine: the engine
 (256 slots, overlap on, as on a GPU) drives the sustained workload (1,024 requests,
-prompt and output U[100, 1024]) while its runner's forward pass is a stub returning
+prompt and output U[100, 1024], blocks of 128 tokens) while its runner's forward pass is a stub returning
 logits of zeros, so what is timed is everything but the model and the runner's own
 table updates. Steps are sorted by the prompt tokens they carried, as
 serving_gpu.py's sustained phase sorts them, and the largest cProfile entries of the
@@ -52,7 +52,8 @@ def stub_forward(runner, vocab: int):
 def run(args) -> dict:
     model = build_model(True, "cpu")  # the tiny Qwen3: its weights are never used
     vocab = model.config.vocab_size
-    engine = make_engine(model, "cpu", slots=args.slots, max_context=4096, overlap=True,
+    # The GPU's block size: blocks fill, and are keyed for the prefix cache, as often as there.
+    engine = make_engine(model, "cpu", slots=args.slots, max_context=4096, overlap=True, block_size=128,
                          max_prefill_tokens=args.max_prefill_tokens, burst_prefill_tokens=args.burst_prefill_tokens,
                          kv_memory=args.slots * 4096 * _kv_bytes(model))
     stub_forward(engine._runner, vocab)

@@ -93,3 +93,43 @@ def test_text_that_only_might_become_a_stop_string_is_released(tokenizer):
     assert "".join(pieces) == _continuation(tokenizer, "Hi", "the cat sat on the mat")
     # "on the m" is held back until "at" shows it is not "on the moon".
     assert "on the m" not in "".join(pieces[:-2])
+
+
+def test_the_rust_stream_and_the_python_window_give_the_same_pieces(tokenizer):
+    """The fast path (tokenizers' DecodeStream) against the window it replaces, on text and on
+    random tokens after a text prompt (split characters, bytes that never complete)."""
+    import random
+
+    from batchd.workers.hf import detokenizer
+
+    rng = random.Random(3)
+    vocab = tokenizer.backend_tokenizer.get_vocab_size()
+    texts = PLAIN + MULTIBYTE
+    for _ in range(200):
+        prompt = tokenizer(rng.choice(texts)[:rng.randint(1, 30)])["input_ids"]
+        if rng.random() < 0.5:
+            tokens = tokenizer(" ".join(rng.choices(texts, k=2)), add_special_tokens=False)["input_ids"]
+        else:
+            tokens = [rng.randrange(vocab) for _ in range(rng.randint(1, 30))]
+        fast = Detokenizer(tokenizer, prompt)
+        slow = Detokenizer(tokenizer, prompt)
+        slow._stream = None
+        assert fast._stream is not None or detokenizer.DecodeStream is None
+        assert [fast.add(t) for t in tokens] + [fast.flush()] == [slow.add(t) for t in tokens] + [slow.flush()]
+
+
+def test_a_prompt_ending_inside_a_character_keeps_the_python_window(tiny_models):
+    """Token ids may end a prompt mid-character; the stream would emit those bytes as output."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    ids = tokenizer("ab🙂", add_special_tokens=False)["input_ids"]
+    detok = Detokenizer(tokenizer, ids[:-1])  # the emoji's last byte cut off
+    assert detok._stream is None
+    assert "".join([detok.add(t) for t in tokenizer(" cd", add_special_tokens=False)["input_ids"]] + [detok.flush()]) \
+        == _continuation_ids(tokenizer, ids[:-1], " cd")
+
+
+def _continuation_ids(tokenizer, prompt_ids: list[int], text: str) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(prompt_ids + ids)[len(tokenizer.decode(prompt_ids)):]

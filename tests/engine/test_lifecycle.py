@@ -86,6 +86,30 @@ def test_deadline_finishes_with_partial_text(tiny_models):
     assert run.finish["fine"] == "length" and len(run.tokens["fine"]) == 8
 
 
+def test_a_later_deadline_still_expires_after_an_earlier_ones_request_ended_and_its_id_came_back(tiny_models):
+    """Steps look at requests only when the earliest live deadline has passed: an ended
+    request's deadline (even under an id that came back) must not hide a later one."""
+    clock = FakeClock()
+    engine = _engine(tiny_models, slots=3, clock=clock)
+    prompt = random_prompt(random.Random(4), 5)
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    engine.add(EngineRequest("quick", prompt, params, deadline=clock.now + 5))
+    engine.add(EngineRequest("slow", prompt, SamplingParams(max_new_tokens=50, ignore_eos=True), deadline=clock.now + 20))
+    run = Run()
+    while "quick" not in run.finish:
+        run.record(engine.step())
+    assert run.finish["quick"] == "length"
+    engine.add(EngineRequest("quick", prompt, SamplingParams(max_new_tokens=50, ignore_eos=True)))  # no deadline now
+    run = Run()  # the id's second request
+    clock.now += 10  # past the first "quick"'s deadline: nothing may end for it
+    run.record(engine.step())
+    assert "slow" not in run.finish and engine.num_running == 2
+    clock.now += 15  # past "slow"'s
+    run.record(engine.step())
+    assert run.finish["slow"] == "deadline"
+    assert engine.num_running == 1
+
+
 def test_deadline_already_past_on_arrival(tiny_models):
     clock = FakeClock()
     engine = _engine(tiny_models, slots=2, clock=clock)

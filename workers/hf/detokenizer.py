@@ -25,6 +25,32 @@ def _fast_decode(tokenizer: Any):
     return backend.decode
 
 
+def _stream(tokenizer: Any, context: list[int]):
+    """(Rust tokenizer, its incremental decoder primed with the prompt's last tokens), or None.
+
+    The `tokenizers` library's DecodeStream keeps the same window as `_window_diff` in Rust:
+    one call per token instead of two decodes and the Python around them (a third of the
+    cost per token; the detokenizer was the largest share of a 256-row step's host work,
+    benchmarks/engine_host.py). Used where it gives the same text: a fast tokenizer without
+    clean-up of spaces, and a prompt whose last tokens end on a whole character (a prompt
+    sent as token ids may not; the stream would then emit the prompt's dangling bytes)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False) or DecodeStream is None:
+        return None
+    if context and backend.decode(context, skip_special_tokens=True).endswith("\ufffd"):
+        return None
+    stream = DecodeStream(skip_special_tokens=True)
+    if context:
+        stream.step(backend, context)
+    return backend, stream
+
+
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers before 0.21
+    DecodeStream = None
+
+
 class Detokenizer:
     """Turns one request's generated token ids into text, piece by piece."""
 
@@ -32,6 +58,7 @@ class Detokenizer:
         self._decode = _fast_decode(tokenizer)
         # Prompt tokens give the first generated word its correct leading space.
         self._ids: list[int] = list(prompt_token_ids[-CONTEXT_TOKENS:])
+        self._stream = _stream(tokenizer, self._ids)
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._stop = tuple(stop)
@@ -66,6 +93,13 @@ class Detokenizer:
 
     def _decode_next(self, token_id: int) -> str:
         self._ids.append(token_id)
+        if self._stream is not None:
+            backend, stream = self._stream
+            # None while a character is incomplete; the stream holds its bytes meanwhile.
+            piece = stream.step(backend, token_id) or ""
+            if piece:
+                self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            return piece
         piece = self._window_diff()
         if not piece or piece.endswith("\ufffd"):
             # An incomplete multi-byte character: wait for the bytes that finish it.

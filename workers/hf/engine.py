@@ -21,6 +21,8 @@ sampled from logits_after + alpha * (logits_after - logits_before).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -145,6 +147,10 @@ class HFEngine(EngineBase):
         self._by_id: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator | None] = {}
         self._to_cancel: dict[str, FinishReason] = {}
+        # (deadline, order, sequence) of requests with a deadline, earliest first: a step looks
+        # at every request only when one is cancelled or the earliest deadline has passed.
+        self._deadlines: list[tuple[float, int, Sequence]] = []
+        self._deadline_order = itertools.count()
         pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self._scorer = Scorer(loaded.model, loaded.tokenizer, self.max_context, pad_id)
         self.kv_dtype = str(storage or dtype).removeprefix("torch.")
@@ -211,6 +217,8 @@ class HFEngine(EngineBase):
             raise InvalidRequest(f"request {request_id!r} is already running on this engine", request_id)
         self._generators[request_id] = generator
         self._by_id[request_id] = sequence
+        if sequence.request.deadline is not None:
+            heapq.heappush(self._deadlines, (sequence.request.deadline, next(self._deadline_order), sequence))
         self._scheduler.add(sequence)
 
     def cancel(self, request_id: str, reason: FinishReason = "cancelled") -> None:
@@ -382,6 +390,11 @@ class HFEngine(EngineBase):
 
     def _finish_cancelled_and_expired(self) -> list[StepOutput]:
         now = self._clock()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][2].status is Status.FINISHED:
+            heapq.heappop(deadlines)
+        if not self._to_cancel and not (deadlines and now >= deadlines[0][0]):
+            return []  # the common step: no request to look at (a loop over 256 would be ~3% of its host work)
         ending: list[tuple[Sequence, FinishReason]] = []
         for sequence in self._by_id.values():
             reason = self._to_cancel.get(sequence.request_id)

@@ -92,6 +92,7 @@ class Scheduler:
             raise ValueError(f"burst_prefill_tokens ({burst_prefill_tokens}) must be at least "
                              f"max_prefill_tokens ({max_prefill_tokens})")
         self.blocks = blocks
+        self._block_size = blocks.block_size
         self.slots = slots
         self.max_prefill_tokens = max_prefill_tokens
         self.burst_prefill_tokens = burst_prefill_tokens or max_prefill_tokens
@@ -168,8 +169,9 @@ class Scheduler:
             self.learn(sequence)
 
     def learn(self, sequence: Sequence) -> None:
-        """Key the blocks whose tokens have all become known (after a launch or a read)."""
-        full = sequence.known // self.block_size
+        """Key the blocks whose tokens have all become known (after a launch or a read).
+        Called for every running request twice a step, so `known` is written out here."""
+        full = min(len(sequence.token_ids), sequence.num_cached) // self._block_size
         if full > sequence.keyed_blocks and sequence.block_table:
             self.blocks.learned(sequence.block_table, sequence.token_ids, sequence.known, sequence.root)
             sequence.keyed_blocks = full
