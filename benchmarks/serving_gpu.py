@@ -308,14 +308,17 @@ def anchor(engine: HFEngine, requests, device: str) -> dict:
     return {"requests": len(requests), **_drain(engine, "anchor", device)}
 
 
-def sustained(engine: HFEngine, requests, device: str, slots: int) -> dict:
+def sustained(engine: HFEngine, requests, device: str, slots: int, profile_steps: int = 0) -> dict:
     """More requests than run at once: all queued at the start, admitted as others finish.
-    Where the time goes: each step call is timed and sorted by the prompt tokens it planned."""
+    Where the time goes: each step call is timed and sorted by the prompt tokens it planned;
+    with profile_steps, the GPU's kernels over that many steady-state steps (from step 600,
+    where every row is busy and most steps carry a prompt piece), summed by kind."""
     engine.reset_prefix_cache()
     _add(engine, "s", requests)
-    steps = StepLog(engine)
+    start = 600 if len(requests) > 200 else 20  # 20: the script check's small run
+    steps = StepLog(engine, profile_from=start if profile_steps else None, profile_steps=profile_steps)
     result = {"requests": len(requests), "slots": slots, **_drain(engine, "sustained", device, on_step=steps.record)}
-    return {**result, "steps_by_prompt_tokens": steps.summary()}
+    return {**result, "steps_by_prompt_tokens": steps.summary(), **steps.profiled()}
 
 
 class StepLog:
@@ -325,8 +328,10 @@ class StepLog:
 
     BUCKETS = ((0, 0), (1, 128), (129, 512), (513, 2048), (2049, 1 << 30))
 
-    def __init__(self, engine: HFEngine):
+    def __init__(self, engine: HFEngine, profile_from: int | None = None, profile_steps: int = 0):
         self._engine = engine
+        self._profile_from, self._profile_steps = profile_from, profile_steps
+        self._profiler, self._profile = None, {}
         self._last = time.perf_counter()
         self._prompt = engine.stats()["prompt_tokens_computed"]
         self._waited = engine.device_wait_s
@@ -336,7 +341,46 @@ class StepLog:
         now, prompt = time.perf_counter(), engine.stats()["prompt_tokens_computed"]
         self.rows.append((now - self._last, prompt - self._prompt, engine.num_running,
                           engine.device_wait_s - self._waited, emitted))
-        self._last, self._prompt, self._waited = now, prompt, engine.device_wait_s
+        if self._profile_from is not None:
+            self._profile_window(len(self.rows))
+        self._last, self._prompt, self._waited = time.perf_counter(), prompt, engine.device_wait_s
+
+    def _profile_window(self, step: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        on_gpu = torch.cuda.is_available()
+        if step == self._profile_from:
+            self._profiler = profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU])
+            self._profiler.__enter__()
+        elif step == self._profile_from + self._profile_steps and self._profiler is not None:
+            if on_gpu:
+                torch.cuda.synchronize()
+            self._profiler.__exit__(None, None, None)
+            from step_kernels import kind_of  # imports this module: imported late
+
+            count = self._profile_steps
+            by_kind, kernels = {}, {}
+            for event in self._profiler.events():
+                if event.device_type == torch.autograd.DeviceType.CUDA or not on_gpu:
+                    us = event.device_time_total if on_gpu else event.self_cpu_time_total
+                    by_kind[kind_of(event.name)] = by_kind.get(kind_of(event.name), 0.0) + us
+                    kernels[event.name] = kernels.get(event.name, 0.0) + us
+            window = self.rows[self._profile_from:self._profile_from + count]
+            self._profile = {"profiled_steps": {
+                "from_step": self._profile_from, "steps": count,
+                "wall_ms_per_step": round(sum(r[0] for r in window) / len(window) * 1e3, 3),
+                "host_waits_ms_per_step": round(sum(r[3] for r in window) / len(window) * 1e3, 3),
+                "mean_prompt_tokens": round(sum(r[1] for r in window) / len(window), 1),
+                "mean_running": round(sum(r[2] for r in window) / len(window), 1),
+                "gpu_busy_ms_per_step": round(sum(by_kind.values()) / count / 1e3, 3),
+                "by_kind_ms_per_step": {k: round(v / count / 1e3, 3) for k, v in sorted(by_kind.items(), key=lambda i: -i[1])},
+                "top_kernels_us_per_step": {k[:100]: round(v / count, 1)
+                                            for k, v in sorted(kernels.items(), key=lambda i: -i[1])[:15]}}}
+            log.info("sustained, profiled steps: %s", self._profile["profiled_steps"])
+            self._profiler = None
+
+    def profiled(self) -> dict:
+        return self._profile
 
     def summary(self) -> list[dict]:
         out = []
@@ -529,6 +573,9 @@ def main() -> None:
     parser.add_argument("--phases", default="check,anchor,sustained,poisson,smc,system_prompt,micro,mixed,long_context")
     parser.add_argument("--kv-dtype", default="auto", choices=("auto", "fp8"))
     parser.add_argument("--capacity-requests", type=int, default=128, help="kv_capacity: requests sent at once")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="sustained: profile the GPU's kernels over this many steady-state steps (from step 600); "
+                             "the profiler slows those steps, so report tok/s from a run without it")
     parser.add_argument("--out", default="benchmarks/results/serving_gpu.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -563,7 +610,7 @@ def main() -> None:
         work = {
             "anchor": lambda: {**anchor(engine, requests, device),
                                "roofline": roofline(requests, model, bandwidth)},
-            "sustained": lambda: {**sustained(engine, more, device, slots),
+            "sustained": lambda: {**sustained(engine, more, device, slots, args.profile_steps),
                                   "roofline": roofline_fifo(more, slots, model, bandwidth)},
             "poisson": lambda: {"rates": [poisson(engine, workload(args.poisson_requests, low, high, vocab, seed=7),
                                                   float(rate), device) for rate in args.rates.split(",")]},
