@@ -12,6 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers before 0.21
+    DecodeStream = None
+
 # Tokens of context before the new ones; enough for any merge a tokenizer does.
 CONTEXT_TOKENS = 6
 
@@ -29,9 +34,9 @@ def _stream(tokenizer: Any, context: list[int]):
     """(Rust tokenizer, its incremental decoder primed with the prompt's last tokens), or None.
 
     The `tokenizers` library's DecodeStream keeps the same window as `_window_diff` in Rust:
-    one call per token instead of two decodes and the Python around them (a third of the
-    cost per token; the detokenizer was the largest share of a 256-row step's host work,
-    benchmarks/engine_host.py). Used where it gives the same text: a fast tokenizer without
+    one call per token instead of two decodes and the Python around them (1.42x less time a
+    token on the default model's tokenizer, benchmarks/detokenize.py; every running request
+    pays it every step). Used where it gives the same text: a fast tokenizer without
     clean-up of spaces, and a prompt whose last tokens end on a whole character (a prompt
     sent as token ids may not; the stream would then emit the prompt's dangling bytes)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -44,11 +49,6 @@ def _stream(tokenizer: Any, context: list[int]):
         stream.step(backend, context)
     return backend, stream
 
-
-try:
-    from tokenizers.decoders import DecodeStream
-except ImportError:  # tokenizers before 0.21
-    DecodeStream = None
 
 
 class Detokenizer:
