@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from batchd.cli import check_redis
-from batchd.client import AsyncClient, BrokerUnavailable, Client
+from batchd.client import AsyncClient, BrokerUnavailable, Client, UnknownModel
 from batchd.client import core
 from batchd.client.connection import close_redis, describe, open_redis, parse_sentinel_url, redact
 from batchd.client.keys import Keys
@@ -146,8 +146,21 @@ def test_the_documented_producer_and_worker_users_write_durably_through_sentinel
     finally:
         sentinel_fleet.url = fleet_url
     wait_for_workers(fleet_url, 2, 60, [worker])  # this module's other tests stop their own processes
+    # Two live workers may still count one an earlier test stopped (its beat not yet expired):
+    # wait for the one that serves acl-model, as the scheduler learns it from its beats.
+    with Client(fleet_url) as watcher:
+        deadline = time.monotonic() + 30
+        while "acl-model" not in watcher.models():
+            assert worker.poll() is None and time.monotonic() < deadline, sentinel_fleet.logs()
+            time.sleep(0.1)
     with Client(as_user("batchd-producer", "producer-password"), durable_replicas=2) as client:
-        result = client.generate("as the ACL users", model="acl-model", timeout=20)
+        for attempt in range(20):  # the scheduler reads the workers' beats every 0.1 s
+            try:
+                result = client.generate("as the ACL users", model="acl-model", timeout=20)
+                break
+            except UnknownModel:
+                assert attempt < 19, "the scheduler never saw the worker that serves acl-model"
+                time.sleep(0.1)
     assert (result.text, result.worker) == ("as the ACL users", "gpu-0")
     assert "NOPERM" not in sentinel_fleet.logs()
 
