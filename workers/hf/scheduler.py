@@ -170,10 +170,11 @@ class Scheduler:
 
     def learn(self, sequence: Sequence) -> None:
         """Key the blocks whose tokens have all become known (after a launch or a read).
-        Called for every running request twice a step, so `known` is written out here."""
-        full = min(len(sequence.token_ids), sequence.num_cached) // self._block_size
+        Called for every running request twice a step, so `known` is written out here, once."""
+        known = min(len(sequence.token_ids), sequence.num_cached)
+        full = known // self._block_size
         if full > sequence.keyed_blocks and sequence.block_table:
-            self.blocks.learned(sequence.block_table, sequence.token_ids, sequence.known, sequence.root)
+            self.blocks.learned(sequence.block_table, sequence.token_ids, known, sequence.root)
             sequence.keyed_blocks = full
 
     def finish(self, sequence: Sequence, keep: bool = True) -> None:
