@@ -28,6 +28,7 @@ from .connection import (
     close_async_redis,
     is_cluster,
     is_moved,
+    node_of,
     open_async_redis,
     relearn_slots_async,
 )
@@ -143,14 +144,6 @@ class AsyncRequestHandle:
         _wake(self._waiter)
 
 
-def _node_of(cluster: Any, key: str) -> str | None:
-    """The name of the master a key's slot is routed to now (None: no node covers it yet)."""
-    try:
-        return cluster.get_node_from_key(key).name
-    except Exception:  # redis-py's SlotNotCoveredError is no RedisError
-        return None
-
-
 def _wake(waiter: asyncio.Future | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
@@ -174,9 +167,8 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         # (un)subscriptions for the reader to make, on a live connection only: a SUBSCRIBE sent
         # while the reader reconnects reads the same socket as the reader.
         self._subscription_changes: deque[tuple[bool, str]] = deque()
-        # Shard-channel changes whose node could not be reached: (when to try again, change).
-        self._held_back: list[tuple[float, tuple[bool, str]]] = []
-        self._held_back_delay = core.reconnect_backoff()
+        # Shard-channel changes whose master could not be reached, to be tried again.
+        self._shard_changes = core.ShardChanges()
         self._renew_shard_subscription = False
         self._pending_submits: list[tuple[ScriptCall, asyncio.Future]] = []
         self._pending_reads: list[tuple[str, asyncio.Future]] = []
@@ -448,7 +440,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
                 if self._renew_shard_subscription:
                     await self._renew_shard_subscriptions()
                 message = await self._next_message()
-                if self._subscription_changes or self._held_back:
+                if self._subscription_changes or self._shard_changes:
                     await self._change_subscriptions()
                 backoff.reset()
             except (RedisError, OSError) as exc:
@@ -466,7 +458,7 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
     async def _next_message(self) -> dict | None:
         """The next pub/sub message, waiting briefly (as Client's router does: a queued
         subscription goes out between reads)."""
-        busy = self.keys.shard_channels and (self._handles or self._subscription_changes or self._held_back)
+        busy = self.keys.shard_channels and (self._handles or self._subscription_changes or self._shard_changes)
         wait_s = _BUSY_WAIT_S if busy else _IDLE_WAIT_S
         if self.keys.shard_channels:
             if not self._pubsub.shard_channels:  # ClusterPubSub takes an empty read for a lost topology
@@ -552,42 +544,21 @@ class AsyncClient(core.ClientCore[Awaitable[AsyncRequestHandle]]):
         log.warning("renewed the sharded subscription of %d channels (one was not confirmed in 2 s)", len(channels))
 
     async def _change_shard_subscriptions(self) -> None:
-        """Each shard channel lives on the master of its slot: a change whose master cannot be
-        reached (killed, not yet replaced) is held back and tried again after a back-off, with
-        the slot table asked for anew, while the others go out. Before, it stayed at the head
-        of the queue and every later request's subscription, on healthy masters too, waited
-        behind it until the submit was refused (10 s)."""
+        """Send the queued shard-channel changes, each to the master of its slot; those whose
+        master cannot be reached are held back while the others go out (core.ShardChanges)."""
         now = asyncio.get_running_loop().time()
-        due = [change for at, change in self._held_back if at <= now]
-        self._held_back = [(at, change) for at, change in self._held_back if at > now]
-        changes = due + list(self._subscription_changes)
+        sending = self._shard_changes.begin(now, list(self._subscription_changes), lambda c: node_of(self._redis, c))
         self._subscription_changes.clear()
-        failed, failure, unreachable = [], None, set()
-        for subscribe, channel in changes:
-            if not subscribe and ((True, channel) in failed or any(c == (True, channel) for _, c in self._held_back)):
-                # Never subscribed, and its request is gone: nothing to undo, nothing to retry.
-                failed = [change for change in failed if change != (True, channel)]
-                self._held_back = [(at, change) for at, change in self._held_back if change != (True, channel)]
-                continue
-            node = _node_of(self._redis, channel)
-            if node in unreachable:  # one try per node a pass: a dead host may take seconds to refuse
-                failed.append((subscribe, channel))
-                continue
+        for subscribe, channel in sending:
             try:
                 await (self._pubsub.ssubscribe(channel) if subscribe else self._pubsub.sunsubscribe(channel))
             except (RedisError, OSError) as exc:
-                failed.append((subscribe, channel))
-                failure = exc
-                unreachable.add(node)
-        if not failed:
-            if due:
-                self._held_back_delay.reset()
-            return
-        retry_at = now + self._held_back_delay.next_delay()
-        self._held_back += [(retry_at, change) for change in failed]
-        log.warning("could not change %d shard-channel subscription(s) (%s); trying again shortly",
-                    len(failed), failure)
-        await relearn_slots_async(self._redis)  # a failed master's slots go to its successor
+                sending.fail(exc)
+        failure = self._shard_changes.end(sending, now)
+        if failure is not None:
+            log.warning("could not change %d shard-channel subscription(s) (%s); trying again shortly",
+                        len(sending.failed), failure)
+            await relearn_slots_async(self._redis)  # a failed master's slots go to its successor
 
     def _route(self, message: dict) -> None:
         future = self._routes.route(message, self._handles, self._confirm)

@@ -325,6 +325,14 @@ def master_client(client: RedisCluster, key: str) -> redis.Redis:
     return client.get_node_from_key(key).redis_connection
 
 
+def node_of(cluster: RedisCluster | AsyncRedisCluster, key: str) -> str | None:
+    """The name of the master a key's slot is routed to now (None: no node covers it yet)."""
+    try:
+        return cluster.get_node_from_key(key).name
+    except Exception:  # redis-py's SlotNotCoveredError is no RedisError
+        return None
+
+
 def relearn_slots(client: RedisCluster) -> None:
     """Ask the cluster where every slot lives now. For a write sent to a master directly
     (master_client), which follows no redirection and refreshes nothing: after a MOVED, and

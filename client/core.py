@@ -490,6 +490,94 @@ def is_final_event(payload: bytes) -> bool:
 SHARD_SUBSCRIBE_ROUNDS = 5
 
 
+# A shard-channel change: (True, channel) subscribes, (False, channel) unsubscribes.
+ShardChange = tuple[bool, str]
+
+
+class ShardChanges:
+    """Shard-channel (un)subscriptions held back because their master could not be reached
+    (killed, not yet replaced), tried again after a back-off while the others go out.
+
+    Each shard channel lives on the master of its slot. Before, a change whose master was dead
+    stayed at the head of the queue, and every later request's subscription, on healthy
+    masters too, waited behind it until its submit was refused (10 s); the sync Client's
+    reader also stopped reading events for its back-off. Both clients' readers run a pass:
+
+        sending = changes.begin(now, queued, node_of)
+        for subscribe, channel in sending:
+            try: (ssubscribe if subscribe else sunsubscribe)(channel)
+            except RedisError as exc: sending.fail(exc)
+        if changes.end(sending, now) is not None: ask the cluster for its slot table anew
+    """
+
+    def __init__(self) -> None:
+        self._held_back: list[tuple[float, ShardChange]] = []
+        self._delay = reconnect_backoff()
+
+    def __bool__(self) -> bool:
+        return bool(self._held_back)
+
+    def held_back(self) -> set[str]:
+        return {channel for _, (_, channel) in self._held_back}
+
+    def begin(self, now: float, queued: Sequence[ShardChange], node_of) -> ShardPass:
+        """The changes to send now, in order: the held-back ones that are due, then the queued.
+        An unsubscription whose subscription never went out cancels it: the request is gone."""
+        due = [change for at, change in self._held_back if at <= now]
+        self._held_back = [(at, change) for at, change in self._held_back if at > now]
+        changes: list[ShardChange] = []
+        for change in [*due, *queued]:
+            subscribe, channel = change
+            if not subscribe and (True, channel) in changes:
+                changes.remove((True, channel))
+            elif not subscribe and any(held == (True, channel) for _, held in self._held_back):
+                self._held_back = [(at, held) for at, held in self._held_back if held != (True, channel)]
+            else:
+                changes.append(change)
+        return ShardPass(changes, node_of, retried=bool(due))
+
+    def end(self, sent: ShardPass, now: float) -> BaseException | None:
+        """Hold back what failed, all to be tried at one time after the back-off; returns the
+        failure (the caller relearns the slot table: a dead master's slots go to its successor)."""
+        if not sent.failed:
+            if sent.retried:
+                self._delay.reset()
+            return None
+        retry_at = now + self._delay.next_delay()
+        self._held_back += [(retry_at, change) for change in sent.failed]
+        return sent.failure
+
+
+class ShardPass:
+    """One pass over shard-channel changes (ShardChanges.begin): iterating gives the changes to
+    send; a change whose master failed earlier in the pass is not tried again in it (a dead
+    host may take seconds to refuse), it is held back with the one that failed."""
+
+    def __init__(self, changes: list[ShardChange], node_of, retried: bool):
+        self.changes, self.retried = changes, retried
+        self.failed: list[ShardChange] = []
+        self.failure: BaseException | None = None
+        self._node_of = node_of
+        self._unreachable: set = set()
+        self._current: tuple[ShardChange, Any] | None = None
+
+    def __iter__(self) -> Iterator[ShardChange]:
+        for change in self.changes:
+            node = self._node_of(change[1])
+            if node in self._unreachable:
+                self.failed.append(change)
+                continue
+            self._current = (change, node)
+            yield change
+
+    def fail(self, exc: BaseException) -> None:
+        """The change just given could not be sent."""
+        change, node = self._current
+        self.failed.append(change)
+        self.failure = exc
+        self._unreachable.add(node)
+
+
 class Routes:
     """Which request each pub/sub message belongs to."""
 

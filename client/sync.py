@@ -26,6 +26,7 @@ from .connection import (
     is_cluster,
     is_moved,
     master_client,
+    node_of,
     open_redis,
     pubsub_pool,
     relearn_slots,
@@ -139,6 +140,8 @@ class _Router(threading.Thread):
         self._routes = routes
         self._handles: dict[str, RequestHandle] = {}
         self._subscribe_queue: queue.SimpleQueue[tuple[str, threading.Event]] = queue.SimpleQueue()
+        # Shard-channel changes whose master could not be reached, to be tried again.
+        self._shard_changes = core.ShardChanges()
         self._confirm: dict[str, threading.Event] = {}
         self._running = True
         self._renew = False
@@ -217,7 +220,7 @@ class _Router(threading.Thread):
         self._pubsub.close()
 
     def _next_message(self) -> dict | None:
-        busy = self._sharded and (self._handles or not self._subscribe_queue.empty())
+        busy = self._sharded and (self._handles or not self._subscribe_queue.empty() or self._shard_changes)
         wait_s = self.BUSY_WAIT_S if busy else self.IDLE_WAIT_S
         if self._sharded and not self._pubsub.shard_channels:
             # Nothing to read (ClusterPubSub would take an empty read for a lost topology).
@@ -269,6 +272,9 @@ class _Router(threading.Thread):
         log.warning("renewed the sharded subscription of %d channels (one was not confirmed in 2 s)", len(channels))
 
     def _drain_subscribe_queue(self) -> None:
+        if self._sharded:
+            self._change_shard_subscriptions()
+            return
         while True:
             try:
                 channel, done = self._subscribe_queue.get_nowait()
@@ -283,6 +289,35 @@ class _Router(threading.Thread):
             except (*CONNECTION_LOST, OSError):
                 self._subscribe_queue.put((channel, done))  # again once the connection is back
                 raise
+
+    def _change_shard_subscriptions(self) -> None:
+        """Send the queued shard-channel changes, each to the master of its slot; those whose
+        master cannot be reached are held back while the others go out, and events are read
+        meanwhile (core.ShardChanges)."""
+        queued = []
+        while True:
+            try:
+                channel, done = self._subscribe_queue.get_nowait()
+            except queue.Empty:
+                break
+            if channel.startswith("-"):
+                queued.append((False, channel[1:]))
+                self._confirm.pop(channel[1:], None)  # its request is gone
+            else:
+                queued.append((True, channel))
+                self._confirm[channel] = done
+        now = time.monotonic()
+        sending = self._shard_changes.begin(now, queued, lambda channel: node_of(self._client, channel))
+        for subscribe, channel in sending:
+            try:
+                (self._pubsub.ssubscribe if subscribe else self._pubsub.sunsubscribe)(channel)
+            except (redis.RedisError, OSError) as exc:
+                sending.fail(exc)
+        failure = self._shard_changes.end(sending, now)
+        if failure is not None:
+            log.warning("could not change %d shard-channel subscription(s) (%s); trying again shortly",
+                        len(sending.failed), failure)
+            relearn_slots(self._client)  # a failed master's slots go to its successor
 
     def _route(self, message: dict) -> None:
         done = self._routes.route(message, self._handles, self._confirm)

@@ -167,6 +167,63 @@ def test_cluster_a_shard_subscription_never_confirmed_is_made_again_on_a_fresh_s
 
 
 @pytest.mark.slow
+def test_cluster_a_master_refusing_subscriptions_holds_back_only_its_requests_in_the_sync_client(
+        server_binary, fleet_on, monkeypatch, caplog):
+    """While one master refuses SSUBSCRIBE (killed, its replica not yet promoted), the sync
+    Client's reader holds back that master's subscriptions and goes on: the other masters'
+    requests are answered meanwhile, and the held-back ones once the master is back. Before, a
+    refusal made the reader back off whole (up to 2 s at a time, no event read meanwhile)."""
+    from redis.cluster import ClusterPubSub
+
+    with ClusterSet(server_binary, masters=3, replicas_per_master=0) as cluster:
+        fleet = fleet_on(cluster.url, 6)
+        try:
+            fleet.scheduler()
+            fleet.echo_worker("--slots", "16")
+            fleet.wait_for_workers(1)
+            keys = Keys(shards=6, shard_channels=True)
+            down = {cluster.masters()[-1].port}
+            original = ClusterPubSub.ssubscribe
+
+            def ssubscribe(pubsub, *channels, **kw):
+                for channel in channels:
+                    node = pubsub.cluster.get_node_from_key(channel)
+                    if node.port in down:
+                        raise redis.ConnectionError(f"Error 111 connecting to {node.name}. Connection refused.")
+                return original(pubsub, *channels, **kw)
+
+            monkeypatch.setattr(ClusterPubSub, "ssubscribe", ssubscribe)
+            with Client(cluster.url, shards=6) as client:
+                on_down, healthy = [], []
+                for i in range(60):
+                    request_id = f"sync-held-{i}"
+                    port = _master_of(cluster.url, keys.channel(request_id)).rsplit(":", 1)[1]
+                    (on_down if int(port) in down else healthy).append(request_id)
+                held = [concurrent_submit(client, request_id) for request_id in on_down[:3]]
+                answered = [client.generate(f"prompt {i}", request_id=request_id, max_new_tokens=20, timeout=30).text
+                            for i, request_id in enumerate(healthy[:6])]
+                assert answered == [f"prompt {i}" for i in range(6)]
+                assert not any(thread.done() for thread in held)  # still waiting for their master
+                down.clear()
+                assert [thread.result(timeout=30).text for thread in held] == ["held"] * 3
+        finally:
+            fleet.stop_all()
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("shard-channel subscription(s)" in m and "trying again shortly" in m for m in messages), messages
+    assert not any("pub/sub connection lost" in m for m in messages), messages
+
+
+def concurrent_submit(client: Client, request_id: str):
+    """generate() in a thread of its own: a sync submit waits for its subscription."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(client.generate, "held", request_id=request_id, max_new_tokens=20, timeout=30)
+    pool.shutdown(wait=False)
+    return future
+
+
+@pytest.mark.slow
 def test_cluster_three_masters_serve_a_sharded_fleet(server_binary, fleet_on):
     with ClusterSet(server_binary, masters=3, replicas_per_master=0) as cluster:
         seen = _serve_and_check(cluster.url, fleet_on, shards=6, requests=120)

@@ -315,3 +315,38 @@ def test_an_unasked_shard_subscription_confirmation_makes_its_request_read_what_
                         handles, confirmations) is None
     routes.route({"type": "smessage", "channel": keys.channel("b").encode(), "data": b"event"}, handles, {})
     assert delivered == {"a": [RECHECK], "b": [b"event"]}
+
+
+def test_a_shard_subscription_whose_master_is_down_is_held_back_while_the_others_go_out():
+    """A pass over shard-channel changes (both clients' readers run it): a change whose master
+    refuses is held back with the others for that master, the rest go out in the same pass;
+    the held-back ones are tried again after a back-off that doubles while the master stays
+    down, and an unsubscription whose subscription never went out cancels it."""
+    from batchd.client.core import ShardChanges
+
+    node = {"a1": "A", "a2": "A", "b1": "B", "b2": "B", "c1": "C"}
+    changes, sent, down = ShardChanges(), [], {"A"}
+
+    def run_pass(now, queued):
+        sending = changes.begin(now, queued, node.get)
+        for change in sending:
+            if node[change[1]] in down:
+                sending.fail(ConnectionError(f"master {node[change[1]]} refused"))
+            else:
+                sent.append(change)
+        return changes.end(sending, now)
+
+    failure = run_pass(0.0, [(True, "a1"), (True, "b1"), (True, "a2"), (True, "c1")])
+    assert "master A refused" in str(failure)
+    assert sent == [(True, "b1"), (True, "c1")]  # A tried once, then skipped for this pass
+    assert changes and changes.held_back() == {"a1", "a2"}
+    assert run_pass(0.05, [(True, "b2")]) is None and sent[-1] == (True, "b2")  # not due yet: not tried
+    assert run_pass(0.1, []) is not None  # due after 0.1 s, A still down: held back for 0.2 s
+    assert run_pass(0.25, []) is None and changes.held_back() == {"a1", "a2"}
+    down.clear()
+    assert run_pass(0.35, [(False, "a2")]) is None  # a2's request went away before it was subscribed
+    assert sent[-1] == (True, "a1") and (True, "a2") not in sent and (False, "a2") not in sent
+    assert not changes
+    # Both still unsent in one pass: they cancel out too.
+    assert run_pass(0.4, [(True, "c2"), (False, "c2"), (False, "b1")]) is None
+    assert sent[-1] == (False, "b1") and (True, "c2") not in sent
