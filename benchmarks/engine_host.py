@@ -58,7 +58,7 @@ def run(args) -> dict:
                          kv_memory=args.slots * 4096 * _kv_bytes(model))
     stub_forward(engine._runner, vocab)
     requests = workload(args.requests, 100, 1024, vocab, seed=1)
-    _add(engine, "h", requests)
+    _add(engine, "h", requests, temperature=args.temperature)
     steps = StepLog(engine)
     profiler = cProfile.Profile() if args.profile else None
     tokens, count = 0, 0
@@ -75,7 +75,7 @@ def run(args) -> dict:
     if profiler:
         profiler.disable()
     seconds = time.perf_counter() - started
-    result = {"requests": args.requests, "slots": args.slots, "steps": count, "output_tokens": tokens,
+    result = {"requests": args.requests, "slots": args.slots, "temperature": args.temperature, "steps": count, "output_tokens": tokens,
               "seconds": round(seconds, 2), "host_ms_per_step": round(seconds / count * 1e3, 3),
               "profiled": bool(profiler), "steps_by_prompt_tokens": steps.summary()}
     if profiler:
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=256)
     parser.add_argument("--max-prefill-tokens", type=int, default=512, help="the GPU default")
     parser.add_argument("--burst-prefill-tokens", type=int, default=2048, help="the GPU default")
+    parser.add_argument("--temperature", type=float, default=0.0, help="> 0: every request sampled (no seed)")
     parser.add_argument("--profile", action="store_true", help="run under cProfile (slower) and keep its top entries")
     parser.add_argument("--out", default="benchmarks/results/engine_host.json")
     args = parser.parse_args()

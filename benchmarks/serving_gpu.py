@@ -57,9 +57,12 @@ def make_engine(model, device: str, **options) -> HFEngine:
     return HFEngine(loaded, **options)
 
 
-def _add(engine: HFEngine, label: str, requests, start: int = 0) -> None:
+def _add(engine: HFEngine, label: str, requests, start: int = 0, temperature: float = 0.0) -> None:
+    """Greedy requests (BENCHMARKS.md's); temperature > 0: sampled, with no seed, as most chat
+    requests come."""
     for index, (prompt, output) in enumerate(requests, start):
-        engine.add(EngineRequest(f"{label}{index}", prompt, SamplingParams(max_new_tokens=output, ignore_eos=True)))
+        params = SamplingParams(max_new_tokens=output, ignore_eos=True, temperature=temperature)
+        engine.add(EngineRequest(f"{label}{index}", prompt, params))
 
 
 def _drain(engine: HFEngine, label: str, device: str, on_step=None) -> dict:

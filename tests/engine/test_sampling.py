@@ -13,7 +13,7 @@ SAMPLED = {"max_new_tokens": 25, "temperature": 1.3, "top_p": 0.9, "top_k": 50, 
 
 
 def _crowd(rng: random.Random, count: int, prefix: str):
-    # Batch mates that sample too (unseeded), so they draw from generators of their own.
+    # Batch mates that sample too (unseeded), so they draw from the engine's shared generator.
     return [request(f"{prefix}{i}", random_prompt(rng, rng.randint(1, 40)), max_new_tokens=rng.randint(1, 30),
                     temperature=0.8) for i in range(count)]
 
@@ -68,3 +68,46 @@ def test_each_generated_tokens_logprob_and_alternatives_are_the_models(tiny_mode
         assert [t.token_id for t in entry.top] == top.indices.tolist()
         assert [t.logprob for t in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
         assert entry.top[0].logprob >= entry.logprob
+
+
+@pytest.mark.parametrize("cuts, expected", [
+    ({}, [0.5, 0.3, 0.2]),  # no top-k or top-p: the unsorted path
+    ({"top_p": 0.6}, [0.5 / 0.8, 0.3 / 0.8, 0.0]),  # 0.2 starts past 0.6 of the mass
+    ({"top_k": 1}, [1.0, 0.0, 0.0]),
+])
+def test_sampled_tokens_follow_the_distribution_left_by_the_cuts(cuts, expected):
+    import torch
+    from batchd.client.protocol import SamplingParams
+    from batchd.workers.hf.sampler import Sampler
+
+    sampler = Sampler(torch.device("cpu"), seed=3)
+    rows = 20_000
+    # The vocabulary out of probability order, so the unsorted path's order matters.
+    logits = torch.tensor([[0.3, 0.5, 0.2]]).log().repeat(rows, 1)[:, [1, 0, 2]]
+    params = [SamplingParams(temperature=1.0, **cuts)] * rows
+    tokens = sampler.sample(logits, params, [sampler.generator(p) for p in params])
+    share = torch.bincount(tokens, minlength=3).double() / rows
+    assert share.tolist() == pytest.approx(expected, abs=0.015)
+
+
+def test_a_seeded_row_draws_from_its_own_generator_among_unseeded_ones():
+    import torch
+    from batchd.client.protocol import SamplingParams
+    from batchd.workers.hf.sampler import Sampler
+
+    logits = torch.randn(1, 500, generator=torch.Generator().manual_seed(0))
+    seeded = SamplingParams(temperature=1.0, seed=42)
+
+    def alone() -> list[int]:
+        sampler = Sampler(torch.device("cpu"))
+        generator = sampler.generator(seeded)
+        return [int(sampler.sample(logits, [seeded], [generator])[0]) for _ in range(30)]
+
+    sampler = Sampler(torch.device("cpu"))
+    crowd = [SamplingParams(temperature=1.0)] * 7
+    generator, tokens = sampler.generator(seeded), []
+    for _ in range(30):
+        params = crowd[:3] + [seeded] + crowd[3:]
+        out = sampler.sample(logits.repeat(8, 1), params, [None] * 3 + [generator] + [None] * 4)
+        tokens.append(int(out[3]))
+    assert tokens == alone() and len(set(tokens)) > 5

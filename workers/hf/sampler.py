@@ -1,8 +1,11 @@
 """Per-request sampling over one step's logits: greedy rows in one argmax, the rest batched.
 
-Every sampling request owns a torch.Generator (seeded from its seed, or from
-the engine's generator when it has none) and draws exactly one uniform number
-per token from it, so a seeded request's tokens never depend on its batch mates.
+A request with a seed owns a torch.Generator seeded from it and draws exactly one uniform
+number per token from it, so its tokens never depend on its batch mates (vLLM keeps the same
+promise). Sampled requests without a seed, most of them, draw their numbers together from the
+engine's own generator, in one kernel: a generator per request cost a kernel launch per row
+per step (256 rows: ~1 ms of host time a step on this machine's CPU, benchmarks/engine_host.py
+--temperature).
 """
 
 from __future__ import annotations
@@ -16,18 +19,17 @@ from .kv_cache import to_device
 class Sampler:
     def __init__(self, device: torch.device, seed: int | None = None):
         self._device = device
-        self._seeds = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
+        self._shared = torch.Generator(device=device)
         if seed is None:
-            self._seeds.seed()
+            self._shared.seed()
+        else:
+            self._shared.manual_seed(seed)
 
     def generator(self, params: SamplingParams) -> torch.Generator | None:
-        """A new generator for one request; None for greedy requests."""
-        if params.temperature == 0:
+        """The request's own generator: for sampled requests with a seed only."""
+        if params.temperature == 0 or params.seed is None:
             return None
-        seed = params.seed
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
-        return torch.Generator(device=self._device).manual_seed(seed)
+        return torch.Generator(device=self._device).manual_seed(params.seed)
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -46,17 +48,35 @@ class Sampler:
                      generators: list[torch.Generator | None]) -> torch.Tensor:
         device = logits.device
         count = len(params)
-        settings = to_device([p.temperature for p in params] + [float(p.top_k or logits.shape[-1]) for p in params]
-                             + [p.top_p for p in params], torch.float32, device)
-        temperature, top_p = settings[:count], settings[2 * count:]
-        top_k = settings[count:2 * count].long()
-        values, order = (logits.float() / temperature[:, None]).sort(dim=-1, descending=True)
-        probs = values.softmax(dim=-1)
-        rank = torch.arange(probs.shape[-1], device=device)
-        # A token survives top-p while the mass before it is under top_p, so the first always does.
-        cut = (rank[None, :] >= top_k[:, None]) | (probs.cumsum(dim=-1) - probs >= top_p[:, None])
-        probs = probs.masked_fill(cut, 0.0)
+        scaled = logits.float() / to_device([p.temperature for p in params], torch.float32, device)[:, None]
+        # Inverse CDF: the first token whose cumulative probability reaches the draw. Any order
+        # of the vocabulary will do; top-k and top-p need it sorted (a vocabulary-wide sort
+        # per row), so only steps with a row that cuts pay for the sort.
+        cuts = any(p.top_k or p.top_p < 1.0 for p in params)
+        order = None
+        if cuts:
+            scaled, order = scaled.sort(dim=-1, descending=True)
+        probs = scaled.softmax(dim=-1)
+        if cuts:
+            limits = to_device([float(p.top_k or probs.shape[-1]) for p in params] + [p.top_p for p in params],
+                               torch.float32, device)
+            top_k, top_p = limits[:count].long(), limits[count:]
+            rank = torch.arange(probs.shape[-1], device=device)
+            # A token survives top-p while the mass before it is under top_p, so the first always does.
+            cut = (rank[None, :] >= top_k[:, None]) | (probs.cumsum(dim=-1) - probs >= top_p[:, None])
+            probs = probs.masked_fill(cut, 0.0)
         cdf = probs.cumsum(dim=-1)
-        uniform = torch.cat([torch.rand(1, generator=g, device=device) for g in generators])
+        uniform = self._uniforms(generators, device)
         choice = (cdf < (uniform * cdf[:, -1])[:, None]).sum(dim=-1).clamp(max=probs.shape[-1] - 1)
-        return order.gather(1, choice[:, None]).squeeze(1)
+        return choice if order is None else order.gather(1, choice[:, None]).squeeze(1)
+
+    def _uniforms(self, generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
+        """One draw per row: a seeded row's from its own generator, the others' from the shared one."""
+        seeded = [i for i, g in enumerate(generators) if g is not None]
+        if not seeded:
+            return torch.rand(len(generators), generator=self._shared, device=device)
+        own = torch.cat([torch.rand(1, generator=generators[i], device=device) for i in seeded])
+        if len(seeded) == len(generators):
+            return own
+        uniform = torch.rand(len(generators), generator=self._shared, device=device)
+        return uniform.index_copy_(0, to_device(seeded, torch.long, device), own)
