@@ -8,6 +8,8 @@ Phases (in --phases order; each writes its result to the JSON as soon as it exis
 - mixed:     a step that carries a prompt piece against a decode-only step, 256 live requests
 - anchor:    256 requests at once (prompt, output U[100, 1024]); HBM roofline
 - sustained: 1,024 such requests through 256 slots; roofline with FIFO admission
+- sustained_sampled: the same, every request sampled at temperature 0.8 with no seed (not in
+  the default phases)
 - poisson:   arrivals at --rates requests/s; TTFT and ITL p50/p99 and delivered tok/s per rate
 - smc_gc:    the smc phase (256 particles, top_k=20) with the start-up heap left to the cyclic
              collector and frozen out of it as a worker does, and a host profile of it
@@ -311,16 +313,17 @@ def anchor(engine: HFEngine, requests, device: str) -> dict:
     return {"requests": len(requests), **_drain(engine, "anchor", device)}
 
 
-def sustained(engine: HFEngine, requests, device: str, slots: int, profile_steps: int = 0) -> dict:
+def sustained(engine: HFEngine, requests, device: str, slots: int, profile_steps: int = 0,
+              temperature: float = 0.0) -> dict:
     """More requests than run at once: all queued at the start, admitted as others finish.
     Where the time goes: each step call is timed and sorted by the prompt tokens it planned;
     with profile_steps, the GPU's kernels over that many steady-state steps (from step 600,
     where every row is busy and most steps carry a prompt piece), summed by kind."""
     engine.reset_prefix_cache()
-    _add(engine, "s", requests)
+    _add(engine, "s", requests, temperature=temperature)
     start = 600 if len(requests) > 200 else 20  # 20: the script check's small run
     steps = StepLog(engine, profile_from=start if profile_steps else None, profile_steps=profile_steps)
-    result = {"requests": len(requests), "slots": slots, **_drain(engine, "sustained", device, on_step=steps.record)}
+    result = {"requests": len(requests), "slots": slots, "temperature": temperature, **_drain(engine, "sustained", device, on_step=steps.record)}
     return {**result, "steps_by_prompt_tokens": steps.summary(), **steps.profiled()}
 
 
@@ -599,7 +602,7 @@ def main() -> None:
     if "check" in phases and device != "cpu":
         report.phase("check", lambda: check_paths(model, device, requests))
     slots = min(args.slots, len(requests))
-    needs_engine = {"anchor", "sustained", "poisson", "smc", "system_prompt", "micro", "mixed"} & set(phases)
+    needs_engine = {"anchor", "sustained", "sustained_sampled", "poisson", "smc", "system_prompt", "micro", "mixed"} & set(phases)
     if needs_engine:
         started = time.perf_counter()
         engine = make_engine(model, device, slots=slots, max_context=4096, max_prefill_tokens=args.max_prefill_tokens,
@@ -615,6 +618,9 @@ def main() -> None:
                                "roofline": roofline(requests, model, bandwidth)},
             "sustained": lambda: {**sustained(engine, more, device, slots, args.profile_steps),
                                   "roofline": roofline_fifo(more, slots, model, bandwidth)},
+            # The same, every request sampled (temperature 0.8, no seed), as chat requests come.
+            "sustained_sampled": lambda: {**sustained(engine, more, device, slots, temperature=0.8),
+                                          "roofline": roofline_fifo(more, slots, model, bandwidth)},
             "poisson": lambda: {"rates": [poisson(engine, workload(args.poisson_requests, low, high, vocab, seed=7),
                                                   float(rate), device) for rate in args.rates.split(",")]},
             "smc_gc": lambda: smc_gc(engine, requests[0][0][:256], 256, args.smc_steps, device,
@@ -644,11 +650,11 @@ def main() -> None:
 def print_table(data: dict) -> None:
     phases = data["phases"]
     print(f"\n{data['device']}, {data['model']}, copy bandwidth {data['copy_bandwidth_gb_s']} GB/s")
-    for name in ("anchor", "sustained"):
+    for name in ("anchor", "sustained", "sustained_sampled"):
         result = phases.get(name, {})
         if "tok_s" in result:
             roof = result["roofline"]["tok_s"]
-            print(f"{name:<12} {result['tok_s']:>10} tok/s = {result['tok_s'] / roof:.0%} of its roofline {roof}")
+            print(f"{name:<17} {result['tok_s']:>10} tok/s = {result['tok_s'] / roof:.0%} of its roofline {roof}")
         for bucket in result.get("steps_by_prompt_tokens", []):
             print(f"  steps with {bucket['prompt_tokens']:>9} prompt tokens: {bucket['steps']:>5} steps, "
                   f"{bucket['seconds']:>7} s, {bucket['ms_per_step']} ms each, {bucket['mean_running']} running, "
