@@ -162,7 +162,7 @@ def varlen_alignment(model, device: str) -> dict:
 
     config = model.config
     heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    varlen = varlen_attention(kv_heads, heads, dim ** -0.5)
+    varlen = varlen_attention(kv_heads, heads, dim ** -0.5, torch.device(device))  # as the runner builds it
     if varlen is None:
         return {"skipped": "no varlen attention"}
     pieces = [(40, 300), (128, 128), (7, 1000)]  # (queries, keys)

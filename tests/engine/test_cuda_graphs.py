@@ -210,3 +210,29 @@ def test_a_decode_step_through_a_smaller_graphs_row_layout_matches_the_eager_ste
     drive(engine, arrivals)
     assert any(len(slots) == 1 for slots in compared) and any(len(slots) >= 3 for slots in compared)
     assert any(slots[0] > 0 for slots in compared)  # rows whose slots are not rows 0..n
+
+
+@needs_cuda
+def test_varlen_prompt_attention_reads_grouped_keys_without_repeating_them(caplog):
+    """torch 2.11's varlen flash attention has no enable_gqa, but FlashAttention maps query
+    heads to key heads itself: the keys go in with their own 8 heads (no copy per query head),
+    and the answer is the per-piece causal attention's."""
+    import logging
+
+    from batchd.workers.hf.attention import varlen_attention
+    from test_greedy_matches_hf import _varlen_reference
+
+    device = torch.device("cuda")
+    with caplog.at_level(logging.INFO, logger="batchd"):
+        prefill = varlen_attention(8, 16, 128 ** -0.5, device)
+    assert prefill is not None and "keys grouped" in caplog.text, caplog.text
+    generator = torch.Generator(device=device).manual_seed(1)
+    q = torch.randn(300, 16, 128, device=device, dtype=torch.bfloat16, generator=generator)
+    k = torch.randn(700, 8, 128, device=device, dtype=torch.bfloat16, generator=generator)
+    v = torch.randn(700, 8, 128, device=device, dtype=torch.bfloat16, generator=generator)
+    cu_q = torch.tensor([0, 100, 300], dtype=torch.int32, device=device)  # a fresh prompt, then one continuing 500 keys
+    cu_k = torch.tensor([0, 100, 700], dtype=torch.int32, device=device)
+    out = prefill._varlen(q, k, v, cu_q, cu_k, 200, 600)
+    reference = _varlen_reference(q.float().cpu(), k.float().cpu(), v.float().cpu(), cu_q.cpu(), cu_k.cpu(),
+                                  200, 600, 128 ** -0.5)
+    assert (out.float().cpu() - reference).abs().max() < 2e-2

@@ -51,7 +51,9 @@ def test_each_generated_tokens_logprob_and_alternatives_are_the_models(tiny_mode
     import torch
 
     prompt = random_prompt(random.Random(8), 14)
-    engine = build_engine(str(tiny_models["llama"]), slots=4, max_context=96)
+    # On the CPU in float32, as the reference: on a GPU the engine runs bfloat16, whose
+    # log-probabilities differ from float32's by ~1e-2 (seen on an H100), past this test's 1e-4.
+    engine = build_engine(str(tiny_models["llama"]), slots=4, max_context=96, device="cpu")
     run = drive(engine, {0: [request("lp", prompt, max_new_tokens=12, temperature=0.9, seed=5, logprobs=3,
                                      ignore_eos=True),
                              request("plain", prompt, max_new_tokens=12)]})

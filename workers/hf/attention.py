@@ -246,7 +246,7 @@ class VarlenPrefill:
                             batch.piece_longest_key)
 
 
-def varlen_attention(kv_heads: int, heads: int, scale: float):
+def varlen_attention(kv_heads: int, heads: int, scale: float, device: torch.device | None = None):
     """torch's variable-length flash attention as causal(q, k, v, cu_q, cu_k, longest_q, longest_k),
     causal aligned to each sequence's end (a piece's queries are the last of its keys), or None
     where this torch has none. Its keyword arguments changed between releases."""
@@ -266,6 +266,8 @@ def varlen_attention(kv_heads: int, heads: int, scale: float):
     if grouped:
         options["enable_gqa"] = True
     group = heads // kv_heads
+    if not grouped and group > 1 and device is not None:
+        grouped = _takes_grouped_keys(varlen_attn, options, kv_heads, heads, device)
 
     def causal(q, k, v, cu_q, cu_k, longest_q: int, longest_k: int) -> torch.Tensor:
         if not grouped and group > 1:
@@ -273,6 +275,35 @@ def varlen_attention(kv_heads: int, heads: int, scale: float):
         return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, longest_q, longest_k,
                            scale=scale, **options)
 
-    log.info("prefill: a step's prompt pieces share one varlen flash attention call per layer (%s)",
-             ", ".join(f"{k}={v}" for k, v in options.items()))
+    log.info("prefill: a step's prompt pieces share one varlen flash attention call per layer (%s; keys %s)",
+             ", ".join(f"{k}={v}" for k, v in options.items()),
+             "grouped" if grouped or group == 1 else f"repeated for each of {group} query heads")
     return VarlenPrefill(causal)
+
+
+def _takes_grouped_keys(varlen_attn, options: dict, kv_heads: int, heads: int, device: torch.device) -> bool:
+    """Whether this torch's varlen flash attention takes keys and values with fewer heads than
+    the queries though it has no enable_gqa (torch 2.11's has none; FlashAttention itself maps
+    query head h to key head h // group). Repeating them for each query head copied the
+    gathered keys and values twice over at every layer, and the kernel read them twice: on an
+    H100 the copy alone was 0.58 ms of a 13.9 ms sustained step (benchmarks/serving_gpu.py
+    --profile-steps). Tried once at start on a small case against the repeated keys."""
+    if device.type != "cuda":
+        return False
+    try:
+        generator = torch.Generator(device=device).manual_seed(0)
+        shape = {"device": device, "dtype": torch.bfloat16, "generator": generator}
+        q = torch.randn(24, heads, 64, **shape)
+        k, v = torch.randn(40, kv_heads, 64, **shape), torch.randn(40, kv_heads, 64, **shape)
+        cu_q = torch.tensor([0, 8, 24], dtype=torch.int32, device=device)
+        cu_k = torch.tensor([0, 16, 40], dtype=torch.int32, device=device)
+        group = heads // kv_heads
+        native = varlen_attn(q, k, v, cu_q, cu_k, 16, 24, scale=0.125, **options)
+        repeated = varlen_attn(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), cu_q, cu_k,
+                               16, 24, scale=0.125, **options)
+        if torch.allclose(native.float(), repeated.float(), atol=1e-2, rtol=0):
+            return True
+        log.info("varlen attention with grouped keys differs from repeated keys here; repeating them")
+    except Exception as exc:  # noqa: BLE001 - any refusal means: repeat them
+        log.info("varlen attention refused grouped keys (%s); repeating them", exc)
+    return False

@@ -115,7 +115,7 @@ class PagedRunner:
         # Prompt pieces go through one variable-length flash attention call per layer instead
         # of one call each: on a GPU each call costs ~50 us of host time, and a step with 15
         # prompts over 28 layers spent most of its time launching them.
-        self.prefill_attention = (varlen_attention(self._kv_heads, self._heads, self._scale)
+        self.prefill_attention = (varlen_attention(self._kv_heads, self._heads, self._scale, self.device)
                                   if on_cuda and self.dtype in (torch.float16, torch.bfloat16) else None)
         self.prefill_attention = self.prefill_attention or PagedSdpa(self._heads, self._kv_heads, self._head_dim,
                                                                      self._scale)
