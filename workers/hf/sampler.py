@@ -4,8 +4,9 @@ A request with a seed owns a torch.Generator seeded from it and draws exactly on
 number per token from it, so its tokens never depend on its batch mates (vLLM keeps the same
 promise). Sampled requests without a seed, most of them, draw their numbers together from the
 engine's own generator, in one kernel: a generator per request cost a kernel launch per row
-per step (256 rows: ~1 ms of host time a step on this machine's CPU, benchmarks/engine_host.py
---temperature).
+per step, on the host's critical path. On an H100, 1,024 sampled requests through 256 rows
+ran at 15,656 tok/s against 12,080 with a generator each (0.95x greedy against 0.73x;
+benchmarks/serving_gpu.py --phases sustained_sampled, docs/performance.md).
 """
 
 from __future__ import annotations
