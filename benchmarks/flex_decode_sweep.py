@@ -8,6 +8,10 @@ events; the table gives ms per layer and the live KV read rate, against a
 device-to-device copy of the same bytes.
 
     python benchmarks/flex_decode_sweep.py --out $OUT/flex_sweep.json
+
+It measures the per-slot engine's FlexDecode, which the paged cache replaced at 7cedcc8: it
+runs on a checkout of 7cedcc8^ (the figures in docs/performance.md that cite it were made
+so). For today's paged decode attention use benchmarks/paged_decode_sweep.py.
 """
 
 from __future__ import annotations
