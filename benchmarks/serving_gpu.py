@@ -362,15 +362,13 @@ class StepLog:
             if on_gpu:
                 torch.cuda.synchronize()
             self._profiler.__exit__(None, None, None)
-            from step_kernels import kind_of  # imports this module: imported late
+            from step_kernels import kernel_totals, kind_of  # imports this module: imported late
 
             count = self._profile_steps
-            by_kind, kernels = {}, {}
-            for event in self._profiler.events():
-                if event.device_type == torch.autograd.DeviceType.CUDA or not on_gpu:
-                    us = event.device_time_total if on_gpu else event.self_cpu_time_total
-                    by_kind[kind_of(event.name)] = by_kind.get(kind_of(event.name), 0.0) + us
-                    kernels[event.name] = kernels.get(event.name, 0.0) + us
+            kernels = {name: us for name, (us, _calls) in kernel_totals(self._profiler, on_gpu).items()}
+            by_kind = {}
+            for name, us in kernels.items():
+                by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + us
             window = self.rows[self._profile_from:self._profile_from + count]
             self._profile = {"profiled_steps": {
                 "from_step": self._profile_from, "steps": count,

@@ -37,7 +37,8 @@ log = logging.getLogger("step_kernels")
 
 def kind_of(name: str) -> str:
     lowered = name.lower()
-    if "flex" in lowered or "triton_tem_fused" in lowered and "decode" in lowered:
+    # flash: the prompt pieces' varlen attention (its name also says "cutlass").
+    if "flex" in lowered or "flash" in lowered or "triton_tem_fused" in lowered and "decode" in lowered:
         return "attention"
     # weight_only: --quantize fp8's Triton kernel for few rows (workers/hf/fp8_matvec.py).
     if any(word in lowered for word in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "splitk", "gemv",
@@ -48,6 +49,22 @@ def kind_of(name: str) -> str:
     if any(word in lowered for word in ("copy", "index", "scatter", "gather", "memcpy", "memset", "fill")):
         return "copies and indexing"
     return "other"
+
+
+def kernel_totals(profiler, on_gpu: bool) -> dict[str, list]:
+    """Each kernel's [total us, calls] over a torch profiler's window: GPU kernels on a GPU,
+    operators' own CPU time on a CPU (the script checks)."""
+    kernels = defaultdict(lambda: [0.0, 0])
+    for event in profiler.events():
+        if not on_gpu:
+            us = event.self_cpu_time_total
+        elif event.device_type == torch.autograd.DeviceType.CUDA:
+            us = event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+        else:
+            continue
+        kernels[event.name][0] += us
+        kernels[event.name][1] += 1
+    return kernels
 
 
 def profile_decode(engine, requests, live: int, steps: int, device: str, host_profile: bool = False,
@@ -85,7 +102,7 @@ def profile_decode(engine, requests, live: int, steps: int, device: str, host_pr
     # Time the host spent waiting for the GPU's results: near zero means the host is the bottleneck.
     wait_ms = (engine.device_wait_s - waited) / steps * 1e3
     running = engine.num_running
-    kernels = defaultdict(lambda: [0.0, 0])
+    kernels = {}
     if device != "cpu":
         from torch.profiler import ProfilerActivity, profile
 
@@ -93,11 +110,7 @@ def profile_decode(engine, requests, live: int, steps: int, device: str, host_pr
             for _ in range(steps):
                 step()
             _sync(device)
-        for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                record = kernels[event.name]
-                record[0] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
-                record[1] += 1
+        kernels = kernel_totals(prof, on_gpu=True)
     host = None
     if host_profile:
         # Where the host's time goes at this many rows: with the GPU step overlapped, a host
