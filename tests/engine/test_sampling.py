@@ -76,6 +76,10 @@ def test_each_generated_tokens_logprob_and_alternatives_are_the_models(tiny_mode
     ({}, [0.5, 0.3, 0.2]),  # no top-k or top-p: the unsorted path
     ({"top_p": 0.6}, [0.5 / 0.8, 0.3 / 0.8, 0.0]),  # 0.2 starts past 0.6 of the mass
     ({"top_k": 1}, [1.0, 0.0, 0.0]),
+    ({"top_k": 2}, [0.5 / 0.8, 0.3 / 0.8, 0.0]),  # every row cuts by rank: the topk path
+    # Top-p's mass is the whole vocabulary's: 0.5 before the second token, under 0.55 (within
+    # the two kept it would be 0.625, and the second would be cut).
+    ({"top_k": 2, "top_p": 0.55}, [0.5 / 0.8, 0.3 / 0.8, 0.0]),
 ])
 def test_sampled_tokens_follow_the_distribution_left_by_the_cuts(cuts, expected):
     import torch

@@ -51,13 +51,21 @@ class Sampler:
         count = len(params)
         scaled = logits.float() / to_device([p.temperature for p in params], torch.float32, device)[:, None]
         # Inverse CDF: the first token whose cumulative probability reaches the draw. Any order
-        # of the vocabulary will do; top-k and top-p need it sorted (a vocabulary-wide sort
-        # per row), so only steps with a row that cuts pay for the sort.
+        # of the vocabulary will do; top-k and top-p need it sorted, so only steps with a row
+        # that cuts pay for a sort. Where every row keeps at most top_k tokens, only the
+        # largest top_k are sorted (topk), with their probabilities over the whole vocabulary
+        # (top-p's mass is the full distribution's): on this CPU, 256 rows of Qwen3's 151,936
+        # logits took 2.3 s to sort and 0.15 s for topk(1,024).
         cuts = any(p.top_k or p.top_p < 1.0 for p in params)
         order = None
-        if cuts:
+        if cuts and all(p.top_k for p in params):
+            values, order = scaled.topk(min(max(p.top_k for p in params), scaled.shape[-1]), dim=-1)
+            probs = (values - scaled.logsumexp(dim=-1, keepdim=True)).exp()
+        elif cuts:
             scaled, order = scaled.sort(dim=-1, descending=True)
-        probs = scaled.softmax(dim=-1)
+            probs = scaled.softmax(dim=-1)
+        else:
+            probs = scaled.softmax(dim=-1)
         if cuts:
             limits = to_device([float(p.top_k or probs.shape[-1]) for p in params] + [p.top_p for p in params],
                                torch.float32, device)
