@@ -271,21 +271,25 @@ class _Router(threading.Thread):
             self._subscribe_queue.put((channel, self._confirm.get(channel) or threading.Event()))
         log.warning("renewed the sharded subscription of %d channels (one was not confirmed in 2 s)", len(channels))
 
+    def _queued_changes(self) -> Iterator[tuple[str, threading.Event]]:
+        """What other threads queued (channel, or "-channel" to unsubscribe), until none is left."""
+        while True:
+            try:
+                yield self._subscribe_queue.get_nowait()
+            except queue.Empty:
+                return
+
     def _drain_subscribe_queue(self) -> None:
         if self._sharded:
             self._change_shard_subscriptions()
             return
-        while True:
-            try:
-                channel, done = self._subscribe_queue.get_nowait()
-            except queue.Empty:
-                return
+        for channel, done in self._queued_changes():
             if channel.startswith("-"):
-                (self._pubsub.sunsubscribe if self._sharded else self._pubsub.unsubscribe)(channel[1:])
+                self._pubsub.unsubscribe(channel[1:])
                 continue
             self._confirm[channel] = done
             try:
-                (self._pubsub.ssubscribe if self._sharded else self._pubsub.subscribe)(channel)
+                self._pubsub.subscribe(channel)
             except (*CONNECTION_LOST, OSError):
                 self._subscribe_queue.put((channel, done))  # again once the connection is back
                 raise
@@ -295,11 +299,7 @@ class _Router(threading.Thread):
         master cannot be reached are held back while the others go out, and events are read
         meanwhile (core.ShardChanges)."""
         queued = []
-        while True:
-            try:
-                channel, done = self._subscribe_queue.get_nowait()
-            except queue.Empty:
-                break
+        for channel, done in self._queued_changes():
             if channel.startswith("-"):
                 queued.append((False, channel[1:]))
                 self._confirm.pop(channel[1:], None)  # its request is gone

@@ -61,10 +61,9 @@ class Sampler:
         if cuts and all(p.top_k for p in params):
             values, order = scaled.topk(min(max(p.top_k for p in params), scaled.shape[-1]), dim=-1)
             probs = (values - scaled.logsumexp(dim=-1, keepdim=True)).exp()
-        elif cuts:
-            scaled, order = scaled.sort(dim=-1, descending=True)
-            probs = scaled.softmax(dim=-1)
         else:
+            if cuts:
+                scaled, order = scaled.sort(dim=-1, descending=True)
             probs = scaled.softmax(dim=-1)
         if cuts:
             limits = to_device([float(p.top_k or probs.shape[-1]) for p in params] + [p.top_p for p in params],
