@@ -172,7 +172,8 @@ def test_no_mixed_graph_has_more_prompt_tokens_than_keys():
     from batchd.workers.hf.graphs import MIXED_KEYS, mixed_graph_shapes, mixed_graph_sizes
 
     shapes = mixed_graph_shapes(mixed_graph_sizes(2048, 8192))
-    assert (8192, max(MIXED_KEYS)) in shapes and (2048, min(MIXED_KEYS)) in shapes
+    assert (8192, max(MIXED_KEYS)) in shapes and (512, min(MIXED_KEYS)) in shapes
+    assert (2048, min(keys for keys in MIXED_KEYS if keys >= 2048)) in shapes
     assert all(keys >= tokens for tokens, keys in shapes)
     assert shapes == sorted(shapes, reverse=True)
 

@@ -129,17 +129,21 @@ class KVPool:
         return not self.quantized
 
     def gather(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values at physical positions, [*index.shape, kv_heads, head_dim], in the model's dtype."""
+        """Keys and values at physical positions, [*index.shape, kv_heads, head_dim], contiguous,
+        in the model's dtype.
+
+        A head-major pool is indexed through a token-major view, so the gather writes the
+        layout the varlen kernel reads: gathering [kv_heads, tokens, head_dim] and moving the
+        axis after made the kernel's caller copy both again, every layer of every step that
+        carries a prompt."""
+        keys, values = self.keys[layer], self.values[layer]
+        if self.layout == "head":
+            keys, values = keys.transpose(0, 1), values.transpose(0, 1)
         if self.quantized:
-            keys = self.keys[layer].view(torch.uint8)[:, index].view(FP8)
-            values = self.values[layer].view(torch.uint8)[:, index].view(FP8)
-            keys = keys.to(self.dtype) * self.key_scales[layer]
-            values = values.to(self.dtype) * self.value_scales[layer]
-            return keys.movedim(0, -2), values.movedim(0, -2)
-        if self.layout == "token":
-            return self.keys[layer][index], self.values[layer][index]
-        keys, values = self.keys[layer][:, index], self.values[layer][:, index]  # [kv_heads, *index.shape, head_dim]
-        return keys.movedim(0, -2), values.movedim(0, -2)
+            keys = keys.view(torch.uint8)[index].view(FP8).to(self.dtype) * self.key_scales[layer]
+            values = values.view(torch.uint8)[index].view(FP8).to(self.dtype) * self.value_scales[layer]
+            return keys, values
+        return keys[index], values[index]
 
     def calibrating(self) -> "KVPool":
         """Record each layer's largest key and value magnitudes while the caller runs a
